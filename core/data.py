@@ -20,6 +20,9 @@ from PIL import Image, ImageFile
 
 CLASSES = ("Parasitized", "Uninfected")  # folder names of the NIH layout, index order of the model
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
+# Image files we recognise but do not accept: they get an error row instead of being skipped.
+UNSUPPORTED_SUFFIXES = frozenset({".gif", ".heic", ".heif", ".svg", ".jp2", ".ico", ".psd",
+                                  ".dng", ".raw", ".avif"})
 # Refuse images above this many pixels before decoding: a cell crop is ~200x200; 40 Mpx is a
 # whole slide photo already, and guards against decompression bombs.
 MAX_PIXELS = 40_000_000
@@ -83,21 +86,42 @@ def _safe_member(name: str) -> bool:
     return not p.is_absolute() and ".." not in p.parts and not re.match(r"^[A-Za-z]:", name)
 
 
+def _error_source(path: str, message: str) -> ImageSource:
+    def read() -> bytes:
+        raise ImageError(message)
+    return ImageSource(path, read)
+
+
+def _unsupported(path: str) -> ImageSource:
+    return _error_source(path, f"unsupported format {PurePosixPath(path).suffix.lower()}; "
+                               f"accepted: {', '.join(sorted(IMAGE_SUFFIXES))}")
+
+
+def _open_zip(data: Path | io.BytesIO, path: str, *, depth: int = 0) -> Iterator[ImageSource]:
+    try:
+        zf = zipfile.ZipFile(data)
+    except (zipfile.BadZipFile, OSError) as exc:
+        yield _error_source(path, f"not a readable zip archive: {exc}")
+        return
+    yield from _zip_sources(zf, path, depth=depth)
+
+
 def _zip_sources(zf: zipfile.ZipFile, prefix: str, *, depth: int = 0) -> Iterator[ImageSource]:
-    """Members of an open zip. Nested zips are read into memory one level down at most."""
-    for info in zf.infolist():
+    """Members of an open zip, sorted. Nested zips are opened one level down at most."""
+    for info in sorted(zf.infolist(), key=lambda i: i.filename):
         name = info.filename
         if info.is_dir() or not _safe_member(name):
             continue
-        parts = PurePosixPath(name).parts
-        if _is_hidden(parts):
+        if _is_hidden(PurePosixPath(name).parts):
             continue
+        path = f"{prefix}{ZIP_SEP}{name}"
         suffix = PurePosixPath(name).suffix.lower()
         if suffix == ".zip" and depth < 1:
-            inner = zipfile.ZipFile(io.BytesIO(zf.read(info)))
-            yield from _zip_sources(inner, f"{prefix}{ZIP_SEP}{name}", depth=depth + 1)
+            yield from _open_zip(io.BytesIO(zf.read(info)), path, depth=depth + 1)
         elif suffix in IMAGE_SUFFIXES:
-            yield ImageSource(f"{prefix}{ZIP_SEP}{name}", _member_reader(zf, info))
+            yield ImageSource(path, _member_reader(zf, info))
+        elif suffix in UNSUPPORTED_SUFFIXES:
+            yield _unsupported(path)
 
 
 def _member_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], bytes]:
@@ -112,7 +136,9 @@ def iter_sources(inputs: Iterable[str | Path]) -> Iterator[ImageSource]:
     """Every image under ``inputs`` (files, folders searched recursively, zips), in sorted order.
 
     Hidden files, ``__MACOSX`` entries, zip members with absolute or ``..`` paths and symlinks
-    that lead outside the input folder are skipped. Raises FileNotFoundError for a missing input.
+    that lead outside the input folder are skipped; recognised but unsupported image types
+    (GIF, HEIC, ...) and unreadable zips yield sources whose ``read`` raises ImageError.
+    Raises FileNotFoundError for a missing input.
     """
     for item in inputs:
         root = Path(item)
@@ -120,7 +146,7 @@ def iter_sources(inputs: Iterable[str | Path]) -> Iterator[ImageSource]:
             raise FileNotFoundError(f"input not found: {root}")
         if root.is_file():
             if root.suffix.lower() == ".zip":
-                yield from _zip_sources(zipfile.ZipFile(root), str(root))
+                yield from _open_zip(root, str(root))
             else:
                 yield ImageSource(str(root), root.read_bytes)
             continue
@@ -129,13 +155,33 @@ def iter_sources(inputs: Iterable[str | Path]) -> Iterator[ImageSource]:
             rel = path.relative_to(root).parts
             if _is_hidden(rel) or not path.is_file():
                 continue
-            if path.is_symlink() and not path.resolve().is_relative_to(top):
-                continue
+            if not path.resolve().is_relative_to(top):
+                continue  # a symlink out of the input folder
             suffix = path.suffix.lower()
             if suffix == ".zip":
-                yield from _zip_sources(zipfile.ZipFile(path), str(path))
+                yield from _open_zip(path, str(path))
             elif suffix in IMAGE_SUFFIXES:
                 yield ImageSource(str(path), path.read_bytes)
+            elif suffix in UNSUPPORTED_SUFFIXES:
+                yield _unsupported(str(path))
+
+
+def sources_from_uploads(items: Iterable[tuple[str, bytes]]) -> list[ImageSource]:
+    """Sources for uploaded (name, bytes) pairs: zips are opened, any other file is an image.
+
+    A file that is neither a zip nor an accepted image type gets a source whose ``read``
+    raises ImageError, so it shows up as an error row.
+    """
+    out: list[ImageSource] = []
+    for name, data in items:
+        suffix = PurePosixPath(name).suffix.lower()
+        if suffix == ".zip":
+            out.extend(_open_zip(io.BytesIO(data), name))
+        elif suffix in IMAGE_SUFFIXES:
+            out.append(ImageSource(name, lambda data=data: data))
+        else:
+            out.append(_unsupported(name))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

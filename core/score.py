@@ -1,0 +1,364 @@
+"""Batch scoring: thousands of cells per minute on a CPU, per-patient parasitemia, nothing lost.
+
+    python -m core.score INPUT... --out results.csv [--summary summary.csv] [--weights DIR]
+                         [--threshold T] [--engine onnx|torch] [--group-by case|folder]
+                         [--resume RUN_ID] [--store results.sqlite]
+
+INPUT is image files, folders (searched recursively) or zips (nested zips one level deep).
+Decoding runs in worker threads while the model runs on the previous batch; results are
+committed to the result store batch by batch, so an interrupted run keeps what it scored and
+``--resume RUN_ID`` scores only what is missing.
+
+Exit status: 0 every image scored; 1 some images gave error rows (all others are scored);
+2 bad arguments, missing inputs or unusable weights; 130 interrupted (results so far are kept).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core.contract import DEFAULT_WEIGHTS, ModelContract, WeightsError, verified_weights
+from core.data import (CLASSES, ImageError, ImageSource, case_id, decode_image, iter_sources,
+                       label_from_path, sources_from_uploads)
+from core.metrics import parasitemia_summary
+from core.store import DEFAULT_STORE, RESULT_COLUMNS, ResultStore
+
+ENGINES = ("onnx", "torch")
+CACHE_DIR = Path(os.environ.get("MALARIA_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines: uint8 images (N, S, S, 3) at the contract size -> P(Parasitized) float32 (N,)
+# ---------------------------------------------------------------------------------------------
+
+class Engine:
+    name: str
+    contract: ModelContract
+    card: dict
+    sha256: str
+    folder: Path
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+def onnx_path(sha256: str) -> Path:
+    return CACHE_DIR / "onnx" / f"{sha256}.onnx"
+
+
+def export_onnx(folder: Path, out: Path) -> Path:
+    """Export the model in ``folder`` to ONNX, normalisation and softmax included.
+
+    The graph takes uint8 NHWC images at the contract size and returns P(Parasitized) (N,).
+    """
+    import torch
+
+    from core.model import load_model, normalize
+
+    loaded = load_model(folder)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = loaded.model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = self.model(normalize(x, loaded.contract))
+            return logits.softmax(1)[:, loaded.contract.positive_index]
+
+    size = loaded.contract.input_size
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    with warnings.catch_warnings():
+        # the TorchScript exporter is deprecated but needs no extra package, and its tracer
+        # warns about the contract's mean/std becoming constants, which is what we want
+        warnings.simplefilter("ignore", (DeprecationWarning, torch.jit.TracerWarning))
+        torch.onnx.export(Wrapped().eval(), (torch.zeros(1, size, size, 3, dtype=torch.uint8),),
+                          str(tmp), input_names=["images"], output_names=["prob_parasitized"],
+                          dynamic_axes={"images": {0: "n"}, "prob_parasitized": {0: "n"}},
+                          opset_version=17, dynamo=False)
+    tmp.replace(out)  # atomic: a half-written file is never picked up from the cache
+    return out
+
+
+class OnnxEngine(Engine):
+    """ONNX Runtime on the CPU, from an export cached by the weights' sha256."""
+
+    name = "onnx"
+
+    def __init__(self, folder: Path, *, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        self.card, _, self.sha256 = verified_weights(self.folder)
+        self.contract = ModelContract.from_json(self.card["contract"])
+        path = onnx_path(self.sha256)
+        if not path.is_file():
+            export_onnx(self.folder, path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"images": np.ascontiguousarray(images)})[0]
+
+
+class TorchEngine(Engine):
+    """PyTorch eager (channels_last): the reference the ONNX export is checked against."""
+
+    name = "torch"
+
+    def __init__(self, folder: Path, *, threads: int | None = None) -> None:
+        import torch
+
+        from core.model import load_model
+
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        loaded = load_model(folder)
+        self.model = loaded.model.to(memory_format=torch.channels_last)
+        self.folder, self.card, self.sha256 = loaded.folder, loaded.card, loaded.sha256
+        self.contract = loaded.contract
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        import torch
+
+        from core.model import predict_proba
+
+        return predict_proba(self.model, torch.from_numpy(images), self.contract).numpy()
+
+
+def load_engine(weights: Path | str = DEFAULT_WEIGHTS, engine: str = "onnx", *,
+                threads: int | None = None) -> Engine:
+    """An engine for the model folder ``weights``. Raises WeightsError, ValueError."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    cls = OnnxEngine if engine == "onnx" else TorchEngine
+    return cls(Path(weights), threads=threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# The streaming pipeline
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Decoded:
+    sources: tuple[ImageSource, ...]
+    images: np.ndarray  # uint8 (k, S, S, 3) for the sources that decoded
+    ok: tuple[int, ...]  # index into sources of each decoded image
+    errors: dict[int, str]
+
+
+def _decode_batch(sources: tuple[ImageSource, ...], size: int) -> _Decoded:
+    images, ok, errors = [], [], {}
+    for i, src in enumerate(sources):
+        try:
+            images.append(decode_image(src.read(), size=size))
+            ok.append(i)
+        except (ImageError, OSError, RuntimeError, EOFError) as exc:
+            errors[i] = str(exc) if isinstance(exc, ImageError) else f"cannot read file: {exc}"
+    arr = np.stack(images) if images else np.empty((0, size, size, 3), np.uint8)
+    return _Decoded(sources, arr, tuple(ok), errors)
+
+
+def _rows(decoded: _Decoded, prob: np.ndarray, threshold: float) -> list[dict]:
+    rows = []
+    probs = dict(zip(decoded.ok, prob.tolist()))
+    for i, src in enumerate(decoded.sources):
+        p = probs.get(i)
+        rows.append({
+            "path": src.path, "case_id": case_id(src.path), "label": label_from_path(src.path),
+            "prob_parasitized": p,
+            "prediction": None if p is None else CLASSES[0] if p >= threshold else CLASSES[1],
+            "error": decoded.errors.get(i),
+        })
+    return rows
+
+
+def iter_scored(sources: Iterable[ImageSource], engine: Engine, *, threshold: float | None = None,
+                batch_size: int = 64, workers: int | None = None, prefetch: int = 4
+                ) -> Iterator[list[dict]]:
+    """Score ``sources`` in batches; yields one list of result rows (RESULT_COLUMNS) per batch.
+
+    Batches are decoded in ``workers`` threads, at most ``prefetch`` ahead of the model, so
+    memory stays flat whatever the number of images. A file that cannot be read or decoded
+    becomes a row with ``error`` set and no probability; it never stops the run.
+    """
+    threshold = engine.contract.threshold if threshold is None else threshold
+    size = engine.contract.input_size
+    it = iter(sources)
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        pending: deque = deque()
+        while True:
+            while len(pending) < prefetch:
+                chunk = tuple(islice(it, batch_size))
+                if not chunk:
+                    break
+                pending.append(pool.submit(_decode_batch, chunk, size))
+            if not pending:
+                return
+            decoded = pending.popleft().result()
+            prob = engine(decoded.images) if len(decoded.ok) else np.empty(0, np.float32)
+            yield _rows(decoded, prob, threshold)
+
+
+def score_sources(sources: Sequence[ImageSource], engine: Engine, *,
+                  store: ResultStore | None = None, run_id: str | None = None,
+                  threshold: float | None = None, progress: Progress | None = None,
+                  collect: bool = True, batch_size: int = 64) -> pd.DataFrame | None:
+    """Score ``sources``, saving each batch to ``store`` under ``run_id`` when given.
+
+    Returns a DataFrame with RESULT_COLUMNS (one row per source, in input order) when
+    ``collect``, else None (the store holds the results). ``progress(done, total)`` is called
+    after each batch.
+    """
+    rows: list[dict] = []
+    done, total = 0, len(sources)
+    for batch in iter_scored(sources, engine, threshold=threshold, batch_size=batch_size):
+        if store is not None and run_id is not None:
+            store.add_results(run_id, batch)
+        if collect:
+            rows.extend(batch)
+        done += len(batch)
+        if progress:
+            progress(done, total)
+    return pd.DataFrame(rows, columns=list(RESULT_COLUMNS)) if collect else None
+
+
+def score_uploads(items: Iterable[tuple[str, bytes]], *, weights: Path | str = DEFAULT_WEIGHTS,
+                  engine: Engine | None = None, store: ResultStore | None = None,
+                  threshold: float | None = None, progress: Progress | None = None
+                  ) -> tuple[pd.DataFrame, str | None]:
+    """Score uploaded files given as (name, bytes); zips are opened and their images scored.
+
+    Returns (results DataFrame, run id in ``store`` or None). Raises ValueError if the upload
+    holds no image.
+    """
+    engine = engine or load_engine(weights)
+    sources = sources_from_uploads(items)
+    if not sources:
+        raise ValueError("no images found in the upload (accepted: "
+                         "PNG, JPEG, TIFF, BMP, WebP, and zips of them)")
+    run_id = None
+    if store is not None:
+        run_id = store.new_run(inputs=sorted({s.path.split("!")[0] for s in sources}),
+                               weights=str(engine.folder), weights_sha256=engine.sha256,
+                               threshold=engine.contract.threshold if threshold is None
+                               else threshold, engine=engine.name)
+        store.set_total(run_id, len(sources))
+    df = score_sources(sources, engine, store=store, run_id=run_id, threshold=threshold,
+                       progress=progress)
+    if store is not None and run_id is not None:
+        store.finish(run_id)
+    return df, run_id
+
+
+def screening_cutoff(card: dict) -> float:
+    """The parasitemia cutoff of the "likely infected" flag, from the card (0.0 if absent)."""
+    return float(card.get("screening", {}).get("cutoff", 0.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Score cell images (files, folders, zips) as Parasitized or Uninfected.",
+        epilog="Exit status: 0 all scored, 1 some error rows, 2 bad input or weights, "
+               "130 interrupted (results so far are kept; use --resume).")
+    p.add_argument("inputs", nargs="*", help="image files, folders or zips")
+    p.add_argument("--out", type=Path, help="CSV of per-image results")
+    p.add_argument("--summary", type=Path, help="CSV of per-case (or per-folder) parasitemia")
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="model folder")
+    p.add_argument("--threshold", type=float, help="decision threshold on P(Parasitized); "
+                   "default: the model's")
+    p.add_argument("--engine", choices=ENGINES, default="onnx")
+    p.add_argument("--group-by", choices=("case", "folder"), default="case")
+    p.add_argument("--resume", metavar="RUN_ID", help="score only what RUN_ID is missing")
+    p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="result store (SQLite)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        print(f"error: --threshold must be in [0, 1], got {args.threshold}", file=sys.stderr)
+        return 2
+    with ResultStore(args.store) as store:
+        try:
+            if args.resume:
+                info = store.run(args.resume)
+                inputs, weights, threshold = list(info.inputs), Path(info.weights), info.threshold
+                engine = load_engine(weights, args.engine)
+                if engine.sha256 != info.weights_sha256:
+                    raise WeightsError(f"run {info.run_id} was scored with weights "
+                                       f"{info.weights_sha256[:12]}..., {weights} now holds "
+                                       f"{engine.sha256[:12]}...; start a new run instead")
+                run_id = info.run_id
+            else:
+                if not args.inputs:
+                    print("error: give at least one INPUT (or --resume RUN_ID)", file=sys.stderr)
+                    return 2
+                inputs = [str(Path(i)) for i in args.inputs]
+                engine = load_engine(args.weights, args.engine)
+                threshold = engine.contract.threshold if args.threshold is None else args.threshold
+                run_id = None
+            sources = list(iter_sources(inputs))
+        except (FileNotFoundError, WeightsError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if run_id is None:
+            run_id = store.new_run(inputs=inputs, weights=str(engine.folder),
+                                   weights_sha256=engine.sha256, threshold=threshold,
+                                   engine=engine.name)
+        store.set_total(run_id, len(sources))
+        done = store.done_paths(run_id)
+        todo = [s for s in sources if s.path not in done]
+        print(f"run {run_id}: {len(sources)} images, {len(done)} already stored, "
+              f"{len(todo)} to score ({engine.name} engine)", file=sys.stderr)
+        bar = tqdm(total=len(todo), unit="img", disable=args.no_progress, smoothing=0.1)
+        try:
+            score_sources(todo, engine, store=store, run_id=run_id, threshold=threshold,
+                          collect=False, batch_size=args.batch_size,
+                          progress=lambda d, _t: bar.update(d - bar.n))
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"\ninterrupted: results so far are kept in {args.store}; "
+                  f"continue with --resume {run_id}", file=sys.stderr)
+            return 130
+        bar.close()
+        store.finish(run_id)
+        if args.out:
+            store.export_csv(run_id, args.out)
+        results = store.results(run_id)
+    summary = parasitemia_summary(results, group_by=args.group_by,
+                                  cutoff=screening_cutoff(engine.card))
+    with pd.option_context("display.max_rows", 200, "display.width", 140):
+        print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if args.summary:
+        summary.to_csv(args.summary, index=False)
+    n_err = int(results["error"].notna().sum())
+    print(f"{len(results) - n_err} scored, {n_err} errors; run {run_id}"
+          + (f"; results in {args.out}" if args.out else ""), file=sys.stderr)
+    return 1 if n_err else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,159 @@
+"""The local result store: every scoring run and every cell result, in one SQLite file.
+
+Results are committed batch by batch as they are computed, so an interrupted run keeps
+everything scored so far and can be resumed.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+DEFAULT_STORE = Path(__file__).resolve().parent.parent / "runs" / "results.sqlite"
+RESULT_COLUMNS = ("path", "case_id", "label", "prob_parasitized", "prediction", "error")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    started TEXT NOT NULL,
+    finished TEXT,
+    inputs TEXT NOT NULL,          -- JSON list of what was asked to be scored
+    weights TEXT NOT NULL,         -- model folder
+    weights_sha256 TEXT NOT NULL,
+    threshold REAL NOT NULL,
+    engine TEXT NOT NULL,
+    total INTEGER                  -- images found when the run (re)started
+);
+CREATE TABLE IF NOT EXISTS results (
+    run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+    path TEXT NOT NULL,
+    case_id TEXT NOT NULL,
+    label TEXT,
+    prob_parasitized REAL,
+    prediction TEXT,
+    error TEXT,
+    PRIMARY KEY (run_id, path)
+);
+"""
+
+
+class StoreError(LookupError):
+    """A run that is not in the store."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    started: str
+    finished: str | None
+    inputs: tuple[str, ...]
+    weights: str
+    weights_sha256: str
+    threshold: float
+    engine: str
+    total: int | None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class ResultStore:
+    """A SQLite result store; safe to open from several processes (WAL journal)."""
+
+    def __init__(self, path: Path | str = DEFAULT_STORE) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def new_run(self, *, inputs: Sequence[str], weights: str, weights_sha256: str,
+                threshold: float, engine: str) -> str:
+        run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        with self._db:
+            self._db.execute(
+                "INSERT INTO runs (run_id, started, inputs, weights, weights_sha256, threshold, "
+                "engine) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (run_id, _now(), json.dumps(list(inputs)), weights, weights_sha256,
+                 float(threshold), engine))
+        return run_id
+
+    def run(self, run_id: str) -> RunInfo:
+        row = self._db.execute("SELECT run_id, started, finished, inputs, weights, weights_sha256,"
+                               " threshold, engine, total FROM runs WHERE run_id = ?",
+                               (run_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no run {run_id!r} in {self.path}")
+        return RunInfo(row[0], row[1], row[2], tuple(json.loads(row[3])), *row[4:])
+
+    def set_total(self, run_id: str, total: int) -> None:
+        with self._db:
+            self._db.execute("UPDATE runs SET total = ?, finished = NULL WHERE run_id = ?",
+                             (total, run_id))
+
+    def finish(self, run_id: str) -> None:
+        with self._db:
+            self._db.execute("UPDATE runs SET finished = ? WHERE run_id = ?", (_now(), run_id))
+
+    def add_results(self, run_id: str, rows: Iterable[dict]) -> None:
+        """Insert (or replace) result rows with the RESULT_COLUMNS keys, in one transaction."""
+        with self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO results (run_id, path, case_id, label, prob_parasitized, "
+                "prediction, error) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(run_id, *(r[c] for c in RESULT_COLUMNS)) for r in rows])
+
+    def done_paths(self, run_id: str) -> set[str]:
+        """Paths of ``run_id`` already stored (scored or given an error row)."""
+        return {p for (p,) in self._db.execute("SELECT path FROM results WHERE run_id = ?",
+                                               (run_id,))}
+
+    def results(self, run_id: str) -> pd.DataFrame:
+        self.run(run_id)
+        return pd.read_sql_query(f"SELECT {', '.join(RESULT_COLUMNS)} FROM results "
+                                 "WHERE run_id = ? ORDER BY path", self._db, params=(run_id,))
+
+    def iter_results(self, run_id: str, *, chunksize: int = 10_000) -> Iterator[pd.DataFrame]:
+        """The run's results in chunks, for exports that must not hold everything in memory."""
+        self.run(run_id)
+        yield from pd.read_sql_query(f"SELECT {', '.join(RESULT_COLUMNS)} FROM results "
+                                     "WHERE run_id = ? ORDER BY path", self._db,
+                                     params=(run_id,), chunksize=chunksize)
+
+    def export_csv(self, run_id: str, out: Path) -> int:
+        """Write the run's results to ``out`` as CSV; return the number of rows."""
+        n = 0
+        with open(out, "w", newline="") as f:
+            for i, chunk in enumerate(self.iter_results(run_id)):
+                chunk.to_csv(f, header=i == 0, index=False)
+                n += len(chunk)
+            if n == 0:
+                f.write(",".join(RESULT_COLUMNS) + "\n")
+        return n
+
+    def list_runs(self) -> pd.DataFrame:
+        """One row per run, newest first: ids, dates, inputs, counts and weights."""
+        return pd.read_sql_query(
+            "SELECT r.run_id, r.started, r.finished, r.inputs, r.weights, r.weights_sha256, "
+            "r.threshold, r.engine, r.total, COUNT(x.path) AS stored, "
+            "SUM(x.error IS NOT NULL) AS errors, SUM(x.prediction = 'Parasitized') AS parasitized "
+            "FROM runs r LEFT JOIN results x ON x.run_id = r.run_id "
+            "GROUP BY r.run_id ORDER BY r.started DESC, r.run_id DESC", self._db)
+

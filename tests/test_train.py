@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import core.train
+from core import lr_find, train
+from core.model import build_model, load_model
+
+
+def _train_args(cells_dir, out, *extra):
+    return train.get_args_parser().parse_args(
+        ["--data", str(cells_dir), "--out", str(out), "--batch-size", "8", "--lr", "1e-3",
+         "--no-progress", *extra])
+
+
+def test_one_tiny_epoch_writes_history_card_weights_and_predictions(cells_dir, tmp_path):
+    out = tmp_path / "run"
+    card = train.main(_train_args(cells_dir, out, "--epochs", "1"))
+    history = pd.read_csv(out / "history.csv")
+    assert list(history.columns[:8]) == ["epoch", "train_loss", "train_accuracy", "val_loss",
+                                         "val_accuracy", "val_auc", "lr", "seconds"]
+    assert len(history) == 1 and np.isfinite(history["train_loss"]).all()
+    on_disk = json.loads((out / "card.json").read_text())
+    assert on_disk.keys() == card.keys() and on_disk["sha256"] == card["sha256"]
+    assert card["arch"] == "mobilenet_v2" and "core.train" in card["training_command"]
+    assert set(card["metrics"]["test"]) >= {"accuracy", "auc", "sensitivity", "specificity",
+                                            "f1", "mcc"}
+    split = json.loads((out / "split.json").read_text())
+    assert split == card["split"]
+    cases = [set(split[k]) for k in ("train", "val", "test")]
+    assert not (cases[0] & cases[1] or cases[0] & cases[2] or cases[1] & cases[2])
+    preds = pd.read_csv(out / "test_predictions.csv")
+    assert list(preds.columns) == ["path", "case_id", "label", "prob_parasitized"]
+    assert set(preds["case_id"]) == cases[2]
+    assert preds["prob_parasitized"].between(0, 1).all()
+    loaded = load_model(out)
+    assert loaded.sha256 == card["sha256"]
+
+
+def test_interrupted_training_resumes_where_it_stopped(cells_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_evaluate, calls = core.train.evaluate, []
+
+    def evaluate_then_die(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # during epoch 2's validation
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **kw)
+
+    monkeypatch.setattr(core.train, "evaluate", evaluate_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(_train_args(cells_dir, out, "--epochs", "2"))
+    assert len(pd.read_csv(out / "history.csv")) == 1
+    monkeypatch.setattr(core.train, "evaluate", real_evaluate)
+    train.main(_train_args(cells_dir, out, "--epochs", "2", "--resume"))
+    history = pd.read_csv(out / "history.csv")
+    assert history["epoch"].tolist() == [1, 2]
+
+
+def test_lr_range_test_leaves_weights_untouched(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v3_small")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(32, 3, 64, 64)
+    y = torch.randint(0, 2, (32,))
+
+    def batches():
+        for i in range(0, 32, 8):
+            yield x[i:i + 8], y[i:i + 8]
+
+    result = lr_find.lr_range_test(model, batches, num_steps=30, progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    lrs = np.array(result.lrs)
+    assert lrs[0] == pytest.approx(1e-7) and (np.diff(np.log(lrs)) > 0).all()
+    ratios = lrs[1:] / lrs[:-1]
+    assert np.allclose(ratios, ratios[0])  # exponential growth per batch
+    assert lrs[0] <= result.suggested_lr <= lrs[-1]
+    result.save(tmp_path)
+    curve = pd.read_csv(tmp_path / "lr_find.csv")
+    assert list(curve.columns) == ["lr", "loss", "smoothed_loss"] and len(curve) == len(lrs)
+    assert json.loads((tmp_path / "lr_find.json").read_text())["suggested_lr"] == result.suggested_lr
+
+
+def test_suggestion_is_the_steepest_descent():
+    lrs = np.logspace(-7, 0, 100)
+    # a loss that falls fastest around 1e-3 and blows up after 1e-1
+    x = np.log10(lrs)
+    loss = 1 - 0.5 * np.tanh((x + 3) * 2) + np.where(x > -1, (x + 1) * 5, 0)
+    assert 3e-4 < lr_find.suggest_lr(lrs, loss) < 3e-3
+
+
+def test_lr_find_cli(cells_dir, tmp_path):
+    args = lr_find.get_args_parser().parse_args(
+        ["--data", str(cells_dir), "--out", str(tmp_path), "--steps", "12", "--batch-size", "8"])
+    result = lr_find.main(args)
+    assert (tmp_path / "lr_find.csv").is_file() and result.suggested_lr > 0
