@@ -1,0 +1,166 @@
+"""Speed benchmarks, every figure and ratio measured in this one run on this machine.
+
+    python -m bench --data ../shared/data/nih_cells_dev.zip      (or: make bench)
+
+Scoring, end to end (PNG files on disk to CSV on disk, process start included) against a naive
+loop that opens, transforms and classifies one image at a time with PyTorch; the ONNX and
+PyTorch engines on pre-decoded batches; peak RSS at 1,000 and at all images; the screening
+flag's patient-level sensitivity and specificity on the development patients.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from core.contract import DEFAULT_WEIGHTS  # noqa: E402
+
+_CHILD = ("import atexit, resource, runpy, sys; "
+          "atexit.register(lambda: print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF)"
+          ".ru_maxrss, file=sys.stderr)); "
+          "sys.argv = ['core.score'] + sys.argv[1:]; runpy.run_module('core.score', "
+          "run_name='__main__')")
+
+
+def png_folder(data: Path, cache: Path) -> Path:
+    """The data set's PNGs as files on disk (extracted once into ``cache``)."""
+    done = cache / ".complete"
+    if not done.is_file():
+        with zipfile.ZipFile(data) as zf:
+            zf.extractall(cache)
+        done.write_text(str(data))
+    return cache
+
+
+def subset(folder: Path, n: int, out: Path) -> Path:
+    files = sorted(folder.rglob("*.png"))
+    step = max(1, len(files) // n)
+    for f in files[::step][:n]:
+        dst = out / f.relative_to(folder)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.exists():
+            os.link(f, dst)
+    return out
+
+
+def score_cli(inputs: Path, weights: Path, tmp: Path, engine: str = "onnx") -> dict:
+    """Run ``python -m core.score`` as a fresh process; wall time, rate, peak RSS, outputs."""
+    out, summary = tmp / f"r_{engine}_{inputs.name}.csv", tmp / f"s_{engine}_{inputs.name}.csv"
+    cmd = [sys.executable, "-c", _CHILD, str(inputs), "--weights", str(weights), "--out",
+           str(out), "--summary", str(summary), "--engine", engine, "--no-progress",
+           "--store", str(tmp / "bench.sqlite")]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(f"core.score failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    rss = int(next(line.split()[1] for line in proc.stderr.splitlines()
+                   if line.startswith("MAXRSS_KB")))
+    n = len(pd.read_csv(out))
+    return {"n": n, "seconds": wall, "img_per_s": n / wall, "peak_rss_mb": rss / 1024,
+            "results": out, "summary": summary}
+
+
+def naive_loop(folder: Path, weights: Path, n: int) -> float:
+    """Images/s of the loop most demo apps run: open, transform, classify, one at a time."""
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+
+    from core.model import load_model
+
+    loaded = load_model(weights)
+    c = loaded.contract
+    tf = transforms.Compose([transforms.Resize((c.input_size, c.input_size)),
+                             transforms.ToTensor(), transforms.Normalize(c.mean, c.std)])
+    files = sorted(folder.rglob("*.png"))[:n]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for f in files:
+            x = tf(Image.open(f).convert("RGB")).unsqueeze(0)
+            loaded.model(x).softmax(1)
+    return len(files) / (time.perf_counter() - t0)
+
+
+def engine_only(weights: Path, images: np.ndarray) -> dict[str, float]:
+    """Inference alone on decoded uint8 images: ONNX Runtime and PyTorch eager, batch 64."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from core.score import load_engine
+
+    out = {}
+    batches = [images[i:i + 64] for i in range(0, len(images), 64)]
+    for name, threads, workers in (("onnx, 2 threads, 1 batch at a time", 2, 1),
+                                   ("onnx, 1 thread, 2 batches at a time", 1, 2),
+                                   ("torch eager channels_last, 2 threads", 2, 1)):
+        engine = load_engine(weights, name.split(",")[0], threads=threads)
+        engine(batches[0])  # warm-up
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(engine, batches))
+        out[name] = len(images) / (time.perf_counter() - t0)
+    return out
+
+
+def flag_figures(results_csv: Path, summary_csv: Path) -> dict:
+    from core.metrics import flag_performance
+
+    results = pd.read_csv(results_csv)
+    infected = set(results.loc[results["label"] == "Parasitized", "case_id"])
+    return flag_performance(pd.read_csv(summary_csv), infected)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/nih_cells_dev.zip")
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    p.add_argument("--naive-n", type=int, default=1000)
+    args = p.parse_args()
+    cache = ROOT / ".cache" / "bench_png"
+    folder = png_folder(args.data, cache)
+    print(f"machine: {os.cpu_count()} cores; data: {args.data}")
+
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        small = subset(folder, 1000, tmp / "subset_1000")
+        score_cli(small, args.weights, tmp)  # warm the ONNX cache and the page cache
+        naive = naive_loop(folder, args.weights, args.naive_n)
+        r1k = score_cli(small, args.weights, tmp)
+        rall = score_cli(folder, args.weights, tmp)
+
+        from core.data import decode_image
+        files = sorted(folder.rglob("*.png"))[:2048]
+        images = np.stack([decode_image(f.read_bytes(), size=128) for f in files])
+        eng = engine_only(args.weights, images)
+        flag = flag_figures(rall["results"], rall["summary"])
+
+    print("\n## Batch scoring (end to end: PNG files on disk -> CSV, process start included)")
+    print(f"{'path':58s} {'images':>7s} {'img/s':>8s} {'x naive':>8s} {'peak RSS':>9s}")
+    print(f"{'naive loop (PyTorch, one image at a time)':58s} {args.naive_n:7d} {naive:8.0f} "
+          f"{1:8.1f} {'':>9s}")
+    for label, r in (("core.score, ONNX engine, 1,000 images", r1k),
+                     (f"core.score, ONNX engine, all {rall['n']:,} images", rall)):
+        print(f"{label:58s} {r['n']:7d} {r['img_per_s']:8.0f} {r['img_per_s'] / naive:8.1f} "
+              f"{r['peak_rss_mb']:7.0f} MB")
+    print("\n## Inference alone (decoded 128 px images, batch 64)")
+    for name, rate in eng.items():
+        print(f"{name:58s} {len(images):7d} {rate:8.0f} {rate / naive:8.1f}")
+    print("\n## Screening flag on the development patients (all of them, training ones included)")
+    print(f"infected patients flagged: {flag['sensitivity']:.3f} ({flag['infected_patients']}); "
+          f"healthy patients not flagged: {flag['specificity']:.3f} ({flag['healthy_patients']})")
+    print(f"missed: {flag['missed']}; false alarms: {flag['false_alarms']}")
+
+
+if __name__ == "__main__":
+    main()
