@@ -80,3 +80,15 @@ def verified_weights(folder: Path | str) -> tuple[dict, Path, str]:
                            f"{str(card.get('sha256'))[:12]}...): the file was changed or replaced; "
                            "refusing to load it")
     return card, weights, digest
+
+
+def find_models(*roots: Path) -> list[Path]:
+    """Model folders (holding a card.json) directly in or one level under ``roots``, sorted."""
+    found: set[Path] = set()
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for card in [*root.glob(CARD_FILE), *root.glob(f"*/{CARD_FILE}"),
+                     *root.glob(f"*/*/{CARD_FILE}")]:
+            found.add(card.parent.resolve())
+    return sorted(found)

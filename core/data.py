@@ -7,11 +7,14 @@ The slide case (one case = one patient) is parsed from the file name: ``C100P61T
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
+import os
 import re
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -184,6 +187,33 @@ def sources_from_uploads(items: Iterable[tuple[str, bytes]]) -> list[ImageSource
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def _cached_zip(path: str) -> zipfile.ZipFile:
+    return zipfile.ZipFile(path)
+
+
+def open_source(key: str) -> ImageSource:
+    """The source named by a result's ``path``: a file, or ``archive.zip!member`` (nested zips
+    as ``a.zip!b.zip!member``). Raises FileNotFoundError if it no longer exists.
+    """
+    parts = key.split(ZIP_SEP)
+    if len(parts) == 1:
+        path = Path(key)
+        if not path.is_file():
+            raise FileNotFoundError(f"{key} not found")
+        return ImageSource(key, path.read_bytes)
+    if not Path(parts[0]).is_file():
+        raise FileNotFoundError(f"{parts[0]} not found")
+    zf = _cached_zip(str(Path(parts[0]).resolve()))
+    try:
+        for inner in parts[1:-1]:
+            zf = zipfile.ZipFile(io.BytesIO(zf.read(inner)))
+        info = zf.getinfo(parts[-1])
+    except KeyError:
+        raise FileNotFoundError(f"{key} not found in its zip") from None
+    return ImageSource(key, _member_reader(zf, info))
+
+
 # ---------------------------------------------------------------------------------------------
 # Decoding
 # ---------------------------------------------------------------------------------------------
@@ -319,20 +349,25 @@ def split_by_case(samples: Sequence[Sample], *, val_frac: float = 0.15, test_fra
     return Split(*(tuple(sorted(parts[k])) for k in ("train", "val", "test")), seed=seed)
 
 
-def load_array(sources: Sequence[ImageSource], *, size: int,
+def load_array(sources: Sequence[ImageSource], *, size: int, workers: int | None = None,
                progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Decode and resize ``sources`` into one ``uint8`` array of shape (N, size, size, 3).
 
-    Raises ImageError naming the file if one cannot be decoded (training data must be clean).
+    Decodes in threads (PIL releases the GIL). Raises ImageError naming the file if one cannot
+    be decoded: training and study data must be clean.
     """
-    out = np.empty((len(sources), size, size, 3), dtype=np.uint8)
-    for i, src in enumerate(sources):
+    def one(src: ImageSource) -> np.ndarray:
         try:
-            out[i] = decode_image(src.read(), size=size)
+            return decode_image(src.read(), size=size)
         except ImageError as exc:
             raise ImageError(f"{src.path}: {exc}") from None
-        if progress:
-            progress(1)
+
+    out = np.empty((len(sources), size, size, 3), dtype=np.uint8)
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        for i, arr in enumerate(pool.map(one, sources)):
+            out[i] = arr
+            if progress:
+                progress(1)
     return out
 
 

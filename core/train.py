@@ -10,11 +10,11 @@ epoch), ``lr_find.csv/json`` (with ``--lr auto``), ``checkpoint.pt`` (resume sta
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from core.data import (CLASSES, ImageError, Sample, Split, decode_image, labelled_samples,
-                       split_by_case, write_json)
+from core.data import (CLASSES, Sample, Split, labelled_samples, load_array, split_by_case,
+                       write_json)
 from core.lr_find import lr_range_test
 from core.metrics import binary_metrics, screening_calibration
 from core.model import (ModelContract, build_model, default_contract, freeze_features, normalize,
@@ -66,23 +66,6 @@ class PreparedData:
     test_y: torch.Tensor
 
 
-def _decode_all(paths: Sequence[str], sources: dict, size: int, desc: str,
-                progress: bool = True) -> torch.Tensor:
-    """Decode images in parallel threads (PIL releases the GIL) into uint8 (N, S, S, 3)."""
-    def one(path: str) -> np.ndarray:
-        try:
-            return decode_image(sources[path].read(), size=size)
-        except ImageError as exc:
-            raise ImageError(f"{path}: {exc}") from None
-
-    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        for i, arr in enumerate(tqdm(pool.map(one, paths), total=len(paths), desc=desc,
-                                     leave=False, disable=not progress)):
-            out[i] = arr
-    return torch.from_numpy(out)
-
-
 def prepare_data(data: Sequence[str | Path], *, contract: ModelContract, cfg: TrainConfig,
                  split: Split | None = None, progress: bool = True) -> PreparedData:
     """Find labelled images, split them by case (or use ``split``), decode every part."""
@@ -94,8 +77,10 @@ def prepare_data(data: Sequence[str | Path], *, contract: ModelContract, cfg: Tr
         parts[split.part_of(s.case_id)].append(s)
     arrays = {}
     for name, items in parts.items():
-        arrays[f"{name}_x"] = _decode_all([s.path for s in items], sources, contract.input_size,
-                                          f"decoding {name}", progress)
+        with tqdm(total=len(items), desc=f"decoding {name}", leave=False,
+                  disable=not progress) as bar:
+            arrays[f"{name}_x"] = torch.from_numpy(load_array(
+                [sources[s.path] for s in items], size=contract.input_size, progress=bar.update))
         arrays[f"{name}_y"] = torch.tensor([s.label for s in items], dtype=torch.int64)
     return PreparedData(split=split, samples=parts, **arrays)
 
@@ -168,6 +153,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--no-pretrained", action="store_true", help="start from random weights")
+    p.add_argument("--split", type=Path, help="use the case split of this split.json or "
+                   "card.json (e.g. to compare models on the same patients)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -180,6 +167,8 @@ def _command(args: argparse.Namespace) -> str:
             str(args.batch_size), "--seed", str(args.seed)]
     if args.no_pretrained:
         argv.append("--no-pretrained")
+    if args.split:
+        argv += ["--split", str(args.split)]
     return "python -m core.train " + shlex.join(argv)
 
 
@@ -209,7 +198,12 @@ def main(args: argparse.Namespace) -> dict:
     if ckpt:
         cfg = TrainConfig(**ckpt["config"])  # an interrupted run goes on as it was started
     contract = default_contract(cfg.arch)
-    split = Split.from_json(ckpt["split"]) if ckpt else None
+    split = None
+    if ckpt:
+        split = Split.from_json(ckpt["split"])
+    elif args.split:
+        saved = json.loads(args.split.read_text())
+        split = Split.from_json(saved.get("split", saved))
     progress = not args.no_progress
     data = prepare_data(args.data, contract=contract, cfg=cfg, split=split, progress=progress)
     write_json(out / "split.json", data.split.to_json())

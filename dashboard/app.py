@@ -1,0 +1,23 @@
+"""Entry point: `streamlit run dashboard/app.py`. A router plus the frame all pages share."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import streamlit as st  # noqa: E402
+
+from dashboard import ui  # noqa: E402
+
+st.set_page_config(page_title="Malaria cell screening", page_icon="🔬", layout="wide")
+ui.init_state()
+PAGES = Path(__file__).resolve().parent / "pages"
+page = st.navigation([
+    st.Page(PAGES / "home.py", title="Home", icon=":material/home:", default=True),
+    st.Page(PAGES / "score.py", title="Score", icon=":material/biotech:"),
+    st.Page(PAGES / "explain.py", title="Explain", icon=":material/visibility:"),
+    st.Page(PAGES / "evaluate.py", title="Evaluate", icon=":material/grid_on:"),
+    st.Page(PAGES / "training.py", title="Training", icon=":material/show_chart:"),
+    st.Page(PAGES / "study.py", title="Study", icon=":material/science:"),
+])
+ui.model_sidebar()
+page.run()

@@ -1,0 +1,132 @@
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from core.data import CLASSES, ImageError, decode_image, open_source
+from core.explain import explain, overlay
+from core.metrics import binary_metrics, curves
+from dashboard import ui
+
+st.title("Evaluate")
+folder, card, sha = ui.current_model()
+
+choice = st.radio("Data", ["The model's test split (unseen patients)", "A labelled upload"],
+                  horizontal=True)
+sources = {}
+if choice.startswith("The model"):
+    path = folder / "test_predictions.csv"
+    if not path.is_file():
+        st.error(f"{path} is missing: this model folder has no test-split predictions.")
+        st.stop()
+    preds = pd.read_csv(path)
+    st.caption(f"{len(preds):,} cells from {preds['case_id'].nunique()} patients that were "
+               "never used for training or model selection.")
+else:
+    up = st.file_uploader("A zip (or files) with Parasitized/ and Uninfected/ folders",
+                          type=ui.UPLOAD_TYPES, accept_multiple_files=True)
+    items = ui.uploaded_items(up)
+    if not items:
+        st.info("Upload a labelled set: images under folders named Parasitized and Uninfected.")
+        st.stop()
+    try:
+        scored, _ = ui.score(items)
+    except ValueError as exc:
+        st.error(str(exc))
+        st.stop()
+    preds = scored[scored["error"].isna() & scored["label"].notna()]
+    if preds["label"].nunique() < 2:
+        st.error("The upload needs labelled images of both classes (folders named "
+                 "Parasitized and Uninfected).")
+        st.stop()
+    sources = ui.sources_for(items)
+
+y = (preds["label"] == CLASSES[0]).to_numpy().astype(int)
+p = preds["prob_parasitized"].to_numpy()
+threshold = st.slider("Decision threshold on P(Parasitized)", 0.0, 1.0,
+                      float(card["contract"]["threshold"]), 0.01)
+m = binary_metrics(y, p, threshold=threshold)
+pred_label = np.where(p >= threshold, CLASSES[0], CLASSES[1])
+
+left, right = st.columns([1, 1])
+with left:
+    st.subheader("Confusion matrix")
+    counts = [[m["tp"], m["fn"]], [m["fp"], m["tn"]]]  # rows: true P, U; cols: pred P, U
+    fig = go.Figure(go.Heatmap(z=counts, x=list(CLASSES), y=list(CLASSES), showscale=False,
+                               colorscale="Blues", text=counts, texttemplate="%{text}",
+                               textfont_size=22, hoverinfo="skip"))
+    fig.add_trace(go.Scatter(  # invisible markers over each cell make it clickable
+        x=[c for _ in CLASSES for c in CLASSES], y=[r for r in CLASSES for _ in CLASSES],
+        mode="markers", marker=dict(size=90, symbol="square", opacity=0.01),
+        hovertemplate="true %{y}, predicted %{x}<extra>click to see the cells</extra>"))
+    fig.update_layout(xaxis_title="predicted", yaxis_title="true", height=380,
+                      yaxis_autorange="reversed", margin=dict(t=10, b=10), showlegend=False)
+    event = st.plotly_chart(fig, on_select="rerun", selection_mode="points", key="cm",
+                            width="stretch")
+with right:
+    st.subheader("Metrics")
+    table = {k: m[k] for k in ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
+                                "mcc", "auc")}
+    st.dataframe(pd.DataFrame({"metric": table.keys(), "value": table.values()}),
+                 hide_index=True, width="stretch",
+                 column_config={"value": st.column_config.NumberColumn(format="%.4f")})
+
+points = event.selection.points if event and event.selection else []
+if points:
+    true_cls, pred_cls = points[0]["y"], points[0]["x"]
+    mask = (preds["label"] == true_cls).to_numpy() & (pred_label == pred_cls)
+    cell = preds[mask].assign(distance=np.abs(p[mask] - threshold))
+    cell = cell.sort_values("distance", ascending=False).head(12)
+    st.subheader(f"True {true_cls}, predicted {pred_cls}: {int(mask.sum())} cells")
+    st.caption("The most confident 12, each with its Grad-CAM map for the predicted class.")
+    loaded, net = ui.explainer(str(folder), sha)
+    images, names = [], []
+    for path in cell["path"]:
+        try:
+            src = sources.get(path) or open_source(path)
+            images.append(decode_image(src.read()))
+            names.append(path)
+        except (FileNotFoundError, ImageError) as exc:
+            st.caption(f"{path.rsplit('/', 1)[-1]}: cannot show ({exc})")
+    if images:
+        exps = explain(loaded, images, method="gradcam", faithfulness=False, net=net)
+        cols = st.columns(6)
+        for i, (img, e, name) in enumerate(zip(images, exps, names)):
+            with cols[i % 6]:
+                st.image(img, width="stretch")
+                st.image(overlay(img, e.heatmap), width="stretch",
+                         caption=f"{name.rsplit('/', 1)[-1][:28]} · p={e.prob_parasitized:.3f}")
+else:
+    st.caption("Click a cell of the matrix to see its images with their heatmaps.")
+
+roc, pr = curves(y, p)
+c1, c2 = st.columns(2)
+op_fpr, op_tpr = 1 - m["specificity"], m["sensitivity"]
+fig = go.Figure(go.Scatter(x=roc["fpr"], y=roc["tpr"], mode="lines", name="ROC",
+                           customdata=roc["threshold"],
+                           hovertemplate="FPR %{x:.3f}, TPR %{y:.3f}, t=%{customdata:.3f}"))
+fig.add_trace(go.Scatter(x=[op_fpr], y=[op_tpr], mode="markers", name="threshold",
+                         marker=dict(size=12, color="#8e244d")))
+fig.update_layout(title=f"ROC (AUC {m['auc']:.4f})", xaxis_title="false positive rate",
+                  yaxis_title="sensitivity", height=360, margin=dict(t=40, b=10))
+c1.plotly_chart(fig, width="stretch")
+fig = go.Figure(go.Scatter(x=pr["recall"], y=pr["precision"], mode="lines", name="PR",
+                           customdata=pr["threshold"],
+                           hovertemplate="recall %{x:.3f}, precision %{y:.3f}, t=%{customdata:.3f}"))
+fig.add_trace(go.Scatter(x=[m["sensitivity"]], y=[m["ppv"]], mode="markers", name="threshold",
+                         marker=dict(size=12, color="#8e244d")))
+fig.update_layout(title="Precision-recall", xaxis_title="recall (sensitivity)",
+                  yaxis_title="precision (PPV)", height=360, margin=dict(t=40, b=10))
+c2.plotly_chart(fig, width="stretch")
+
+st.subheader("Per patient")
+per_case = (preds.assign(correct=(pred_label == preds["label"]), called=pred_label == CLASSES[0],
+                         parasitized=preds["label"] == CLASSES[0])
+            .groupby("case_id")
+            .agg(cells=("path", "size"), accuracy=("correct", "mean"),
+                 true_parasitized=("parasitized", "sum"), called_parasitized=("called", "sum"),
+                 mean_prob=("prob_parasitized", "mean"))
+            .reset_index().sort_values("accuracy"))
+st.dataframe(per_case, hide_index=True, width="stretch",
+             column_config={"accuracy": st.column_config.NumberColumn(format="%.3f"),
+                            "mean_prob": st.column_config.NumberColumn(format="%.3f")})

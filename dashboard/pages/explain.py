@@ -1,0 +1,96 @@
+import hashlib
+
+import streamlit as st
+
+from core.data import ImageError, decode_image
+from core.explain import METHODS, SLOW_METHODS, TARGETS, explain, overlay
+from dashboard import ui
+
+st.title("Explain a prediction")
+folder, card, sha = ui.current_model()
+contract = card["contract"]
+
+with st.expander("What a heatmap shows, and what it does not", expanded=False):
+    st.markdown(
+        "A class activation map colours the parts of the image that most raised the score of "
+        "the chosen class at one stage of the network. Red means *the network's evidence came "
+        "from here*; it is **not** a segmentation of the parasite, and a confident map can "
+        "still point at the wrong thing. Different methods weigh that evidence differently, so "
+        "compare them: the **ROAD** score (higher is better) and the **keep-only drop** (lower "
+        "is better) measure how much the model really relies on the highlighted pixels. "
+        "Late stages are coarse (4x4 cells at 128 px); earlier stages give finer maps.")
+
+source = st.radio("Image", ["Sample or upload", "A cell from the scored results"],
+                  horizontal=True)
+item = st.session_state.get("explain_item")
+if source == "Sample or upload":
+    up = st.file_uploader("Upload one cell image", type=ui.UPLOAD_TYPES[:-1])
+    if up is not None:
+        item = (up.name, up.getvalue())
+    samples = ui.sample_items()
+    names = [n for n, _ in samples]
+    pick = st.selectbox("…or a sample cell", ["—"] + names,
+                        index=names.index(item[0]) + 1 if item and item[0] in names else 0)
+    if up is None and pick != "—":
+        item = samples[names.index(pick)]
+else:
+    results = st.session_state["results"]
+    if results is None:
+        st.info("Score some cells first (Score page), then pick one here.")
+        st.stop()
+    ok = results[results["error"].isna()]
+    path = st.selectbox("Cell", ok["path"], format_func=lambda p: p.rsplit("/", 1)[-1])
+    src = st.session_state["sources"].get(path)
+    if src is None:
+        st.warning("This run was reopened from the store: its images are not in memory.")
+        st.stop()
+    item = (path, src.read())
+
+if item is None:
+    st.info("Pick a sample cell or upload one.")
+    st.stop()
+st.session_state["explain_item"] = item
+try:
+    image = decode_image(item[1])
+except ImageError as exc:
+    st.error(f"{item[0]}: {exc}")
+    st.stop()
+
+c1, c2, c3 = st.columns([3, 1, 1])
+methods = c1.multiselect(
+    "Methods", list(METHODS), default=["gradcam", "gradcam++", "layercam"],
+    help="scorecam and ablationcam perturb the image once per channel: many seconds per image.")
+target = c2.selectbox("Explain the class", TARGETS)
+layers = contract["cam_layers"]
+layer = c3.selectbox("Layer", layers, index=layers.index(contract["target_layer"]),
+                     help="Later stages are coarser but more semantic.")
+opacity = st.slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05)
+if any(m in SLOW_METHODS for m in methods):
+    st.warning("ScoreCAM and AblationCAM run the network hundreds of times per image: "
+               "expect tens of seconds on a CPU at the last layer (less at earlier ones).")
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _explain(image_hash: str, method: str, target: str, layer: str, model_sha: str, _image):
+    loaded, net = ui.explainer(str(folder), model_sha)
+    e = explain(loaded, [_image], method=method, target=target, layer=layer, net=net)[0]
+    return e.heatmap, e.prob_parasitized, e.target, e.road, e.keep_drop, e.ms
+
+
+key = hashlib.sha256(item[1]).hexdigest()
+cols = st.columns(len(methods) + 1)
+cols[0].image(image, caption=f"original · {item[0].rsplit('/', 1)[-1]}", width="stretch")
+for col, method in zip(cols[1:], methods):
+    with col, st.spinner(f"{method}…"):
+        heat, prob, cls, road, keep, ms = _explain(key, method, target, layer, sha, image)
+        col.image(overlay(image, heat, opacity=opacity), caption=method, width="stretch")
+        col.caption(f"explains **{cls}** · ROAD {road:+.3f} · keep-only drop {keep:+.3f} · "
+                    f"{ms:,.0f} ms")
+if methods:
+    st.metric("P(Parasitized)", f"{prob:.3f}",
+              help=f"Decision threshold {contract['threshold']:.2f}")
+    st.caption(f"Map size at this layer is coarser than the image: values are upsampled to "
+               f"{image.shape[1]}x{image.shape[0]} px. ROAD: confidence kept when the least "
+               "relevant pixels are removed minus when the most relevant are removed (higher = "
+               "more faithful). Keep-only drop: confidence lost when only the highlighted region "
+               "is kept (lower = the region alone suffices).")

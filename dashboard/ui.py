@@ -1,0 +1,169 @@
+"""The frame every page shares: session state, the model picker, cached engines and results.
+
+Pages import from here and from ``core``; nothing here knows about tensors or layers.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+from PIL import Image
+
+from core.contract import DEFAULT_WEIGHTS, WeightsError, find_models, verified_weights
+from core.data import ImageError, ImageSource, decode_image, open_source, sources_from_uploads
+from core.store import ResultStore
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = Path(__file__).resolve().parent / "samples"
+UPLOAD_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "bmp", "webp", "zip"]
+
+
+def init_state() -> None:
+    """Every session-state key the pages use, with its default, in one place."""
+    defaults = {
+        "model_folder": str(DEFAULT_WEIGHTS),
+        "results": None,  # DataFrame of the scoring on show
+        "run_id": None,  # its run in the result store
+        "sources": {},  # path -> ImageSource for thumbnails and Explain
+        "pending_items": None,  # (name, bytes) handed over from Home to Score
+        "explain_item": None,  # (name, bytes) handed over to Explain
+    }
+    for key, value in defaults.items():
+        st.session_state.setdefault(key, value)
+
+
+# --- model ------------------------------------------------------------------------------------
+
+def model_choices() -> list[Path]:
+    found = find_models(ROOT / "weights", ROOT / "runs")
+    default = DEFAULT_WEIGHTS.resolve()
+    return [default] + [f for f in found if f != default]
+
+
+def _label(folder: Path) -> str:
+    try:
+        return str(folder.relative_to(ROOT))
+    except ValueError:
+        return str(folder)
+
+
+def model_sidebar() -> None:
+    """Sidebar: pick a model folder and show its card."""
+    choices = model_choices()
+    current = Path(st.session_state["model_folder"]).resolve()
+    index = choices.index(current) if current in choices else 0
+    with st.sidebar:
+        folder = st.selectbox("Model", choices, index=index, format_func=_label,
+                              help="The shipped default, or any trained run folder under "
+                                   "weights/ or runs/")
+        st.session_state["model_folder"] = str(folder)
+        try:
+            card, _, sha = verified_weights(folder)
+        except WeightsError as exc:
+            st.error(f"This model cannot be used: {exc}")
+            return
+        test = card.get("metrics", {}).get("test", {})
+        st.caption(f"**{card.get('arch')}** · sha256 `{sha[:10]}`")
+        if test:
+            st.markdown(
+                f"Test split: **{test.get('cases', '?')} unseen patients**, {test.get('n', '?')} "
+                f"cells  \naccuracy **{test['accuracy']:.3f}** · AUC **{test['auc']:.4f}**  \n"
+                f"sensitivity {test['sensitivity']:.3f} · specificity {test['specificity']:.3f}")
+        data = ", ".join(Path(d).name for d in card.get("training_data", []))
+        if data:
+            st.caption(f"Trained on {data}; {len(card.get('split', {}).get('train', []))} "
+                       "training patients")
+        with st.expander("Model card"):
+            st.json(card, expanded=False)
+
+
+def current_model() -> tuple[Path, dict, str]:
+    """(folder, card, sha256) of the chosen model, or st.error + stop if it is unusable."""
+    folder = Path(st.session_state["model_folder"])
+    try:
+        card, _, sha = verified_weights(folder)
+    except WeightsError as exc:
+        st.error(f"The selected model cannot be loaded: {exc}. Pick another one in the sidebar.")
+        st.stop()
+    return folder, card, sha
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
+def engine(folder: str, sha256: str):
+    """ONNX scoring engine, one per weights hash (``sha256`` is the cache key)."""
+    from core.score import load_engine
+    return load_engine(folder, "onnx")
+
+
+@st.cache_resource(show_spinner="Preparing the explainer…", max_entries=2)
+def explainer(folder: str, sha256: str):
+    """(LoadedModel, hook-safe network) for Grad-CAM, one per weights hash."""
+    from core.explain import explainable
+    from core.model import load_model
+    loaded = load_model(folder)
+    return loaded, explainable(loaded)
+
+
+@st.cache_resource
+def store() -> ResultStore:
+    return ResultStore()
+
+
+# --- uploads and images ---------------------------------------------------------------------
+
+def items_key(items: Sequence[tuple[str, bytes]]) -> str:
+    h = hashlib.sha256()
+    for name, data in items:
+        h.update(name.encode())
+        h.update(hashlib.sha256(data).digest())
+    return h.hexdigest()
+
+
+def uploaded_items(files) -> list[tuple[str, bytes]]:
+    return [(f.name, f.getvalue()) for f in files or []]
+
+
+def sample_items() -> list[tuple[str, bytes]]:
+    return [(f"samples/{p.parent.name}/{p.name}", p.read_bytes())
+            for p in sorted(SAMPLES.rglob("*.png"))]
+
+
+def sources_for(items: Sequence[tuple[str, bytes]]) -> dict[str, ImageSource]:
+    return {s.path: s for s in sources_from_uploads(items)}
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _score_cached(key: str, folder: str, sha256: str, _items) -> tuple[pd.DataFrame, str]:
+    from core.score import score_uploads
+    bar = st.progress(0.0, text="Scoring…")
+
+    def progress(done: int, total: int) -> None:
+        bar.progress(done / total, text=f"Scored {done:,} of {total:,} images")
+
+    df, run_id = score_uploads(_items, engine=engine(folder, sha256), store=store(),
+                               progress=progress)
+    bar.empty()
+    return df, run_id
+
+
+def score(items: Sequence[tuple[str, bytes]]) -> tuple[pd.DataFrame, str]:
+    """Score uploads once per (content, model): a rerun or a second visit never rescores."""
+    folder, _, sha = current_model()
+    return _score_cached(items_key(items), str(folder), sha, list(items))
+
+
+def thumbnail(path: str, sources: dict[str, ImageSource], *, size: int = 48) -> str | None:
+    """A small PNG data URL for a table cell, or None if the image cannot be read."""
+    try:
+        source = sources.get(path) or open_source(path)
+        img = Image.fromarray(decode_image(source.read(), size=size))
+    except (ImageError, OSError):  # gone from disk, or the error row itself
+        return None
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -1,0 +1,115 @@
+"""The main flow in a real browser: Debian's Chromium driven by Playwright."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "tests" / "screenshots"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+if not Path(CHROMIUM).exists():
+    pytest.skip("Debian chromium is not installed (apt-get install chromium); "
+                "the browser test cannot run here", allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    env = {**os.environ, "MALARIA_STORE": str(tmp_path_factory.mktemp("store") / "s.sqlite"),
+           "MALARIA_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"),
+         "--server.port", str(port), "--server.address", "127.0.0.1",
+         "--server.headless", "true"], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not start: " + proc.stdout.read().decode()[-2000:])
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    SHOTS.mkdir(exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"])
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.set_default_timeout(120_000)
+        yield pg
+        browser.close()
+
+
+def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
+    page.goto(server)
+    page.get_by_text("Try it on sample cells").wait_for()
+    page.screenshot(path=str(SHOTS / "home.png"), full_page=True)
+
+    page.get_by_role("link", name="Score").click()
+    page.get_by_text("Score cells").first.wait_for()
+    files = sorted(str(p) for p in cells_dir.rglob("*.png"))
+    page.locator("input[type=file]").first.set_input_files(files)
+    page.get_by_text(Path(files[0]).name).first.wait_for()  # listed by the uploader
+    page.get_by_role("button", name="Score", exact=True).click()
+    page.get_by_text("Results · run").wait_for()
+    page.get_by_text("Parasitemia", exact=True).wait_for()
+    assert page.get_by_text(f"{len(files)}", exact=True).count() >= 1  # the Cells metric
+    slider = page.get_by_role("slider").first
+    before = slider.get_attribute("aria-valuenow")
+    slider.focus()
+    for _ in range(10):
+        page.keyboard.press("ArrowRight")
+    page.wait_for_function(
+        "v => document.querySelector('[role=slider]').getAttribute('aria-valuenow') !== v", arg=before)
+    time.sleep(2)
+    page.screenshot(path=str(SHOTS / "score.png"), full_page=True)
+    assert float(slider.get_attribute("aria-valuenow")) > float(before)
+
+    page.get_by_role("link", name="Evaluate").click()
+    page.get_by_text("Confusion matrix").wait_for()
+    page.get_by_text("Per patient").wait_for()
+    time.sleep(2)
+    page.screenshot(path=str(SHOTS / "evaluate.png"), full_page=True)
+    assert page.get_by_text("accuracy").count() >= 1
+
+    page.get_by_role("link", name="Home").click()
+    page.get_by_role("button", name="Explain").first.click()  # a sample cell, straight in
+    page.get_by_text("Explain a prediction").wait_for()
+    page.get_by_text("ROAD").first.wait_for()
+    time.sleep(1)
+    page.screenshot(path=str(SHOTS / "explain.png"), full_page=True)
+    assert page.get_by_text("P(Parasitized)").count() >= 1
+
+    page.get_by_role("link", name="Training").click()
+    page.get_by_text("Learning-rate range test").wait_for()
+    time.sleep(2)
+    page.screenshot(path=str(SHOTS / "training.png"), full_page=True)

@@ -1,0 +1,69 @@
+"""The dashboard from its entrypoint, page by page, with Streamlit's AppTest (no browser)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "dashboard" / "app.py")
+PAGES = ("pages/home.py", "pages/score.py", "pages/explain.py", "pages/evaluate.py",
+         "pages/training.py", "pages/study.py")
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch) -> AppTest:
+    monkeypatch.setenv("MALARIA_STORE", str(tmp_path / "store.sqlite"))
+    import dashboard.ui
+    dashboard.ui.store.clear()
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.run()
+    assert not at.exception
+    return at
+
+
+def _errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error] + [str(x.value) for x in at.exception]
+
+
+def test_every_page_renders_without_exception(app):
+    for page in PAGES:
+        app.switch_page(page).run()
+        assert not _errors(app), (page, _errors(app))
+    assert any("Model card" in e.label for e in app.sidebar.expander)
+
+
+def test_scoring_fixture_cells_shows_results_and_parasitemia(app, cells_dir):
+    items = [(f"{p.parent.name}/{p.name}", p.read_bytes()) for p in sorted(cells_dir.rglob("*.png"))]
+    items.append(("broken.png", b"not an image"))
+    app.session_state["pending_items"] = items
+    app.switch_page("pages/score.py").run()
+    assert not _errors(app), _errors(app)
+    results = app.session_state["results"]
+    assert len(results) == len(items)
+    assert results["error"].notna().sum() == 1
+    assert results.set_index("path").loc["broken.png", "error"]
+    assert any("Errors" in m.label and m.value == "1" for m in app.metric)
+    assert len(app.dataframe) >= 2  # cells and the parasitemia summary
+    # moving the threshold re-labels without rescoring
+    app.slider[0].set_value(0.99).run()
+    assert not _errors(app)
+    called = next(m for m in app.metric if m.label == "Called parasitized")
+    assert int(called.value.replace(",", "")) == int((results["prob_parasitized"] >= 0.99).sum())
+
+
+def test_explain_renders_a_sample_with_scores(app):
+    sample = next((ROOT / "dashboard" / "samples" / "Parasitized").glob("*.png"))
+    app.session_state["explain_item"] = (f"samples/Parasitized/{sample.name}", sample.read_bytes())
+    app.switch_page("pages/explain.py").run()
+    assert not _errors(app), _errors(app)
+    assert any(m.label == "P(Parasitized)" for m in app.metric)
+    assert sum("ROAD" in c.value for c in app.caption) >= 3  # one per default method
+
+
+def test_an_empty_upload_is_a_clear_error(app):
+    app.session_state["pending_items"] = [("notes.zip", b"PK\x05\x06" + b"\x00" * 18)]
+    app.switch_page("pages/score.py").run()
+    assert not app.exception
+    assert any("no images" in e.value for e in app.error)

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core.contract import DEFAULT_WEIGHTS
+from core.data import decode_image
+from core.explain import METHODS, explain, explainable, grid, overlay
+from core.model import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    loaded = load_model(tiny_model)
+    return loaded, explainable(loaded)
+
+
+@pytest.fixture(scope="module")
+def cells(cells_dir):
+    return {p.name: decode_image(p.read_bytes()) for p in sorted(cells_dir.rglob("*.png"))}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_gives_a_map_in_range_at_the_image_size(tiny, cells, method):
+    loaded, net = tiny
+    image = next(iter(cells.values()))
+    odd = np.asarray(Image.fromarray(image).resize((150, 97)))  # not the model's size
+    exps = explain(loaded, [image], method=method, layer="features.13", net=net)
+    exps += explain(loaded, [odd], method=method, layer="features.13", net=net,
+                    faithfulness=False)
+    for e, im in zip(exps, [image, odd]):
+        assert e.heatmap.shape == im.shape[:2] and e.heatmap.dtype == np.float32
+        assert np.isfinite(e.heatmap).all() and e.heatmap.min() >= 0 and e.heatmap.max() <= 1
+        assert e.overlay.shape == im.shape and e.overlay.dtype == np.uint8
+        assert 0 <= e.prob_parasitized <= 1 and e.ms > 0
+        assert e.map_size == (8, 8)
+    assert np.isfinite(exps[0].road) and np.isfinite(exps[0].keep_drop)
+
+
+def test_target_class_changes_the_map(tiny, cells):
+    loaded, net = tiny
+    image = next(iter(cells.values()))
+    a = explain(loaded, [image], method="gradcam", target="parasitized", net=net)[0]
+    b = explain(loaded, [image], method="gradcam", target="uninfected", net=net)[0]
+    assert (a.target, b.target) == ("Parasitized", "Uninfected")
+    assert not np.allclose(a.heatmap, b.heatmap, atol=1e-3)
+
+
+def test_layer_choice_changes_the_resolution(tiny, cells):
+    loaded, net = tiny
+    image = next(iter(cells.values()))
+    coarse = explain(loaded, [image], method="layercam", layer="features.18", net=net)[0]
+    fine = explain(loaded, [image], method="layercam", layer="features.6", net=net)[0]
+    assert coarse.map_size == (4, 4) and fine.map_size == (16, 16)
+    assert not np.allclose(coarse.heatmap, fine.heatmap, atol=1e-3)
+    with pytest.raises(ValueError, match="unknown layer"):
+        explain(loaded, [image], layer="classifier.1", net=net)
+
+
+def test_works_with_frozen_weights_inside_no_grad_and_keeps_the_model_unchanged(tiny, cells):
+    loaded, _ = tiny
+    for p in loaded.model.parameters():
+        p.requires_grad_(False)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    with torch.no_grad():
+        e = explain(loaded, list(cells.values())[:2], method="gradcam++")  # in-place ReLU6 too
+    assert all(np.isfinite(x.heatmap).all() for x in e)
+    assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())
+
+
+def _rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def test_hooks_are_released_and_memory_stays_flat_over_1000_explanations(tiny, cells):
+    loaded, net = tiny
+    image = np.asarray(Image.fromarray(next(iter(cells.values()))).resize((64, 64)))
+    for _ in range(50):
+        explain(loaded, [image], method="gradcam", faithfulness=False, net=net)
+    start = _rss_mb()
+    for _ in range(1000):
+        explain(loaded, [image], method="gradcam", faithfulness=False, net=net)
+    growth = _rss_mb() - start
+    assert growth < 40, f"RSS grew {growth:.0f} MB over 1000 explanations"
+    assert all(not m._forward_hooks and not m._backward_hooks for m in net.modules())
+
+
+@pytest.mark.skipif(not (DEFAULT_WEIGHTS / "card.json").is_file(), reason="no shipped model")
+def test_parasitized_cells_peak_on_the_cell_not_the_background(cells_dir):
+    loaded = load_model(DEFAULT_WEIGHTS)
+    net = explainable(loaded)
+    images = [decode_image(p.read_bytes()) for p in sorted((cells_dir / "Parasitized").glob("*"))]
+    exps = explain(loaded, images, method="gradcam", target="parasitized", layer="features.13",
+                   faithfulness=False, net=net)
+    on_cell = []
+    for im, e in zip(images, exps):
+        r, c = np.unravel_index(np.argmax(e.heatmap), e.heatmap.shape)
+        on_cell.append(int(im[r, c].sum()) > 60)  # NIH crops have a black background
+    assert all(on_cell), f"{on_cell.count(False)} of {len(on_cell)} maps peak on the background"
+
+
+def test_grid_and_overlay(tiny, cells):
+    loaded, net = tiny
+    image = next(iter(cells.values()))
+    exps = [explain(loaded, [image], method=m, net=net, faithfulness=False)[0]
+            for m in ("gradcam", "eigencam")]
+    g = grid(image, exps, cell=64)
+    assert g.size == (64 * 3, 64 + 18)
+    assert overlay(image, exps[0].heatmap, opacity=0.0).shape == image.shape
+    with pytest.raises(ValueError):
+        overlay(image, exps[0].heatmap, opacity=2)

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.model_selection import StratifiedGroupKFold
+
+import core.study
+from core.data import labelled_samples
+from core.study import MOBILENET_V2_STAGES, extract_features, study_layers
+
+EXPECTED_DIMS = {"block1_16ch": 16, "block2_24ch": 24, "block3_32ch": 32, "block4_64ch": 64,
+                 "block5_96ch": 96, "block6_160ch": 160, "block7_320ch": 320,
+                 "last_conv_1280ch": 1280}
+
+
+def test_features_have_the_expected_size_per_layer_and_resume_from_cache(cells_dir, tmp_path,
+                                                                         monkeypatch):
+    samples, sources = labelled_samples([cells_dir])
+    feats = extract_features(samples, sources, tmp_path, progress=False)
+    assert set(feats) == set(MOBILENET_V2_STAGES)
+    for name, x in feats.items():
+        assert x.shape == (len(samples), EXPECTED_DIMS[name]) and np.isfinite(x).all()
+
+    def no_decoding(*a, **k):
+        raise AssertionError("features were recomputed instead of read from the cache")
+
+    monkeypatch.setattr(core.study, "load_array", no_decoding)
+    again = extract_features(samples, sources, tmp_path, progress=False)
+    assert all(np.array_equal(again[k], feats[k]) for k in feats)
+
+
+def test_grouped_folds_never_share_a_case(cells_dir):
+    samples, _ = labelled_samples([cells_dir])
+    y = np.array([s.label for s in samples])
+    groups = np.array([s.case_id for s in samples])
+    for train_idx, test_idx in StratifiedGroupKFold(3, shuffle=True, random_state=0).split(
+            np.zeros(len(y)), y, groups):
+        assert not set(groups[train_idx]) & set(groups[test_idx])
+
+
+def test_layer_table_has_every_column(cells_dir, tmp_path):
+    table = study_layers([cells_dir], tmp_path, folds=3, progress=False)
+    assert list(table["layer"]) == list(MOBILENET_V2_STAGES)
+    for col in ("features", "accuracy", "accuracy_std", "auc", "auc_std", "sensitivity",
+                "specificity", "f1", "mcc", "seconds"):
+        assert col in table.columns
+    on_disk = pd.read_csv(tmp_path / "layers.csv")
+    assert len(on_disk) == len(MOBILENET_V2_STAGES)
+    assert on_disk["accuracy"].between(0, 1).all()
+    import json
+    info = json.loads((tmp_path / "layers.json").read_text())
+    assert info["best_layer"] in MOBILENET_V2_STAGES
+    assert 0 <= info["cell_level_split"]["accuracy"] <= 1
+    assert info["best_accuracy"] == pytest.approx(table["accuracy"].max())
