@@ -62,7 +62,12 @@ def read_card(folder: Path | str) -> dict:
     path = Path(folder) / CARD_FILE
     if not path.is_file():
         raise WeightsError(f"no {CARD_FILE} in {folder}: not a model folder")
-    return json.loads(path.read_text())
+    try:
+        card = json.loads(path.read_text())
+        ModelContract.from_json(card["contract"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise WeightsError(f"{path} is not a valid model card ({exc!r})") from None
+    return card
 
 
 def verified_weights(folder: Path | str) -> tuple[dict, Path, str]:
@@ -71,7 +76,10 @@ def verified_weights(folder: Path | str) -> tuple[dict, Path, str]:
     Raises WeightsError if the card or weights are missing or the sha256 differs.
     """
     card = read_card(folder)
-    weights = Path(folder) / card.get("weights_file", WEIGHTS_FILE)
+    name = card.get("weights_file", WEIGHTS_FILE)
+    if Path(name).name != name:
+        raise WeightsError(f"the card's weights_file {name!r} must be a file name in {folder}")
+    weights = Path(folder) / name
     if not weights.is_file():
         raise WeightsError(f"weights file {weights} is missing")
     digest = sha256_file(weights)
@@ -83,7 +91,7 @@ def verified_weights(folder: Path | str) -> tuple[dict, Path, str]:
 
 
 def find_models(*roots: Path) -> list[Path]:
-    """Model folders (holding a card.json) directly in or one level under ``roots``, sorted."""
+    """Model folders (holding a card.json) in ``roots`` or up to two levels under, sorted."""
     found: set[Path] = set()
     for root in roots:
         if not root.is_dir():

@@ -7,11 +7,13 @@ The slide case (one case = one patient) is parsed from the file name: ``C100P61T
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
 import os
 import re
+import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +28,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".
 # Image files we recognise but do not accept: they get an error row instead of being skipped.
 UNSUPPORTED_SUFFIXES = frozenset({".gif", ".heic", ".heif", ".svg", ".jp2", ".ico", ".psd",
                                   ".dng", ".raw", ".avif"})
+MAX_MEMBER_BYTES = 64 * 2**20  # a cell image is ~15 kB; a nested zip is read into memory
 # Refuse images above this many pixels before decoding: a cell crop is ~200x200; 40 Mpx is a
 # whole slide photo already, and guards against decompression bombs.
 MAX_PIXELS = 40_000_000
@@ -45,22 +48,32 @@ class DataError(ValueError):
     """A data set that cannot be used as asked (no images, one class only, too few cases)."""
 
 
+def as_posix(key: str) -> PurePosixPath:
+    """A source key as one POSIX path: zip separators and backslashes become ``/``."""
+    return PurePosixPath(key.replace("\\", "/").replace(ZIP_SEP, "/"))
+
+
 def case_id(name: str) -> str:
     """Case id parsed from a file name: ``C100P61ThinF_IMG_x_cell_1.png`` -> ``C100``.
 
     Names that do not start with ``C<digits>`` get their own group, ``?<stem>``, so an
     unparsed image is never silently merged with a patient.
     """
-    base = PurePosixPath(name.replace("\\", "/")).name
+    base = as_posix(name).name
     m = _CASE_RE.match(base)
     if m:
         return f"C{int(m.group(1))}"
     return f"?{PurePosixPath(base).stem}"
 
 
+def predicted_class(prob: float, threshold: float) -> str:
+    """The class called for P(Parasitized) = ``prob`` at ``threshold`` (ties go to Parasitized)."""
+    return CLASSES[0] if prob >= threshold else CLASSES[1]
+
+
 def label_from_path(path: str) -> str | None:
     """``Parasitized`` or ``Uninfected`` from the nearest parent folder so named, else None."""
-    parts = PurePosixPath(path.replace("\\", "/").replace(ZIP_SEP, "/")).parts[:-1]
+    parts = as_posix(path).parts[:-1]
     lowered = {c.lower(): c for c in CLASSES}
     for part in reversed(parts):
         if part.lower() in lowered:
@@ -103,10 +116,19 @@ def _unsupported(path: str) -> ImageSource:
 def _open_zip(data: Path | io.BytesIO, path: str, *, depth: int = 0) -> Iterator[ImageSource]:
     try:
         zf = zipfile.ZipFile(data)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except Exception as exc:  # BadZipFile, OSError, bad name encodings, ...: one error row
         yield _error_source(path, f"not a readable zip archive: {exc}")
         return
     yield from _zip_sources(zf, path, depth=depth)
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    if info.file_size > MAX_MEMBER_BYTES:
+        raise ImageError(f"zip member is {info.file_size / 2**20:.0f} MiB; refusing to read it")
+    try:
+        return zf.read(info)
+    except Exception as exc:  # bad CRC, corrupt deflate stream, encryption
+        raise ImageError(f"cannot read zip member: {exc}") from None
 
 
 def _zip_sources(zf: zipfile.ZipFile, prefix: str, *, depth: int = 0) -> Iterator[ImageSource]:
@@ -120,7 +142,12 @@ def _zip_sources(zf: zipfile.ZipFile, prefix: str, *, depth: int = 0) -> Iterato
         path = f"{prefix}{ZIP_SEP}{name}"
         suffix = PurePosixPath(name).suffix.lower()
         if suffix == ".zip" and depth < 1:
-            yield from _open_zip(io.BytesIO(zf.read(info)), path, depth=depth + 1)
+            try:
+                inner = io.BytesIO(_read_member(zf, info))
+            except ImageError as exc:
+                yield _error_source(path, str(exc))
+                continue
+            yield from _open_zip(inner, path, depth=depth + 1)
         elif suffix in IMAGE_SUFFIXES:
             yield ImageSource(path, _member_reader(zf, info))
         elif suffix in UNSUPPORTED_SUFFIXES:
@@ -128,10 +155,15 @@ def _zip_sources(zf: zipfile.ZipFile, prefix: str, *, depth: int = 0) -> Iterato
 
 
 def _member_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], bytes]:
+    return lambda: _read_member(zf, info)
+
+
+def _file_reader(path: Path) -> Callable[[], bytes]:
     def read() -> bytes:
-        if info.file_size > 64 * 1024 * 1024:
-            raise ImageError(f"zip member is {info.file_size / 2**20:.0f} MiB; not a cell image")
-        return zf.read(info)
+        size = path.stat().st_size
+        if size > MAX_MEMBER_BYTES:
+            raise ImageError(f"file is {size / 2**20:.0f} MiB; not a cell image")
+        return path.read_bytes()
     return read
 
 
@@ -151,7 +183,7 @@ def iter_sources(inputs: Iterable[str | Path]) -> Iterator[ImageSource]:
             if root.suffix.lower() == ".zip":
                 yield from _open_zip(root, str(root))
             else:
-                yield ImageSource(str(root), root.read_bytes)
+                yield ImageSource(str(root), _file_reader(root))
             continue
         top = root.resolve()
         for path in sorted(root.rglob("*")):
@@ -164,7 +196,7 @@ def iter_sources(inputs: Iterable[str | Path]) -> Iterator[ImageSource]:
             if suffix == ".zip":
                 yield from _open_zip(path, str(path))
             elif suffix in IMAGE_SUFFIXES:
-                yield ImageSource(str(path), path.read_bytes)
+                yield ImageSource(str(path), _file_reader(path))
             elif suffix in UNSUPPORTED_SUFFIXES:
                 yield _unsupported(str(path))
 
@@ -172,24 +204,40 @@ def iter_sources(inputs: Iterable[str | Path]) -> Iterator[ImageSource]:
 def sources_from_uploads(items: Iterable[tuple[str, bytes]]) -> list[ImageSource]:
     """Sources for uploaded (name, bytes) pairs: zips are opened, any other file is an image.
 
-    A file that is neither a zip nor an accepted image type gets a source whose ``read``
-    raises ImageError, so it shows up as an error row.
+    Hidden files and ``__MACOSX`` entries are skipped, as are files without an image-like
+    suffix inside folders (READMEs); a lone upload of an unsupported type gets a source whose
+    ``read`` raises ImageError, so it shows up as an error row. Repeated names get ``#2``,
+    ``#3`` appended so that no result overwrites another.
     """
     out: list[ImageSource] = []
     for name, data in items:
+        parts = as_posix(name).parts
+        if _is_hidden(parts):
+            continue
         suffix = PurePosixPath(name).suffix.lower()
         if suffix == ".zip":
             out.extend(_open_zip(io.BytesIO(data), name))
         elif suffix in IMAGE_SUFFIXES:
             out.append(ImageSource(name, lambda data=data: data))
-        else:
+        elif len(parts) == 1 or suffix in UNSUPPORTED_SUFFIXES:
             out.append(_unsupported(name))
+    return unique_paths(out)
+
+
+def unique_paths(sources: Iterable[ImageSource]) -> list[ImageSource]:
+    """``sources`` with repeated paths renamed ``path#2``, ``path#3``, ... (order kept)."""
+    seen: dict[str, int] = {}
+    out = []
+    for src in sources:
+        n = seen.get(src.path, 0) + 1
+        seen[src.path] = n
+        out.append(src if n == 1 else ImageSource(f"{src.path}#{n}", src.read))
     return out
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_zip(path: str) -> zipfile.ZipFile:
-    return zipfile.ZipFile(path)
+def _cached_zip(path: str, mtime_ns: int, size: int) -> zipfile.ZipFile:
+    return zipfile.ZipFile(path)  # keyed by mtime and size: a replaced zip is reopened
 
 
 def open_source(key: str) -> ImageSource:
@@ -201,15 +249,16 @@ def open_source(key: str) -> ImageSource:
         path = Path(key)
         if not path.is_file():
             raise FileNotFoundError(f"{key} not found")
-        return ImageSource(key, path.read_bytes)
+        return ImageSource(key, _file_reader(path))
     if not Path(parts[0]).is_file():
         raise FileNotFoundError(f"{parts[0]} not found")
-    zf = _cached_zip(str(Path(parts[0]).resolve()))
+    st = Path(parts[0]).stat()
+    zf = _cached_zip(str(Path(parts[0]).resolve()), st.st_mtime_ns, st.st_size)
     try:
         for inner in parts[1:-1]:
-            zf = zipfile.ZipFile(io.BytesIO(zf.read(inner)))
+            zf = zipfile.ZipFile(io.BytesIO(_read_member(zf, zf.getinfo(inner))))
         info = zf.getinfo(parts[-1])
-    except KeyError:
+    except (KeyError, zipfile.BadZipFile, ImageError):
         raise FileNotFoundError(f"{key} not found in its zip") from None
     return ImageSource(key, _member_reader(zf, info))
 
@@ -234,6 +283,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> (size, size, 3), bilinear, aspect ratio not kept (as the NIH copy)."""
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
 def decode_image(data: bytes, *, size: int | None = None) -> np.ndarray:
     """Decode image bytes to RGB ``uint8`` of shape (H, W, 3), resized to (size, size) if given.
 
@@ -250,18 +306,27 @@ def decode_image(data: bytes, *, size: int | None = None) -> np.ndarray:
                 raise ImageError(f"image is {w}x{h} px, above the {MAX_PIXELS:,} px limit")
             if size and img.format == "JPEG":
                 img.draft("RGB", (size, size))  # decode JPEG at reduced scale: much faster
-            rgb = _to_rgb(img)
-            if size is not None and rgb.size != (size, size):
-                rgb = rgb.resize((size, size), Image.BILINEAR)
-            return np.asarray(rgb, dtype=np.uint8)
+            rgb = np.asarray(_to_rgb(img), dtype=np.uint8)
+            return rgb if size is None else resize_rgb(rgb, size)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image too large (decompression bomb guard): {exc}") from None
     except Image.UnidentifiedImageError:
         raise ImageError("not a readable image (unknown or unsupported format)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:  # PIL plugins raise OSError, SyntaxError, struct.error, ...
         raise ImageError(f"corrupt or truncated image: {exc}") from None
+
+
+def read_image(src: ImageSource, *, size: int | None = None) -> np.ndarray:
+    """Read and decode one source; any failure (I/O, zip, decoding) is an ImageError."""
+    try:
+        data = src.read()
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise ImageError(f"cannot read file: {exc}") from None
+    return decode_image(data, size=size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +423,7 @@ def load_array(sources: Sequence[ImageSource], *, size: int, workers: int | None
     """
     def one(src: ImageSource) -> np.ndarray:
         try:
-            return decode_image(src.read(), size=size)
+            return read_image(src, size=size)
         except ImageError as exc:
             raise ImageError(f"{src.path}: {exc}") from None
 
@@ -371,5 +436,20 @@ def load_array(sources: Sequence[ImageSource], *, size: int, workers: int | None
     return out
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` that replaces it only once the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: Path, obj: object) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")

@@ -33,7 +33,7 @@ from pytorch_grad_cam.utils.model_targets import (ClassifierOutputSoftmaxTarget,
 from torch import nn
 
 from core.contract import DEFAULT_WEIGHTS
-from core.data import ImageError, decode_image, iter_sources
+from core.data import ImageError, as_posix, iter_sources, predicted_class, read_image, resize_rgb
 from core.model import LoadedModel, load_model, normalize
 
 METHODS = {
@@ -111,7 +111,7 @@ def explain(loaded: LoadedModel, images: Sequence[np.ndarray], *, method: str = 
     out: list[Explanation] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        x = normalize(torch.from_numpy(np.stack([decode_resized(im, size) for im in chunk])), c)
+        x = normalize(torch.from_numpy(np.stack([resize_rgb(im, size) for im in chunk])), c)
         shapes: list[tuple[int, int]] = []
         probe = net.get_submodule(layer).register_forward_hook(
             lambda _m, _i, o: shapes.append(tuple(o.shape[-2:])))
@@ -121,15 +121,21 @@ def explain(loaded: LoadedModel, images: Sequence[np.ndarray], *, method: str = 
         finally:
             probe.remove()
         pos = probs[:, c.positive_index].tolist()
-        idx = [int(probs[i].argmax()) if target == "predicted" else
-               c.classes.index(target.capitalize()) for i in range(len(chunk))]
+        # "predicted" follows the model's decision threshold, as the scoring does
+        idx = [c.classes.index(predicted_class(p, c.threshold) if target == "predicted"
+                               else target.capitalize()) for p in pos]
         t0 = time.perf_counter()
-        with torch.enable_grad(), METHODS[method](model=net,
-                                                  target_layers=[net.get_submodule(layer)]) as cam:
+        # Not `with cam:` here: BaseCAM.__exit__ swallows IndexError, which would hide a failed
+        # map; the hooks are released in `finally` all the same.
+        cam = METHODS[method](model=net, target_layers=[net.get_submodule(layer)])
+        try:
             if method in SLOW_METHODS:
                 cam.batch_size = 64
-            maps = cam(input_tensor=x.clone().requires_grad_(True),
-                       targets=[ClassifierOutputTarget(i) for i in idx])
+            with torch.enable_grad():
+                maps = cam(input_tensor=x.clone().requires_grad_(True),
+                           targets=[ClassifierOutputTarget(i) for i in idx])
+        finally:
+            cam.activations_and_grads.release()
         ms = (time.perf_counter() - t0) * 1000 / len(chunk)
         maps = np.nan_to_num(maps, nan=0.0).astype(np.float32)
         road = keep = [float("nan")] * len(chunk)
@@ -143,13 +149,6 @@ def explain(loaded: LoadedModel, images: Sequence[np.ndarray], *, method: str = 
             out.append(Explanation(method, layer, c.classes[idx[i]], heat, shapes[0],
                                    overlay(im, heat), pos[i], float(np.ravel(road)[i]), float(keep[i]), ms))
     return out
-
-
-def decode_resized(image: np.ndarray, size: int) -> np.ndarray:
-    """RGB uint8 (H, W, 3) resized to (size, size, 3) like the scoring pipeline does."""
-    if image.shape[:2] == (size, size):
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
 
 def grid(image: np.ndarray, explanations: Sequence[Explanation], *, cell: int = 192) -> Image.Image:
@@ -184,14 +183,14 @@ def main(args: argparse.Namespace) -> int:
     rows, status = [], 0
     for n, src in enumerate(iter_sources(args.inputs)):
         try:
-            image = decode_image(src.read())
+            image = read_image(src)
         except ImageError as exc:
             rows.append({"path": src.path, "error": str(exc)})
             status = 1
             continue
         exps = [explain(loaded, [image], method=m, target=args.target, layer=args.layer,
                         faithfulness=not args.no_faithfulness, net=net)[0] for m in methods]
-        stem = f"{n:05d}_{Path(src.path.replace('!', '/')).stem}"
+        stem = f"{n:05d}_{as_posix(src.path).stem}"
         if len(exps) == 1:
             Image.fromarray(exps[0].overlay).save(args.out / f"{stem}_{exps[0].method}.png")
         else:

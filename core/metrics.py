@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import PurePosixPath
 
 import numpy as np
 import pandas as pd
 from scipy.stats import binomtest
+
+from core.data import as_posix
 from sklearn import metrics as skm
 
 
@@ -21,6 +22,10 @@ def binary_metrics(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | n
     """
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob, dtype=float)
+    if len(y) == 0:
+        return {"n": 0, **dict.fromkeys(("accuracy", "auc", "sensitivity", "specificity", "ppv",
+                                         "npv", "f1", "mcc"), math.nan),
+                "tp": 0, "fp": 0, "tn": 0, "fn": 0, "threshold": float(threshold)}
     pred = (p >= threshold).astype(int)
     tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
 
@@ -30,13 +35,13 @@ def binary_metrics(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | n
     both = len(np.unique(y)) == 2
     return {
         "n": int(len(y)),
-        "accuracy": float(skm.accuracy_score(y, pred)) if len(y) else math.nan,
+        "accuracy": float(skm.accuracy_score(y, pred)),
         "auc": float(skm.roc_auc_score(y, p)) if both else math.nan,
         "sensitivity": ratio(tp, tp + fn),
         "specificity": ratio(tn, tn + fp),
         "ppv": ratio(tp, tp + fp),
         "npv": ratio(tn, tn + fn),
-        "f1": float(skm.f1_score(y, pred, zero_division=np.nan)) if len(y) else math.nan,
+        "f1": float(skm.f1_score(y, pred, zero_division=np.nan)),
         "mcc": float(skm.matthews_corrcoef(y, pred)) if both else math.nan,
         "tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn),
         "threshold": float(threshold),
@@ -66,8 +71,7 @@ def group_of(path: str, group_by: str, case: str) -> str:
     """The summary group of one result: its case id, or its parent folder (zip members too)."""
     if group_by == "case":
         return case
-    parent = str(PurePosixPath(path.replace("\\", "/").replace("!", "/")).parent)
-    return parent
+    return str(as_posix(path).parent)
 
 
 def parasitemia_summary(results: pd.DataFrame, *, group_by: str = "case",

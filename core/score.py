@@ -15,6 +15,8 @@ Exit status: 0 every image scored; 1 some images gave error rows (all others are
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 import warnings
@@ -29,10 +31,10 @@ import numpy as np
 import pandas as pd
 
 from core.contract import DEFAULT_WEIGHTS, ModelContract, WeightsError, verified_weights
-from core.data import (CLASSES, ImageError, ImageSource, case_id, decode_image, iter_sources,
-                       label_from_path, sources_from_uploads)
+from core.data import (ImageError, ImageSource, atomic_path, case_id, iter_sources, label_from_path,
+                       predicted_class, read_image, sources_from_uploads, unique_paths, ZIP_SEP)
 from core.metrics import parasitemia_summary
-from core.store import RESULT_COLUMNS, ResultStore
+from core.store import RESULT_COLUMNS, ResultStore, StoreError
 
 ENGINES = ("onnx", "torch")
 CACHE_DIR = Path(os.environ.get("MALARIA_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
@@ -55,8 +57,29 @@ class Engine:
         raise NotImplementedError
 
 
-def onnx_path(sha256: str) -> Path:
-    return CACHE_DIR / "onnx" / f"{sha256}.onnx"
+_EXPORT_VERSION = 1  # bump when export_onnx changes what it writes
+
+
+def onnx_path(sha256: str, contract: ModelContract) -> Path:
+    """Cache path of the export for these weights and this contract (both are in the graph)."""
+    key = hashlib.sha256(json.dumps([sha256, contract.to_json(), _EXPORT_VERSION],
+                                    sort_keys=True).encode()).hexdigest()
+    return CACHE_DIR / "onnx" / f"{key}.onnx"
+
+
+def _cached_export(folder: Path, sha256: str, contract: ModelContract) -> bytes:
+    """The ONNX graph's bytes, exported once; a cached file whose hash differs from the one
+    recorded at export (changed by someone) is exported again, never run."""
+    path = onnx_path(sha256, contract)
+    digest = path.with_suffix(".sha256")
+    if path.is_file() and digest.is_file():
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() == digest.read_text().strip():
+            return data
+    export_onnx(folder, path)
+    data = path.read_bytes()
+    digest.write_text(hashlib.sha256(data).hexdigest())
+    return data
 
 
 def export_onnx(folder: Path, out: Path) -> Path:
@@ -80,9 +103,7 @@ def export_onnx(folder: Path, out: Path) -> Path:
             return logits.softmax(1)[:, loaded.contract.positive_index]
 
     size = loaded.contract.input_size
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    with warnings.catch_warnings():
+    with atomic_path(out) as tmp, warnings.catch_warnings():
         # the TorchScript exporter is deprecated but needs no extra package, and its tracer
         # warns about the contract's mean/std becoming constants, which is what we want
         warnings.simplefilter("ignore", (DeprecationWarning, torch.jit.TracerWarning))
@@ -90,7 +111,6 @@ def export_onnx(folder: Path, out: Path) -> Path:
                           str(tmp), input_names=["images"], output_names=["prob_parasitized"],
                           dynamic_axes={"images": {0: "n"}, "prob_parasitized": {0: "n"}},
                           opset_version=17, dynamo=False)
-    tmp.replace(out)  # atomic: a half-written file is never picked up from the cache
     return out
 
 
@@ -105,9 +125,7 @@ class OnnxEngine(Engine):
         self.folder = Path(folder)
         self.card, _, self.sha256 = verified_weights(self.folder)
         self.contract = ModelContract.from_json(self.card["contract"])
-        path = onnx_path(self.sha256)
-        if not path.is_file():
-            export_onnx(self.folder, path)
+        graph = _cached_export(self.folder, self.sha256, self.contract)
         opts = ort.SessionOptions()
         # One thread per session.run: the pipeline runs one batch per core in parallel, which
         # beats splitting each batch across cores.
@@ -115,7 +133,7 @@ class OnnxEngine(Engine):
         opts.inter_op_num_threads = 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"images": np.ascontiguousarray(images)})[0]
@@ -131,8 +149,8 @@ class TorchEngine(Engine):
 
         from core.model import load_model
 
-        if threads:
-            torch.set_num_threads(threads)
+        # the pipeline already runs one batch per core; more threads per batch oversubscribe
+        torch.set_num_threads(threads or 1)
         loaded = load_model(folder)
         self.model = loaded.model.to(memory_format=torch.channels_last)
         self.folder, self.card, self.sha256 = loaded.folder, loaded.card, loaded.sha256
@@ -171,12 +189,10 @@ def _decode_batch(sources: tuple[ImageSource, ...], size: int) -> _Decoded:
     images, ok, errors = [], [], {}
     for i, src in enumerate(sources):
         try:
-            images.append(decode_image(src.read(), size=size))
+            images.append(read_image(src, size=size))
             ok.append(i)
         except ImageError as exc:
             errors[i] = str(exc)
-        except (OSError, RuntimeError, EOFError) as exc:  # unreadable file, broken zip member
-            errors[i] = f"cannot read file: {exc}"
     arr = np.stack(images) if images else np.empty((0, size, size, 3), np.uint8)
     return _Decoded(sources, arr, tuple(ok), errors)
 
@@ -189,7 +205,7 @@ def _rows(decoded: _Decoded, prob: np.ndarray, threshold: float) -> list[dict]:
         rows.append({
             "path": src.path, "case_id": case_id(src.path), "label": label_from_path(src.path),
             "prob_parasitized": p,
-            "prediction": None if p is None else CLASSES[0] if p >= threshold else CLASSES[1],
+            "prediction": None if p is None else predicted_class(p, threshold),
             "error": decoded.errors.get(i),
         })
     return rows
@@ -215,8 +231,11 @@ def iter_scored(sources: Iterable[ImageSource], engine: Engine, *, threshold: fl
     threshold = engine.contract.threshold if threshold is None else threshold
     workers = workers or os.cpu_count() or 1
     it = iter(sources)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque = deque()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    pool = ThreadPoolExecutor(max_workers=workers)
+    pending: deque = deque()
+    try:
         while True:
             while len(pending) < 2 * workers:
                 chunk = tuple(islice(it, batch_size))
@@ -226,6 +245,8 @@ def iter_scored(sources: Iterable[ImageSource], engine: Engine, *, threshold: fl
             if not pending:
                 return
             yield pending.popleft().result()
+    finally:  # also on Ctrl-C or an abandoned generator: drop queued batches, don't wait
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def score_sources(sources: Sequence[ImageSource], engine: Engine, *,
@@ -267,10 +288,10 @@ def score_uploads(items: Iterable[tuple[str, bytes]], *, weights: Path | str = D
                          "PNG, JPEG, TIFF, BMP, WebP, and zips of them)")
     run_id = None
     if store is not None:
-        run_id = store.new_run(inputs=sorted({s.path.split("!")[0] for s in sources}),
+        run_id = store.new_run(inputs=sorted({s.path.split(ZIP_SEP)[0] for s in sources}),
                                weights=str(engine.folder), weights_sha256=engine.sha256,
                                threshold=engine.contract.threshold if threshold is None
-                               else threshold, engine=engine.name)
+                               else threshold, engine=engine.name, kind="upload")
         store.set_total(run_id, len(sources))
     df = score_sources(sources, engine, store=store, run_id=run_id, threshold=threshold,
                        progress=progress)
@@ -288,6 +309,13 @@ def screening_cutoff(card: dict) -> float:
 # Command line
 # ---------------------------------------------------------------------------------------------
 
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Score cell images (files, folders, zips) as Parasitized or Uninfected.",
@@ -304,7 +332,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_ID", help="score only what RUN_ID is missing")
     p.add_argument("--store", type=Path, help="result store (SQLite); default $MALARIA_STORE "
                    "or runs/results.sqlite")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -330,18 +358,18 @@ def main(args: argparse.Namespace) -> int:
                 if not args.inputs:
                     print("error: give at least one INPUT (or --resume RUN_ID)", file=sys.stderr)
                     return 2
-                inputs = [str(Path(i)) for i in args.inputs]
+                inputs = [str(Path(i).resolve()) for i in args.inputs]
                 engine = load_engine(args.weights, args.engine)
                 threshold = engine.contract.threshold if args.threshold is None else args.threshold
                 run_id = None
-            sources = list(iter_sources(inputs))
-        except (FileNotFoundError, WeightsError, ValueError) as exc:
+            sources = unique_paths(iter_sources(inputs))
+        except (FileNotFoundError, WeightsError, ValueError, StoreError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if run_id is None:
-            run_id = store.new_run(inputs=inputs, weights=str(engine.folder),
+            run_id = store.new_run(inputs=inputs, weights=str(engine.folder.resolve()),
                                    weights_sha256=engine.sha256, threshold=threshold,
-                                   engine=engine.name)
+                                   engine=engine.name, kind="files")
         store.set_total(run_id, len(sources))
         done = store.done_paths(run_id)
         todo = [s for s in sources if s.path not in done]

@@ -5,9 +5,11 @@ everything scored so far and can be resumed.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ CREATE TABLE IF NOT EXISTS runs (
     weights_sha256 TEXT NOT NULL,
     threshold REAL NOT NULL,
     engine TEXT NOT NULL,
+    kind TEXT NOT NULL,            -- "files" (paths on this disk) or "upload" (names only)
     total INTEGER                  -- images found when the run (re)started
 );
 CREATE TABLE IF NOT EXISTS results (
@@ -63,6 +66,7 @@ class RunInfo:
     weights_sha256: str
     threshold: float
     engine: str
+    kind: str
     total: int | None
 
 
@@ -70,17 +74,28 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _locked(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class ResultStore:
-    """A SQLite result store; safe to open from several processes (WAL journal)."""
+    """A SQLite result store; safe to open from several processes (WAL journal) and to share
+    between threads (one lock around the connection, as the dashboard's sessions do)."""
 
     def __init__(self, path: Path | str | None = None) -> None:
         self.path = Path(path) if path else default_store_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
 
+    @_locked
     def close(self) -> None:
         self._db.close()
 
@@ -90,34 +105,39 @@ class ResultStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @_locked
     def new_run(self, *, inputs: Sequence[str], weights: str, weights_sha256: str,
-                threshold: float, engine: str) -> str:
+                threshold: float, engine: str, kind: str = "files") -> str:
         run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         with self._db:
             self._db.execute(
                 "INSERT INTO runs (run_id, started, inputs, weights, weights_sha256, threshold, "
-                "engine) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "engine, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, _now(), json.dumps(list(inputs)), weights, weights_sha256,
-                 float(threshold), engine))
+                 float(threshold), engine, kind))
         return run_id
 
+    @_locked
     def run(self, run_id: str) -> RunInfo:
         row = self._db.execute("SELECT run_id, started, finished, inputs, weights, weights_sha256,"
-                               " threshold, engine, total FROM runs WHERE run_id = ?",
+                               " threshold, engine, kind, total FROM runs WHERE run_id = ?",
                                (run_id,)).fetchone()
         if row is None:
             raise StoreError(f"no run {run_id!r} in {self.path}")
         return RunInfo(row[0], row[1], row[2], tuple(json.loads(row[3])), *row[4:])
 
+    @_locked
     def set_total(self, run_id: str, total: int) -> None:
         with self._db:
             self._db.execute("UPDATE runs SET total = ?, finished = NULL WHERE run_id = ?",
                              (total, run_id))
 
+    @_locked
     def finish(self, run_id: str) -> None:
         with self._db:
             self._db.execute("UPDATE runs SET finished = ? WHERE run_id = ?", (_now(), run_id))
 
+    @_locked
     def add_results(self, run_id: str, rows: Iterable[dict]) -> None:
         """Insert (or replace) result rows with the RESULT_COLUMNS keys, in one transaction."""
         with self._db:
@@ -126,11 +146,13 @@ class ResultStore:
                 "prediction, error) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(run_id, *(r[c] for c in RESULT_COLUMNS)) for r in rows])
 
+    @_locked
     def done_paths(self, run_id: str) -> set[str]:
         """Paths of ``run_id`` already stored (scored or given an error row)."""
         return {p for (p,) in self._db.execute("SELECT path FROM results WHERE run_id = ?",
                                                (run_id,))}
 
+    @_locked
     def results(self, run_id: str) -> pd.DataFrame:
         self.run(run_id)
         return pd.read_sql_query(f"SELECT {', '.join(RESULT_COLUMNS)} FROM results "
@@ -139,12 +161,22 @@ class ResultStore:
     def iter_results(self, run_id: str, *, chunksize: int = 10_000) -> Iterator[pd.DataFrame]:
         """The run's results in chunks, for exports that must not hold everything in memory."""
         self.run(run_id)
-        yield from pd.read_sql_query(f"SELECT {', '.join(RESULT_COLUMNS)} FROM results "
-                                     "WHERE run_id = ? ORDER BY path", self._db,
-                                     params=(run_id,), chunksize=chunksize)
+        offset = 0
+        while True:
+            with self._lock:
+                chunk = pd.read_sql_query(
+                    f"SELECT {', '.join(RESULT_COLUMNS)} FROM results WHERE run_id = ? "
+                    "ORDER BY path LIMIT ? OFFSET ?", self._db, params=(run_id, chunksize, offset))
+            if chunk.empty:
+                return
+            yield chunk
+            offset += len(chunk)
 
     def export_csv(self, run_id: str, out: Path) -> int:
-        """Write the run's results to ``out`` as CSV; return the number of rows."""
+        """Write the run's results to ``out`` as CSV; return the number of rows.
+
+        Raises StoreError (before touching ``out``) for an unknown run."""
+        self.run(run_id)
         n = 0
         with open(out, "w", newline="") as f:
             for i, chunk in enumerate(self.iter_results(run_id)):
@@ -154,11 +186,12 @@ class ResultStore:
                 f.write(",".join(RESULT_COLUMNS) + "\n")
         return n
 
+    @_locked
     def list_runs(self) -> pd.DataFrame:
         """One row per run, newest first: ids, dates, inputs, counts and weights."""
         return pd.read_sql_query(
             "SELECT r.run_id, r.started, r.finished, r.inputs, r.weights, r.weights_sha256, "
-            "r.threshold, r.engine, r.total, COUNT(x.path) AS stored, "
+            "r.threshold, r.engine, r.kind, r.total, COUNT(x.path) AS stored, "
             "SUM(x.error IS NOT NULL) AS errors, SUM(x.prediction = 'Parasitized') AS parasitized "
             "FROM runs r LEFT JOIN results x ON x.run_id = r.run_id "
             "GROUP BY r.run_id ORDER BY r.started DESC, r.run_id DESC", self._db)

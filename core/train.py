@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from core.data import (CLASSES, Sample, Split, labelled_samples, load_array, split_by_case,
-                       write_json)
+from core.data import (CLASSES, Sample, Split, atomic_path, labelled_samples, load_array,
+                       split_by_case, write_json)
 from core.lr_find import lr_range_test
 from core.metrics import binary_metrics, screening_calibration
 from core.model import (ModelContract, build_model, default_contract, freeze_features, normalize,
@@ -239,6 +239,7 @@ def main(args: argparse.Namespace) -> dict:
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
         gen.set_state(ckpt["gen"])
+        torch.set_rng_state(ckpt["torch_rng"])  # dropout draws from the global generator
         history = pd.read_csv(out / "history.csv").to_dict("records")[:int(ckpt["epoch"])]
         best_loss, start_epoch = float(ckpt["best_loss"]), int(ckpt["epoch"])
         print(f"resuming after epoch {start_epoch}")
@@ -275,14 +276,16 @@ def main(args: argparse.Namespace) -> dict:
                "train_img_per_s": seen / train_seconds}
         history.append(row)
         pd.DataFrame(history).to_csv(out / "history.csv", index=False)
-        if val_loss < best_loss:
-            best_loss = val_loss
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                      str(out / "best.safetensors"))
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                    "sched": sched.state_dict(), "gen": gen.get_state(), "epoch": epoch + 1,
-                    "best_loss": best_loss, "config": asdict(cfg), "split": data.split.to_json()},
-                   ckpt_path)
+        if val_loss < best_loss or not (out / "best.safetensors").is_file():
+            best_loss = min(best_loss, val_loss)
+            with atomic_path(out / "best.safetensors") as tmp:
+                save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        with atomic_path(ckpt_path) as tmp:  # an interrupt mid-write keeps the last checkpoint
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                        "sched": sched.state_dict(), "gen": gen.get_state(),
+                        "torch_rng": torch.get_rng_state(), "epoch": epoch + 1,
+                        "best_loss": best_loss, "config": asdict(cfg),
+                        "split": data.split.to_json()}, tmp)
         print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, "
               f"val acc {vm['accuracy']:.4f}, val AUC {vm['auc']:.4f}, {row['seconds']:.0f} s",
               flush=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import streamlit as st
 from PIL import Image
 
 from core.contract import DEFAULT_WEIGHTS, WeightsError, find_models, verified_weights
-from core.data import ImageError, ImageSource, decode_image, open_source, sources_from_uploads
+from core.data import ImageError, ImageSource, open_source, read_image, sources_from_uploads
 from core.store import ResultStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +30,7 @@ def init_state() -> None:
         "model_folder": str(DEFAULT_WEIGHTS),
         "results": None,  # DataFrame of the scoring on show
         "run_id": None,  # its run in the result store
+        "run_on_disk": False,  # its paths are files of this machine (a CLI run)
         "sources": {},  # path -> ImageSource for thumbnails and Explain
         "pending_items": None,  # (name, bytes) handed over from Home to Score
         "explain_item": None,  # (name, bytes) handed over to Explain
@@ -101,12 +103,20 @@ def engine(folder: str, sha256: str):
 
 
 @st.cache_resource(show_spinner="Preparing the explainer…", max_entries=2)
-def explainer(folder: str, sha256: str):
-    """(LoadedModel, hook-safe network) for Grad-CAM, one per weights hash."""
+def _explainer(folder: str, sha256: str):
     from core.explain import explainable
     from core.model import load_model
     loaded = load_model(folder)
-    return loaded, explainable(loaded)
+    return loaded, explainable(loaded), threading.Lock()
+
+
+def explain(folder: str, sha256: str, images, **options):
+    """core.explain.explain on the cached network; sessions take turns, since CAM hooks on a
+    shared network would mix their activations."""
+    from core.explain import explain as run
+    loaded, net, lock = _explainer(folder, sha256)
+    with lock:
+        return run(loaded, images, net=net, **options)
 
 
 @st.cache_resource
@@ -157,11 +167,18 @@ def score(items: Sequence[tuple[str, bytes]]) -> tuple[pd.DataFrame, str]:
     return _score_cached(items_key(items), str(folder), sha, list(items))
 
 
-def thumbnail(path: str, sources: dict[str, ImageSource], *, size: int = 48) -> str | None:
-    """A small PNG data URL for a table cell, or None if the image cannot be read."""
+def thumbnail(path: str, sources: dict[str, ImageSource], *, on_disk: bool,
+              size: int = 48) -> str | None:
+    """A small PNG data URL for a table cell, or None if the image cannot be read.
+
+    ``on_disk``: the run scored files of this machine (CLI), so a path missing from
+    ``sources`` may be read from disk; upload names are never looked up on disk.
+    """
     try:
-        source = sources.get(path) or open_source(path)
-        img = Image.fromarray(decode_image(source.read(), size=size))
+        source = sources.get(path) or (open_source(path) if on_disk else None)
+        if source is None:
+            return None
+        img = Image.fromarray(read_image(source, size=size))
     except (ImageError, OSError):  # gone from disk, or the error row itself
         return None
     buf = io.BytesIO()

@@ -33,11 +33,11 @@ def server(tmp_path_factory):
     port = _free_port()
     env = {**os.environ, "MALARIA_STORE": str(tmp_path_factory.mktemp("store") / "s.sqlite"),
            "MALARIA_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"),
          "--server.port", str(port), "--server.address", "127.0.0.1",
-         "--server.headless", "true"], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+         "--server.headless", "true"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -48,10 +48,15 @@ def server(tmp_path_factory):
             time.sleep(0.5)
     else:
         proc.kill()
-        pytest.fail("streamlit did not start: " + proc.stdout.read().decode()[-2000:])
+        log.seek(0)
+        pytest.fail("streamlit did not start: " + log.read()[-2000:])
     yield url
     proc.terminate()
-    proc.wait(timeout=20)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +98,17 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     time.sleep(2)
     page.screenshot(path=str(SHOTS / "score.png"), full_page=True)
     assert float(slider.get_attribute("aria-valuenow")) > float(before)
+    assert page.get_by_text("Download cells (CSV)").count() == 1
+    assert page.get_by_text("Traceback").count() == 0
 
     page.get_by_role("link", name="Evaluate").click()
     page.get_by_text("Confusion matrix").wait_for()
     page.get_by_text("Per patient").wait_for()
     time.sleep(2)
     page.screenshot(path=str(SHOTS / "evaluate.png"), full_page=True)
-    assert page.get_by_text("accuracy").count() >= 1
+    main = page.locator("section.stMain, [data-testid=stMain]").first
+    assert main.get_by_text("specificity").count() >= 1  # the metrics table
+    assert main.get_by_text("ROC (AUC").count() >= 1
 
     page.get_by_role("link", name="Home").click()
     page.get_by_role("button", name="Explain").first.click()  # a sample cell, straight in
@@ -113,3 +122,9 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     page.get_by_text("Learning-rate range test").wait_for()
     time.sleep(2)
     page.screenshot(path=str(SHOTS / "training.png"), full_page=True)
+    assert page.get_by_text("suggested").count() >= 1  # the LR test's marked suggestion
+
+    page.get_by_role("link", name="Study").click()
+    page.get_by_text("Study: which features, which model").wait_for()
+    time.sleep(2)
+    page.screenshot(path=str(SHOTS / "study.png"), full_page=True)

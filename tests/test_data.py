@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.data import (CLASSES, MAX_PIXELS, DataError, ImageError, case_id, decode_image,
+from core.data import (MAX_PIXELS, DataError, ImageError, case_id, decode_image,
                        iter_sources, label_from_path, labelled_samples, sources_from_uploads,
                        split_by_case)
 
@@ -200,10 +200,12 @@ def test_uploads_expand_zips_and_flag_other_files():
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("Parasitized/C3_x.png", _png())
     sources = sources_from_uploads([("a.png", _png()), ("b.zip", buf.getvalue()),
-                                    ("c.txt", b"x"), ("d.zip", b"not a zip")])
-    assert [s.path for s in sources] == ["a.png", "b.zip!Parasitized/C3_x.png", "c.txt", "d.zip"]
+                                    ("c.txt", b"x"), ("d.zip", b"not a zip"),
+                                    ("dir/.DS_Store", b"junk"), ("dir/readme.txt", b"hi"),
+                                    ("a.png", _png())])
+    assert [s.path for s in sources] == ["a.png", "b.zip!Parasitized/C3_x.png", "c.txt", "d.zip",
+                                         "a.png#2"]
     assert decode_image(sources[1].read()).shape == (16, 16, 3)
-    for bad in sources[2:]:
+    for bad in sources[2:4]:
         with pytest.raises(ImageError):
             bad.read()
-    assert CLASSES == ("Parasitized", "Uninfected")

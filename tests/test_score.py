@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import zipfile
 
@@ -86,23 +87,26 @@ def test_bad_files_are_error_rows_and_everything_else_is_scored(cells_dir, tiny_
 def test_interrupted_run_keeps_results_and_resume_scores_only_the_rest(
         cells_dir, tiny_model, tmp_path, monkeypatch):
     store_path = tmp_path / "s.sqlite"
-    calls = []
+    paths = [s.path for s in iter_sources([cells_dir.resolve()])]
+    fatal = paths[16]  # the first image of the third batch of 8
     real = core.score.OnnxEngine.__call__
+    real_decode = core.score._decode_batch
 
-    def flaky(self, images):
-        calls.append(len(images))
-        if len(calls) == 3:
+    def decode_and_die(sources, size):
+        if any(s.path == fatal for s in sources):
             raise KeyboardInterrupt
-        return real(self, images)
+        return real_decode(sources, size)
 
-    monkeypatch.setattr(core.score.OnnxEngine, "__call__", flaky)
+    monkeypatch.setattr(core.score, "_decode_batch", decode_and_die)
     rc = _cli(cells_dir, "--weights", tiny_model, "--store", store_path, "--no-progress",
               "--batch-size", "8")
     assert rc == 130
     with ResultStore(store_path) as store:
         run = store.list_runs().iloc[0]
-        assert run["stored"] == 16 and run["finished"] is None
+        assert run["stored"] == 16 and run["finished"] is None  # batches 1 and 2, in order
         first = store.results(run["run_id"]).set_index("path")
+    assert set(first.index) == set(paths[:16])
+    monkeypatch.setattr(core.score, "_decode_batch", real_decode)
     counted = []
 
     def counting(self, images):
@@ -125,9 +129,34 @@ def test_interrupted_run_keeps_results_and_resume_scores_only_the_rest(
         assert store.export_csv(run["run_id"], tmp_path / "again.csv") == n
 
 
-def test_missing_input_and_bad_weights_exit_2(tmp_path, tiny_model, cells_dir):
+def test_missing_input_bad_weights_and_unknown_run_exit_2(tmp_path, tiny_model, cells_dir):
     assert _cli(tmp_path / "nope", "--weights", tiny_model, "--store", tmp_path / "s") == 2
     assert _cli(cells_dir, "--weights", tmp_path, "--store", tmp_path / "s") == 2
+    assert _cli("--resume", "no-such-run", "--store", tmp_path / "s") == 2
+    with pytest.raises(SystemExit):
+        _cli(cells_dir, "--batch-size", "0")
+
+
+def test_zip_root_members_and_corrupt_members(cells_dir, tiny_model, tmp_path):
+    files = sorted(cells_dir.rglob("*.png"))[:3]
+    path = tmp_path / "flat.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in files:
+            z.write(f, f.name)  # at the zip's root, no folders
+    data = bytearray(path.read_bytes())
+    # flip a byte inside the last member's compressed data: its CRC check must fail
+    with zipfile.ZipFile(path) as z:
+        info = z.infolist()[-1]
+        start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    data[start + info.compress_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    out = tmp_path / "r.csv"
+    rc = _cli(path, "--weights", tiny_model, "--out", out, "--store", tmp_path / "s.sqlite",
+              "--no-progress")
+    df = pd.read_csv(out)
+    assert rc == 1 and len(df) == 3
+    assert list(df["case_id"]) == [re.match(r"C\d+", f.name).group() for f in files]
+    assert df["error"].notna().sum() == 1 and df["prob_parasitized"].notna().sum() == 2
 
 
 def test_score_uploads_reports_progress_and_expands_zips(cells_dir, tiny_model, tmp_path):

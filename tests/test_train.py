@@ -43,6 +43,8 @@ def test_one_tiny_epoch_writes_history_card_weights_and_predictions(cells_dir, t
 
 
 def test_interrupted_training_resumes_where_it_stopped(cells_dir, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train.main(_train_args(cells_dir, straight, "--epochs", "2"))
     out = tmp_path / "run"
     real_evaluate, calls = core.train.evaluate, []
 
@@ -58,8 +60,11 @@ def test_interrupted_training_resumes_where_it_stopped(cells_dir, tmp_path, monk
     assert len(pd.read_csv(out / "history.csv")) == 1
     monkeypatch.setattr(core.train, "evaluate", real_evaluate)
     train.main(_train_args(cells_dir, out, "--epochs", "2", "--resume"))
-    history = pd.read_csv(out / "history.csv")
-    assert history["epoch"].tolist() == [1, 2]
+    resumed, reference = pd.read_csv(out / "history.csv"), pd.read_csv(straight / "history.csv")
+    assert resumed["epoch"].tolist() == [1, 2]
+    # same optimiser, schedule and random state: the resumed epoch 2 is the uninterrupted one
+    for col in ("train_loss", "val_loss", "lr"):
+        assert resumed[col].tolist() == pytest.approx(reference[col].tolist(), rel=1e-4)
 
 
 def test_lr_range_test_leaves_weights_untouched(tmp_path):
@@ -80,7 +85,6 @@ def test_lr_range_test_leaves_weights_untouched(tmp_path):
     assert lrs[0] == pytest.approx(1e-7) and (np.diff(np.log(lrs)) > 0).all()
     ratios = lrs[1:] / lrs[:-1]
     assert np.allclose(ratios, ratios[0])  # exponential growth per batch
-    assert lrs[0] <= result.suggested_lr <= lrs[-1]
     result.save(tmp_path)
     curve = pd.read_csv(tmp_path / "lr_find.csv")
     assert list(curve.columns) == ["lr", "loss", "smoothed_loss"] and len(curve) == len(lrs)
@@ -98,5 +102,6 @@ def test_suggestion_is_the_steepest_descent():
 def test_lr_find_cli(cells_dir, tmp_path):
     args = lr_find.get_args_parser().parse_args(
         ["--data", str(cells_dir), "--out", str(tmp_path), "--steps", "12", "--batch-size", "8"])
-    result = lr_find.main(args)
-    assert (tmp_path / "lr_find.csv").is_file() and result.suggested_lr > 0
+    lr_find.main(args)
+    curve = pd.read_csv(tmp_path / "lr_find.csv")
+    assert 2 <= len(curve) <= 12 and curve["lr"].iloc[0] == pytest.approx(1e-7)

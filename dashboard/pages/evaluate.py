@@ -3,8 +3,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.data import CLASSES, ImageError, decode_image, open_source
-from core.explain import explain, overlay
+from core.data import CLASSES, ImageError, open_source, predicted_class, read_image
+from core.explain import overlay
 from core.metrics import binary_metrics, curves
 from dashboard import ui
 
@@ -46,7 +46,7 @@ p = preds["prob_parasitized"].to_numpy()
 threshold = st.slider("Decision threshold on P(Parasitized)", 0.0, 1.0,
                       float(card["contract"]["threshold"]), 0.01)
 m = binary_metrics(y, p, threshold=threshold)
-pred_label = np.where(p >= threshold, CLASSES[0], CLASSES[1])
+pred_label = np.array([predicted_class(v, threshold) for v in p])
 
 left, right = st.columns([1, 1])
 with left:
@@ -79,17 +79,16 @@ if points:
     cell = cell.sort_values("distance", ascending=False).head(12)
     st.subheader(f"True {true_cls}, predicted {pred_cls}: {int(mask.sum())} cells")
     st.caption("The most confident 12, each with its Grad-CAM map for the predicted class.")
-    loaded, net = ui.explainer(str(folder), sha)
     images, names = [], []
     for path in cell["path"]:
         try:
-            src = sources.get(path) or open_source(path)
-            images.append(decode_image(src.read()))
+            images.append(read_image(sources.get(path) or open_source(path)))
             names.append(path)
-        except (FileNotFoundError, ImageError) as exc:
+        except (OSError, ImageError) as exc:
             st.caption(f"{path.rsplit('/', 1)[-1]}: cannot show ({exc})")
     if images:
-        exps = explain(loaded, images, method="gradcam", faithfulness=False, net=net)
+        exps = ui.explain(str(folder), sha, images, method="gradcam", faithfulness=False,
+                          target=pred_cls.lower())
         cols = st.columns(6)
         for i, (img, e, name) in enumerate(zip(images, exps, names)):
             with cols[i % 6]:

@@ -2,8 +2,8 @@ import hashlib
 
 import streamlit as st
 
-from core.data import ImageError, decode_image
-from core.explain import METHODS, SLOW_METHODS, TARGETS, explain, overlay
+from core.data import ImageError, decode_image, open_source
+from core.explain import METHODS, SLOW_METHODS, TARGETS, overlay
 from dashboard import ui
 
 st.title("Explain a prediction")
@@ -41,10 +41,20 @@ else:
     ok = results[results["error"].isna()]
     path = st.selectbox("Cell", ok["path"], format_func=lambda p: p.rsplit("/", 1)[-1])
     src = st.session_state["sources"].get(path)
+    if src is None and st.session_state["run_on_disk"]:
+        try:
+            src = open_source(path)
+        except OSError:
+            src = None
     if src is None:
-        st.warning("This run was reopened from the store: its images are not in memory.")
+        st.warning("This run's images are no longer available (an upload reopened from the "
+                   "store, or files moved).")
         st.stop()
-    item = (path, src.read())
+    try:
+        item = (path, src.read())
+    except (OSError, ImageError) as exc:
+        st.error(f"{path}: {exc}")
+        st.stop()
 
 if item is None:
     st.info("Pick a sample cell or upload one.")
@@ -72,8 +82,7 @@ if any(m in SLOW_METHODS for m in methods):
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def _explain(image_hash: str, method: str, target: str, layer: str, model_sha: str, _image):
-    loaded, net = ui.explainer(str(folder), model_sha)
-    e = explain(loaded, [_image], method=method, target=target, layer=layer, net=net)[0]
+    e = ui.explain(str(folder), model_sha, [_image], method=method, target=target, layer=layer)[0]
     return e.heatmap, e.prob_parasitized, e.target, e.road, e.keep_drop, e.ms
 
 

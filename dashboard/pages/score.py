@@ -4,7 +4,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.data import CLASSES
+from core.data import CLASSES, predicted_class
 from core.metrics import parasitemia_summary
 from core.score import screening_cutoff
 from dashboard import ui
@@ -29,7 +29,8 @@ if st.button("Score", type="primary", disabled=not items) or (pending and items 
     except ValueError as exc:  # no image in the upload
         st.error(str(exc))
         st.stop()
-    st.session_state.update(results=df, run_id=run_id, sources=ui.sources_for(items))
+    st.session_state.update(results=df, run_id=run_id, sources=ui.sources_for(items),
+                            run_on_disk=False)
 
 results: pd.DataFrame | None = st.session_state["results"]
 if results is None:
@@ -40,9 +41,8 @@ else:
                           float(card["contract"]["threshold"]), 0.01,
                           help="Cells at or above it are called Parasitized; moving it "
                                "re-labels every cell at once.")
-    shown = results.assign(prediction=[
-        None if pd.isna(p) else CLASSES[0] if p >= threshold else CLASSES[1]
-        for p in results["prob_parasitized"]])
+    shown = results.assign(prediction=[None if pd.isna(p) else predicted_class(p, threshold)
+                                       for p in results["prob_parasitized"]])
     n_err = int(shown["error"].notna().sum())
     n_par = int((shown["prediction"] == CLASSES[0]).sum())
     a, b, c = st.columns(3)
@@ -64,8 +64,10 @@ else:
                      & shown["prob_parasitized"].between(lo, hi)]
     sources = st.session_state["sources"]
     limit = 300
-    view = view.assign(thumb=[ui.thumbnail(p, sources) if i < limit else None
-                              for i, p in enumerate(view["path"])])
+    on_disk = st.session_state["run_on_disk"]
+    view = view.assign(thumb=[ui.thumbnail(p, sources, on_disk=on_disk)
+                              if i < limit and pd.isna(e) else None
+                              for i, (p, e) in enumerate(zip(view["path"], view["error"]))])
     st.dataframe(
         view[["thumb", "path", "case_id", "label", "prob_parasitized", "prediction", "error"]],
         hide_index=True, width="stretch", height=420,
@@ -119,5 +121,11 @@ else:
                        "weights_sha256", "engine"]], hide_index=True, width="stretch")
     pick = st.selectbox("Reopen a run", runs["run_id"])
     if st.button("Open run"):
-        st.session_state.update(results=ui.store().results(pick), run_id=pick, sources={})
+        info = ui.store().run(pick)
+        if info.weights_sha256 != sha:
+            st.warning(f"Run {pick} was scored with another model (sha256 "
+                       f"{info.weights_sha256[:10]}); the threshold and cutoff shown are the "
+                       "current model's.")
+        st.session_state.update(results=ui.store().results(pick), run_id=pick, sources={},
+                                run_on_disk=info.kind == "files")
         st.rerun()
