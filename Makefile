@@ -24,8 +24,16 @@ $(STAMP): requirements.txt Makefile
 run: setup
 	$(BIN)/streamlit run dashboard/app.py --server.address localhost --server.port $(PORT)
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
+
+# Debian's Chromium for the real-browser test (Playwright cannot download browsers here).
+# Without root or apt the test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is not installed and cannot be installed here: the browser test will skip"; fi; }
 
 bench: setup
 	$(BIN)/python -m bench --data $(DATA)

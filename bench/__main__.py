@@ -115,6 +115,33 @@ def engine_only(weights: Path, images: np.ndarray) -> dict[str, float]:
     return out
 
 
+def explain_timings(weights: Path, images: np.ndarray) -> list[dict]:
+    """ms per image of each CAM method, one image at a time and batched (maps only)."""
+    from core.explain import METHODS, SLOW_METHODS, explain, explainable
+    from core.model import load_model
+
+    loaded = load_model(weights)
+    net = explainable(loaded)
+    rows = []
+    for method in METHODS:
+        # perturbation methods cost the same per image at any batch size (one pass per
+        # channel per image); a batch of 4 shows that without minutes of waiting
+        big = 4 if method in SLOW_METHODS else 32
+        explain(loaded, list(images[:2]), method=method, faithfulness=False, net=net)  # warm-up
+        singles = 2 if method in SLOW_METHODS else 16
+        t0 = time.perf_counter()
+        for im in images[:singles]:
+            explain(loaded, [im], method=method, faithfulness=False, net=net)
+        one = (time.perf_counter() - t0) * 1000 / singles
+        t0 = time.perf_counter()
+        explain(loaded, list(images[:big]), method=method, faithfulness=False, net=net,
+                batch_size=big)
+        batched = (time.perf_counter() - t0) * 1000 / big
+        rows.append({"method": method, "ms_batch_1": one, "batch": big,
+                     "ms_batched": batched, "speed_up": one / batched})
+    return rows
+
+
 def flag_figures(results_csv: Path, summary_csv: Path) -> dict:
     from core.metrics import flag_performance
 
@@ -146,6 +173,7 @@ def main() -> None:
         images = np.stack([decode_image(f.read_bytes(), size=128) for f in files])
         eng = engine_only(args.weights, images)
         flag = flag_figures(rall["results"], rall["summary"])
+        cams = explain_timings(args.weights, images[:32])
 
     print("\n## Batch scoring (end to end: PNG files on disk -> CSV, process start included)")
     print(f"{'path':58s} {'images':>7s} {'img/s':>8s} {'x naive':>8s} {'peak RSS':>9s}")
@@ -158,6 +186,11 @@ def main() -> None:
     print("\n## Inference alone (decoded 128 px images, batch 64)")
     for name, rate in eng.items():
         print(f"{name:58s} {len(images):7d} {rate:8.0f} {rate / naive:8.1f}")
+    print("\n## Explanations (ms per image, map only, layer features.18)")
+    print(f"{'method':14s} {'batch 1':>9s} {'batched':>9s} {'batch':>6s} {'speed-up':>9s}")
+    for r in cams:
+        print(f"{r['method']:14s} {r['ms_batch_1']:9.1f} {r['ms_batched']:9.1f} {r['batch']:6d} "
+              f"{r['speed_up']:8.1f}x")
     print("\n## Screening flag on the development patients (all of them, training ones included)")
     print(f"infected patients flagged: {flag['sensitivity']:.3f} ({flag['infected_patients']}); "
           f"healthy patients not flagged: {flag['specificity']:.3f} ({flag['healthy_patients']})")

@@ -63,6 +63,18 @@ class Explanation:
     ms: float  # wall time per image of the map itself (faithfulness not included)
 
 
+class _PredictedTarget:
+    """The logit of the class the model calls at ``threshold``, decided from the same forward
+    pass the CAM differentiates (no extra pass to find the prediction first)."""
+
+    def __init__(self, positive: int, threshold: float) -> None:
+        self.positive, self.threshold = positive, threshold
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        p = float(logits.detach().softmax(-1)[self.positive])
+        return logits[self.positive if p >= self.threshold else 1 - self.positive]
+
+
 def explainable(loaded: LoadedModel) -> nn.Module:
     """A copy of the model safe for hooks: in-place activations (ReLU6) made out-of-place."""
     net = copy.deepcopy(loaded.model).eval()
@@ -112,19 +124,16 @@ def explain(loaded: LoadedModel, images: Sequence[np.ndarray], *, method: str = 
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         x = normalize(torch.from_numpy(np.stack([resize_rgb(im, size) for im in chunk])), c)
-        shapes: list[tuple[int, int]] = []
-        probe = net.get_submodule(layer).register_forward_hook(
-            lambda _m, _i, o: shapes.append(tuple(o.shape[-2:])))
-        try:
-            with torch.no_grad():
-                probs = net(x).softmax(1)
-        finally:
-            probe.remove()
-        pos = probs[:, c.positive_index].tolist()
-        # "predicted" follows the model's decision threshold, as the scoring does
-        idx = [c.classes.index(predicted_class(p, c.threshold) if target == "predicted"
-                               else target.capitalize()) for p in pos]
         t0 = time.perf_counter()
+        idx: list[int] | None = None
+        if target != "predicted":
+            idx = [c.classes.index(target.capitalize())] * len(chunk)
+        elif method in SLOW_METHODS:  # their targets score perturbed images: fix the class first
+            with torch.no_grad():
+                pos = net(x).softmax(1)[:, c.positive_index].tolist()
+            idx = [c.classes.index(predicted_class(p, c.threshold)) for p in pos]
+        targets = ([ClassifierOutputTarget(i) for i in idx] if idx is not None else
+                   [_PredictedTarget(c.positive_index, c.threshold)] * len(chunk))
         # Not `with cam:` here: BaseCAM.__exit__ swallows IndexError, which would hide a failed
         # map; the hooks are released in `finally` all the same.
         cam = METHODS[method](model=net, target_layers=[net.get_submodule(layer)])
@@ -132,22 +141,27 @@ def explain(loaded: LoadedModel, images: Sequence[np.ndarray], *, method: str = 
             if method in SLOW_METHODS:
                 cam.batch_size = 64
             with torch.enable_grad():
-                maps = cam(input_tensor=x.clone().requires_grad_(True),
-                           targets=[ClassifierOutputTarget(i) for i in idx])
+                maps = cam(input_tensor=x.clone().requires_grad_(True), targets=targets)
+            probs = cam.outputs.detach().softmax(1)  # the unperturbed forward pass's output
+            map_size = tuple(cam.activations_and_grads.activations[0].shape[-2:])
         finally:
             cam.activations_and_grads.release()
+        pos = probs[:, c.positive_index].tolist()
+        if idx is None:  # "predicted" follows the decision threshold, as the scoring does
+            idx = [c.classes.index(predicted_class(p, c.threshold)) for p in pos]
         ms = (time.perf_counter() - t0) * 1000 / len(chunk)
         maps = np.nan_to_num(maps, nan=0.0).astype(np.float32)
         road = keep = [float("nan")] * len(chunk)
         if faithfulness:
             soft = [ClassifierOutputSoftmaxTarget(i) for i in idx]
             with torch.no_grad():
-                road = ROADCombined(percentiles=list(ROAD_PERCENTILES))(x, maps, soft, net).tolist()
+                road = np.ravel(ROADCombined(percentiles=list(ROAD_PERCENTILES))(
+                    x, maps, soft, net)).tolist()
                 keep = (-CamMultImageConfidenceChange()(x, maps, soft, net)).ravel().tolist()
         for i, im in enumerate(chunk):
             heat = _resize_map(maps[i], (im.shape[1], im.shape[0]))
-            out.append(Explanation(method, layer, c.classes[idx[i]], heat, shapes[0],
-                                   overlay(im, heat), pos[i], float(np.ravel(road)[i]), float(keep[i]), ms))
+            out.append(Explanation(method, layer, c.classes[idx[i]], heat, map_size,
+                                   overlay(im, heat), pos[i], float(road[i]), float(keep[i]), ms))
     return out
 
 

@@ -152,6 +152,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "or 'auto' to run the LR range test first")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--colour-jitter", type=float, default=TrainConfig.colour_jitter,
+                   help="strength of the per-image stain/brightness/contrast/saturation jitter")
+    p.add_argument("--freeze", type=int, default=TrainConfig.freeze,
+                   help="leading feature modules kept at their ImageNet values (pretrained only)")
     p.add_argument("--no-pretrained", action="store_true", help="start from random weights")
     p.add_argument("--split", type=Path, help="use the case split of this split.json or "
                    "card.json (e.g. to compare models on the same patients)")
@@ -164,7 +168,8 @@ def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run (without --resume)."""
     argv = ["--data", *map(str, args.data), "--arch", args.arch, "--out", str(args.out),
             "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size",
-            str(args.batch_size), "--seed", str(args.seed)]
+            str(args.batch_size), "--seed", str(args.seed), "--colour-jitter",
+            str(args.colour_jitter), "--freeze", str(args.freeze)]
     if args.no_pretrained:
         argv.append("--no-pretrained")
     if args.split:
@@ -192,7 +197,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.resume and not ckpt_path.is_file():
         raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
     cfg = TrainConfig(arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
-                      lr=_parse_lr(args.lr), seed=args.seed,
+                      lr=_parse_lr(args.lr), seed=args.seed, colour_jitter=args.colour_jitter,
+                      freeze=args.freeze,
                       pretrained=not args.no_pretrained and args.arch == "mobilenet_v2")
     ckpt = torch.load(ckpt_path, weights_only=True) if args.resume else None
     if ckpt:

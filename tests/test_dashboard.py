@@ -28,10 +28,11 @@ def _errors(at: AppTest) -> list[str]:
 
 
 def test_every_page_renders_without_exception(app):
+    assert [s.label for s in app.selectbox][:1] == ["Model"]  # the sidebar's model picker
+    assert any(e.label == "Model card" for e in app.expander)
     for page in PAGES:
         app.switch_page(page).run()
         assert not _errors(app), (page, _errors(app))
-    assert any("Model card" in e.label for e in app.sidebar.expander)
 
 
 def test_scoring_fixture_cells_shows_results_and_parasitemia(app, cells_dir):
