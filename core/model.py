@@ -6,6 +6,7 @@ the weights file. Loading checks the hash before reading a single tensor.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 from torch import nn
 from torchvision import models as tvm
 
@@ -141,9 +143,13 @@ def load_model(folder: Path | str = DEFAULT_WEIGHTS) -> LoadedModel:
     card's, or the file is not a safetensors file (pickles are never unpickled).
     """
     folder = Path(folder)
-    card, weights, digest = verified_weights(folder)
+    card, weights, _ = verified_weights(folder)
+    data = weights.read_bytes()  # hash and parse the same bytes: no swap between check and load
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != card["sha256"]:
+        raise WeightsError(f"{weights} changed while it was being loaded; refusing it")
     try:
-        state = load_file(str(weights))
+        state = load_bytes(data)
     except (SafetensorError, OSError) as exc:
         raise WeightsError(f"{weights} is not a safetensors file ({exc}); pickled checkpoints "
                            "are not loaded") from None

@@ -33,7 +33,7 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from core.contract import DEFAULT_WEIGHTS, ModelContract
-from core.data import CLASSES, Sample, Split, labelled_samples, load_array, write_json
+from core.data import CLASSES, DataError, Sample, Split, labelled_samples, load_array, write_json
 from core.metrics import binary_metrics
 from core.model import build_model, load_model, normalize
 
@@ -47,8 +47,10 @@ METRICS = ("accuracy", "auc", "sensitivity", "specificity", "f1", "mcc")
 CHUNK = 1024  # images per cached feature file
 
 
-def _fingerprint(samples: Sequence[Sample]) -> str:
-    return hashlib.sha256("\n".join(s.path for s in samples).encode()).hexdigest()[:16]
+def _fingerprint(samples: Sequence[Sample], stages: dict[str, str]) -> str:
+    """Cache key: which images, in which order, and which stages are extracted."""
+    text = "\n".join([*(s.path for s in samples), *(f"{k}={v}" for k, v in stages.items())])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -67,7 +69,7 @@ def extract_features(samples: Sequence[Sample], sources: dict, cache: Path, *,
     hooks = [model.get_submodule(path).register_forward_hook(
         lambda _m, _i, out, name=name: outputs.__setitem__(name, out.mean(dim=(2, 3))))
         for name, path in stages.items()]
-    folder = cache / f"features_{_fingerprint(samples)}"
+    folder = cache / f"features_{_fingerprint(samples, stages)}"
     folder.mkdir(parents=True, exist_ok=True)
     parts = []
     try:
@@ -92,9 +94,12 @@ def extract_features(samples: Sequence[Sample], sources: dict, cache: Path, *,
     finally:
         for h in hooks:
             h.remove()
-    loaded = [np.load(p) for p in parts]
-    return {name: np.concatenate([z[name] for z in loaded]).astype(np.float32)
-            for name in stages}
+    feats: dict[str, list[np.ndarray]] = {name: [] for name in stages}
+    for p in parts:
+        with np.load(p) as z:
+            for name in stages:
+                feats[name].append(z[name])
+    return {name: np.concatenate(v).astype(np.float32) for name, v in feats.items()}
 
 
 def _probe() -> object:
@@ -195,6 +200,10 @@ def study_models(data: Sequence[str | Path], out: Path, *, reference: Path = DEF
     layers = out / "layers.json"
     best = json.loads(layers.read_text())["best_layer"] if layers.is_file() else "block5_96ch"
     y = _labels(samples)
+    unknown = {s.case_id for s in samples} - set(split.train + split.val + split.test)
+    if unknown:
+        raise DataError(f"cases not in the reference split: {sorted(unknown)[:5]}; "
+                        "the models study needs the data the reference model was split on")
     part = np.array([split.part_of(s.case_id) for s in samples])
     fit = part != "test"  # the probe has no epochs to select: train + validation patients
     clf = _probe().fit(feats[best][fit], y[fit])

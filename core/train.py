@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from core.data import (CLASSES, Sample, Split, atomic_path, labelled_samples, load_array,
@@ -49,6 +50,7 @@ class TrainConfig:
     # Leading feature modules kept at their ImageNet values (pretrained only): the 64- and 32-px
     # layers hold generic edge/colour filters and cost half of each backward pass on a CPU.
     freeze: int = 4
+    blur: float = 0.0  # share of images blurred a little (Gaussian, sigma up to 1 px): focus varies
     val_frac: float = 0.15
     test_frac: float = 0.15
     seed: int = 0
@@ -85,8 +87,9 @@ def prepare_data(data: Sequence[str | Path], *, contract: ModelContract, cfg: Tr
     return PreparedData(split=split, samples=parts, **arrays)
 
 
-def augment(x: torch.Tensor, *, jitter: float, generator: torch.Generator) -> torch.Tensor:
-    """Random dihedral transform and colour jitter per image.
+def augment(x: torch.Tensor, *, jitter: float, generator: torch.Generator,
+            blur: float = 0.0) -> torch.Tensor:
+    """Random dihedral transform, colour jitter and (with probability ``blur``) defocus per image.
 
     ``x``: uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [0, 1]. Cells have no up or
     orientation, so all 8 flips/rotations are label-preserving.
@@ -106,6 +109,10 @@ def augment(x: torch.Tensor, *, jitter: float, generator: torch.Generator) -> to
         grey = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
         x = (x - grey) * factor(1, 1, 1) + grey  # saturation
         x = x.clamp_(0, 1)
+    if blur > 0:
+        for i in torch.nonzero(torch.rand(n, generator=generator) < blur).flatten().tolist():
+            sigma = 0.3 + 0.7 * float(torch.rand(1, generator=generator))
+            x[i] = TF.gaussian_blur(x[i], kernel_size=5, sigma=sigma)
     return x
 
 
@@ -117,7 +124,7 @@ def training_batches(x: torch.Tensor, y: torch.Tensor, contract: ModelContract, 
     for i in range(0, len(order) - cfg.batch_size + 1 if len(order) >= cfg.batch_size else 1,
                    cfg.batch_size):
         idx = order[i:i + cfg.batch_size]
-        batch = augment(x[idx], jitter=cfg.colour_jitter, generator=generator)
+        batch = augment(x[idx], jitter=cfg.colour_jitter, generator=generator, blur=cfg.blur)
         yield normalize(batch, contract), y[idx]
 
 
@@ -154,6 +161,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--colour-jitter", type=float, default=TrainConfig.colour_jitter,
                    help="strength of the per-image stain/brightness/contrast/saturation jitter")
+    p.add_argument("--blur", type=float, default=TrainConfig.blur,
+                   help="share of training images given a slight Gaussian blur")
+    p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
     p.add_argument("--freeze", type=int, default=TrainConfig.freeze,
                    help="leading feature modules kept at their ImageNet values (pretrained only)")
     p.add_argument("--no-pretrained", action="store_true", help="start from random weights")
@@ -169,7 +179,8 @@ def _command(args: argparse.Namespace) -> str:
     argv = ["--data", *map(str, args.data), "--arch", args.arch, "--out", str(args.out),
             "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size",
             str(args.batch_size), "--seed", str(args.seed), "--colour-jitter",
-            str(args.colour_jitter), "--freeze", str(args.freeze)]
+            str(args.colour_jitter), "--blur", str(args.blur), "--weight-decay",
+            str(args.weight_decay), "--freeze", str(args.freeze)]
     if args.no_pretrained:
         argv.append("--no-pretrained")
     if args.split:
@@ -198,7 +209,7 @@ def main(args: argparse.Namespace) -> dict:
         raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
     cfg = TrainConfig(arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
                       lr=_parse_lr(args.lr), seed=args.seed, colour_jitter=args.colour_jitter,
-                      freeze=args.freeze,
+                      freeze=args.freeze, blur=args.blur, weight_decay=args.weight_decay,
                       pretrained=not args.no_pretrained and args.arch == "mobilenet_v2")
     ckpt = torch.load(ckpt_path, weights_only=True) if args.resume else None
     if ckpt:
