@@ -27,6 +27,9 @@ class LRFindResult:
     smoothed: tuple[float, ...]  # bias-corrected exponential moving average
     suggested_lr: float
     diverged: bool
+    # False when the smoothed loss never fell by 5% below its start: the suggestion is noise
+    # (typical of a network trained from scratch over so few steps)
+    reliable: bool = True
 
     def save(self, out: Path) -> None:
         """Write ``lr_find.csv`` (lr, loss, smoothed_loss) and ``lr_find.json`` into ``out``."""
@@ -34,7 +37,8 @@ class LRFindResult:
         pd.DataFrame({"lr": self.lrs, "loss": self.losses, "smoothed_loss": self.smoothed}
                      ).to_csv(out / "lr_find.csv", index=False)
         write_json(out / "lr_find.json", {"suggested_lr": self.suggested_lr,
-                                          "diverged": self.diverged, "steps": len(self.lrs),
+                                          "diverged": self.diverged, "reliable": self.reliable,
+                                          "steps": len(self.lrs),
                                           "method": "steepest descent of the smoothed loss"})
 
 
@@ -105,8 +109,9 @@ def lr_range_test(model: nn.Module, batches: Callable[[], Iterator[tuple[torch.T
     del net, opt
     lr_arr, sm_arr = np.array(lrs), np.array(smoothed)
     finite = np.isfinite(sm_arr)
+    reliable = bool(finite.any() and sm_arr[finite].min() < 0.95 * sm_arr[0])
     return LRFindResult(tuple(lrs), tuple(losses), tuple(smoothed),
-                        suggest_lr(lr_arr[finite], sm_arr[finite]), diverged)
+                        suggest_lr(lr_arr[finite], sm_arr[finite]), diverged, reliable)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -137,6 +142,9 @@ def main(args: argparse.Namespace) -> LRFindResult:
                            num_steps=args.steps, label_smoothing=cfg.label_smoothing)
     result.save(args.out)
     print(f"suggested learning rate: {result.suggested_lr:.2e} (written to {args.out})")
+    if not result.reliable:
+        print("warning: the loss never fell during the test; the suggestion is not reliable. "
+              "Pick a learning rate by hand (from scratch, try 1e-3 to 3e-3).")
     return result
 
 

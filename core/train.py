@@ -242,6 +242,9 @@ def main(args: argparse.Namespace) -> dict:
         result.save(out)
         lr = result.suggested_lr
         print(f"LR range test suggests {lr:.2e}")
+        if not result.reliable:
+            raise SystemExit("the LR range test saw no descent of the loss (usual from scratch): "
+                             f"see {out / 'lr_find.csv'} and pass --lr explicitly, e.g. --lr 3e-3")
     cfg = replace(cfg, lr=lr)
 
     steps_per_epoch = max(1, len(data.train_y) // cfg.batch_size)
