@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -119,7 +120,7 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     page.get_by_role("link", name="Home").click()
     page.get_by_role("button", name="Explain").first.click()  # a sample cell, straight in
     page.get_by_text("Explain a prediction").wait_for()
-    page.get_by_text("ROAD").first.wait_for(timeout=300_000)
+    page.get_by_text(re.compile(r"ROAD [+-]\d")).first.wait_for(timeout=300_000)  # a score
     time.sleep(1)
     page.screenshot(path=str(SHOTS / "explain.png"), full_page=True)
     assert page.get_by_text("P(Parasitized)").count() >= 1
