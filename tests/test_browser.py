@@ -121,9 +121,10 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     page.get_by_role("button", name="Explain").first.click()  # a sample cell, straight in
     page.get_by_text("Explain a prediction").wait_for()
     page.get_by_text(re.compile(r"ROAD [+-]\d")).first.wait_for(timeout=300_000)  # a score
+    page.get_by_test_id("stMetric").first.wait_for(timeout=300_000)  # after every method
     time.sleep(1)
     page.screenshot(path=str(SHOTS / "explain.png"), full_page=True)
-    assert page.get_by_text("P(Parasitized)").count() >= 1
+    assert page.get_by_test_id("stMetric").first.inner_text().startswith("P(Parasitized)")
 
     page.get_by_role("link", name="Training").click()
     page.get_by_text("Learning-rate range test").wait_for()
