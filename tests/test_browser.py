@@ -89,7 +89,8 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     score.click()
     page.get_by_text("Results · run").wait_for()
     page.get_by_text("Parasitemia", exact=True).wait_for()
-    assert page.get_by_text(f"{len(files)}", exact=True).count() >= 1  # the Cells metric
+    cells = page.get_by_test_id("stMetricValue").first  # the Cells metric
+    playwright.expect(cells).to_have_text(str(len(files)), timeout=60_000)
     value = page.get_by_test_id("stSliderThumbValue").first
     assert value.inner_text() == "0.50"
     page.get_by_role("slider").first.focus()
