@@ -1,6 +1,6 @@
 # make run    set up .venv and start the dashboard on http://localhost:8501
 # make test   set up .venv and run the test suite
-# make bench  measure scoring and explanation speed on this machine
+# make bench  measure scoring, explanation and Score-page speed on this machine
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -35,8 +35,9 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is not installed and cannot be installed here: the browser test will skip"; fi; }
 
-bench: setup
+bench: setup browser
 	$(BIN)/python -m bench --data $(DATA)
+	$(BIN)/python -m bench.ui --data $(DATA)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

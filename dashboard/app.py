@@ -10,7 +10,8 @@ from dashboard import ui  # noqa: E402
 
 st.set_page_config(page_title="Malaria cell screening", page_icon="🔬", layout="wide")
 ui.init_state()
-PAGES = Path(__file__).resolve().parent / "pages"
+# Not "pages/": Streamlit would then run a page URL (a reload of /score) without this router.
+PAGES = Path(__file__).resolve().parent / "views"
 page = st.navigation([
     st.Page(PAGES / "home.py", title="Home", icon=":material/home:", default=True),
     st.Page(PAGES / "score.py", title="Score", icon=":material/biotech:"),

@@ -1,17 +1,14 @@
 """The main flow in a real browser: Debian's Chromium driven by Playwright."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from dashboard.serve import CHROMIUM_ARGS, running_app
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "tests" / "screenshots"
@@ -23,56 +20,35 @@ if not Path(CHROMIUM).exists():
                 "the browser test cannot run here", allow_module_level=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
-    env = {**os.environ, "MALARIA_STORE": str(tmp_path_factory.mktemp("store") / "s.sqlite"),
+    env = {"MALARIA_STORE": str(tmp_path_factory.mktemp("store") / "s.sqlite"),
            "MALARIA_CACHE": str(tmp_path_factory.mktemp("cache"))}
-    log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"),
-         "--server.port", str(port), "--server.address", "127.0.0.1",
-         "--server.headless", "true"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        log.seek(0)
-        pytest.fail("streamlit did not start: " + log.read()[-2000:])
-    yield url
-    proc.terminate()
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        with running_app(env, tmp_path_factory.mktemp("log") / "streamlit.log") as url:
+            yield url
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")
 def page(server):
     SHOTS.mkdir(exist_ok=True)
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         pg = browser.new_page(viewport={"width": 1400, "height": 1000})
         pg.set_default_timeout(120_000)
         yield pg
         browser.close()
+
+
+def test_a_page_url_opens_directly(server, page):
+    """A bookmark or reload of /score as the server's very first request gets the whole app
+    (router, sidebar, model card), not the bare page script. Runs first: fresh server."""
+    page.goto(f"{server}/score")
+    page.get_by_text("Score cells").first.wait_for(timeout=30_000)
+    page.get_by_text("unseen patients").first.wait_for(timeout=30_000)  # the sidebar's card
+    assert page.get_by_text("Traceback").count() == 0
 
 
 def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
@@ -102,6 +78,17 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     page.screenshot(path=str(SHOTS / "score.png"), full_page=True)
     assert page.get_by_text("Download cells (CSV)").count() == 1
     assert page.get_by_text("Traceback").count() == 0
+    run_id = page.get_by_test_id("stHeading").filter(has_text="Results · run").inner_text()
+    run_id = run_id.split("run")[-1].strip()
+
+    # a reload of the page's own URL keeps the frame, and the run can be reopened from the store
+    page.reload()
+    page.get_by_text("Past runs").wait_for()
+    assert page.get_by_text("Traceback").count() == 0
+    assert page.get_by_text("Nothing scored yet").count() == 1  # the session was reset
+    page.get_by_role("button", name="Open run").click()
+    page.get_by_text(f"Results · run {run_id}").wait_for()
+    playwright.expect(cells).to_have_text(str(len(files)))
 
     page.get_by_role("link", name="Evaluate").click()
     page.get_by_text("Confusion matrix").wait_for()

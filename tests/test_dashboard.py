@@ -8,8 +8,8 @@ from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "dashboard" / "app.py")
-PAGES = ("pages/home.py", "pages/score.py", "pages/explain.py", "pages/evaluate.py",
-         "pages/training.py", "pages/study.py")
+PAGES = ("views/home.py", "views/score.py", "views/explain.py", "views/evaluate.py",
+         "views/training.py", "views/study.py")
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def test_scoring_fixture_cells_shows_results_and_parasitemia(app, cells_dir):
     items = [(f"{p.parent.name}/{p.name}", p.read_bytes()) for p in sorted(cells_dir.rglob("*.png"))]
     items.append(("broken.png", b"not an image"))
     app.session_state["pending_items"] = items
-    app.switch_page("pages/score.py").run()
+    app.switch_page("views/score.py").run()
     assert not _errors(app), _errors(app)
     results = app.session_state["results"]
     assert len(results) == len(items)
@@ -57,7 +57,7 @@ def test_scoring_fixture_cells_shows_results_and_parasitemia(app, cells_dir):
 def test_explain_renders_a_sample_with_scores(app):
     sample = next((ROOT / "dashboard" / "samples" / "Parasitized").glob("*.png"))
     app.session_state["explain_item"] = (f"samples/Parasitized/{sample.name}", sample.read_bytes())
-    app.switch_page("pages/explain.py").run()
+    app.switch_page("views/explain.py").run()
     assert not _errors(app), _errors(app)
     assert any(m.label == "P(Parasitized)" for m in app.metric)
     assert sum("ROAD" in c.value for c in app.caption) >= 3  # one per default method
@@ -65,6 +65,29 @@ def test_explain_renders_a_sample_with_scores(app):
 
 def test_an_empty_upload_is_a_clear_error(app):
     app.session_state["pending_items"] = [("notes.zip", b"PK\x05\x06" + b"\x00" * 18)]
-    app.switch_page("pages/score.py").run()
+    app.switch_page("views/score.py").run()
     assert not app.exception
     assert any("no images" in e.value for e in app.error)
+
+
+def test_weights_failing_their_hash_are_a_clear_error(app, tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    import dashboard.ui
+    from core.contract import DEFAULT_WEIGHTS
+    tampered = tmp_path / "tampered"
+    shutil.copytree(tiny_model, tampered)
+    weights = tampered / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    monkeypatch.setattr(dashboard.ui, "model_choices",
+                        lambda: [DEFAULT_WEIGHTS.resolve(), tampered.resolve()])
+    app.run()
+    app.sidebar.selectbox[0].set_value(tampered.resolve()).run()
+    app.switch_page("views/score.py").run()
+    assert not app.exception
+    assert any("does not match its card" in e.value for e in app.error)
+    app.sidebar.selectbox[0].set_value(DEFAULT_WEIGHTS.resolve()).run()  # the app stays usable
+    assert not _errors(app), _errors(app)
+    assert app.title[0].value == "Score cells"

@@ -23,7 +23,7 @@ for col, (name, data) in zip(cols, samples):
         st.image(data, caption=name.split("/")[1], width="stretch")
         if st.button("Explain", key=f"explain_{name}", width="stretch"):
             st.session_state["explain_item"] = (name, data)
-            st.switch_page("pages/explain.py")
+            st.switch_page("views/explain.py")
 if samples and st.button("Score all samples", type="primary"):
     st.session_state["pending_items"] = samples
-    st.switch_page("pages/score.py")
+    st.switch_page("views/score.py")

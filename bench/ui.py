@@ -1,0 +1,114 @@
+"""The Score page in a real browser: upload a zip, press Score, wait until everything is shown.
+
+    python -m bench.ui --data ../shared/data/nih_cells_dev.zip      (part of `make bench`)
+
+The dashboard is started fresh, as `make run` starts it, and driven by Debian's Chromium through
+Playwright. Timed from handing the file to the uploader until the page has finished rendering
+(results table, thumbnails, parasitemia chart, downloads): a zip of 1,000 cells as the first
+scoring after the server starts (model loading included), the same upload pressed again (served
+from the result cache), then the whole data set as one zip. The baseline, measured in the same
+run, is `python -m core.score` on the same 1,000 cells as PNG files (process start included).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import png_folder, score_cli, subset  # noqa: E402
+from core.contract import DEFAULT_WEIGHTS  # noqa: E402
+from dashboard.serve import CHROMIUM_ARGS, running_app  # noqa: E402
+
+IDLE = "() => !document.querySelector('[data-testid^=stStatusWidgetRunning]')"
+
+
+def zip_folder(folder: Path, out: Path) -> Path:
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
+        for f in sorted(folder.rglob("*.png")):
+            zf.write(f, f.relative_to(folder))
+    return out
+
+
+def upload_and_score(page, url: str, upload: Path, *, fresh: bool = True,
+                     timeout_s: float = 600) -> dict:
+    """Seconds to upload ``upload`` and to score and show it; the Cells figure on the page."""
+    from playwright.sync_api import expect
+    ms = timeout_s * 1000
+    if fresh:
+        page.goto(f"{url}/score")
+        page.get_by_text("Score cells").first.wait_for(timeout=ms)
+        page.wait_for_function(IDLE, timeout=ms)
+    t0 = time.perf_counter()
+    if fresh:
+        page.locator("input[type=file]").first.set_input_files(str(upload))
+    button = page.get_by_role("button", name="Score", exact=True)
+    expect(button).to_be_enabled(timeout=ms)  # the upload has reached the server
+    page.wait_for_function(IDLE, timeout=ms)
+    t1 = time.perf_counter()
+    button.click()
+    page.get_by_text("Download summary (CSV)").wait_for(timeout=ms)
+    page.wait_for_function(IDLE, timeout=ms)
+    t2 = time.perf_counter()
+    if page.get_by_text("Traceback").count():
+        raise RuntimeError(f"the page shows a traceback after scoring {upload.name}")
+    cells = page.get_by_test_id("stMetricValue").first.inner_text()
+    return {"upload_s": t1 - t0, "score_show_s": t2 - t1, "total_s": t2 - t0,
+            "cells": int(cells.replace(",", ""))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/nih_cells_dev.zip")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--skip-all", action="store_true", help="only the 1,000-cell upload")
+    args = p.parse_args()
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sys.exit("bench.ui needs playwright (pip install playwright)")
+    if not Path(chromium).exists():
+        sys.exit("bench.ui needs Debian's chromium (apt-get install chromium)")
+
+    folder = png_folder(args.data, ROOT / ".cache" / "bench_png")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        small = subset(folder, args.n, tmp / f"subset_{args.n}")
+        score_cli(small, DEFAULT_WEIGHTS, tmp)  # warm the ONNX cache and the page cache
+        cli = score_cli(small, DEFAULT_WEIGHTS, tmp)
+        small_zip = zip_folder(small, tmp / f"cells_{args.n}.zip")
+        env = {"MALARIA_STORE": str(tmp / "ui.sqlite")}
+        with running_app(env, tmp / "streamlit.log") as url, sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            rows.append((f"{args.n:,} cells, first scoring after start",
+                         upload_and_score(page, url, small_zip)))
+            rows.append((f"{args.n:,} cells, same upload scored again (cached)",
+                         upload_and_score(page, url, small_zip, fresh=False)))
+            if not args.skip_all:
+                rows.append((f"all cells: {args.data.name} "
+                             f"({args.data.stat().st_size / 2**20:.0f} MB)",
+                             upload_and_score(page, url, args.data)))
+            browser.close()
+
+    print(f"\n## Score page in Chromium (upload -> scored and shown); baseline: core.score CLI "
+          f"on the same {args.n:,} PNG files, {cli['seconds']:.1f} s "
+          f"({cli['img_per_s']:.0f} img/s)")
+    print(f"{'upload':58s} {'cells':>7s} {'upload':>8s} {'score+show':>11s} {'total':>8s} "
+          f"{'img/s':>7s} {'x CLI rate':>10s}")
+    for label, r in rows:
+        print(f"{label:58s} {r['cells']:7,d} {r['upload_s']:7.1f}s {r['score_show_s']:10.1f}s "
+              f"{r['total_s']:7.1f}s {r['cells'] / r['total_s']:7.0f} "
+              f"{r['cells'] / r['total_s'] / cli['img_per_s']:10.2f}")
+
+
+if __name__ == "__main__":
+    main()
