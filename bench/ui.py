@@ -36,6 +36,13 @@ def zip_folder(folder: Path, out: Path) -> Path:
     return out
 
 
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (Linux)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("VmHWM"))) / 1024
+
+
 def upload_and_score(page, url: str, upload: Path, *, fresh: bool = True,
                      timeout_s: float = 600) -> dict:
     """Seconds to upload ``upload`` and to score and show it; the Cells figure on the page."""
@@ -86,7 +93,7 @@ def main() -> None:
         cli = score_cli(small, DEFAULT_WEIGHTS, tmp)
         small_zip = zip_folder(small, tmp / f"cells_{args.n}.zip")
         env = {"MALARIA_STORE": str(tmp / "ui.sqlite")}
-        with running_app(env, tmp / "streamlit.log") as url, sync_playwright() as pw:
+        with running_app(env, tmp / "streamlit.log") as (url, pid), sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             rows.append((f"{args.n:,} cells, first scoring after start",
@@ -98,6 +105,7 @@ def main() -> None:
                              f"({args.data.stat().st_size / 2**20:.0f} MB)",
                              upload_and_score(page, url, args.data)))
             browser.close()
+            peak_mb = peak_rss_mb(pid)
 
     print(f"\n## Score page in Chromium (upload -> scored and shown); baseline: core.score CLI "
           f"on the same {args.n:,} PNG files, {cli['seconds']:.1f} s "
@@ -108,6 +116,7 @@ def main() -> None:
         print(f"{label:58s} {r['cells']:7,d} {r['upload_s']:7.1f}s {r['score_show_s']:10.1f}s "
               f"{r['total_s']:7.1f}s {r['cells'] / r['total_s']:7.0f} "
               f"{r['cells'] / r['total_s'] / cli['img_per_s']:10.2f}")
+    print(f"dashboard server's peak RSS over these uploads: {peak_mb:,.0f} MB")
 
 
 if __name__ == "__main__":

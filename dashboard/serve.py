@@ -32,8 +32,10 @@ def streamlit_command() -> list[str]:
 
 
 @contextlib.contextmanager
-def running_app(env: dict[str, str], log: Path, timeout: float = 120) -> Iterator[str]:
-    """Serve the dashboard with extra environment ``env``; yield its URL; stop it on exit."""
+def running_app(env: dict[str, str], log: Path,
+                timeout: float = 120) -> Iterator[tuple[str, int]]:
+    """Serve the dashboard with extra environment ``env``; yield its URL and process id; stop
+    it on exit."""
     port = _free_port()
     with open(log, "w+") as out:
         proc = subprocess.Popen(
@@ -53,7 +55,7 @@ def running_app(env: dict[str, str], log: Path, timeout: float = 120) -> Iterato
                         out.seek(0)
                         raise RuntimeError("streamlit did not start: " + out.read()[-2000:])
                     time.sleep(0.5)
-            yield url
+            yield url, proc.pid
         finally:
             proc.terminate()
             try:

@@ -25,7 +25,7 @@ def server(tmp_path_factory):
     env = {"MALARIA_STORE": str(tmp_path_factory.mktemp("store") / "s.sqlite"),
            "MALARIA_CACHE": str(tmp_path_factory.mktemp("cache"))}
     try:
-        with running_app(env, tmp_path_factory.mktemp("log") / "streamlit.log") as url:
+        with running_app(env, tmp_path_factory.mktemp("log") / "streamlit.log") as (url, _):
             yield url
     except RuntimeError as exc:
         pytest.fail(str(exc))

@@ -111,7 +111,8 @@ fig.update_layout(title=f"ROC (AUC {m['auc']:.4f})", xaxis_title="false positive
 c1.plotly_chart(fig, width="stretch")
 fig = go.Figure(go.Scatter(x=pr["recall"], y=pr["precision"], mode="lines", name="PR",
                            customdata=pr["threshold"],
-                           hovertemplate="recall %{x:.3f}, precision %{y:.3f}, t=%{customdata:.3f}"))
+                           hovertemplate="recall %{x:.3f}, precision %{y:.3f}, "
+                                         "t=%{customdata:.3f}"))
 fig.add_trace(go.Scatter(x=[m["sensitivity"]], y=[m["ppv"]], mode="markers", name="threshold",
                          marker=dict(size=12, color="#8e244d")))
 fig.update_layout(title="Precision-recall", xaxis_title="recall (sensitivity)",
