@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -74,33 +74,56 @@ def group_of(path: str, group_by: str, case: str) -> str:
     return str(as_posix(path).parent)
 
 
-def parasitemia_summary(results: pd.DataFrame, *, group_by: str = "case",
-                        cutoff: float = 0.0) -> pd.DataFrame:
-    """Per-group parasitemia from result rows (path, case_id, prediction, prob, error).
+_COUNTS = ["cells", "errors", "parasitized", "prob_sum"]
+
+
+def parasitemia_counts(results: pd.DataFrame, *, group_by: str = "case") -> pd.DataFrame:
+    """Per-group counts of result rows (path, case_id, prediction, prob, error), indexed by
+    group: cells, errors, parasitized, prob_sum. Counts of chunks add up, so a run of any size
+    can be summarised chunk by chunk. Raises ValueError for an unknown ``group_by``."""
+    if group_by not in ("case", "folder"):
+        raise ValueError(f"group_by must be 'case' or 'folder', got {group_by!r}")
+    if results.empty:
+        return pd.DataFrame(columns=_COUNTS, index=pd.Index([], name="group"))
+    ok = results["error"].isna()
+    rows = pd.DataFrame({
+        "group": [group_of(p, group_by, c) for p, c in zip(results["path"], results["case_id"])],
+        "cells": 1, "errors": (~ok).astype(int),
+        "parasitized": (ok & (results["prediction"] == "Parasitized")).astype(int),
+        "prob_sum": results["prob_parasitized"].where(ok, 0.0).astype(float)})
+    return rows.groupby("group", sort=True)[_COUNTS].sum()
+
+
+def summary_from_counts(counts: pd.DataFrame, *, cutoff: float = 0.0) -> pd.DataFrame:
+    """Parasitemia per group from :func:`parasitemia_counts` (summed over chunks).
 
     Columns: group, cells (rows), errors, scored, parasitized, parasitemia (parasitized /
     scored), ci_low/ci_high (95% Wilson), mean_prob, likely_infected (ci_low > cutoff).
-    Raises ValueError for an unknown ``group_by``.
     """
-    if group_by not in ("case", "folder"):
-        raise ValueError(f"group_by must be 'case' or 'folder', got {group_by!r}")
     cols = ["group", "cells", "errors", "scored", "parasitized", "parasitemia", "ci_low",
             "ci_high", "mean_prob", "likely_infected"]
-    if results.empty:
-        return pd.DataFrame(columns=cols)
-    df = results.assign(group=[group_of(p, group_by, c)
-                               for p, c in zip(results["path"], results["case_id"])])
     rows = []
-    for group, g in df.groupby("group", sort=True):
-        ok = g[g["error"].isna()]
-        k, n = int((ok["prediction"] == "Parasitized").sum()), len(ok)
+    for group, c in counts.sort_index().iterrows():
+        n, k = int(c["cells"] - c["errors"]), int(c["parasitized"])
         lo, hi = wilson_interval(k, n)
-        rows.append({"group": group, "cells": len(g), "errors": len(g) - n, "scored": n,
-                     "parasitized": k, "parasitemia": k / n if n else math.nan,
+        rows.append({"group": group, "cells": int(c["cells"]), "errors": int(c["errors"]),
+                     "scored": n, "parasitized": k, "parasitemia": k / n if n else math.nan,
                      "ci_low": lo, "ci_high": hi,
-                     "mean_prob": float(ok["prob_parasitized"].mean()) if n else math.nan,
+                     "mean_prob": c["prob_sum"] / n if n else math.nan,
                      "likely_infected": bool(n and lo > cutoff)})
     return pd.DataFrame(rows, columns=cols)
+
+
+def parasitemia_summary(results: pd.DataFrame | Iterable[pd.DataFrame], *,
+                        group_by: str = "case", cutoff: float = 0.0) -> pd.DataFrame:
+    """Per-group parasitemia of result rows, given as one frame or as chunks of one run (only
+    per-group counts are kept between chunks); see :func:`summary_from_counts`."""
+    chunks = [results] if isinstance(results, pd.DataFrame) else results
+    parts = [parasitemia_counts(chunk, group_by=group_by) for chunk in chunks]
+    parts = [p for p in parts if not p.empty]
+    counts = (pd.concat(parts).groupby(level=0).sum() if parts
+              else parasitemia_counts(pd.DataFrame(), group_by=group_by))
+    return summary_from_counts(counts, cutoff=cutoff)
 
 
 def screening_calibration(predictions: pd.DataFrame, *, threshold: float) -> dict:

@@ -389,15 +389,14 @@ def main(args: argparse.Namespace) -> int:
         store.finish(run_id)
         if args.out:
             store.export_csv(run_id, args.out)
-        results = store.results(run_id)
-    summary = parasitemia_summary(results, group_by=args.group_by,
-                                  cutoff=screening_cutoff(engine.card))
+        summary = parasitemia_summary(store.iter_results(run_id), group_by=args.group_by,
+                                      cutoff=screening_cutoff(engine.card))
     with pd.option_context("display.max_rows", 200, "display.width", 140):
         print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.summary:
         summary.to_csv(args.summary, index=False)
-    n_err = int(results["error"].notna().sum())
-    print(f"{len(results) - n_err} scored, {n_err} errors; run {run_id}"
+    n_err = int(summary["errors"].sum())
+    print(f"{int(summary['scored'].sum())} scored, {n_err} errors; run {run_id}"
           + (f"; results in {args.out}" if args.out else ""), file=sys.stderr)
     return 1 if n_err else 0
 

@@ -55,3 +55,10 @@ def test_parasitemia_summary_groups_and_flags():
     assert set(by_folder.index) == {"a", "b"}
     with pytest.raises(ValueError):
         parasitemia_summary(df, group_by="slide")
+    assert s.loc["C1", "mean_prob"] == pytest.approx(0.5)
+
+    # a run read back in chunks gives the same summary as the whole run at once
+    chunks = [df.iloc[i:i + 7] for i in range(0, len(df), 7)]
+    pd.testing.assert_frame_equal(parasitemia_summary(iter(chunks), cutoff=0.02),
+                                  parasitemia_summary(df, cutoff=0.02))
+    assert parasitemia_summary(iter([]), cutoff=0.02).empty
