@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TQDM_DISABLE", "1")  # ScoreCAM's per-batch bars would drown the tables
 sys.path.insert(0, str(ROOT))
 
 from bench.common import png_folder, score_cli, subset  # noqa: E402
