@@ -24,9 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import png_folder, score_cli, subset  # noqa: E402
 from core.contract import DEFAULT_WEIGHTS  # noqa: E402
-from dashboard.serve import CHROMIUM_ARGS, running_app  # noqa: E402
-
-IDLE = "() => !document.querySelector('[data-testid^=stStatusWidgetRunning]')"
+from dashboard.serve import CHROMIUM_ARGS, IDLE, running_app  # noqa: E402
 
 
 def zip_folder(folder: Path, out: Path) -> Path:

@@ -91,12 +91,13 @@ def verified_weights(folder: Path | str) -> tuple[dict, Path, str]:
 
 
 def find_models(*roots: Path) -> list[Path]:
-    """Model folders (holding a card.json) in ``roots`` or up to two levels under, sorted."""
+    """Model folders (holding a card.json) in ``roots`` or up to three levels under (as
+    ``weights/study/runs/small_cnn``), sorted."""
     found: set[Path] = set()
     for root in roots:
         if not root.is_dir():
             continue
-        for card in [*root.glob(CARD_FILE), *root.glob(f"*/{CARD_FILE}"),
-                     *root.glob(f"*/*/{CARD_FILE}")]:
-            found.add(card.parent.resolve())
+        for depth in range(4):
+            for card in root.glob("*/" * depth + CARD_FILE):
+                found.add(card.parent.resolve())
     return sorted(found)

@@ -122,6 +122,22 @@ def _open_zip(data: Path | io.BytesIO, path: str, *, depth: int = 0) -> Iterator
     yield from _zip_sources(zf, path, depth=depth)
 
 
+def _zip_or_note(data: Path | io.BytesIO, path: str, *, depth: int = 0
+                 ) -> Iterator[ImageSource]:
+    """The zip's sources, or one error source saying it holds none (so it is not lost)."""
+    empty = True
+    for source in _open_zip(data, path, depth=depth):
+        empty = False
+        yield source
+    if empty:
+        yield _no_images(path)
+
+
+def _no_images(path: str) -> ImageSource:
+    return _error_source(path, "no images in this zip (accepted: "
+                               f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+
+
 def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     if info.file_size > MAX_MEMBER_BYTES:
         raise ImageError(f"zip member is {info.file_size / 2**20:.0f} MiB; refusing to read it")
@@ -147,7 +163,7 @@ def _zip_sources(zf: zipfile.ZipFile, prefix: str, *, depth: int = 0) -> Iterato
             except ImageError as exc:
                 yield _error_source(path, str(exc))
                 continue
-            yield from _open_zip(inner, path, depth=depth + 1)
+            yield from _zip_or_note(inner, path, depth=depth + 1)
         elif suffix in IMAGE_SUFFIXES:
             yield ImageSource(path, _member_reader(zf, info))
         elif suffix in UNSUPPORTED_SUFFIXES:
@@ -181,7 +197,7 @@ def iter_sources(inputs: Iterable[str | Path]) -> Iterator[ImageSource]:
             raise FileNotFoundError(f"input not found: {root}")
         if root.is_file():
             if root.suffix.lower() == ".zip":
-                yield from _open_zip(root, str(root))
+                yield from _zip_or_note(root, str(root))
             else:
                 yield ImageSource(str(root), _file_reader(root))
             continue
@@ -194,7 +210,7 @@ def iter_sources(inputs: Iterable[str | Path]) -> Iterator[ImageSource]:
                 continue  # a symlink out of the input folder
             suffix = path.suffix.lower()
             if suffix == ".zip":
-                yield from _open_zip(path, str(path))
+                yield from _zip_or_note(path, str(path))
             elif suffix in IMAGE_SUFFIXES:
                 yield ImageSource(str(path), _file_reader(path))
             elif suffix in UNSUPPORTED_SUFFIXES:
@@ -205,23 +221,28 @@ def sources_from_uploads(items: Iterable[tuple[str, bytes]]) -> list[ImageSource
     """Sources for uploaded (name, bytes) pairs: zips are opened, any other file is an image.
 
     Hidden files and ``__MACOSX`` entries are skipped, as are files without an image-like
-    suffix inside folders (READMEs); a lone upload of an unsupported type gets a source whose
-    ``read`` raises ImageError, so it shows up as an error row. Repeated names get ``#2``,
-    ``#3`` appended so that no result overwrites another.
+    suffix inside folders (READMEs); a lone upload of an unsupported type, or a zip without
+    images among other uploads, gets a source whose ``read`` raises ImageError, so it shows up
+    as an error row. Nothing but zips without images gives an empty list. Repeated names get
+    ``#2``, ``#3`` appended so that no result overwrites another.
     """
     out: list[ImageSource] = []
+    empty_zips: list[ImageSource] = []
     for name, data in items:
         parts = as_posix(name).parts
         if _is_hidden(parts):
             continue
         suffix = PurePosixPath(name).suffix.lower()
         if suffix == ".zip":
-            out.extend(_open_zip(io.BytesIO(data), name))
+            found = list(_open_zip(io.BytesIO(data), name))
+            out.extend(found)
+            if not found:
+                empty_zips.append(_no_images(name))
         elif suffix in IMAGE_SUFFIXES:
             out.append(ImageSource(name, lambda data=data: data))
         elif len(parts) == 1 or suffix in UNSUPPORTED_SUFFIXES:
             out.append(_unsupported(name))
-    return unique_paths(out)
+    return unique_paths(out + empty_zips) if out else []
 
 
 def unique_paths(sources: Iterable[ImageSource]) -> list[ImageSource]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -67,11 +68,23 @@ def wilson_interval(k: int, n: int, *, confidence: float = 0.95) -> tuple[float,
     return float(ci.low), float(ci.high)
 
 
+NO_CASE = "(no case id)"
+TOP_LEVEL = "(top level)"
+
+
 def group_of(path: str, group_by: str, case: str) -> str:
-    """The summary group of one result: its case id, or its parent folder (zip members too)."""
+    """The summary group of one result: its case id, or its parent folder (zip members too).
+    Files whose names carry no case id share the group ``(no case id)``; files outside any
+    folder, ``(top level)``."""
     if group_by == "case":
-        return case
-    return str(as_posix(path).parent)
+        return NO_CASE if not case or case.startswith("?") else case
+    parent = str(as_posix(path).parent)
+    return TOP_LEVEL if parent == "." else parent
+
+
+def _natural_key(text: str) -> list:
+    """C3 before C12: digit runs compare as numbers."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(text))]
 
 
 _COUNTS = ["cells", "errors", "parasitized", "prob_sum"]
@@ -103,7 +116,7 @@ def summary_from_counts(counts: pd.DataFrame, *, cutoff: float = 0.0) -> pd.Data
     cols = ["group", "cells", "errors", "scored", "parasitized", "parasitemia", "ci_low",
             "ci_high", "mean_prob", "likely_infected"]
     rows = []
-    for group, c in counts.sort_index().iterrows():
+    for group, c in counts.sort_index(key=lambda idx: idx.map(_natural_key)).iterrows():
         n, k = int(c["cells"] - c["errors"]), int(c["parasitized"])
         lo, hi = wilson_interval(k, n)
         rows.append({"group": group, "cells": int(c["cells"]), "errors": int(c["errors"]),

@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
+# For page.wait_for_function: true once the app has finished running its script.
+IDLE = "() => !document.querySelector('[data-testid^=stStatusWidgetRunning]')"
 
 
 def _free_port() -> int:

@@ -47,7 +47,9 @@ def model_choices() -> list[Path]:
     return [default] + [f for f in found if f != default]
 
 
-def _label(folder: Path) -> str:
+def model_label(folder: Path | str) -> str:
+    """A model folder as the sidebar names it: relative to the repository where it can be."""
+    folder = Path(folder).resolve()
     try:
         return str(folder.relative_to(ROOT))
     except ValueError:
@@ -60,7 +62,7 @@ def model_sidebar() -> None:
     current = Path(st.session_state["model_folder"]).resolve()
     index = choices.index(current) if current in choices else 0
     with st.sidebar:
-        folder = st.selectbox("Model", choices, index=index, format_func=_label,
+        folder = st.selectbox("Model", choices, index=index, format_func=model_label,
                               help="The shipped default, or any trained run folder under "
                                    "weights/ or runs/")
         st.session_state["model_folder"] = str(folder)

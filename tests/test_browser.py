@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dashboard.serve import CHROMIUM_ARGS, running_app
+from dashboard.serve import CHROMIUM_ARGS, IDLE, running_app
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "tests" / "screenshots"
@@ -76,7 +76,13 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     page.get_by_test_id("stDataFrame").first.wait_for()
     time.sleep(4)
     page.screenshot(path=str(SHOTS / "score.png"), full_page=True)
-    assert page.get_by_text("Download cells (CSV)").count() == 1
+    page.wait_for_function(IDLE)
+    with page.expect_download() as download:
+        page.get_by_role("button", name=f"Download all {len(files)} cells (CSV)").click()
+    cells_csv = download.value.path().read_text().splitlines()
+    assert len(cells_csv) == len(files) + 1
+    assert cells_csv[0].endswith("run_id,threshold,model,model_sha256")
+    assert ",0.6,weights/default," in cells_csv[1]  # the threshold on the slider
     assert page.get_by_text("Traceback").count() == 0
     run_id = page.get_by_test_id("stHeading").filter(has_text="Results · run").inner_text()
     run_id = run_id.split("run")[-1].strip()
@@ -97,9 +103,13 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     page.screenshot(path=str(SHOTS / "evaluate.png"), full_page=True)
     main = page.locator("section.stMain, [data-testid=stMain]").first
     assert main.get_by_text("ROC (AUC").count() >= 1
-    # click the matrix's top-left cell (true Parasitized, predicted Parasitized)
+    # a click anywhere in a cell of the matrix, not only at its centre, opens that cell
     box = page.locator(".js-plotly-plot .nsewdrag").first.bounding_box()
-    page.mouse.click(box["x"] + box["width"] / 4, box["y"] + box["height"] / 4)
+    page.mouse.click(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.6)
+    page.get_by_text("True Uninfected, predicted Uninfected").wait_for()
+    page.wait_for_function(IDLE)
+    box = page.locator(".js-plotly-plot .nsewdrag").first.bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.08, box["y"] + box["height"] * 0.1)
     page.get_by_text("True Parasitized, predicted Parasitized").wait_for()
     page.get_by_text("each with its Grad-CAM map").wait_for()
     time.sleep(3)

@@ -29,10 +29,16 @@ def _errors(at: AppTest) -> list[str]:
 
 def test_every_page_renders_without_exception(app):
     assert [s.label for s in app.selectbox][:1] == ["Model"]  # the sidebar's model picker
+    assert "weights/study/runs/small_cnn" in app.sidebar.selectbox[0].options
     assert any(e.label == "Model card" for e in app.expander)
     for page in PAGES:
         app.switch_page(page).run()
         assert not _errors(app), (page, _errors(app))
+    app.sidebar.selectbox[0].set_value(ROOT / "weights/study/runs/small_cnn").run()
+    assert app.session_state["model_folder"].endswith("small_cnn")
+    for page in PAGES:  # a model from the study, from scratch, with its own layers
+        app.switch_page(page).run()
+        assert not _errors(app), ("small_cnn", page, _errors(app))
 
 
 def test_scoring_fixture_cells_shows_results_and_parasitemia(app, cells_dir):
@@ -47,6 +53,9 @@ def test_scoring_fixture_cells_shows_results_and_parasitemia(app, cells_dir):
     assert results.set_index("path").loc["broken.png", "error"]
     assert any("Errors" in m.label and m.value == "1" for m in app.metric)
     assert len(app.dataframe) >= 2  # cells and the parasitemia summary
+    table = app.dataframe[0].value
+    assert len(table) == len(items) and table.set_index("path").loc["broken.png", "error"]
+    assert any("Scored" in c.value and "weights/default" in c.value for c in app.caption)
     # moving the threshold re-labels without rescoring
     app.slider[0].set_value(0.99).run()
     assert not _errors(app)

@@ -209,3 +209,28 @@ def test_uploads_expand_zips_and_flag_other_files():
     for bad in sources[2:4]:
         with pytest.raises(ImageError):
             bad.read()
+
+
+def test_a_zip_without_images_is_an_error_row_not_lost(tmp_path):
+    def zip_of(members: dict[str, bytes]) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            for name, data in members.items():
+                z.writestr(name, data)
+        return buf.getvalue()
+
+    empty, text = zip_of({}), zip_of({"notes.txt": b"hi"})
+    outer = zip_of({"inner.zip": empty, "C1_a.png": _png()})
+    sources = sources_from_uploads([("a.png", _png()), ("text.zip", text),
+                                    ("outer.zip", outer)])
+    assert [s.path for s in sources] == ["a.png", "outer.zip!C1_a.png", "outer.zip!inner.zip",
+                                         "text.zip"]
+    for bad in sources[2:]:
+        with pytest.raises(ImageError, match="no images in this zip"):
+            bad.read()
+    # an upload of nothing but such zips has no source at all: the page says so instead
+    assert sources_from_uploads([("empty.zip", empty), ("text.zip", text)]) == []
+    (tmp_path / "empty.zip").write_bytes(empty)
+    [source] = iter_sources([tmp_path / "empty.zip"])
+    with pytest.raises(ImageError, match="no images in this zip"):
+        source.read()

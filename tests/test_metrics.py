@@ -62,3 +62,13 @@ def test_parasitemia_summary_groups_and_flags():
     pd.testing.assert_frame_equal(parasitemia_summary(iter(chunks), cutoff=0.02),
                                   parasitemia_summary(df, cutoff=0.02))
     assert parasitemia_summary(iter([]), cutoff=0.02).empty
+
+
+def test_parasitemia_groups_sort_naturally_and_name_the_ungrouped():
+    df = pd.DataFrame({
+        "path": ["a/C12_x.png", "a/C3_y.png", "slide_1.png", "b/C100_1.png"],
+        "case_id": ["C12", "C3", "?slide_1", "C100"],
+        "prediction": ["Parasitized", "Uninfected", None, "Uninfected"],
+        "prob_parasitized": [0.9, 0.1, None, 0.2], "error": [None, None, "bad", None]})
+    assert list(parasitemia_summary(df)["group"]) == ["(no case id)", "C3", "C12", "C100"]
+    assert list(parasitemia_summary(df, group_by="folder")["group"]) == ["(top level)", "a", "b"]

@@ -55,14 +55,21 @@ with left:
     fig = go.Figure(go.Heatmap(z=counts, x=list(CLASSES), y=list(CLASSES), showscale=False,
                                colorscale="Blues", text=counts, texttemplate="%{text}",
                                textfont_size=22, hoverinfo="skip"))
-    fig.add_trace(go.Scatter(  # invisible markers over each cell make it clickable
+    # Invisible markers at the cell centres make the matrix clickable; with no hover distance
+    # limit a click anywhere picks the nearest centre, i.e. the cell under the pointer.
+    fig.add_trace(go.Scatter(
         x=[c for _ in CLASSES for c in CLASSES], y=[r for r in CLASSES for _ in CLASSES],
-        mode="markers", marker=dict(size=90, symbol="square", opacity=0.01),
-        hovertemplate="true %{y}, predicted %{x}<extra>click to see the cells</extra>"))
+        mode="markers", marker=dict(size=1, opacity=0), hoverinfo="none"))
+    chosen = st.session_state.get("cm_cell")
+    if chosen and chosen[0] == choice:
+        col, row = CLASSES.index(chosen[2]), CLASSES.index(chosen[1])
+        fig.add_shape(type="rect", x0=col - 0.5, x1=col + 0.5, y0=row - 0.5, y1=row + 0.5,
+                      line=dict(color="#8e244d", width=5))
     fig.update_layout(xaxis_title="predicted", yaxis_title="true", height=380,
-                      yaxis_autorange="reversed", margin=dict(t=10, b=10), showlegend=False)
+                      yaxis_autorange="reversed", margin=dict(t=10, b=10), showlegend=False,
+                      hovermode="closest", hoverdistance=-1, dragmode=False)
     event = st.plotly_chart(fig, on_select="rerun", selection_mode="points", key="cm",
-                            width="stretch")
+                            width="stretch", config={"displayModeBar": False})
 with right:
     st.subheader("Metrics")
     table = {k: m[k] for k in ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
@@ -72,13 +79,20 @@ with right:
                  column_config={"value": st.column_config.NumberColumn(format="%.4f")})
 
 points = event.selection.points if event and event.selection else []
-if points:
-    true_cls, pred_cls = points[0]["y"], points[0]["x"]
+clicked = (choice, points[0]["y"], points[0]["x"]) if points else None
+# A click on the chosen cell again deselects it in Plotly: the gallery stays.
+if clicked and clicked != st.session_state.get("cm_cell"):
+    st.session_state["cm_cell"] = clicked
+    st.rerun()  # draw the matrix again with the new cell outlined
+chosen = st.session_state.get("cm_cell")
+if chosen and chosen[0] == choice:
+    _, true_cls, pred_cls = chosen
     mask = (preds["label"] == true_cls).to_numpy() & (pred_label == pred_cls)
     cell = preds[mask].assign(distance=np.abs(p[mask] - threshold))
     cell = cell.sort_values("distance", ascending=False).head(12)
     st.subheader(f"True {true_cls}, predicted {pred_cls}: {int(mask.sum())} cells")
-    st.caption("The most confident 12, each with its Grad-CAM map for the predicted class.")
+    st.caption(f"The {len(cell)} most confident, each with its Grad-CAM map for the predicted "
+               "class. Moving the threshold moves cells between the matrix's cells.")
     images, names = [], []
     for path in cell["path"]:
         try:

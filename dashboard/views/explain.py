@@ -20,26 +20,39 @@ with st.expander("What a heatmap shows, and what it does not", expanded=False):
         "is better) measure how much the model really relies on the highlighted pixels. "
         "Late stages are coarse (4x4 cells at 128 px); earlier stages give finer maps.")
 
+def _take_upload() -> None:
+    up = st.session_state.get("explain_upload")
+    if up is not None:
+        st.session_state["explain_item"] = (up.name, up.getvalue())
+
+
+def _take_sample() -> None:
+    pick = st.session_state.get("explain_sample")
+    st.session_state["explain_item"] = (None if pick in (None, "—")
+                                        else dict(ui.sample_items())[pick])
+
+
 source = st.radio("Image", ["Sample or upload", "A cell from the scored results"],
                   horizontal=True)
-item = st.session_state.get("explain_item")
-if source == "Sample or upload":
-    up = st.file_uploader("Upload one cell image", type=ui.UPLOAD_TYPES[:-1])
-    if up is not None:
-        item = (up.name, up.getvalue())
-    samples = ui.sample_items()
-    names = [n for n, _ in samples]
-    pick = st.selectbox("…or a sample cell", ["—"] + names,
-                        index=names.index(item[0]) + 1 if item and item[0] in names else 0)
-    if up is None and pick != "—":
-        item = samples[names.index(pick)]
+if source == "Sample or upload":  # whichever of the two was used last is shown
+    st.file_uploader("Upload one cell image", type=ui.UPLOAD_TYPES[:-1], key="explain_upload",
+                     on_change=_take_upload)
+    item = st.session_state.get("explain_item")
+    names = [n for n, _ in ui.sample_items()]
+    st.selectbox("…or a sample cell", ["—"] + names, key="explain_sample",
+                 on_change=_take_sample,
+                 index=names.index(item[0]) + 1 if item and item[0] in names else 0)
 else:
     results = st.session_state["results"]
     if results is None:
         st.info("Score some cells first (Score page), then pick one here.")
         st.stop()
-    ok = results[results["error"].isna()]
-    path = st.selectbox("Cell", ok["path"], format_func=lambda p: p.rsplit("/", 1)[-1])
+    ok = results[results["error"].isna()].set_index("path")
+    path = st.selectbox(
+        "Cell", ok.index,
+        format_func=lambda p: f"{p.rsplit('/', 1)[-1]} · case {ok.at[p, 'case_id']} · "
+                              f"label {ok.at[p, 'label'] or '?'} · "
+                              f"P(Parasitized) {ok.at[p, 'prob_parasitized']:.3f}")
     src = st.session_state["sources"].get(path)
     if src is None and st.session_state["run_on_disk"]:
         try:
@@ -48,7 +61,7 @@ else:
             src = None
     if src is None:
         st.warning("This run's images are no longer available (an upload reopened from the "
-                   "store, or files moved).")
+                   "store keeps its results, not its images; or the files moved).")
         st.stop()
     try:
         item = (path, src.read())
@@ -59,7 +72,6 @@ else:
 if item is None:
     st.info("Pick a sample cell or upload one.")
     st.stop()
-st.session_state["explain_item"] = item
 try:
     image = decode_image(item[1])
 except ImageError as exc:
@@ -87,19 +99,26 @@ def _explain(image_hash: str, method: str, target: str, layer: str, model_sha: s
 
 
 key = hashlib.sha256(item[1]).hexdigest()
-cols = st.columns(len(methods) + 1)
-cols[0].image(image, caption=f"original · {item[0].rsplit('/', 1)[-1]}", width="stretch")
-for col, method in zip(cols[1:], methods):
-    with col, st.spinner(f"{method}…"):
-        heat, prob, cls, road, keep, ms = _explain(key, method, target, layer, sha, image)
-        col.image(overlay(image, heat, opacity=opacity), caption=method, width="stretch")
-        col.caption(f"explains **{cls}** · ROAD {road:+.3f} · keep-only drop {keep:+.3f} · "
-                    f"{ms:,.0f} ms")
-if methods:
-    st.metric("P(Parasitized)", f"{prob:.3f}",
-              help=f"Decision threshold {contract['threshold']:.2f}")
-    st.caption(f"Map size at this layer is coarser than the image: values are upsampled to "
-               f"{image.shape[1]}x{image.shape[0]} px. ROAD: confidence kept when the least "
-               "relevant pixels are removed minus when the most relevant are removed (higher = "
-               "more faithful). Keep-only drop: confidence lost when only the highlighted region "
-               "is kept (lower = the region alone suffices).")
+name = item[0].rsplit("/", 1)[-1]
+if not methods:
+    st.image(image, caption=name, width=256)
+    st.info("Pick at least one method to see its heatmap and the probability.")
+    st.stop()
+PER_ROW = 4
+panels = [None] + methods  # the original first, then one panel per method
+for start in range(0, len(panels), PER_ROW):
+    for col, method in zip(st.columns(PER_ROW), panels[start:start + PER_ROW]):
+        if method is None:
+            col.image(image, caption=f"original · {name}", width="stretch")
+            continue
+        with col, st.spinner(f"{method}…"):
+            heat, prob, cls, road, keep, ms = _explain(key, method, target, layer, sha, image)
+            col.image(overlay(image, heat, opacity=opacity), caption=method, width="stretch")
+            col.caption(f"explains **{cls}** · ROAD {road:+.3f} · keep-only drop {keep:+.3f} · "
+                        f"{ms:,.0f} ms")
+st.metric("P(Parasitized)", f"{prob:.3f}", help=f"Decision threshold {contract['threshold']:.2f}")
+st.caption(f"Map size at this layer is coarser than the image: values are upsampled to "
+           f"{image.shape[1]}x{image.shape[0]} px. ROAD: confidence kept when the least "
+           "relevant pixels are removed minus when the most relevant are removed (higher = "
+           "more faithful). Keep-only drop: confidence lost when only the highlighted region "
+           "is kept (lower = the region alone suffices).")

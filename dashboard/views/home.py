@@ -15,7 +15,7 @@ st.markdown(
     "Everything runs on this computer; no image leaves it.")
 
 st.subheader("Try it on sample cells")
-st.caption("Cells from patients held out of training. Click one to score or explain it.")
+st.caption("Cells from patients held out of training: explain one, or score them all.")
 samples = ui.sample_items()
 cols = st.columns(len(samples) or 1)
 for col, (name, data) in zip(cols, samples):

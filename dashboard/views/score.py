@@ -9,6 +9,8 @@ from core.metrics import parasitemia_summary
 from core.score import screening_cutoff
 from dashboard import ui
 
+ERROR = "Error"  # the Prediction filter's name for rows that could not be scored
+
 st.title("Score cells")
 folder, card, sha = ui.current_model()
 st.caption("Upload cell images, a whole folder, or zips of them. Above about 1,000 files put "
@@ -36,7 +38,16 @@ results: pd.DataFrame | None = st.session_state["results"]
 if results is None:
     st.info("Nothing scored yet: upload files and press **Score**, or reopen a past run below.")
 else:
-    st.subheader(f"Results · run `{st.session_state['run_id']}`")
+    run_id = st.session_state["run_id"]
+    info = ui.store().run(run_id)
+    st.subheader(f"Results · run `{run_id}`")
+    st.caption(f"Scored {info.started[:16].replace('T', ' ')} UTC with "
+               f"`{ui.model_label(info.weights)}` (sha256 `{info.weights_sha256[:10]}`), "
+               f"{len(results):,} files.")
+    if info.weights_sha256 != sha:
+        st.warning("These results come from another model than the one selected in the "
+                   "sidebar; the threshold and screening cutoff below are the selected model's. "
+                   "Upload the files again and press **Score** to rescore them with it.")
     threshold = st.slider("Decision threshold on P(Parasitized)", 0.0, 1.0,
                           float(card["contract"]["threshold"]), 0.01,
                           help="Cells at or above it are called Parasitized; moving it "
@@ -50,39 +61,45 @@ else:
     b.metric("Called parasitized", f"{n_par:,}")
     c.metric("Errors", f"{n_err:,}")
     if n_err:
-        st.warning(f"{n_err} file(s) could not be scored; their reason is in the error column. "
-                   "Every other file was scored.")
+        st.warning(f"{n_err} file(s) could not be scored; each is a row with its reason in the "
+                   "error column (pick only **Error** under Prediction to list them). Every "
+                   "other file was scored.")
 
-    f1, f2, f3 = st.columns([2, 2, 1])
-    classes = f1.multiselect("Prediction", list(CLASSES), default=list(CLASSES))
-    lo, hi = f2.slider("Confidence band: P(Parasitized)", 0.0, 1.0, (0.0, 1.0), 0.01)
-    errors_only = f3.toggle("Errors only")
-    if errors_only:
-        view = shown[shown["error"].notna()]
-    else:
-        view = shown[shown["prediction"].isin(classes)
-                     & shown["prob_parasitized"].between(lo, hi)]
+    f1, f2 = st.columns(2)
+    kinds = list(CLASSES) + [ERROR]
+    picked = f1.multiselect("Prediction", kinds, default=kinds)
+    lo, hi = f2.slider("Confidence band: P(Parasitized)", 0.0, 1.0, (0.0, 1.0), 0.01,
+                       help="Applies to scored cells; error rows have no probability.")
+    row_kind = shown["prediction"].fillna(ERROR)
+    view = shown[row_kind.isin(picked)
+                 & (shown["prob_parasitized"].between(lo, hi) | (row_kind == ERROR))]
     sources = st.session_state["sources"]
-    limit = 300
     on_disk = st.session_state["run_on_disk"]
-    view = view.assign(thumb=[ui.thumbnail(p, sources, on_disk=on_disk)
-                              if i < limit and pd.isna(e) else None
-                              for i, (p, e) in enumerate(zip(view["path"], view["error"]))])
+    columns = ["path", "case_id", "label", "prob_parasitized", "prediction", "error"]
+    limit = 300
+    if sources or on_disk:
+        view = view.assign(thumb=[ui.thumbnail(p, sources, on_disk=on_disk)
+                                  if i < limit and pd.isna(e) else None
+                                  for i, (p, e) in enumerate(zip(view["path"], view["error"]))])
+        columns = ["thumb"] + columns
     st.dataframe(
-        view[["thumb", "path", "case_id", "label", "prob_parasitized", "prediction", "error"]],
-        hide_index=True, width="stretch", height=420,
+        view[columns], hide_index=True, width="stretch", height=420,
         column_config={
             "thumb": st.column_config.ImageColumn("Cell", width="small"),
             "prob_parasitized": st.column_config.ProgressColumn(
                 "P(Parasitized)", min_value=0.0, max_value=1.0, format="%.3f"),
         })
     st.caption(f"{len(view):,} rows match the filters"
-               + (f"; thumbnails for the first {limit}" if len(view) > limit else ""))
+               + (f"; thumbnails for the first {limit}" if "thumb" in columns
+                  and len(view) > limit else "")
+               + ("" if "thumb" in columns else "; no thumbnails: a reopened upload keeps its "
+                  "results, not its images"))
 
     st.subheader("Parasitemia")
     group_by = st.radio("Group by", ["case", "folder"], horizontal=True,
-                        help="Case: the patient id parsed from the file name (C100...). "
-                             "Folder: the folder each image came from.")
+                        help="Case: the patient id parsed from the file name (C100...); files "
+                             "without one form the group '(no case id)'. Folder: the folder "
+                             "each image came from.")
     cutoff = screening_cutoff(card)
     summary = parasitemia_summary(shown, group_by=group_by, cutoff=cutoff)
     st.caption(f"A group is flagged **likely infected** when the lower end of its 95% interval "
@@ -96,19 +113,28 @@ else:
         marker_color=["#8e244d" if f else "#9aa5b1" for f in summary["likely_infected"]],
         hovertemplate="%{x}: %{y:.1%}<extra></extra>"))
     fig.add_hline(y=cutoff, line_dash="dot", annotation_text="screening cutoff")
+    top = summary["ci_high"].max()
     fig.update_layout(yaxis_title="parasitemia (parasitized / scored)", yaxis_tickformat=".0%",
-                      height=360, margin=dict(t=20, b=20))
+                      yaxis_range=[0, min(1.0, max(top if pd.notna(top) else 1.0, cutoff) * 1.1)],
+                      xaxis_type="category", height=360, margin=dict(t=20, b=20))
     st.plotly_chart(fig, width="stretch")
     st.dataframe(summary, hide_index=True, width="stretch", column_config={
+        "group": st.column_config.TextColumn(width="medium"),
         "parasitemia": st.column_config.NumberColumn(format="percent"),
         "ci_low": st.column_config.NumberColumn("95% CI low", format="percent"),
         "ci_high": st.column_config.NumberColumn("95% CI high", format="percent"),
         "mean_prob": st.column_config.NumberColumn(format="%.3f")})
+    provenance = dict(run_id=run_id, threshold=threshold, model=ui.model_label(folder),
+                      model_sha256=sha)
     d1, d2 = st.columns(2)
-    d1.download_button("Download cells (CSV)", shown.to_csv(index=False), "cells.csv",
-                       "text/csv")
-    d2.download_button("Download summary (CSV)", summary.to_csv(index=False), "summary.csv",
-                       "text/csv")
+    d1.download_button(f"Download all {len(shown):,} cells (CSV)",
+                       shown.assign(**provenance).to_csv(index=False),
+                       f"cells_{run_id}.csv", "text/csv",
+                       help="Every row of the run, whatever the filters; the prediction column "
+                            "follows the threshold above, recorded with the model in each row.")
+    d2.download_button("Download summary (CSV)",
+                       summary.assign(screening_cutoff=cutoff, **provenance).to_csv(index=False),
+                       f"summary_{run_id}_{group_by}.csv", "text/csv")
 
 st.subheader("Past runs")
 runs = ui.store().list_runs()
@@ -116,16 +142,15 @@ if runs.empty:
     st.caption("No runs yet. Every scoring is saved here and survives reloads and restarts.")
 else:
     runs = runs.assign(inputs=[", ".join(json.loads(i))[:80] for i in runs["inputs"]],
+                       model=[ui.model_label(w) for w in runs["weights"]],
                        weights_sha256=runs["weights_sha256"].str[:10])
     st.dataframe(runs[["run_id", "started", "inputs", "stored", "parasitized", "errors",
-                       "weights_sha256", "engine"]], hide_index=True, width="stretch")
-    pick = st.selectbox("Reopen a run", runs["run_id"])
+                       "model", "weights_sha256", "kind"]], hide_index=True, width="stretch")
+    labels = {r.run_id: f"{r.run_id} · {r.inputs[:50]} · {r.stored:,} files · {r.model}"
+              for r in runs.itertuples()}
+    pick = st.selectbox("Reopen a run", list(labels), format_func=labels.get)
     if st.button("Open run"):
         info = ui.store().run(pick)
-        if info.weights_sha256 != sha:
-            st.warning(f"Run {pick} was scored with another model (sha256 "
-                       f"{info.weights_sha256[:10]}); the threshold and cutoff shown are the "
-                       "current model's.")
         st.session_state.update(results=ui.store().results(pick), run_id=pick, sources={},
                                 run_on_disk=info.kind == "files")
         st.rerun()

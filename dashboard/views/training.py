@@ -13,7 +13,7 @@ if not runs:
     st.info("No run folder with a history.csv yet. Train one with `python -m core.train`.")
     st.stop()
 current = ui.current_model()[0].resolve()
-picked = st.multiselect("Runs to compare", runs, format_func=ui._label,
+picked = st.multiselect("Runs to compare", runs, format_func=ui.model_label,
                         default=[current] if current in runs else runs[:1])
 if not picked:
     st.stop()
@@ -23,7 +23,7 @@ fig = make_subplots(rows=2, cols=2, subplot_titles=("Loss", "Accuracy", "Validat
 palette = ["#8e244d", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd"]
 for i, run in enumerate(picked):
     h = pd.read_csv(run / "history.csv")
-    color, name = palette[i % len(palette)], ui._label(run)
+    color, name = palette[i % len(palette)], ui.model_label(run)
     for col, row_col, dash, label in (("train_loss", (1, 1), "dot", "train"),
                                       ("val_loss", (1, 1), "solid", "validation"),
                                       ("train_accuracy", (1, 2), "dot", "train"),
@@ -35,18 +35,25 @@ for i, run in enumerate(picked):
                                  name=f"{name} · {label}", legendgroup=name,
                                  showlegend=row_col == (1, 1)),
                       row=row_col[0], col=row_col[1])
+    best = json.loads((run / "card.json").read_text()).get("best_epoch")
+    if best is not None:  # the epoch whose weights were kept
+        saved = h[h["epoch"] == best]
+        fig.add_trace(go.Scatter(x=saved["epoch"], y=saved["val_loss"], mode="markers",
+                                 marker=dict(color=color, size=14, symbol="star"),
+                                 name=f"{name} · saved epoch {best}", legendgroup=name),
+                      row=1, col=1)
 fig.update_xaxes(title_text="epoch")
-fig.update_yaxes(type="log", row=2, col=2)
+fig.update_yaxes(type="log", tickformat=".0e", row=2, col=2)
 fig.update_layout(height=620, margin=dict(t=40, b=10), hovermode="x unified")
 st.plotly_chart(fig, width="stretch")
 st.caption("Dotted: training (augmented, measured while learning). Solid: validation patients. "
-           "The saved weights are from the epoch with the lowest validation loss.")
+           "The saved weights are from the epoch with the lowest validation loss (star).")
 
 st.subheader("Learning-rate range test")
 for run in picked:
     curve, info = run / "lr_find.csv", run / "lr_find.json"
     if not curve.is_file():
-        st.caption(f"{ui._label(run)}: trained with a fixed learning rate (no range test).")
+        st.caption(f"{ui.model_label(run)}: trained with a fixed learning rate (no range test).")
         continue
     c, s = pd.read_csv(curve), json.loads(info.read_text())
     fig = go.Figure()
@@ -56,13 +63,13 @@ for run in picked:
                              name="smoothed loss", line=dict(color="#8e244d")))
     fig.add_vline(x=s["suggested_lr"], line_dash="dash",
                   annotation_text=f"suggested {s['suggested_lr']:.1e}")
-    fig.update_xaxes(type="log", title_text="learning rate")
-    fig.update_layout(title=ui._label(run), yaxis_title="loss", height=340,
+    fig.update_xaxes(type="log", tickformat=".0e", title_text="learning rate")
+    fig.update_layout(title=ui.model_label(run), yaxis_title="loss", height=340,
                       margin=dict(t=40, b=10))
     st.plotly_chart(fig, width="stretch")
     st.caption(f"The learning rate grew exponentially per batch; suggestion = {s['method']}.")
 
 st.subheader("Model cards")
 for run in picked:
-    with st.expander(ui._label(run)):
+    with st.expander(ui.model_label(run)):
         st.json(json.loads((run / "card.json").read_text()))
