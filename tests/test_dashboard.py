@@ -70,6 +70,12 @@ def test_explain_renders_a_sample_with_scores(app):
     assert not _errors(app), _errors(app)
     assert any(m.label == "P(Parasitized)" for m in app.metric)
     assert sum("ROAD" in c.value for c in app.caption) >= 3  # one per default method
+    # picking another sample in the list shows that one
+    other = next((ROOT / "dashboard" / "samples" / "Uninfected").glob("*.png"))
+    app.selectbox(key="explain_sample").set_value(f"samples/Uninfected/{other.name}").run()
+    assert not _errors(app), _errors(app)
+    assert app.session_state["explain_item"][0] == f"samples/Uninfected/{other.name}"
+    assert sum("ROAD" in c.value for c in app.caption) >= 3
 
 
 def test_an_empty_upload_is_a_clear_error(app):

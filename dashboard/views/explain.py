@@ -29,7 +29,7 @@ def _take_upload() -> None:
 def _take_sample() -> None:
     pick = st.session_state.get("explain_sample")
     st.session_state["explain_item"] = (None if pick in (None, "—")
-                                        else dict(ui.sample_items())[pick])
+                                        else (pick, dict(ui.sample_items())[pick]))
 
 
 source = st.radio("Image", ["Sample or upload", "A cell from the scored results"],
