@@ -61,6 +61,12 @@ def test_scoring_fixture_cells_shows_results_and_parasitemia(app, cells_dir):
     assert not _errors(app)
     called = next(m for m in app.metric if m.label == "Called parasitized")
     assert int(called.value.replace(",", "")) == int((results["prob_parasitized"] >= 0.99).sum())
+    assert not any("another model" in w.value for w in app.warning)
+    # with another model selected, the results on show say they are not its own, on every rerun
+    app.sidebar.selectbox[0].set_value(ROOT / "weights/study/runs/small_cnn").run()
+    app.run()
+    assert not _errors(app), _errors(app)
+    assert any("come from another model" in w.value for w in app.warning)
 
 
 def test_explain_renders_a_sample_with_scores(app):
