@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import png_folder, score_cli, subset  # noqa: E402
 from core.contract import DEFAULT_WEIGHTS  # noqa: E402
-from dashboard.serve import CHROMIUM_ARGS, IDLE, running_app  # noqa: E402
+from dashboard.serve import CHROMIUM_ARGS, IDLE, running_app, wait_for_rerun  # noqa: E402
 
 
 def zip_folder(folder: Path, out: Path) -> Path:
@@ -58,8 +58,8 @@ def upload_and_score(page, url: str, upload: Path, *, fresh: bool = True,
     page.wait_for_function(IDLE, timeout=ms)
     t1 = time.perf_counter()
     button.click()
+    wait_for_rerun(page, ms)
     page.get_by_text("Download summary (CSV)").wait_for(timeout=ms)
-    page.wait_for_function(IDLE, timeout=ms)
     t2 = time.perf_counter()
     if page.get_by_text("Traceback").count():
         raise RuntimeError(f"the page shows a traceback after scoring {upload.name}")
@@ -78,9 +78,11 @@ def main() -> None:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        sys.exit("bench.ui needs playwright (pip install playwright)")
+        print("bench.ui skipped: playwright is not installed (pip install playwright)")
+        return
     if not Path(chromium).exists():
-        sys.exit("bench.ui needs Debian's chromium (apt-get install chromium)")
+        print("bench.ui skipped: Debian's chromium is not installed (apt-get install chromium)")
+        return
 
     folder = png_folder(args.data, ROOT / ".cache" / "bench_png")
     rows = []

@@ -56,8 +56,9 @@ def as_posix(key: str) -> PurePosixPath:
 def case_id(name: str) -> str:
     """Case id parsed from a file name: ``C100P61ThinF_IMG_x_cell_1.png`` -> ``C100``.
 
-    Names that do not start with ``C<digits>`` get their own group, ``?<stem>``, so an
-    unparsed image is never silently merged with a patient.
+    Names that do not start with ``C<digits>`` get ``?<stem>``, their own case, so an unparsed
+    image is never merged with a patient (parasitemia summaries pool them as ``(no case id)``,
+    never flagged).
     """
     base = as_posix(name).name
     m = _CASE_RE.match(base)
@@ -164,6 +165,9 @@ def _zip_sources(zf: zipfile.ZipFile, prefix: str, *, depth: int = 0) -> Iterato
                 yield _error_source(path, str(exc))
                 continue
             yield from _zip_or_note(inner, path, depth=depth + 1)
+        elif suffix == ".zip":
+            yield _error_source(path, "a zip inside a zip inside a zip: only one level of "
+                                      "nesting is opened")
         elif suffix in IMAGE_SUFFIXES:
             yield ImageSource(path, _member_reader(zf, info))
         elif suffix in UNSUPPORTED_SUFFIXES:

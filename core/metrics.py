@@ -84,7 +84,7 @@ def group_of(path: str, group_by: str, case: str) -> str:
 
 def _natural_key(text: str) -> list:
     """C3 before C12: digit runs compare as numbers."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(text))]
+    return [int(t) if i % 2 else t for i, t in enumerate(re.split(r"([0-9]+)", str(text)))]
 
 
 _COUNTS = ["cells", "errors", "parasitized", "prob_sum"]
@@ -111,7 +111,8 @@ def summary_from_counts(counts: pd.DataFrame, *, cutoff: float = 0.0) -> pd.Data
     """Parasitemia per group from :func:`parasitemia_counts` (summed over chunks).
 
     Columns: group, cells (rows), errors, scored, parasitized, parasitemia (parasitized /
-    scored), ci_low/ci_high (95% Wilson), mean_prob, likely_infected (ci_low > cutoff).
+    scored), ci_low/ci_high (95% Wilson), mean_prob, likely_infected (ci_low > cutoff; never
+    for the ``(no case id)`` group, which pools files of unknown patients).
     """
     cols = ["group", "cells", "errors", "scored", "parasitized", "parasitemia", "ci_low",
             "ci_high", "mean_prob", "likely_infected"]
@@ -123,7 +124,7 @@ def summary_from_counts(counts: pd.DataFrame, *, cutoff: float = 0.0) -> pd.Data
                      "scored": n, "parasitized": k, "parasitemia": k / n if n else math.nan,
                      "ci_low": lo, "ci_high": hi,
                      "mean_prob": c["prob_sum"] / n if n else math.nan,
-                     "likely_infected": bool(n and lo > cutoff)})
+                     "likely_infected": bool(n and lo > cutoff and group != NO_CASE)})
     return pd.DataFrame(rows, columns=cols)
 
 

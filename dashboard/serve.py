@@ -16,8 +16,21 @@ ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-# For page.wait_for_function: true once the app has finished running its script.
-IDLE = "() => !document.querySelector('[data-testid^=stStatusWidgetRunning]')"
+# For page.wait_for_function: the state Streamlit's own browser tests read (the running icon
+# only shows after 500 ms, so its absence says nothing about short runs).
+_STATE = "document.querySelector('[data-testid=stApp]')?.getAttribute('data-test-script-state')"
+IDLE = f"() => {_STATE} === 'notRunning'"
+BUSY = f"() => {_STATE} !== 'notRunning'"
+
+
+def wait_for_rerun(page, timeout_ms: float) -> None:
+    """After an interaction: wait for the rerun it triggers to start, then to finish."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    try:
+        page.wait_for_function(BUSY, timeout=5_000)
+    except PlaywrightTimeout:  # finished between two animation frames: only the end counts
+        pass
+    page.wait_for_function(IDLE, timeout=timeout_ms)
 
 
 def _free_port() -> int:

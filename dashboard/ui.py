@@ -34,6 +34,7 @@ def init_state() -> None:
         "sources": {},  # path -> ImageSource for thumbnails and Explain
         "pending_items": None,  # (name, bytes) handed over from Home to Score
         "explain_item": None,  # (name, bytes) handed over to Explain
+        "cm_cell": None,  # (data source, true class, predicted class) chosen on Evaluate
     }
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)

@@ -81,7 +81,7 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
         page.get_by_role("button", name=f"Download all {len(files)} cells (CSV)").click()
     cells_csv = download.value.path().read_text().splitlines()
     assert len(cells_csv) == len(files) + 1
-    assert cells_csv[0].endswith("run_id,threshold,model,model_sha256")
+    assert cells_csv[0].endswith("run_id,threshold,scored_with,scored_with_sha256")
     assert ",0.6,weights/default," in cells_csv[1]  # the threshold on the slider
     assert page.get_by_text("Traceback").count() == 0
     run_id = page.get_by_test_id("stHeading").filter(has_text="Results · run").inner_text()

@@ -17,6 +17,7 @@ def app(tmp_path, monkeypatch) -> AppTest:
     monkeypatch.setenv("MALARIA_STORE", str(tmp_path / "store.sqlite"))
     import dashboard.ui
     dashboard.ui.store.clear()
+    dashboard.ui._score_cached.clear()  # its run ids belong to another test's store
     at = AppTest.from_file(APP, default_timeout=180)
     at.run()
     assert not at.exception
@@ -25,6 +26,12 @@ def app(tmp_path, monkeypatch) -> AppTest:
 
 def _errors(at: AppTest) -> list[str]:
     return [e.value for e in at.error] + [str(x.value) for x in at.exception]
+
+
+def test_no_pages_folder_beside_the_entrypoint():
+    # Streamlit would run a dashboard/pages/ folder as old-style pages: a first request for
+    # /score would then run views without the router (and without the repository on sys.path).
+    assert not (ROOT / "dashboard" / "pages").exists(), "pages live in dashboard/views/"
 
 
 def test_every_page_renders_without_exception(app):

@@ -230,6 +230,10 @@ def test_a_zip_without_images_is_an_error_row_not_lost(tmp_path):
             bad.read()
     # an upload of nothing but such zips has no source at all: the page says so instead
     assert sources_from_uploads([("empty.zip", empty), ("text.zip", text)]) == []
+    deep = zip_of({"l1.zip": zip_of({"l2.zip": zip_of({"C1_a.png": _png()})})})
+    [source] = sources_from_uploads([("deep.zip", deep)])
+    with pytest.raises(ImageError, match="only one level of nesting"):
+        source.read()
     (tmp_path / "empty.zip").write_bytes(empty)
     [source] = iter_sources([tmp_path / "empty.zip"])
     with pytest.raises(ImageError, match="no images in this zip"):

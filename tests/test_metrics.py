@@ -70,5 +70,11 @@ def test_parasitemia_groups_sort_naturally_and_name_the_ungrouped():
         "case_id": ["C12", "C3", "?slide_1", "C100"],
         "prediction": ["Parasitized", "Uninfected", None, "Uninfected"],
         "prob_parasitized": [0.9, 0.1, None, 0.2], "error": [None, None, "bad", None]})
-    assert list(parasitemia_summary(df)["group"]) == ["(no case id)", "C3", "C12", "C100"]
+    summary = parasitemia_summary(df)
+    assert list(summary["group"]) == ["(no case id)", "C3", "C12", "C100"]
+    df.loc[2] = ["slide_1.png", "?slide_1", "Parasitized", 0.99, None]
+    pooled = parasitemia_summary(df, cutoff=0.0).set_index("group").loc["(no case id)"]
+    assert pooled["parasitemia"] == 1 and not pooled["likely_infected"]  # not a patient
+    odd = df.assign(path=["x3²/a.png", "x12/b.png", "x3/c.png", "x3²/d.png"])
+    assert list(parasitemia_summary(odd, group_by="folder")["group"]) == ["x3", "x3²", "x12"]
     assert list(parasitemia_summary(df, group_by="folder")["group"]) == ["(top level)", "a", "b"]

@@ -20,15 +20,20 @@ with st.expander("What a heatmap shows, and what it does not", expanded=False):
         "is better) measure how much the model really relies on the highlighted pixels. "
         "Late stages are coarse (4x4 cells at 128 px); earlier stages give finer maps.")
 
-def _take_upload() -> None:
+def _upload_item() -> tuple[str, bytes] | None:
     up = st.session_state.get("explain_upload")
-    if up is not None:
-        st.session_state["explain_item"] = (up.name, up.getvalue())
+    return None if up is None else (up.name, up.getvalue())
 
 
-def _take_sample() -> None:
+def _take_upload() -> None:  # a new upload is shown; removing it takes it off the page
+    shown = st.session_state.get("explain_item")
+    sample_on_show = shown is not None and shown[0] in dict(ui.sample_items())
+    st.session_state["explain_item"] = _upload_item() or (shown if sample_on_show else None)
+
+
+def _take_sample() -> None:  # a picked sample is shown; "—" goes back to the upload, if any
     pick = st.session_state.get("explain_sample")
-    st.session_state["explain_item"] = (None if pick in (None, "—")
+    st.session_state["explain_item"] = (_upload_item() if pick in (None, "—")
                                         else (pick, dict(ui.sample_items())[pick]))
 
 
@@ -39,15 +44,18 @@ if source == "Sample or upload":  # whichever of the two was used last is shown
                      on_change=_take_upload)
     item = st.session_state.get("explain_item")
     names = [n for n, _ in ui.sample_items()]
+    st.session_state["explain_sample"] = item[0] if item and item[0] in names else "—"
     st.selectbox("…or a sample cell", ["—"] + names, key="explain_sample",
-                 on_change=_take_sample,
-                 index=names.index(item[0]) + 1 if item and item[0] in names else 0)
+                 on_change=_take_sample)
 else:
     results = st.session_state["results"]
     if results is None:
         st.info("Score some cells first (Score page), then pick one here.")
         st.stop()
     ok = results[results["error"].isna()].set_index("path")
+    if ok.empty:
+        st.info("No cell of this run could be scored, so there is nothing to explain.")
+        st.stop()
     path = st.selectbox(
         "Cell", ok.index,
         format_func=lambda p: f"{p.rsplit('/', 1)[-1]} · case {ok.at[p, 'case_id']} · "

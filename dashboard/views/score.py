@@ -7,6 +7,7 @@ import streamlit as st
 from core.data import CLASSES, predicted_class
 from core.metrics import parasitemia_summary
 from core.score import screening_cutoff
+from core.store import StoreError
 from dashboard import ui
 
 ERROR = "Error"  # the Prediction filter's name for rows that could not be scored
@@ -39,7 +40,12 @@ if results is None:
     st.info("Nothing scored yet: upload files and press **Score**, or reopen a past run below.")
 else:
     run_id = st.session_state["run_id"]
-    info = ui.store().run(run_id)
+    try:
+        info = ui.store().run(run_id)
+    except StoreError as exc:  # the store was moved or replaced under a running app
+        st.session_state.update(results=None, run_id=None)
+        st.error(f"The results on show are gone from the result store ({exc}); score again.")
+        st.stop()
     st.subheader(f"Results · run `{run_id}`")
     st.caption(f"Scored {info.started[:16].replace('T', ' ')} UTC with "
                f"`{ui.model_label(info.weights)}` (sha256 `{info.weights_sha256[:10]}`), "
@@ -49,9 +55,10 @@ else:
                    "sidebar; the threshold and screening cutoff below are the selected model's. "
                    "Upload the files again and press **Score** to rescore them with it.")
     threshold = st.slider("Decision threshold on P(Parasitized)", 0.0, 1.0,
-                          float(card["contract"]["threshold"]), 0.01,
-                          help="Cells at or above it are called Parasitized; moving it "
-                               "re-labels every cell at once.")
+                          float(info.threshold), 0.01,
+                          help="Starts at the threshold the run was scored with. Cells at or "
+                               "above it are called Parasitized; moving it re-labels every "
+                               "cell at once.")
     shown = results.assign(prediction=[None if pd.isna(p) else predicted_class(p, threshold)
                                        for p in results["prob_parasitized"]])
     n_err = int(shown["error"].notna().sum())
@@ -124,16 +131,19 @@ else:
         "ci_low": st.column_config.NumberColumn("95% CI low", format="percent"),
         "ci_high": st.column_config.NumberColumn("95% CI high", format="percent"),
         "mean_prob": st.column_config.NumberColumn(format="%.3f")})
-    provenance = dict(run_id=run_id, threshold=threshold, model=ui.model_label(folder),
-                      model_sha256=sha)
+    provenance = dict(run_id=run_id, threshold=threshold,
+                      scored_with=ui.model_label(info.weights),
+                      scored_with_sha256=info.weights_sha256)
     d1, d2 = st.columns(2)
     d1.download_button(f"Download all {len(shown):,} cells (CSV)",
                        shown.assign(**provenance).to_csv(index=False),
                        f"cells_{run_id}.csv", "text/csv",
                        help="Every row of the run, whatever the filters; the prediction column "
-                            "follows the threshold above, recorded with the model in each row.")
+                            "follows the threshold above. Each row records the run, that "
+                            "threshold and the model that computed the probability.")
     d2.download_button("Download summary (CSV)",
-                       summary.assign(screening_cutoff=cutoff, **provenance).to_csv(index=False),
+                       summary.assign(screening_cutoff=cutoff, cutoff_from=ui.model_label(folder),
+                                      **provenance).to_csv(index=False),
                        f"summary_{run_id}_{group_by}.csv", "text/csv")
 
 st.subheader("Past runs")
