@@ -73,7 +73,6 @@ def explain_timings(weights: Path, images: np.ndarray) -> list[dict]:
     from core.explain import METHODS, SLOW_METHODS, explain, explainable
     from core.model import load_model
 
-    os.environ["TQDM_DISABLE"] = "1"  # grad-cam's per-channel progress bars
     loaded = load_model(weights)
     net = explainable(loaded)
     rows = []

@@ -141,6 +141,7 @@ def uploaded_items(files) -> list[tuple[str, bytes]]:
     return [(f.name, f.getvalue()) for f in files or []]
 
 
+@st.cache_data(show_spinner=False)
 def sample_items() -> list[tuple[str, bytes]]:
     return [(f"samples/{p.parent.name}/{p.name}", p.read_bytes())
             for p in sorted(SAMPLES.rglob("*.png"))]

@@ -84,7 +84,6 @@ clicked = (choice, points[0]["y"], points[0]["x"]) if points else None
 if clicked and clicked != st.session_state.get("cm_cell"):
     st.session_state["cm_cell"] = clicked
     st.rerun()  # draw the matrix again with the new cell outlined
-chosen = st.session_state.get("cm_cell")
 if chosen and chosen[0] == choice:
     _, true_cls, pred_cls = chosen
     mask = (preds["label"] == true_cls).to_numpy() & (pred_label == pred_cls)

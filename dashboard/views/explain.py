@@ -19,6 +19,8 @@ with st.expander("What a heatmap shows, and what it does not", expanded=False):
         "compare them: the **ROAD** score (higher is better) and the **keep-only drop** (lower "
         "is better) measure how much the model really relies on the highlighted pixels. "
         "Late stages are coarse (4x4 cells at 128 px); earlier stages give finer maps.")
+SAMPLE_CELLS = dict(ui.sample_items())  # name -> bytes of the bundled sample cells
+
 
 def _upload_item() -> tuple[str, bytes] | None:
     up = st.session_state.get("explain_upload")
@@ -27,14 +29,14 @@ def _upload_item() -> tuple[str, bytes] | None:
 
 def _take_upload() -> None:  # a new upload is shown; removing it takes it off the page
     shown = st.session_state.get("explain_item")
-    sample_on_show = shown is not None and shown[0] in dict(ui.sample_items())
+    sample_on_show = shown is not None and shown[0] in SAMPLE_CELLS
     st.session_state["explain_item"] = _upload_item() or (shown if sample_on_show else None)
 
 
 def _take_sample() -> None:  # a picked sample is shown; "—" goes back to the upload, if any
     pick = st.session_state.get("explain_sample")
     st.session_state["explain_item"] = (_upload_item() if pick in (None, "—")
-                                        else (pick, dict(ui.sample_items())[pick]))
+                                        else (pick, SAMPLE_CELLS[pick]))
 
 
 source = st.radio("Image", ["Sample or upload", "A cell from the scored results"],
@@ -43,7 +45,7 @@ if source == "Sample or upload":  # whichever of the two was used last is shown
     st.file_uploader("Upload one cell image", type=ui.UPLOAD_TYPES[:-1], key="explain_upload",
                      on_change=_take_upload)
     item = st.session_state.get("explain_item")
-    names = [n for n, _ in ui.sample_items()]
+    names = list(SAMPLE_CELLS)
     st.session_state["explain_sample"] = item[0] if item and item[0] in names else "—"
     st.selectbox("…or a sample cell", ["—"] + names, key="explain_sample",
                  on_change=_take_sample)

@@ -21,6 +21,7 @@ if not picked:
 fig = make_subplots(rows=2, cols=2, subplot_titles=("Loss", "Accuracy", "Validation AUC",
                                                     "Learning rate"))
 palette = ["#8e244d", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd"]
+cards = {run: json.loads((run / "card.json").read_text()) for run in picked}
 for i, run in enumerate(picked):
     h = pd.read_csv(run / "history.csv")
     color, name = palette[i % len(palette)], ui.model_label(run)
@@ -35,7 +36,7 @@ for i, run in enumerate(picked):
                                  name=f"{name} · {label}", legendgroup=name,
                                  showlegend=row_col == (1, 1)),
                       row=row_col[0], col=row_col[1])
-    best = json.loads((run / "card.json").read_text()).get("best_epoch")
+    best = cards[run].get("best_epoch")
     if best is not None:  # the epoch whose weights were kept
         saved = h[h["epoch"] == best]
         fig.add_trace(go.Scatter(x=saved["epoch"], y=saved["val_loss"], mode="markers",
@@ -72,4 +73,4 @@ for run in picked:
 st.subheader("Model cards")
 for run in picked:
     with st.expander(ui.model_label(run)):
-        st.json(json.loads((run / "card.json").read_text()))
+        st.json(cards[run])
