@@ -1,14 +1,23 @@
-"""Class activation maps (pytorch-grad-cam), any stage of the network, with faithfulness scores.
+"""Class activation maps (pytorch-grad-cam), any stage of the network, scored for where they
+point and for faithfulness.
 
-    python -m core.explain INPUT... --method gradcam++ [--layer features.6]
+    python -m core.explain INPUT... [--method hirescam] [--layer features.6]
                            [--target predicted|parasitized|uninfected] --out DIR
 
-Faithfulness, per map (both in units of the target class's softmax probability):
-- ``road``: ROAD combined score: mean confidence change when the least relevant pixels are
-  removed minus when the most relevant are removed, halved (noisy linear imputation at 20, 40,
-  60, 80 %). Higher means the map points at pixels the model really uses.
-- ``keep_drop``: how much the target's confidence falls when the image is multiplied by the
-  map (only the highlighted region kept). Lower means the highlighted region alone suffices.
+With no method or layer given, ``explain`` draws HiResCAM at the model's target layer (the
+16x16 stage of MobileNetV2): of every method x stage, it put its peak on the stained parasite
+most often on the validation patients (``python -m core.explain_check`` measures all of them;
+the README has the table). The 4x4 last stage, Grad-CAM's usual choice, almost never does.
+
+Per map:
+- ``points_at_parasite``: whether the map's peak falls on the parasite that the stain-based
+  locator (``core.locate``) finds in the cell; None when the locator finds none.
+- ``mass_in_cell``: share of the map's mass on the cell rather than the black background.
+- ``road``: ROAD combined score, in units of the target class's softmax probability: mean
+  confidence change when the least relevant pixels are removed minus when the most relevant
+  are removed, halved (noisy linear imputation at 20, 40, 60, 80 %). Higher means the map points
+  at pixels the model really uses. It says nothing of *what* those pixels are: a map can be
+  faithful and still light the background, which is what the pointing result is for.
 """
 from __future__ import annotations
 
@@ -19,13 +28,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageDraw
+from scipy import ndimage
 from pytorch_grad_cam import (AblationCAM, EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM,
                               LayerCAM, ScoreCAM, XGradCAM)
-from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
 from pytorch_grad_cam.metrics.road import ROADCombined
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import (ClassifierOutputSoftmaxTarget,
@@ -34,6 +44,7 @@ from torch import nn
 
 from core.contract import DEFAULT_WEIGHTS
 from core.data import ImageError, as_posix, iter_sources, predicted_class, read_image, resize_rgb
+from core.locate import Stain, locate, mass_inside, points_at
 from core.model import LoadedModel, load_model, normalize
 
 METHODS = {
@@ -43,8 +54,11 @@ METHODS = {
 }
 # Perturbation methods run the network once per channel batch of the target layer.
 SLOW_METHODS = frozenset({"scorecam", "ablationcam"})
+# The method ``explain`` uses when none is given; see the module docstring for why.
+DEFAULT_METHOD = "hirescam"
 TARGETS = ("predicted", "parasitized", "uninfected")
 ROAD_PERCENTILES = (20, 40, 60, 80)
+FUSE = "+"  # "features.6+features.13": the mean of both stages' normalised maps
 
 
 @dataclass(frozen=True)
@@ -58,8 +72,9 @@ class Explanation:
     map_size: tuple[int, int]  # the layer's own resolution, before upsampling
     overlay: np.ndarray  # uint8 (H, W, 3), heatmap over the image at 50 % opacity
     prob_parasitized: float
+    points_at_parasite: bool | None  # None: the stain locator found no parasite to point at
+    mass_in_cell: float  # share of the map's mass on the cell, in [0, 1]
     road: float  # NaN when faithfulness was not asked for
-    keep_drop: float
     ms: float  # wall time per image of the map itself (faithfulness not included)
 
 
@@ -92,6 +107,25 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, *, opacity: float = 0.5) -> 
                              use_rgb=True, image_weight=1 - opacity)
 
 
+def colour_bar(*, width: int = 256, height: int = 12) -> np.ndarray:
+    """The overlay's colour scale, low evidence (left) to high (right): uint8 (height, width, 3)."""
+    ramp = np.tile(np.linspace(0, 255, width, dtype=np.float32), (height, 1)).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(ramp, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+
+
+def for_display(image: np.ndarray, *, width: int = 384,
+                outline: np.ndarray | None = None) -> np.ndarray:
+    """An RGB uint8 image (H, W, 3) upsampled smoothly (bicubic) to ``width`` px, with the
+    boundary of the bool mask ``outline`` (H, W), if given, drawn in white."""
+    h, w = image.shape[:2]
+    size = (width, max(1, round(width * h / w)))
+    big = np.array(Image.fromarray(image).resize(size, Image.BICUBIC))
+    if outline is not None and outline.any():
+        mask = np.asarray(Image.fromarray(outline.astype(np.uint8) * 255).resize(size)) > 127
+        big[mask & ~ndimage.binary_erosion(mask, iterations=max(1, width // 192))] = 255
+    return big
+
+
 def _resize_map(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(h, w) map -> (H, W) float32 in [0, 1]; ``size`` is (W, H) as PIL wants it."""
     if cam.shape[::-1] != size:
@@ -99,23 +133,35 @@ def _resize_map(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(np.nan_to_num(cam, nan=0.0), 0, 1).astype(np.float32)
 
 
-def explain(loaded: LoadedModel, images: Sequence[np.ndarray], *, method: str = "gradcam",
+def _pointing(heatmap: np.ndarray, stain: Stain) -> bool | None:
+    return points_at(heatmap, stain.parasite) if stain.found else None
+
+
+def explain(loaded: LoadedModel, images: Sequence[np.ndarray], *, method: str | None = None,
             target: str = "predicted", layer: str | None = None, faithfulness: bool = True,
-            net: nn.Module | None = None, batch_size: int = 32) -> list[Explanation]:
+            net: nn.Module | None = None, batch_size: int = 32,
+            stains: Sequence[Stain] | None = None) -> list[Explanation]:
     """Explain each RGB uint8 image (H, W, 3), any size, with one CAM method.
 
-    ``layer`` is one of ``loaded.contract.cam_layers`` (default: the contract's target layer);
-    ``target`` is "predicted" or a class name. ``net`` is a model from ``explainable`` to reuse
-    across calls. Raises ValueError for an unknown method, target or layer.
+    ``method`` defaults to DEFAULT_METHOD; ``layer`` is one of ``loaded.contract.cam_layers``
+    or several joined by FUSE (default: the contract's target layer); ``target`` is
+    "predicted" or a class name. ``net`` is a model from ``explainable`` to reuse across calls;
+    ``stains`` the images' ``core.locate.locate`` results when the caller has them already.
+    ``faithfulness`` adds ROAD, about half a second per image on a CPU.
+    Raises ValueError for an unknown method, target or layer.
     """
+    method = method or DEFAULT_METHOD
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     c = loaded.contract
     layer = layer or c.target_layer
-    if layer not in c.cam_layers:
-        raise ValueError(f"unknown layer {layer!r}; this model offers {', '.join(c.cam_layers)}")
+    stages = layer.split(FUSE)
+    unknown = [s for s in stages if s not in c.cam_layers]
+    if unknown:
+        raise ValueError(f"unknown layer {unknown[0]!r}; this model offers "
+                         f"{', '.join(c.cam_layers)} (fuse stages with {FUSE!r})")
     net = net or explainable(loaded)
     for p in net.parameters():
         p.requires_grad_(False)  # gradients are needed w.r.t. activations only
@@ -136,14 +182,14 @@ def explain(loaded: LoadedModel, images: Sequence[np.ndarray], *, method: str = 
                    [_PredictedTarget(c.positive_index, c.threshold)] * len(chunk))
         # Not `with cam:` here: BaseCAM.__exit__ swallows IndexError, which would hide a failed
         # map; the hooks are released in `finally` all the same.
-        cam = METHODS[method](model=net, target_layers=[net.get_submodule(layer)])
+        cam = METHODS[method](model=net, target_layers=[net.get_submodule(s) for s in stages])
         try:
             if method in SLOW_METHODS:
                 cam.batch_size = 64
             with torch.enable_grad():
                 maps = cam(input_tensor=x.clone().requires_grad_(True), targets=targets)
             probs = cam.outputs.detach().softmax(1)  # the unperturbed forward pass's output
-            map_size = tuple(cam.activations_and_grads.activations[0].shape[-2:])
+            map_size = max(tuple(a.shape[-2:]) for a in cam.activations_and_grads.activations)
         finally:
             cam.activations_and_grads.release()
         pos = probs[:, c.positive_index].tolist()
@@ -151,17 +197,18 @@ def explain(loaded: LoadedModel, images: Sequence[np.ndarray], *, method: str = 
             idx = [c.classes.index(predicted_class(p, c.threshold)) for p in pos]
         ms = (time.perf_counter() - t0) * 1000 / len(chunk)
         maps = np.nan_to_num(maps, nan=0.0).astype(np.float32)
-        road = keep = [float("nan")] * len(chunk)
+        road = [float("nan")] * len(chunk)
         if faithfulness:
             soft = [ClassifierOutputSoftmaxTarget(i) for i in idx]
             with torch.no_grad():
                 road = np.ravel(ROADCombined(percentiles=list(ROAD_PERCENTILES))(
                     x, maps, soft, net)).tolist()
-                keep = (-CamMultImageConfidenceChange()(x, maps, soft, net)).ravel().tolist()
         for i, im in enumerate(chunk):
             heat = _resize_map(maps[i], (im.shape[1], im.shape[0]))
+            stain = stains[start + i] if stains is not None else locate(im)
             out.append(Explanation(method, layer, c.classes[idx[i]], heat, map_size,
-                                   overlay(im, heat), pos[i], float(road[i]), float(keep[i]), ms))
+                                   overlay(im, heat), pos[i], _pointing(heat, stain),
+                                   mass_inside(heat, stain.cell), float(road[i]), ms))
     return out
 
 
@@ -180,12 +227,13 @@ def grid(image: np.ndarray, explanations: Sequence[Explanation], *, cell: int = 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Grad-CAM style heatmaps for cell images.")
     p.add_argument("inputs", nargs="+", help="image files, folders or zips")
-    p.add_argument("--method", default="gradcam", choices=[*METHODS, "all"])
-    p.add_argument("--layer", help="network stage (default: the model's target layer)")
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=[*METHODS, "all"])
+    p.add_argument("--layer", help="network stage, or stages joined by '+' to fuse them "
+                                   "(default: the model's target layer)")
     p.add_argument("--target", default="predicted", choices=TARGETS)
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     p.add_argument("--out", type=Path, required=True, help="folder for PNGs and scores.csv")
-    p.add_argument("--no-faithfulness", action="store_true", help="skip ROAD and keep-drop")
+    p.add_argument("--no-faithfulness", action="store_true", help="skip ROAD (about 0.5 s per map)")
     return p
 
 
@@ -210,8 +258,9 @@ def main(args: argparse.Namespace) -> int:
         else:
             grid(image, exps).save(args.out / f"{stem}_all.png")
         rows += [{"path": src.path, "method": e.method, "layer": e.layer, "target": e.target,
-                  "prob_parasitized": e.prob_parasitized, "road": e.road,
-                  "keep_drop": e.keep_drop, "ms": e.ms, "error": None} for e in exps]
+                  "prob_parasitized": e.prob_parasitized,
+                  "points_at_parasite": e.points_at_parasite, "mass_in_cell": e.mass_in_cell,
+                  "road": e.road, "ms": e.ms, "error": None} for e in exps]
     pd.DataFrame(rows).to_csv(args.out / "scores.csv", index=False)
     print(f"{len(rows)} rows written to {args.out / 'scores.csv'}")
     return status

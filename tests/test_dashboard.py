@@ -8,8 +8,8 @@ from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "dashboard" / "app.py")
-PAGES = ("views/home.py", "views/score.py", "views/explain.py", "views/evaluate.py",
-         "views/training.py", "views/study.py")
+PAGES = ("views/home.py", "views/score.py", "views/explain.py", "views/methods.py",
+         "views/evaluate.py", "views/training.py", "views/study.py")
 
 
 @pytest.fixture
@@ -76,19 +76,32 @@ def test_scoring_fixture_cells_shows_results_and_parasitemia(app, cells_dir):
     assert any("come from another model" in w.value for w in app.warning)
 
 
-def test_explain_renders_a_sample_with_scores(app):
-    sample = next((ROOT / "dashboard" / "samples" / "Parasitized").glob("*.png"))
-    app.session_state["explain_item"] = (f"samples/Parasitized/{sample.name}", sample.read_bytes())
-    app.switch_page("views/explain.py").run()
+def test_explain_opens_on_a_sample_with_pointing_and_road(app):
+    app.switch_page("views/explain.py").run()  # opened directly: a sample is on show
     assert not _errors(app), _errors(app)
+    first = app.session_state["explain_item"]
+    assert first and first[0].startswith("samples/Parasitized/")
     assert any(m.label == "P(Parasitized)" for m in app.metric)
     assert sum("ROAD" in c.value for c in app.caption) >= 3  # one per default method
+    verdicts = [m.value for m in app.markdown if m.value.startswith("explains ")]
+    assert len(verdicts) == 3 and "peak on the stained parasite" in verdicts[0]  # the default
+    assert any("16x16 map" in c.value for c in app.caption)
     # picking another sample in the list shows that one
     other = next((ROOT / "dashboard" / "samples" / "Uninfected").glob("*.png"))
     app.selectbox(key="explain_sample").set_value(f"samples/Uninfected/{other.name}").run()
     assert not _errors(app), _errors(app)
     assert app.session_state["explain_item"][0] == f"samples/Uninfected/{other.name}"
     assert sum("ROAD" in c.value for c in app.caption) >= 3
+
+
+def test_heatmap_check_page_reads_the_models_table(app):
+    app.switch_page("views/methods.py").run()
+    assert not _errors(app), _errors(app)
+    assert len(app.get("plotly_chart")) == 1
+    assert any("hirescam at features.6" in m.value for m in app.markdown)
+    table = app.dataframe[0].value
+    assert {"method", "layer", "pointing", "road", "ms_per_image"} <= set(table.columns)
+    assert table["default"].sum() == 1
 
 
 def test_an_empty_upload_is_a_clear_error(app):

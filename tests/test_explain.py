@@ -7,7 +7,8 @@ from PIL import Image
 
 from core.contract import DEFAULT_WEIGHTS
 from core.data import decode_image
-from core.explain import METHODS, explain, explainable, grid, overlay
+from core.explain import (DEFAULT_METHOD, METHODS, colour_bar, explain, explainable, for_display,
+                          grid, overlay)
 from core.model import load_model
 
 
@@ -36,7 +37,8 @@ def test_every_method_gives_a_map_in_range_at_the_image_size(tiny, cells, method
         assert e.overlay.shape == im.shape and e.overlay.dtype == np.uint8
         assert 0 <= e.prob_parasitized <= 1 and e.ms > 0
         assert e.map_size == (8, 8)
-    assert np.isfinite(exps[0].road) and np.isfinite(exps[0].keep_drop)
+        assert 0 <= e.mass_in_cell <= 1 and e.points_at_parasite in (True, False, None)
+    assert np.isfinite(exps[0].road) and np.isnan(exps[1].road)
 
 
 def test_target_class_changes_the_map(tiny, cells):
@@ -57,6 +59,19 @@ def test_layer_choice_changes_the_resolution(tiny, cells):
     assert not np.allclose(coarse.heatmap, fine.heatmap, atol=1e-3)
     with pytest.raises(ValueError, match="unknown layer"):
         explain(loaded, [image], layer="classifier.1", net=net)
+
+
+def test_fused_stages_give_the_finest_map_size_and_defaults_come_from_the_contract(tiny, cells):
+    loaded, net = tiny
+    image = next(iter(cells.values()))
+    fused = explain(loaded, [image], method="layercam", layer="features.6+features.13", net=net,
+                    faithfulness=False)[0]
+    assert fused.map_size == (16, 16) and fused.heatmap.max() <= 1
+    with pytest.raises(ValueError, match="unknown layer 'features.99'"):
+        explain(loaded, [image], layer="features.6+features.99", net=net)
+    default = explain(loaded, [image], net=net, faithfulness=False)[0]
+    assert (default.method, default.layer) == (DEFAULT_METHOD, loaded.contract.target_layer)
+    assert loaded.contract.target_layer == "features.6"  # the 16x16 stage, 1/8 of 128 px
 
 
 def test_works_with_frozen_weights_inside_no_grad_and_keeps_the_network_unchanged(tiny_model,
@@ -123,3 +138,17 @@ def test_grid_and_overlay(tiny, cells):
     assert overlay(image, exps[0].heatmap, opacity=0.0).shape == image.shape
     with pytest.raises(ValueError):
         overlay(image, exps[0].heatmap, opacity=2)
+
+
+def test_display_helpers(cells):
+    image = next(iter(cells.values()))
+    bar = colour_bar(width=100, height=5)
+    assert bar.shape == (5, 100, 3) and bar.dtype == np.uint8
+    assert bar[0, 0, 2] > bar[0, 0, 0] and bar[0, -1, 0] > bar[0, -1, 2]  # blue to red
+    mask = np.zeros(image.shape[:2], bool)
+    mask[40:60, 40:60] = True
+    big = for_display(image, width=384, outline=mask)
+    assert big.shape == (384, 384, 3)
+    white = (big == 255).all(-1)
+    assert white[120:180, 120:180].any() and not white[150, 150]  # the edge, not the inside
+    assert for_display(image[:, :64], width=100).shape == (200, 100, 3)

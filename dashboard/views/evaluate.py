@@ -4,7 +4,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.data import CLASSES, ImageError, open_source, predicted_class, read_image
-from core.explain import overlay
+from core.explain import DEFAULT_METHOD, for_display
 from core.metrics import binary_metrics, curves
 from dashboard import ui
 
@@ -90,8 +90,10 @@ if chosen and chosen[0] == choice:
     cell = preds[mask].assign(distance=np.abs(p[mask] - threshold))
     cell = cell.sort_values("distance", ascending=False).head(12)
     st.subheader(f"True {true_cls}, predicted {pred_cls}: {int(mask.sum())} cells")
-    st.caption(f"The {len(cell)} most confident, each with its Grad-CAM map for the predicted "
-               "class. Moving the threshold moves cells between the matrix's cells.")
+    st.caption(f"The {len(cell)} most confident, each with the Explain page's default map "
+               f"({DEFAULT_METHOD} at {card['contract']['target_layer']}) for the predicted "
+               "class; ✔/✘: its peak on/off the parasite located by the stain rule. Moving "
+               "the threshold moves cells between the matrix's cells.")
     images, names = [], []
     for path in cell["path"]:
         try:
@@ -100,14 +102,15 @@ if chosen and chosen[0] == choice:
         except (OSError, ImageError) as exc:
             st.caption(f"{path.rsplit('/', 1)[-1]}: cannot show ({exc})")
     if images:
-        exps = ui.explain(str(folder), sha, images, method="gradcam", faithfulness=False,
-                          target=pred_cls.lower())
+        exps = ui.explain(str(folder), sha, images, faithfulness=False, target=pred_cls.lower())
         cols = st.columns(6)
+        marks = {True: " · ✔", False: " · ✘", None: ""}
         for i, (img, e, name) in enumerate(zip(images, exps, names)):
             with cols[i % 6]:
-                st.image(img, width="stretch")
-                st.image(overlay(img, e.heatmap), width="stretch",
-                         caption=f"{name.rsplit('/', 1)[-1][:28]} · p={e.prob_parasitized:.3f}")
+                st.image(for_display(img, width=192), width="stretch")
+                st.image(for_display(e.overlay, width=192), width="stretch",
+                         caption=f"{name.rsplit('/', 1)[-1][:28]} · p={e.prob_parasitized:.3f}"
+                                 f"{marks[e.points_at_parasite]}")
 else:
     st.caption("Click a cell of the matrix to see its images with their heatmaps.")
 

@@ -1,0 +1,173 @@
+"""Which explanations find the parasite: every method x stage over a model's labelled test split.
+
+    python -m core.explain_check [--weights weights/default] [--road-cells 16] [--slow-cells 48]
+
+For each CAM method at each stage of the network, over the Parasitized cells of the model's
+test patients (``test_predictions.csv`` in its folder) in which the stain locator
+(``core.locate``) finds a parasite:
+- ``pointing``: share of maps (for the Parasitized class) whose peak falls on that parasite;
+- ``mass_in_cell``: mean share of the map's mass on the cell rather than the background;
+- ``road``: mean ROAD score on the first ``road_cells`` of those cells (ROAD costs about half a
+  second a map: it tells how much the model uses the pixels, not what they are);
+- ``ms_per_image``: wall time of the map itself, batched.
+Maps slower than SLOW_MS an image (ScoreCAM and AblationCAM run the network once per channel
+batch) are measured on the first ``slow_cells`` cells only; every row says how many it used.
+
+The table goes to ``explain_check.csv`` in the model folder, with ``explain_check.json``
+beside it: the command, the locator's found rates on both classes and the default
+explanation's pointing for the class the model predicts (what the Explain page shows first).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from torch import nn
+from tqdm import tqdm
+
+from core.contract import DEFAULT_WEIGHTS
+from core.data import CLASSES, atomic_path, open_source, read_image, write_json
+from core.explain import DEFAULT_METHOD, METHODS, Explanation, explain, explainable
+from core.locate import POINTING_TOLERANCE, Stain, locate
+from core.model import LoadedModel, load_model
+
+CHECK_CSV = "explain_check.csv"
+CHECK_JSON = "explain_check.json"
+SLOW_MS = 100.0  # a map slower than this (ScoreCAM, AblationCAM, EigenCAM's SVD at 64x64) is
+# measured on fewer cells, or the check would take hours on a CPU
+
+
+@dataclass(frozen=True)
+class CheckCells:
+    """The labelled cells a check runs on, with their stain-located parasites."""
+
+    images: list[np.ndarray]  # RGB uint8 (H, W, 3), Parasitized cells with a located parasite
+    stains: list[Stain]
+    found_parasitized: float  # share of Parasitized cells where the locator finds a parasite
+    found_uninfected: float  # ... and of Uninfected cells (a false find, or a missed label)
+    n_parasitized: int
+    n_uninfected: int
+
+
+def check_cells(predictions: pd.DataFrame, *, limit: int | None = None) -> CheckCells:
+    """Read the cells listed in a predictions table (path, label) and locate their parasites.
+
+    Raises FileNotFoundError naming the first image that cannot be found.
+    """
+    images, stains, found = [], [], {c: [] for c in CLASSES}
+    for path, label in zip(predictions["path"], predictions["label"]):
+        image = read_image(open_source(path))
+        stain = locate(image)
+        found[label].append(stain.found)
+        if label == CLASSES[0] and stain.found and (limit is None or len(images) < limit):
+            images.append(image)
+            stains.append(stain)
+    return CheckCells(images, stains, float(np.mean(found[CLASSES[0]])),
+                      float(np.mean(found[CLASSES[1]])), len(found[CLASSES[0]]),
+                      len(found[CLASSES[1]]))
+
+
+def _mean(values: Sequence[float | bool | None]) -> float:
+    kept = [float(v) for v in values if v is not None and np.isfinite(float(v))]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
+def check_method(loaded: LoadedModel, cells: CheckCells, *, method: str, layer: str,
+                 net: nn.Module, road_cells: int, slow_cells: int) -> dict:
+    """One row of the table: pointing, mass on the cell, ROAD and time of one method x stage,
+    for the Parasitized class. A row slower than SLOW_MS an image after its first ``road_cells``
+    cells stops at ``slow_cells`` cells."""
+    def run(lo: int, hi: int, faithfulness: bool) -> list[Explanation]:
+        with contextlib.redirect_stderr(io.StringIO()):  # ScoreCAM's per-batch progress bars
+            return explain(loaded, cells.images[lo:hi], method=method, layer=layer,
+                           target="parasitized", faithfulness=faithfulness, net=net,
+                           stains=cells.stains[lo:hi])
+
+    n = len(cells.images)
+    exps = run(0, min(n, road_cells), True)
+    road = [e.road for e in exps]
+    if n > len(exps):
+        if np.mean([e.ms for e in exps]) > SLOW_MS:
+            n = max(len(exps), min(n, slow_cells))
+        exps += run(len(exps), n, False)
+    return {"method": method, "layer": layer, "map_size": "x".join(map(str, exps[0].map_size)),
+            "pointing": _mean([e.points_at_parasite for e in exps]), "cells": len(exps),
+            "mass_in_cell": _mean([e.mass_in_cell for e in exps]),
+            "road": _mean(road), "road_cells": len(road),
+            "ms_per_image": float(np.mean([e.ms for e in exps]))}
+
+
+def check_model(folder: Path, *, road_cells: int = 16, slow_cells: int = 16,
+                limit: int | None = None, methods: Sequence[str] = tuple(METHODS),
+                progress: bool = True) -> tuple[pd.DataFrame, dict]:
+    """The method x stage table of a model folder and its summary (see the module docstring).
+
+    Raises FileNotFoundError if the folder has no test predictions or their images are gone.
+    """
+    loaded = load_model(folder)
+    preds_path = folder / "test_predictions.csv"
+    if not preds_path.is_file():
+        raise FileNotFoundError(f"{preds_path} is missing: this model has no labelled test split")
+    cells = check_cells(pd.read_csv(preds_path), limit=limit)
+    if not cells.images:
+        raise ValueError("the locator found no parasite in any Parasitized test cell")
+    net = explainable(loaded)
+    c = loaded.contract
+    jobs = [(m, layer) for m in methods for layer in c.cam_layers]
+    rows = [check_method(loaded, cells, method=m, layer=layer, net=net, road_cells=road_cells,
+                         slow_cells=slow_cells)
+            for m, layer in tqdm(jobs, desc="method x stage", disable=not progress)]
+    table = pd.DataFrame(rows)
+    table["default"] = (table["method"] == DEFAULT_METHOD) & (table["layer"] == c.target_layer)
+    default = explain(loaded, cells.images, target="predicted", faithfulness=False, net=net,
+                      stains=cells.stains)
+    summary = {
+        "command": " ".join(["python -m core.explain_check", *sys.argv[1:]]),
+        "model_sha256": loaded.sha256,
+        "test_cases": int(pd.read_csv(preds_path)["case_id"].nunique()),
+        "parasitized_cells": cells.n_parasitized, "uninfected_cells": cells.n_uninfected,
+        "locator_found_parasitized": cells.found_parasitized,
+        "locator_found_uninfected": cells.found_uninfected,
+        "cells_checked": len(cells.images),
+        "pointing_tolerance_px_at_128": POINTING_TOLERANCE,
+        "default": {"method": DEFAULT_METHOD, "layer": c.target_layer, "target": "predicted",
+                    "pointing": _mean([e.points_at_parasite for e in default])},
+    }
+    return table, summary
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Score every CAM method x stage for pointing at "
+                                            "the stained parasite, on a model's test split.")
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="model folder")
+    p.add_argument("--road-cells", type=int, default=16, help="cells per row for ROAD")
+    p.add_argument("--slow-cells", type=int, default=16,
+                   help=f"cells per row for maps slower than {SLOW_MS:.0f} ms an image")
+    p.add_argument("--limit", type=int, help="at most this many cells (a quick look)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    table, summary = check_model(args.weights, road_cells=args.road_cells,
+                                 slow_cells=args.slow_cells, limit=args.limit,
+                                 methods=args.methods)
+    with atomic_path(args.weights / CHECK_CSV) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.4f")
+    write_json(args.weights / CHECK_JSON, summary)
+    print(table.sort_values("pointing", ascending=False).to_string(index=False))
+    d = summary["default"]
+    print(f"default ({d['method']} at {d['layer']}, predicted class): pointing {d['pointing']:.3f}"
+          f" on {summary['cells_checked']} cells; written to {args.weights / CHECK_CSV}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(get_args_parser().parse_args()))
