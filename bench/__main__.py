@@ -24,7 +24,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # ScoreCAM's per-batch bars would dr
 sys.path.insert(0, str(ROOT))
 
 from bench.common import png_folder, score_cli, subset  # noqa: E402
-from core.contract import DEFAULT_WEIGHTS  # noqa: E402
+from core.contract import DEFAULT_WEIGHTS, ModelContract, read_card  # noqa: E402
 
 def naive_loop(folder: Path, weights: Path, n: int) -> float:
     """Images/s of the loop most demo apps run: open, transform, classify, one at a time."""
@@ -139,7 +139,8 @@ def main() -> None:
     print("\n## Inference alone (decoded 128 px images, batch 64)")
     for name, rate in eng.items():
         print(f"{name:58s} {len(images):7d} {rate:8.0f} {rate / naive:8.1f}")
-    print("\n## Explanations (ms per image, map only, layer features.18)")
+    layer = ModelContract.from_json(read_card(args.weights)["contract"]).target_layer
+    print(f"\n## Explanations (ms per image, map only, the default layer {layer})")
     print(f"{'method':14s} {'batch 1':>9s} {'batched':>9s} {'batch':>6s} {'speed-up':>9s}")
     for r in cams:
         print(f"{r['method']:14s} {r['ms_batch_1']:9.1f} {r['ms_batched']:9.1f} {r['batch']:6d} "

@@ -1,9 +1,15 @@
-"""The Score page in a real browser: upload a zip, press Score, wait until everything is shown.
+"""The Explain and Score pages in a real browser, timed as a user sees them.
 
     python -m bench.ui --data ../shared/data/nih_cells_dev.zip      (part of `make bench`)
 
-The dashboard is started fresh, as `make run` starts it, and driven by Debian's Chromium through
-Playwright. Timed from handing the file to the uploader until the page has finished rendering
+Explain: the page opened as the fresh server's first request (a sample cell, the three default
+maps), then another cell picked, then the layer and the class changed; each timed until the
+three maps are drawn (their ROAD placeholders appear once the last map is on screen) and until
+ROAD, which arrives after the maps, is in too.
+
+Score:
+the dashboard is started fresh, as `make run` starts it, and driven by Debian's Chromium
+through Playwright. Timed from handing the file to the uploader until the page has finished rendering
 (results table, thumbnails, parasitemia chart, downloads): a zip of 1,000 cells as the first
 scoring after the server starts (model loading included), the same upload pressed again (served
 from the result cache), then the whole data set as one zip. The baseline, measured in the same
@@ -68,11 +74,50 @@ def upload_and_score(page, url: str, upload: Path, *, fresh: bool = True,
             "cells": int(cells.replace(",", ""))}
 
 
+MAPS = 3  # the Explain page's default methods
+
+
+def _explain_step(page, act, timeout_ms: float) -> tuple[float, float]:
+    """Seconds from ``act()`` until the default maps are drawn, and until ROAD is in too."""
+    computing = page.get_by_text("ROAD: computing…")
+    t0 = time.perf_counter()
+    act()
+    page.wait_for_function(
+        "n => [...document.querySelectorAll('[data-testid=stCaptionContainer]')]"
+        ".filter(e => e.innerText.includes('ROAD: computing')).length >= n",
+        arg=MAPS, timeout=timeout_ms)
+    t_maps = time.perf_counter() - t0
+    wait_for_rerun(page, timeout_ms)
+    if computing.count() or page.get_by_text("Traceback").count():
+        raise RuntimeError("the Explain page did not finish its ROAD scores")
+    return t_maps, time.perf_counter() - t0
+
+
+def _pick(page, label: str, option: str) -> None:
+    page.get_by_label(label, exact=True).first.click()  # a Streamlit selectbox opens on click
+    page.get_by_role("option", name=option).first.click()
+
+
+def explain_timings(page, url: str, *, timeout_s: float = 300) -> list[tuple[str, float, float]]:
+    """The Explain page, timed from a fresh server (see the module docstring)."""
+    ms = timeout_s * 1000
+    other = sorted((ROOT / "dashboard" / "samples" / "Parasitized").glob("*.png"))[-1]
+    steps = [
+        ("first view after the server starts", lambda: page.goto(f"{url}/explain")),
+        ("another cell picked", lambda: _pick(page, "…or a sample cell",
+                                              f"samples/Parasitized/{other.name}")),
+        ("layer changed (features.3)", lambda: _pick(page, "Layer", "features.3")),
+        ("class changed (parasitized)", lambda: _pick(page, "Explain the class", "parasitized")),
+    ]
+    return [(label, *_explain_step(page, act, ms)) for label, act in steps]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/nih_cells_dev.zip")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--skip-all", action="store_true", help="only the 1,000-cell upload")
+    p.add_argument("--explain-only", action="store_true", help="only the Explain page")
     args = p.parse_args()
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
     try:
@@ -84,6 +129,25 @@ def main() -> None:
         print("bench.ui skipped: Debian's chromium is not installed (apt-get install chromium)")
         return
 
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        env = {"MALARIA_STORE": str(tmp / "ui.sqlite")}
+        with running_app(env, tmp / "explain.log") as (url, _), sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            explain_rows = explain_timings(browser.new_page(viewport={"width": 1400,
+                                                                      "height": 1000}), url)
+            browser.close()
+    print("\n## Explain page in Chromium (three default maps; ROAD arrives after them)")
+    print(f"{'step':40s} {'maps drawn':>11s} {'with ROAD':>10s}")
+    for label, t_maps, t_all in explain_rows:
+        print(f"{label:40s} {t_maps:10.1f}s {t_all:9.1f}s")
+    if not args.explain_only:
+        score_page(args, chromium)
+
+
+def score_page(args: argparse.Namespace, chromium: str) -> None:
+    """Time the Score page on a fresh server and print the table (see the module docstring)."""
+    from playwright.sync_api import sync_playwright
     folder = png_folder(args.data, ROOT / ".cache" / "bench_png")
     rows = []
     with tempfile.TemporaryDirectory() as tmp_s:

@@ -111,18 +111,27 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     box = page.locator(".js-plotly-plot .nsewdrag").first.bounding_box()
     page.mouse.click(box["x"] + box["width"] * 0.08, box["y"] + box["height"] * 0.1)
     page.get_by_text("True Parasitized, predicted Parasitized").wait_for()
-    page.get_by_text("each with its Grad-CAM map").wait_for()
+    page.get_by_text("each with the Explain page's default map").wait_for()
     time.sleep(3)
     page.screenshot(path=str(SHOTS / "evaluate_gallery.png"), full_page=True)
 
     page.get_by_role("link", name="Home").click()
     page.get_by_role("button", name="Explain").first.click()  # a sample cell, straight in
     page.get_by_text("Explain a prediction").wait_for()
-    page.get_by_text(re.compile(r"ROAD [+-]\d")).first.wait_for(timeout=300_000)  # a score
-    page.get_by_test_id("stMetric").first.wait_for(timeout=300_000)  # after every method
-    time.sleep(1)
-    page.screenshot(path=str(SHOTS / "explain.png"), full_page=True)
+    page.get_by_test_id("stMetric").first.wait_for(timeout=300_000)  # after every map
     assert page.get_by_test_id("stMetric").first.inner_text().startswith("P(Parasitized)")
+    page.get_by_text("peak on the stained parasite").first.wait_for()  # the default map's verdict
+    page.wait_for_function(IDLE, timeout=300_000)  # ROAD arrives after the maps
+    assert page.get_by_text(re.compile(r"ROAD [+-]\d")).count() == 3
+    assert page.get_by_text("ROAD: computing").count() == 0
+    page.screenshot(path=str(SHOTS / "explain.png"), full_page=True)
+
+    page.get_by_role("link", name="Heatmap check").click()
+    page.get_by_text("Heatmap check: which explanations find the parasite").wait_for()
+    page.get_by_text("Reading.").first.wait_for()
+    time.sleep(2)
+    page.screenshot(path=str(SHOTS / "heatmap_check.png"), full_page=True)
+    assert page.get_by_text("Traceback").count() == 0
 
     page.get_by_role("link", name="Training").click()
     page.get_by_text("Learning-rate range test").wait_for()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -152,3 +153,20 @@ def test_display_helpers(cells):
     white = (big == 255).all(-1)
     assert white[120:180, 120:180].any() and not white[150, 150]  # the edge, not the inside
     assert for_display(image[:, :64], width=100).shape == (200, 100, 3)
+
+
+def test_cli_writes_pointing_and_mass_per_map(tiny_model, cells_dir, tmp_path):
+    from core.explain import get_args_parser, main
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    files = [str(p) for p in sorted((cells_dir / "Parasitized").glob("*.png"))[:2]]
+    args = get_args_parser().parse_args([*files, str(broken), "--weights", str(tiny_model),
+                                         "--out", str(tmp_path / "out"), "--no-faithfulness"])
+    assert main(args) == 1  # one error row
+    scores = pd.read_csv(tmp_path / "out" / "scores.csv")
+    assert len(scores) == 3 and scores["error"].notna().sum() == 1
+    ok = scores[scores["error"].isna()]
+    assert (ok["method"] == DEFAULT_METHOD).all() and (ok["layer"] == "features.6").all()
+    assert ok["points_at_parasite"].isin([True, False]).all()  # both cells hold a parasite
+    assert ok["mass_in_cell"].between(0, 1).all() and ok["road"].isna().all()
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
