@@ -33,13 +33,13 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageDraw
-from scipy import ndimage
 from pytorch_grad_cam import (AblationCAM, EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM,
                               LayerCAM, ScoreCAM, XGradCAM)
 from pytorch_grad_cam.metrics.road import ROADCombined
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import (ClassifierOutputSoftmaxTarget,
                                                   ClassifierOutputTarget)
+from scipy import ndimage
 from torch import nn
 
 from core.contract import DEFAULT_WEIGHTS
