@@ -33,6 +33,7 @@ import pandas as pd
 from core.contract import DEFAULT_WEIGHTS, ModelContract, WeightsError, verified_weights
 from core.data import (ImageError, ImageSource, atomic_path, case_id, iter_sources, label_from_path,
                        predicted_class, read_image, sources_from_uploads, unique_paths, ZIP_SEP)
+from core.export import OutputError, check_output, write_csv
 from core.metrics import parasitemia_summary
 from core.store import RESULT_COLUMNS, ResultStore, StoreError
 
@@ -337,12 +338,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     if args.threshold is not None and not 0 <= args.threshold <= 1:
-        print(f"error: --threshold must be in [0, 1], got {args.threshold}", file=sys.stderr)
-        return 2
+        return _fail(f"--threshold must be in [0, 1], got {args.threshold}")
+    try:  # before any scoring: a typo in --out must not cost the whole run
+        for out in (args.out, args.summary):
+            if out:
+                check_output(out)
+        if args.out and args.summary and args.out.resolve() == args.summary.resolve():
+            raise OutputError("--out and --summary name the same file")
+    except OutputError as exc:
+        return _fail(str(exc))
     with ResultStore(args.store) as store:
         try:
             if args.resume:
@@ -388,13 +401,20 @@ def main(args: argparse.Namespace) -> int:
         bar.close()
         store.finish(run_id)
         if args.out:
-            store.export_csv(run_id, args.out)
+            try:
+                store.export_csv(run_id, args.out)
+            except OSError as exc:
+                return _fail(f"cannot write {args.out} ({exc}); the results are kept in "
+                             f"{store.path}: export them again with --resume {run_id} --out FILE")
         summary = parasitemia_summary(store.iter_results(run_id), group_by=args.group_by,
                                       cutoff=screening_cutoff(engine.card))
     with pd.option_context("display.max_rows", 200, "display.width", 140):
         print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.summary:
-        summary.to_csv(args.summary, index=False)
+        try:
+            write_csv(args.summary, summary)
+        except OSError as exc:
+            return _fail(f"cannot write {args.summary} ({exc})")
     n_err = int(summary["errors"].sum())
     print(f"{int(summary['scored'].sum())} scored, {n_err} errors; run {run_id}"
           + (f"; results in {args.out}" if args.out else ""), file=sys.stderr)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.export import write_csv
+
 DEFAULT_STORE = Path(__file__).resolve().parent.parent / "runs" / "results.sqlite"
 
 
@@ -173,18 +175,13 @@ class ResultStore:
             offset += len(chunk)
 
     def export_csv(self, run_id: str, out: Path) -> int:
-        """Write the run's results to ``out`` as CSV; return the number of rows.
+        """Write the run's results to ``out`` as CSV (atomically, neutralised against formula
+        injection: ``core.export``); return the number of rows.
 
-        Raises StoreError (before touching ``out``) for an unknown run."""
+        Raises StoreError (before touching ``out``) for an unknown run, OSError if ``out``
+        cannot be written (it is then unchanged)."""
         self.run(run_id)
-        n = 0
-        with open(out, "w", newline="") as f:
-            for i, chunk in enumerate(self.iter_results(run_id)):
-                chunk.to_csv(f, header=i == 0, index=False)
-                n += len(chunk)
-            if n == 0:
-                f.write(",".join(RESULT_COLUMNS) + "\n")
-        return n
+        return write_csv(out, self.iter_results(run_id), columns=RESULT_COLUMNS)
 
     @_locked
     def list_runs(self) -> pd.DataFrame:

@@ -79,3 +79,138 @@ def test_contract_values_are_validated_on_construction():
         ModelContract(input_size=4096)
     with pytest.raises(ContractError, match="std"):
         ModelContract(std=(0.2, 0.0, 0.2))
+
+
+# --- 3. CSV injection and split rows ------------------------------------------------------------
+
+def _cli(*argv) -> int:
+    from core import score
+    return score.main(score.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+INJECTED = ["=HYPERLINK(\"x.invalid\").png", "+1.png", "-1.png", "@SUM(1).png",
+            "cr\rsplit.png", "lf\nsplit.png", "plain.png"]
+
+
+def _injected_folder(cells_dir, root):
+    data = sorted(cells_dir.rglob("*.png"))[0].read_bytes()
+    root.mkdir()
+    for name in INJECTED:
+        (root / name).write_bytes(data)
+    return root
+
+
+def test_exports_neutralise_formulas_and_keep_control_characters_inside_cells(
+        cells_dir, tiny_model, tmp_path):
+    import csv
+    import pandas as pd
+    root = _injected_folder(cells_dir, tmp_path / "in")
+    out, summary = tmp_path / "r.csv", tmp_path / "s.csv"
+    assert _cli(root, "--weights", tiny_model, "--out", out, "--summary", summary,
+                "--group-by", "folder", "--store", tmp_path / "st.sqlite", "--no-progress") == 0
+    df = pd.read_csv(out)
+    assert len(df) == len(INJECTED)  # no row split by a carriage return or a line feed
+    names = [p.rsplit("/", 1)[-1] for p in df["path"]]
+    assert sorted(names) == sorted(INJECTED)  # absolute paths: nothing to neutralise here
+    assert df["prob_parasitized"].dtype.kind == "f"  # numbers stay numeric
+    with open(out, newline="") as f:
+        rows = list(csv.reader(f))
+    assert len(rows) == len(INJECTED) + 1
+    for row in rows[1:]:
+        assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in row)
+
+
+def test_exporting_an_uploaded_run_neutralises_formula_names(tmp_path):
+    import pandas as pd
+    from core.store import ResultStore
+    with ResultStore(tmp_path / "st.sqlite") as store:
+        run = store.new_run(inputs=["=x.png"], weights="w", weights_sha256="0" * 64,
+                            threshold=0.5, engine="onnx", kind="upload")
+        store.add_results(run, [
+            {"path": name, "case_id": "?" + name, "label": None, "prob_parasitized": 0.5,
+             "prediction": "Parasitized", "error": None}
+            for name in ("=1+1.png", "+x.png", "-x.png", "@x.png", "\tx.png", "\rx.png", "ok.png")])
+        store.export_csv(run, tmp_path / "r.csv")
+    df = pd.read_csv(tmp_path / "r.csv")
+    assert len(df) == 7
+    assert sorted(df["path"]) == sorted(["'=1+1.png", "'+x.png", "'-x.png", "'@x.png", "'\tx.png",
+                                         "'\rx.png", "ok.png"])
+    assert df["prob_parasitized"].tolist() == [0.5] * 7
+
+
+def test_the_download_csv_helper_neutralises_text_and_keeps_numbers():
+    import io
+    import pandas as pd
+    from core.export import to_csv_text
+    df = pd.DataFrame({"path": ["=cmd|' /C calc'!A0", "-2+3", "ok\r.png", "\tx"],
+                       "prob_parasitized": [0.25, -1.0, None, 1.0], "n": [1, -2, 3, 4]})
+    back = pd.read_csv(io.StringIO(to_csv_text(df)))
+    assert list(back["path"]) == ["'=cmd|' /C calc'!A0", "'-2+3", "ok\r.png", "'\tx"]
+    assert back["prob_parasitized"].tolist()[:2] == [0.25, -1.0]
+    assert back["n"].tolist() == [1, -2, 3, 4]
+
+
+# --- 4. torn exports and output paths -----------------------------------------------------------
+
+def _disk_full_after_half(monkeypatch):
+    """Make every DataFrame.to_csv write half its text, then fail as a full disk does."""
+    import errno
+    import io
+    import pandas as pd
+    real = pd.DataFrame.to_csv
+
+    def half_then_enospc(self, path_or_buf=None, *args, **kwargs):
+        text = real(self, None, *args, **kwargs)
+        if isinstance(path_or_buf, (str, bytes)) or hasattr(path_or_buf, "__fspath__"):
+            with open(path_or_buf, "w") as f:
+                f.write(text[: len(text) // 2])
+        elif path_or_buf is not None:
+            path_or_buf.write(text[: len(text) // 2])
+        else:
+            return text
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", half_then_enospc)
+
+
+@pytest.mark.parametrize("option", ["--out", "--summary"])
+def test_a_failed_export_keeps_the_previous_file(cells_dir, tiny_model, tmp_path, monkeypatch,
+                                                 option):
+    target = tmp_path / "export.csv"
+    target.write_text("the good export\n")
+    _disk_full_after_half(monkeypatch)
+    rc = _cli(cells_dir, "--weights", tiny_model, option, target,
+              "--store", tmp_path / "st.sqlite", "--no-progress")
+    assert rc == 2
+    assert target.read_text() == "the good export\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("where", ["missing/r.csv", "a_folder"])
+def test_an_unwritable_output_fails_before_scoring(cells_dir, tiny_model, tmp_path, monkeypatch,
+                                                   where):
+    import core.score
+    (tmp_path / "a_folder").mkdir()
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scoring started before the output path was checked")
+
+    monkeypatch.setattr(core.score, "score_sources", no_scoring)
+    rc = _cli(cells_dir, "--weights", tiny_model, "--out", tmp_path / where,
+              "--store", tmp_path / "st.sqlite", "--no-progress")
+    assert rc == 2
+
+
+def test_a_read_only_output_folder_fails_before_scoring(cells_dir, tiny_model, tmp_path):
+    import os
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders; the missing-folder case covers the check")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        rc = _cli(cells_dir, "--weights", tiny_model, "--out", ro / "r.csv",
+                  "--store", tmp_path / "st.sqlite", "--no-progress")
+    finally:
+        ro.chmod(0o755)
+    assert rc == 2

@@ -5,6 +5,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.data import CLASSES, predicted_class
+from core.export import to_csv_text
 from core.metrics import parasitemia_summary
 from core.score import screening_cutoff
 from core.store import StoreError
@@ -136,14 +137,15 @@ else:
                       scored_with_sha256=info.weights_sha256)
     d1, d2 = st.columns(2)
     d1.download_button(f"Download all {len(shown):,} cells (CSV)",
-                       shown.assign(**provenance).to_csv(index=False),
+                       to_csv_text(shown.assign(**provenance)),
                        f"cells_{run_id}.csv", "text/csv",
                        help="Every row of the run, whatever the filters; the prediction column "
                             "follows the threshold above. Each row records the run, that "
                             "threshold and the model that computed the probability.")
     d2.download_button("Download summary (CSV)",
-                       summary.assign(screening_cutoff=cutoff, cutoff_from=ui.model_label(folder),
-                                      **provenance).to_csv(index=False),
+                       to_csv_text(summary.assign(screening_cutoff=cutoff,
+                                                  cutoff_from=ui.model_label(folder),
+                                                  **provenance)),
                        f"summary_{run_id}_{group_by}.csv", "text/csv")
 
 st.subheader("Past runs")
