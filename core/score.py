@@ -344,6 +344,13 @@ def _fail(message: str) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        return _main(args)
+    except StoreError as exc:  # locked, corrupt, read-only or full: one line, not a traceback
+        return _fail(str(exc))
+
+
+def _main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     if args.threshold is not None and not 0 <= args.threshold <= 1:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from core.contract import DEFAULT_WEIGHTS, WeightsError, find_models, verified_weights
 from core.data import ImageError, ImageSource, open_source, read_image, sources_from_uploads
-from core.store import ResultStore
+from core.store import ResultStore, StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = Path(__file__).resolve().parent / "samples"
@@ -124,7 +124,12 @@ def explain(folder: str, sha256: str, images, **options):
 
 @st.cache_resource
 def store() -> ResultStore:
-    return ResultStore()
+    """The result store; st.error and stop if it cannot be used (a failure is not cached)."""
+    try:
+        return ResultStore()
+    except StoreError as exc:
+        st.error(str(exc))
+        st.stop()
 
 
 # --- uploads and images ---------------------------------------------------------------------

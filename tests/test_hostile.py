@@ -214,3 +214,95 @@ def test_a_read_only_output_folder_fails_before_scoring(cells_dir, tiny_model, t
     finally:
         ro.chmod(0o755)
     assert rc == 2
+
+
+# --- 8. store faults ----------------------------------------------------------------------------
+
+def _store_with_rows(path, n=3000):
+    from core.store import ResultStore
+    with ResultStore(path) as store:
+        run = store.new_run(inputs=["x"], weights="w", weights_sha256="0" * 64, threshold=0.5,
+                            engine="onnx")
+        store.add_results(run, [{"path": f"cell_{i:05d}_{'x' * 60}.png", "case_id": "?x",
+                                 "label": None, "prob_parasitized": 0.5,
+                                 "prediction": "Parasitized", "error": None} for i in range(n)])
+    return path
+
+
+def test_a_store_corrupted_mid_file_is_refused_with_one_line(cells_dir, tiny_model, tmp_path,
+                                                             capsys):
+    import sqlite3
+    path = _store_with_rows(tmp_path / "st.sqlite")
+    data = bytearray(path.read_bytes())
+    page = 4096
+    assert len(data) > 20 * page
+    data[10 * page:12 * page] = b"\xa5" * (2 * page)  # two pages of the results table
+    path.write_bytes(bytes(data))
+    rc = _cli(cells_dir, "--weights", tiny_model, "--store", path, "--no-progress")
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "corrupt" in err and "Traceback" not in err
+    with sqlite3.connect(path) as db:  # and it took no new run
+        assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
+
+
+def test_a_file_that_is_not_a_store_is_one_line_and_exit_2(cells_dir, tiny_model, tmp_path,
+                                                            capsys):
+    path = tmp_path / "st.sqlite"
+    path.write_bytes(b"this is not SQLite at all" * 200)
+    assert _cli(cells_dir, "--weights", tiny_model, "--store", path, "--no-progress") == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_a_locked_store_is_one_line_and_exit_2(cells_dir, tiny_model, tmp_path, monkeypatch,
+                                               capsys):
+    import sqlite3
+    import core.store
+    path = _store_with_rows(tmp_path / "st.sqlite", n=10)
+    monkeypatch.setattr(core.store, "LOCK_TIMEOUT", 0.2)
+    holder = sqlite3.connect(path)
+    holder.execute("BEGIN EXCLUSIVE")  # another process writing, for longer than we wait
+    try:
+        rc = _cli(cells_dir, "--weights", tiny_model, "--store", path, "--no-progress")
+    finally:
+        holder.rollback()
+        holder.close()
+    assert rc == 2
+    assert "locked" in capsys.readouterr().err
+
+
+def test_a_full_disk_under_the_store_is_one_line_and_exit_2(cells_dir, tiny_model, tmp_path,
+                                                            monkeypatch, capsys):
+    import core.score
+    from core.store import ResultStore
+
+    class FullStore(ResultStore):  # SQLite's own "database or disk is full", at its first write
+        def new_run(self, **kwargs):
+            n = self._db.execute("PRAGMA page_count").fetchone()[0]
+            self._db.execute(f"PRAGMA max_page_count = {n}")
+            return super().new_run(**kwargs)
+
+        def add_results(self, run_id, rows):
+            super().add_results(run_id, [dict(r, error="x" * 100_000) for r in rows])
+
+    monkeypatch.setattr(core.score, "ResultStore", FullStore)
+    rc = _cli(cells_dir, "--weights", tiny_model, "--store", tmp_path / "st.sqlite",
+              "--no-progress")
+    assert rc == 2
+    assert "disk is full" in capsys.readouterr().err
+
+
+def test_a_read_only_store_is_one_line_and_exit_2(cells_dir, tiny_model, tmp_path, capsys):
+    import os
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only files; the locked, corrupt and full cases "
+                    "cover the same path")
+    path = _store_with_rows(tmp_path / "st.sqlite", n=10)
+    path.chmod(0o444)
+    tmp_path.chmod(0o555)
+    try:
+        rc = _cli(cells_dir, "--weights", tiny_model, "--store", path, "--no-progress")
+    finally:
+        tmp_path.chmod(0o755)
+    assert rc == 2
+    assert "read-only" in capsys.readouterr().err
