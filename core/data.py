@@ -187,38 +187,97 @@ def _file_reader(path: Path) -> Callable[[], bytes]:
     return read
 
 
-def iter_sources(inputs: Iterable[str | Path]) -> Iterator[ImageSource]:
+_FOLLOW_HINT = "not followed (use --follow-links to score what it points to)"
+
+
+def _scan(folder: Path, top: Path, *, follow_links: bool, seen: set[Path]
+          ) -> Iterator[tuple[Path, str | None]]:
+    """(path, None) for each regular file under ``folder`` (hidden entries skipped), and
+    (path, why) for what cannot be used: an unreadable folder, a link not followed, a FIFO."""
+    try:
+        with os.scandir(folder) as it:
+            entries = list(it)
+    except OSError as exc:
+        yield folder, f"cannot read this folder ({exc.strerror or exc}); its images are missing"
+        return
+    for entry in entries:
+        if _is_hidden([entry.name]):
+            continue
+        path = Path(entry.path)
+        try:
+            is_dir, is_file = entry.is_dir(), entry.is_file()  # both follow links
+            target = path.resolve() if entry.is_symlink() else None
+        except (OSError, RuntimeError) as exc:  # a link loop, a vanished entry
+            yield path, f"cannot read this entry ({exc})"
+            continue
+        if target is not None and not (is_dir or is_file):
+            yield path, f"broken symbolic link to {target}"
+            continue
+        if target is not None and not follow_links and not target.is_relative_to(top):
+            kind = "a folder" if is_dir else "a file"
+            yield path, f"symbolic link to {kind} outside the input folder ({target}): {_FOLLOW_HINT}"
+            continue
+        if is_dir:
+            real = path.resolve()
+            if target is not None and not follow_links:
+                continue  # a link to a folder inside the input: its images are found there
+            if real not in seen:  # a loop of linked folders is walked once
+                seen.add(real)
+                yield from _scan(path, top, follow_links=follow_links, seen=seen)
+        elif is_file:
+            yield path, None
+        else:
+            yield path, "not a regular file (a FIFO, socket or device); not read"
+
+
+def _folder_sources(root: Path, *, follow_links: bool) -> Iterator[ImageSource]:
+    top = root.resolve()
+    found = False
+    for path, why in sorted(_scan(root, top, follow_links=follow_links, seen={top})):
+        suffix = path.suffix.lower()
+        if why is not None:
+            # a folder or a linked folder always counts; other entries only if images would
+            if path.is_dir() or suffix in IMAGE_SUFFIXES | UNSUPPORTED_SUFFIXES | {".zip"}:
+                found = True
+                yield _error_source(str(path), why)
+        elif suffix == ".zip":
+            found = True
+            yield from _zip_or_note(path, str(path))
+        elif suffix in IMAGE_SUFFIXES:
+            found = True
+            yield ImageSource(str(path), _file_reader(path))
+        elif suffix in UNSUPPORTED_SUFFIXES:
+            found = True
+            yield _unsupported(str(path))
+    if not found:
+        yield _error_source(str(root), "no images in this folder (accepted: "
+                                       f"{', '.join(sorted(IMAGE_SUFFIXES))}, and zips)")
+
+
+def iter_sources(inputs: Iterable[str | Path], *, follow_links: bool = False
+                 ) -> Iterator[ImageSource]:
     """Every image under ``inputs`` (files, folders searched recursively, zips), in sorted order.
 
-    Hidden files, ``__MACOSX`` entries, zip members with absolute or ``..`` paths and symlinks
-    that lead outside the input folder are skipped; recognised but unsupported image types
-    (GIF, HEIC, ...) and unreadable zips yield sources whose ``read`` raises ImageError.
-    Raises FileNotFoundError for a missing input.
+    Hidden files, ``__MACOSX`` entries and zip members with absolute or ``..`` paths are
+    skipped. Sources whose ``read`` raises ImageError stand for what cannot be scored, so that
+    nothing is lost silently: recognised but unsupported image types (GIF, HEIC, ...),
+    unreadable zips, folders that cannot be read, an input folder without images, inputs that
+    are not regular files (FIFOs, devices), and symbolic links that lead outside the input
+    folder unless ``follow_links``. Raises FileNotFoundError for a missing input.
     """
     for item in inputs:
         root = Path(item)
         if not root.exists():
             raise FileNotFoundError(f"input not found: {root}")
-        if root.is_file():
-            if root.suffix.lower() == ".zip":
-                yield from _zip_or_note(root, str(root))
-            else:
-                yield ImageSource(str(root), _file_reader(root))
-            continue
-        top = root.resolve()
-        for path in sorted(root.rglob("*")):
-            rel = path.relative_to(root).parts
-            if _is_hidden(rel) or not path.is_file():
-                continue
-            if not path.resolve().is_relative_to(top):
-                continue  # a symlink out of the input folder
-            suffix = path.suffix.lower()
-            if suffix == ".zip":
-                yield from _zip_or_note(path, str(path))
-            elif suffix in IMAGE_SUFFIXES:
-                yield ImageSource(str(path), _file_reader(path))
-            elif suffix in UNSUPPORTED_SUFFIXES:
-                yield _unsupported(str(path))
+        if root.is_dir():
+            yield from _folder_sources(root, follow_links=follow_links)
+        elif not root.is_file():
+            yield _error_source(str(root), "not a regular file or folder (a FIFO, socket or "
+                                           "device); not read")
+        elif root.suffix.lower() == ".zip":
+            yield from _zip_or_note(root, str(root))
+        else:
+            yield ImageSource(str(root), _file_reader(root))
 
 
 def sources_from_uploads(items: Iterable[tuple[str, bytes]]) -> list[ImageSource]:

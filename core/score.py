@@ -2,7 +2,7 @@
 
     python -m core.score INPUT... --out results.csv [--summary summary.csv] [--weights DIR]
                          [--threshold T] [--engine onnx|torch] [--group-by case|folder]
-                         [--resume RUN_ID] [--store results.sqlite]
+                         [--resume RUN_ID] [--store results.sqlite] [--follow-links]
 
 INPUT is image files, folders (searched recursively) or zips (nested zips one level deep).
 Decoding runs in worker threads while the model runs on the previous batch; results are
@@ -10,7 +10,8 @@ committed to the result store batch by batch, so an interrupted run keeps what i
 ``--resume RUN_ID`` scores only what is missing.
 
 Exit status: 0 every image scored; 1 some images gave error rows (all others are scored);
-2 bad arguments, missing inputs or unusable weights; 130 interrupted (results so far are kept).
+2 bad arguments, missing inputs, unusable weights, an unwritable output, an unusable result
+store, or no image scored at all; 130 interrupted (results so far are kept).
 """
 from __future__ import annotations
 
@@ -320,8 +321,9 @@ def _positive_int(value: str) -> int:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Score cell images (files, folders, zips) as Parasitized or Uninfected.",
-        epilog="Exit status: 0 all scored, 1 some error rows, 2 bad input or weights, "
-               "130 interrupted (results so far are kept; use --resume).")
+        epilog="Exit status: 0 all scored, 1 some error rows, 2 bad input, weights, output "
+               "or store, or nothing scored; 130 interrupted (results so far are kept; use "
+               "--resume).")
     p.add_argument("inputs", nargs="*", help="image files, folders or zips")
     p.add_argument("--out", type=Path, help="CSV of per-image results")
     p.add_argument("--summary", type=Path, help="CSV of per-case (or per-folder) parasitemia")
@@ -333,6 +335,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_ID", help="score only what RUN_ID is missing")
     p.add_argument("--store", type=Path, help="result store (SQLite); default $MALARIA_STORE "
                    "or runs/results.sqlite")
+    p.add_argument("--follow-links", action="store_true",
+                   help="score images that symbolic links in an input folder point to outside "
+                        "it (DVC, git-annex); by default each such link is an error row")
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -382,7 +387,7 @@ def _main(args: argparse.Namespace) -> int:
                 engine = load_engine(args.weights, args.engine)
                 threshold = engine.contract.threshold if args.threshold is None else args.threshold
                 run_id = None
-            sources = unique_paths(iter_sources(inputs))
+            sources = unique_paths(iter_sources(inputs, follow_links=args.follow_links))
         except (FileNotFoundError, WeightsError, ValueError, StoreError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -422,9 +427,11 @@ def _main(args: argparse.Namespace) -> int:
             write_csv(args.summary, summary)
         except OSError as exc:
             return _fail(f"cannot write {args.summary} ({exc})")
-    n_err = int(summary["errors"].sum())
-    print(f"{int(summary['scored'].sum())} scored, {n_err} errors; run {run_id}"
+    n_err, n_scored = int(summary["errors"].sum()), int(summary["scored"].sum())
+    print(f"{n_scored} scored, {n_err} errors; run {run_id}"
           + (f"; results in {args.out}" if args.out else ""), file=sys.stderr)
+    if not n_scored:
+        return _fail("no image could be scored; the error column says why for each input")
     return 1 if n_err else 0
 
 

@@ -306,3 +306,126 @@ def test_a_read_only_store_is_one_line_and_exit_2(cells_dir, tiny_model, tmp_pat
         tmp_path.chmod(0o755)
     assert rc == 2
     assert "read-only" in capsys.readouterr().err
+
+
+# --- 2. unreadable folders, FIFOs, empty folders ------------------------------------------------
+
+def _cells_in_folders(cells_dir, root, folders=("a", "b", "c"), per=8):
+    files = sorted(cells_dir.rglob("*.png"))
+    for i, name in enumerate(folders):
+        (root / name).mkdir(parents=True)
+        for f in files[i * per:(i + 1) * per]:
+            (root / name / f.name).write_bytes(f.read_bytes())
+    return root
+
+
+def test_an_unreadable_subfolder_is_an_error_row_not_silence(cells_dir, tiny_model, tmp_path,
+                                                             monkeypatch):
+    import errno
+    import os
+    import pandas as pd
+    root = _cells_in_folders(cells_dir, tmp_path / "cells")
+    blocked = root / "b"
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what chmod 000 does for a non-root user (root reads anything)
+        if os.path.abspath(path) == str(blocked):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    out = tmp_path / "r.csv"
+    rc = _cli(root, "--weights", tiny_model, "--out", out, "--store", tmp_path / "s.sqlite",
+              "--no-progress")
+    df = pd.read_csv(out)
+    assert rc == 1
+    assert df["prob_parasitized"].notna().sum() == 16
+    [row] = df[df["error"].notna()].itertuples()
+    assert row.path == str(blocked) and "cannot read this folder" in row.error
+
+
+def test_an_unreadable_subfolder_for_real(cells_dir, tiny_model, tmp_path):
+    import os
+    import pandas as pd
+    if os.geteuid() == 0:
+        pytest.skip("root reads folders whatever their mode; the scandir test above covers it")
+    root = _cells_in_folders(cells_dir, tmp_path / "cells")
+    (root / "b").chmod(0)
+    try:
+        rc = _cli(root, "--weights", tiny_model, "--out", tmp_path / "r.csv",
+                  "--store", tmp_path / "s.sqlite", "--no-progress")
+    finally:
+        (root / "b").chmod(0o755)
+    df = pd.read_csv(tmp_path / "r.csv")
+    assert rc == 1 and df["error"].notna().sum() == 1
+
+
+def test_a_fifo_as_input_or_in_a_folder_is_an_error_row(cells_dir, tiny_model, tmp_path):
+    import os
+    import pandas as pd
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    out = tmp_path / "r.csv"
+    rc = _cli(fifo, "--weights", tiny_model, "--out", out, "--store", tmp_path / "s.sqlite",
+              "--no-progress")
+    assert rc == 2  # nothing scored
+    df = pd.read_csv(out)
+    assert len(df) == 1 and "not a regular file" in df["error"][0]
+
+    root = _cells_in_folders(cells_dir, tmp_path / "cells", folders=("a",), per=3)
+    os.mkfifo(root / "a" / "stream.png")  # would block a reader forever
+    rc = _cli(root, "--weights", tiny_model, "--out", out, "--store", tmp_path / "s.sqlite",
+              "--no-progress")
+    df = pd.read_csv(out)
+    assert rc == 1 and len(df) == 4
+    assert "not a regular file" in df.set_index("path").loc[str(root / "a" / "stream.png"), "error"]
+
+
+def test_an_empty_folder_is_an_error_and_exit_2(tiny_model, tmp_path, capsys):
+    import pandas as pd
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README.txt").write_text("no cells here")
+    out = tmp_path / "r.csv"
+    rc = _cli(tmp_path / "empty", "--weights", tiny_model, "--out", out,
+              "--store", tmp_path / "s.sqlite", "--no-progress")
+    assert rc == 2
+    df = pd.read_csv(out)
+    assert len(df) == 1 and "no images in this folder" in df["error"][0]
+    assert "no image could be scored" in capsys.readouterr().err
+
+
+# --- 11. links out of the input folder ------------------------------------------------------------
+
+def _linked_folder(cells_dir, tmp_path):
+    store = _cells_in_folders(cells_dir, tmp_path / "annex", folders=("objects",), per=6)
+    root = tmp_path / "data"
+    root.mkdir()
+    for f in sorted((store / "objects").iterdir()):
+        (root / f.name).symlink_to(f)  # how DVC, git-annex and many pipelines keep data
+    return root
+
+
+def test_a_folder_of_links_is_error_rows_that_say_so_and_exits_non_zero(cells_dir, tiny_model,
+                                                                        tmp_path):
+    import pandas as pd
+    root = _linked_folder(cells_dir, tmp_path)
+    out = tmp_path / "r.csv"
+    rc = _cli(root, "--weights", tiny_model, "--out", out, "--store", tmp_path / "s.sqlite",
+              "--no-progress")
+    assert rc != 0
+    df = pd.read_csv(out)
+    assert len(df) == 6 and df["prob_parasitized"].isna().all()
+    assert df["error"].str.contains("outside the input folder").all()
+    assert df["error"].str.contains("--follow-links").all()
+
+
+def test_follow_links_scores_what_the_links_point_to(cells_dir, tiny_model, tmp_path):
+    import pandas as pd
+    root = _linked_folder(cells_dir, tmp_path)
+    (root / "more").symlink_to(tmp_path / "annex", target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)  # walked once, not forever
+    out = tmp_path / "r.csv"
+    rc = _cli(root, "--weights", tiny_model, "--out", out, "--store", tmp_path / "s.sqlite",
+              "--no-progress", "--follow-links")
+    df = pd.read_csv(out)
+    assert rc == 0 and len(df) == 12 and df["error"].isna().all()
