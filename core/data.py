@@ -139,13 +139,28 @@ def _no_images(path: str) -> ImageSource:
                                f"{', '.join(sorted(IMAGE_SUFFIXES))})")
 
 
+_READ_CHUNK = 1 << 16  # zipfile inflates at most this much per read() call
+
+
 def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """The member's bytes, inflated in small chunks and never more than MAX_MEMBER_BYTES,
+    whatever its header declares (``zf.read`` inflates a whole member in one call, so a header
+    that under-states the size cost as much memory as the real size)."""
     if info.file_size > MAX_MEMBER_BYTES:
         raise ImageError(f"zip member is {info.file_size / 2**20:.0f} MiB; refusing to read it")
+    out = bytearray()
     try:
-        return zf.read(info)
-    except Exception as exc:  # bad CRC, corrupt deflate stream, encryption
+        with zf.open(info) as f:
+            while chunk := f.read(_READ_CHUNK):
+                out += chunk
+                if len(out) > MAX_MEMBER_BYTES:
+                    raise ImageError(f"zip member inflates to more than "
+                                     f"{MAX_MEMBER_BYTES / 2**20:.0f} MiB; refusing it")
+    except ImageError:
+        raise
+    except Exception as exc:  # bad CRC, corrupt deflate stream, encryption, a lying header
         raise ImageError(f"cannot read zip member: {exc}") from None
+    return bytes(out)
 
 
 def _zip_sources(zf: zipfile.ZipFile, prefix: str, *, depth: int = 0) -> Iterator[ImageSource]:

@@ -429,3 +429,37 @@ def test_follow_links_scores_what_the_links_point_to(cells_dir, tiny_model, tmp_
               "--no-progress", "--follow-links")
     df = pd.read_csv(out)
     assert rc == 0 and len(df) == 12 and df["error"].isna().all()
+
+
+# --- 5. zip members whose size header lies --------------------------------------------------------
+
+def _lying_zip(path, *, real_mb=100, declared=20_000):
+    """A zip of one member that inflates to ``real_mb`` MiB while its headers say ``declared``
+    bytes."""
+    import struct
+    import zipfile
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        with z.open("cells/C1P1_cell_1.png", "w") as f:
+            block = b"\0" * 2**20
+            for _ in range(real_mb):
+                f.write(block)
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, 22, declared)  # local header: uncompressed size
+    central = data.rfind(b"PK\x01\x02")
+    struct.pack_into("<I", data, central + 24, declared)  # central directory: the one read
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_lying_zip_member_is_inflated_in_bounded_memory(tmp_path):
+    import tracemalloc
+    from core.data import ImageError, iter_sources
+    [src] = iter_sources([_lying_zip(tmp_path / "bomb.zip")])
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError):
+            src.read()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"reading one member peaked at {peak / 2**20:.0f} MiB"
