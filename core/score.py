@@ -205,7 +205,7 @@ def _rows(decoded: _Decoded, prob: np.ndarray, threshold: float) -> list[dict]:
     for i, src in enumerate(decoded.sources):
         p = probs.get(i)
         rows.append({
-            "path": src.path, "case_id": case_id(src.path), "label": label_from_path(src.path),
+            "path": src.path, "case_id": case_id(src.name), "label": label_from_path(src.path),
             "prob_parasitized": p,
             "prediction": None if p is None else predicted_class(p, threshold),
             "error": decoded.errors.get(i),

@@ -463,3 +463,46 @@ def test_a_lying_zip_member_is_inflated_in_bounded_memory(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < 8 * 2**20, f"reading one member peaked at {peak / 2**20:.0f} MiB"
+
+
+# --- 10. EXIF orientation and "!" in names ------------------------------------------------------
+
+def test_exif_orientation_is_applied():
+    import io
+    import numpy as np
+    from PIL import Image
+    from core.data import decode_image
+    pixels = np.zeros((60, 100, 3), np.uint8)
+    pixels[:, :50] = (200, 30, 30)  # red left half, blue right half: rotation shows
+    pixels[:, 50:] = (30, 30, 200)
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    out = decode_image(buf.getvalue())
+    assert out.shape == (100, 60, 3)  # portrait, as a viewer shows it
+    top, bottom = out[:40].reshape(-1, 3).mean(0), out[-40:].reshape(-1, 3).mean(0)
+    assert top[0] > top[2] + 100 and bottom[2] > bottom[0] + 100  # red on top after the turn
+    resized = decode_image(buf.getvalue(), size=32)  # the JPEG draft path too
+    assert resized[:8].reshape(-1, 3).mean(0)[0] > resized[-8:].reshape(-1, 3).mean(0)[0] + 100
+
+
+def test_case_ids_come_from_the_member_name_only(cells_dir, tiny_model, tmp_path):
+    import zipfile
+    import pandas as pd
+    data = sorted(cells_dir.rglob("*.png"))[0].read_bytes()
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "a!b.png").write_bytes(data)
+    (root / "C7P1!x_cell_1.png").write_bytes(data)
+    with zipfile.ZipFile(root / "slides.zip", "w") as z:
+        z.writestr("C12P3_cell_1.png", data)  # at the zip's root
+        z.writestr("x!C9.png", data)
+    out = tmp_path / "r.csv"
+    assert _cli(root, "--weights", tiny_model, "--out", out, "--store", tmp_path / "s.sqlite",
+                "--no-progress") == 0
+    ids = dict(zip([p.rsplit("/", 1)[-1] for p in pd.read_csv(out)["path"]],
+                   pd.read_csv(out)["case_id"]))
+    assert ids == {"a!b.png": "?a!b", "C7P1!x_cell_1.png": "C7",
+                   "slides.zip!C12P3_cell_1.png": "C12", "slides.zip!x!C9.png": "?x!C9"}
