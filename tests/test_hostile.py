@@ -506,3 +506,21 @@ def test_case_ids_come_from_the_member_name_only(cells_dir, tiny_model, tmp_path
                    pd.read_csv(out)["case_id"]))
     assert ids == {"a!b.png": "?a!b", "C7P1!x_cell_1.png": "C7",
                    "slides.zip!C12P3_cell_1.png": "C12", "slides.zip!x!C9.png": "?x!C9"}
+
+
+# --- 6. DNS rebinding ---------------------------------------------------------------------------
+
+def test_the_dashboard_accepts_only_localhost_names(monkeypatch):
+    from pathlib import Path
+    from streamlit import config
+    from streamlit.web.server.starlette.starlette_websocket import is_host_allowed
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # where `make run` starts it
+    try:
+        config.get_config_options(force_reparse=True)
+        assert not is_host_allowed("evil.example")
+        assert not is_host_allowed("evil.example:8501")
+        assert not is_host_allowed("localhost.evil.example")
+        for host in ("localhost:8501", "127.0.0.1:8501", "[::1]:8501", "localhost"):
+            assert is_host_allowed(host), host
+    finally:
+        config.get_config_options(force_reparse=True)
