@@ -76,7 +76,7 @@ else:
     try:
         item = (path, src.read())
     except (OSError, ImageError) as exc:
-        st.error(f"{path}: {exc}")
+        st.error(ui.plain(f"{path}: {exc}"))
         st.stop()
 
 if item is None:
@@ -85,7 +85,7 @@ if item is None:
 try:
     image = decode_image(item[1])
 except ImageError as exc:
-    st.error(f"{item[0]}: {exc}")
+    st.error(ui.plain(f"{item[0]}: {exc}"))
     st.stop()
 
 c1, c2, c3 = st.columns([3, 1, 1])
@@ -109,7 +109,7 @@ def _explain(image_hash: str, method: str, target: str, layer: str, model_sha: s
 
 
 key = hashlib.sha256(item[1]).hexdigest()
-name = item[0].rsplit("/", 1)[-1]
+name = ui.plain(item[0].rsplit("/", 1)[-1])  # captions render Markdown
 if not methods:
     st.image(image, caption=name, width=256)
     st.info("Pick at least one method to see its heatmap and the probability.")

@@ -49,7 +49,7 @@ else:
         st.stop()
     st.subheader(f"Results · run `{run_id}`")
     st.caption(f"Scored {info.started[:16].replace('T', ' ')} UTC with "
-               f"`{ui.model_label(info.weights)}` (sha256 `{info.weights_sha256[:10]}`), "
+               f"{ui.plain(ui.model_label(info.weights))} (sha256 `{info.weights_sha256[:10]}`), "
                f"{len(results):,} files.")
     if info.weights_sha256 != sha:
         st.warning("These results come from another model than the one selected in the "
@@ -114,7 +114,7 @@ else:
                f"is above {cutoff:.2%}, the rate at which this model calls truly uninfected "
                "cells parasitized (upper bound, validation patients).")
     fig = go.Figure(go.Bar(
-        x=summary["group"], y=summary["parasitemia"],
+        x=ui.chart_text(summary["group"]), y=summary["parasitemia"],
         error_y=dict(type="data", symmetric=False,
                      array=summary["ci_high"] - summary["parasitemia"],
                      arrayminus=summary["parasitemia"] - summary["ci_low"]),
