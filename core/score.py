@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import sys
+import tempfile
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,6 +43,10 @@ from core.store import RESULT_COLUMNS, ResultStore, StoreError
 
 ENGINES = ("onnx", "torch")
 CACHE_DIR = Path(os.environ.get("MALARIA_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
+# Signs the ONNX exports in CACHE_DIR; kept apart from them, readable by this user only.
+KEY_FILE = Path(os.environ.get("MALARIA_CACHE_KEY")
+                or Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+                / "malaria-screening" / "cache.key")
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -69,18 +76,51 @@ def onnx_path(sha256: str, contract: ModelContract) -> Path:
     return CACHE_DIR / "onnx" / f"{key}.onnx"
 
 
+def _cache_key() -> bytes | None:
+    """This user's secret for signing cached exports (KEY_FILE, created 0600 on first use), or
+    None when it cannot be kept private; exports are then made afresh, in memory, every time."""
+    try:
+        KEY_FILE.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+        info = KEY_FILE.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o077:
+            return None  # someone else could read it (and forge) or replace it
+        key = KEY_FILE.read_bytes()
+    except OSError:
+        return None
+    return key if len(key) == 32 else None  # a half-written key from a concurrent first use
+
+
 def _cached_export(folder: Path, sha256: str, contract: ModelContract) -> bytes:
-    """The ONNX graph's bytes, exported once; a cached file whose hash differs from the one
-    recorded at export (changed by someone) is exported again, never run."""
+    """The ONNX graph's bytes, exported once per weights and contract.
+
+    The cached file is trusted only with a valid HMAC (``.hmac`` beside it) made with this
+    user's key, which is kept outside the cache: a graph replaced in the cache, whatever is
+    written beside it, is exported again, never run."""
     path = onnx_path(sha256, contract)
-    digest = path.with_suffix(".sha256")
-    if path.is_file() and digest.is_file():
+    tag_file = path.with_suffix(".hmac")
+    key = _cache_key()
+    if key is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return export_onnx(folder, Path(tmp) / path.name).read_bytes()
+
+    def tag(data: bytes) -> str:  # the file name binds the graph to its weights and contract
+        return hmac.new(key, path.name.encode() + data, hashlib.sha256).hexdigest()
+
+    if path.is_file() and tag_file.is_file():
         data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() == digest.read_text().strip():
+        if hmac.compare_digest(tag(data), tag_file.read_text().strip()):
             return data
     export_onnx(folder, path)
     data = path.read_bytes()
-    digest.write_text(hashlib.sha256(data).hexdigest())
+    with atomic_path(tag_file) as tmp:
+        tmp.write_text(tag(data))
     return data
 
 
