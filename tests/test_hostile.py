@@ -2,14 +2,39 @@
 faulty stores, lying zips, links. Each test fails on the code before issue 15 was fixed."""
 from __future__ import annotations
 
+import csv
+import errno
+import hashlib
+import io
 import json
+import os
 import shutil
+import sqlite3
+import struct
+import tracemalloc
+import zipfile
+from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
 import pytest
+import torch
+from PIL import Image
+from streamlit import config
+from streamlit.web.server.starlette.starlette_websocket import is_host_allowed
 
-from core.contract import ContractError, ModelContract, WeightsError, contract_sha256, read_card
-from core.model import load_model
+import core.score
+import core.store
+from core import score
+from core.contract import ModelContract, WeightsError, read_card
+from core.data import ImageError, decode_image, iter_sources
+from core.model import build_model, default_contract, load_model, save_model
 from core.score import load_engine
+from core.store import ResultStore
+
+# Names added by issue 15 are imported inside the tests that use them, so that this file also
+# runs against the code before the fix (each test then fails on its own assertion).
 
 
 def _copy_model(src, dst):
@@ -63,7 +88,7 @@ def test_a_card_without_contract_hash_is_refused_until_sealed(tiny_model, tmp_pa
 
 
 def test_the_shipped_cards_are_sealed():
-    from core.contract import DEFAULT_WEIGHTS, find_models
+    from core.contract import DEFAULT_WEIGHTS, contract_sha256, find_models
     for folder in find_models(DEFAULT_WEIGHTS.parent):
         card = read_card(folder)
         assert card["contract_sha256"] == contract_sha256(
@@ -71,6 +96,7 @@ def test_the_shipped_cards_are_sealed():
 
 
 def test_contract_values_are_validated_on_construction():
+    from core.contract import ContractError
     with pytest.raises(ContractError, match="classes"):
         ModelContract(classes=("Uninfected", "Parasitized"))
     with pytest.raises(ContractError, match="threshold"):
@@ -84,7 +110,6 @@ def test_contract_values_are_validated_on_construction():
 # --- 3. CSV injection and split rows ------------------------------------------------------------
 
 def _cli(*argv) -> int:
-    from core import score
     return score.main(score.get_args_parser().parse_args([str(a) for a in argv]))
 
 
@@ -102,8 +127,6 @@ def _injected_folder(cells_dir, root):
 
 def test_exports_neutralise_formulas_and_keep_control_characters_inside_cells(
         cells_dir, tiny_model, tmp_path):
-    import csv
-    import pandas as pd
     root = _injected_folder(cells_dir, tmp_path / "in")
     out, summary = tmp_path / "r.csv", tmp_path / "s.csv"
     assert _cli(root, "--weights", tiny_model, "--out", out, "--summary", summary,
@@ -121,8 +144,6 @@ def test_exports_neutralise_formulas_and_keep_control_characters_inside_cells(
 
 
 def test_exporting_an_uploaded_run_neutralises_formula_names(tmp_path):
-    import pandas as pd
-    from core.store import ResultStore
     with ResultStore(tmp_path / "st.sqlite") as store:
         run = store.new_run(inputs=["=x.png"], weights="w", weights_sha256="0" * 64,
                             threshold=0.5, engine="onnx", kind="upload")
@@ -139,8 +160,6 @@ def test_exporting_an_uploaded_run_neutralises_formula_names(tmp_path):
 
 
 def test_the_download_csv_helper_neutralises_text_and_keeps_numbers():
-    import io
-    import pandas as pd
     from core.export import to_csv_text
     df = pd.DataFrame({"path": ["=cmd|' /C calc'!A0", "-2+3", "ok\r.png", "\tx"],
                        "prob_parasitized": [0.25, -1.0, None, 1.0], "n": [1, -2, 3, 4]})
@@ -154,9 +173,6 @@ def test_the_download_csv_helper_neutralises_text_and_keeps_numbers():
 
 def _disk_full_after_half(monkeypatch):
     """Make every DataFrame.to_csv write half its text, then fail as a full disk does."""
-    import errno
-    import io
-    import pandas as pd
     real = pd.DataFrame.to_csv
 
     def half_then_enospc(self, path_or_buf=None, *args, **kwargs):
@@ -189,7 +205,6 @@ def test_a_failed_export_keeps_the_previous_file(cells_dir, tiny_model, tmp_path
 @pytest.mark.parametrize("where", ["missing/r.csv", "a_folder"])
 def test_an_unwritable_output_fails_before_scoring(cells_dir, tiny_model, tmp_path, monkeypatch,
                                                    where):
-    import core.score
     (tmp_path / "a_folder").mkdir()
 
     def no_scoring(*args, **kwargs):
@@ -202,7 +217,6 @@ def test_an_unwritable_output_fails_before_scoring(cells_dir, tiny_model, tmp_pa
 
 
 def test_a_read_only_output_folder_fails_before_scoring(cells_dir, tiny_model, tmp_path):
-    import os
     if os.geteuid() == 0:
         pytest.skip("root writes into read-only folders; the missing-folder case covers the check")
     ro = tmp_path / "ro"
@@ -219,7 +233,6 @@ def test_a_read_only_output_folder_fails_before_scoring(cells_dir, tiny_model, t
 # --- 8. store faults ----------------------------------------------------------------------------
 
 def _store_with_rows(path, n=3000):
-    from core.store import ResultStore
     with ResultStore(path) as store:
         run = store.new_run(inputs=["x"], weights="w", weights_sha256="0" * 64, threshold=0.5,
                             engine="onnx")
@@ -231,7 +244,6 @@ def _store_with_rows(path, n=3000):
 
 def test_a_store_corrupted_mid_file_is_refused_with_one_line(cells_dir, tiny_model, tmp_path,
                                                              capsys):
-    import sqlite3
     path = _store_with_rows(tmp_path / "st.sqlite")
     data = bytearray(path.read_bytes())
     page = 4096
@@ -256,8 +268,6 @@ def test_a_file_that_is_not_a_store_is_one_line_and_exit_2(cells_dir, tiny_model
 
 def test_a_locked_store_is_one_line_and_exit_2(cells_dir, tiny_model, tmp_path, monkeypatch,
                                                capsys):
-    import sqlite3
-    import core.store
     path = _store_with_rows(tmp_path / "st.sqlite", n=10)
     monkeypatch.setattr(core.store, "LOCK_TIMEOUT", 0.2)
     holder = sqlite3.connect(path)
@@ -273,8 +283,6 @@ def test_a_locked_store_is_one_line_and_exit_2(cells_dir, tiny_model, tmp_path, 
 
 def test_a_full_disk_under_the_store_is_one_line_and_exit_2(cells_dir, tiny_model, tmp_path,
                                                             monkeypatch, capsys):
-    import core.score
-    from core.store import ResultStore
 
     class FullStore(ResultStore):  # SQLite's own "database or disk is full", at its first write
         def new_run(self, **kwargs):
@@ -293,7 +301,6 @@ def test_a_full_disk_under_the_store_is_one_line_and_exit_2(cells_dir, tiny_mode
 
 
 def test_a_read_only_store_is_one_line_and_exit_2(cells_dir, tiny_model, tmp_path, capsys):
-    import os
     if os.geteuid() == 0:
         pytest.skip("root writes into read-only files; the locked, corrupt and full cases "
                     "cover the same path")
@@ -321,9 +328,6 @@ def _cells_in_folders(cells_dir, root, folders=("a", "b", "c"), per=8):
 
 def test_an_unreadable_subfolder_is_an_error_row_not_silence(cells_dir, tiny_model, tmp_path,
                                                              monkeypatch):
-    import errno
-    import os
-    import pandas as pd
     root = _cells_in_folders(cells_dir, tmp_path / "cells")
     blocked = root / "b"
     real_scandir = os.scandir
@@ -345,8 +349,6 @@ def test_an_unreadable_subfolder_is_an_error_row_not_silence(cells_dir, tiny_mod
 
 
 def test_an_unreadable_subfolder_for_real(cells_dir, tiny_model, tmp_path):
-    import os
-    import pandas as pd
     if os.geteuid() == 0:
         pytest.skip("root reads folders whatever their mode; the scandir test above covers it")
     root = _cells_in_folders(cells_dir, tmp_path / "cells")
@@ -361,8 +363,6 @@ def test_an_unreadable_subfolder_for_real(cells_dir, tiny_model, tmp_path):
 
 
 def test_a_fifo_as_input_or_in_a_folder_is_an_error_row(cells_dir, tiny_model, tmp_path):
-    import os
-    import pandas as pd
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
     out = tmp_path / "r.csv"
@@ -382,7 +382,6 @@ def test_a_fifo_as_input_or_in_a_folder_is_an_error_row(cells_dir, tiny_model, t
 
 
 def test_an_empty_folder_is_an_error_and_exit_2(tiny_model, tmp_path, capsys):
-    import pandas as pd
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "README.txt").write_text("no cells here")
     out = tmp_path / "r.csv"
@@ -407,7 +406,6 @@ def _linked_folder(cells_dir, tmp_path):
 
 def test_a_folder_of_links_is_error_rows_that_say_so_and_exits_non_zero(cells_dir, tiny_model,
                                                                         tmp_path):
-    import pandas as pd
     root = _linked_folder(cells_dir, tmp_path)
     out = tmp_path / "r.csv"
     rc = _cli(root, "--weights", tiny_model, "--out", out, "--store", tmp_path / "s.sqlite",
@@ -420,7 +418,6 @@ def test_a_folder_of_links_is_error_rows_that_say_so_and_exits_non_zero(cells_di
 
 
 def test_follow_links_scores_what_the_links_point_to(cells_dir, tiny_model, tmp_path):
-    import pandas as pd
     root = _linked_folder(cells_dir, tmp_path)
     (root / "more").symlink_to(tmp_path / "annex", target_is_directory=True)
     (root / "loop").symlink_to(root, target_is_directory=True)  # walked once, not forever
@@ -436,8 +433,6 @@ def test_follow_links_scores_what_the_links_point_to(cells_dir, tiny_model, tmp_
 def _lying_zip(path, *, real_mb=100, declared=20_000):
     """A zip of one member that inflates to ``real_mb`` MiB while its headers say ``declared``
     bytes."""
-    import struct
-    import zipfile
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         with z.open("cells/C1P1_cell_1.png", "w") as f:
             block = b"\0" * 2**20
@@ -452,8 +447,6 @@ def _lying_zip(path, *, real_mb=100, declared=20_000):
 
 
 def test_a_lying_zip_member_is_inflated_in_bounded_memory(tmp_path):
-    import tracemalloc
-    from core.data import ImageError, iter_sources
     [src] = iter_sources([_lying_zip(tmp_path / "bomb.zip")])
     tracemalloc.start()
     try:
@@ -468,10 +461,6 @@ def test_a_lying_zip_member_is_inflated_in_bounded_memory(tmp_path):
 # --- 10. EXIF orientation and "!" in names ------------------------------------------------------
 
 def test_exif_orientation_is_applied():
-    import io
-    import numpy as np
-    from PIL import Image
-    from core.data import decode_image
     pixels = np.zeros((60, 100, 3), np.uint8)
     pixels[:, :50] = (200, 30, 30)  # red left half, blue right half: rotation shows
     pixels[:, 50:] = (30, 30, 200)
@@ -489,8 +478,6 @@ def test_exif_orientation_is_applied():
 
 
 def test_case_ids_come_from_the_member_name_only(cells_dir, tiny_model, tmp_path):
-    import zipfile
-    import pandas as pd
     data = sorted(cells_dir.rglob("*.png"))[0].read_bytes()
     root = tmp_path / "in"
     root.mkdir()
@@ -511,9 +498,6 @@ def test_case_ids_come_from_the_member_name_only(cells_dir, tiny_model, tmp_path
 # --- 6. DNS rebinding ---------------------------------------------------------------------------
 
 def test_the_dashboard_accepts_only_localhost_names(monkeypatch):
-    from pathlib import Path
-    from streamlit import config
-    from streamlit.web.server.starlette.starlette_websocket import is_host_allowed
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # where `make run` starts it
     try:
         config.get_config_options(force_reparse=True)
@@ -529,13 +513,6 @@ def test_the_dashboard_accepts_only_localhost_names(monkeypatch):
 # --- 9. the ONNX cache --------------------------------------------------------------------------
 
 def test_a_replaced_onnx_export_is_exported_again_not_run(tiny_model, cells_dir, tmp_path):
-    import hashlib
-    import numpy as np
-    import onnxruntime as ort
-    import torch
-    import core.score
-    from core.data import decode_image, iter_sources
-    from core.model import build_model, default_contract, save_model
     images = np.stack([decode_image(s.read(), size=128)
                        for s in list(iter_sources([cells_dir]))[:8]])
     genuine = load_engine(tiny_model, "onnx")  # exports and caches the graph
@@ -560,7 +537,6 @@ def test_a_replaced_onnx_export_is_exported_again_not_run(tiny_model, cells_dir,
 
 def test_without_a_private_key_the_export_is_made_afresh_and_not_cached(
         tiny_model, tmp_path, monkeypatch):
-    import core.score
     key = tmp_path / "cache.key"
     key.write_bytes(b"k" * 32)
     key.chmod(0o644)  # readable by others: anyone could sign a graph with it
