@@ -217,7 +217,7 @@ def _file_reader(path: Path) -> Callable[[], bytes]:
     return read
 
 
-_FOLLOW_HINT = "not followed (use --follow-links to score what it points to)"
+_FOLLOW_HINT = "not followed (use --follow-links to read what it points to)"
 
 
 def _scan(folder: Path, top: Path, *, follow_links: bool, seen: set[Path]
@@ -456,14 +456,16 @@ class Sample:
     label: int  # index into CLASSES
 
 
-def labelled_samples(inputs: Iterable[str | Path]) -> tuple[list[Sample], dict[str, ImageSource]]:
+def labelled_samples(inputs: Iterable[str | Path], *, follow_links: bool = False
+                     ) -> tuple[list[Sample], dict[str, ImageSource]]:
     """Labelled images under ``inputs`` and a path -> source map to read them.
 
-    Images outside a ``Parasitized``/``Uninfected`` folder are ignored. Raises DataError if
-    no labelled image is found or only one class is present.
+    Images outside a ``Parasitized``/``Uninfected`` folder are ignored; ``follow_links`` as in
+    ``iter_sources`` (a link not followed is a source that fails to read, so training stops
+    and names it). Raises DataError if no labelled image is found or only one class is present.
     """
     samples, sources = [], {}
-    for src in iter_sources(inputs):
+    for src in iter_sources(inputs, follow_links=follow_links):
         label = label_from_path(src.path)
         if label is None:
             continue

@@ -537,3 +537,22 @@ def test_without_a_private_key_the_export_is_made_afresh_and_not_cached(
     assert core.score._cache_key() is None
     assert load_engine(tiny_model, "onnx").sha256
     assert not (tmp_path / "cache").exists()
+
+
+def test_training_data_behind_links_stops_training_or_is_followed_on_request(cells_dir, tmp_path):
+    from core.data import labelled_samples, load_array
+    from core.train import get_args_parser
+    cache = tmp_path / "cache"
+    shutil.copytree(cells_dir, cache)
+    root = tmp_path / "data"
+    for f in sorted(cache.rglob("*.png")):
+        link = root / f.relative_to(cache)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(f)
+    samples, sources = labelled_samples([root])
+    with pytest.raises(ImageError, match="not followed.*--follow-links"):
+        load_array([sources[s.path] for s in samples], size=32)
+    samples, sources = labelled_samples([root], follow_links=True)
+    assert load_array([sources[s.path] for s in samples], size=32).shape[0] == len(samples) == \
+        len(list(cells_dir.rglob("*.png")))
+    assert get_args_parser().parse_args(["--data", "d", "--out", "o", "--follow-links"]).follow_links
