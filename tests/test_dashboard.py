@@ -157,3 +157,17 @@ def test_group_names_are_plain_text_in_the_parasitemia_chart(app, cells_dir):
     spec = json.loads(app.get("plotly_chart")[0].proto.spec)
     labels = spec["data"][0]["x"]
     assert labels == ["&lt;a href=&quot;https:example.invalid&quot;&gt;evil"]
+
+
+def test_a_corrupt_result_store_is_one_clear_error(tmp_path, monkeypatch):
+    store = tmp_path / "store.sqlite"
+    store.write_bytes(b"not SQLite" * 500)
+    monkeypatch.setenv("MALARIA_STORE", str(store))
+    import dashboard.ui
+    dashboard.ui.store.clear()
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.run()
+    at.switch_page("views/score.py").run()
+    assert not at.exception
+    assert any("corrupt" in e.value for e in at.error)
+    dashboard.ui.store.clear()

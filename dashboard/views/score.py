@@ -30,8 +30,8 @@ if pending and not items:
 if st.button("Score", type="primary", disabled=not items) or (pending and items == pending):
     try:
         df, run_id = ui.score(items)
-    except ValueError as exc:  # no image in the upload
-        st.error(str(exc))
+    except (ValueError, StoreError) as exc:  # no image in the upload; a store gone bad
+        st.error(ui.plain(exc))
         st.stop()
     st.session_state.update(results=df, run_id=run_id, sources=ui.sources_for(items),
                             run_on_disk=False)
