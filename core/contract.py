@@ -4,20 +4,59 @@ Torch-free on purpose: the ONNX scoring path reads cards without importing PyTor
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from core.data import CLASSES
+from core.data import CLASSES, write_json
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "default"
+ARCHS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "small_cnn")
+INPUT_SIZES = range(32, 1025)  # below 32 px the MobileNets' five stride-2 stages leave nothing
 
 
 class WeightsError(RuntimeError):
     """Weights that cannot be used: missing, tampered, pickled, or not matching the card."""
+
+
+class ContractError(ValueError):
+    """A model contract whose values cannot be right (unknown classes, threshold outside [0, 1]...)."""
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def contract_problems(c: ModelContract) -> list[str]:
+    """What is wrong with ``c``, in words; empty when it is usable."""
+    problems = []
+    if c.arch not in ARCHS:
+        problems.append(f"arch {c.arch!r} is not one of {', '.join(ARCHS)}")
+    if tuple(c.classes) != CLASSES:
+        # the order is the model's output index order: swapped names invert every call
+        problems.append(f"classes must be exactly {list(CLASSES)} in that order, "
+                        f"got {list(c.classes)}")
+    if not (isinstance(c.input_size, int) and not isinstance(c.input_size, bool)
+            and c.input_size in INPUT_SIZES):
+        problems.append(f"input_size must be a whole number of pixels in "
+                        f"[{INPUT_SIZES.start}, {INPUT_SIZES.stop - 1}], got {c.input_size!r}")
+    for name in ("mean", "std"):
+        values = getattr(c, name)
+        if len(values) != 3 or not all(_is_number(v) for v in values):
+            problems.append(f"{name} must be 3 numbers (R, G, B), got {list(values)}")
+    if all(_is_number(v) for v in c.std) and not all(0 < v for v in c.std):
+        problems.append(f"std must be positive, got {list(c.std)}")
+    if not (_is_number(c.threshold) and 0 <= c.threshold <= 1):
+        problems.append(f"threshold must be a probability in [0, 1], got {c.threshold!r}")
+    if c.target_layer and c.target_layer not in c.cam_layers:
+        problems.append(f"target_layer {c.target_layer!r} is not one of cam_layers")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -34,6 +73,11 @@ class ModelContract:
     target_layer: str = ""
     threshold: float = 0.5  # on P(Parasitized)
 
+    def __post_init__(self) -> None:
+        problems = contract_problems(self)
+        if problems:
+            raise ContractError("invalid model contract: " + "; ".join(problems))
+
     @property
     def positive_index(self) -> int:
         return self.classes.index("Parasitized")
@@ -43,10 +87,21 @@ class ModelContract:
 
     @classmethod
     def from_json(cls, d: dict) -> ModelContract:
+        """The contract saved by ``to_json``. Raises ContractError for invalid values, KeyError
+        or TypeError for missing or unknown keys."""
         d = dict(d)
         for key in ("classes", "mean", "std", "cam_layers"):
             d[key] = tuple(d[key])
         return cls(**d)
+
+
+def contract_sha256(contract: ModelContract, weights_sha256: str) -> str:
+    """The hash a card records over its contract and the weights it belongs to: changing a
+    single value of the contract (a swapped class, another threshold), or moving the contract to
+    other weights, no longer matches it."""
+    payload = json.dumps({"contract": contract.to_json(), "weights_sha256": weights_sha256},
+                         sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -57,16 +112,37 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _parse_card(path: Path) -> tuple[dict, ModelContract]:
+    try:
+        card = json.loads(path.read_text())
+        return card, ModelContract.from_json(card["contract"])
+    except ContractError as exc:
+        raise WeightsError(f"{path}: {exc}; refusing this model") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise WeightsError(f"{path} is not a valid model card ({exc!r})") from None
+
+
 def read_card(folder: Path | str) -> dict:
-    """The card of a model folder. Raises WeightsError if there is none."""
+    """The card of a model folder, its contract validated and checked against the card's
+    ``contract_sha256``.
+
+    Raises WeightsError if there is no card, its contract is invalid, it has no
+    ``contract_sha256`` (a card written before contracts were hashed: check it, then
+    ``python -m core.contract seal FOLDER``), or the contract no longer matches that hash.
+    """
     path = Path(folder) / CARD_FILE
     if not path.is_file():
         raise WeightsError(f"no {CARD_FILE} in {folder}: not a model folder")
-    try:
-        card = json.loads(path.read_text())
-        ModelContract.from_json(card["contract"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise WeightsError(f"{path} is not a valid model card ({exc!r})") from None
+    card, contract = _parse_card(path)
+    recorded = card.get("contract_sha256")
+    if recorded is None:
+        raise WeightsError(f"{path} has no contract_sha256 (written before model contracts were "
+                           "hashed); check its contract, then run "
+                           f"`python -m core.contract seal {folder}` to accept it")
+    if recorded != contract_sha256(contract, str(card.get("sha256"))):
+        raise WeightsError(f"the model contract in {path} does not match its contract_sha256: "
+                           "classes, threshold or another value were changed after the model "
+                           "was saved; refusing this model")
     return card
 
 
@@ -101,3 +177,45 @@ def find_models(*roots: Path) -> list[Path]:
             for card in root.glob("*/" * depth + CARD_FILE):
                 found.add(card.parent.resolve())
     return sorted(found)
+
+
+def seal_card(folder: Path | str) -> str:
+    """Record ``contract_sha256`` in the card of ``folder`` after validating its contract and
+    its weights' sha256 (for cards written before contracts were hashed); returns the hash.
+
+    Raises WeightsError if the contract is invalid or the weights do not match the card.
+    """
+    path = Path(folder) / CARD_FILE
+    if not path.is_file():
+        raise WeightsError(f"no {CARD_FILE} in {folder}: not a model folder")
+    card, contract = _parse_card(path)
+    weights = Path(folder) / card.get("weights_file", WEIGHTS_FILE)
+    if not weights.is_file() or sha256_file(weights) != card.get("sha256"):
+        raise WeightsError(f"{weights} is missing or does not match the card's sha256; "
+                           "not sealing it")
+    card["contract_sha256"] = contract_sha256(contract, card["sha256"])
+    write_json(path, card)
+    return card["contract_sha256"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m core.contract",
+        description="Accept the contract of model cards written before contracts were hashed: "
+                    "validates each and records its contract_sha256. Read the contract first "
+                    "(classes, threshold, input size): sealing says it is right.")
+    p.add_argument("command", choices=("seal",))
+    p.add_argument("folders", nargs="+", type=Path, help="model folders (holding card.json)")
+    args = p.parse_args(argv)
+    for folder in args.folders:
+        try:
+            digest = seal_card(folder)
+        except WeightsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{folder}: contract_sha256 {digest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

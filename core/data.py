@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import ExifTags, Image, ImageFile, ImageOps
 
 CLASSES = ("Parasitized", "Uninfected")  # folder names of the NIH layout, index order of the model
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
@@ -53,14 +53,20 @@ def as_posix(key: str) -> PurePosixPath:
     return PurePosixPath(key.replace("\\", "/").replace(ZIP_SEP, "/"))
 
 
-def case_id(name: str) -> str:
-    """Case id parsed from a file name: ``C100P61ThinF_IMG_x_cell_1.png`` -> ``C100``.
+def file_name(path: str) -> str:
+    """The last component of a file path or zip member name (``/`` or ``\\`` separated; a
+    ``!`` is part of the name: it only separates zip members in source keys)."""
+    return PurePosixPath(path.replace("\\", "/")).name
 
-    Names that do not start with ``C<digits>`` get ``?<stem>``, their own case, so an unparsed
-    image is never merged with a patient (parasitemia summaries pool them as ``(no case id)``,
-    never flagged).
+
+def case_id(name: str) -> str:
+    """Case id parsed from a file or member name: ``C100P61ThinF_IMG_x_cell_1.png`` -> ``C100``.
+
+    Pass the image's own name (``ImageSource.name``), not a ``zip!member`` key. Names that do
+    not start with ``C<digits>`` get ``?<stem>``, their own case, so an unparsed image is never
+    merged with a patient (parasitemia summaries pool them as ``(no case id)``, never flagged).
     """
-    base = as_posix(name).name
+    base = file_name(name)
     m = _CASE_RE.match(base)
     if m:
         return f"C{int(m.group(1))}"
@@ -88,10 +94,17 @@ def label_from_path(path: str) -> str | None:
 
 @dataclass(frozen=True)
 class ImageSource:
-    """One image somewhere: a file on disk or a member of a zip. ``path`` is its unique key."""
+    """One image somewhere: a file on disk or a member of a zip. ``path`` is its unique key
+    (``archive.zip!member`` for zip members); ``name`` is the file or member name alone, which
+    case ids are parsed from (a ``!`` in a file name is then no separator)."""
 
     path: str
     read: Callable[[], bytes]
+    name: str = ""  # empty: the last component of path
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", file_name(self.path))
 
 
 def _is_hidden(parts: Sequence[str]) -> bool:
@@ -103,49 +116,65 @@ def _safe_member(name: str) -> bool:
     return not p.is_absolute() and ".." not in p.parts and not re.match(r"^[A-Za-z]:", name)
 
 
-def _error_source(path: str, message: str) -> ImageSource:
+def _error_source(path: str, message: str, name: str = "") -> ImageSource:
     def read() -> bytes:
         raise ImageError(message)
-    return ImageSource(path, read)
+    return ImageSource(path, read, name)
 
 
-def _unsupported(path: str) -> ImageSource:
+def _unsupported(path: str, name: str = "") -> ImageSource:
     return _error_source(path, f"unsupported format {PurePosixPath(path).suffix.lower()}; "
-                               f"accepted: {', '.join(sorted(IMAGE_SUFFIXES))}")
+                               f"accepted: {', '.join(sorted(IMAGE_SUFFIXES))}", name)
 
 
-def _open_zip(data: Path | io.BytesIO, path: str, *, depth: int = 0) -> Iterator[ImageSource]:
+def _open_zip(data: Path | io.BytesIO, path: str, *, depth: int = 0, name: str = ""
+              ) -> Iterator[ImageSource]:
     try:
         zf = zipfile.ZipFile(data)
     except Exception as exc:  # BadZipFile, OSError, bad name encodings, ...: one error row
-        yield _error_source(path, f"not a readable zip archive: {exc}")
+        yield _error_source(path, f"not a readable zip archive: {exc}", name)
         return
     yield from _zip_sources(zf, path, depth=depth)
 
 
-def _zip_or_note(data: Path | io.BytesIO, path: str, *, depth: int = 0
+def _zip_or_note(data: Path | io.BytesIO, path: str, *, depth: int = 0, name: str = ""
                  ) -> Iterator[ImageSource]:
     """The zip's sources, or one error source saying it holds none (so it is not lost)."""
     empty = True
-    for source in _open_zip(data, path, depth=depth):
+    for source in _open_zip(data, path, depth=depth, name=name):
         empty = False
         yield source
     if empty:
-        yield _no_images(path)
+        yield _no_images(path, name)
 
 
-def _no_images(path: str) -> ImageSource:
+def _no_images(path: str, name: str = "") -> ImageSource:
     return _error_source(path, "no images in this zip (accepted: "
-                               f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+                               f"{', '.join(sorted(IMAGE_SUFFIXES))})", name)
+
+
+_READ_CHUNK = 1 << 16  # zipfile inflates at most this much per read() call
 
 
 def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """The member's bytes, inflated in small chunks and never more than MAX_MEMBER_BYTES,
+    whatever its header declares (``zf.read`` inflates a whole member in one call, so a header
+    that under-states the size cost as much memory as the real size)."""
     if info.file_size > MAX_MEMBER_BYTES:
         raise ImageError(f"zip member is {info.file_size / 2**20:.0f} MiB; refusing to read it")
+    out = bytearray()
     try:
-        return zf.read(info)
-    except Exception as exc:  # bad CRC, corrupt deflate stream, encryption
+        with zf.open(info) as f:
+            while chunk := f.read(_READ_CHUNK):
+                out += chunk
+                if len(out) > MAX_MEMBER_BYTES:
+                    raise ImageError(f"zip member inflates to more than "
+                                     f"{MAX_MEMBER_BYTES / 2**20:.0f} MiB; refusing it")
+    except ImageError:
+        raise
+    except Exception as exc:  # bad CRC, corrupt deflate stream, encryption, a lying header
         raise ImageError(f"cannot read zip member: {exc}") from None
+    return bytes(out)
 
 
 def _zip_sources(zf: zipfile.ZipFile, prefix: str, *, depth: int = 0) -> Iterator[ImageSource]:
@@ -157,21 +186,22 @@ def _zip_sources(zf: zipfile.ZipFile, prefix: str, *, depth: int = 0) -> Iterato
         if _is_hidden(PurePosixPath(name).parts):
             continue
         path = f"{prefix}{ZIP_SEP}{name}"
+        member = file_name(name)
         suffix = PurePosixPath(name).suffix.lower()
         if suffix == ".zip" and depth < 1:
             try:
                 inner = io.BytesIO(_read_member(zf, info))
             except ImageError as exc:
-                yield _error_source(path, str(exc))
+                yield _error_source(path, str(exc), member)
                 continue
-            yield from _zip_or_note(inner, path, depth=depth + 1)
+            yield from _zip_or_note(inner, path, depth=depth + 1, name=member)
         elif suffix == ".zip":
             yield _error_source(path, "a zip inside a zip inside a zip: only one level of "
-                                      "nesting is opened")
+                                      "nesting is opened", member)
         elif suffix in IMAGE_SUFFIXES:
-            yield ImageSource(path, _member_reader(zf, info))
+            yield ImageSource(path, _member_reader(zf, info), member)
         elif suffix in UNSUPPORTED_SUFFIXES:
-            yield _unsupported(path)
+            yield _unsupported(path, member)
 
 
 def _member_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], bytes]:
@@ -187,38 +217,97 @@ def _file_reader(path: Path) -> Callable[[], bytes]:
     return read
 
 
-def iter_sources(inputs: Iterable[str | Path]) -> Iterator[ImageSource]:
+_FOLLOW_HINT = "not followed (use --follow-links to read what it points to)"
+
+
+def _scan(folder: Path, top: Path, *, follow_links: bool, seen: set[Path]
+          ) -> Iterator[tuple[Path, str | None]]:
+    """(path, None) for each regular file under ``folder`` (hidden entries skipped), and
+    (path, why) for what cannot be used: an unreadable folder, a link not followed, a FIFO."""
+    try:
+        with os.scandir(folder) as it:
+            entries = list(it)
+    except OSError as exc:
+        yield folder, f"cannot read this folder ({exc.strerror or exc}); its images are missing"
+        return
+    for entry in entries:
+        if _is_hidden([entry.name]):
+            continue
+        path = Path(entry.path)
+        try:
+            is_dir, is_file = entry.is_dir(), entry.is_file()  # both follow links
+            target = path.resolve() if entry.is_symlink() else None
+        except (OSError, RuntimeError) as exc:  # a link loop, a vanished entry
+            yield path, f"cannot read this entry ({exc})"
+            continue
+        if target is not None and not (is_dir or is_file):
+            yield path, f"broken symbolic link to {target}"
+            continue
+        if target is not None and not follow_links and not target.is_relative_to(top):
+            kind = "a folder" if is_dir else "a file"
+            yield path, f"symbolic link to {kind} outside the input folder ({target}): {_FOLLOW_HINT}"
+            continue
+        if is_dir:
+            real = path.resolve()
+            if target is not None and not follow_links:
+                continue  # a link to a folder inside the input: its images are found there
+            if real not in seen:  # a loop of linked folders is walked once
+                seen.add(real)
+                yield from _scan(path, top, follow_links=follow_links, seen=seen)
+        elif is_file:
+            yield path, None
+        else:
+            yield path, "not a regular file (a FIFO, socket or device); not read"
+
+
+def _folder_sources(root: Path, *, follow_links: bool) -> Iterator[ImageSource]:
+    top = root.resolve()
+    found = False
+    for path, why in sorted(_scan(root, top, follow_links=follow_links, seen={top})):
+        suffix = path.suffix.lower()
+        if why is not None:
+            # a folder or a linked folder always counts; other entries only if images would
+            if path.is_dir() or suffix in IMAGE_SUFFIXES | UNSUPPORTED_SUFFIXES | {".zip"}:
+                found = True
+                yield _error_source(str(path), why)
+        elif suffix == ".zip":
+            found = True
+            yield from _zip_or_note(path, str(path))
+        elif suffix in IMAGE_SUFFIXES:
+            found = True
+            yield ImageSource(str(path), _file_reader(path))
+        elif suffix in UNSUPPORTED_SUFFIXES:
+            found = True
+            yield _unsupported(str(path))
+    if not found:
+        yield _error_source(str(root), "no images in this folder (accepted: "
+                                       f"{', '.join(sorted(IMAGE_SUFFIXES))}, and zips)")
+
+
+def iter_sources(inputs: Iterable[str | Path], *, follow_links: bool = False
+                 ) -> Iterator[ImageSource]:
     """Every image under ``inputs`` (files, folders searched recursively, zips), in sorted order.
 
-    Hidden files, ``__MACOSX`` entries, zip members with absolute or ``..`` paths and symlinks
-    that lead outside the input folder are skipped; recognised but unsupported image types
-    (GIF, HEIC, ...) and unreadable zips yield sources whose ``read`` raises ImageError.
-    Raises FileNotFoundError for a missing input.
+    Hidden files, ``__MACOSX`` entries and zip members with absolute or ``..`` paths are
+    skipped. Sources whose ``read`` raises ImageError stand for what cannot be scored, so that
+    nothing is lost silently: recognised but unsupported image types (GIF, HEIC, ...),
+    unreadable zips, folders that cannot be read, an input folder without images, inputs that
+    are not regular files (FIFOs, devices), and symbolic links that lead outside the input
+    folder unless ``follow_links``. Raises FileNotFoundError for a missing input.
     """
     for item in inputs:
         root = Path(item)
         if not root.exists():
             raise FileNotFoundError(f"input not found: {root}")
-        if root.is_file():
-            if root.suffix.lower() == ".zip":
-                yield from _zip_or_note(root, str(root))
-            else:
-                yield ImageSource(str(root), _file_reader(root))
-            continue
-        top = root.resolve()
-        for path in sorted(root.rglob("*")):
-            rel = path.relative_to(root).parts
-            if _is_hidden(rel) or not path.is_file():
-                continue
-            if not path.resolve().is_relative_to(top):
-                continue  # a symlink out of the input folder
-            suffix = path.suffix.lower()
-            if suffix == ".zip":
-                yield from _zip_or_note(path, str(path))
-            elif suffix in IMAGE_SUFFIXES:
-                yield ImageSource(str(path), _file_reader(path))
-            elif suffix in UNSUPPORTED_SUFFIXES:
-                yield _unsupported(str(path))
+        if root.is_dir():
+            yield from _folder_sources(root, follow_links=follow_links)
+        elif not root.is_file():
+            yield _error_source(str(root), "not a regular file or folder (a FIFO, socket or "
+                                           "device); not read")
+        elif root.suffix.lower() == ".zip":
+            yield from _zip_or_note(root, str(root))
+        else:
+            yield ImageSource(str(root), _file_reader(root))
 
 
 def sources_from_uploads(items: Iterable[tuple[str, bytes]]) -> list[ImageSource]:
@@ -256,7 +345,7 @@ def unique_paths(sources: Iterable[ImageSource]) -> list[ImageSource]:
     for src in sources:
         n = seen.get(src.path, 0) + 1
         seen[src.path] = n
-        out.append(src if n == 1 else ImageSource(f"{src.path}#{n}", src.read))
+        out.append(src if n == 1 else ImageSource(f"{src.path}#{n}", src.read, src.name))
     return out
 
 
@@ -270,7 +359,7 @@ def open_source(key: str) -> ImageSource:
     as ``a.zip!b.zip!member``). Raises FileNotFoundError if it no longer exists.
     """
     parts = key.split(ZIP_SEP)
-    if len(parts) == 1:
+    if len(parts) == 1 or Path(key).is_file():  # a "!" may be part of a file's name
         path = Path(key)
         if not path.is_file():
             raise FileNotFoundError(f"{key} not found")
@@ -285,7 +374,7 @@ def open_source(key: str) -> ImageSource:
         info = zf.getinfo(parts[-1])
     except (KeyError, zipfile.BadZipFile, ImageError):
         raise FileNotFoundError(f"{key} not found in its zip") from None
-    return ImageSource(key, _member_reader(zf, info))
+    return ImageSource(key, _member_reader(zf, info), file_name(parts[-1]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +420,8 @@ def decode_image(data: bytes, *, size: int | None = None) -> np.ndarray:
                 raise ImageError(f"image is {w}x{h} px, above the {MAX_PIXELS:,} px limit")
             if size and img.format == "JPEG":
                 img.draft("RGB", (size, size))  # decode JPEG at reduced scale: much faster
+            if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+                img = ImageOps.exif_transpose(img)  # as cameras and viewers show the cell
             rgb = np.asarray(_to_rgb(img), dtype=np.uint8)
             return rgb if size is None else resize_rgb(rgb, size)
     except ImageError:
@@ -365,18 +456,20 @@ class Sample:
     label: int  # index into CLASSES
 
 
-def labelled_samples(inputs: Iterable[str | Path]) -> tuple[list[Sample], dict[str, ImageSource]]:
+def labelled_samples(inputs: Iterable[str | Path], *, follow_links: bool = False
+                     ) -> tuple[list[Sample], dict[str, ImageSource]]:
     """Labelled images under ``inputs`` and a path -> source map to read them.
 
-    Images outside a ``Parasitized``/``Uninfected`` folder are ignored. Raises DataError if
-    no labelled image is found or only one class is present.
+    Images outside a ``Parasitized``/``Uninfected`` folder are ignored; ``follow_links`` as in
+    ``iter_sources`` (a link not followed is a source that fails to read, so training stops
+    and names it). Raises DataError if no labelled image is found or only one class is present.
     """
     samples, sources = [], {}
-    for src in iter_sources(inputs):
+    for src in iter_sources(inputs, follow_links=follow_links):
         label = label_from_path(src.path)
         if label is None:
             continue
-        samples.append(Sample(src.path, case_id(src.path), CLASSES.index(label)))
+        samples.append(Sample(src.path, case_id(src.name), CLASSES.index(label)))
         sources[src.path] = src
     if not samples:
         raise DataError(f"no images under a Parasitized/ or Uninfected/ folder in {list(inputs)}")

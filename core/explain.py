@@ -44,6 +44,7 @@ from torch import nn
 
 from core.contract import DEFAULT_WEIGHTS
 from core.data import ImageError, as_posix, iter_sources, predicted_class, read_image, resize_rgb
+from core.export import write_csv
 from core.locate import Stain, locate, mass_inside, points_at
 from core.model import LoadedModel, load_model, normalize
 
@@ -261,7 +262,7 @@ def main(args: argparse.Namespace) -> int:
                   "prob_parasitized": e.prob_parasitized,
                   "points_at_parasite": e.points_at_parasite, "mass_in_cell": e.mass_in_cell,
                   "road": e.road, "ms": e.ms, "error": None} for e in exps]
-    pd.DataFrame(rows).to_csv(args.out / "scores.csv", index=False)
+    write_csv(args.out / "scores.csv", pd.DataFrame(rows))  # file names are user input
     print(f"{len(rows)} rows written to {args.out / 'scores.csv'}")
     return status
 

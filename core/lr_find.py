@@ -123,6 +123,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-pretrained", action="store_true")
+    p.add_argument("--follow-links", action="store_true",
+                   help="read images that symbolic links in a data folder point to outside it")
     return p
 
 
@@ -133,7 +135,7 @@ def main(args: argparse.Namespace) -> LRFindResult:
     cfg = TrainConfig(arch=args.arch, batch_size=args.batch_size, seed=args.seed,
                       pretrained=not args.no_pretrained and args.arch == "mobilenet_v2")
     contract = default_contract(cfg.arch)
-    data = prepare_data(args.data, contract=contract, cfg=cfg)
+    data = prepare_data(args.data, contract=contract, cfg=cfg, follow_links=args.follow_links)
     model = build_model(cfg.arch, pretrained=cfg.pretrained).to(memory_format=torch.channels_last)
     freeze_features(model, cfg.freeze if cfg.pretrained else 0)
     gen = torch.Generator().manual_seed(cfg.seed)

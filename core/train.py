@@ -69,9 +69,12 @@ class PreparedData:
 
 
 def prepare_data(data: Sequence[str | Path], *, contract: ModelContract, cfg: TrainConfig,
-                 split: Split | None = None, progress: bool = True) -> PreparedData:
-    """Find labelled images, split them by case (or use ``split``), decode every part."""
-    samples, sources = labelled_samples(data)
+                 split: Split | None = None, progress: bool = True,
+                 follow_links: bool = False) -> PreparedData:
+    """Find labelled images, split them by case (or use ``split``), decode every part.
+
+    ``follow_links``: read images that symbolic links in a data folder point to outside it."""
+    samples, sources = labelled_samples(data, follow_links=follow_links)
     split = split or split_by_case(samples, val_frac=cfg.val_frac, test_frac=cfg.test_frac,
                                    seed=cfg.seed)
     parts: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
@@ -170,6 +173,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", type=Path, help="use the case split of this split.json or "
                    "card.json (e.g. to compare models on the same patients)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--follow-links", action="store_true",
+                   help="read images that symbolic links in a data folder point to outside it")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -185,6 +190,8 @@ def _command(args: argparse.Namespace) -> str:
         argv.append("--no-pretrained")
     if args.split:
         argv += ["--split", str(args.split)]
+    if args.follow_links:
+        argv.append("--follow-links")
     return "python -m core.train " + shlex.join(argv)
 
 
@@ -222,7 +229,8 @@ def main(args: argparse.Namespace) -> dict:
         saved = json.loads(args.split.read_text())
         split = Split.from_json(saved.get("split", saved))
     progress = not args.no_progress
-    data = prepare_data(args.data, contract=contract, cfg=cfg, split=split, progress=progress)
+    data = prepare_data(args.data, contract=contract, cfg=cfg, split=split, progress=progress,
+                        follow_links=args.follow_links)
     write_json(out / "split.json", data.split.to_json())
     print(f"cases: train {len(data.split.train)}, val {len(data.split.val)}, "
           f"test {len(data.split.test)}; cells: train {len(data.train_y)}, "

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import io
+import re
+import string
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,11 +20,32 @@ from PIL import Image
 
 from core.contract import DEFAULT_WEIGHTS, WeightsError, find_models, verified_weights
 from core.data import ImageError, ImageSource, open_source, read_image, sources_from_uploads
-from core.store import ResultStore
+from core.store import ResultStore, StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = Path(__file__).resolve().parent / "samples"
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "bmp", "webp", "zip"]
+
+
+# every ASCII punctuation mark but "/", which Markdown gives no meaning alone (paths stay readable)
+_MARKDOWN_SPECIAL = re.compile("([" + re.escape(string.punctuation.replace("/", "")) + "])")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def plain(text: object) -> str:
+    """``text`` (a file name, a path, a message quoting one) shown as typed by the Markdown
+    that st.error, st.caption and image captions render: every ASCII punctuation mark is
+    backslash-escaped (CommonMark), so no name becomes an image fetched from a URL, a link,
+    HTML, a colour directive or formatting; control characters show as their symbols."""
+    escaped = _MARKDOWN_SPECIAL.sub(r"\\\1", str(text))
+    return _CONTROL.sub(lambda m: chr(0x2421 if m.group() == "\x7f" else 0x2400 + ord(m.group())),
+                        escaped)
+
+
+def chart_text(values) -> list[str]:
+    """Labels for Plotly, which renders <a href>, <b>... in labels: HTML-escaped, shown as
+    typed."""
+    return [html.escape(str(v)) for v in values]
 
 
 def init_state() -> None:
@@ -70,7 +94,7 @@ def model_sidebar() -> None:
         try:
             card, _, sha = verified_weights(folder)
         except WeightsError as exc:
-            st.error(f"This model cannot be used: {exc}")
+            st.error(f"This model cannot be used: {plain(exc)}")
             return
         test = card.get("metrics", {}).get("test", {})
         st.caption(f"**{card.get('arch')}** · sha256 `{sha[:10]}`")
@@ -93,7 +117,8 @@ def current_model() -> tuple[Path, dict, str]:
     try:
         card, _, sha = verified_weights(folder)
     except WeightsError as exc:
-        st.error(f"The selected model cannot be loaded: {exc}. Pick another one in the sidebar.")
+        st.error(f"The selected model cannot be loaded: {plain(exc)}. Pick another one in the "
+                 "sidebar.")
         st.stop()
     return folder, card, sha
 
@@ -124,7 +149,12 @@ def explain(folder: str, sha256: str, images, **options):
 
 @st.cache_resource
 def store() -> ResultStore:
-    return ResultStore()
+    """The result store; st.error and stop if it cannot be used (a failure is not cached)."""
+    try:
+        return ResultStore()
+    except StoreError as exc:
+        st.error(plain(exc))
+        st.stop()
 
 
 # --- uploads and images ---------------------------------------------------------------------

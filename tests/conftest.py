@@ -30,6 +30,8 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """ONNX exports go to a per-session temporary cache, never the repo's."""
+    """ONNX exports go to a per-session temporary cache, never the repo's, signed with a
+    per-session key, never the user's."""
     import core.score
     monkeypatch.setattr(core.score, "CACHE_DIR", tmp_path_factory.getbasetemp() / "cache")
+    monkeypatch.setattr(core.score, "KEY_FILE", tmp_path_factory.getbasetemp() / "key" / "k")

@@ -1,6 +1,7 @@
 """The main flow in a real browser: Debian's Chromium driven by Playwright."""
 from __future__ import annotations
 
+import csv
 import re
 import shutil
 import time
@@ -79,10 +80,11 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     page.wait_for_function(IDLE)
     with page.expect_download() as download:
         page.get_by_role("button", name=f"Download all {len(files)} cells (CSV)").click()
-    cells_csv = download.value.path().read_text().splitlines()
+    with open(download.value.path(), newline="") as f:
+        cells_csv = list(csv.reader(f))
     assert len(cells_csv) == len(files) + 1
-    assert cells_csv[0].endswith("run_id,threshold,scored_with,scored_with_sha256")
-    assert ",0.6,weights/default," in cells_csv[1]  # the threshold on the slider
+    assert cells_csv[0][-4:] == ["run_id", "threshold", "scored_with", "scored_with_sha256"]
+    assert cells_csv[1][-3:-1] == ["0.6", "weights/default"]  # the threshold on the slider
     assert page.get_by_text("Traceback").count() == 0
     run_id = page.get_by_test_id("stHeading").filter(has_text="Results · run").inner_text()
     run_id = run_id.split("run")[-1].strip()

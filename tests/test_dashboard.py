@@ -132,3 +132,55 @@ def test_weights_failing_their_hash_are_a_clear_error(app, tiny_model, tmp_path,
     app.sidebar.selectbox[0].set_value(DEFAULT_WEIGHTS.resolve()).run()  # the app stays usable
     assert not _errors(app), _errors(app)
     assert app.title[0].value == "Score cells"
+
+
+def _unescape(markdown: str) -> str:
+    import re
+    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", markdown)
+
+
+HOSTILE = "![p](https:example.invalid).png"  # an image Markdown would fetch from that host
+
+
+def test_file_names_are_plain_text_on_the_explain_page(app):
+    sample = next((ROOT / "dashboard" / "samples" / "Parasitized").glob("*.png"))
+    app.session_state["explain_item"] = (f"up/{HOSTILE}", sample.read_bytes())
+    app.switch_page("views/explain.py").run()
+    assert not _errors(app), _errors(app)
+    [caption] = [i.proto.imgs[0].caption for i in app.get("image")
+                 if "original" in i.proto.imgs[0].caption]
+    assert _unescape(caption) == f"original · {HOSTILE}"
+    assert "![" not in caption and "](" not in caption and "https:" not in caption
+    app.session_state["explain_item"] = (HOSTILE, b"not an image")
+    app.run()
+    [error] = [e.value for e in app.error]
+    assert _unescape(error).startswith(HOSTILE + ": ")
+    assert "![" not in error and "](" not in error and "https:" not in error
+
+
+def test_group_names_are_plain_text_in_the_parasitemia_chart(app, cells_dir):
+    import json
+    folder = '<a href="https:example.invalid">evil'  # Plotly renders <a href> as a live link
+    cells = sorted(cells_dir.rglob("*.png"))[:3]
+    app.session_state["pending_items"] = [(f"{folder}/{p.name}", p.read_bytes()) for p in cells]
+    app.switch_page("views/score.py").run()
+    [group_by] = [r for r in app.radio if r.label == "Group by"]
+    group_by.set_value("folder").run()
+    assert not _errors(app), _errors(app)
+    spec = json.loads(app.get("plotly_chart")[0].proto.spec)
+    labels = spec["data"][0]["x"]
+    assert labels == ["&lt;a href=&quot;https:example.invalid&quot;&gt;evil"]
+
+
+def test_a_corrupt_result_store_is_one_clear_error(tmp_path, monkeypatch):
+    store = tmp_path / "store.sqlite"
+    store.write_bytes(b"not SQLite" * 500)
+    monkeypatch.setenv("MALARIA_STORE", str(store))
+    import dashboard.ui
+    dashboard.ui.store.clear()
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.run()
+    at.switch_page("views/score.py").run()
+    assert not at.exception
+    assert any("corrupt" in e.value for e in at.error)
+    dashboard.ui.store.clear()

@@ -186,8 +186,11 @@ def test_symlinks_out_of_the_input_are_not_followed(tmp_path):
     (root / "ok.png").write_bytes(_png())
     (root / "link.png").symlink_to(outside / "secret.png")
     (root / "linkdir").symlink_to(outside, target_is_directory=True)
-    paths = [s.path for s in iter_sources([root])]
-    assert paths == [str(root / "ok.png")]
+    sources = list(iter_sources([root]))
+    assert [s.path for s in sources] == [str(root / p) for p in ("link.png", "linkdir", "ok.png")]
+    for link in sources[:2]:  # each link is an error row that says so, never read
+        with pytest.raises(ImageError, match="outside the input folder.*--follow-links"):
+            link.read()
 
 
 def test_missing_input_raises(tmp_path):

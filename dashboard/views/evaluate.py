@@ -100,7 +100,7 @@ if chosen and chosen[0] == choice:
             images.append(read_image(sources.get(path) or open_source(path)))
             names.append(path)
         except (OSError, ImageError) as exc:
-            st.caption(f"{path.rsplit('/', 1)[-1]}: cannot show ({exc})")
+            st.caption(ui.plain(f"{path.rsplit('/', 1)[-1]}: cannot show ({exc})"))
     if images:
         exps = ui.explain(str(folder), sha, images, faithfulness=False, target=pred_cls.lower())
         cols = st.columns(6)
@@ -109,8 +109,8 @@ if chosen and chosen[0] == choice:
             with cols[i % 6]:
                 st.image(for_display(img, width=192), width="stretch")
                 st.image(for_display(e.overlay, width=192), width="stretch",
-                         caption=f"{name.rsplit('/', 1)[-1][:28]} · p={e.prob_parasitized:.3f}"
-                                 f"{marks[e.points_at_parasite]}")
+                         caption=f"{ui.plain(name.rsplit('/', 1)[-1][:28])} · "
+                                 f"p={e.prob_parasitized:.3f}{marks[e.points_at_parasite]}")
 else:
     st.caption("Click a cell of the matrix to see its images with their heatmaps.")
 

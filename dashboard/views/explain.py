@@ -85,7 +85,7 @@ else:
     try:
         item = (path, src.read())
     except (OSError, ImageError) as exc:
-        st.error(f"{path}: {exc}")
+        st.error(ui.plain(f"{path}: {exc}"))
         st.stop()
 
 if item is None:
@@ -94,7 +94,7 @@ if item is None:
 try:
     image = decode_image(item[1])
 except ImageError as exc:
-    st.error(f"{item[0]}: {exc}")
+    st.error(ui.plain(f"{item[0]}: {exc}"))
     st.stop()
 
 layers = contract["cam_layers"]
@@ -146,7 +146,7 @@ def verdict(points: bool | None, mass: float) -> str:
 
 
 key = hashlib.sha256(item[1]).hexdigest()
-name = item[0].rsplit("/", 1)[-1]
+name = ui.plain(item[0].rsplit("/", 1)[-1])  # captions render Markdown
 stain = _stain(key, image)
 outline = stain.parasite if show_outline else None
 if not methods:

@@ -5,6 +5,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.data import CLASSES, predicted_class
+from core.export import to_csv_text
 from core.metrics import parasitemia_summary
 from core.score import screening_cutoff
 from core.store import StoreError
@@ -29,8 +30,8 @@ if pending and not items:
 if st.button("Score", type="primary", disabled=not items) or (pending and items == pending):
     try:
         df, run_id = ui.score(items)
-    except ValueError as exc:  # no image in the upload
-        st.error(str(exc))
+    except (ValueError, StoreError) as exc:  # no image in the upload; a store gone bad
+        st.error(ui.plain(exc))
         st.stop()
     st.session_state.update(results=df, run_id=run_id, sources=ui.sources_for(items),
                             run_on_disk=False)
@@ -48,7 +49,7 @@ else:
         st.stop()
     st.subheader(f"Results · run `{run_id}`")
     st.caption(f"Scored {info.started[:16].replace('T', ' ')} UTC with "
-               f"`{ui.model_label(info.weights)}` (sha256 `{info.weights_sha256[:10]}`), "
+               f"{ui.plain(ui.model_label(info.weights))} (sha256 `{info.weights_sha256[:10]}`), "
                f"{len(results):,} files.")
     if info.weights_sha256 != sha:
         st.warning("These results come from another model than the one selected in the "
@@ -113,7 +114,7 @@ else:
                f"is above {cutoff:.2%}, the rate at which this model calls truly uninfected "
                "cells parasitized (upper bound, validation patients).")
     fig = go.Figure(go.Bar(
-        x=summary["group"], y=summary["parasitemia"],
+        x=ui.chart_text(summary["group"]), y=summary["parasitemia"],
         error_y=dict(type="data", symmetric=False,
                      array=summary["ci_high"] - summary["parasitemia"],
                      arrayminus=summary["parasitemia"] - summary["ci_low"]),
@@ -136,14 +137,15 @@ else:
                       scored_with_sha256=info.weights_sha256)
     d1, d2 = st.columns(2)
     d1.download_button(f"Download all {len(shown):,} cells (CSV)",
-                       shown.assign(**provenance).to_csv(index=False),
+                       to_csv_text(shown.assign(**provenance)),
                        f"cells_{run_id}.csv", "text/csv",
                        help="Every row of the run, whatever the filters; the prediction column "
                             "follows the threshold above. Each row records the run, that "
                             "threshold and the model that computed the probability.")
     d2.download_button("Download summary (CSV)",
-                       summary.assign(screening_cutoff=cutoff, cutoff_from=ui.model_label(folder),
-                                      **provenance).to_csv(index=False),
+                       to_csv_text(summary.assign(screening_cutoff=cutoff,
+                                                  cutoff_from=ui.model_label(folder),
+                                                  **provenance)),
                        f"summary_{run_id}_{group_by}.csv", "text/csv")
 
 st.subheader("Past runs")
