@@ -68,7 +68,7 @@ class ModelContract:
     input_size: int = 128  # the NIH copy is 128x128; larger buys little on 100-200 px crops
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet statistics
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    # Named stages for Grad-CAM, fine to coarse; the default target is the coarsest.
+    # Named stages for Grad-CAM, fine to coarse; the target is the explanations' default stage.
     cam_layers: tuple[str, ...] = ()
     target_layer: str = ""
     threshold: float = 0.5  # on P(Parasitized)

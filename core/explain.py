@@ -5,9 +5,10 @@ point and for faithfulness.
                            [--target predicted|parasitized|uninfected] --out DIR
 
 With no method or layer given, ``explain`` draws HiResCAM at the model's target layer (the
-16x16 stage of MobileNetV2): of every method x stage, it put its peak on the stained parasite
-most often on the validation patients (``python -m core.explain_check`` measures all of them;
-the README has the table). The 4x4 last stage, Grad-CAM's usual choice, almost never does.
+16x16 stage of MobileNetV2), chosen by how often its peak lands on the stained parasite on the
+shipped model's validation patients (``python -m core.explain_check --split val`` measures
+every method x stage; the README has the tables). The 4x4 last stage, Grad-CAM's usual choice,
+almost never finds it.
 
 Per map:
 - ``points_at_parasite``: whether the map's peak falls on the parasite that the stain-based
@@ -73,8 +74,8 @@ class Explanation:
     map_size: tuple[int, int]  # the layer's own resolution, before upsampling
     overlay: np.ndarray  # uint8 (H, W, 3), heatmap over the image at 50 % opacity
     prob_parasitized: float
-    points_at_parasite: bool | None  # None: the stain locator found no parasite to point at
-    mass_in_cell: float  # share of the map's mass on the cell, in [0, 1]
+    points_at_parasite: bool | None  # None: no parasite located, or a flat map
+    mass_in_cell: float  # share of the map's mass on the cell, in [0, 1]; NaN for a flat map
     road: float  # NaN when faithfulness was not asked for
     ms: float  # wall time per image of the map itself (faithfulness not included)
 
@@ -135,7 +136,10 @@ def _resize_map(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _pointing(heatmap: np.ndarray, stain: Stain) -> bool | None:
-    return points_at(heatmap, stain.parasite) if stain.found else None
+    """None when there is nothing to point at, or the map is flat (no peak to speak of)."""
+    if not stain.found or heatmap.max() <= 0:
+        return None
+    return points_at(heatmap, stain.parasite)
 
 
 def explain(loaded: LoadedModel, images: Sequence[np.ndarray], *, method: str | None = None,

@@ -112,8 +112,9 @@ def stage_layers(model: nn.Module, input_size: int) -> tuple[str, ...]:
 
 
 # The default CAM stage is the one whose map is closest to 1/8 of the input (16x16 at 128 px):
-# on the validation patients its HiResCAM peak lands on the parasite in 97 % of cells, the last
-# (4x4) stage's in 5 % (README, "Which heatmaps find the parasite").
+# where HiResCAM's peak lands on the parasite most often for the shipped model, the last (4x4)
+# stage almost never (`python -m core.explain_check --split val`; README, "Which heatmaps find
+# the parasite").
 CAM_STRIDE = 8
 
 

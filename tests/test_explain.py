@@ -40,6 +40,7 @@ def test_every_method_gives_a_map_in_range_at_the_image_size(tiny, cells, method
         assert e.map_size == (8, 8)
         assert 0 <= e.mass_in_cell <= 1 and e.points_at_parasite in (True, False, None)
     assert np.isfinite(exps[0].road) and np.isnan(exps[1].road)
+    assert exps[0].points_at_parasite is not None  # a Parasitized fixture: a parasite is located
 
 
 def test_target_class_changes_the_map(tiny, cells):
@@ -170,3 +171,25 @@ def test_cli_writes_pointing_and_mass_per_map(tiny_model, cells_dir, tmp_path):
     assert ok["points_at_parasite"].isin([True, False]).all()  # both cells hold a parasite
     assert ok["mass_in_cell"].between(0, 1).all() and ok["road"].isna().all()
     assert len(list((tmp_path / "out").glob("*.png"))) == 2
+
+
+@pytest.mark.skipif(not (DEFAULT_WEIGHTS / "explain_check.json").is_file(),
+                    reason="no heatmap check for the shipped model")
+def test_the_shipped_heatmap_check_is_current_and_meets_the_goal():
+    """The check of every method x stage on the shipped model's test patients was computed for
+    these weights and this default, and the default finds the parasite in >= 90 % of cells."""
+    import json
+
+    from core.contract import verified_weights
+    from core.explain_check import check_paths
+    table_path, summary_path = check_paths(DEFAULT_WEIGHTS)
+    summary = json.loads(summary_path.read_text())
+    card, _, sha = verified_weights(DEFAULT_WEIGHTS)
+    assert summary["model_sha256"] == sha and summary["split"] == "test"
+    d = summary["default"]
+    assert (d["method"], d["layer"]) == (DEFAULT_METHOD, card["contract"]["target_layer"])
+    assert d["pointing"] >= 0.9 and summary["cells_checked"] >= 700
+    table = pd.read_csv(table_path).set_index(["method", "layer"])
+    assert len(table) == len(METHODS) * len(card["contract"]["cam_layers"])
+    assert table.loc[(DEFAULT_METHOD, d["layer"]), "cells"] == summary["cells_checked"]
+    assert table.loc[("gradcam", "features.18"), "pointing"] < 0.2  # the old default

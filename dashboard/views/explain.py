@@ -23,9 +23,10 @@ with st.expander("What a heatmap shows, and what it does not", expanded=False):
         "asks whether the map's hottest pixel falls on it.\n"
         "- **ROAD** (higher is better) measures how much the model's confidence depends on the "
         "highlighted pixels: it tells whether the model *uses* them, not what they are.\n\n"
-        "Late stages are coarse (4x4 cells at 128 px) and light whole quadrants; the default, "
-        "HiResCAM at the 16x16 stage, found the parasite most often of every method and stage "
-        "on patients the model never saw (see **Heatmap check**).")
+        "Late stages are coarse (4x4 cells at 128 px) and light whole quadrants. The default "
+        "method and stage were chosen by how often their peak lands on the parasite; the "
+        "**Heatmap check** page shows that rate for every method and stage on patients the "
+        "model never saw.")
 SAMPLE_CELLS = dict(ui.sample_items())  # name -> bytes of the bundled sample cells
 if st.session_state.get("explain_item") is None and SAMPLE_CELLS:  # never an empty page
     st.session_state["explain_item"] = next(iter(SAMPLE_CELLS.items()))
@@ -101,8 +102,9 @@ layers = contract["cam_layers"]
 c1, c2, c3 = st.columns([3, 1, 1])
 methods = c1.multiselect(
     "Methods", list(METHODS), default=[DEFAULT_METHOD, "layercam", "gradcam"],
-    help=f"{DEFAULT_METHOD} is the default: it finds the parasite most often. scorecam and "
-         "ablationcam perturb the image once per channel: seconds per image.")
+    help=f"{DEFAULT_METHOD} is the default (see Heatmap check for how often each method "
+         "finds the parasite). scorecam and ablationcam perturb the image once per channel: "
+         "seconds per image.")
 target = c2.selectbox("Explain the class", TARGETS)
 layer = c3.selectbox("Layer", layers, index=layers.index(contract["target_layer"]),
                      help="Later stages are coarser (down to 4x4) but more semantic.")
@@ -117,16 +119,18 @@ if any(m in SLOW_METHODS for m in methods):
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def _map(image_hash: str, method: str, target: str, layer: str, model_sha: str, _image):
-    e = ui.explain(str(folder), model_sha, [_image], method=method, target=target, layer=layer,
+def _map(image_hash: str, method: str, target: str, layer: str, model: str, model_sha: str,
+         _image):
+    e = ui.explain(model, model_sha, [_image], method=method, target=target, layer=layer,
                    faithfulness=False)[0]
     return e.heatmap, e.prob_parasitized, e.target, e.points_at_parasite, e.mass_in_cell, \
         e.map_size, e.ms
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def _road(image_hash: str, method: str, target: str, layer: str, model_sha: str, _image):
-    return ui.explain(str(folder), model_sha, [_image], method=method, target=target,
+def _road(image_hash: str, method: str, target: str, layer: str, model: str, model_sha: str,
+          _image):
+    return ui.explain(model, model_sha, [_image], method=method, target=target,
                       layer=layer)[0].road
 
 
@@ -137,7 +141,7 @@ def _stain(image_hash: str, _image):
 
 def verdict(points: bool | None, mass: float) -> str:
     """One line a student can read about where a map points."""
-    on_cell = f"{mass:.0%} of the map on the cell"
+    on_cell = "a flat map" if mass != mass else f"{mass:.0%} of the map on the cell"  # NaN
     if points is None:
         return f"no stained parasite found in this cell to point at · {on_cell}"
     if points:
@@ -165,7 +169,8 @@ for start in range(0, len(panels), PER_ROW):
                         else "the stain rule finds no parasite in this cell")
             continue
         with col, st.spinner(f"{method}…"):
-            heat, prob, cls, points, mass, size, ms = _map(key, method, target, layer, sha, image)
+            heat, prob, cls, points, mass, size, ms = _map(key, method, target, layer,
+                                                           str(folder), sha, image)
             col.image(for_display(overlay(image, heat, opacity=opacity), outline=outline),
                       caption=f"{method} · {layer} · {size[0]}x{size[1]} map · {ms:,.0f} ms",
                       width="stretch")
@@ -177,12 +182,12 @@ left, right = st.columns([1, 3])
 left.metric("P(Parasitized)", f"{prob:.3f}", help=f"Decision threshold {contract['threshold']:.2f}")
 right.image(colour_bar(width=384), caption="heatmap colour: low evidence (blue) → high (red)",
             width=384)
-st.caption(f"Each map is computed at its stage's own resolution (e.g. 4x4 at the last stage, "
-           f"16x16 at features.6) and upsampled to the image's {image.shape[1]}x{image.shape[0]}"
-           " px. ROAD: confidence kept when the least relevant pixels are removed minus when "
+st.caption(f"Each map is computed at its stage's own resolution (its size is in the caption) "
+           f"and upsampled to the image's {image.shape[1]}x{image.shape[0]} px. ROAD: confidence kept when the least relevant pixels are removed minus when "
            "the most relevant are removed (higher = the model relies on what the map shows).")
 st.page_link("views/methods.py", label="Which methods find the parasite, over all test "
              "patients: Heatmap check", icon=":material/fact_check:")
 if with_road:  # the slow extra arrives after every map is on screen
     for method, slot in road_slots.items():
-        slot.caption(f"ROAD {_road(key, method, target, layer, sha, image):+.3f}")
+        road = _road(key, method, target, layer, str(folder), sha, image)
+        slot.caption(f"ROAD {road:+.3f}")

@@ -16,13 +16,19 @@ if not table_path.is_file() or not summary_path.is_file():
     st.stop()
 table = pd.read_csv(table_path)
 summary = json.loads(summary_path.read_text())
+d = summary["default"]  # the method is code's (core.explain); the stage is the model's
+d_method, d_layer = d["method"], card["contract"]["target_layer"]
+table["default"] = (table["method"] == d_method) & (table["layer"] == d_layer)
+if d["layer"] != d_layer:
+    st.warning(f"This check was computed when the model's default stage was {d['layer']}; it "
+               f"is {d_layer} now: recompute it with `{command}`.")
 if summary.get("model_sha256") != sha:
     st.warning("This check was computed for other weights than the model's current ones: "
                f"recompute it with `{command}`.")
 
 st.markdown(
     f"Every method at every stage of the network, on the **{summary['parasitized_cells']:,} "
-    f"Parasitized cells of {summary['test_cases']} test patients** the model never saw in "
+    f"Parasitized cells of {summary['cases']} test patients** the model never saw in "
     "training. A colour rule that knows nothing of the network locates the stained parasite "
     f"(it finds one in {summary['locator_found_parasitized']:.0%} of Parasitized and "
     f"{summary['locator_found_uninfected']:.0%} of Uninfected cells); the "
@@ -39,23 +45,22 @@ fig = go.Figure(go.Heatmap(
     colorscale="Blues", text=grid.map(lambda v: f"{v:.0%}").to_numpy(), texttemplate="%{text}",
     textfont_size=15, colorbar=dict(title="pointing"),
     hovertemplate="%{y} at %{x}: peak on the parasite in %{z:.1%} of cells<extra></extra>"))
-default = table[table["default"]]
-if not default.empty:
-    d = default.iloc[0]
-    fig.add_shape(type="rect", x0=layers.index(d["layer"]) - 0.5,
-                  x1=layers.index(d["layer"]) + 0.5, y0=methods.index(d["method"]) - 0.5,
-                  y1=methods.index(d["method"]) + 0.5, line=dict(color="#8e244d", width=4))
+if d_method in methods and d_layer in layers:
+    fig.add_shape(type="rect", x0=layers.index(d_layer) - 0.5, x1=layers.index(d_layer) + 0.5,
+                  y0=methods.index(d_method) - 0.5, y1=methods.index(d_method) + 0.5,
+                  line=dict(color="#8e244d", width=4))
 fig.update_layout(xaxis_title="network stage (fine → coarse) and its map size",
                   yaxis_title="method", height=420, margin=dict(t=10, b=10))
 st.plotly_chart(fig, width="stretch")
-d = summary["default"]
+last = table[(table["method"] == "gradcam") & (table["layer"] == layers[-1])]
 st.markdown(
     f"**Reading.** The outlined cell is what the Explain page shows first: **{d['method']} at "
     f"{d['layer']}**. Explaining the class the model *predicts* (so a missed parasite gets a "
     f"map for 'Uninfected'), its peak lands on the parasite in **{d['pointing']:.1%}** of the "
-    "checked cells. The coarse last stage, the usual Grad-CAM choice, lights a quadrant of the "
-    "cell and almost never the parasite, though its ROAD score looks as good: ROAD tells "
-    "whether the model uses the highlighted pixels, not whether they are the parasite.")
+    "checked cells." + ("" if last.empty else
+    f" Grad-CAM at the last stage ({last.iloc[0]['map_size']}), the usual choice, does in "
+    f"{last.iloc[0]['pointing']:.1%} with a ROAD of {last.iloc[0]['road']:+.2f}: ROAD tells "
+    "whether the model uses the highlighted pixels, not whether they are the parasite."))
 st.dataframe(
     table.sort_values("pointing", ascending=False), hide_index=True, width="stretch",
     column_config={
