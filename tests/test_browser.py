@@ -128,7 +128,7 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     assert page.get_by_text("ROAD: computing").count() == 0
     page.screenshot(path=str(SHOTS / "explain.png"), full_page=True)
 
-    page.get_by_role("link", name="Heatmap check").click()
+    page.get_by_test_id("stSidebarNavLink").filter(has_text="Heatmap check").click()
     page.get_by_text("Heatmap check: which explanations find the parasite").wait_for()
     page.get_by_text("Reading.").first.wait_for()
     time.sleep(2)

@@ -85,7 +85,8 @@ def test_explain_opens_on_a_sample_with_pointing_and_road(app):
     assert sum("ROAD" in c.value for c in app.caption) >= 3  # one per default method
     verdicts = [m.value for m in app.markdown if m.value.startswith("explains ")]
     assert len(verdicts) == 3 and "peak on the stained parasite" in verdicts[0]  # the default
-    assert any("16x16 map" in c.value for c in app.caption)
+    captions = [i.caption for e in app.get("image") for i in e.proto.imgs]
+    assert sum("16x16 map" in c for c in captions) == 3  # the stage's own map size, per panel
     # picking another sample in the list shows that one
     other = next((ROOT / "dashboard" / "samples" / "Uninfected").glob("*.png"))
     app.selectbox(key="explain_sample").set_value(f"samples/Uninfected/{other.name}").run()

@@ -89,5 +89,8 @@ def test_stage_layers_follow_resolution():
     layers = stage_layers(build_model("mobilenet_v2"), 128)
     assert layers == ("features.1", "features.3", "features.6", "features.13", "features.18")
     c = default_contract("mobilenet_v2")
-    assert c.target_layer == "features.18" and c.cam_layers == layers
+    # the default CAM stage is the one whose map is 1/8 of the input: 16x16 at 128 px
+    assert c.target_layer == "features.6" and c.cam_layers == layers
     assert ModelContract.from_json(c.to_json()) == c
+    assert default_contract("mobilenet_v2", input_size=256).target_layer == "features.6"  # 32x32
+    assert default_contract("small_cnn").target_layer == "features.2"  # 64, 32, 16, 8
