@@ -126,7 +126,10 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     page.wait_for_function(IDLE, timeout=300_000)  # ROAD arrives after the maps
     assert page.get_by_text(re.compile(r"ROAD [+-]\d")).count() == 3
     assert page.get_by_text("ROAD: computing").count() == 0
+    page.set_viewport_size({"width": 1400, "height": 1400})  # maps and their verdicts in view
+    page.get_by_text("explains").first.scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / "explain.png"), full_page=True)
+    page.set_viewport_size({"width": 1400, "height": 1000})
 
     page.get_by_test_id("stSidebarNavLink").filter(has_text="Heatmap check").click()
     page.get_by_text("Heatmap check: which explanations find the parasite").wait_for()
