@@ -202,12 +202,7 @@ def explain(loaded: LoadedModel, images: Sequence[np.ndarray], *, method: str | 
             idx = [c.classes.index(predicted_class(p, c.threshold)) for p in pos]
         ms = (time.perf_counter() - t0) * 1000 / len(chunk)
         maps = np.nan_to_num(maps, nan=0.0).astype(np.float32)
-        road = [float("nan")] * len(chunk)
-        if faithfulness:
-            soft = [ClassifierOutputSoftmaxTarget(i) for i in idx]
-            with torch.no_grad():
-                road = np.ravel(ROADCombined(percentiles=list(ROAD_PERCENTILES))(
-                    x, maps, soft, net)).tolist()
+        road = _road(net, x, maps, idx) if faithfulness else [float("nan")] * len(chunk)
         for i, im in enumerate(chunk):
             heat = _resize_map(maps[i], (im.shape[1], im.shape[0]))
             stain = stains[start + i] if stains is not None else locate(im)
@@ -215,6 +210,24 @@ def explain(loaded: LoadedModel, images: Sequence[np.ndarray], *, method: str | 
                                    overlay(im, heat), pos[i], _pointing(heat, stain),
                                    mass_inside(heat, stain.cell), float(road[i]), ms))
     return out
+
+
+def _road(net: nn.Module, x: torch.Tensor, maps: np.ndarray, idx: Sequence[int]) -> list[float]:
+    """ROAD of maps (N, h, w) at the input's size for normalised inputs x (N, 3, h, w)."""
+    soft = [ClassifierOutputSoftmaxTarget(i) for i in idx]
+    with torch.no_grad():
+        return np.ravel(ROADCombined(percentiles=list(ROAD_PERCENTILES))(
+            x, maps, soft, net)).tolist()
+
+
+def road_of(loaded: LoadedModel, image: np.ndarray, explanation: Explanation, *,
+            net: nn.Module | None = None) -> float:
+    """The ROAD score of a map already drawn (``explanation`` of the RGB uint8 ``image``),
+    without computing the map again: what a page calls once the maps are on screen."""
+    c = loaded.contract
+    x = normalize(torch.from_numpy(resize_rgb(image, c.input_size)[None]), c)
+    heat = _resize_map(explanation.heatmap, (c.input_size, c.input_size))
+    return _road(net or explainable(loaded), x, heat[None], [c.classes.index(explanation.target)])[0]
 
 
 def grid(image: np.ndarray, explanations: Sequence[Explanation], *, cell: int = 192) -> Image.Image:

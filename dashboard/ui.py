@@ -147,6 +147,14 @@ def explain(folder: str, sha256: str, images, **options):
         return run(loaded, images, net=net, **options)
 
 
+def road(folder: str, sha256: str, image, explanation) -> float:
+    """core.explain.road_of on the cached network, taking turns as ``explain`` does."""
+    from core.explain import road_of
+    loaded, net, lock = _explainer(folder, sha256)
+    with lock:
+        return road_of(loaded, image, explanation, net=net)
+
+
 @st.cache_resource
 def store() -> ResultStore:
     """The result store; st.error and stop if it cannot be used (a failure is not cached)."""

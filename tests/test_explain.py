@@ -193,3 +193,14 @@ def test_the_shipped_heatmap_check_is_current_and_meets_the_goal():
     assert len(table) == len(METHODS) * len(card["contract"]["cam_layers"])
     assert table.loc[(DEFAULT_METHOD, d["layer"]), "cells"] == summary["cells_checked"]
     assert table.loc[("gradcam", "features.18"), "pointing"] < 0.2  # the old default
+
+
+def test_road_of_a_drawn_map_equals_the_road_computed_with_it(tiny, cells):
+    from core.explain import road_of
+    loaded, net = tiny
+    image = next(iter(cells.values()))
+    torch.manual_seed(0)  # ROAD's imputation adds noise
+    with_road = explain(loaded, [image], method="hirescam", net=net)[0]
+    torch.manual_seed(0)
+    later = road_of(loaded, image, with_road, net=net)
+    assert np.isfinite(later) and later == pytest.approx(with_road.road, abs=1e-6)

@@ -121,17 +121,14 @@ if any(m in SLOW_METHODS for m in methods):
 @st.cache_data(show_spinner=False, max_entries=256)
 def _map(image_hash: str, method: str, target: str, layer: str, model: str, model_sha: str,
          _image):
-    e = ui.explain(model, model_sha, [_image], method=method, target=target, layer=layer,
-                   faithfulness=False)[0]
-    return e.heatmap, e.prob_parasitized, e.target, e.points_at_parasite, e.mass_in_cell, \
-        e.map_size, e.ms
+    return ui.explain(model, model_sha, [_image], method=method, target=target, layer=layer,
+                      faithfulness=False)[0]
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def _road(image_hash: str, method: str, target: str, layer: str, model: str, model_sha: str,
-          _image):
-    return ui.explain(model, model_sha, [_image], method=method, target=target,
-                      layer=layer)[0].road
+          _image, _explanation):
+    return ui.road(model, model_sha, _image, _explanation)  # from the map drawn: no second pass
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -159,7 +156,7 @@ if not methods:
     st.stop()
 PER_ROW = 4
 panels = [None] + methods  # the original first, then one panel per method
-road_slots = {}
+road_slots, drawn = {}, {}
 for start in range(0, len(panels), PER_ROW):
     for col, method in zip(st.columns(PER_ROW), panels[start:start + PER_ROW]):
         if method is None:
@@ -169,8 +166,11 @@ for start in range(0, len(panels), PER_ROW):
                         else "the stain rule finds no parasite in this cell")
             continue
         with col, st.spinner(f"{method}…"):
-            heat, prob, cls, points, mass, size, ms = _map(key, method, target, layer,
-                                                           str(folder), sha, image)
+            e = _map(key, method, target, layer, str(folder), sha, image)
+            heat, prob, cls, points, mass, size, ms = (e.heatmap, e.prob_parasitized, e.target,
+                                                       e.points_at_parasite, e.mass_in_cell,
+                                                       e.map_size, e.ms)
+            drawn[method] = e
             col.image(for_display(overlay(image, heat, opacity=opacity), outline=outline),
                       caption=f"{method} · {layer} · {size[0]}x{size[1]} map · {ms:,.0f} ms",
                       width="stretch")
@@ -189,5 +189,5 @@ st.page_link("views/methods.py", label="Which methods find the parasite, over al
              "patients: Heatmap check", icon=":material/fact_check:")
 if with_road:  # the slow extra arrives after every map is on screen
     for method, slot in road_slots.items():
-        road = _road(key, method, target, layer, str(folder), sha, image)
+        road = _road(key, method, target, layer, str(folder), sha, image, drawn[method])
         slot.caption(f"ROAD {road:+.3f}")
