@@ -9,8 +9,8 @@ ROAD, which arrives after the maps, is in too.
 
 Score:
 the dashboard is started fresh, as `make run` starts it, and driven by Debian's Chromium
-through Playwright. Timed from handing the file to the uploader until the page has finished rendering
-(results table, thumbnails, parasitemia chart, downloads): a zip of 1,000 cells as the first
+through Playwright. Timed from handing the file to the uploader until the page has finished
+rendering (results table, thumbnails, parasitemia chart, downloads): a zip of 1,000 cells as the first
 scoring after the server starts (model loading included), the same upload pressed again (served
 from the result cache), then the whole data set as one zip. The baseline, measured in the same
 run, is `python -m core.score` on the same 1,000 cells as PNG files (process start included).

@@ -104,6 +104,14 @@ def contract_sha256(contract: ModelContract, weights_sha256: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def explain_check_paths(folder: Path | str, split: str = "test") -> tuple[Path, Path]:
+    """(table CSV, summary JSON) of a model folder's heatmap check on ``split``
+    (``python -m core.explain_check``)."""
+    suffix = "" if split == "test" else f"_{split}"
+    return (Path(folder) / f"explain_check{suffix}.csv",
+            Path(folder) / f"explain_check{suffix}.json")
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

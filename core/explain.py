@@ -227,7 +227,8 @@ def road_of(loaded: LoadedModel, image: np.ndarray, explanation: Explanation, *,
     c = loaded.contract
     x = normalize(torch.from_numpy(resize_rgb(image, c.input_size)[None]), c)
     heat = _resize_map(explanation.heatmap, (c.input_size, c.input_size))
-    return _road(net or explainable(loaded), x, heat[None], [c.classes.index(explanation.target)])[0]
+    target = c.classes.index(explanation.target)
+    return _road(net or explainable(loaded), x, heat[None], [target])[0]
 
 
 def grid(image: np.ndarray, explanations: Sequence[Explanation], *, cell: int = 192) -> Image.Image:

@@ -17,8 +17,9 @@ at the last stage) are measured on the first ``slow_cells`` cells only; every ro
 many cells it used. Time a quiet machine: ``ms_per_image`` is wall time.
 
 The table goes to ``explain_check.csv`` in the model folder (``explain_check_val.csv`` for the
-validation split), with ``explain_check.json`` beside it: the command, the locator's found rates on both classes and the default
-explanation's pointing for the class the model predicts (what the Explain page shows first).
+validation split), with ``explain_check.json`` beside it: the command, the locator's found
+rates on both classes and the default explanation's pointing for the class the model predicts
+(what the Explain page shows first).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import pandas as pd
 from torch import nn
 from tqdm import tqdm
 
-from core.contract import DEFAULT_WEIGHTS
+from core.contract import DEFAULT_WEIGHTS, explain_check_paths
 from core.data import CLASSES, atomic_path, open_source, read_image, write_json
 from core.explain import (DEFAULT_METHOD, METHODS, SLOW_METHODS, Explanation, explain,
                           explainable)
@@ -43,12 +44,6 @@ from core.locate import POINTING_TOLERANCE, Stain, locate
 from core.model import LoadedModel, load_model
 
 SPLITS = ("test", "val")
-
-
-def check_paths(folder: Path, split: str = "test") -> tuple[Path, Path]:
-    """(table CSV, summary JSON) of a model folder's check on ``split``."""
-    suffix = "" if split == "test" else f"_{split}"
-    return folder / f"explain_check{suffix}.csv", folder / f"explain_check{suffix}.json"
 
 
 @dataclass(frozen=True)
@@ -120,7 +115,8 @@ def check_model(folder: Path, *, split: str = "test", road_cells: int = 16, slow
     if not preds_path.is_file():
         raise FileNotFoundError(f"{preds_path} is missing: this model has no labelled {split} "
                                 "split")
-    cells = check_cells(pd.read_csv(preds_path), limit=limit)
+    predictions = pd.read_csv(preds_path)
+    cells = check_cells(predictions, limit=limit)
     if not cells.images:
         raise ValueError("the locator found no parasite in any Parasitized test cell")
     net = explainable(loaded)
@@ -136,7 +132,7 @@ def check_model(folder: Path, *, split: str = "test", road_cells: int = 16, slow
     summary = {
         "command": " ".join(["python -m core.explain_check", *sys.argv[1:]]),
         "model_sha256": loaded.sha256,
-        "split": split, "cases": int(pd.read_csv(preds_path)["case_id"].nunique()),
+        "split": split, "cases": int(predictions["case_id"].nunique()),
         "parasitized_cells": cells.n_parasitized, "uninfected_cells": cells.n_uninfected,
         "locator_found_parasitized": cells.found_parasitized,
         "locator_found_uninfected": cells.found_uninfected,
@@ -166,7 +162,7 @@ def main(args: argparse.Namespace) -> int:
     table, summary = check_model(args.weights, split=args.split, road_cells=args.road_cells,
                                  slow_cells=args.slow_cells, limit=args.limit,
                                  methods=args.methods)
-    csv_path, json_path = check_paths(args.weights, args.split)
+    csv_path, json_path = explain_check_paths(args.weights, args.split)
     with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False, float_format="%.4f")
     write_json(json_path, summary)

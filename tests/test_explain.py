@@ -181,8 +181,8 @@ def test_the_shipped_heatmap_check_is_current_and_meets_the_goal():
     import json
 
     from core.contract import verified_weights
-    from core.explain_check import check_paths
-    table_path, summary_path = check_paths(DEFAULT_WEIGHTS)
+    from core.contract import explain_check_paths
+    table_path, summary_path = explain_check_paths(DEFAULT_WEIGHTS)
     summary = json.loads(summary_path.read_text())
     card, _, sha = verified_weights(DEFAULT_WEIGHTS)
     assert summary["model_sha256"] == sha and summary["split"] == "test"

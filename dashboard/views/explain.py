@@ -120,9 +120,9 @@ if any(m in SLOW_METHODS for m in methods):
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def _map(image_hash: str, method: str, target: str, layer: str, model: str, model_sha: str,
-         _image):
+         _image, _stain):
     return ui.explain(model, model_sha, [_image], method=method, target=target, layer=layer,
-                      faithfulness=False)[0]
+                      faithfulness=False, stains=[_stain])[0]
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -166,25 +166,24 @@ for start in range(0, len(panels), PER_ROW):
                         else "the stain rule finds no parasite in this cell")
             continue
         with col, st.spinner(f"{method}…"):
-            e = _map(key, method, target, layer, str(folder), sha, image)
-            heat, prob, cls, points, mass, size, ms = (e.heatmap, e.prob_parasitized, e.target,
-                                                       e.points_at_parasite, e.mass_in_cell,
-                                                       e.map_size, e.ms)
-            drawn[method] = e
-            col.image(for_display(overlay(image, heat, opacity=opacity), outline=outline),
-                      caption=f"{method} · {layer} · {size[0]}x{size[1]} map · {ms:,.0f} ms",
-                      width="stretch")
-            col.markdown(f"explains **{cls}** · {verdict(points, mass)}")
+            e = drawn[method] = _map(key, method, target, layer, str(folder), sha, image, stain)
+            col.image(for_display(overlay(image, e.heatmap, opacity=opacity), outline=outline),
+                      caption=f"{method} · {layer} · {e.map_size[0]}x{e.map_size[1]} map · "
+                              f"{e.ms:,.0f} ms", width="stretch")
+            col.markdown(f"explains **{e.target}** · "
+                         f"{verdict(e.points_at_parasite, e.mass_in_cell)}")
             road_slots[method] = col.empty()
             if with_road:
                 road_slots[method].caption("ROAD: computing…")
 left, right = st.columns([1, 3])
-left.metric("P(Parasitized)", f"{prob:.3f}", help=f"Decision threshold {contract['threshold']:.2f}")
+left.metric("P(Parasitized)", f"{e.prob_parasitized:.3f}",
+            help=f"Decision threshold {contract['threshold']:.2f}")
 right.image(colour_bar(width=384), caption="heatmap colour: low evidence (blue) → high (red)",
             width=384)
 st.caption(f"Each map is computed at its stage's own resolution (its size is in the caption) "
-           f"and upsampled to the image's {image.shape[1]}x{image.shape[0]} px. ROAD: confidence kept when the least relevant pixels are removed minus when "
-           "the most relevant are removed (higher = the model relies on what the map shows).")
+           f"and upsampled to the image's {image.shape[1]}x{image.shape[0]} px. ROAD: "
+           "confidence kept when the least relevant pixels are removed minus when the most "
+           "relevant are removed (higher = the model relies on what the map shows).")
 st.page_link("views/methods.py", label="Which methods find the parasite, over all test "
              "patients: Heatmap check", icon=":material/fact_check:")
 if with_road:  # the slow extra arrives after every map is on screen

@@ -4,11 +4,12 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from core.contract import explain_check_paths
 from dashboard import ui
 
 st.title("Heatmap check: which explanations find the parasite")
 folder, card, sha = ui.current_model()
-table_path, summary_path = folder / "explain_check.csv", folder / "explain_check.json"
+table_path, summary_path = explain_check_paths(folder)
 command = f"python -m core.explain_check --weights {ui.model_label(folder)}"
 if not table_path.is_file() or not summary_path.is_file():
     st.info(f"This model has no heatmap check yet. Compute it (tens of minutes on a CPU) with "
