@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import png_folder, score_cli, subset  # noqa: E402
 from core.contract import DEFAULT_WEIGHTS, ModelContract, read_card  # noqa: E402
 
+
 def naive_loop(folder: Path, weights: Path, n: int) -> float:
     """Images/s of the loop most demo apps run: open, transform, classify, one at a time."""
     import torch
@@ -121,7 +122,7 @@ def main() -> None:
         r1k = score_cli(small, args.weights, tmp)
         rall = score_cli(folder, args.weights, tmp)
 
-        from core.data import decode_image
+        from core.images import decode_image
         files = sorted(folder.rglob("*.png"))[:2048]
         images = np.stack([decode_image(f.read_bytes(), size=128) for f in files])
         eng = engine_only(args.weights, images)

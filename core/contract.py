@@ -12,7 +12,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from core.data import CLASSES, write_json
+from core.files import write_json
+from core.labels import CLASSES
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
@@ -50,7 +51,7 @@ def contract_problems(c: ModelContract) -> list[str]:
         values = getattr(c, name)
         if len(values) != 3 or not all(_is_number(v) for v in values):
             problems.append(f"{name} must be 3 numbers (R, G, B), got {list(values)}")
-    if all(_is_number(v) for v in c.std) and not all(0 < v for v in c.std):
+    if all(_is_number(v) for v in c.std) and not all(v > 0 for v in c.std):
         problems.append(f"std must be positive, got {list(c.std)}")
     if not (_is_number(c.threshold) and 0 <= c.threshold <= 1):
         problems.append(f"threshold must be a probability in [0, 1], got {c.threshold!r}")

@@ -34,20 +34,32 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageDraw
-from pytorch_grad_cam import (AblationCAM, EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM,
-                              LayerCAM, ScoreCAM, XGradCAM)
+from pytorch_grad_cam import (
+    AblationCAM,
+    EigenCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    ScoreCAM,
+    XGradCAM,
+)
 from pytorch_grad_cam.metrics.road import ROADCombined
 from pytorch_grad_cam.utils.image import show_cam_on_image
-from pytorch_grad_cam.utils.model_targets import (ClassifierOutputSoftmaxTarget,
-                                                  ClassifierOutputTarget)
+from pytorch_grad_cam.utils.model_targets import (
+    ClassifierOutputSoftmaxTarget,
+    ClassifierOutputTarget,
+)
 from scipy import ndimage
 from torch import nn
 
 from core.contract import DEFAULT_WEIGHTS
-from core.data import ImageError, as_posix, iter_sources, predicted_class, read_image, resize_rgb
 from core.export import write_csv
+from core.images import ImageError, read_image, resize_rgb
+from core.labels import as_posix, predicted_class
 from core.locate import Stain, locate, mass_inside, points_at
 from core.model import LoadedModel, load_model, normalize
+from core.sources import iter_sources
 
 METHODS = {
     "gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM,

@@ -37,11 +37,13 @@ from torch import nn
 from tqdm import tqdm
 
 from core.contract import DEFAULT_WEIGHTS, explain_check_paths
-from core.data import CLASSES, atomic_path, open_source, read_image, write_json
-from core.explain import (DEFAULT_METHOD, METHODS, SLOW_METHODS, Explanation, explain,
-                          explainable)
+from core.explain import DEFAULT_METHOD, METHODS, SLOW_METHODS, Explanation, explain, explainable
+from core.files import atomic_path, write_json
+from core.images import read_image
+from core.labels import CLASSES
 from core.locate import POINTING_TOLERANCE, Stain, locate
 from core.model import LoadedModel, load_model
+from core.sources import open_source
 
 SPLITS = ("test", "val")
 

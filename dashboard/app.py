@@ -4,9 +4,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import streamlit as st  # noqa: E402
+import streamlit as st
 
-from dashboard import ui  # noqa: E402
+from dashboard import ui
 
 st.set_page_config(page_title="Malaria cell screening", page_icon="🔬", layout="wide")
 ui.init_state()

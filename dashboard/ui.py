@@ -19,7 +19,8 @@ import streamlit as st
 from PIL import Image
 
 from core.contract import DEFAULT_WEIGHTS, WeightsError, find_models, verified_weights
-from core.data import ImageError, ImageSource, open_source, read_image, sources_from_uploads
+from core.images import ImageError, read_image
+from core.sources import ImageSource, open_source, sources_from_uploads
 from core.store import ResultStore, StoreError
 
 ROOT = Path(__file__).resolve().parent.parent

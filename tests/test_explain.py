@@ -7,9 +7,17 @@ import torch
 from PIL import Image
 
 from core.contract import DEFAULT_WEIGHTS
-from core.data import decode_image
-from core.explain import (DEFAULT_METHOD, METHODS, colour_bar, explain, explainable, for_display,
-                          grid, overlay)
+from core.explain import (
+    DEFAULT_METHOD,
+    METHODS,
+    colour_bar,
+    explain,
+    explainable,
+    for_display,
+    grid,
+    overlay,
+)
+from core.images import decode_image
 from core.model import load_model
 
 
@@ -180,8 +188,7 @@ def test_the_shipped_heatmap_check_is_current_and_meets_the_goal():
     these weights and this default, and the default finds the parasite in >= 90 % of cells."""
     import json
 
-    from core.contract import verified_weights
-    from core.contract import explain_check_paths
+    from core.contract import explain_check_paths, verified_weights
     table_path, summary_path = explain_check_paths(DEFAULT_WEIGHTS)
     summary = json.loads(summary_path.read_text())
     card, _, sha = verified_weights(DEFAULT_WEIGHTS)

@@ -3,9 +3,11 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.data import CLASSES, ImageError, open_source, predicted_class, read_image
 from core.explain import DEFAULT_METHOD, for_display
+from core.images import ImageError, read_image
+from core.labels import CLASSES, predicted_class
 from core.metrics import binary_metrics, curves
+from core.sources import open_source
 from dashboard import ui
 
 st.title("Evaluate")

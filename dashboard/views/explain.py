@@ -2,10 +2,18 @@ import hashlib
 
 import streamlit as st
 
-from core.data import ImageError, decode_image, open_source
-from core.explain import (DEFAULT_METHOD, METHODS, SLOW_METHODS, TARGETS, colour_bar,
-                          for_display, overlay)
+from core.explain import (
+    DEFAULT_METHOD,
+    METHODS,
+    SLOW_METHODS,
+    TARGETS,
+    colour_bar,
+    for_display,
+    overlay,
+)
+from core.images import ImageError, decode_image
 from core.locate import locate
+from core.sources import open_source
 from dashboard import ui
 
 st.title("Explain a prediction")

@@ -4,8 +4,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.data import CLASSES, predicted_class
 from core.export import to_csv_text
+from core.labels import CLASSES, predicted_class
 from core.metrics import parasitemia_summary
 from core.score import screening_cutoff
 from core.store import StoreError
