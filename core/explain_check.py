@@ -37,7 +37,8 @@ from torch import nn
 from tqdm import tqdm
 
 from core.contract import DEFAULT_WEIGHTS, explain_check_paths
-from core.explain import DEFAULT_METHOD, METHODS, SLOW_METHODS, Explanation, explain, explainable
+from core.explain import METHODS, explain, explainable
+from core.heatmap import DEFAULT_METHOD, SLOW_METHODS, Explanation
 from core.files import atomic_path, write_json
 from core.images import read_image
 from core.labels import CLASSES

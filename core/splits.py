@@ -77,9 +77,7 @@ def split_by_case(samples: Sequence[Sample], *, val_frac: float = 0.15, test_fra
     shuffled and cut in the same proportions so every part gets both kinds where possible.
     Raises DataError with fewer than 3 cases.
     """
-    infected: dict[str, bool] = {}
-    for s in samples:
-        infected[s.case_id] = infected.get(s.case_id, False) or CLASSES[s.label] == PARASITIZED
+    infected = _infected_cases(samples)
     if len(infected) < 3:
         raise DataError(f"need at least 3 cases to split by case, found {len(infected)}")
     rng = np.random.default_rng(seed)
@@ -97,3 +95,45 @@ def split_by_case(samples: Sequence[Sample], *, val_frac: float = 0.15, test_fra
         if not parts[name] and len(parts["train"]) > 1:
             parts[name].append(parts["train"].pop())
     return Split(*(tuple(sorted(parts[k])) for k in ("train", "val", "test")), seed=seed)
+
+
+def _infected_cases(samples: Sequence[Sample]) -> dict[str, bool]:
+    """Case id -> whether any of its cells is labelled Parasitized (the case's kind)."""
+    infected: dict[str, bool] = {}
+    for s in samples:
+        infected[s.case_id] = infected.get(s.case_id, False) or CLASSES[s.label] == PARASITIZED
+    return infected
+
+
+def fold_splits(samples: Sequence[Sample], *, folds: int = 5, val_frac: float = 0.15,
+                seed: int = 0) -> list[Split]:
+    """Patient-grouped k-fold: fold k's cases are its test part, stratified by case kind.
+
+    Each kind (infected, healthy) is shuffled and dealt round-robin into ``folds`` groups, so
+    every fold holds the same share of infected patients. Of the other cases a ``val_frac``
+    share of all cases (per kind, seeded per fold) picks the fold model's epoch; the rest train
+    it. Every case is in exactly one fold's test part. Raises DataError with fewer cases than
+    ``2 * folds``.
+    """
+    infected = _infected_cases(samples)
+    if len(infected) < 2 * folds:
+        raise DataError(f"{folds}-fold needs at least {2 * folds} cases, found {len(infected)}")
+    rng = np.random.default_rng(seed)
+    groups: list[list[str]] = [[] for _ in range(folds)]
+    for kind in (True, False):
+        cases = sorted(c for c, inf in infected.items() if inf == kind)
+        rng.shuffle(cases)
+        for i, c in enumerate(cases):
+            groups[i % folds].append(c)
+    out = []
+    for k, test in enumerate(groups):
+        val, train = [], []
+        fold_rng = np.random.default_rng(seed + 1 + k)
+        for kind in (True, False):
+            rest = sorted(c for c, inf in infected.items() if inf == kind and c not in test)
+            fold_rng.shuffle(rest)
+            n_val = int(round(len(rest) * val_frac / (1 - 1 / folds)))
+            val += rest[:n_val]
+            train += rest[n_val:]
+        out.append(Split(tuple(sorted(train)), tuple(sorted(val)), tuple(sorted(test)), seed))
+    return out

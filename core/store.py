@@ -19,8 +19,9 @@ from pathlib import Path
 import pandas as pd
 
 from core.export import write_csv
+from core.files import REPO_ROOT
 
-DEFAULT_STORE = Path(__file__).resolve().parent.parent / "runs" / "results.sqlite"
+DEFAULT_STORE = REPO_ROOT / "runs" / "results.sqlite"
 
 
 def default_store_path() -> Path:

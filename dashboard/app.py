@@ -1,8 +1,5 @@
 """Entry point: `streamlit run dashboard/app.py`. A router plus the frame all pages share."""
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import streamlit as st
 

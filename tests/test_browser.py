@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from dashboard.serve import CHROMIUM_ARGS, IDLE, running_app
+from bench.serve import CHROMIUM_ARGS, IDLE, running_app
+from core.files import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 SHOTS = ROOT / "tests" / "screenshots"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 

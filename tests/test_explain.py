@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,16 +9,8 @@ import torch
 from PIL import Image
 
 from core.contract import DEFAULT_WEIGHTS
-from core.explain import (
-    DEFAULT_METHOD,
-    METHODS,
-    colour_bar,
-    explain,
-    explainable,
-    for_display,
-    grid,
-    overlay,
-)
+from core.explain import METHODS, explain, explainable, grid
+from core.heatmap import DEFAULT_METHOD, METHOD_NAMES, colour_bar, for_display, overlay
 from core.images import decode_image
 from core.model import load_model
 
@@ -98,7 +92,7 @@ def test_works_with_frozen_weights_inside_no_grad_and_keeps_the_network_unchange
 
 
 def _rss_mb() -> float:
-    for line in open("/proc/self/status"):
+    for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
@@ -211,3 +205,13 @@ def test_road_of_a_drawn_map_equals_the_road_computed_with_it(tiny, cells):
     torch.manual_seed(0)
     later = road_of(loaded, image, with_road, net=net)
     assert np.isfinite(later) and later == pytest.approx(with_road.road, abs=1e-6)
+
+
+def test_the_light_heatmap_module_names_every_method_core_explain_computes():
+    assert set(METHOD_NAMES) == set(METHODS)
+    image = np.full((8, 8, 3), 120, np.uint8)
+    heat = np.zeros((8, 8), np.float32)
+    heat[2, 3] = 1.0
+    out = overlay(image, heat)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert out[2, 3].tolist() != out[6, 6].tolist()  # the hot pixel is drawn differently

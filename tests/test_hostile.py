@@ -426,11 +426,11 @@ def test_follow_links_scores_what_the_links_point_to(cells_dir, tiny_model, tmp_
 def _lying_zip(path, *, real_mb=100, declared=20_000):
     """A zip of one member that inflates to ``real_mb`` MiB while its headers say ``declared``
     bytes."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-        with z.open("cells/C1P1_cell_1.png", "w") as f:
-            block = b"\0" * 2**20
-            for _ in range(real_mb):
-                f.write(block)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z, \
+            z.open("cells/C1P1_cell_1.png", "w") as f:
+        block = b"\0" * 2**20
+        for _ in range(real_mb):
+            f.write(block)
     data = bytearray(path.read_bytes())
     struct.pack_into("<I", data, 22, declared)  # local header: uncompressed size
     central = data.rfind(b"PK\x01\x02")
