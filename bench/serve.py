@@ -23,6 +23,11 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 _STATE = "document.querySelector('[data-testid=stApp]')?.getAttribute('data-test-script-state')"
 IDLE = f"() => {_STATE} === 'notRunning'"
 BUSY = f"() => {_STATE} !== 'notRunning'"
+# Idle, every image loaded and every Plotly chart drawn: what a screenshot should wait for.
+DRAWN = (f"() => {_STATE} === 'notRunning'"
+         " && Array.from(document.images).every(i => i.complete)"
+         " && Array.from(document.querySelectorAll('.js-plotly-plot'))"
+         ".every(p => p.querySelector('.main-svg'))")
 
 
 def wait_for_rerun(page, timeout_ms: float) -> None:

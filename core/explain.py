@@ -95,7 +95,7 @@ def explainable(loaded: LoadedModel) -> nn.Module:
 def _resize_map(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(h, w) map -> (H, W) float32 in [0, 1]; ``size`` is (W, H) as PIL wants it."""
     if cam.shape[::-1] != size:
-        cam = np.asarray(Image.fromarray(cam.astype(np.float32), "F").resize(size, Image.BILINEAR))
+        cam = np.asarray(Image.fromarray(cam.astype(np.float32), "F").resize(size, Image.Resampling.BILINEAR))
     return np.clip(np.nan_to_num(cam, nan=0.0), 0, 1).astype(np.float32)
 
 
@@ -225,7 +225,8 @@ def main(args: argparse.Namespace) -> int:
     net = explainable(loaded)
     methods = list(METHODS) if args.method == "all" else [args.method]
     args.out.mkdir(parents=True, exist_ok=True)
-    rows, status = [], 0
+    rows: list[dict[str, object]] = []
+    status = 0
     for n, src in enumerate(iter_sources(args.inputs)):
         try:
             image = read_image(src)

@@ -44,10 +44,10 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, *, opacity: float = 0.5) -> 
     """Heatmap (H, W) in [0, 1] laid over an RGB uint8 image (H, W, 3) -> uint8 (H, W, 3)."""
     if not 0 <= opacity <= 1:
         raise ValueError(f"opacity must be in [0, 1], got {opacity}")
-    colour = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * heatmap), cv2.COLORMAP_JET),
+    colour = cv2.cvtColor(cv2.applyColorMap((255 * heatmap).astype(np.uint8), cv2.COLORMAP_JET),
                           cv2.COLOR_BGR2RGB).astype(np.float32) / 255
     mixed = opacity * colour + (1 - opacity) * (image.astype(np.float32) / 255)
-    return np.uint8(255 * mixed / np.max(mixed))
+    return (255 * mixed / np.max(mixed)).astype(np.uint8)
 
 
 def colour_bar(*, width: int = 256, height: int = 12) -> np.ndarray:
@@ -62,7 +62,7 @@ def for_display(image: np.ndarray, *, width: int = 384,
     boundary of the bool mask ``outline`` (H, W), if given, drawn in white."""
     h, w = image.shape[:2]
     size = (width, max(1, round(width * h / w)))
-    big = np.array(Image.fromarray(image).resize(size, Image.BICUBIC))
+    big = np.array(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
     if outline is not None and outline.any():
         mask = np.asarray(Image.fromarray(outline.astype(np.uint8) * 255).resize(size)) > 127
         big[mask & ~ndimage.binary_erosion(mask, iterations=max(1, width // 192))] = 255

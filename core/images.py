@@ -50,7 +50,7 @@ def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
     """RGB uint8 (H, W, 3) -> (size, size, 3), bilinear, aspect ratio not kept (as the NIH copy)."""
     if image.shape[:2] == (size, size):
         return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
 
 
 def decode_image(data: bytes, *, size: int | None = None) -> np.ndarray:
@@ -63,7 +63,8 @@ def decode_image(data: bytes, *, size: int | None = None) -> np.ndarray:
     if not data:
         raise ImageError("empty file (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data)) as opened:
+            img: Image.Image = opened
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise ImageError(f"image is {w}x{h} px, above the {MAX_PIXELS:,} px limit")

@@ -101,7 +101,9 @@ def lr_range_test(model: nn.Module, batches: Callable[[], Iterator[tuple[torch.T
         value = loss.item()
         avg = beta * avg + (1 - beta) * value
         smooth = avg / (1 - beta ** (step + 1))
-        lrs.append(lr), losses.append(value), smoothed.append(smooth)
+        lrs.append(lr)
+        losses.append(value)
+        smoothed.append(smooth)
         bar.set_postfix(lr=f"{lr:.1e}", loss=f"{smooth:.3f}", refresh=False)
         if not math.isfinite(smooth) or smooth > diverge_factor * best:
             diverged = True

@@ -130,8 +130,8 @@ def _cached_export(folder: Path, sha256: str, contract: ModelContract) -> bytes:
             return data
     export_onnx(folder, path)
     data = path.read_bytes()
-    with atomic_path(tag_file) as tmp:
-        tmp.write_text(tag(data))
+    with atomic_path(tag_file) as tag_tmp:
+        tag_tmp.write_text(tag(data))
     return data
 
 

@@ -141,6 +141,10 @@ def _member_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], b
     return lambda: _read_member(zf, info)
 
 
+def _bytes_reader(data: bytes) -> Callable[[], bytes]:
+    return lambda: data
+
+
 def _file_reader(path: Path) -> Callable[[], bytes]:
     def read() -> bytes:
         size = path.stat().st_size
@@ -265,7 +269,7 @@ def sources_from_uploads(items: Iterable[tuple[str, bytes]]) -> list[ImageSource
             if not found:
                 empty_zips.append(_no_images(name))
         elif suffix in IMAGE_SUFFIXES:
-            out.append(ImageSource(name, lambda data=data: data))
+            out.append(ImageSource(name, _bytes_reader(data)))
         elif len(parts) == 1 or suffix in UNSUPPORTED_SUFFIXES:
             out.append(_unsupported(name))
     return unique_paths(out + empty_zips) if out else []

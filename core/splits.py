@@ -94,7 +94,8 @@ def split_by_case(samples: Sequence[Sample], *, val_frac: float = 0.15, test_fra
     for name in ("val", "test"):
         if not parts[name] and len(parts["train"]) > 1:
             parts[name].append(parts["train"].pop())
-    return Split(*(tuple(sorted(parts[k])) for k in ("train", "val", "test")), seed=seed)
+    return Split(tuple(sorted(parts["train"])), tuple(sorted(parts["val"])),
+                 tuple(sorted(parts["test"])), seed)
 
 
 def _infected_cases(samples: Sequence[Sample]) -> dict[str, bool]:

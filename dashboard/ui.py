@@ -54,7 +54,7 @@ def chart_text(values) -> list[str]:
 
 def init_state() -> None:
     """Every session-state key the pages use, with its default, in one place."""
-    defaults = {
+    defaults: dict[str, object] = {
         "model_folder": str(DEFAULT_WEIGHTS),
         "results": None,  # DataFrame of the scoring on show
         "run_id": None,  # its run in the result store
@@ -201,6 +201,7 @@ def _score_now(items: Sequence[tuple[str, bytes]], model: ModelFolder
     df, run_id = score_uploads(items, engine=engine(str(model.path), model.sha256),
                                store=store(), progress=progress)
     bar.empty()
+    assert run_id is not None  # a store was given
     return df, run_id
 
 

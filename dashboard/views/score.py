@@ -160,7 +160,7 @@ else:
                        "model", "weights_sha256", "kind"]], hide_index=True, width="stretch")
     labels = {r.run_id: f"{r.run_id} · {r.inputs[:50]} · {r.stored:,} files · {r.model}"
               for r in runs.itertuples()}
-    pick = st.selectbox("Reopen a run", list(labels), format_func=labels.get)
+    pick = st.selectbox("Reopen a run", list(labels), format_func=lambda k: labels[k])
     if st.button("Open run"):
         info = ui.store().run(pick)
         st.session_state.update(results=ui.store().results(pick), run_id=pick, sources={},
