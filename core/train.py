@@ -215,7 +215,8 @@ def fit(cfg: TrainConfig, data: PreparedData, out: Path, *, contract: ModelContr
     ``card``: what the card says of where the run came from (its command, its data).
     ``resume``: go on from ``out/checkpoint.pt`` (the recipe and split it holds win).
     """
-    torch.set_num_threads(os.cpu_count() or 1)
+    if "OMP_NUM_THREADS" not in os.environ:  # a user's thread cap wins
+        torch.set_num_threads(os.cpu_count() or 1)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = torch.load(out / CHECKPOINT, weights_only=True) if resume else None
     write_json(out / "split.json", data.split.to_json())
