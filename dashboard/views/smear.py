@@ -87,7 +87,7 @@ d2.download_button("Download the summary (CSV)",
 st.subheader("A field")
 if not results:
     st.stop()
-name = st.selectbox("Field", list(results), format_func=lambda p: ui.plain(p))
+name = st.selectbox("Field", list(results))  # widget labels are plain text
 result = results[name]
 try:
     image = read_image(sources[name])
