@@ -63,6 +63,9 @@ def init_state() -> None:
         "pending_items": None,  # (name, bytes) handed over from Home to Score
         "explain_item": None,  # (name, bytes) handed over to Explain
         "cm_cell": None,  # (data source, true class, predicted class) chosen on Evaluate
+        "smear": None,  # Smear page: (objects DataFrame, FieldResults, run id, sources)
+        "smear_items": None,  # (name, bytes) of fields handed to the Smear page (tests)
+        "smear_cell": None,  # the red cell picked on the Smear page (index among red cells)
     }
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)

@@ -1,6 +1,7 @@
 """The dashboard from its entrypoint, page by page, with Streamlit's AppTest (no browser)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -8,8 +9,8 @@ from core.files import REPO_ROOT
 
 ROOT = REPO_ROOT
 APP = str(ROOT / "dashboard" / "app.py")
-PAGES = ("views/home.py", "views/score.py", "views/explain.py", "views/methods.py",
-         "views/evaluate.py", "views/training.py", "views/study.py")
+PAGES = ("views/home.py", "views/score.py", "views/smear.py", "views/explain.py",
+         "views/methods.py", "views/evaluate.py", "views/training.py", "views/study.py")
 
 
 @pytest.fixture
@@ -184,3 +185,25 @@ def test_a_corrupt_result_store_is_one_clear_error(tmp_path, monkeypatch):
     assert not at.exception
     assert any("corrupt" in e.value for e in at.error)
     dashboard.ui.store.clear()
+
+
+def test_smear_page_finds_scores_and_explains_cells_of_a_field(app, cells_dir):
+    from test_smear import BACKGROUND, _cell_images, _paste, _png
+    field = np.empty((400, 600, 3), np.uint8)
+    field[:] = BACKGROUND
+    for i, cell in enumerate(_cell_images(cells_dir, 8)):
+        _paste(field, cell, 30 + (i % 4) * 140, 40 + (i // 4) * 170)
+    app.session_state["smear_items"] = [("slide/field.png", _png(field)),
+                                        ("slide/broken.png", b"not an image")]
+    app.switch_page("views/smear.py").run()
+    assert not _errors(app), _errors(app)
+    app.button[0].click().run()
+    assert not _errors(app), _errors(app)
+    cells, results, run_id, _ = app.session_state["smear"]
+    assert run_id and list(results) == ["slide/field.png"]
+    assert int(next(m for m in app.metric if m.label == "Red cells").value) == 8
+    assert cells["error"].notna().sum() == 1  # the broken field is one error row
+    captions = [i.caption for e in app.get("image") for i in e.proto.imgs]
+    assert any("explains" in c for c in captions), captions  # the picked cell's heatmap
+    assert len(app.get("plotly_chart")) == 1  # the field, cells outlined, clickable
+    assert len(app.get("download_button")) == 2
