@@ -5,8 +5,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.explain import DEFAULT_METHOD, for_display, overlay
 from core.export import to_csv_text
+from core.heatmap import DEFAULT_METHOD, for_display, overlay
 from core.images import ImageError, read_image
 from core.labels import CLASSES, predicted_class
 from core.smear import RED_CELL, crop_cells, draw_overlay, field_summary, score_uploads
