@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import os
 import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -231,16 +232,16 @@ def merge_decisions(existing: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Holds an exclusive lock beside ``path`` so that two savers never interleave their read
-    and write (the later one would drop the earlier one's decisions)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+def _locked(folder: Path) -> Iterator[None]:
+    """Holds an exclusive lock on ``folder`` so that two savers never interleave their read
+    and write (the later one would drop the earlier one's decisions); no lock file is left."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def save_decisions(path: Path | str, new: pd.DataFrame) -> pd.DataFrame:
@@ -249,7 +250,7 @@ def save_decisions(path: Path | str, new: pd.DataFrame) -> pd.DataFrame:
     the table written. Raises AuditError if the file on disk is not a valid decisions file
     (it is then left as it is), OSError if it cannot be written."""
     path = Path(path)
-    with _locked(path):
+    with _locked(path.parent):
         existing = (read_decisions_table(path) if path.exists()
                     else pd.DataFrame(columns=list(DECISION_COLUMNS)))
         merged = merge_decisions(existing, new)

@@ -112,6 +112,17 @@ def explain_check_paths(folder: Path | str, split: str = "test") -> tuple[Path, 
             Path(folder) / f"explain_check{suffix}.json")
 
 
+def fold_histories(folder: Path | str) -> dict[int, Path]:
+    """``{k: history.csv}`` of the cross-validation fold runs shipped in a model folder
+    (``folds/fold{k}/history.csv``), by fold number; empty when there are none."""
+    found = {}
+    for path in Path(folder).glob("folds/fold*/history.csv"):
+        k = path.parent.name.removeprefix("fold")
+        if k.isdigit():
+            found[int(k)] = path
+    return dict(sorted(found.items()))
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -178,3 +178,16 @@ def test_saving_over_a_damaged_decisions_file_leaves_it_alone(tmp_path):
     with pytest.raises(AuditError, match="decision must be one of"):
         save_decisions(tmp_path / "new.csv", _decisions(("b.png", "C1", U, "drop")))
     assert not (tmp_path / "new.csv").exists()
+
+
+def test_concurrent_saves_keep_every_cell(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    path = tmp_path / "d.csv"
+
+    def save(i: int) -> None:
+        for _ in range(3):
+            save_decisions(path, _decisions((f"cell_{i}.png", "C1", P, "exclude")))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(save, range(16)))
+    assert read_decisions(path) == {f"cell_{i}.png": "exclude" for i in range(16)}
