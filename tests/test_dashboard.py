@@ -282,10 +282,15 @@ def test_audit_page_without_the_images_says_where_they_are_expected(app, own_mod
     assert not app.get("image")
 
 
-def test_audit_page_without_an_audit_says_how_to_make_one(app, own_model):
+def test_audit_page_without_an_audit_says_how_to_make_one(app, own_model, cells_dir):
     app.switch_page("views/audit.py").run()
     assert not _errors(app), _errors(app)
-    assert any("python -m core.audit" in i.value for i in app.info)
+    assert any("no oof_predictions.csv" in i.value for i in app.info)
+    _audited(own_model, cells_dir, set())
+    (own_model / "label_audit.csv").unlink()
+    app.run()
+    assert not _errors(app), _errors(app)
+    assert any("python -m core.audit --oof" in i.value for i in app.info)
 
 
 def test_evaluate_shows_the_out_of_fold_predictions_first(app, own_model, cells_dir):

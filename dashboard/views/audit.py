@@ -45,12 +45,14 @@ def _save(path) -> None:
 st.title("Label audit")
 folder, card, sha = ui.current_model()
 oof_path, audit_path, decisions_path = folder / OOF_FILE, folder / AUDIT_FILE, folder / DECISIONS_FILE
-if not oof_path.is_file() or not audit_path.is_file():
-    have = OOF_FILE if oof_path.is_file() else None
-    st.info(f"This model folder has no {AUDIT_FILE}"
-            + ("" if have else f" and no {OOF_FILE} (out-of-fold predictions)") + ". Make it with "
-            f"`python -m core.audit --oof {ui.model_label(oof_path)} "
-            f"--out {ui.model_label(audit_path)}`.")
+if not oof_path.is_file():
+    st.info(f"This model folder has no {OOF_FILE}: the audit needs out-of-fold predictions, "
+            "each cell predicted by a model that never saw its patient (the patient-grouped "
+            "fold runs of `python -m core.folds` write them).")
+    st.stop()
+if not audit_path.is_file():
+    st.info(f"This model folder has no {AUDIT_FILE} yet. Make it with `python -m core.audit "
+            f"--oof {ui.model_label(oof_path)} --out {ui.model_label(audit_path)}`.")
     st.stop()
 try:
     oof, audit = _tables(str(oof_path), str(audit_path),
@@ -146,8 +148,9 @@ else:
                            target=CLASSES[0].lower()) if images else [])
         marks = {True: "✔ peak on the parasite", False: "✘ peak off the parasite",
                  None: "no parasite located"}
-        cols = st.columns(4)
         for i, (img, e, row) in enumerate(zip(images, exps, kept)):
+            if i % 4 == 0:  # a row of columns at a time keeps the rows aligned
+                cols = st.columns(4)
             with cols[i % 4]:
                 a, b = st.columns(2)
                 a.image(for_display(img, width=192), width="stretch")
