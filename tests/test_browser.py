@@ -118,8 +118,11 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     page.screenshot(path=str(SHOTS / "evaluate_gallery.png"), full_page=True)
 
     page.get_by_role("link", name="Audit").click()
-    page.get_by_text("Share of suspects per patient").wait_for()
-    page.get_by_text("cells decided").wait_for()
+    if (ROOT / "weights" / "default" / "label_audit.csv").is_file():
+        page.get_by_text("Share of suspects per patient").wait_for()
+        page.get_by_text("cells decided").wait_for()
+    else:  # the shipped model folder has no audit yet: the page says how it is made
+        page.get_by_text("This model folder has no").first.wait_for()
     page.wait_for_function(IDLE)
     time.sleep(3)
     page.screenshot(path=str(SHOTS / "audit.png"), full_page=True)
