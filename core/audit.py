@@ -1,6 +1,7 @@
 """Label audit: which development cells are most likely mislabelled, from out-of-fold predictions.
 
-    python -m core.audit --oof weights/default/oof_predictions.csv --out weights/default/label_audit.csv
+    python -m core.audit --oof weights/default/oof_predictions.csv \
+        --out weights/default/label_audit.csv
 
 Confident learning (Northcutt, Jiang & Chuang, JAIR 2021), written out for two classes rather
 than taken from cleanlab (AGPL-3.0). Every probability must come from a model that never saw
@@ -24,25 +25,20 @@ import argparse
 import fcntl
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
 
-from core.data import CLASSES
 from core.export import restore, write_csv
+from core.labels import CLASSES
 
 PREDICTION_COLUMNS = ("path", "case_id", "label", "prob_parasitized")
 AUDIT_COLUMNS = PREDICTION_COLUMNS + ("suggested_label", "score", "rank")
 DECISION_COLUMNS = ("path", "case_id", "label", "decision")
 DECISIONS = ("keep", "relabel", "exclude")
-# File names in a model folder (the lead's `core.folds` writes the first).
-OOF_FILE = "oof_predictions.csv"
-AUDIT_FILE = "label_audit.csv"
-DECISIONS_FILE = "label_decisions.csv"
 
 
 class AuditError(ValueError):

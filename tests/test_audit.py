@@ -5,8 +5,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.audit import (AUDIT_COLUMNS, AuditError, class_thresholds, find_suspects, main,
-                        patient_shares, read_audit, read_decisions, save_decisions)
+from core.audit import (
+    AUDIT_COLUMNS,
+    AuditError,
+    class_thresholds,
+    find_suspects,
+    main,
+    patient_shares,
+    read_audit,
+    read_decisions,
+    save_decisions,
+)
 
 P, U = "Parasitized", "Uninfected"
 

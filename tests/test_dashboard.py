@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-ROOT = Path(__file__).resolve().parent.parent
+from core.files import REPO_ROOT
+
+ROOT = REPO_ROOT
 APP = str(ROOT / "dashboard" / "app.py")
 PAGES = ("views/home.py", "views/score.py", "views/explain.py", "views/methods.py",
          "views/evaluate.py", "views/audit.py", "views/training.py", "views/study.py")
@@ -17,7 +19,6 @@ def app(tmp_path, monkeypatch) -> AppTest:
     monkeypatch.setenv("MALARIA_STORE", str(tmp_path / "store.sqlite"))
     import dashboard.ui
     dashboard.ui.store.clear()
-    dashboard.ui._score_cached.clear()  # its run ids belong to another test's store
     at = AppTest.from_file(APP, default_timeout=180)
     at.run()
     assert not at.exception
@@ -211,7 +212,7 @@ def _audited(folder: Path, cells_dir: Path, flipped: set[str]) -> None:
     import pandas as pd
 
     from core.audit import main
-    from core.data import case_id
+    from core.labels import case_id
     rows = []
     for png in sorted(cells_dir.rglob("*.png")):
         label = png.parent.name
@@ -326,8 +327,8 @@ def test_training_page_draws_the_fold_runs_beside_the_final_run(app, own_model):
     assert not _errors(app), _errors(app)
     traces = json.loads(app.get("plotly_chart")[0].proto.spec)["data"]
     names = [t["name"] for t in traces]
-    assert sum("fold 2 · validation" in n for n in names) == 3  # loss, accuracy, AUC
+    assert sum("fold2 · validation" in n for n in names) == 3  # loss, accuracy, AUC
     assert any(n.endswith("3 fold runs") for n in names)
     final = [t for t in traces if t["name"].endswith("audited · validation")]
-    folds = [t for t in traces if "· fold " in t["name"]]
+    folds = [t for t in traces if "· fold" in t["name"] and "fold runs" not in t["name"]]
     assert final and all(t["line"]["width"] > f["line"]["width"] for t in final for f in folds)

@@ -2,12 +2,23 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.audit import (AUDIT_FILE, DECISION_COLUMNS, DECISIONS, DECISIONS_FILE, OOF_FILE,
-                        AuditError, class_thresholds, merge_decisions, patient_shares,
-                        read_audit, read_decisions_table, read_predictions, save_decisions)
-from core.data import CLASSES, ImageError, read_image
-from core.explain import DEFAULT_METHOD, for_display
+from core.audit import (
+    DECISION_COLUMNS,
+    DECISIONS,
+    AuditError,
+    class_thresholds,
+    merge_decisions,
+    patient_shares,
+    read_audit,
+    read_decisions_table,
+    read_predictions,
+    save_decisions,
+)
+from core.contract import AUDIT_FILE, DECISIONS_FILE, OOF_FILE
 from core.export import to_csv_text
+from core.heatmap import DEFAULT_METHOD, for_display
+from core.images import ImageError, read_image
+from core.labels import CLASSES
 from dashboard import ui
 
 PER_PAGE = 12
@@ -43,8 +54,8 @@ def _save(path) -> None:
 
 
 st.title("Label audit")
-folder, card, sha = ui.current_model()
-oof_path, audit_path, decisions_path = folder / OOF_FILE, folder / AUDIT_FILE, folder / DECISIONS_FILE
+model = ui.current_model()
+oof_path, audit_path, decisions_path = model.predictions("oof"), model.audit, model.decisions
 if not oof_path.is_file():
     st.info(f"This model folder has no {OOF_FILE}: the audit needs out-of-fold predictions, "
             "each cell predicted by a model that never saw its patient (the patient-grouped "
@@ -77,7 +88,7 @@ st.caption(
 st.subheader("Share of suspects per patient")
 shares = patient_shares(oof, audit)
 fig = go.Figure()
-for c, colour in zip(CLASSES, ("#8e244d", "#1f77b4")):
+for c, colour in zip(CLASSES, ui.PALETTE):
     n = shares[f"suspects_{c.lower()}"]
     fig.add_trace(go.Bar(x=ui.chart_text(shares["case_id"]), y=n / shares["cells"],
                          name=f"given {c}", marker_color=colour,
@@ -132,7 +143,7 @@ else:
         st.dataframe(shown, hide_index=True, width="stretch")
     else:
         st.caption(f"Each cell, then the default map ({DEFAULT_METHOD} at "
-                   f"{card['contract']['target_layer']}) for {CLASSES[0]} drawn by the selected "
+                   f"{model.contract.target_layer}) for {CLASSES[0]} drawn by the selected "
                    "model, which may have trained on these patients (the probabilities are the "
                    "fold models'). ✔/✘: the map's peak on/off the parasite that the stain rule "
                    "locates; \"no parasite located\": the stain rule finds none in the cell.")
@@ -144,7 +155,7 @@ else:
             except (OSError, ImageError) as exc:
                 st.caption(ui.plain(f"#{row.rank} {row.path.rsplit('/', 1)[-1]}: cannot show "
                                     f"({exc})"))
-        exps = (ui.explain(str(folder), sha, images, faithfulness=False,
+        exps = (ui.explain(str(model.path), model.sha256, images, faithfulness=False,
                            target=CLASSES[0].lower()) if images else [])
         marks = {True: "✔ peak on the parasite", False: "✘ peak off the parasite",
                  None: "no parasite located"}

@@ -2,10 +2,10 @@ import json
 
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 import streamlit as st
+from plotly.subplots import make_subplots
 
-from core.contract import fold_histories
+from core.contract import HISTORY_FILE, fold_runs
 from dashboard import ui
 
 st.title("Training")
@@ -13,7 +13,7 @@ runs = [f for f in ui.model_choices() if (f / "history.csv").is_file()]
 if not runs:
     st.info("No run folder with a history.csv yet. Train one with `python -m core.train`.")
     st.stop()
-current = ui.current_model()[0].resolve()
+current = ui.current_model().path.resolve()
 picked = st.multiselect("Runs to compare", runs, format_func=ui.model_label,
                         default=[current] if current in runs else runs[:1])
 if not picked:
@@ -21,7 +21,7 @@ if not picked:
 
 fig = make_subplots(rows=2, cols=2, subplot_titles=("Loss", "Accuracy", "Validation AUC",
                                                     "Learning rate"))
-palette = ["#8e244d", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd"]
+palette = ui.PALETTE
 cards = {run: json.loads((run / "card.json").read_text()) for run in picked}
 CURVES = (("train_loss", (1, 1), "dot", "train"), ("val_loss", (1, 1), "solid", "validation"),
           ("train_accuracy", (1, 2), "dot", "train"),
@@ -31,14 +31,14 @@ any_folds = False
 for i, run in enumerate(picked):
     h = pd.read_csv(run / "history.csv")
     color, name = palette[i % len(palette)], ui.model_label(run)
-    folds = fold_histories(run)
+    folds = fold_runs(run)
     any_folds = any_folds or bool(folds)
-    for k, path in folds.items():  # thin and pale beside the final run
-        f = pd.read_csv(path)
+    for fold in folds:  # thin and pale beside the final run
+        f = pd.read_csv(fold / HISTORY_FILE)
         for col, row_col, dash, label in (c for c in CURVES if c[0] in f):
             fig.add_trace(go.Scatter(x=f["epoch"], y=f[col], mode="lines", opacity=0.35,
                                      line=dict(color=color, dash=dash, width=1),
-                                     name=f"{name} · fold {k} · {label}",
+                                     name=f"{name} · {fold.name} · {label}",
                                      legendgroup=f"{name} folds", showlegend=False),
                           row=row_col[0], col=row_col[1])
     for col, row_col, dash, label in CURVES:
@@ -79,7 +79,7 @@ for run in picked:
     fig.add_trace(go.Scatter(x=c["lr"], y=c["loss"], mode="lines", name="batch loss",
                              line=dict(color="#c7c7c7")))
     fig.add_trace(go.Scatter(x=c["lr"], y=c["smoothed_loss"], mode="lines",
-                             name="smoothed loss", line=dict(color="#8e244d")))
+                             name="smoothed loss", line=dict(color=ui.BRAND)))
     fig.add_vline(x=s["suggested_lr"], line_dash="dash",
                   annotation_text=f"suggested {s['suggested_lr']:.1e}")
     fig.update_xaxes(type="log", tickformat=".0e", title_text="learning rate")
