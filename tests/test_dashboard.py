@@ -62,7 +62,7 @@ def test_scoring_fixture_cells_shows_results_and_parasitemia(app, cells_dir):
     assert len(app.dataframe) >= 2  # cells and the parasitemia summary
     table = app.dataframe[0].value
     assert len(table) == len(items) and table.set_index("path").loc["broken.png", "error"]
-    assert any("Scored" in c.value and "weights/default" in c.value for c in app.caption)
+    assert any("scored" in c.value and "weights/default" in c.value for c in app.caption)
     # moving the threshold re-labels without rescoring
     app.slider[0].set_value(0.99).run()
     assert not _errors(app)

@@ -3,16 +3,39 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.data import CLASSES, ImageError, open_source, predicted_class, read_image
+from core.data import CLASSES, ImageError, file_name, open_source, predicted_class, read_image
 from core.explain import DEFAULT_METHOD, for_display
 from core.metrics import binary_metrics, curves
+from core.store import inputs_summary
 from dashboard import ui
+
+MEANING = {  # what each metric says, for students
+    "accuracy": "share of all cells called right",
+    "sensitivity": "of the truly parasitized cells, the share called parasitized (recall)",
+    "specificity": "of the truly uninfected cells, the share called uninfected",
+    "ppv": "positive predictive value: of the cells called parasitized, the share that truly "
+           "are (precision)",
+    "npv": "negative predictive value: of the cells called uninfected, the share that truly "
+           "are",
+    "f1": "harmonic mean of PPV and sensitivity",
+    "mcc": "Matthews correlation coefficient, -1 to 1: 0 is chance, 1 perfect; fair even "
+           "when one class is much rarer",
+    "auc": "area under the ROC curve: the chance that a parasitized cell scores above an "
+           "uninfected one (does not depend on the threshold)",
+}
+DATA = ["The model's test split (unseen patients)", "A labelled upload"]
+
+
+def _take_labelled() -> None:  # the upload is kept while other pages are shown
+    st.session_state["evaluate_items"] = ui.uploaded_items(
+        st.session_state.get("evaluate_upload")) or None
+
 
 st.title("Evaluate")
 folder, card, sha = ui.current_model()
 
-choice = st.radio("Data", ["The model's test split (unseen patients)", "A labelled upload"],
-                  horizontal=True)
+choice = ui.kept(st.radio, "Data", DATA, horizontal=True, key="evaluate_data", default=DATA[0],
+                 allowed=DATA)
 sources = {}
 if choice.startswith("The model"):
     path = folder / "test_predictions.csv"
@@ -23,12 +46,16 @@ if choice.startswith("The model"):
     st.caption(f"{len(preds):,} cells from {preds['case_id'].nunique()} patients that were "
                "never used for training or model selection.")
 else:
-    up = st.file_uploader("A zip (or files) with Parasitized/ and Uninfected/ folders",
-                          type=ui.UPLOAD_TYPES, accept_multiple_files=True)
-    items = ui.uploaded_items(up)
+    st.file_uploader("A zip (or files) with Parasitized/ and Uninfected/ folders",
+                     type=ui.UPLOAD_TYPES, accept_multiple_files=True, key="evaluate_upload",
+                     on_change=_take_labelled)
+    items = st.session_state["evaluate_items"]
     if not items:
         st.info("Upload a labelled set: images under folders named Parasitized and Uninfected.")
         st.stop()
+    if not st.session_state.get("evaluate_upload"):
+        st.caption(f"The labelled upload from before: {ui.plain(inputs_summary([n for n, _ in items]))}. "
+                   "Upload other files to replace it.")
     try:
         scored, _ = ui.score(items)
     except ValueError as exc:
@@ -43,8 +70,9 @@ else:
 
 y = (preds["label"] == CLASSES[0]).to_numpy().astype(int)
 p = preds["prob_parasitized"].to_numpy()
-threshold = st.slider("Decision threshold on P(Parasitized)", 0.0, 1.0,
-                      float(card["contract"]["threshold"]), 0.01)
+threshold = ui.kept(st.slider, "Decision threshold on P(Parasitized)", 0.0, 1.0, step=0.01,
+                    key=f"evaluate_threshold_{sha[:12]}",  # each model starts at its own
+                    default=float(card["contract"]["threshold"]))
 m = binary_metrics(y, p, threshold=threshold)
 pred_label = np.array([predicted_class(v, threshold) for v in p])
 
@@ -74,9 +102,11 @@ with right:
     st.subheader("Metrics")
     table = {k: m[k] for k in ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
                                 "mcc", "auc")}
-    st.dataframe(pd.DataFrame({"metric": table.keys(), "value": table.values()}),
+    st.dataframe(pd.DataFrame({"metric": table.keys(), "value": table.values(),
+                               "meaning": [MEANING[k] for k in table]}),
                  hide_index=True, width="stretch",
-                 column_config={"value": st.column_config.NumberColumn(format="%.4f")})
+                 column_config={"value": st.column_config.NumberColumn(format="%.4f"),
+                                "meaning": st.column_config.TextColumn(width="large")})
 
 points = event.selection.points if event and event.selection else []
 clicked = (choice, points[0]["y"], points[0]["x"]) if points else None
@@ -103,14 +133,29 @@ if chosen and chosen[0] == choice:
             st.caption(ui.plain(f"{path.rsplit('/', 1)[-1]}: cannot show ({exc})"))
     if images:
         exps = ui.explain(str(folder), sha, images, faithfulness=False, target=pred_cls.lower())
+        viewer = st.container()  # the cell picked in the gallery, large, above it
         cols = st.columns(6)
         marks = {True: " · ✔", False: " · ✘", None: ""}
         for i, (img, e, name) in enumerate(zip(images, exps, names)):
             with cols[i % 6]:
                 st.image(for_display(img, width=192), width="stretch")
                 st.image(for_display(e.overlay, width=192), width="stretch",
-                         caption=f"{ui.plain(name.rsplit('/', 1)[-1][:28])} · "
+                         caption=f"{ui.plain(ui.short_name(file_name(name)))} · "
                                  f"p={e.prob_parasitized:.3f}{marks[e.points_at_parasite]}")
+                if st.button("View", key=f"view_{name}", icon=":material/zoom_in:"):
+                    st.session_state["evaluate_cell"] = name
+        picked = st.session_state["evaluate_cell"]
+        if picked in names:
+            e = exps[names.index(picked)]
+            with viewer:
+                ui.cell_view(
+                    picked, ui.cell_source(picked, sources, on_disk=not sources),
+                    state_key="evaluate_cell", also=[(for_display(e.overlay, width=320),
+                                                      f"{DEFAULT_METHOD} for {pred_cls}")],
+                    link={"split": "test", "cell": picked} if not sources else None,
+                    details=f"true **{true_cls}**, predicted **{pred_cls}**  \n"
+                            f"P(Parasitized) {e.prob_parasitized:.3f} at threshold "
+                            f"{threshold:.2f}  \ncase {ui.plain(cell.set_index('path').at[picked, 'case_id'])}")
 else:
     st.caption("Click a cell of the matrix to see its images with their heatmaps.")
 
