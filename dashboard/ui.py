@@ -369,27 +369,27 @@ def thumbnail(path: str, sources: dict[str, ImageSource], *, on_disk: bool,
 
 
 def cell_view(path: str, source: ImageSource | None, *, details: str, state_key: str,
-              link: dict[str, str] | None = None, also: Sequence[tuple[object, str]] = (),
-              width: int = 320) -> None:
-    """One cell shown large (``width`` px) with ``details`` (Markdown, names escaped by the
+              link: dict[str, str] | None = None, also: Sequence[tuple[object, str]] = ()
+              ) -> None:
+    """One cell shown large (250-350 px) with ``details`` (Markdown, names escaped by the
     caller), any images in ``also`` as (RGB array, caption) beside it, a button that opens it
     in Explain and one that closes the view by clearing ``st.session_state[state_key]``."""
     from core.explain import for_display
     with st.container(border=True):
-        cols = st.columns([1] * (1 + len(also)) + [1])
+        cols = st.columns([2] * (1 + len(also)) + [3])
         data = None
         try:
             if source is None:
                 raise ImageError("its image is not at hand: a reopened upload keeps its "
                                  "results, not its images (or the file moved)")
             data = read_bytes(source)
-            image = for_display(decode_image(data), width=width)  # smooth, not blocky
-            cols[0].image(image, caption=plain(file_name(path)), width=width)
+            image = for_display(decode_image(data))  # upsampled smoothly, not blocky
+            cols[0].image(image, caption=plain(file_name(path)), width="stretch")
         except (ImageError, OSError) as exc:
             data = None
             cols[0].info(plain(f"{file_name(path)}: {exc}"))
         for col, (image, caption) in zip(cols[1:], also):
-            col.image(image, caption=plain(caption), width=width)
+            col.image(image, caption=plain(caption), width="stretch")
         info = cols[-1]
         info.markdown(details)
         info.caption(plain(path))

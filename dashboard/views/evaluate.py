@@ -54,8 +54,9 @@ else:
         st.info("Upload a labelled set: images under folders named Parasitized and Uninfected.")
         st.stop()
     if not st.session_state.get("evaluate_upload"):
-        st.caption(f"The labelled upload from before: {ui.plain(inputs_summary([n for n, _ in items]))}. "
-                   "Upload other files to replace it.")
+        names = inputs_summary([n for n, _ in items])
+        st.caption(f"The labelled upload from before: {ui.plain(names)}. Upload other files "
+                   "to replace it.")
     try:
         scored, _ = ui.score(items)
     except ValueError as exc:
@@ -102,11 +103,10 @@ with right:
     st.subheader("Metrics")
     table = {k: m[k] for k in ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
                                 "mcc", "auc")}
-    st.dataframe(pd.DataFrame({"metric": table.keys(), "value": table.values(),
-                               "meaning": [MEANING[k] for k in table]}),
+    st.dataframe(pd.DataFrame({"metric": table.keys(), "value": table.values()}),
                  hide_index=True, width="stretch",
-                 column_config={"value": st.column_config.NumberColumn(format="%.4f"),
-                                "meaning": st.column_config.TextColumn(width="large")})
+                 column_config={"value": st.column_config.NumberColumn(format="%.4f")})
+    st.caption("  \n".join(f"**{k}**: {MEANING[k]}" for k in table))
 
 points = event.selection.points if event and event.selection else []
 clicked = (choice, points[0]["y"], points[0]["x"]) if points else None
@@ -142,7 +142,7 @@ if chosen and chosen[0] == choice:
                 st.image(for_display(e.overlay, width=192), width="stretch",
                          caption=f"{ui.plain(ui.short_name(file_name(name)))} · "
                                  f"p={e.prob_parasitized:.3f}{marks[e.points_at_parasite]}")
-                if st.button("View", key=f"view_{name}", icon=":material/zoom_in:"):
+                if st.button("View large", key=f"view_{name}", icon=":material/zoom_in:"):
                     st.session_state["evaluate_cell"] = name
         picked = st.session_state["evaluate_cell"]
         if picked in names:
@@ -150,12 +150,13 @@ if chosen and chosen[0] == choice:
             with viewer:
                 ui.cell_view(
                     picked, ui.cell_source(picked, sources, on_disk=not sources),
-                    state_key="evaluate_cell", also=[(for_display(e.overlay, width=320),
+                    state_key="evaluate_cell", also=[(for_display(e.overlay),
                                                       f"{DEFAULT_METHOD} for {pred_cls}")],
                     link={"split": "test", "cell": picked} if not sources else None,
                     details=f"true **{true_cls}**, predicted **{pred_cls}**  \n"
                             f"P(Parasitized) {e.prob_parasitized:.3f} at threshold "
-                            f"{threshold:.2f}  \ncase {ui.plain(cell.set_index('path').at[picked, 'case_id'])}")
+                            f"{threshold:.2f}  \ncase "
+                            + ui.plain(cell.set_index("path").at[picked, "case_id"]))
 else:
     st.caption("Click a cell of the matrix to see its images with their heatmaps.")
 

@@ -70,8 +70,9 @@ st.info(
     + (f" ({eps}: the targets are {1 - eps / 2:.2f}/{eps / 2:.2f}, not 1/0, so it cannot fall "
        f"below {smoothing_floor(eps):.2f} even for a perfect model)" if eps else "")
     + ", is taken on **augmented** images (flips and rotations, colour jitter, blur) with "
-    "dropout on, and is averaged over the epoch while the weights are still improving. The validation loss is the "
-    "plain cross-entropy of the finished epoch's model on unchanged images of other patients.",
+    "dropout on, and is averaged over the epoch while the weights are still improving. The "
+    "validation loss is the plain cross-entropy of the finished epoch's model on unchanged "
+    "images of other patients.",
     icon=":material/help:")
 
 st.subheader("Learning-rate range test")
