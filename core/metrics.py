@@ -8,9 +8,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 from scipy.stats import binomtest
-
-from core.data import as_posix
 from sklearn import metrics as skm
+
+from core.labels import as_posix
 
 
 def binary_metrics(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | np.ndarray,

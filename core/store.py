@@ -13,15 +13,16 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 
-from core.data import CLASSES
 from core.export import write_csv
+from core.files import REPO_ROOT
+from core.labels import CLASSES
 
-DEFAULT_STORE = Path(__file__).resolve().parent.parent / "runs" / "results.sqlite"
+DEFAULT_STORE = REPO_ROOT / "runs" / "results.sqlite"
 
 
 def default_store_path() -> Path:
@@ -132,7 +133,7 @@ def inputs_summary(inputs: Sequence[str], *, limit: int = 3) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _locked(method):
@@ -203,7 +204,7 @@ class ResultStore:
     def new_run(self, *, inputs: Sequence[str], weights: str, weights_sha256: str,
                 threshold: float, engine: str, kind: str = "files", name: str | None = None,
                 sample: str | None = None, operator: str | None = None) -> str:
-        run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        run_id = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         with self._db:
             self._db.execute(
                 "INSERT INTO runs (run_id, started, inputs, weights, weights_sha256, threshold, "
@@ -225,7 +226,7 @@ class ResultStore:
     @_locked
     def set_threshold(self, run_id: str, threshold: float) -> None:
         """Make ``threshold`` the run's decision threshold and re-label its stored results with
-        it (ties go to Parasitized, as ``core.data.predicted_class``), in one transaction.
+        it (ties go to Parasitized, as ``core.labels.predicted_class``), in one transaction.
 
         Raises StoreError for an unknown run, ValueError for a threshold outside [0, 1]."""
         if not 0 <= threshold <= 1:

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 from core import score
-from core.data import CLASSES, ImageSource, predicted_class
+from core.labels import CLASSES, predicted_class
 from core.metrics import parasitemia_summary
+from core.sources import ImageSource
 from core.store import RESULT_COLUMNS, ResultStore, StoreError, inputs_summary
 
 # The schema of stores written before runs had names and results had duplicates.

@@ -2,15 +2,23 @@ import hashlib
 
 import streamlit as st
 
-from core.data import ImageError, decode_image, open_source
-from core.explain import (DEFAULT_METHOD, METHODS, SLOW_METHODS, TARGETS, colour_bar,
-                          for_display, overlay)
+from core.heatmap import (
+    DEFAULT_METHOD,
+    METHOD_NAMES,
+    SLOW_METHODS,
+    TARGETS,
+    colour_bar,
+    for_display,
+    overlay,
+)
+from core.images import ImageError, decode_image
 from core.locate import locate
+from core.sources import open_source
 from dashboard import ui
 
 st.title("Explain a prediction")
-folder, card, sha = ui.current_model()
-contract = card["contract"]
+model = ui.current_model()
+folder, sha, contract = model.path, model.sha256, model.contract
 
 with st.expander("What a heatmap shows, and what it does not", expanded=False):
     st.markdown(
@@ -112,18 +120,18 @@ except ImageError as exc:
     st.error(ui.plain(f"{item[0]}: {exc}"))
     st.stop()
 
-layers = contract["cam_layers"]
+layers = list(contract.cam_layers)
 c1, c2, c3 = st.columns([3, 1, 1])
 methods = ui.kept(
-    c1.multiselect, "Methods", list(METHODS), key="explain_methods",
-    default=[DEFAULT_METHOD, "layercam", "gradcam"], allowed=METHODS,
+    c1.multiselect, "Methods", list(METHOD_NAMES), key="explain_methods",
+    default=[DEFAULT_METHOD, "layercam", "gradcam"], allowed=METHOD_NAMES,
     help=f"{DEFAULT_METHOD} is the default (see Heatmap check for how often each method "
          "finds the parasite). scorecam and ablationcam perturb the image once per channel: "
          "seconds per image.")
 target = ui.kept(c2.selectbox, "Explain the class", TARGETS, key="explain_target",
                  default=TARGETS[0], allowed=TARGETS)
 layer = ui.kept(c3.selectbox, "Layer", layers, key="explain_layer",
-                default=contract["target_layer"], allowed=layers,
+                default=contract.target_layer, allowed=layers,
                 help="Later stages are coarser (down to 4x4) but more semantic.")
 o1, o2, o3 = st.columns([2, 1, 1])
 opacity = ui.kept(o1.slider, "Heatmap opacity", 0.0, 1.0, step=0.05, key="explain_opacity",
@@ -196,7 +204,7 @@ for start in range(0, len(panels), PER_ROW):
                 road_slots[method].caption("ROAD: computing…")
 left, right = st.columns([1, 3])
 left.metric("P(Parasitized)", f"{e.prob_parasitized:.3f}",
-            help=f"Decision threshold {contract['threshold']:.2f}")
+            help=f"Decision threshold {contract.threshold:.2f}")
 right.image(colour_bar(width=384), caption="heatmap colour: low evidence (blue) → high (red)",
             width=384)
 st.caption(f"Each map is computed at its stage's own resolution (its size is in the caption) "

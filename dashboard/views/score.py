@@ -4,16 +4,15 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.data import CLASSES, predicted_class
 from core.export import to_csv_text
+from core.labels import CLASSES, predicted_class
 from core.metrics import group_of, parasitemia_summary
-from core.score import screening_cutoff
 from core.store import RUN_FIELDS, StoreError, inputs_summary
 from dashboard import ui
 
 ERROR = "Error"  # the Prediction filter's name for rows that could not be scored
 DUPLICATE = "Duplicate"  # ... and for files with the same bytes as another file of the run
-FLAGGED, NOT_FLAGGED = "#8e244d", "#9aa5b1"  # parasitemia bars: likely infected or not
+FLAGGED, NOT_FLAGGED = ui.BRAND, "#9aa5b1"  # parasitemia bars: likely infected or not
 
 
 def open_run(run_id: str, cell: str | None = None) -> None:
@@ -23,7 +22,8 @@ def open_run(run_id: str, cell: str | None = None) -> None:
                             run_on_disk=info.kind == "files", score_cell=cell)
 
 st.title("Score cells")
-folder, card, sha = ui.current_model()
+model = ui.current_model()
+folder, sha = model.path, model.sha256
 if st.session_state["results"] is None and "run" in st.query_params:  # a reload, or a link
     try:
         open_run(st.query_params["run"], st.query_params.get("cell"))
@@ -179,7 +179,7 @@ else:
                        help="Case: the patient id parsed from the file name (C100...); files "
                             "without one form the group '(no case id)'. Folder: the folder "
                             "each image came from.")
-    cutoff = screening_cutoff(card)
+    cutoff = model.screening_cutoff
     summary = parasitemia_summary(shown, group_by=group_by, cutoff=cutoff)
     st.caption(f"A group is flagged **likely infected** when the lower end of its 95% interval "
                f"is above {cutoff:.1%}, the rate at which this model calls truly uninfected "
@@ -248,7 +248,7 @@ else:
                                 "threshold": st.column_config.NumberColumn(format="%.2f")})
     labels = {r.run_id: f"{r.name or r.inputs} · {r.started} · {r.stored:,} files · {r.run_id}"
               for r in runs.itertuples()}
-    pick = st.selectbox("Reopen or delete a run", list(labels), format_func=labels.get)
+    pick = st.selectbox("Reopen or delete a run", list(labels), format_func=lambda k: labels[k])
     o, x, sure = st.columns([1, 1, 3], vertical_alignment="center")
     if o.button("Open run"):
         open_run(pick)

@@ -21,9 +21,9 @@ best_row = layers["accuracy"].idxmax()
 best = layers.loc[best_row]
 last = layers.iloc[-1]
 fig = go.Figure()
-fig.add_vrect(x0=best_row - 0.4, x1=best_row + 0.4, fillcolor="#8e244d", opacity=0.08,
+fig.add_vrect(x0=best_row - 0.4, x1=best_row + 0.4, fillcolor=ui.BRAND, opacity=0.08,
               line_width=0, annotation_text="best layer", annotation_position="top")
-for metric, color in (("accuracy", "#8e244d"), ("auc", "#1f77b4")):
+for metric, color in (("accuracy", ui.BRAND), ("auc", "#1f77b4")):
     fig.add_trace(go.Scatter(x=layers["layer"], y=layers[metric], mode="lines+markers",
                              name=metric, line=dict(color=color),
                              error_y=dict(type="data", array=layers[f"{metric}_std"])))
@@ -34,7 +34,7 @@ st.plotly_chart(fig, width="stretch")
 st.dataframe(layers.style.apply(lambda r: ["background-color: #f6e3ea" if r.name == best_row
                                            else "" for _ in r], axis=1)
              .format(precision=4), hide_index=True, width="stretch")
-explain_layers = ui.current_model()[1]["contract"]["cam_layers"]
+explain_layers = list(ui.current_model().contract.cam_layers)
 if best["module"] in explain_layers:
     if st.button(f"Heatmaps at this stage ({best['module']}) of the selected model, on Explain",
                  icon=":material/visibility:"):

@@ -3,8 +3,8 @@ import math
 
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 import streamlit as st
+from plotly.subplots import make_subplots
 
 from dashboard import ui
 
@@ -13,7 +13,7 @@ runs = [f for f in ui.model_choices() if (f / "history.csv").is_file()]
 if not runs:
     st.info("No run folder with a history.csv yet. Train one with `python -m core.train`.")
     st.stop()
-current = ui.current_model()[0].resolve()
+current = ui.current_model().path.resolve()
 picked = st.multiselect("Runs to compare", runs, format_func=ui.model_label,
                         default=[current] if current in runs else runs[:1])
 if not picked:
@@ -21,7 +21,7 @@ if not picked:
 
 fig = make_subplots(rows=2, cols=2, subplot_titles=("Loss", "Accuracy", "Validation AUC",
                                                     "Learning rate"))
-palette = ["#8e244d", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd"]
+palette = ui.PALETTE
 cards = {run: json.loads((run / "card.json").read_text()) for run in picked}
 for i, run in enumerate(picked):
     h = pd.read_csv(run / "history.csv")
@@ -62,8 +62,8 @@ def smoothing_floor(eps: float) -> float:
     return -((1 - q) * math.log(1 - q) + q * math.log(q)) if q > 0 else 0.0
 
 
-smoothing = {ui.model_label(r): cards[r].get("config", {}).get("label_smoothing") for r in picked}
-eps = next((v for v in smoothing.values() if v), None)
+eps = next((e for r in picked if (e := cards[r].get("config", {}).get("label_smoothing"))),
+           None)
 st.info(
     "**Why is the training loss above the validation loss?** Not a sign of a problem: the two "
     "are measured differently. The training loss uses **label smoothing**"
@@ -86,15 +86,15 @@ for run in picked:
     fig.add_trace(go.Scatter(x=c["lr"], y=c["loss"], mode="lines", name="batch loss",
                              line=dict(color="#c7c7c7")))
     fig.add_trace(go.Scatter(x=c["lr"], y=c["smoothed_loss"], mode="lines",
-                             name="smoothed loss", line=dict(color="#8e244d")))
+                             name="smoothed loss", line=dict(color=ui.BRAND)))
     suggested, used = s["suggested_lr"], cards[run].get("config", {}).get("lr")
     fig.add_vline(x=suggested, line_dash="dash", line_color="#1f77b4",
                   annotation=dict(text=f"suggested {suggested:.1e}", xanchor="right",
                                   font_color="#1f77b4"))
     if used:
-        fig.add_vline(x=used, line_color="#8e244d", line_width=2,
+        fig.add_vline(x=used, line_color=ui.BRAND, line_width=2,
                       annotation=dict(text=f"used {used:.0e}", xanchor="left",
-                                      font_color="#8e244d"))
+                                      font_color=ui.BRAND))
     fig.update_xaxes(**ui.LOG_AXIS, title_text="learning rate (log scale)")
     fig.update_layout(title=ui.model_label(run), yaxis_title="training loss (per batch)",
                       height=340, margin=dict(t=40, b=10))
