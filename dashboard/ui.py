@@ -14,6 +14,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 from PIL import Image
@@ -381,31 +382,31 @@ def thumbnail(path: str, sources: dict[str, ImageSource], *, on_disk: bool,
 
 
 def cell_view(path: str, source: ImageSource | None, *, details: str, state_key: str,
-              link: dict[str, str] | None = None, also: Sequence[tuple[object, str]] = ()
-              ) -> None:
+              link: dict[str, str] | None = None,
+              also: Sequence[tuple[np.ndarray, str]] = ()) -> None:
     """One cell shown large (250-350 px) with ``details`` (Markdown, names escaped by the
     caller), any images in ``also`` as (RGB array, caption) beside it, a button that opens it
     in Explain and one that closes the view by clearing ``st.session_state[state_key]``."""
     with st.container(border=True):
         cols = st.columns([2] * (1 + len(also)) + [3])
-        data = None
+        data: bytes | None = None
         try:
             if source is None:
                 raise ImageError("its image is not at hand: a reopened upload keeps its "
                                  "results, not its images (or the file moved)")
             data = read_bytes(source)
-            image = for_display(decode_image(data))  # upsampled smoothly, not blocky
-            cols[0].image(image, caption=plain(file_name(path)), width="stretch")
+            cols[0].image(for_display(decode_image(data)),  # upsampled smoothly, not blocky
+                          caption=plain(file_name(path)), width="stretch")
         except (ImageError, OSError) as exc:
             data = None
             cols[0].info(plain(f"{file_name(path)}: {exc}"))
-        for col, (image, caption) in zip(cols[1:], also):
-            col.image(image, caption=plain(caption), width="stretch")
+        for col, (extra, caption) in zip(cols[1:], also):
+            col.image(extra, caption=plain(caption), width="stretch")
         info = cols[-1]
         info.markdown(details)
         info.caption(plain(path))
         if info.button("Open in Explain", key=f"{state_key}_explain", type="primary",
-                       disabled=data is None, icon=":material/visibility:"):
+                       disabled=data is None, icon=":material/visibility:") and data:
             open_in_explain(path, data, link)
         if info.button("Close", key=f"{state_key}_close"):
             st.session_state[state_key] = None

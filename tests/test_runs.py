@@ -55,7 +55,8 @@ def test_a_store_from_before_gets_the_new_columns_and_keeps_its_runs(tmp_path):
         assert list(results.columns) == list(RESULT_COLUMNS)
         assert results["duplicate_of"].isna().all() and len(results) == 2
         runs = store.list_runs()
-        assert runs.loc[0, ["stored", "errors", "duplicates", "parasitized"]].tolist() == [2, 1, 0, 1]
+        counts = runs.loc[0, ["stored", "errors", "duplicates", "parasitized"]]
+        assert counts.tolist() == [2, 1, 0, 1]
         store.describe_run("old", name="Slide 4", sample="patient 17", operator="AB")
     with ResultStore(path) as store:  # opening it again migrates nothing twice
         info = store.run("old")

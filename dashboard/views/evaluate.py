@@ -57,8 +57,8 @@ else:
         st.info("Upload a labelled set: images under folders named Parasitized and Uninfected.")
         st.stop()
     if not st.session_state.get("evaluate_upload"):
-        names = inputs_summary([n for n, _ in items])
-        st.caption(f"The labelled upload from before: {ui.plain(names)}. Upload other files "
+        kept = inputs_summary([n for n, _ in items])
+        st.caption(f"The labelled upload from before: {ui.plain(kept)}. Upload other files "
                    "to replace it.")
     try:
         scored, _ = ui.score(items)

@@ -69,15 +69,15 @@ else:
                + f" · scored {info.started[:16].replace('T', ' ')} UTC with "
                f"{ui.plain(ui.model_label(info.weights))} (sha256 `{info.weights_sha256[:10]}`), "
                f"{len(results):,} files.")
-    with st.expander("Name this run: sample, operator"):
-        with st.form(f"describe_{run_id}", border=False):
-            fields = {f: st.text_input(f.capitalize(), getattr(info, f) or "",
-                                       placeholder=(inputs_summary(info.inputs) if f == "name"
-                                                    else "free text"))
-                      for f in RUN_FIELDS}
-            if st.form_submit_button("Save"):
-                ui.store().describe_run(run_id, **fields)
-                st.rerun()
+    with (st.expander("Name this run: sample, operator"),
+          st.form(f"describe_{run_id}", border=False)):
+        fields = {f: st.text_input(f.capitalize(), getattr(info, f) or "",
+                                   placeholder=(inputs_summary(info.inputs) if f == "name"
+                                                else "free text"))
+                  for f in RUN_FIELDS}
+        if st.form_submit_button("Save"):
+            ui.store().describe_run(run_id, **fields)
+            st.rerun()
     if info.weights_sha256 != sha:
         st.warning("These results come from another model than the one selected in the "
                    "sidebar; the threshold and screening cutoff below are the selected model's. "

@@ -45,9 +45,9 @@ for i, run in enumerate(picked):
                                  name=f"{name} · saved epoch {best}", legendgroup=name),
                       row=1, col=1)
 fig.update_xaxes(title_text="epoch")
-for (row, col), title in (((1, 1), "cross-entropy loss"), ((1, 2), "accuracy"),
-                          ((2, 1), "AUC"), ((2, 2), "learning rate")):
-    fig.update_yaxes(title_text=title, row=row, col=col)
+for (r, c), title in (((1, 1), "cross-entropy loss"), ((1, 2), "accuracy"), ((2, 1), "AUC"),
+                      ((2, 2), "learning rate")):
+    fig.update_yaxes(title_text=title, row=r, col=c)
 fig.update_yaxes(**ui.LOG_AXIS, row=2, col=2)
 fig.update_layout(height=620, margin=dict(t=40, b=10), hovermode="x unified")
 st.plotly_chart(fig, width="stretch")
