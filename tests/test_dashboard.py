@@ -65,7 +65,7 @@ def test_scoring_fixture_cells_shows_results_and_parasitemia(app, cells_dir):
     assert len(app.dataframe) >= 2  # cells and the parasitemia summary
     table = app.dataframe[0].value
     assert len(table) == len(items) and table.set_index("path").loc["broken.png", "error"]
-    assert any("Scored" in c.value and "weights/default" in c.value for c in app.caption)
+    assert any("scored" in c.value and "weights/default" in c.value for c in app.caption)
     # moving the threshold re-labels without rescoring
     app.slider[0].set_value(0.99).run()
     assert not _errors(app)
@@ -355,3 +355,123 @@ def test_training_page_draws_the_fold_runs_beside_the_final_run(app, own_model):
     final = [t for t in traces if t["name"].endswith("audited · validation")]
     folds = [t for t in traces if "· fold" in t["name"] and "fold runs" not in t["name"]]
     assert final and all(t["line"]["width"] > f["line"]["width"] for t in final for f in folds)
+
+def _fixture_items(cells_dir, n: int | None = None) -> list[tuple[str, bytes]]:
+    return [(f"{p.parent.name}/{p.name}", p.read_bytes())
+            for p in sorted(cells_dir.rglob("*.png"))[:n]]
+
+
+def _button(at: AppTest, label: str):
+    return next(b for b in at.button if b.label == label)
+
+
+def test_settings_survive_switching_pages(app, cells_dir):
+    app.session_state["pending_items"] = _fixture_items(cells_dir)
+    app.switch_page("views/score.py").run()
+    app.slider[0].set_value(0.7).run()
+    app.multiselect(key="score_kinds").set_value(["Parasitized"]).run()
+    app.radio(key="score_group_by").set_value("folder").run()
+    app.switch_page("views/explain.py").run()
+    app.selectbox(key="explain_layer").set_value("features.3").run()
+    app.multiselect(key="explain_methods").set_value(["hirescam"]).run()
+    app.toggle(key="explain_road").set_value(False).run()
+    app.switch_page("views/evaluate.py").run()
+    app.session_state["evaluate_items"] = _fixture_items(cells_dir)
+    app.radio(key="evaluate_data").set_value("A labelled upload").run()
+    assert not _errors(app), _errors(app)
+    assert any("labelled upload from before" in c.value for c in app.caption)
+
+    app.switch_page("views/home.py").run()
+    app.switch_page("views/score.py").run()
+    assert app.slider[0].value == 0.7  # the run's threshold, kept with it in the store
+    assert app.multiselect(key="score_kinds").value == ["Parasitized"]
+    assert app.radio(key="score_group_by").value == "folder"
+    app.switch_page("views/explain.py").run()
+    assert app.selectbox(key="explain_layer").value == "features.3"
+    assert app.multiselect(key="explain_methods").value == ["hirescam"]
+    assert app.toggle(key="explain_road").value is False
+    assert sum("features.3" in i.caption for e in app.get("image") for i in e.proto.imgs) == 1
+    app.switch_page("views/evaluate.py").run()
+    assert app.radio(key="evaluate_data").value == "A labelled upload"
+    assert any(h.value == "Metrics" for h in app.subheader)  # the kept upload, scored
+    assert not _errors(app), _errors(app)
+
+
+def _cli_run(cells_dir) -> str:
+    """A run of files on this disk, scored from the command line into the app's store."""
+    from core import score
+    from core.store import ResultStore
+    args = score.get_args_parser().parse_args([str(cells_dir), "--no-progress",
+                                               "--threshold", "0.4", "--name", "ward 3"])
+    assert score.main(args) == 0
+    with ResultStore() as store:
+        return store.list_runs().loc[0, "run_id"]
+
+
+def test_a_link_opens_the_run_and_cell_it_names(app, cells_dir):
+    run_id = _cli_run(cells_dir)
+    cell = str(sorted(cells_dir.rglob("*.png"))[3])
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.query_params.update(run=run_id, cell=cell)  # as a reload of /score?run=...&cell=...
+    at.switch_page("views/score.py").run()
+    assert not _errors(at), _errors(at)
+    assert at.session_state["run_id"] == run_id and at.slider[0].value == 0.4
+    assert any("ward 3" in c.value for c in at.caption)
+    table = at.dataframe[0].value
+    assert table["thumb"].notna().all()  # files of this machine: their images are at hand
+    _button(at, "Open in Explain").click().run()  # the large view of the linked cell
+    assert not _errors(at), _errors(at)
+    assert at.session_state["explain_item"][0] == cell
+    assert at.session_state["explain_link"] == {"run": run_id, "cell": cell}
+
+    fresh = AppTest.from_file(APP, default_timeout=180)  # the Explain link, in a new session
+    fresh.query_params.update(run=run_id, cell=cell)
+    fresh.switch_page("views/explain.py").run()
+    assert not _errors(fresh), _errors(fresh)
+    assert fresh.session_state["explain_item"][0] == cell
+    outside = AppTest.from_file(APP, default_timeout=180)  # a path the run did not score
+    outside.query_params.update(run=run_id, cell=str(ROOT / "README.md"))
+    outside.switch_page("views/explain.py").run()
+    assert not outside.exception
+    assert any("not a cell of that run" in w.value for w in outside.warning)
+    assert outside.session_state["explain_item"][0].startswith("samples/")
+
+
+def test_runs_are_named_deduplicated_and_deleted(app, cells_dir):
+    items = _fixture_items(cells_dir, 5)
+    app.session_state["pending_items"] = items + [("again/copy.png", items[0][1])]
+    app.switch_page("views/score.py").run()
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["Cells"] == "5" and metrics["Duplicates"] == "1"
+    table = app.dataframe[0].value.set_index("path")
+    assert table.loc["again/copy.png", "duplicate_of"] == items[0][0]
+    assert app.dataframe[1].value["cells"].sum() == 5  # the summary counts the file once
+    for field, text in (("Name", "Slide 7"), ("Sample", "patient 12"), ("Operator", "AB")):
+        next(t for t in app.text_input if t.label == field).input(text)
+    next(b for b in app.button if b.label == "Save").click().run()
+    run_id = app.session_state["run_id"]
+    assert any("Slide 7" in c.value and "patient 12" in c.value for c in app.caption)
+    runs = app.main.dataframe[-1].value
+    assert runs.loc[0, "name"] == "Slide 7" and runs.loc[0, "duplicates"] == 1
+
+    assert _button(app, "Delete run").disabled  # not before it is confirmed
+    app.checkbox(key=f"sure_{run_id}").check().run()
+    _button(app, "Delete run").click().run()
+    assert not _errors(app), _errors(app)
+    assert app.session_state["results"] is None
+    assert any("No runs yet" in c.value for c in app.caption)
+
+
+def test_an_evaluate_gallery_cell_opens_large_and_in_explain(app):
+    app.switch_page("views/evaluate.py").run()
+    app.session_state["cm_cell"] = ("The model's test split (unseen patients)", "Uninfected",
+                                    "Parasitized")
+    app.run()
+    assert not _errors(app), _errors(app)
+    _button(app, "View large").click().run()
+    picked = app.session_state["evaluate_cell"]
+    assert picked and "!" in picked  # a member of the development zip
+    _button(app, "Open in Explain").click().run()
+    assert not _errors(app), _errors(app)
+    assert app.session_state["explain_item"][0] == picked
+    assert app.session_state["explain_link"] == {"split": "test", "cell": picked}
