@@ -26,7 +26,9 @@ DEFAULT_STORE = Path(__file__).resolve().parent.parent / "runs" / "results.sqlit
 def default_store_path() -> Path:
     """``$MALARIA_STORE`` if set, else ``runs/results.sqlite`` in the repository."""
     return Path(os.environ.get("MALARIA_STORE") or DEFAULT_STORE)
-RESULT_COLUMNS = ("path", "case_id", "label", "prob_parasitized", "prediction", "error")
+# quality: "ok" or why the image is not counted (core.quality); NULL in runs scored before it
+RESULT_COLUMNS = ("path", "case_id", "label", "prob_parasitized", "prediction", "quality",
+                  "error")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -48,6 +50,7 @@ CREATE TABLE IF NOT EXISTS results (
     label TEXT,
     prob_parasitized REAL,
     prediction TEXT,
+    quality TEXT,
     error TEXT,
     PRIMARY KEY (run_id, path)
 );
@@ -138,9 +141,17 @@ class ResultStore:
                 raise sqlite3.DatabaseError("database disk image is malformed: "
                                             + "; ".join(problems[:3]))
             self._db.executescript(_SCHEMA)
+            self._migrate()
         except sqlite3.Error:
             self._db.close()
             raise
+
+    def _migrate(self) -> None:
+        """Bring a store made by an earlier version up to this schema (columns added only)."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
+        if "quality" not in have:
+            with self._db:
+                self._db.execute("ALTER TABLE results ADD COLUMN quality TEXT")
 
     @_locked
     def close(self) -> None:
@@ -186,12 +197,13 @@ class ResultStore:
 
     @_locked
     def add_results(self, run_id: str, rows: Iterable[dict]) -> None:
-        """Insert (or replace) result rows with the RESULT_COLUMNS keys, in one transaction."""
+        """Insert (or replace) result rows with the RESULT_COLUMNS keys (a missing one is
+        NULL), in one transaction."""
         with self._db:
             self._db.executemany(
-                "INSERT OR REPLACE INTO results (run_id, path, case_id, label, prob_parasitized, "
-                "prediction, error) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(run_id, *(r[c] for c in RESULT_COLUMNS)) for r in rows])
+                f"INSERT OR REPLACE INTO results (run_id, {', '.join(RESULT_COLUMNS)}) "
+                f"VALUES (?{', ?' * len(RESULT_COLUMNS)})",
+                [(run_id, *(r.get(c) for c in RESULT_COLUMNS)) for r in rows])
 
     @_locked
     def done_paths(self, run_id: str) -> set[str]:
@@ -237,7 +249,9 @@ class ResultStore:
         return pd.read_sql_query(
             "SELECT r.run_id, r.started, r.finished, r.inputs, r.weights, r.weights_sha256, "
             "r.threshold, r.engine, r.kind, r.total, COUNT(x.path) AS stored, "
-            "SUM(x.error IS NOT NULL) AS errors, SUM(x.prediction = 'Parasitized') AS parasitized "
+            "SUM(x.error IS NOT NULL) AS errors, SUM(x.prediction = 'Parasitized' "
+            "AND (x.quality IS NULL OR x.quality = 'ok')) AS parasitized, "
+            "SUM(x.quality IS NOT NULL AND x.quality != 'ok') AS not_counted "
             "FROM runs r LEFT JOIN results x ON x.run_id = r.run_id "
             "GROUP BY r.run_id ORDER BY r.started DESC, r.run_id DESC", self._db)
 
