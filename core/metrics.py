@@ -10,7 +10,7 @@ import pandas as pd
 from scipy.stats import binomtest
 
 from core.data import as_posix
-from core.quality import UNCERTAIN, is_counted
+from core.quality import UNCERTAIN, counted
 from sklearn import metrics as skm
 
 
@@ -102,8 +102,7 @@ def parasitemia_counts(results: pd.DataFrame, *, group_by: str = "case") -> pd.D
     if results.empty:
         return pd.DataFrame(columns=_COUNTS, index=pd.Index([], name="group"))
     scored = results["error"].isna()
-    quality = results["quality"] if "quality" in results else pd.Series(None, results.index)
-    ok = scored & is_counted(quality)
+    ok = counted(results)
     review = results["review"] if "review" in results else pd.Series("", results.index)
     rows = pd.DataFrame({
         "group": [group_of(p, group_by, c) for p, c in zip(results["path"], results["case_id"])],

@@ -264,19 +264,24 @@ def is_counted(quality: pd.Series) -> pd.Series:
     return quality.isna() | (quality == OK)
 
 
+def counted(results: pd.DataFrame) -> pd.Series:
+    """Result rows that count in parasitemia: scored (no error) and passing the gate."""
+    quality = results["quality"] if "quality" in results else pd.Series(None, results.index)
+    return results["error"].isna() & results["prob_parasitized"].notna() & is_counted(quality)
+
+
 def review(results: pd.DataFrame, *, threshold: float, band: float = REVIEW_BAND) -> pd.Series:
     """Why each result row needs a human: its quality reason (not counted), UNCERTAIN (counted,
     but P(Parasitized) within ``band`` of ``threshold``), or "" (nothing to review; error rows
     too: their ``error`` says why). Raises ValueError for a band outside [0, 0.5]."""
     if not 0 <= band <= 0.5:
         raise ValueError(f"the review band must be in [0, 0.5], got {band}")
-    quality = results["quality"] if "quality" in results else pd.Series(None, results.index)
     prob = results["prob_parasitized"].astype(float)
-    scored = results["error"].isna() & prob.notna()
+    ok = counted(results)
     out = pd.Series("", index=results.index, dtype=object)
-    out[scored & ((prob - threshold).abs() < band)] = UNCERTAIN
-    failed = scored & ~is_counted(quality)
-    out[failed] = quality[failed]
+    out[ok & ((prob - threshold).abs() < band)] = UNCERTAIN
+    failed = results["error"].isna() & prob.notna() & ~ok
+    out[failed] = results.loc[failed, "quality"]
     return out
 
 

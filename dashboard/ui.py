@@ -59,6 +59,7 @@ def init_state() -> None:
         "pending_items": None,  # (name, bytes) handed over from Home to Score
         "explain_item": None,  # (name, bytes) handed over to Explain
         "cm_cell": None,  # (data source, true class, predicted class) chosen on Evaluate
+        "report": None,  # (run id, HTML) of the last report made on Score
     }
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
@@ -147,6 +148,24 @@ def explain(folder: str, sha256: str, images, **options):
         return run(loaded, images, net=net, **options)
 
 
+def quality(folder: str, sha256: str, image) -> str:
+    """The quality gate's verdict on one RGB uint8 image (H, W, 3), any size: ``ok`` or why
+    it would not be counted (core.quality), from the cached scoring engine."""
+    from core.data import resize_rgb
+    eng = engine(folder, sha256)
+    batch = resize_rgb(image, eng.contract.input_size)[None]
+    return eng.gate(batch, eng.score(batch)[1])[0]
+
+
+def heatmaps(folder: str, sha256: str):
+    """images -> overlays of the default map for the Parasitized class, for reports."""
+    from core.report import HEATMAP
+
+    def run(images):
+        return [e.overlay for e in explain(folder, sha256, images, **HEATMAP)]
+    return run
+
+
 def road(folder: str, sha256: str, image, explanation) -> float:
     """core.explain.road_of on the cached network, taking turns as ``explain`` does."""
     from core.explain import road_of
@@ -209,20 +228,28 @@ def score(items: Sequence[tuple[str, bytes]]) -> tuple[pd.DataFrame, str]:
     return _score_cached(items_key(items), str(folder), sha, list(items))
 
 
-def thumbnail(path: str, sources: dict[str, ImageSource], *, on_disk: bool,
-              size: int = 48) -> str | None:
-    """A small PNG data URL for a table cell, or None if the image cannot be read.
+def image_of(path: str, sources: dict[str, ImageSource], *, on_disk: bool,
+             size: int | None = None):
+    """A result's image, RGB uint8 (H, W, 3) (resized to ``size`` if given), or None if it
+    cannot be read.
 
     ``on_disk``: the run scored files of this machine (CLI), so a path missing from
     ``sources`` may be read from disk; upload names are never looked up on disk.
     """
     try:
         source = sources.get(path) or (open_source(path) if on_disk else None)
-        if source is None:
-            return None
-        img = Image.fromarray(read_image(source, size=size))
+        return None if source is None else read_image(source, size=size)
     except (ImageError, OSError):  # gone from disk, or the error row itself
         return None
+
+
+def thumbnail(path: str, sources: dict[str, ImageSource], *, on_disk: bool,
+              size: int = 48) -> str | None:
+    """A small PNG data URL for a table cell, or None if the image cannot be read."""
+    image = image_of(path, sources, on_disk=on_disk, size=size)
+    if image is None:
+        return None
+    img = Image.fromarray(image)
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -7,11 +7,61 @@ import streamlit as st
 from core.data import CLASSES, predicted_class
 from core.export import to_csv_text
 from core.metrics import parasitemia_summary
+from core.quality import REVIEW_BAND, UNCERTAIN, counted, review
+from core.report import ReportInfo, render_report
 from core.score import screening_cutoff
 from core.store import StoreError
 from dashboard import ui
 
 ERROR = "Error"  # the Prediction filter's name for rows that could not be scored
+NOT_COUNTED = "Not counted"  # ... for rows that failed the quality gate
+UNCERTAIN_KIND = "Uncertain"  # ... for counted rows inside the review band
+
+
+def band_strip(prob: pd.Series, threshold: float, band: float) -> go.Figure:
+    """The scored cells' P(Parasitized) as a histogram under the threshold slider, with the
+    threshold and the review band drawn on the same 0-1 scale."""
+    fig = go.Figure(go.Histogram(x=prob.dropna(), xbins=dict(start=0, end=1, size=0.02),
+                                 marker_color="#9aa5b1", hovertemplate="%{y} cells<extra></extra>"))
+    fig.add_vrect(x0=max(0.0, threshold - band), x1=min(1.0, threshold + band),
+                  fillcolor="#e8a33d", opacity=0.3, line_width=0,
+                  annotation_text="review band", annotation_position="top left")
+    fig.add_vline(x=threshold, line_color="#8e244d", annotation_text="threshold")
+    fig.update_layout(height=130, margin=dict(t=20, b=10, l=10, r=10), xaxis_range=[0, 1],
+                      yaxis=dict(type="log", title="cells (log)", showticklabels=False),
+                      showlegend=False, bargap=0.05)
+    return fig
+
+
+def report_ui(shown: pd.DataFrame, info, summary: pd.DataFrame, *, threshold: float,
+              band: float, cutoff: float, group_by: str, sources: dict, on_disk: bool) -> None:
+    """Pick patients and download their printable report (core.report)."""
+    st.subheader("Report")
+    groups = list(summary["group"])
+    r1, r2 = st.columns([3, 1])
+    picked = r1.multiselect("Patients (or folders) in the report", groups,
+                            default=groups[:1] if len(groups) > 20 else groups,
+                            help="One section per patient: counts, parasitemia with its "
+                                 "interval, the flag, the cells for review and a gallery of "
+                                 "the most suspicious cells with heatmaps.")
+    if r2.button("Make report", disabled=not picked):
+        same_model = info.weights_sha256 == sha
+        report = ReportInfo(run_id=info.run_id, model=ui.model_label(info.weights),
+                            sha256=info.weights_sha256, threshold=threshold, cutoff=cutoff,
+                            band=band, group_by=group_by,
+                            gate=ui.engine(str(folder), sha).gate.describe() if same_model
+                            else "")
+        with st.spinner("Drawing the heatmaps…"):
+            text = render_report(
+                shown, report, groups=picked,
+                read=lambda p: ui.image_of(p, sources, on_disk=on_disk),
+                heatmaps=ui.heatmaps(str(folder), sha) if same_model else None)
+        st.session_state["report"] = (info.run_id, text)
+    made = st.session_state.get("report")
+    if made and made[0] == info.run_id:
+        st.download_button("Download report (HTML)", made[1], f"report_{info.run_id}.html",
+                           "text/html", type="primary",
+                           help="Self-contained: open it in a browser to print or save as PDF")
 
 st.title("Score cells")
 folder, card, sha = ui.current_model()
@@ -55,35 +105,54 @@ else:
         st.warning("These results come from another model than the one selected in the "
                    "sidebar; the threshold and screening cutoff below are the selected model's. "
                    "Upload the files again and press **Score** to rescore them with it.")
-    threshold = st.slider("Decision threshold on P(Parasitized)", 0.0, 1.0,
+    t1, t2 = st.columns([3, 1])
+    band = t2.number_input("Review band ±", 0.0, 0.5, REVIEW_BAND, 0.01,
+                           help="Counted cells whose P(Parasitized) lies within this distance "
+                                "of the threshold are marked uncertain and listed for a human. "
+                                "They still count by their call.")
+    threshold = t1.slider("Decision threshold on P(Parasitized)", 0.0, 1.0,
                           float(info.threshold), 0.01,
                           help="Starts at the threshold the run was scored with. Cells at or "
                                "above it are called Parasitized; moving it re-labels every "
-                               "cell at once.")
-    shown = results.assign(prediction=[None if pd.isna(p) else predicted_class(p, threshold)
-                                       for p in results["prob_parasitized"]])
+                               "cell at once. The shaded strip below is the review band.")
+    called = results.assign(prediction=[None if pd.isna(p) else predicted_class(p, threshold)
+                                        for p in results["prob_parasitized"]])
+    shown = called.assign(review=review(called, threshold=threshold, band=band))
+    st.plotly_chart(band_strip(shown["prob_parasitized"], threshold, band), width="stretch")
+    ok = counted(shown)
     n_err = int(shown["error"].notna().sum())
-    n_par = int((shown["prediction"] == CLASSES[0]).sum())
-    a, b, c = st.columns(3)
+    n_out = int((shown["error"].isna() & ~ok).sum())
+    n_unsure = int((shown["review"] == UNCERTAIN).sum())
+    n_par = int((ok & (shown["prediction"] == CLASSES[0])).sum())
+    a, b, c, d = st.columns(4)
     a.metric("Cells", f"{len(shown):,}")
-    b.metric("Called parasitized", f"{n_par:,}")
-    c.metric("Errors", f"{n_err:,}")
+    b.metric("Called parasitized", f"{n_par:,}", help="Counted cells only")
+    c.metric("For review", f"{n_out + n_unsure:,}",
+             help=f"{n_out:,} not counted by the quality gate (not a cell, blank, out of "
+                  f"focus...) and {n_unsure:,} uncertain (inside the review band)")
+    d.metric("Errors", f"{n_err:,}")
     if n_err:
         st.warning(f"{n_err} file(s) could not be scored; each is a row with its reason in the "
                    "error column (pick only **Error** under Prediction to list them). Every "
                    "other file was scored.")
+    if n_out:
+        st.warning(f"{n_out:,} image(s) do not look like a single cell crop the model knows "
+                   "(review column: the reason) and are **not counted** in parasitemia or "
+                   f"flags; pick **{NOT_COUNTED}** under Prediction to list them. Quality gate: "
+                   f"{ui.plain(ui.engine(str(folder), sha).gate.describe())}.")
 
     f1, f2 = st.columns(2)
-    kinds = list(CLASSES) + [ERROR]
+    kinds = list(CLASSES) + [UNCERTAIN_KIND, NOT_COUNTED, ERROR]
     picked = f1.multiselect("Prediction", kinds, default=kinds)
     lo, hi = f2.slider("Confidence band: P(Parasitized)", 0.0, 1.0, (0.0, 1.0), 0.01,
                        help="Applies to scored cells; error rows have no probability.")
-    row_kind = shown["prediction"].fillna(ERROR)
+    row_kind = (shown["prediction"].where(shown["review"] != UNCERTAIN, UNCERTAIN_KIND)
+                .where(ok | shown["error"].notna(), NOT_COUNTED).fillna(ERROR))
     view = shown[row_kind.isin(picked)
                  & (shown["prob_parasitized"].between(lo, hi) | (row_kind == ERROR))]
     sources = st.session_state["sources"]
     on_disk = st.session_state["run_on_disk"]
-    columns = ["path", "case_id", "label", "prob_parasitized", "prediction", "error"]
+    columns = ["path", "case_id", "label", "prob_parasitized", "prediction", "review", "error"]
     limit = 300
     if sources or on_disk:
         view = view.assign(thumb=[ui.thumbnail(p, sources, on_disk=on_disk)
@@ -96,6 +165,9 @@ else:
             "thumb": st.column_config.ImageColumn("Cell", width="small"),
             "prob_parasitized": st.column_config.ProgressColumn(
                 "P(Parasitized)", min_value=0.0, max_value=1.0, format="%.3f"),
+            "review": st.column_config.TextColumn(
+                "Review", help="Why a human should look: the quality gate's reason (not "
+                               "counted) or 'uncertain' (inside the review band, counted)"),
         })
     st.caption(f"{len(view):,} rows match the filters"
                + (f"; thumbnails for the first {limit}" if "thumb" in columns
@@ -112,7 +184,9 @@ else:
     summary = parasitemia_summary(shown, group_by=group_by, cutoff=cutoff)
     st.caption(f"A group is flagged **likely infected** when the lower end of its 95% interval "
                f"is above {cutoff:.2%}, the rate at which this model calls truly uninfected "
-               "cells parasitized (upper bound, validation patients).")
+               "cells parasitized (upper bound, validation patients). Only counted cells "
+               "(*scored*) enter it: *not_counted* failed the quality gate; *uncertain* are "
+               "counted cells inside the review band.")
     fig = go.Figure(go.Bar(
         x=ui.chart_text(summary["group"]), y=summary["parasitemia"],
         error_y=dict(type="data", symmetric=False,
@@ -132,7 +206,7 @@ else:
         "ci_low": st.column_config.NumberColumn("95% CI low", format="percent"),
         "ci_high": st.column_config.NumberColumn("95% CI high", format="percent"),
         "mean_prob": st.column_config.NumberColumn(format="%.3f")})
-    provenance = dict(run_id=run_id, threshold=threshold,
+    provenance = dict(run_id=run_id, threshold=threshold, review_band=band,
                       scored_with=ui.model_label(info.weights),
                       scored_with_sha256=info.weights_sha256)
     d1, d2 = st.columns(2)
@@ -147,6 +221,8 @@ else:
                                                   cutoff_from=ui.model_label(folder),
                                                   **provenance)),
                        f"summary_{run_id}_{group_by}.csv", "text/csv")
+    report_ui(shown, info, summary, threshold=threshold, band=band, cutoff=cutoff,
+              group_by=group_by, sources=sources, on_disk=on_disk)
 
 st.subheader("Past runs")
 runs = ui.store().list_runs()
