@@ -281,7 +281,8 @@ def review(results: pd.DataFrame, *, threshold: float, band: float = REVIEW_BAND
     out = pd.Series("", index=results.index, dtype=object)
     out[ok & ((prob - threshold).abs() < band)] = UNCERTAIN
     failed = results["error"].isna() & prob.notna() & ~ok
-    out[failed] = results.loc[failed, "quality"]
+    if failed.any():  # only where there is a quality column
+        out[failed] = results.loc[failed, "quality"]
     return out
 
 
