@@ -38,6 +38,7 @@ browser:
 bench: setup browser
 	$(BIN)/python -m bench --data $(DATA)
 	$(BIN)/python -m bench.ui --data $(DATA)
+	$(BIN)/python -m bench.gate --data $(DATA)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -232,8 +232,9 @@ else:
     runs = runs.assign(inputs=[", ".join(json.loads(i))[:80] for i in runs["inputs"]],
                        model=[ui.model_label(w) for w in runs["weights"]],
                        weights_sha256=runs["weights_sha256"].str[:10])
-    st.dataframe(runs[["run_id", "started", "inputs", "stored", "parasitized", "errors",
-                       "model", "weights_sha256", "kind"]], hide_index=True, width="stretch")
+    st.dataframe(runs[["run_id", "started", "inputs", "stored", "parasitized", "not_counted",
+                       "errors", "model", "weights_sha256", "kind"]], hide_index=True,
+                 width="stretch")
     labels = {r.run_id: f"{r.run_id} · {r.inputs[:50]} · {r.stored:,} files · {r.model}"
               for r in runs.itertuples()}
     pick = st.selectbox("Reopen a run", list(labels), format_func=labels.get)
