@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("TQDM_DISABLE", "1")  # ScoreCAM's per-batch bars would drown the tables
-sys.path.insert(0, str(ROOT))
+from bench.common import png_folder, score_cli, subset
+from core.contract import DEFAULT_WEIGHTS, ModelContract, read_card
+from core.files import REPO_ROOT
 
-from bench.common import png_folder, score_cli, subset  # noqa: E402
-from core.contract import DEFAULT_WEIGHTS, ModelContract, read_card  # noqa: E402
+ROOT = REPO_ROOT
+os.environ.setdefault("TQDM_DISABLE", "1")  # ScoreCAM's per-batch bars would drown the tables
+
 
 def naive_loop(folder: Path, weights: Path, n: int) -> float:
     """Images/s of the loop most demo apps run: open, transform, classify, one at a time."""
@@ -70,7 +70,8 @@ def engine_only(weights: Path, images: np.ndarray) -> dict[str, float]:
 
 def explain_timings(weights: Path, images: np.ndarray) -> list[dict]:
     """ms per image of each CAM method, one image at a time and batched (maps only)."""
-    from core.explain import METHODS, SLOW_METHODS, explain, explainable
+    from core.explain import METHODS, explain, explainable
+    from core.heatmap import SLOW_METHODS
     from core.model import load_model
 
     loaded = load_model(weights)
@@ -121,7 +122,7 @@ def main() -> None:
         r1k = score_cli(small, args.weights, tmp)
         rall = score_cli(folder, args.weights, tmp)
 
-        from core.data import decode_image
+        from core.images import decode_image
         files = sorted(folder.rglob("*.png"))[:2048]
         images = np.stack([decode_image(f.read_bytes(), size=128) for f in files])
         eng = engine_only(args.weights, images)

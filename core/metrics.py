@@ -8,10 +8,10 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 from scipy.stats import binomtest
-
-from core.data import as_posix
-from core.quality import UNCERTAIN, counted
 from sklearn import metrics as skm
+
+from core.labels import as_posix
+from core.quality import UNCERTAIN, counted
 
 
 def binary_metrics(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | np.ndarray,

@@ -21,6 +21,7 @@ Six kinds, each a list of (name, RGB uint8 image (H, W, 3) of any size):
 
 Every image is drawn from a seeded generator: the same call gives the same set.
 """
+
 from __future__ import annotations
 
 import io
@@ -44,16 +45,18 @@ def noise(rng: np.random.Generator, n: int = 40) -> list[Named]:
     for i in range(n):
         h, w = _size(rng)
         kind = i % 4
+        img: np.ndarray
         if kind == 0:
             img = rng.integers(0, 256, (h, w, 3))
         elif kind == 1:
             img = rng.normal(rng.uniform(40, 215, 3), rng.uniform(10, 60), (h, w, 3))
         elif kind == 2:
-            img = np.where(rng.random((h, w, 1)) < rng.uniform(0.05, 0.5), 255.0,
-                           rng.uniform(0, 255, 3)) * np.ones((1, 1, 3))
+            img = np.where(
+                rng.random((h, w, 1)) < rng.uniform(0.05, 0.5), 255.0, rng.uniform(0, 255, 3)
+            ) * np.ones((1, 1, 3))
         else:  # smooth blobs: noise at a coarse grid, upsampled
             small = rng.integers(0, 256, (int(rng.integers(3, 12)),) * 2 + (3,)).astype(np.uint8)
-            img = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC))
+            img = np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC))
         out.append((f"noise_{i}", np.clip(img, 0, 255).astype(np.uint8)))
     return out
 
@@ -75,7 +78,10 @@ def gradient(rng: np.random.Generator, n: int = 40) -> list[Named]:
     out = []
     for i in range(n):
         h, w = _size(rng)
-        a, b = rng.integers(0, 256, 3).astype(np.float32), rng.integers(0, 256, 3).astype(np.float32)
+        a, b = (
+            rng.integers(0, 256, 3).astype(np.float32),
+            rng.integers(0, 256, 3).astype(np.float32),
+        )
         y, x = np.mgrid[0:h, 0:w].astype(np.float32)
         if i % 2:  # radial: centre colour a, edges b; every fourth has black edges
             if i % 4 == 1:
@@ -95,6 +101,7 @@ def _packaged_photos() -> list[tuple[str, Path]]:
     found = []
     try:
         import matplotlib
+
         sample = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
         if sample.is_file():
             found.append(("matplotlib_grace_hopper", sample))
@@ -102,10 +109,25 @@ def _packaged_photos() -> list[tuple[str, Path]]:
         pass
     try:
         import skimage
+
         data = Path(skimage.__file__).parent / "data"
-        for name in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-                     "retina.jpg", "hubble_deep_field.jpg", "ihc.png", "color.png", "camera.png",
-                     "coins.png", "moon.png", "brick.png", "grass.png", "gravel.png"):
+        for name in (
+            "astronaut.png",
+            "chelsea.png",
+            "coffee.png",
+            "rocket.jpg",
+            "motorcycle_left.png",
+            "retina.jpg",
+            "hubble_deep_field.jpg",
+            "ihc.png",
+            "color.png",
+            "camera.png",
+            "coins.png",
+            "moon.png",
+            "brick.png",
+            "grass.png",
+            "gravel.png",
+        ):
             if (data / name).is_file():
                 found.append((f"skimage_{Path(name).stem}", data / name))
     except ImportError:
@@ -120,7 +142,7 @@ def _crops(name: str, img: np.ndarray, rng: np.random.Generator, n: int) -> list
     for j in range(n):
         side = int(rng.integers(min(h, w) // 6, min(h, w) // 2 + 1))
         y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        out.append((f"{name}_crop{j}", img[y:y + side, x:x + side]))
+        out.append((f"{name}_crop{j}", img[y : y + side, x : x + side]))
     return out
 
 
@@ -132,11 +154,16 @@ def photos(rng: np.random.Generator, *, synthetic: int = 30, crops: int = 4) -> 
     for i in range(synthetic):  # random shapes over a smooth background
         h, w = _size(rng)
         small = rng.integers(0, 256, (4, 4, 3)).astype(np.uint8)
-        canvas = Image.fromarray(small).resize((w, h), Image.BICUBIC)
+        canvas = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
         draw = ImageDraw.Draw(canvas)
         for _ in range(int(rng.integers(3, 15))):
             x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
-            box = [x0, y0, x0 + int(rng.integers(8, w // 2 + 9)), y0 + int(rng.integers(8, h // 2 + 9))]
+            box = [
+                x0,
+                y0,
+                x0 + int(rng.integers(8, w // 2 + 9)),
+                y0 + int(rng.integers(8, h // 2 + 9)),
+            ]
             fill = tuple(int(c) for c in rng.integers(0, 256, 3))
             (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
         canvas = canvas.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 1.5))))
@@ -175,7 +202,11 @@ def look_alikes(cells: Sequence[Named], rng: np.random.Generator, n: int = 40) -
         side = int(rng.integers(96, 220))
         img = Image.new("RGB", (side, side))
         draw = ImageDraw.Draw(img)
-        pink = (int(rng.integers(170, 230)), int(rng.integers(110, 170)), int(rng.integers(140, 200)))
+        pink = (
+            int(rng.integers(170, 230)),
+            int(rng.integers(110, 170)),
+            int(rng.integers(140, 200)),
+        )
         m = int(side * rng.uniform(0.02, 0.12))
         draw.ellipse([m, int(m * rng.uniform(1, 3)), side - m, side - m], fill=pink)
         if i % 2:
@@ -191,14 +222,21 @@ def look_alikes(cells: Sequence[Named], rng: np.random.Generator, n: int = 40) -
     return out
 
 
-def non_cells(*, smear_folder: Path | None, cells: Sequence[Named] = (), seed: int = 0
-              ) -> dict[str, list[Named]]:
+def non_cells(
+    *, smear_folder: Path | None, cells: Sequence[Named] = (), seed: int = 0
+) -> dict[str, list[Named]]:
     """Every kind of KINDS -> its images; ``cells`` (real cells, RGB uint8 at 128 px) are
     blurred for ``blurred cell`` and paired for ``look-alike``."""
     rng = np.random.default_rng(seed)
-    return {"noise": noise(rng), "blank": blank(rng), "gradient": gradient(rng),
-            "photo": photos(rng), "smear field": smear_fields(smear_folder, rng),
-            "blurred cell": blurred(cells, rng), "look-alike": look_alikes(cells, rng)}
+    return {
+        "noise": noise(rng),
+        "blank": blank(rng),
+        "gradient": gradient(rng),
+        "photo": photos(rng),
+        "smear field": smear_fields(smear_folder, rng),
+        "blurred cell": blurred(cells, rng),
+        "look-alike": look_alikes(cells, rng),
+    }
 
 
 def as_png(images: Sequence[Named]) -> Iterator[tuple[str, bytes]]:

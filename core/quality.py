@@ -1,7 +1,9 @@
 """The quality gate: is an image one red cell like those the model learnt from?
 
-    python -m core.quality calibrate [--weights weights/default] [--data ../shared/data/nih_cells_dev.zip]
-    python -m core.quality check [--weights weights/default] [--data ...] [--smear ../shared/data/smear_dev/images]
+    python -m core.quality calibrate [--weights weights/default] [--data CELLS.zip]
+    python -m core.quality check [--weights weights/default] [--data CELLS.zip] [--smear DIR]
+
+(defaults: ``../shared/data/nih_cells_dev.zip`` and ``../shared/data/smear_dev/images``)
 
 A classifier calls *anything* Parasitized or Uninfected: a photo, noise, a blank frame. Each
 scored image therefore gets ``quality``: ``ok``, or a short reason it is not counted. Two kinds
@@ -30,10 +32,10 @@ flagged and of generated non-cell images (``core.noncells``) flagged.
 The review band is separate: a cell that passes the gate but whose P(Parasitized) lies within
 ``band`` of the threshold is ``uncertain``: still counted by its call, and listed for a human.
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -79,8 +81,9 @@ class ImageLimits:
     min_sharpness: float = 0.9  # steepest 1% of brightness steps / cell brightness; 1.1-2.1
 
 
-def image_stats(images: np.ndarray, *, background_max: int = ImageLimits.background_max
-                ) -> dict[str, np.ndarray]:
+def image_stats(
+    images: np.ndarray, *, background_max: int = ImageLimits.background_max
+) -> dict[str, np.ndarray]:
     """Statistics of a batch of RGB uint8 images (N, H, W, 3), each a float32 array (N,):
     ``spread``, ``dark_corners``, ``area``, ``fill``, ``brightness``, ``red_green``,
     ``blue_green``, ``sharpness`` (see ImageLimits). Vectorised over the batch."""
@@ -93,34 +96,42 @@ def image_stats(images: np.ndarray, *, background_max: int = ImageLimits.backgro
     v = np.maximum(np.maximum(x[..., 0], x[..., 1]), x[..., 2])
     bright = v > background_max
     k = max(2, h // 10)
-    corners = sum(np.count_nonzero(c, (1, 2)) for c in (
-        bright[:, :k, :k], bright[:, :k, -k:], bright[:, -k:, :k], bright[:, -k:, -k:]))
+    corners = sum(
+        np.count_nonzero(c, (1, 2))
+        for c in (bright[:, :k, :k], bright[:, :k, -k:], bright[:, -k:, :k], bright[:, -k:, -k:])
+    )
     b = bright.astype(np.float32)
     rows, cols = b.sum(2), b.sum(1)  # the mask's marginals give its moments cheaply
     m = np.maximum(rows.sum(1), 1)
     ys, xs = np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32)
     cy, cx = rows @ ys / m, cols @ xs / m
-    syy = rows @ (ys ** 2) / m - cy ** 2
-    sxx = cols @ (xs ** 2) / m - cx ** 2
+    syy = rows @ (ys**2) / m - cy**2
+    sxx = cols @ (xs**2) / m - cx**2
     sxy = (b @ xs) @ ys / m - cx * cy
     # a filled ellipse's area is 4 pi sqrt(det) of its second moments: ~1 for one round blob
-    fill = m / (4 * np.pi * np.sqrt(np.maximum(syy * sxx - sxy ** 2, 1e-6)))
+    fill = m / (4 * np.pi * np.sqrt(np.maximum(syy * sxx - sxy**2, 1e-6)))
     flat = b.reshape(n, 1, -1)
     rgb = (flat @ x.reshape(n, -1, 3).astype(np.float32))[:, 0] / m[:, None]
     vf = v.astype(np.float32)
     brightness = (flat[:, 0] * vf.reshape(n, -1)).sum(1) / m
-    steps = (np.abs(vf[:, 1:, :-1] - vf[:, :-1, :-1])
-             + np.abs(vf[:, :-1, 1:] - vf[:, :-1, :-1])).reshape(n, -1)
+    steps = (
+        np.abs(vf[:, 1:, :-1] - vf[:, :-1, :-1]) + np.abs(vf[:, :-1, 1:] - vf[:, :-1, :-1])
+    ).reshape(n, -1)
     top = max(1, steps.shape[1] // 100)
     sharpness = np.partition(steps, -top, axis=1)[:, -top:].mean(1) / np.maximum(brightness, 1)
-    return {"spread": vf.reshape(n, -1).std(1), "dark_corners": 1 - corners / (4 * k * k),
-            "area": m / (h * w), "fill": fill, "brightness": brightness,
-            "red_green": rgb[:, 0] - rgb[:, 1], "blue_green": rgb[:, 2] - rgb[:, 1],
-            "sharpness": sharpness}
+    return {
+        "spread": vf.reshape(n, -1).std(1),
+        "dark_corners": 1 - corners / (4 * k * k),
+        "area": m / (h * w),
+        "fill": fill,
+        "brightness": brightness,
+        "red_green": rgb[:, 0] - rgb[:, 1],
+        "blue_green": rgb[:, 2] - rgb[:, 1],
+        "sharpness": sharpness,
+    }
 
 
-def image_reasons(stats: dict[str, np.ndarray], limits: ImageLimits = ImageLimits()
-                  ) -> list[str]:
+def image_reasons(stats: dict[str, np.ndarray], limits: ImageLimits = ImageLimits()) -> list[str]:
     """The first failed check of each image, or OK, from ``image_stats``."""
     lim = limits
     rules = (  # in order: the first that fails is the reason given
@@ -128,10 +139,14 @@ def image_reasons(stats: dict[str, np.ndarray], limits: ImageLimits = ImageLimit
         (f"{NOT_A_CELL} (no dark background)", stats["dark_corners"] < lim.min_dark_corners),
         (f"{NOT_A_CELL} (size)", (stats["area"] < lim.min_area) | (stats["area"] > lim.max_area)),
         (f"{NOT_A_CELL} (not one round cell)", stats["fill"] < lim.min_fill),
-        (f"{NOT_A_CELL} (colours)", (stats["red_green"] < lim.min_colour)
-         | (stats["blue_green"] < lim.min_colour)),
-        (f"{NOT_A_CELL} (too dark or too pale)", (stats["brightness"] < lim.min_brightness)
-         | (stats["brightness"] > lim.max_brightness)),
+        (
+            f"{NOT_A_CELL} (colours)",
+            (stats["red_green"] < lim.min_colour) | (stats["blue_green"] < lim.min_colour),
+        ),
+        (
+            f"{NOT_A_CELL} (too dark or too pale)",
+            (stats["brightness"] < lim.min_brightness) | (stats["brightness"] > lim.max_brightness),
+        ),
         (OUT_OF_FOCUS, stats["sharpness"] < lim.min_sharpness),
     )
     out = [OK] * len(stats["spread"])
@@ -144,6 +159,7 @@ def image_reasons(stats: dict[str, np.ndarray], limits: ImageLimits = ImageLimit
 # ---------------------------------------------------------------------------------------------
 # The model-side score: Mahalanobis distance of the pooled features
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class FeatureModel:
@@ -172,32 +188,53 @@ class FeatureModel:
         return np.sqrt(np.min(d2, axis=0))
 
     def save(self, path: Path) -> None:
-        from core.data import atomic_path
+        from core.files import atomic_path
+
         with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:
-            np.savez_compressed(f, means=self.means, components=self.components,
-                                variances=self.variances, residual=np.float64(self.residual),
-                                limit=np.float64(self.limit), quantile=np.float64(self.quantile),
-                                weights_sha256=np.str_(self.weights_sha256))
+            np.savez_compressed(
+                f,
+                means=self.means,
+                components=self.components,
+                variances=self.variances,
+                residual=np.float64(self.residual),
+                limit=np.float64(self.limit),
+                quantile=np.float64(self.quantile),
+                weights_sha256=np.str_(self.weights_sha256),
+            )
 
     @classmethod
     def load(cls, path: Path) -> FeatureModel:
         """Raises WeightsError for a file that is not a calibration (pickles are refused)."""
         try:
             with np.load(path, allow_pickle=False) as z:
-                return cls(z["means"].astype(np.float32), z["components"].astype(np.float32),
-                           z["variances"].astype(np.float32), float(z["residual"]),
-                           float(z["limit"]), float(z["quantile"]), str(z["weights_sha256"]))
+                return cls(
+                    z["means"].astype(np.float32),
+                    z["components"].astype(np.float32),
+                    z["variances"].astype(np.float32),
+                    float(z["residual"]),
+                    float(z["limit"]),
+                    float(z["quantile"]),
+                    str(z["weights_sha256"]),
+                )
         except (OSError, ValueError, KeyError) as exc:
-            raise WeightsError(f"{path} is not a quality calibration ({exc}); rebuild it with "
-                               "python -m core.quality calibrate") from None
+            raise WeightsError(
+                f"{path} is not a quality calibration ({exc}); rebuild it with "
+                "python -m core.quality calibrate"
+            ) from None
 
 
 COMPONENTS = 128  # leading directions kept; 32-1280 all flag 0.2-0.4% of the test cells
 
 
-def fit_features(features: np.ndarray, labels: np.ndarray, held_out: np.ndarray, *,
-                 quantile: float, weights_sha256: str, components: int = COMPONENTS
-                 ) -> FeatureModel:
+def fit_features(
+    features: np.ndarray,
+    labels: np.ndarray,
+    held_out: np.ndarray,
+    *,
+    quantile: float,
+    weights_sha256: str,
+    components: int = COMPONENTS,
+) -> FeatureModel:
     """Fit class means and the tied covariance (Ledoit-Wolf shrinkage) on ``features`` (N, C)
     with class ``labels`` (N,); the limit is the ``quantile`` of ``held_out`` features'
     distances (other patients than those fitted)."""
@@ -209,9 +246,15 @@ def fit_features(features: np.ndarray, labels: np.ndarray, held_out: np.ndarray,
     vals, vecs = np.linalg.eigh(LedoitWolf(assume_centered=True).fit(centred).covariance_)
     vals, vecs = vals[::-1], vecs[:, ::-1]  # largest first
     k = min(components, len(vals) - 1)
-    model = FeatureModel(means.astype(np.float32), np.ascontiguousarray(vecs[:, :k], np.float32),
-                         vals[:k].astype(np.float32), float(vals[k:].mean()), np.inf, quantile,
-                         weights_sha256)
+    model = FeatureModel(
+        means.astype(np.float32),
+        np.ascontiguousarray(vecs[:, :k], np.float32),
+        vals[:k].astype(np.float32),
+        float(vals[k:].mean()),
+        np.inf,
+        quantile,
+        weights_sha256,
+    )
     limit = float(np.quantile(model.distance(held_out), quantile))
     return replace(model, limit=limit)
 
@@ -219,6 +262,7 @@ def fit_features(features: np.ndarray, labels: np.ndarray, held_out: np.ndarray,
 # ---------------------------------------------------------------------------------------------
 # The gate
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Gate:
@@ -234,19 +278,24 @@ class Gate:
         calibration when ``quality.npz`` is there and was made for these weights."""
         path = Path(folder) / CALIBRATION_FILE
         if not path.is_file():
-            return cls(note=f"no {CALIBRATION_FILE} in this model folder: image checks only "
-                            "(python -m core.quality calibrate --weights FOLDER)")
+            return cls(
+                note=f"no {CALIBRATION_FILE} in this model folder: image checks only "
+                "(python -m core.quality calibrate --weights FOLDER)"
+            )
         fm = FeatureModel.load(path)
         if fm.weights_sha256 != sha256:
-            return cls(note=f"{path} was made for other weights: image checks only; rebuild "
-                            "it with python -m core.quality calibrate")
+            return cls(
+                note=f"{path} was made for other weights: image checks only; rebuild "
+                "it with python -m core.quality calibrate"
+            )
         return cls(fm)
 
     def __call__(self, images: np.ndarray, features: np.ndarray | None = None) -> list[str]:
         """``quality`` of each RGB uint8 image (N, H, W, 3) whose pooled features are
         ``features`` (N, C): OK or the reason it is not counted."""
-        out = image_reasons(image_stats(images, background_max=self.limits.background_max),
-                            self.limits)
+        out = image_reasons(
+            image_stats(images, background_max=self.limits.background_max), self.limits
+        )
         if self.features is not None and features is not None and len(features):
             far = self.features.distance(features) > self.features.limit
             out = [UNLIKE_TRAINING if r == OK and f else r for r, f in zip(out, far)]
@@ -255,8 +304,10 @@ class Gate:
     def describe(self) -> str:
         if self.features is None:
             return self.note
-        return (f"image checks and feature distance (limit {self.features.limit:.1f}, the "
-                f"{self.features.quantile:.1%} quantile of validation patients' cells)")
+        return (
+            f"image checks and feature distance (limit {self.features.limit:.1f}, the "
+            f"{self.features.quantile:.1%} quantile of validation patients' cells)"
+        )
 
 
 def is_counted(quality: pd.Series) -> pd.Series:
@@ -290,40 +341,46 @@ def review(results: pd.DataFrame, *, threshold: float, band: float = REVIEW_BAND
 # Command line: calibrate, check
 # ---------------------------------------------------------------------------------------------
 
+
 def _split_cells(data: Sequence[str], split: dict, parts: Sequence[str]):
-    from core.data import labelled_samples
+    from core.splits import labelled_samples
+
     samples, sources = labelled_samples(data)
     keep = {c for p in parts for c in split[p]}
     return [s for s in samples if s.case_id in keep], sources
 
 
 def _features(engine, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    probs, feats = zip(*(engine.score(images[i:i + batch]) for i in range(0, len(images), batch)))
+    probs, feats = zip(*(engine.score(images[i : i + batch]) for i in range(0, len(images), batch)))
     return np.concatenate(probs), np.concatenate(feats)
 
 
 def calibrate(weights: Path, data: Sequence[str], *, quantile: float = 0.995) -> FeatureModel:
     """Fit the feature model on the training patients' cells of the model in ``weights``, set
     its limit on the validation patients' and save it as ``quality.npz`` beside the weights."""
-    from core.data import load_array
+    from core.images import load_array
     from core.score import load_engine
 
     # the file is replaced: an unreadable or outdated one must not stop the engine loading
     (Path(weights) / CALIBRATION_FILE).unlink(missing_ok=True)
     engine = load_engine(weights, "onnx", threads=os.cpu_count())
-    split = json.loads((Path(weights) / "split.json").read_text())
+    split = engine.weights.split
     samples, sources = _split_cells(data, split, ("train", "val"))
     images = load_array([sources[s.path] for s in samples], size=engine.contract.input_size)
     _, feats = _features(engine, images)
     train = np.array([s.case_id in set(split["train"]) for s in samples])
     labels = np.array([s.label for s in samples])
-    fm = fit_features(feats[train], labels[train], feats[~train], quantile=quantile,
-                      weights_sha256=engine.sha256)
+    fm = fit_features(
+        feats[train], labels[train], feats[~train], quantile=quantile, weights_sha256=engine.sha256
+    )
     fm.save(Path(weights) / CALIBRATION_FILE)
     stats = image_stats(images)
-    print(f"{CALIBRATION_FILE}: fitted on {train.sum():,} cells of {len(split['train'])} training "
-          f"patients; limit {fm.limit:.2f} = {quantile:.1%} quantile of {(~train).sum():,} cells "
-          f"of {len(split['val'])} validation patients", file=sys.stderr)
+    print(
+        f"{CALIBRATION_FILE}: fitted on {train.sum():,} cells of {len(split['train'])} training "
+        f"patients; limit {fm.limit:.2f} = {quantile:.1%} quantile of {(~train).sum():,} cells "
+        f"of {len(split['val'])} validation patients",
+        file=sys.stderr,
+    )
     print("image statistics of these cells (min, 0.1%, 99.9%, max):", file=sys.stderr)
     for name, v in stats.items():
         lo, q1, q9, hi = np.quantile(v, [0, 0.001, 0.999, 1])
@@ -334,59 +391,87 @@ def calibrate(weights: Path, data: Sequence[str], *, quantile: float = 0.995) ->
 def check(weights: Path, data: Sequence[str], *, smear: Path | None, seed: int = 0) -> dict:
     """Share of the test patients' cells flagged, and of each kind of generated non-cell image
     flagged, through the scoring pipeline itself (decoding, resizing, engine, gate)."""
-    from core.data import load_array
+    from core.images import load_array
     from core.noncells import as_png, non_cells
     from core.score import load_engine, score_uploads
 
     engine = load_engine(weights, "onnx", threads=os.cpu_count())
-    split = json.loads((Path(weights) / "split.json").read_text())
+    split = engine.weights.split
     samples, sources = _split_cells(data, split, ("test",))
     images = load_array([sources[s.path] for s in samples], size=engine.contract.input_size)
     probs, feats = _features(engine, images)
     quality = np.array(engine.gate(images, feats))
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(samples), size=min(100, len(samples)), replace=False)
-    sets = non_cells(smear_folder=smear, seed=seed,
-                     cells=[(Path(samples[i].path).stem, images[i]) for i in picked])
+    sets = non_cells(
+        smear_folder=smear,
+        seed=seed,
+        cells=[(Path(samples[i].path).stem, images[i]) for i in picked],
+    )
     kinds = {}
     for kind, imgs in sets.items():  # look-alikes are measured but kept out of the headline
         if not imgs:
             continue
         df, _ = score_uploads(list(as_png(imgs)), engine=engine)
         flagged = ~is_counted(df["quality"])
-        kinds[kind] = {"images": int(len(df)), "flagged": int(flagged.sum()),
-                       "share": float(flagged.mean()),
-                       "reasons": df["quality"].value_counts().to_dict(),
-                       "passed": sorted(df.loc[~flagged, "path"])[:20]}
+        kinds[kind] = {
+            "images": int(len(df)),
+            "flagged": int(flagged.sum()),
+            "share": float(flagged.mean()),
+            "reasons": df["quality"].value_counts().to_dict(),
+            "passed": sorted(df.loc[~flagged, "path"])[:20],
+        }
     flagged_cells = quality != OK
     goal = [k for kind, k in kinds.items() if kind not in BEYOND_GOAL]
     total, caught = sum(k["images"] for k in goal), sum(k["flagged"] for k in goal)
     uncertain = np.abs(probs - engine.contract.threshold) < REVIEW_BAND
     return {
-        "command": "python -m core.quality check", "gate": engine.gate.describe(),
-        "test_cells": {"cells": int(len(samples)), "patients": len(split["test"]),
-                       "flagged": int(flagged_cells.sum()),
-                       "share": float(flagged_cells.mean()),
-                       "reasons": pd.Series(quality[flagged_cells]).value_counts().to_dict(),
-                       "uncertain_share": float(uncertain[~flagged_cells].mean()),
-                       "review_band": REVIEW_BAND},
-        "non_cells": {"images": total, "flagged": caught, "share": caught / total if total else
-                      float("nan"), "kinds": kinds, "left_out_of_share": list(BEYOND_GOAL)},
+        "command": "python -m core.quality check",
+        "gate": engine.gate.describe(),
+        "test_cells": {
+            "cells": int(len(samples)),
+            "patients": len(split["test"]),
+            "flagged": int(flagged_cells.sum()),
+            "share": float(flagged_cells.mean()),
+            "reasons": pd.Series(quality[flagged_cells]).value_counts().to_dict(),
+            "uncertain_share": float(uncertain[~flagged_cells].mean()),
+            "review_band": REVIEW_BAND,
+        },
+        "non_cells": {
+            "images": total,
+            "flagged": caught,
+            "share": caught / total if total else float("nan"),
+            "kinds": kinds,
+            "left_out_of_share": list(BEYOND_GOAL),
+        },
         "limits": asdict(ImageLimits()),
     }
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m core.quality",
-                                description="Build or measure the quality gate of a model.")
+    p = argparse.ArgumentParser(
+        prog="python -m core.quality", description="Build or measure the quality gate of a model."
+    )
     p.add_argument("command", choices=("calibrate", "check"))
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="model folder")
-    p.add_argument("--data", nargs="+", default=["../shared/data/nih_cells_dev.zip"],
-                   help="the development cells (folders or zips, NIH layout)")
-    p.add_argument("--smear", type=Path, default=Path("../shared/data/smear_dev/images"),
-                   help="folder of whole smear fields (JPEG) for the non-cell set")
-    p.add_argument("--quantile", type=float, default=0.995,
-                   help="calibrate: quantile of the validation cells' distances kept as the limit")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=["../shared/data/nih_cells_dev.zip"],
+        help="the development cells (folders or zips, NIH layout)",
+    )
+    p.add_argument(
+        "--smear",
+        type=Path,
+        default=Path("../shared/data/smear_dev/images"),
+        help="folder of whole smear fields (JPEG) for the non-cell set",
+    )
+    p.add_argument(
+        "--quantile",
+        type=float,
+        default=0.995,
+        help="calibrate: quantile of the validation cells' distances kept as the limit",
+    )
     return p
 
 
@@ -399,14 +484,19 @@ def main(args: argparse.Namespace) -> int:
     except (WeightsError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from core.data import write_json
+    from core.files import write_json
+
     write_json(Path(args.weights) / CHECK_FILE, result)
     t, nc = result["test_cells"], result["non_cells"]
     print(f"gate: {result['gate']}")
-    print(f"test patients' cells flagged: {t['flagged']:,} of {t['cells']:,} "
-          f"({t['share']:.2%}) {t['reasons']}")
-    print(f"non-cell images flagged: {nc['flagged']:,} of {nc['images']:,} ({nc['share']:.1%}; "
-          f"{', '.join(BEYOND_GOAL)} left out of this share)")
+    print(
+        f"test patients' cells flagged: {t['flagged']:,} of {t['cells']:,} "
+        f"({t['share']:.2%}) {t['reasons']}"
+    )
+    print(
+        f"non-cell images flagged: {nc['flagged']:,} of {nc['images']:,} ({nc['share']:.1%}; "
+        f"{', '.join(BEYOND_GOAL)} left out of this share)"
+    )
     for kind, k in nc["kinds"].items():
         print(f"  {kind:13s} {k['flagged']:4d} / {k['images']:4d}  ({k['share']:.1%})")
     print(f"test cells in the review band (±{t['review_band']}): {t['uncertain_share']:.2%}")

@@ -1,4 +1,5 @@
 """The quality gate (core.quality), the review band and the non-cell generator."""
+
 from __future__ import annotations
 
 import io
@@ -12,20 +13,33 @@ import torch
 
 from core import noncells, score
 from core.contract import DEFAULT_WEIGHTS, WeightsError, verified_weights
-from core.data import decode_image, iter_sources, resize_rgb
+from core.images import decode_image, resize_rgb
 from core.metrics import parasitemia_summary
 from core.model import build_model, logits_and_features
-from core.quality import (BLANK, CALIBRATION_FILE, OK, OUT_OF_FOCUS, UNCERTAIN,
-                          UNLIKE_TRAINING, FeatureModel, Gate, fit_features, image_reasons,
-                          image_stats, review)
+from core.quality import (
+    BLANK,
+    CALIBRATION_FILE,
+    OK,
+    OUT_OF_FOCUS,
+    UNCERTAIN,
+    UNLIKE_TRAINING,
+    FeatureModel,
+    Gate,
+    fit_features,
+    image_reasons,
+    image_stats,
+    review,
+)
+from core.sources import iter_sources
 from core.store import RESULT_COLUMNS, ResultStore
 
 SMEAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "smear_dev" / "images"
 
 
 def _cells(cells_dir) -> list[tuple[str, np.ndarray]]:
-    return [(Path(s.path).stem, decode_image(s.read(), size=128))
-            for s in iter_sources([cells_dir])]
+    return [
+        (Path(s.path).stem, decode_image(s.read(), size=128)) for s in iter_sources([cells_dir])
+    ]
 
 
 def _batch(images) -> np.ndarray:
@@ -35,8 +49,16 @@ def _batch(images) -> np.ndarray:
 def test_image_stats_are_one_value_per_image_in_range(cells_dir):
     images = _batch(_cells(cells_dir))
     stats = image_stats(images)
-    assert set(stats) == {"spread", "dark_corners", "area", "fill", "brightness", "red_green",
-                          "blue_green", "sharpness"}
+    assert set(stats) == {
+        "spread",
+        "dark_corners",
+        "area",
+        "fill",
+        "brightness",
+        "red_green",
+        "blue_green",
+        "sharpness",
+    }
     for name, values in stats.items():
         assert values.shape == (len(images),) and np.isfinite(values).all(), name
     assert ((stats["area"] > 0) & (stats["area"] <= 1)).all()
@@ -120,8 +142,17 @@ def test_calibration_round_trips_and_is_tied_to_its_weights(tmp_path, cells_dir)
 
 def test_the_gate_adds_the_feature_verdict_to_cells_that_pass_the_image_checks(cells_dir):
     images = _batch(_cells(cells_dir)[:4])
-    gate = Gate(FeatureModel(np.zeros((2, 3), np.float32), np.eye(3, 2, dtype=np.float32),
-                             np.ones(2, np.float32), 1.0, 2.0, 0.99, "x"))
+    gate = Gate(
+        FeatureModel(
+            np.zeros((2, 3), np.float32),
+            np.eye(3, 2, dtype=np.float32),
+            np.ones(2, np.float32),
+            1.0,
+            2.0,
+            0.99,
+            "x",
+        )
+    )
     features = np.array([[0, 0, 0], [5, 0, 0], [0, 0, 5], [1, 1, 0]], np.float32)
     assert gate(images, features) == [OK, UNLIKE_TRAINING, UNLIKE_TRAINING, OK]
     noise = np.random.default_rng(0).integers(0, 256, (1, 128, 128, 3), dtype=np.uint8)
@@ -155,22 +186,34 @@ def test_the_shipped_model_passes_real_cells_and_flags_non_cells(cells_dir):
     assert engine.gate(cells, engine.score(cells)[1]) == [OK] * len(cells)
     # photos include round things on black (a retina, a moon) that pass the image checks:
     # the feature distance catches those
-    odd = _batch(noncells.noise(np.random.default_rng(0), 8)
-                 + noncells.gradient(np.random.default_rng(0), 8)
-                 + noncells.photos(np.random.default_rng(0), synthetic=8))
+    odd = _batch(
+        noncells.noise(np.random.default_rng(0), 8)
+        + noncells.gradient(np.random.default_rng(0), 8)
+        + noncells.photos(np.random.default_rng(0), synthetic=8)
+    )
     verdicts = engine.gate(odd, engine.score(odd)[1])
     assert OK not in verdicts and UNLIKE_TRAINING in verdicts
 
 
 def test_review_marks_gate_failures_and_the_band_and_leaves_the_rest():
-    df = pd.DataFrame({
-        "path": list("abcdef"), "case_id": ["C1"] * 6,
-        "prob_parasitized": [0.9, 0.55, 0.36, 0.2, 0.5, None],
-        "prediction": ["Parasitized", "Parasitized", "Uninfected", "Uninfected",
-                       "Parasitized", None],
-        "quality": [OK, OK, OK, OK, "blank", None], "error": [None] * 5 + ["corrupt"]})
-    assert list(review(df, threshold=0.5, band=0.15)) == ["", UNCERTAIN, UNCERTAIN, "", "blank",
-                                                          ""]
+    df = pd.DataFrame(
+        {
+            "path": list("abcdef"),
+            "case_id": ["C1"] * 6,
+            "prob_parasitized": [0.9, 0.55, 0.36, 0.2, 0.5, None],
+            "prediction": [
+                "Parasitized",
+                "Parasitized",
+                "Uninfected",
+                "Uninfected",
+                "Parasitized",
+                None,
+            ],
+            "quality": [OK, OK, OK, OK, "blank", None],
+            "error": [None] * 5 + ["corrupt"],
+        }
+    )
+    assert list(review(df, threshold=0.5, band=0.15)) == ["", UNCERTAIN, UNCERTAIN, "", "blank", ""]
     assert list(review(df, threshold=0.5, band=0.0)) == ["", "", "", "", "blank", ""]
     old = df.drop(columns="quality")  # runs stored before the gate: everything counts
     assert list(review(old, threshold=0.5, band=0.1)) == ["", UNCERTAIN, "", "", UNCERTAIN, ""]
@@ -202,9 +245,20 @@ def test_a_store_from_before_the_gate_is_migrated_and_keeps_its_rows(tmp_path):
     with ResultStore(path) as store:
         old = store.results("r1")
         assert list(old.columns) == list(RESULT_COLUMNS) and old["quality"].isna().all()
-        store.add_results("r1", [{"path": "c.png", "case_id": "C1", "label": None,
-                                  "prob_parasitized": 0.2, "prediction": "Uninfected",
-                                  "quality": "blank", "error": None}])
+        store.add_results(
+            "r1",
+            [
+                {
+                    "path": "c.png",
+                    "case_id": "C1",
+                    "label": None,
+                    "prob_parasitized": 0.2,
+                    "prediction": "Uninfected",
+                    "quality": "blank",
+                    "error": None,
+                }
+            ],
+        )
         runs = store.list_runs().iloc[0]
         assert (runs["stored"], runs["parasitized"], runs["not_counted"]) == (3, 1, 1)
         s = parasitemia_summary(store.results("r1")).iloc[0]
@@ -217,9 +271,11 @@ def _cli(*argv) -> int:
     return score.main(score.get_args_parser().parse_args([str(a) for a in argv]))
 
 
-def test_cli_flags_non_cells_leaves_them_out_and_says_how_many(cells_dir, tiny_model, tmp_path,
-                                                               capsys):
+def test_cli_flags_non_cells_leaves_them_out_and_says_how_many(
+    cells_dir, tiny_model, tmp_path, capsys
+):
     from PIL import Image
+
     root = tmp_path / "in"
     root.mkdir()
     for p in sorted(cells_dir.rglob("*.png"))[:6]:
@@ -228,8 +284,20 @@ def test_cli_flags_non_cells_leaves_them_out_and_says_how_many(cells_dir, tiny_m
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)).save(root / "C9_noise.png")
     out, summary = tmp_path / "r.csv", tmp_path / "s.csv"
-    rc = _cli(root, "--weights", tiny_model, "--out", out, "--summary", summary,
-              "--store", tmp_path / "st.sqlite", "--no-progress", "--band", "0.2")
+    rc = _cli(
+        root,
+        "--weights",
+        tiny_model,
+        "--out",
+        out,
+        "--summary",
+        summary,
+        "--store",
+        tmp_path / "st.sqlite",
+        "--no-progress",
+        "--band",
+        "0.2",
+    )
     assert rc == 0
     df = pd.read_csv(out, keep_default_na=False).set_index("path")
     assert df.loc[str(root / "black.png"), "quality"] == BLANK
@@ -245,12 +313,14 @@ def test_cli_flags_non_cells_leaves_them_out_and_says_how_many(cells_dir, tiny_m
     err = capsys.readouterr().err
     assert "2 not counted (failed the quality gate)" in err
     assert "image checks only" in err  # the tiny model has no calibration: said, not hidden
-    assert _cli(root, "--weights", tiny_model, "--band", "0.7", "--store",
-                tmp_path / "st.sqlite") == 2
+    assert (
+        _cli(root, "--weights", tiny_model, "--band", "0.7", "--store", tmp_path / "st.sqlite") == 2
+    )
 
 
 def test_upload_of_a_noise_image_is_scored_not_counted(tiny_model):
     from PIL import Image
+
     buf = io.BytesIO()
     Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(buf, "PNG")
     df, _ = score.score_uploads([("flat.png", buf.getvalue())], weights=tiny_model)

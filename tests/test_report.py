@@ -1,9 +1,10 @@
 """The per-patient HTML report (core.report)."""
+
 from __future__ import annotations
 
 import base64
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
@@ -13,18 +14,41 @@ from core import report, score
 from core.quality import OK
 from core.store import ResultStore
 
-INFO = report.ReportInfo(run_id="r1", model="weights/default", sha256="ab" * 32,
-                         threshold=0.5, cutoff=0.05, band=0.15, gate="image checks")
-EVIL = '<img src=x onerror=alert(1)>.png'
+INFO = report.ReportInfo(
+    run_id="r1",
+    model="weights/default",
+    sha256="ab" * 32,
+    threshold=0.5,
+    cutoff=0.05,
+    band=0.15,
+    gate="image checks",
+)
+EVIL = "<img src=x onerror=alert(1)>.png"
 
 
 def _results() -> pd.DataFrame:
-    rows = [("C1_a.png", "C1", 0.95, OK, None), ("C1_b.png", "C1", 0.60, OK, None),
-            ("C1_c.png", "C1", 0.05, OK, None), ("C1_d.png", "C1", 0.30, "blank", None),
-            ("C1_e.png", "C1", None, None, "corrupt"), (f"C2_{EVIL}", "C2", 0.02, OK, None)]
-    return pd.DataFrame([{"path": p, "case_id": c, "label": None, "prob_parasitized": pr,
-                          "prediction": None, "quality": q, "error": e}
-                         for p, c, pr, q, e in rows])
+    rows = [
+        ("C1_a.png", "C1", 0.95, OK, None),
+        ("C1_b.png", "C1", 0.60, OK, None),
+        ("C1_c.png", "C1", 0.05, OK, None),
+        ("C1_d.png", "C1", 0.30, "blank", None),
+        ("C1_e.png", "C1", None, None, "corrupt"),
+        (f"C2_{EVIL}", "C2", 0.02, OK, None),
+    ]
+    return pd.DataFrame(
+        [
+            {
+                "path": p,
+                "case_id": c,
+                "label": None,
+                "prob_parasitized": pr,
+                "prediction": None,
+                "quality": q,
+                "error": e,
+            }
+            for p, c, pr, q, e in rows
+        ]
+    )
 
 
 def _pixels(path: str) -> np.ndarray:
@@ -38,9 +62,15 @@ def test_the_report_states_every_figure_per_patient():
         seen.append(len(images))
         return [np.zeros_like(i) for i in images]
 
-    text = report.render_report(_results(), INFO, read=_pixels, heatmaps=heat, gallery=2,
-                                now=datetime(2026, 11, 26, 12, 0, tzinfo=timezone.utc))
-    c1 = text[text.index("<h2>C1</h2>"):text.index("<h2>C2")]
+    text = report.render_report(
+        _results(),
+        INFO,
+        read=_pixels,
+        heatmaps=heat,
+        gallery=2,
+        now=datetime(2026, 11, 26, 12, 0, tzinfo=UTC),
+    )
+    c1 = text[text.index("<h2>C1</h2>") : text.index("<h2>C2")]
     # 5 images: 3 counted, 1 error, 1 not counted; 1 of 3 called Parasitized at 0.5... plus 0.6
     assert "5 images: 3 counted, 1 errors (unreadable), 1 not counted by the quality gate" in c1
     assert "(blank: 1)" in c1
@@ -56,7 +86,7 @@ def test_the_report_states_every_figure_per_patient():
     assert text.count("data:image/png;base64,") == 2 * 3
     data = re.search(r'src="data:image/png;base64,([^"]+)"', text).group(1)
     assert base64.b64decode(data)[:4] == b"\x89PNG"  # embedded, self-contained
-    assert "not flagged" in text[text.index("<h2>C2"):]
+    assert "not flagged" in text[text.index("<h2>C2") :]
 
 
 def test_names_are_escaped_and_unknown_patients_refused():
@@ -71,21 +101,31 @@ def test_names_are_escaped_and_unknown_patients_refused():
 
 def test_cli_writes_a_report_of_a_scored_run(cells_dir, tiny_model, tmp_path):
     store_path = tmp_path / "st.sqlite"
-    rc = score.main(score.get_args_parser().parse_args(
-        [str(cells_dir), "--weights", str(tiny_model), "--store", str(store_path),
-         "--no-progress"]))
+    rc = score.main(
+        score.get_args_parser().parse_args(
+            [
+                str(cells_dir),
+                "--weights",
+                str(tiny_model),
+                "--store",
+                str(store_path),
+                "--no-progress",
+            ]
+        )
+    )
     assert rc == 0
     with ResultStore(store_path) as store:
         run_id = store.list_runs().iloc[0]["run_id"]
     out = tmp_path / "report.html"
-    args = report.get_args_parser().parse_args([run_id, "--out", str(out), "--store",
-                                                str(store_path), "--case", "C96", "--gallery",
-                                                "3"])
+    args = report.get_args_parser().parse_args(
+        [run_id, "--out", str(out), "--store", str(store_path), "--case", "C96", "--gallery", "3"]
+    )
     assert report.main(args) == 0
     text = out.read_text()
     assert "<h2>C96</h2>" in text and "<h2>C123</h2>" not in text
     assert text.count("data:image/png;base64,") == 6  # 3 cells and their 3 heatmaps
     assert "image checks only" in text  # the tiny model has no calibration
-    bad = report.get_args_parser().parse_args(["no-such-run", "--out", str(out), "--store",
-                                               str(store_path)])
+    bad = report.get_args_parser().parse_args(
+        ["no-such-run", "--out", str(out), "--store", str(store_path)]
+    )
     assert report.main(bad) == 2
