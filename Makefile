@@ -60,6 +60,7 @@ browser:
 bench: setup-test browser
 	$(BIN)/python -m bench --data $(DATA)
 	$(BIN)/python -m bench.ui --data $(DATA)
+	$(BIN)/python -m bench.gate --data $(DATA)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

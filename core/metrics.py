@@ -11,6 +11,7 @@ from scipy.stats import binomtest
 from sklearn import metrics as skm
 
 from core.labels import as_posix
+from core.quality import UNCERTAIN, counted
 
 
 def binary_metrics(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | np.ndarray,
@@ -87,25 +88,29 @@ def _natural_key(text: str) -> list:
     return [int(t) if i % 2 else t for i, t in enumerate(re.split(r"([0-9]+)", str(text)))]
 
 
-_COUNTS = ["cells", "errors", "parasitized", "prob_sum"]
+_COUNTS = ["cells", "errors", "not_counted", "parasitized", "uncertain", "prob_sum"]
 
 
 def parasitemia_counts(results: pd.DataFrame, *, group_by: str = "case") -> pd.DataFrame:
-    """Per-group counts of result rows (path, case_id, prediction, prob, error, and
-    duplicate_of: such rows are left out), indexed by group: cells, errors, parasitized,
-    prob_sum. Counts of chunks add up, so a run of any size
-    can be summarised chunk by chunk. Raises ValueError for an unknown ``group_by``."""
+    """Per-group counts of result rows (path, case_id, prediction, prob, error, and where
+    present quality and review: ``core.quality``; rows with a ``duplicate_of`` are left out),
+    indexed by group: cells, errors, not_counted (failed the quality gate), parasitized,
+    uncertain (in the review band), prob_sum. Counts of chunks add up, so a run of any size can
+    be summarised chunk by chunk. Raises ValueError for an unknown ``group_by``."""
     if group_by not in ("case", "folder"):
         raise ValueError(f"group_by must be 'case' or 'folder', got {group_by!r}")
     if "duplicate_of" in results:  # a second copy of a file: counted once, as the first
         results = results[results["duplicate_of"].isna()]
     if results.empty:
         return pd.DataFrame(columns=_COUNTS, index=pd.Index([], name="group"))
-    ok = results["error"].isna()
+    scored = results["error"].isna()
+    ok = counted(results)
+    review = results["review"] if "review" in results else pd.Series("", results.index)
     rows = pd.DataFrame({
         "group": [group_of(p, group_by, c) for p, c in zip(results["path"], results["case_id"])],
-        "cells": 1, "errors": (~ok).astype(int),
+        "cells": 1, "errors": (~scored).astype(int), "not_counted": (scored & ~ok).astype(int),
         "parasitized": (ok & (results["prediction"] == "Parasitized")).astype(int),
+        "uncertain": (ok & (review == UNCERTAIN)).astype(int),
         "prob_sum": results["prob_parasitized"].where(ok, 0.0).astype(float)})
     return rows.groupby("group", sort=True)[_COUNTS].sum()
 
@@ -113,18 +118,22 @@ def parasitemia_counts(results: pd.DataFrame, *, group_by: str = "case") -> pd.D
 def summary_from_counts(counts: pd.DataFrame, *, cutoff: float = 0.0) -> pd.DataFrame:
     """Parasitemia per group from :func:`parasitemia_counts` (summed over chunks).
 
-    Columns: group, cells (rows), errors, scored, parasitized, parasitemia (parasitized /
-    scored), ci_low/ci_high (95% Wilson), mean_prob, likely_infected (ci_low > cutoff; never
-    for the ``(no case id)`` group, which pools files of unknown patients).
+    Columns: group, cells (rows), errors, not_counted (failed the quality gate: listed for
+    review, left out of everything after), scored (the cells counted), parasitized, uncertain
+    (counted, but in the review band), parasitemia (parasitized / scored), ci_low/ci_high (95%
+    Wilson), mean_prob, likely_infected (ci_low > cutoff; never for the ``(no case id)``
+    group, which pools files of unknown patients).
     """
-    cols = ["group", "cells", "errors", "scored", "parasitized", "parasitemia", "ci_low",
-            "ci_high", "mean_prob", "likely_infected"]
+    cols = ["group", "cells", "errors", "not_counted", "scored", "parasitized", "uncertain",
+            "parasitemia", "ci_low", "ci_high", "mean_prob", "likely_infected"]
     rows = []
     for group, c in counts.sort_index(key=lambda idx: idx.map(_natural_key)).iterrows():
-        n, k = int(c["cells"] - c["errors"]), int(c["parasitized"])
+        n = int(c["cells"] - c["errors"] - c["not_counted"])
+        k = int(c["parasitized"])
         lo, hi = wilson_interval(k, n)
         rows.append({"group": group, "cells": int(c["cells"]), "errors": int(c["errors"]),
-                     "scored": n, "parasitized": k, "parasitemia": k / n if n else math.nan,
+                     "not_counted": int(c["not_counted"]), "scored": n, "parasitized": k,
+                     "uncertain": int(c["uncertain"]), "parasitemia": k / n if n else math.nan,
                      "ci_low": lo, "ci_high": hi,
                      "mean_prob": c["prob_sum"] / n if n else math.nan,
                      "likely_infected": bool(n and lo > cutoff and group != NO_CASE)})

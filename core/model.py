@@ -198,6 +198,16 @@ def normalize(x: torch.Tensor, contract: ModelContract) -> torch.Tensor:
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
+def logits_and_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, 2), pooled features (N, C)) of normalised NCHW input in one forward pass.
+
+    The features are the global average of ``model.features``' output, which every supported
+    architecture's classifier reads: the logits are exactly ``model(x)``'s. The quality gate
+    (``core.quality``) measures how far a cell's features lie from the training cells'."""
+    pooled = features(model)(x).mean((2, 3))
+    return model.get_submodule("classifier")(pooled), pooled
+
+
 @torch.no_grad()
 def predict_proba(model: nn.Module, images: torch.Tensor, contract: ModelContract,
                   *, batch_size: int = 64) -> torch.Tensor:

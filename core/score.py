@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 from core.contract import DEFAULT_WEIGHTS, ModelContract, ModelFolder, WeightsError
 from core.export import OutputError, check_output, write_csv
@@ -40,6 +41,7 @@ from core.files import REPO_ROOT, atomic_path
 from core.images import ImageError, decode_image, read_bytes
 from core.labels import ZIP_SEP, case_id, label_from_path, predicted_class
 from core.metrics import parasitemia_summary
+from core.quality import REVIEW_BAND, Gate, review
 from core.sources import ImageSource, iter_sources, sources_from_uploads, unique_paths
 from core.store import RESULT_COLUMNS, ResultStore, StoreError
 
@@ -60,6 +62,7 @@ Progress = Callable[[int, int], None]  # (done, total)
 class Engine:
     name: str
     weights: ModelFolder  # the model folder it scores with, verified
+    gate: Gate  # the quality gate of these weights (core.quality)
 
     @property
     def contract(self) -> ModelContract:
@@ -74,10 +77,14 @@ class Engine:
         return self.weights.path
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.score(images)[0]
+
+    def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(P(Parasitized) float32 (N,), pooled features float32 (N, C)) from one forward pass."""
         raise NotImplementedError
 
 
-_EXPORT_VERSION = 1  # bump when export_onnx changes what it writes
+_EXPORT_VERSION = 2  # bump when export_onnx changes what it writes (2: pooled features too)
 
 
 def onnx_path(sha256: str, contract: ModelContract) -> Path:
@@ -138,11 +145,12 @@ def _cached_export(folder: Path, sha256: str, contract: ModelContract) -> bytes:
 def export_onnx(folder: Path, out: Path) -> Path:
     """Export the model in ``folder`` to ONNX, normalisation and softmax included.
 
-    The graph takes uint8 NHWC images at the contract size and returns P(Parasitized) (N,).
+    The graph takes uint8 NHWC images at the contract size and returns P(Parasitized) (N,)
+    and the pooled features (N, C) the quality gate reads, from the same forward pass.
     """
     import torch
 
-    from core.model import load_model, normalize
+    from core.model import load_model, logits_and_features, normalize
 
     loaded = load_model(folder)
 
@@ -151,9 +159,9 @@ def export_onnx(folder: Path, out: Path) -> Path:
             super().__init__()
             self.model = loaded.model
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            logits = self.model(normalize(x, loaded.contract))
-            return logits.softmax(1)[:, loaded.contract.positive_index]
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits, features = logits_and_features(self.model, normalize(x, loaded.contract))
+            return logits.softmax(1)[:, loaded.contract.positive_index], features
 
     size = loaded.contract.input_size
     with atomic_path(out) as tmp, warnings.catch_warnings():
@@ -161,8 +169,10 @@ def export_onnx(folder: Path, out: Path) -> Path:
         # warns about the contract's mean/std becoming constants, which is what we want
         warnings.simplefilter("ignore", (DeprecationWarning, torch.jit.TracerWarning))
         torch.onnx.export(Wrapped().eval(), (torch.zeros(1, size, size, 3, dtype=torch.uint8),),
-                          str(tmp), input_names=["images"], output_names=["prob_parasitized"],
-                          dynamic_axes={"images": {0: "n"}, "prob_parasitized": {0: "n"}},
+                          str(tmp), input_names=["images"],
+                          output_names=["prob_parasitized", "features"],
+                          dynamic_axes={"images": {0: "n"}, "prob_parasitized": {0: "n"},
+                                        "features": {0: "n"}},
                           opset_version=17, dynamo=False)
     return out
 
@@ -185,9 +195,11 @@ class OnnxEngine(Engine):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+        self.gate = Gate.for_model(self.folder, self.sha256)
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"images": np.ascontiguousarray(images)})[0]
+    def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        prob, features = self.session.run(None, {"images": np.ascontiguousarray(images)})
+        return prob, features
 
 
 class TorchEngine(Engine):
@@ -206,13 +218,17 @@ class TorchEngine(Engine):
         self.model = loaded.model.to(memory_format=torch.channels_last)
         self.weights = ModelFolder(Path(loaded.folder), loaded.card, loaded.contract,
                                    loaded.sha256)
+        self.gate = Gate.for_model(self.folder, self.sha256)
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+    def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
-        from core.model import predict_proba
+        from core.model import logits_and_features, normalize
 
-        return predict_proba(self.model, torch.from_numpy(images), self.contract).numpy()
+        with torch.no_grad():
+            logits, features = logits_and_features(
+                self.model, normalize(torch.from_numpy(images), self.contract))
+        return (logits.softmax(1)[:, self.contract.positive_index].numpy(), features.numpy())
 
 
 def load_engine(weights: Path | str = DEFAULT_WEIGHTS, engine: str = "onnx", *,
@@ -251,16 +267,17 @@ def _decode_batch(sources: tuple[ImageSource, ...], size: int) -> _Decoded:
     return _Decoded(sources, arr, tuple(ok), errors, digests)
 
 
-def _rows(decoded: _Decoded, prob: np.ndarray, threshold: float) -> list[dict]:
+def _rows(decoded: _Decoded, prob: np.ndarray, quality: Sequence[str], threshold: float
+          ) -> list[dict]:
     rows = []
-    probs = dict(zip(decoded.ok, prob.tolist()))
+    probs = dict(zip(decoded.ok, zip(prob.tolist(), quality)))
     for i, src in enumerate(decoded.sources):
-        p = probs.get(i)
+        p, q = probs.get(i, (None, None))
         rows.append({
             "path": src.path, "case_id": case_id(src.name), "label": label_from_path(src.path),
             "prob_parasitized": p,
             "prediction": None if p is None else predicted_class(p, threshold),
-            "error": decoded.errors.get(i), "duplicate_of": None,
+            "quality": q, "error": decoded.errors.get(i), "duplicate_of": None,
             "sha256": decoded.digests.get(i),
         })
     return rows
@@ -282,8 +299,10 @@ def mark_duplicates(rows: list[dict], seen: dict[str, str]) -> None:
 def _score_batch(sources: tuple[ImageSource, ...], engine: Engine, threshold: float
                  ) -> list[dict]:
     decoded = _decode_batch(sources, engine.contract.input_size)
-    prob = engine(decoded.images) if decoded.ok else np.empty(0, np.float32)
-    return _rows(decoded, prob, threshold)
+    if not decoded.ok:
+        return _rows(decoded, np.empty(0, np.float32), [], threshold)
+    prob, features = engine.score(decoded.images)
+    return _rows(decoded, prob, engine.gate(decoded.images, features), threshold)
 
 
 def iter_scored(sources: Iterable[ImageSource], engine: Engine, *, threshold: float | None = None,
@@ -307,6 +326,9 @@ def iter_scored(sources: Iterable[ImageSource], engine: Engine, *, threshold: fl
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     pool = ThreadPoolExecutor(max_workers=workers)
     pending: deque = deque()
+    # One batch per core already: BLAS threads under the quality gate's matrix products would
+    # oversubscribe the cores (measured: scoring at 0.69x instead of 0.95x; bench.gate).
+    blas = threadpool_limits(limits=1, user_api="blas")
     try:
         while True:
             while len(pending) < 2 * workers:
@@ -321,6 +343,7 @@ def iter_scored(sources: Iterable[ImageSource], engine: Engine, *, threshold: fl
             yield rows
     finally:  # also on Ctrl-C or an abandoned generator: drop queued batches, don't wait
         pool.shutdown(wait=True, cancel_futures=True)
+        blas.restore_original_limits()
 
 
 def score_sources(sources: Sequence[ImageSource], engine: Engine, *,
@@ -400,6 +423,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="model folder")
     p.add_argument("--threshold", type=float, help="decision threshold on P(Parasitized); "
                    "default: the model's")
+    p.add_argument("--band", type=float, default=REVIEW_BAND,
+                   help="half-width of the review band around the threshold: scored cells "
+                        "whose P(Parasitized) lies within it are marked 'uncertain' in the "
+                        f"review column, for a human (default {REVIEW_BAND})")
     p.add_argument("--engine", choices=ENGINES, default="onnx")
     p.add_argument("--group-by", choices=("case", "folder"), default="case")
     p.add_argument("--resume", metavar="RUN_ID", help="score only what RUN_ID is missing")
@@ -433,6 +460,8 @@ def _main(args: argparse.Namespace) -> int:
 
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         return _fail(f"--threshold must be in [0, 1], got {args.threshold}")
+    if not 0 <= args.band <= 0.5:
+        return _fail(f"--band must be in [0, 0.5], got {args.band}")
     try:  # before any scoring: a typo in --out must not cost the whole run
         for out in (args.out, args.summary):
             if out:
@@ -473,7 +502,8 @@ def _main(args: argparse.Namespace) -> int:
         done = store.done_paths(run_id)
         todo = [s for s in sources if s.path not in done]
         print(f"run {run_id}: {len(sources)} images, {len(done)} already stored, "
-              f"{len(todo)} to score ({engine.name} engine)", file=sys.stderr)
+              f"{len(todo)} to score ({engine.name} engine); quality gate: "
+              f"{engine.gate.describe()}", file=sys.stderr)
         bar = tqdm(total=len(todo), unit="img", disable=args.no_progress, smoothing=0.1)
         try:
             score_sources(todo, engine, store=store, run_id=run_id, threshold=threshold,
@@ -486,13 +516,17 @@ def _main(args: argparse.Namespace) -> int:
             return 130
         bar.close()
         store.finish(run_id)
+        def reviewed() -> Iterator[pd.DataFrame]:
+            for chunk in store.iter_results(run_id):
+                yield chunk.assign(review=review(chunk, threshold=threshold, band=args.band))
+
         if args.out:
             try:
-                store.export_csv(run_id, args.out)
+                write_csv(args.out, reviewed(), columns=(*RESULT_COLUMNS, "review"))
             except OSError as exc:
                 return _fail(f"cannot write {args.out} ({exc}); the results are kept in "
                              f"{store.path}: export them again with --resume {run_id} --out FILE")
-        summary = parasitemia_summary(store.iter_results(run_id), group_by=args.group_by,
+        summary = parasitemia_summary(reviewed(), group_by=args.group_by,
                                       cutoff=engine.weights.screening_cutoff)
         n_dup = sum(int(c["duplicate_of"].notna().sum()) for c in store.iter_results(run_id))
     with pd.option_context("display.max_rows", 200, "display.width", 140):
@@ -503,11 +537,14 @@ def _main(args: argparse.Namespace) -> int:
         except OSError as exc:
             return _fail(f"cannot write {args.summary} ({exc})")
     n_err, n_scored = int(summary["errors"].sum()), int(summary["scored"].sum())
-    print(f"{n_scored} scored, {n_err} errors"
-          + (f", {n_dup} duplicates (same bytes as another file: counted once)" if n_dup else "")
-          + f"; run {run_id}"
-          + (f"; results in {args.out}" if args.out else ""), file=sys.stderr)
-    if not n_scored:
+    n_out, n_unsure = int(summary["not_counted"].sum()), int(summary["uncertain"].sum())
+    print(f"{n_scored} scored and counted, {n_err} errors, {n_out} not counted (failed the "
+          f"quality gate), {n_unsure} uncertain (P(Parasitized) within {args.band:g} of "
+          f"{threshold:g}); the last two are listed for review in the review column"
+          + (f"; {n_dup} duplicates (same bytes as another file: counted once)" if n_dup else "")
+          + f"; run {run_id}" + (f"; results in {args.out}" if args.out else ""),
+          file=sys.stderr)
+    if not n_scored and not n_out:
         return _fail("no image could be scored; the error column says why for each input")
     return 1 if n_err else 0
 

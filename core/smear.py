@@ -324,7 +324,9 @@ def field_summary(cells: pd.DataFrame, *, threshold: float | None = None,
     for level in ("field", "folder"):
         counts = rows.groupby(level, sort=True)[["cells", "errors", "parasitized", "prob_sum",
                                                  "other"]].sum()
-        s = summary_from_counts(counts, cutoff=cutoff)
+        # no quality gate or review band here: the segmentation decides what a red cell is
+        s = summary_from_counts(counts.assign(not_counted=0, uncertain=0), cutoff=cutoff
+                                ).drop(columns=["not_counted", "uncertain"])
         other = counts["other"].reindex(s["group"]).to_numpy()
         parts.append(s.assign(level=level, cells=s["scored"], other_objects=other,
                               errors=(s["errors"] > 0).astype(int) if level == "field"

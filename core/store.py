@@ -30,8 +30,9 @@ def default_store_path() -> Path:
     return Path(os.environ.get("MALARIA_STORE") or DEFAULT_STORE)
 
 
-RESULT_COLUMNS = ("path", "case_id", "label", "prob_parasitized", "prediction", "error",
-                  "duplicate_of")
+# quality: "ok" or why the image is not counted (core.quality); NULL in runs scored before it
+RESULT_COLUMNS = ("path", "case_id", "label", "prob_parasitized", "prediction", "quality",
+                  "error", "duplicate_of")
 # smear mode (core.smear): one row per object found in a field, or one error row per field
 SMEAR_COLUMNS = ("image", "x", "y", "w", "h", "area", "edge", "object", "prob_parasitized",
                  "prediction", "error")
@@ -56,6 +57,7 @@ CREATE TABLE IF NOT EXISTS results (
     label TEXT,
     prob_parasitized REAL,
     prediction TEXT,
+    quality TEXT,
     error TEXT,
     PRIMARY KEY (run_id, path)
 );
@@ -77,7 +79,7 @@ _ADDED_COLUMNS = {
     "runs": {"name": "TEXT", "sample": "TEXT", "operator": "TEXT"},
     # duplicate_of: the path of the file with the same bytes scored first in the run (this row
     # has no probability of its own and is counted once); sha256: of the file's bytes
-    "results": {"duplicate_of": "TEXT", "sha256": "TEXT"},
+    "results": {"quality": "TEXT", "duplicate_of": "TEXT", "sha256": "TEXT"},
 }
 RUN_FIELDS = ("name", "sample", "operator")  # free text an analyst gives a run
 
@@ -384,7 +386,8 @@ class ResultStore:
             "r.weights, r.weights_sha256, r.threshold, r.engine, r.kind, r.total, "
             "COUNT(x.path) AS stored, SUM(x.error IS NOT NULL) AS errors, "
             "SUM(x.duplicate_of IS NOT NULL) AS duplicates, "
-            "SUM(x.prediction = ?) AS parasitized "
+            "SUM(x.prediction = ? AND (x.quality IS NULL OR x.quality = 'ok')) AS parasitized, "
+            "SUM(x.quality IS NOT NULL AND x.quality != 'ok') AS not_counted "
             "FROM runs r LEFT JOIN results x ON x.run_id = r.run_id "
             "WHERE r.kind NOT LIKE 'smear%' "
             "GROUP BY r.run_id ORDER BY r.started DESC, r.run_id DESC", self._db,

@@ -85,6 +85,7 @@ def init_state() -> None:
         "evaluate_cell": None,  # path of the cell shown large on Evaluate
         "evaluate_items": None,  # the labelled upload on Evaluate, (name, bytes) pairs
         "kept": {},  # widget key -> value, kept while the widget's page is not shown
+        "report": None,  # (run id, HTML) of the last report made on Score
     }
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
@@ -277,6 +278,25 @@ def explain(folder: str, sha256: str, images, **options):
         return run(loaded, images, net=net, **options)
 
 
+def quality(folder: str, sha256: str, image) -> str:
+    """The quality gate's verdict on one RGB uint8 image (H, W, 3), any size: ``ok`` or why
+    it would not be counted (core.quality), from the cached scoring engine."""
+    from core.images import resize_rgb
+    eng = engine(folder, sha256)
+    batch = resize_rgb(image, eng.contract.input_size)[None]
+    return eng.gate(batch, eng.score(batch)[1])[0]
+
+
+def heatmaps(folder: str, sha256: str):
+    """images -> overlays of the default map for the Parasitized class, for reports."""
+    from core.report import HEATMAP_TARGET
+
+    def run(images):
+        maps = explain(folder, sha256, images, target=HEATMAP_TARGET, faithfulness=False)
+        return [e.overlay for e in maps]
+    return run
+
+
 def road(folder: str, sha256: str, image, explanation) -> float:
     """core.explain.road_of on the cached network, taking turns as ``explain`` does."""
     from core.explain import road_of
@@ -394,16 +414,23 @@ def forget_run(run_id: str) -> None:
 def thumbnail(path: str, sources: dict[str, ImageSource], *, on_disk: bool,
               size: int = 48) -> str | None:
     """A small PNG data URL for a table cell, or None if the image cannot be read."""
-    try:
-        source = cell_source(path, sources, on_disk=on_disk)
-        if source is None:
-            return None
-        img = Image.fromarray(read_image(source, size=size))
-    except (ImageError, OSError):  # the error row itself
+    image = image_of(path, sources, on_disk=on_disk, size=size)
+    if image is None:
         return None
     buf = io.BytesIO()
-    img.save(buf, "PNG")
+    Image.fromarray(image).save(buf, "PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_of(path: str, sources: dict[str, ImageSource], *, on_disk: bool,
+             size: int | None = None) -> np.ndarray | None:
+    """A result's image, RGB uint8 (H, W, 3) (resized to ``size`` if given), or None if it
+    cannot be read (``on_disk`` as for :func:`cell_source`)."""
+    try:
+        source = cell_source(path, sources, on_disk=on_disk)
+        return None if source is None else read_image(source, size=size)
+    except (ImageError, OSError):  # gone from disk, or the error row itself
+        return None
 
 
 def cell_view(path: str, source: ImageSource | None, *, details: str, state_key: str,

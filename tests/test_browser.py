@@ -203,3 +203,39 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     page.get_by_text("Study: which features, which model").wait_for()
     page.wait_for_function(DRAWN, timeout=60_000)
     page.screenshot(path=str(SHOTS / "study.png"), full_page=True)
+
+
+def test_a_noise_image_is_review_not_counted_and_the_report_downloads(server, page, cells_dir,
+                                                                     tmp_path):
+    """The quality gate, the review band and the report, as an analyst meets them."""
+    import numpy as np
+    from PIL import Image
+    noise = tmp_path / "C96_noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+                    ).save(noise)
+    cells = sorted(str(p) for p in cells_dir.rglob("C96*.png"))
+    page.goto(f"{server}/score")
+    page.get_by_text("Score cells").first.wait_for()
+    page.locator("input[type=file]").first.set_input_files(cells + [str(noise)])
+    score = page.get_by_role("button", name="Score", exact=True)
+    playwright.expect(score).to_be_enabled(timeout=120_000)
+    score.click()
+    page.get_by_text("Results · run").wait_for()
+    values = page.get_by_test_id("stMetricValue")
+    playwright.expect(values.nth(0)).to_have_text(str(len(cells) + 1), timeout=60_000)
+    page.get_by_text("1 image(s) do not look like a single cell crop").wait_for()
+    page.get_by_text("review band").first.wait_for()  # drawn on the threshold's scale
+    assert int(values.nth(2).inner_text()) >= 1  # For review: the noise image at least
+    page.get_by_text("Results · run").scroll_into_view_if_needed()
+    page.wait_for_function(DRAWN, timeout=60_000)
+    page.screenshot(path=str(SHOTS / "score_review.png"), full_page=True)
+    page.get_by_role("button", name="Make report").click()
+    download_button = page.get_by_role("button", name="Download report (HTML)")
+    download_button.wait_for(timeout=180_000)
+    page.wait_for_function(IDLE)
+    with page.expect_download() as download:
+        download_button.click()
+    text = Path(download.value.path()).read_text()
+    assert "<h2>C96</h2>" in text and "C96_noise.png" in text and "not a cell" in text
+    assert text.count("data:image/png;base64,") >= 2  # a cell and its heatmap, embedded
+    assert page.get_by_text("Traceback").count() == 0

@@ -171,8 +171,8 @@ def test_group_names_are_plain_text_in_the_parasitemia_chart(app, cells_dir):
     [group_by] = [r for r in app.radio if r.label == "Group by"]
     group_by.set_value("folder").run()
     assert not _errors(app), _errors(app)
-    spec = json.loads(app.get("plotly_chart")[0].proto.spec)
-    labels = spec["data"][0]["x"]
+    specs = [json.loads(c.proto.spec) for c in app.get("plotly_chart")]
+    [labels] = [s["data"][0]["x"] for s in specs if s["data"][0]["type"] == "bar"]
     assert labels == ["&lt;a href=&quot;https:example.invalid&quot;&gt;evil"]
 
 
@@ -475,3 +475,59 @@ def test_an_evaluate_gallery_cell_opens_large_and_in_explain(app):
     assert not _errors(app), _errors(app)
     assert app.session_state["explain_item"][0] == picked
     assert app.session_state["explain_link"] == {"split": "test", "cell": picked}
+
+def _png(array) -> bytes:
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_a_noise_image_is_listed_for_review_and_never_counted(app, cells_dir):
+    import numpy as np
+    noise = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    cells = sorted(cells_dir.rglob("*.png"))[:8]
+    items = [(p.name, p.read_bytes()) for p in cells] + [("C96_noise.png", _png(noise))]
+    app.session_state["pending_items"] = items
+    app.switch_page("views/score.py").run()
+    assert not _errors(app), _errors(app)
+    table = app.dataframe[0].value.set_index("path")
+    assert table.loc["C96_noise.png", "review"].startswith("not a cell")
+    assert all(table.drop(index="C96_noise.png")["review"].isin(["", "uncertain"]))
+    review = next(m for m in app.metric if m.label == "For review")
+    uncertain = int((table["review"] == "uncertain").sum())
+    assert int(review.value) == 1 + uncertain
+    called = next(m for m in app.metric if m.label == "Called parasitized")
+    counted = table.drop(index="C96_noise.png")
+    assert int(called.value) == int((counted["prob_parasitized"] >= 0.5).sum())
+    assert any("not counted" in w.value for w in app.warning)
+    summary = app.dataframe[1].value.set_index("group")
+    assert summary.loc["C96", "not_counted"] == 1
+    assert summary["scored"].sum() == len(cells)
+    # the review band: widened to the whole range, every counted cell is uncertain
+    app.number_input[0].set_value(0.5).run()
+    table = app.dataframe[0].value.set_index("path")
+    assert (table.drop(index="C96_noise.png")["review"] == "uncertain").all()
+    assert app.dataframe[1].value["uncertain"].sum() == len(cells)
+    # the report of one patient, made and offered for download
+    [pick] = [m for m in app.multiselect if m.label.startswith("Patients")]
+    pick.set_value(["C96"]).run()
+    next(b for b in app.button if b.label == "Make report").click().run()
+    assert not _errors(app), _errors(app)
+    run_id, text = app.session_state["report"]
+    assert run_id == app.session_state["run_id"]
+    assert "<h2>C96</h2>" in text and "C96_noise.png" in text and "not a cell" in text
+
+
+def test_explain_says_when_the_gate_would_not_count_the_image(app):
+    import numpy as np
+    app.session_state["explain_item"] = ("flat.png", _png(np.full((90, 90, 3), 240, np.uint8)))
+    app.switch_page("views/explain.py").run()
+    assert not _errors(app), _errors(app)
+    assert any("Review: blank" in w.value for w in app.warning)
+    sample = next((ROOT / "dashboard" / "samples" / "Parasitized").glob("*.png"))
+    app.session_state["explain_item"] = (sample.name, sample.read_bytes())
+    app.run()
+    assert not any("Review:" in w.value for w in app.warning)

@@ -27,7 +27,8 @@ def test_cli_writes_one_row_per_image_with_the_columns(cells_dir, tiny_model, tm
               "--store", tmp_path / "st.sqlite", "--no-progress")
     assert rc == 0
     df = pd.read_csv(out)
-    assert list(df.columns) == list(RESULT_COLUMNS)
+    assert list(df.columns) == [*RESULT_COLUMNS, "review"]
+    assert (df["quality"] == "ok").all()  # real cells pass the gate (image checks here)
     assert len(df) == len(list(cells_dir.rglob("*.png")))
     assert df["prob_parasitized"].between(0, 1).all() and df["error"].isna().all()
     assert set(df["label"]) == {"Parasitized", "Uninfected"}
@@ -92,7 +93,7 @@ def test_interrupted_run_keeps_results_and_resume_scores_only_the_rest(
     store_path = tmp_path / "s.sqlite"
     paths = [s.path for s in iter_sources([cells_dir.resolve()])]
     fatal = paths[16]  # the first image of the third batch of 8
-    real = core.score.OnnxEngine.__call__
+    real = core.score.OnnxEngine.score
     real_decode = core.score._decode_batch
 
     def decode_and_die(sources, size):
@@ -116,7 +117,7 @@ def test_interrupted_run_keeps_results_and_resume_scores_only_the_rest(
         counted.append(len(images))
         return real(self, images)
 
-    monkeypatch.setattr(core.score.OnnxEngine, "__call__", counting)
+    monkeypatch.setattr(core.score.OnnxEngine, "score", counting)
     out = tmp_path / "r.csv"
     rc = _cli("--resume", run["run_id"], "--store", store_path, "--out", out, "--no-progress",
               "--batch-size", "8")

@@ -1,5 +1,6 @@
 import hashlib
 
+import pandas as pd
 import streamlit as st
 
 from core.heatmap import (
@@ -13,6 +14,7 @@ from core.heatmap import (
 )
 from core.images import ImageError, decode_image
 from core.locate import locate
+from core.quality import OK
 from core.sources import open_source
 from dashboard import ui
 
@@ -86,12 +88,16 @@ else:
     if ok.empty:
         st.info("No cell of this run could be scored, so there is nothing to explain.")
         st.stop()
+    def _flag(p: str) -> str:
+        q = ok.at[p, "quality"] if "quality" in ok else None
+        return "" if q is None or pd.isna(q) or q == OK else f" · review: {q}"
+
     link = {"run": st.session_state["run_id"]}
     path = link["cell"] = st.selectbox(
         "Cell", ok.index,
         format_func=lambda p: f"{p.rsplit('/', 1)[-1]} · case {ok.at[p, 'case_id']} · "
                               f"label {ok.at[p, 'label'] or '?'} · "
-                              f"P(Parasitized) {ok.at[p, 'prob_parasitized']:.3f}")
+                              f"P(Parasitized) {ok.at[p, 'prob_parasitized']:.3f}{_flag(p)}")
     src = st.session_state["sources"].get(path)
     if src is None and st.session_state["run_on_disk"]:
         try:
@@ -158,6 +164,11 @@ def _road(image_hash: str, method: str, target: str, layer: str, model: str, mod
     return ui.road(model, model_sha, _image, _explanation)  # from the map drawn: no second pass
 
 
+@st.cache_data(show_spinner=False, max_entries=256)
+def _quality(image_hash: str, model: str, model_sha: str, _image) -> str:
+    return ui.quality(model, model_sha, _image)
+
+
 @st.cache_data(show_spinner=False, max_entries=64)
 def _stain(image_hash: str, _image):
     return locate(_image)
@@ -175,6 +186,12 @@ def verdict(points: bool | None, mass: float) -> str:
 
 key = hashlib.sha256(item[1]).hexdigest()
 name = ui.plain(item[0].rsplit("/", 1)[-1])  # captions render Markdown
+verdict_q = _quality(key, str(folder), sha, image)
+if verdict_q != OK:
+    st.warning(f"**Review: {ui.plain(verdict_q)}.** This image does not look like a single "
+               "cell crop the model learnt from (quality gate); on Score it would be listed "
+               "for review and **not counted**. The maps below show what the network does "
+               "with it, not a finding.")
 stain = _stain(key, image)
 outline = stain.parasite if show_outline else None
 if not methods:
@@ -205,6 +222,8 @@ for start in range(0, len(panels), PER_ROW):
 left, right = st.columns([1, 3])
 left.metric("P(Parasitized)", f"{e.prob_parasitized:.3f}",
             help=f"Decision threshold {contract.threshold:.2f}")
+if verdict_q != OK:
+    left.caption(f"review: {ui.plain(verdict_q)} (not counted)")
 right.image(colour_bar(width=384), caption="heatmap colour: low evidence (blue) → high (red)",
             width=384)
 st.caption(f"Each map is computed at its stage's own resolution (its size is in the caption) "

@@ -7,11 +7,15 @@ import streamlit as st
 from core.export import to_csv_text
 from core.labels import CLASSES, predicted_class
 from core.metrics import group_of, parasitemia_summary
+from core.quality import REVIEW_BAND, UNCERTAIN, counted, review
+from core.report import ReportInfo, render_report
 from core.store import RUN_FIELDS, StoreError, inputs_summary
 from dashboard import ui
 
 ERROR = "Error"  # the Prediction filter's name for rows that could not be scored
-DUPLICATE = "Duplicate"  # ... and for files with the same bytes as another file of the run
+DUPLICATE = "Duplicate"  # ... for files with the same bytes as another file of the run
+NOT_COUNTED = "Not counted"  # ... for rows that failed the quality gate
+UNCERTAIN_KIND = "Uncertain"  # ... for counted rows inside the review band
 FLAGGED, NOT_FLAGGED = ui.BRAND, "#9aa5b1"  # parasitemia bars: likely infected or not
 
 
@@ -20,6 +24,52 @@ def open_run(run_id: str, cell: str | None = None) -> None:
     info = ui.store().run(run_id)
     st.session_state.update(results=ui.store().results(run_id), run_id=run_id, sources={},
                             run_on_disk=info.kind == "files", score_cell=cell)
+
+
+def band_strip(prob: pd.Series, threshold: float, band: float) -> go.Figure:
+    """The scored cells' P(Parasitized) as a histogram under the threshold slider, with the
+    threshold and the review band drawn on the same 0-1 scale."""
+    fig = go.Figure(go.Histogram(x=prob.dropna(), xbins=dict(start=0, end=1, size=0.02),
+                                 marker_color="#9aa5b1", hovertemplate="%{y} cells<extra></extra>"))
+    fig.add_vrect(x0=max(0.0, threshold - band), x1=min(1.0, threshold + band),
+                  fillcolor="#e8a33d", opacity=0.3, line_width=0,
+                  annotation_text="review band", annotation_position="top left")
+    fig.add_vline(x=threshold, line_color=ui.BRAND, annotation_text="threshold")
+    fig.update_layout(height=130, margin=dict(t=20, b=10, l=10, r=10), xaxis_range=[0, 1],
+                      yaxis=dict(type="log", title="cells (log)", showticklabels=False),
+                      showlegend=False, bargap=0.05)
+    return fig
+
+
+def report_ui(shown: pd.DataFrame, info, summary: pd.DataFrame, *, threshold: float,
+              band: float, cutoff: float, group_by: str, sources: dict, on_disk: bool) -> None:
+    """Pick patients and download their printable report (core.report)."""
+    st.subheader("Report")
+    groups = list(summary["group"])
+    r1, r2 = st.columns([3, 1])
+    picked = r1.multiselect("Patients (or folders) in the report", groups,
+                            default=groups[:1] if len(groups) > 20 else groups,
+                            help="One section per patient: counts, parasitemia with its "
+                                 "interval, the flag, the cells for review and a gallery of "
+                                 "the most suspicious cells with heatmaps.")
+    if r2.button("Make report", disabled=not picked):
+        same_model = info.weights_sha256 == sha
+        report = ReportInfo(run_id=info.run_id, model=ui.model_label(info.weights),
+                            sha256=info.weights_sha256, threshold=threshold, cutoff=cutoff,
+                            band=band, group_by=group_by,
+                            gate=ui.engine(str(folder), sha).gate.describe() if same_model
+                            else "")
+        with st.spinner("Drawing the heatmaps…"):
+            text = render_report(
+                shown, report, groups=picked,
+                read=lambda p: ui.image_of(p, sources, on_disk=on_disk),
+                heatmaps=ui.heatmaps(str(folder), sha) if same_model else None)
+        st.session_state["report"] = (info.run_id, text)
+    made = st.session_state.get("report")
+    if made and made[0] == info.run_id:
+        st.download_button("Download report (HTML)", made[1], f"report_{info.run_id}.html",
+                           "text/html", type="primary",
+                           help="Self-contained: open it in a browser to print or save as PDF")
 
 st.title("Score cells")
 model = ui.current_model()
@@ -82,24 +132,40 @@ else:
         st.warning("These results come from another model than the one selected in the "
                    "sidebar; the threshold and screening cutoff below are the selected model's. "
                    "Upload the files again and press **Score** to rescore them with it.")
-    threshold = st.slider("Decision threshold on P(Parasitized)", 0.0, 1.0,
+    t1, t2 = st.columns([3, 1])
+    band = ui.kept(t2.number_input, "Review band ±", 0.0, 0.5, step=0.01, key="score_review_band",
+                   default=REVIEW_BAND,
+                   help="Counted cells whose P(Parasitized) lies within this distance of the "
+                        "threshold are marked uncertain and listed for a human. They still "
+                        "count by their call.")
+    threshold = t1.slider("Decision threshold on P(Parasitized)", 0.0, 1.0,
                           float(info.threshold), 0.01, key=f"threshold_{run_id}",
                           help="Kept with the run: it starts where this run was last left. "
                                "Cells at or above it are called Parasitized; moving it "
-                               "re-labels every cell at once.")
+                               "re-labels every cell at once. The shaded strip below is the "
+                               "review band.")
     if threshold != info.threshold:  # reopened, reloaded or exported, the run keeps it
         ui.store().set_threshold(run_id, threshold)
-    shown = results.assign(prediction=[None if pd.isna(p) else predicted_class(p, threshold)
-                                       for p in results["prob_parasitized"]])
+    called = results.assign(prediction=[None if pd.isna(p) else predicted_class(p, threshold)
+                                        for p in results["prob_parasitized"]])
+    shown = called.assign(review=review(called, threshold=threshold, band=band))
+    st.plotly_chart(band_strip(shown["prob_parasitized"], threshold, band), width="stretch")
+    ok = counted(shown)
+    is_dup = shown["duplicate_of"].notna()
     n_err = int(shown["error"].notna().sum())
-    n_dup = int(shown["duplicate_of"].notna().sum())
-    n_par = int((shown["prediction"] == CLASSES[0]).sum())
-    a, b, c, d = st.columns(4)
+    n_dup = int(is_dup.sum())
+    n_out = int((shown["error"].isna() & ~ok & ~is_dup).sum())
+    n_unsure = int((shown["review"] == UNCERTAIN).sum())
+    n_par = int((ok & (shown["prediction"] == CLASSES[0])).sum())
+    a, b, c, d, e = st.columns(5)
     a.metric("Cells", f"{len(shown) - n_dup:,}",
              help="Files scored or given an error row; duplicates are counted once")
-    b.metric("Called parasitized", f"{n_par:,}")
-    c.metric("Errors", f"{n_err:,}")
-    d.metric("Duplicates", f"{n_dup:,}", help="Files with the same bytes as another file of "
+    b.metric("Called parasitized", f"{n_par:,}", help="Counted cells only")
+    c.metric("For review", f"{n_out + n_unsure:,}",
+             help=f"{n_out:,} not counted by the quality gate (not a cell, blank, out of "
+                  f"focus...) and {n_unsure:,} uncertain (inside the review band)")
+    d.metric("Errors", f"{n_err:,}")
+    e.metric("Duplicates", f"{n_dup:,}", help="Files with the same bytes as another file of "
              "this run: scored and counted once, as that file")
     if n_err:
         st.warning(f"{n_err} file(s) could not be scored; each is a row with its reason in the "
@@ -110,23 +176,30 @@ else:
                 "scored and counted once, as the file named under *duplicate of* (pick only "
                 "**Duplicate** under Prediction to list them).")
 
+    if n_out:
+        st.warning(f"{n_out:,} image(s) do not look like a single cell crop the model knows "
+                   "(review column: the reason) and are **not counted** in parasitemia or "
+                   f"flags; pick **{NOT_COUNTED}** under Prediction to list them. Quality gate: "
+                   f"{ui.plain(ui.engine(str(folder), sha).gate.describe())}.")
+
     f1, f2 = st.columns(2)
-    kinds = list(CLASSES) + [DUPLICATE, ERROR]
+    kinds = list(CLASSES) + [UNCERTAIN_KIND, NOT_COUNTED, DUPLICATE, ERROR]
     picked = ui.kept(f1.multiselect, "Prediction", kinds, key="score_kinds", default=kinds,
                      allowed=kinds)
     lo, hi = ui.kept(f2.slider, "Confidence band: P(Parasitized)", 0.0, 1.0, step=0.01,
                      key="score_band", default=(0.0, 1.0),
                      help="Applies to scored cells; error rows have no probability.")
-    row_kind = (shown["prediction"].fillna(shown["duplicate_of"].notna()
-                                           .map({True: DUPLICATE, False: ERROR})))
+    row_kind = (shown["prediction"].where(shown["review"] != UNCERTAIN, UNCERTAIN_KIND)
+                .where(ok | shown["error"].notna() | is_dup, NOT_COUNTED)
+                .where(~is_dup, DUPLICATE).fillna(ERROR))
     view = shown[row_kind.isin(picked)
                  & (shown["prob_parasitized"].between(lo, hi) | row_kind.isin([ERROR, DUPLICATE]))]
     view = view.assign(case_id=[group_of(p, "case", c)  # as the parasitemia summary names it
                                 for p, c in zip(view["path"], view["case_id"])])
     sources = st.session_state["sources"]
     on_disk = st.session_state["run_on_disk"]
-    columns = ["path", "prediction", "prob_parasitized", "error", "duplicate_of", "case_id",
-               "label"]
+    columns = ["path", "prediction", "prob_parasitized", "review", "error", "duplicate_of",
+               "case_id", "label"]
     limit = 300
     if sources or on_disk:
         view = view.assign(thumb=[ui.thumbnail(p, sources, on_disk=on_disk)
@@ -144,6 +217,9 @@ else:
             "error": st.column_config.TextColumn("Error", width="medium"),
             "duplicate_of": st.column_config.TextColumn("Duplicate of", width="medium"),
             "case_id": st.column_config.TextColumn("Case"),
+            "review": st.column_config.TextColumn(
+                "Review", help="Why a human should look: the quality gate's reason (not "
+                               "counted) or 'uncertain' (inside the review band, counted)"),
         })
     rows = table.selection.rows
     if rows:  # a row picked in the table: shown large below (the pick outlives a page switch)
@@ -164,9 +240,10 @@ else:
                          f"{threshold:.2f}")
         facts += [f"case {ui.plain(group_of(cell, 'case', row['case_id']))}"]
         facts += [f"{k} {ui.plain(row[c])}" for k, c in (("label", "label"),
+                                                          ("review:", "review"),
                                                           ("error:", "error"),
                                                           ("duplicate of", "duplicate_of"))
-                  if pd.notna(row[c])]
+                  if pd.notna(row[c]) and row[c] != ""]
         ui.cell_view(cell, ui.cell_source(cell, sources, on_disk=on_disk),
                      details="  \n".join(facts), state_key="score_cell",
                      link={"run": run_id, "cell": cell})
@@ -183,7 +260,9 @@ else:
     summary = parasitemia_summary(shown, group_by=group_by, cutoff=cutoff)
     st.caption(f"A group is flagged **likely infected** when the lower end of its 95% interval "
                f"is above {cutoff:.1%}, the rate at which this model calls truly uninfected "
-               "cells parasitized (upper bound, validation patients).")
+               "cells parasitized (upper bound, validation patients). Only counted cells "
+               "(*scored*) enter it: *not_counted* failed the quality gate; *uncertain* are "
+               "counted cells inside the review band.")
     fig = go.Figure(go.Bar(
         x=ui.chart_text(summary["group"]), y=summary["parasitemia"], showlegend=False,
         error_y=dict(type="data", symmetric=False,
@@ -214,7 +293,7 @@ else:
             "likely_infected": st.column_config.TextColumn(
                 "Flag", help="Likely infected: the 95% interval's lower end is above the "
                              "screening cutoff")})
-    provenance = dict(run_id=run_id, threshold=threshold,
+    provenance = dict(run_id=run_id, threshold=threshold, review_band=band,
                       scored_with=ui.model_label(info.weights),
                       scored_with_sha256=info.weights_sha256)
     d1, d2 = st.columns(2)
@@ -229,6 +308,8 @@ else:
                                                   cutoff_from=ui.model_label(folder),
                                                   **provenance)),
                        f"summary_{run_id}_{group_by}.csv", "text/csv")
+    report_ui(shown, info, summary, threshold=threshold, band=band, cutoff=cutoff,
+              group_by=group_by, sources=sources, on_disk=on_disk)
 
 st.subheader("Past runs")
 runs = ui.store().list_runs()
@@ -240,7 +321,7 @@ else:
                        weights_sha256=runs["weights_sha256"].str[:10],
                        started=runs["started"].str[:16].str.replace("T", " "))
     st.dataframe(runs[["run_id", "name", "sample", "operator", "started", "inputs", "stored",
-                       "parasitized", "errors", "duplicates", "threshold", "model",
+                       "parasitized", "not_counted", "errors", "duplicates", "threshold", "model",
                        "weights_sha256", "kind"]],
                  hide_index=True, width="stretch", placeholder="",
                  column_config={"inputs": st.column_config.TextColumn(width="medium"),

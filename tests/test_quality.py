@@ -1,0 +1,327 @@
+"""The quality gate (core.quality), the review band and the non-cell generator."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from core import noncells, score
+from core.contract import DEFAULT_WEIGHTS, WeightsError, verified_weights
+from core.images import decode_image, resize_rgb
+from core.metrics import parasitemia_summary
+from core.model import build_model, logits_and_features
+from core.quality import (
+    BLANK,
+    CALIBRATION_FILE,
+    OK,
+    OUT_OF_FOCUS,
+    UNCERTAIN,
+    UNLIKE_TRAINING,
+    FeatureModel,
+    Gate,
+    fit_features,
+    image_reasons,
+    image_stats,
+    review,
+)
+from core.sources import iter_sources
+from core.store import RESULT_COLUMNS, ResultStore
+
+SMEAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "smear_dev" / "images"
+
+
+def _cells(cells_dir) -> list[tuple[str, np.ndarray]]:
+    return [
+        (Path(s.path).stem, decode_image(s.read(), size=128)) for s in iter_sources([cells_dir])
+    ]
+
+
+def _batch(images) -> np.ndarray:
+    return np.stack([resize_rgb(img, 128) for _, img in images])
+
+
+def test_image_stats_are_one_value_per_image_in_range(cells_dir):
+    images = _batch(_cells(cells_dir))
+    stats = image_stats(images)
+    assert set(stats) == {
+        "spread",
+        "dark_corners",
+        "area",
+        "fill",
+        "brightness",
+        "red_green",
+        "blue_green",
+        "sharpness",
+    }
+    for name, values in stats.items():
+        assert values.shape == (len(images),) and np.isfinite(values).all(), name
+    assert ((stats["area"] > 0) & (stats["area"] <= 1)).all()
+    assert ((stats["dark_corners"] >= 0) & (stats["dark_corners"] <= 1)).all()
+    with pytest.raises(ValueError, match="RGB"):
+        image_stats(images[..., 0])
+
+
+def test_real_cells_pass_the_image_checks(cells_dir):
+    assert image_reasons(image_stats(_batch(_cells(cells_dir)))) == [OK] * 44
+
+
+@pytest.mark.parametrize("kind", ["noise", "blank", "gradient", "blurred cell"])
+def test_every_generated_non_cell_fails_the_image_checks(kind, cells_dir):
+    sets = noncells.non_cells(smear_folder=None, cells=_cells(cells_dir)[:12], seed=1)
+    images = sets[kind]
+    assert len(images) >= 6
+    reasons = image_reasons(image_stats(_batch(images)))
+    passed = [name for (name, _), r in zip(images, reasons) if r == OK]
+    assert not passed, passed
+    if kind == "blank":
+        assert set(reasons) == {BLANK}
+    if kind == "blurred cell":
+        assert set(reasons) == {OUT_OF_FOCUS}
+
+
+@pytest.mark.skipif(not SMEAR.is_dir(), reason="the smear fields are not on this machine")
+def test_whole_smear_fields_and_their_crops_fail_the_image_checks():
+    images = noncells.smear_fields(SMEAR, np.random.default_rng(0), crops=1)[:20]
+    assert all(r.startswith("not a cell") for r in image_reasons(image_stats(_batch(images))))
+
+
+def test_the_generator_is_seeded_and_makes_images_of_any_size(cells_dir):
+    a = noncells.non_cells(smear_folder=None, cells=_cells(cells_dir)[:4], seed=3)
+    b = noncells.non_cells(smear_folder=None, cells=_cells(cells_dir)[:4], seed=3)
+    assert set(a) == set(noncells.KINDS)
+    for kind in a:
+        assert [n for n, _ in a[kind]] == [n for n, _ in b[kind]]
+        for (_, x), (_, y) in zip(a[kind], b[kind]):
+            assert x.dtype == np.uint8 and x.ndim == 3 and x.shape[-1] == 3
+            assert np.array_equal(x, y)
+    sizes = {img.shape[:2] for _, img in a["noise"]}
+    assert len(sizes) > 5
+
+
+def _gaussian_features(n: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    labels = rng.integers(0, 2, n)
+    f = rng.normal(0, 1, (n, 40)) * np.linspace(3, 0.1, 40) + labels[:, None] * 2.0
+    return f.astype(np.float32), labels
+
+
+def test_feature_distance_keeps_its_quantile_and_flags_far_points():
+    rng = np.random.default_rng(0)
+    fit, labels = _gaussian_features(4000, rng)
+    held, _ = _gaussian_features(4000, rng)
+    fm = fit_features(fit, labels, held, quantile=0.99, weights_sha256="abc", components=10)
+    assert fm.components.shape == (40, 10) and fm.means.shape == (2, 40)
+    fresh, _ = _gaussian_features(4000, rng)
+    share = float((fm.distance(fresh) > fm.limit).mean())
+    assert 0.003 < share < 0.03  # about 1% of new in-distribution points
+    far = fresh[:100] + rng.normal(0, 1, (100, 40)) * 3  # inflated along the small directions
+    assert (fm.distance(far) > fm.limit).mean() > 0.95
+
+
+def test_calibration_round_trips_and_is_tied_to_its_weights(tmp_path, cells_dir):
+    rng = np.random.default_rng(0)
+    f, labels = _gaussian_features(500, rng)
+    fm = fit_features(f, labels, f, quantile=0.9, weights_sha256="abc", components=8)
+    fm.save(tmp_path / CALIBRATION_FILE)
+    back = FeatureModel.load(tmp_path / CALIBRATION_FILE)
+    assert np.array_equal(back.distance(f), fm.distance(f)) and back.limit == fm.limit
+    assert Gate.for_model(tmp_path, "abc").features is not None
+    other = Gate.for_model(tmp_path, "not-these-weights")
+    assert other.features is None and "other weights" in other.note
+    assert Gate.for_model(tmp_path / "nowhere", "abc").features is None
+    # a pickled object array is refused, never unpickled
+    np.savez(tmp_path / CALIBRATION_FILE, means=np.array([object()], dtype=object))
+    with pytest.raises(WeightsError, match="not a quality calibration"):
+        Gate.for_model(tmp_path, "abc")
+
+
+def test_the_gate_adds_the_feature_verdict_to_cells_that_pass_the_image_checks(cells_dir):
+    images = _batch(_cells(cells_dir)[:4])
+    gate = Gate(
+        FeatureModel(
+            np.zeros((2, 3), np.float32),
+            np.eye(3, 2, dtype=np.float32),
+            np.ones(2, np.float32),
+            1.0,
+            2.0,
+            0.99,
+            "x",
+        )
+    )
+    features = np.array([[0, 0, 0], [5, 0, 0], [0, 0, 5], [1, 1, 0]], np.float32)
+    assert gate(images, features) == [OK, UNLIKE_TRAINING, UNLIKE_TRAINING, OK]
+    noise = np.random.default_rng(0).integers(0, 256, (1, 128, 128, 3), dtype=np.uint8)
+    assert gate(noise, features[:1])[0].startswith("not a cell")  # the image reason first
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "mobilenet_v3_small", "small_cnn"])
+def test_logits_and_features_are_the_models_own_forward(arch):
+    torch.manual_seed(0)
+    model = build_model(arch).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        logits, features = logits_and_features(model, x)
+        assert torch.allclose(logits, model(x), atol=1e-5)
+    assert features.shape[0] == 3 and features.ndim == 2
+
+
+def test_onnx_and_torch_features_agree(cells_dir, tiny_model):
+    images = _batch(_cells(cells_dir))
+    p1, f1 = score.load_engine(tiny_model, "onnx").score(images)
+    p2, f2 = score.load_engine(tiny_model, "torch").score(images)
+    assert f1.shape == f2.shape == (len(images), 1280)
+    assert np.abs(p1 - p2).max() < 1e-4 and np.abs(f1 - f2).max() < 1e-3
+
+
+def test_the_shipped_model_passes_real_cells_and_flags_non_cells(cells_dir):
+    engine = score.load_engine(DEFAULT_WEIGHTS, "onnx")
+    assert engine.gate.features is not None, engine.gate.note
+    assert engine.gate.features.weights_sha256 == verified_weights(DEFAULT_WEIGHTS)[2]
+    cells = _batch(_cells(cells_dir))
+    assert engine.gate(cells, engine.score(cells)[1]) == [OK] * len(cells)
+    # photos include round things on black (a retina, a moon) that pass the image checks:
+    # the feature distance catches those
+    odd = _batch(
+        noncells.noise(np.random.default_rng(0), 8)
+        + noncells.gradient(np.random.default_rng(0), 8)
+        + noncells.photos(np.random.default_rng(0), synthetic=8)
+    )
+    verdicts = engine.gate(odd, engine.score(odd)[1])
+    assert OK not in verdicts and UNLIKE_TRAINING in verdicts
+
+
+def test_review_marks_gate_failures_and_the_band_and_leaves_the_rest():
+    df = pd.DataFrame(
+        {
+            "path": list("abcdef"),
+            "case_id": ["C1"] * 6,
+            "prob_parasitized": [0.9, 0.55, 0.36, 0.2, 0.5, None],
+            "prediction": [
+                "Parasitized",
+                "Parasitized",
+                "Uninfected",
+                "Uninfected",
+                "Parasitized",
+                None,
+            ],
+            "quality": [OK, OK, OK, OK, "blank", None],
+            "error": [None] * 5 + ["corrupt"],
+        }
+    )
+    assert list(review(df, threshold=0.5, band=0.15)) == ["", UNCERTAIN, UNCERTAIN, "", "blank", ""]
+    assert list(review(df, threshold=0.5, band=0.0)) == ["", "", "", "", "blank", ""]
+    old = df.drop(columns="quality")  # runs stored before the gate: everything counts
+    assert list(review(old, threshold=0.5, band=0.1)) == ["", UNCERTAIN, "", "", UNCERTAIN, ""]
+    with pytest.raises(ValueError, match="band"):
+        review(df, threshold=0.5, band=0.6)
+    s = parasitemia_summary(df.assign(review=review(df, threshold=0.5, band=0.15))).iloc[0]
+    assert (s["cells"], s["errors"], s["not_counted"], s["scored"]) == (6, 1, 1, 4)
+    assert (s["parasitized"], s["uncertain"]) == (2, 2)  # the blank image counts nowhere
+    assert s["parasitemia"] == 0.5
+
+
+def test_a_store_from_before_the_gate_is_migrated_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE runs (run_id TEXT PRIMARY KEY, started TEXT NOT NULL, finished TEXT,
+            inputs TEXT NOT NULL, weights TEXT NOT NULL, weights_sha256 TEXT NOT NULL,
+            threshold REAL NOT NULL, engine TEXT NOT NULL, kind TEXT NOT NULL, total INTEGER);
+        CREATE TABLE results (run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+            path TEXT NOT NULL, case_id TEXT NOT NULL, label TEXT, prob_parasitized REAL,
+            prediction TEXT, error TEXT, PRIMARY KEY (run_id, path));
+        INSERT INTO runs VALUES ('r1', '2026-01-01', NULL, '["x"]', 'w', 'abc', 0.5, 'onnx',
+                                 'files', 2);
+        INSERT INTO results VALUES ('r1', 'a.png', 'C1', NULL, 0.9, 'Parasitized', NULL);
+        INSERT INTO results VALUES ('r1', 'b.png', 'C1', NULL, 0.1, 'Uninfected', NULL);
+    """)
+    db.commit()
+    db.close()
+    with ResultStore(path) as store:
+        old = store.results("r1")
+        assert list(old.columns) == list(RESULT_COLUMNS) and old["quality"].isna().all()
+        store.add_results(
+            "r1",
+            [
+                {
+                    "path": "c.png",
+                    "case_id": "C1",
+                    "label": None,
+                    "prob_parasitized": 0.2,
+                    "prediction": "Uninfected",
+                    "quality": "blank",
+                    "error": None,
+                }
+            ],
+        )
+        runs = store.list_runs().iloc[0]
+        assert (runs["stored"], runs["parasitized"], runs["not_counted"]) == (3, 1, 1)
+        s = parasitemia_summary(store.results("r1")).iloc[0]
+    assert (s["scored"], s["not_counted"], s["parasitized"]) == (2, 1, 1)
+    with ResultStore(path):  # opening again: nothing left to migrate
+        pass
+
+
+def _cli(*argv) -> int:
+    return score.main(score.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def test_cli_flags_non_cells_leaves_them_out_and_says_how_many(
+    cells_dir, tiny_model, tmp_path, capsys
+):
+    from PIL import Image
+
+    root = tmp_path / "in"
+    root.mkdir()
+    for p in sorted(cells_dir.rglob("*.png"))[:6]:
+        (root / p.name).write_bytes(p.read_bytes())
+    Image.new("RGB", (200, 150)).save(root / "black.png")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)).save(root / "C9_noise.png")
+    out, summary = tmp_path / "r.csv", tmp_path / "s.csv"
+    rc = _cli(
+        root,
+        "--weights",
+        tiny_model,
+        "--out",
+        out,
+        "--summary",
+        summary,
+        "--store",
+        tmp_path / "st.sqlite",
+        "--no-progress",
+        "--band",
+        "0.2",
+    )
+    assert rc == 0
+    df = pd.read_csv(out, keep_default_na=False).set_index("path")
+    assert df.loc[str(root / "black.png"), "quality"] == BLANK
+    assert df.loc[str(root / "C9_noise.png"), "review"].startswith("not a cell")
+    cells = df.drop(index=[str(root / "black.png"), str(root / "C9_noise.png")])
+    assert (cells["quality"] == OK).all()
+    band = (cells["prob_parasitized"] - 0.5).abs() < 0.2
+    assert ((cells["review"] == UNCERTAIN) == band).all()
+    s = pd.read_csv(summary).set_index("group")
+    assert s.loc["C9", "not_counted"] == 1 and s.loc["C9", "scored"] == 0
+    assert not s.loc["C9", "likely_infected"]
+    assert s["uncertain"].sum() == band.sum()
+    err = capsys.readouterr().err
+    assert "2 not counted (failed the quality gate)" in err
+    assert "image checks only" in err  # the tiny model has no calibration: said, not hidden
+    assert (
+        _cli(root, "--weights", tiny_model, "--band", "0.7", "--store", tmp_path / "st.sqlite") == 2
+    )
+
+
+def test_upload_of_a_noise_image_is_scored_not_counted(tiny_model):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(buf, "PNG")
+    df, _ = score.score_uploads([("flat.png", buf.getvalue())], weights=tiny_model)
+    assert df.loc[0, "quality"] == BLANK and 0 <= df.loc[0, "prob_parasitized"] <= 1
