@@ -48,7 +48,7 @@ def test_a_page_url_opens_directly(server, page):
     (router, sidebar, model card), not the bare page script. Runs first: fresh server."""
     page.goto(f"{server}/score")
     page.get_by_text("Score cells").first.wait_for(timeout=90_000)
-    page.get_by_text("unseen patients").first.wait_for(timeout=90_000)  # the sidebar's card
+    page.get_by_text("held-back test patients").first.wait_for(timeout=90_000)  # the sidebar's card
     assert page.get_by_text("Traceback").count() == 0
 
 
