@@ -21,6 +21,7 @@ from PIL import Image
 from core.contract import DEFAULT_WEIGHTS, WeightsError, find_models, verified_weights
 from core.data import ImageError, ImageSource, open_source, read_image, sources_from_uploads
 from core.store import ResultStore, StoreError
+from dashboard.reaper import trim_heap
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = Path(__file__).resolve().parent / "samples"
@@ -62,6 +63,16 @@ def init_state() -> None:
     }
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
+    _memory_reaper()
+
+
+@st.cache_resource
+def _memory_reaper():
+    """One thread per server giving back the uploads of sessions whose browser has gone."""
+    from streamlit.runtime import Runtime
+
+    from dashboard import reaper
+    return reaper.start(Runtime.instance)
 
 
 # --- model ------------------------------------------------------------------------------------
@@ -201,6 +212,7 @@ def _score_cached(key: str, folder: str, sha256: str, _items) -> tuple[pd.DataFr
     df, run_id = score_uploads(_items, engine=engine(folder, sha256), store=store(),
                                progress=progress)
     bar.empty()
+    trim_heap()  # the decoding threads' freed buffers, back to the system
     return df, run_id
 
 
