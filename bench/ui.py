@@ -119,6 +119,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--skip-all", action="store_true", help="only the 1,000-cell upload")
     p.add_argument("--explain-only", action="store_true", help="only the Explain page")
+    p.add_argument("--score-only", action="store_true", help="only the Score page")
     args = p.parse_args()
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
     try:
@@ -130,6 +131,8 @@ def main() -> None:
         print("bench.ui skipped: Debian's chromium is not installed (apt-get install chromium)")
         return
 
+    if args.score_only:
+        return score_page(args, chromium)
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         env = {"MALARIA_STORE": str(tmp / "ui.sqlite")}
