@@ -137,9 +137,10 @@ def current_model() -> tuple[Path, dict, str]:
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
 def engine(folder: str, sha256: str):
     """The model's default scoring engine (int8 where its card records that it passed the
-    agreement check, else fp32 ONNX), one per weights hash (``sha256`` is the cache key)."""
+    agreement check, else fp32 ONNX), one per weights hash (``sha256`` is the cache key); its
+    buffers are freed after each batch, so the server's memory returns after a big upload."""
     from core.score import load_engine
-    return load_engine(folder)
+    return load_engine(folder, memory_arena=False)
 
 
 @st.cache_resource(show_spinner="Preparing the explainer…", max_entries=2)

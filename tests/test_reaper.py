@@ -12,11 +12,25 @@ class FakeFiles:
         self.file_storage.pop(sid, None)
 
 
+class FakeSession:
+    def __init__(self) -> None:
+        self.session_state = {"sources": object()}
+
+
+class FakeManager:
+    def __init__(self, sids) -> None:
+        self.sessions = {sid: FakeSession() for sid in sids}
+
+    def get_session_info(self, sid: str):
+        return type("Info", (), {"session": self.sessions[sid]})() if sid in self.sessions else None
+
+
 class FakeRuntime:
-    """The three things of streamlit's Runtime the reaper uses."""
+    """What the reaper uses of streamlit's Runtime."""
 
     def __init__(self, owners: dict[str, bytes], active: set[str]) -> None:
         self.uploaded_file_mgr = FakeFiles(owners)
+        self._session_mgr = FakeManager(owners)
         self.active = active
         self.closed: list[str] = []
 
@@ -37,6 +51,8 @@ def test_only_sessions_gone_for_the_grace_period_lose_their_uploads():
     assert set(seen) == {"gone"}
     assert reaper.release_departed(rt, seen, now=61.0, grace_s=60) == ["gone"]
     assert rt.closed == ["gone"] and set(rt.uploaded_file_mgr.file_storage) == {"open", "blip"}
+    sessions = rt._session_mgr.sessions
+    assert sessions["gone"].session_state == {} and sessions["open"].session_state
     assert seen == {}
     rt.active.discard("blip")  # its clock starts again from when it left the second time
     assert reaper.release_departed(rt, seen, now=100.0, grace_s=60) == []
