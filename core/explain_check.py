@@ -37,11 +37,14 @@ from torch import nn
 from tqdm import tqdm
 
 from core.contract import DEFAULT_WEIGHTS, explain_check_paths
-from core.data import CLASSES, atomic_path, open_source, read_image, write_json
-from core.explain import (DEFAULT_METHOD, METHODS, SLOW_METHODS, Explanation, explain,
-                          explainable)
+from core.explain import METHODS, explain, explainable
+from core.files import atomic_path, write_json
+from core.heatmap import DEFAULT_METHOD, SLOW_METHODS, Explanation
+from core.images import read_image
+from core.labels import CLASSES
 from core.locate import POINTING_TOLERANCE, Stain, locate
 from core.model import LoadedModel, load_model
+from core.sources import open_source
 
 SPLITS = ("test", "val")
 
@@ -63,7 +66,9 @@ def check_cells(predictions: pd.DataFrame, *, limit: int | None = None) -> Check
 
     Raises FileNotFoundError naming the first image that cannot be found.
     """
-    images, stains, found = [], [], {c: [] for c in CLASSES}
+    images: list[np.ndarray] = []
+    stains: list[Stain] = []
+    found: dict[str, list[bool]] = {c: [] for c in CLASSES}
     for path, label in zip(predictions["path"], predictions["label"]):
         image = read_image(open_source(path))
         stain = locate(image)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from core.data import atomic_path
+from core.files import atomic_path
 
 FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r")
 _QUOTING = csv.QUOTE_NONNUMERIC  # every text cell quoted; numbers as numbers

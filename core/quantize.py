@@ -27,8 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from core.contract import CARD_FILE, WeightsError, read_card, sha256_file
-from core.data import (CLASSES, ImageSource, Split, atomic_path, case_id, decode_image,
-                       iter_sources, label_from_path, labelled_samples, write_json)
+from core.files import atomic_path, write_json
+from core.images import decode_image
+from core.labels import CLASSES, case_id, label_from_path
+from core.sources import ImageSource, iter_sources
+from core.splits import Split, labelled_samples
 
 CALIBRATION_FILE = "calibration.zip"
 CARD_KEY = "int8"
@@ -121,8 +124,12 @@ def quantize_onnx(fp32: bytes, calibration: np.ndarray, out: Path, *, descriptio
     cells give the same bytes.
     """
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
@@ -193,11 +200,10 @@ def write_calibration(folder: Path, sources: Sequence[ImageSource], split: Split
     if leaked:
         raise ValueError(f"calibration cells of non-training patients: {sorted(leaked)}")
     path = folder / CALIBRATION_FILE
-    with atomic_path(path) as tmp:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
-            for s in sources:
-                info = zipfile.ZipInfo(f"{label_from_path(s.path)}/{s.name}", (1980, 1, 1, 0, 0, 0))
-                zf.writestr(info, s.read())
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+        for s in sources:
+            info = zipfile.ZipInfo(f"{label_from_path(s.path)}/{s.name}", (1980, 1, 1, 0, 0, 0))
+            zf.writestr(info, s.read())
     rec = CalibrationSet(CALIBRATION_FILE, sha256_file(path), len(sources), cases, "train", seed,
                          tuple(float_blocks))
     card = read_card(folder)
@@ -230,7 +236,7 @@ def check(folder: Path, data: Sequence[str | Path], *, part: str = "test") -> di
     """Score the model's ``part`` patients in ``data`` with fp32 and int8 and record the
     agreement rule's verdict in the card (``check``; it decides the default engine only for
     ``part="test"``). Returns the record."""
-    from core.data import load_array
+    from core.images import load_array
     from core.score import load_engine
 
     card = read_card(folder)
@@ -281,8 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{rec.cells} cells of {len(rec.cases)} training patients in "
                   f"{args.folder / rec.file}; the int8 graph is rebuilt on next use")
         else:
-            rec = check(args.folder, args.data, part=args.part)
-            print(json.dumps(rec, indent=2))
+            print(json.dumps(check(args.folder, args.data, part=args.part), indent=2))
             if args.part == "test":
                 print(f"default engine: {default_engine(read_card(args.folder))}")
     except (WeightsError, ValueError, FileNotFoundError, KeyError) as exc:

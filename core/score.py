@@ -34,17 +34,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.contract import (DEFAULT_WEIGHTS, ModelContract, WeightsError, read_card,
-                           verified_weights)
-from core.data import (ImageError, ImageSource, atomic_path, case_id, iter_sources, label_from_path,
-                       predicted_class, read_image, sources_from_uploads, unique_paths, ZIP_SEP)
+from core.contract import DEFAULT_WEIGHTS, ModelContract, ModelFolder, WeightsError, read_card
 from core.export import OutputError, check_output, write_csv
+from core.files import REPO_ROOT, atomic_path
+from core.images import ImageError, read_image
+from core.labels import ZIP_SEP, case_id, label_from_path, predicted_class
 from core.metrics import parasitemia_summary
 from core.quantize import default_engine
+from core.sources import ImageSource, iter_sources, sources_from_uploads, unique_paths
 from core.store import RESULT_COLUMNS, ResultStore, StoreError
 
 ENGINES = ("onnx-int8", "onnx", "torch")
-CACHE_DIR = Path(os.environ.get("MALARIA_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
+CACHE_DIR = Path(os.environ.get("MALARIA_CACHE", REPO_ROOT / ".cache"))
 # Signs the ONNX exports in CACHE_DIR; kept apart from them, readable by this user only.
 KEY_FILE = Path(os.environ.get("MALARIA_CACHE_KEY")
                 or Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
@@ -59,10 +60,19 @@ Progress = Callable[[int, int], None]  # (done, total)
 
 class Engine:
     name: str
-    contract: ModelContract
-    card: dict
-    sha256: str
-    folder: Path
+    weights: ModelFolder  # the model folder it scores with, verified
+
+    @property
+    def contract(self) -> ModelContract:
+        return self.weights.contract
+
+    @property
+    def sha256(self) -> str:
+        return self.weights.sha256
+
+    @property
+    def folder(self) -> Path:
+        return self.weights.path
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -132,8 +142,8 @@ def _signed_cache(path: Path, build: Callable[[Path], object]) -> bytes:
             return data
     build(path)
     data = path.read_bytes()
-    with atomic_path(tag_file) as tmp:
-        tmp.write_text(tag(data))
+    with atomic_path(tag_file) as tag_tmp:
+        tag_tmp.write_text(tag(data))
     return data
 
 
@@ -178,9 +188,7 @@ class OnnxEngine(Engine):
                  memory_arena: bool = True) -> None:
         import onnxruntime as ort
 
-        self.folder = Path(folder)
-        self.card, _, self.sha256 = verified_weights(self.folder)
-        self.contract = ModelContract.from_json(self.card["contract"])
+        self.weights = ModelFolder.open(folder)
         graph = self._graph()
         opts = ort.SessionOptions()
         # One thread per session.run: the pipeline runs one batch per core in parallel, which
@@ -211,11 +219,12 @@ class OnnxInt8Engine(OnnxEngine):
     def _graph(self) -> bytes:
         from core.quantize import calibration_images, quantize_onnx, required_calibration
 
-        rec = required_calibration(self.folder, self.card)
+        rec = required_calibration(self.folder, self.weights.card)
         fp32 = super()._graph()
 
         def build(out: Path) -> None:
-            images, _ = calibration_images(self.folder, self.card, size=self.contract.input_size)
+            images, _ = calibration_images(self.folder, self.weights.card,
+                                           size=self.contract.input_size)
             quantize_onnx(fp32, images, out, float_blocks=rec.float_blocks, description=(
                 f"{rec.cells} cells of {len(rec.cases)} {rec.part} patients "
                 f"({', '.join(rec.cases)}), seed {rec.seed}, {rec.file} sha256 {rec.sha256}; "
@@ -240,8 +249,8 @@ class TorchEngine(Engine):
         torch.set_num_threads(threads or 1)
         loaded = load_model(folder)
         self.model = loaded.model.to(memory_format=torch.channels_last)
-        self.folder, self.card, self.sha256 = loaded.folder, loaded.card, loaded.sha256
-        self.contract = loaded.contract
+        self.weights = ModelFolder(Path(loaded.folder), loaded.card, loaded.contract,
+                                   loaded.sha256)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         import torch
@@ -392,11 +401,6 @@ def score_uploads(items: Iterable[tuple[str, bytes]], *, weights: Path | str = D
     return df, run_id
 
 
-def screening_cutoff(card: dict) -> float:
-    """The parasitemia cutoff of the "likely infected" flag, from the card (0.0 if absent)."""
-    return float(card.get("screening", {}).get("cutoff", 0.0))
-
-
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
@@ -511,7 +515,7 @@ def _main(args: argparse.Namespace) -> int:
                 return _fail(f"cannot write {args.out} ({exc}); the results are kept in "
                              f"{store.path}: export them again with --resume {run_id} --out FILE")
         summary = parasitemia_summary(store.iter_results(run_id), group_by=args.group_by,
-                                      cutoff=screening_cutoff(engine.card))
+                                      cutoff=engine.weights.screening_cutoff)
     with pd.option_context("display.max_rows", 200, "display.width", 140):
         print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.summary:

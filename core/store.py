@@ -13,14 +13,15 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 
 from core.export import write_csv
+from core.files import REPO_ROOT
 
-DEFAULT_STORE = Path(__file__).resolve().parent.parent / "runs" / "results.sqlite"
+DEFAULT_STORE = REPO_ROOT / "runs" / "results.sqlite"
 
 
 def default_store_path() -> Path:
@@ -95,7 +96,7 @@ class RunInfo:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _locked(method):
@@ -155,7 +156,7 @@ class ResultStore:
     @_locked
     def new_run(self, *, inputs: Sequence[str], weights: str, weights_sha256: str,
                 threshold: float, engine: str, kind: str = "files") -> str:
-        run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        run_id = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         with self._db:
             self._db.execute(
                 "INSERT INTO runs (run_id, started, inputs, weights, weights_sha256, threshold, "

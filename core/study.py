@@ -19,23 +19,30 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from core.contract import DEFAULT_WEIGHTS, ModelContract
-from core.data import CLASSES, DataError, Sample, Split, labelled_samples, load_array, write_json
+from core.files import write_json
+from core.images import load_array
+from core.labels import CLASSES
 from core.metrics import binary_metrics
-from core.model import build_model, load_model, normalize
+from core.model import build_model, default_contract, features, load_model, normalize
+from core.recipe import TrainConfig, prepare_data
+from core.splits import DataError, Sample, Split, labelled_samples
+from core.train import CHECKPOINT
 
 # The end of every inverted-residual block group of MobileNetV2, and the final 1x1 conv.
 MOBILENET_V2_STAGES = {
@@ -89,7 +96,8 @@ def extract_features(samples: Sequence[Sample], sources: dict, cache: Path, *,
                     for name in stages:
                         feats[name].append(outputs[name].numpy())
                 tmp = path.with_suffix(".tmp.npz")
-                np.savez(tmp, **{n: np.concatenate(v) for n, v in feats.items()})
+                arrays: dict[str, Any] = {n: np.concatenate(v) for n, v in feats.items()}
+                np.savez(tmp, **arrays)
                 tmp.replace(path)
             parts.append(path)
             bar.update(len(chunk))
@@ -97,15 +105,15 @@ def extract_features(samples: Sequence[Sample], sources: dict, cache: Path, *,
     finally:
         for h in hooks:
             h.remove()
-    feats: dict[str, list[np.ndarray]] = {name: [] for name in stages}
+    merged: dict[str, list[np.ndarray]] = {name: [] for name in stages}
     for p in parts:
         with np.load(p) as z:
             for name in stages:
-                feats[name].append(z[name])
-    return {name: np.concatenate(v).astype(np.float32) for name, v in feats.items()}
+                merged[name].append(z[name])
+    return {name: np.concatenate(v).astype(np.float32) for name, v in merged.items()}
 
 
-def _probe() -> object:
+def _probe() -> Pipeline:
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.5))
 
 
@@ -194,8 +202,6 @@ def _model_row(name: str, folder: Path) -> dict:
 def study_models(data: Sequence[str | Path], out: Path, *, reference: Path = DEFAULT_WEIGHTS,
                  epochs: int = 8, progress: bool = True) -> pd.DataFrame:
     """Run the model comparison on the reference model's split; write ``models.csv/json``."""
-    from core import train
-
     card = json.loads((reference / "card.json").read_text())
     split = Split.from_json(card["split"])
     samples, sources = labelled_samples(data)
@@ -212,26 +218,27 @@ def study_models(data: Sequence[str | Path], out: Path, *, reference: Path = DEF
     clf = _probe().fit(feats[best][fit], y[fit])
     prob = clf.predict_proba(feats[best][~fit])[:, 1]
     m = binary_metrics(y[~fit], prob)
-    stem = build_model("mobilenet_v2")  # the frozen layers up to the probed stage
     upto = int(MOBILENET_V2_STAGES[best].split(".")[1]) + 1
-    probe_params = sum(p.numel() for p in stem.features[:upto].parameters()) + clf[-1].coef_.size + 1
+    stem = features(build_model("mobilenet_v2"))[:upto]  # the frozen layers up to the stage
+    probe_params = sum(p.numel() for p in stem.parameters()) + clf[-1].coef_.size + 1
     rows = [{"model": f"linear probe on ImageNet MobileNetV2 {best}", "parameters": probe_params,
              "mb_on_disk": probe_params * 4 / 2**20,
-             "img_per_s": _img_per_s(stem.features[:upto], ModelContract()),
+             "img_per_s": _img_per_s(stem, ModelContract()),
              **{k: m[k] for k in METRICS}, "test_cells": m["n"], "folder": ""}]
     rows.append(_model_row("MobileNetV2 fine-tuned from ImageNet (shipped)", reference))
     for arch, name in (("mobilenet_v3_small", "MobileNetV3-small from scratch"),
                        ("small_cnn", "small CNN (4 conv blocks) from scratch")):
         run = out / "runs" / arch
         if not (run / "card.json").is_file():
-            argv = ["--data", *map(str, data), "--arch", arch, "--out", str(run),
-                    "--epochs", str(epochs), "--lr", str(SCRATCH_LR), "--no-pretrained",
-                    "--split", str(reference / "card.json")]
-            if (run / "checkpoint.pt").is_file():
-                argv.append("--resume")
-            if not progress:
-                argv.append("--no-progress")
-            train.main(train.get_args_parser().parse_args(argv))
+            cfg = TrainConfig(arch=arch, epochs=epochs, lr=SCRATCH_LR, pretrained=False)
+            contract = default_contract(arch)
+            prepared = prepare_data(data, contract=contract, cfg=cfg, split=split,
+                                    progress=progress)
+            fit(cfg, prepared, run, contract=contract, progress=progress,
+                resume=(run / CHECKPOINT).is_file(),
+                card={"training_command": "python -m core.study models " + shlex.join(
+                          ["--data", *map(str, data), "--epochs", str(epochs)]),
+                      "training_data": [str(d) for d in data]})
         rows.append(_model_row(name, run))
     table = pd.DataFrame(rows)
     table.to_csv(out / "models.csv", index=False)

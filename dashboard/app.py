@@ -1,12 +1,9 @@
 """Entry point: `streamlit run dashboard/app.py`. A router plus the frame all pages share."""
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import streamlit as st
 
-import streamlit as st  # noqa: E402
-
-from dashboard import ui  # noqa: E402
+from dashboard import ui
 
 st.set_page_config(page_title="Malaria cell screening", page_icon="🔬", layout="wide")
 ui.init_state()

@@ -18,12 +18,16 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from core.contract import DEFAULT_WEIGHTS, WeightsError, find_models, verified_weights
-from core.data import ImageError, ImageSource, open_source, read_image, sources_from_uploads
+from core.contract import DEFAULT_WEIGHTS, ModelFolder, WeightsError, find_models
+from core.files import REPO_ROOT
+from core.images import ImageError, read_image
+from core.sources import ImageSource, open_source, sources_from_uploads
 from core.store import ResultStore, StoreError
 from dashboard.reaper import trim_heap
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
+BRAND = "#8e244d"  # the product's colour: Parasitized, the default, the chosen
+PALETTE = (BRAND, "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd")  # one colour per compared run
 SAMPLES = Path(__file__).resolve().parent / "samples"
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "bmp", "webp", "zip"]
 
@@ -51,7 +55,7 @@ def chart_text(values) -> list[str]:
 
 def init_state() -> None:
     """Every session-state key the pages use, with its default, in one place."""
-    defaults = {
+    defaults: dict[str, object] = {
         "model_folder": str(DEFAULT_WEIGHTS),
         "results": None,  # DataFrame of the scoring on show
         "run_id": None,  # its run in the result store
@@ -103,35 +107,32 @@ def model_sidebar() -> None:
                                    "weights/ or runs/")
         st.session_state["model_folder"] = str(folder)
         try:
-            card, _, sha = verified_weights(folder)
+            model = ModelFolder.open(folder)
         except WeightsError as exc:
             st.error(f"This model cannot be used: {plain(exc)}")
             return
-        test = card.get("metrics", {}).get("test", {})
-        st.caption(f"**{card.get('arch')}** · sha256 `{sha[:10]}`")
-        if test:
+        source, est = model.estimate
+        st.caption(f"**{model.arch}** · sha256 `{model.sha256[:10]}`")
+        if est:
             st.markdown(
-                f"Test split: **{test.get('cases', '?')} unseen patients**, {test.get('n', '?')} "
-                f"cells  \naccuracy **{test['accuracy']:.3f}** · AUC **{test['auc']:.4f}**  \n"
-                f"sensitivity {test['sensitivity']:.3f} · specificity {test['specificity']:.3f}")
-        data = ", ".join(Path(d).name for d in card.get("training_data", []))
+                f"On **{plain(source)}** ({est.get('n', '?')} cells)  \n"
+                f"accuracy **{est['accuracy']:.3f}** · AUC **{est['auc']:.4f}**  \n"
+                f"sensitivity {est['sensitivity']:.3f} · specificity {est['specificity']:.3f}")
+        data = ", ".join(Path(d).name for d in model.card.get("training_data", []))
         if data:
-            st.caption(f"Trained on {data}; {len(card.get('split', {}).get('train', []))} "
-                       "training patients")
+            st.caption(f"Trained on {data}; {len(model.split['train'])} training patients")
         with st.expander("Model card"):
-            st.json(card, expanded=False)
+            st.json(model.card, expanded=False)
 
 
-def current_model() -> tuple[Path, dict, str]:
-    """(folder, card, sha256) of the chosen model, or st.error + stop if it is unusable."""
-    folder = Path(st.session_state["model_folder"])
+def current_model() -> ModelFolder:
+    """The chosen model folder, verified, or st.error + stop if it is unusable."""
     try:
-        card, _, sha = verified_weights(folder)
+        return ModelFolder.open(st.session_state["model_folder"])
     except WeightsError as exc:
         st.error(f"The selected model cannot be loaded: {plain(exc)}. Pick another one in the "
                  "sidebar.")
         st.stop()
-    return folder, card, sha
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
@@ -202,25 +203,33 @@ def sources_for(items: Sequence[tuple[str, bytes]]) -> dict[str, ImageSource]:
     return {s.path: s for s in sources_from_uploads(items)}
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
-def _score_cached(key: str, folder: str, sha256: str, _items) -> tuple[pd.DataFrame, str]:
+def _score_now(items: Sequence[tuple[str, bytes]], model: ModelFolder
+               ) -> tuple[pd.DataFrame, str]:
     from core.score import score_uploads
     bar = st.progress(0.0, text="Scoring…")
 
     def progress(done: int, total: int) -> None:
         bar.progress(done / total, text=f"Scored {done:,} of {total:,} images")
 
-    df, run_id = score_uploads(_items, engine=engine(folder, sha256), store=store(),
-                               progress=progress)
+    df, run_id = score_uploads(items, engine=engine(str(model.path), model.sha256),
+                               store=store(), progress=progress)
     bar.empty()
     trim_heap()  # the decoding threads' freed buffers, back to the system
+    assert run_id is not None  # a store was given
     return df, run_id
 
 
 def score(items: Sequence[tuple[str, bytes]]) -> tuple[pd.DataFrame, str]:
-    """Score uploads once per (content, model): a rerun or a second visit never rescores."""
-    folder, _, sha = current_model()
-    return _score_cached(items_key(items), str(folder), sha, list(items))
+    """Score uploads once per (content, model) in this session: a rerun or a return to the
+    page shows the same run without scoring again. Each scoring is one run in the store (a side
+    effect, so it is kept out of st.cache_data); the session holds only its latest result."""
+    model = current_model()
+    key = (items_key(items), model.sha256)
+    scored = st.session_state.setdefault("scored", {})
+    if key not in scored:
+        scored.clear()
+        scored[key] = _score_now(items, model)
+    return scored[key]
 
 
 def thumbnail(path: str, sources: dict[str, ImageSource], *, on_disk: bool,

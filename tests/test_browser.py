@@ -4,14 +4,14 @@ from __future__ import annotations
 import csv
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 
-from dashboard.serve import CHROMIUM_ARGS, IDLE, running_app
+from bench.serve import CHROMIUM_ARGS, DRAWN, IDLE, running_app
+from core.files import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 SHOTS = ROOT / "tests" / "screenshots"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -75,7 +75,7 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
         page.keyboard.press("ArrowRight")
     playwright.expect(value).to_have_text("0.60")
     page.get_by_test_id("stDataFrame").first.wait_for()
-    time.sleep(4)
+    page.wait_for_function(DRAWN, timeout=60_000)
     page.screenshot(path=str(SHOTS / "score.png"), full_page=True)
     page.wait_for_function(IDLE)
     with page.expect_download() as download:
@@ -101,7 +101,7 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     page.get_by_role("link", name="Evaluate").click()
     page.get_by_text("Confusion matrix").wait_for()
     page.get_by_text("Per patient").wait_for()
-    time.sleep(2)
+    page.wait_for_function(DRAWN, timeout=60_000)
     page.screenshot(path=str(SHOTS / "evaluate.png"), full_page=True)
     main = page.locator("section.stMain, [data-testid=stMain]").first
     assert main.get_by_text("ROC (AUC").count() >= 1
@@ -114,7 +114,7 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     page.mouse.click(box["x"] + box["width"] * 0.08, box["y"] + box["height"] * 0.1)
     page.get_by_text("True Parasitized, predicted Parasitized").wait_for()
     page.get_by_text("each with the Explain page's default map").wait_for()
-    time.sleep(3)
+    page.wait_for_function(DRAWN, timeout=60_000)
     page.screenshot(path=str(SHOTS / "evaluate_gallery.png"), full_page=True)
 
     page.get_by_role("link", name="Home").click()
@@ -134,17 +134,17 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     page.get_by_test_id("stSidebarNavLink").filter(has_text="Heatmap check").click()
     page.get_by_text("Heatmap check: which explanations find the parasite").wait_for()
     page.get_by_text("Reading.").first.wait_for()
-    time.sleep(2)
+    page.wait_for_function(DRAWN, timeout=60_000)
     page.screenshot(path=str(SHOTS / "heatmap_check.png"), full_page=True)
     assert page.get_by_text("Traceback").count() == 0
 
     page.get_by_role("link", name="Training").click()
     page.get_by_text("Learning-rate range test").wait_for()
-    time.sleep(2)
+    page.wait_for_function(DRAWN, timeout=60_000)
     page.screenshot(path=str(SHOTS / "training.png"), full_page=True)
     assert page.get_by_text("suggested").count() >= 1  # the LR test's marked suggestion
 
     page.get_by_role("link", name="Study").click()
     page.get_by_text("Study: which features, which model").wait_for()
-    time.sleep(2)
+    page.wait_for_function(DRAWN, timeout=60_000)
     page.screenshot(path=str(SHOTS / "study.png"), full_page=True)

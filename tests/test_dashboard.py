@@ -1,12 +1,12 @@
 """The dashboard from its entrypoint, page by page, with Streamlit's AppTest (no browser)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from streamlit.testing.v1 import AppTest
 
-ROOT = Path(__file__).resolve().parent.parent
+from core.files import REPO_ROOT
+
+ROOT = REPO_ROOT
 APP = str(ROOT / "dashboard" / "app.py")
 PAGES = ("views/home.py", "views/score.py", "views/explain.py", "views/methods.py",
          "views/evaluate.py", "views/training.py", "views/study.py")
@@ -17,7 +17,6 @@ def app(tmp_path, monkeypatch) -> AppTest:
     monkeypatch.setenv("MALARIA_STORE", str(tmp_path / "store.sqlite"))
     import dashboard.ui
     dashboard.ui.store.clear()
-    dashboard.ui._score_cached.clear()  # its run ids belong to another test's store
     at = AppTest.from_file(APP, default_timeout=180)
     at.run()
     assert not at.exception

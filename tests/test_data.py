@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.data import (MAX_PIXELS, DataError, ImageError, case_id, decode_image,
-                       iter_sources, label_from_path, labelled_samples, sources_from_uploads,
-                       split_by_case)
+from core.images import MAX_PIXELS, ImageError, decode_image
+from core.labels import case_id, label_from_path
+from core.sources import iter_sources, sources_from_uploads
+from core.splits import DataError, labelled_samples, split_by_case
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -63,7 +64,7 @@ def test_fixture_cells_are_labelled_and_split_by_case(cells_dir):
 
 
 def test_split_keeps_cases_whole_on_a_larger_synthetic_set():
-    from core.data import Sample
+    from core.splits import Sample
     samples = [Sample(f"C{c}_{i}.png", f"C{c}", (c + i) % 2 if c < 30 else 1)
                for c in range(40) for i in range(10)]
     split = split_by_case(samples, seed=0)

@@ -28,9 +28,10 @@ import core.score
 import core.store
 from core import score
 from core.contract import ModelContract, WeightsError, read_card
-from core.data import ImageError, decode_image, iter_sources
+from core.images import ImageError, decode_image
 from core.model import build_model, default_contract, load_model, save_model
 from core.score import load_engine
+from core.sources import iter_sources
 from core.store import ResultStore
 
 # Names added by issue 15 are imported inside the tests that use them, so that this file also
@@ -425,11 +426,11 @@ def test_follow_links_scores_what_the_links_point_to(cells_dir, tiny_model, tmp_
 def _lying_zip(path, *, real_mb=100, declared=20_000):
     """A zip of one member that inflates to ``real_mb`` MiB while its headers say ``declared``
     bytes."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-        with z.open("cells/C1P1_cell_1.png", "w") as f:
-            block = b"\0" * 2**20
-            for _ in range(real_mb):
-                f.write(block)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z, \
+            z.open("cells/C1P1_cell_1.png", "w") as f:
+        block = b"\0" * 2**20
+        for _ in range(real_mb):
+            f.write(block)
     data = bytearray(path.read_bytes())
     struct.pack_into("<I", data, 22, declared)  # local header: uncompressed size
     central = data.rfind(b"PK\x01\x02")
@@ -540,7 +541,8 @@ def test_without_a_private_key_the_export_is_made_afresh_and_not_cached(
 
 
 def test_training_data_behind_links_stops_training_or_is_followed_on_request(cells_dir, tmp_path):
-    from core.data import labelled_samples, load_array
+    from core.images import load_array
+    from core.splits import labelled_samples
     from core.train import get_args_parser
     cache = tmp_path / "cache"
     shutil.copytree(cells_dir, cache)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from core.contract import DEFAULT_WEIGHTS
-from core.data import decode_image
+from core.images import decode_image
 from core.locate import locate, mass_inside, points_at
 
 

@@ -8,8 +8,15 @@ import torch
 
 import core.model
 from core.contract import ModelContract, WeightsError, read_card
-from core.model import (ARCHS, build_model, default_contract, load_model, predict_proba,
-                        save_model, stage_layers)
+from core.model import (
+    ARCHS,
+    build_model,
+    default_contract,
+    load_model,
+    predict_proba,
+    save_model,
+    stage_layers,
+)
 
 
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):

@@ -12,7 +12,8 @@ from PIL import Image
 
 import core.score
 from core import score
-from core.data import decode_image, iter_sources
+from core.images import decode_image
+from core.sources import iter_sources
 from core.store import RESULT_COLUMNS, ResultStore
 
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 import core.study
-from core.data import labelled_samples
+from core.splits import labelled_samples
 from core.study import MOBILENET_V2_STAGES, extract_features, study_layers
 
 EXPECTED_DIMS = {"block1_16ch": 16, "block2_24ch": 24, "block3_32ch": 32, "block4_64ch": 64,

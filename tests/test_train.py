@@ -105,3 +105,36 @@ def test_lr_find_cli(cells_dir, tmp_path):
     lr_find.main(args)
     curve = pd.read_csv(tmp_path / "lr_find.csv")
     assert 2 <= len(curve) <= 12 and curve["lr"].iloc[0] == pytest.approx(1e-7)
+
+
+def test_folds_predict_every_cell_out_of_fold_then_train_the_final_model(cells_dir, tmp_path):
+    """Two folds of one small-CNN epoch: each cell predicted once, by the fold that never saw
+    its patient; the final model trains on every patient, its card carrying the estimate."""
+    from core import folds
+    out = tmp_path / "r"
+    args = folds.get_args_parser().parse_args(
+        ["--data", str(cells_dir), "--out", str(out), "--folds", "2", "--epochs", "1",
+         "--arch", "small_cnn", "--no-pretrained", "--lr", "1e-3", "--batch-size", "16",
+         "--no-progress", "--final"])
+    card = folds.main(args)
+    oof = pd.read_csv(out / folds.OOF_FILE)
+    n_cells = len(list(cells_dir.rglob("*.png")))
+    assert len(oof) == oof["path"].nunique() == n_cells
+    for k in (0, 1):
+        split = json.loads((out / "folds" / f"fold{k}" / "split.json").read_text())
+        assert set(oof.loc[oof["fold"] == k, "case_id"]) == set(split["test"])
+        assert not set(split["test"]) & set(split["train"] + split["val"])
+    estimate = json.loads((out / folds.FOLDS_FILE).read_text())
+    assert estimate["cells"] == n_cells and estimate["folds"] == 2
+    assert card["split"]["val"] == [] and card["split"]["test"] == []
+    assert len(card["split"]["train"]) == oof["case_id"].nunique()
+    assert card["selected_by"].startswith("last epoch")
+    assert card["estimate"]["pooled"]["n"] == n_cells
+    assert "out-of-fold" in card["screening"]["method"]
+    assert "core.folds" in card["training_command"] and "--final" in card["training_command"]
+    load_model(out)  # a complete, verified model folder
+    fold_card = out / "folds" / "fold0" / "card.json"
+    before = fold_card.stat().st_mtime_ns
+    args.final = False
+    folds.main(args)  # a rerun keeps finished folds
+    assert fold_card.stat().st_mtime_ns == before

@@ -3,19 +3,22 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.data import CLASSES, ImageError, open_source, predicted_class, read_image
-from core.explain import DEFAULT_METHOD, for_display
+from core.heatmap import DEFAULT_METHOD, for_display
+from core.images import ImageError, read_image
+from core.labels import CLASSES, predicted_class
 from core.metrics import binary_metrics, curves
+from core.sources import open_source
 from dashboard import ui
 
 st.title("Evaluate")
-folder, card, sha = ui.current_model()
+model = ui.current_model()
+folder, sha = model.path, model.sha256
 
 choice = st.radio("Data", ["The model's test split (unseen patients)", "A labelled upload"],
                   horizontal=True)
 sources = {}
 if choice.startswith("The model"):
-    path = folder / "test_predictions.csv"
+    path = model.predictions("test")
     if not path.is_file():
         st.error(f"{path} is missing: this model folder has no test-split predictions.")
         st.stop()
@@ -44,7 +47,7 @@ else:
 y = (preds["label"] == CLASSES[0]).to_numpy().astype(int)
 p = preds["prob_parasitized"].to_numpy()
 threshold = st.slider("Decision threshold on P(Parasitized)", 0.0, 1.0,
-                      float(card["contract"]["threshold"]), 0.01)
+                      float(model.contract.threshold), 0.01)
 m = binary_metrics(y, p, threshold=threshold)
 pred_label = np.array([predicted_class(v, threshold) for v in p])
 
@@ -64,7 +67,7 @@ with left:
     if chosen and chosen[0] == choice:
         col, row = CLASSES.index(chosen[2]), CLASSES.index(chosen[1])
         fig.add_shape(type="rect", x0=col - 0.5, x1=col + 0.5, y0=row - 0.5, y1=row + 0.5,
-                      line=dict(color="#8e244d", width=5))
+                      line=dict(color=ui.BRAND, width=5))
     fig.update_layout(xaxis_title="predicted", yaxis_title="true", height=380,
                       yaxis_autorange="reversed", margin=dict(t=10, b=10), showlegend=False,
                       hovermode="closest", hoverdistance=-1, dragmode=False)
@@ -91,7 +94,7 @@ if chosen and chosen[0] == choice:
     cell = cell.sort_values("distance", ascending=False).head(12)
     st.subheader(f"True {true_cls}, predicted {pred_cls}: {int(mask.sum())} cells")
     st.caption(f"The {len(cell)} most confident, each with the Explain page's default map "
-               f"({DEFAULT_METHOD} at {card['contract']['target_layer']}) for the predicted "
+               f"({DEFAULT_METHOD} at {model.contract.target_layer}) for the predicted "
                "class; ✔/✘: its peak on/off the parasite located by the stain rule. Moving "
                "the threshold moves cells between the matrix's cells.")
     images, names = [], []
@@ -121,7 +124,7 @@ fig = go.Figure(go.Scatter(x=roc["fpr"], y=roc["tpr"], mode="lines", name="ROC",
                            customdata=roc["threshold"],
                            hovertemplate="FPR %{x:.3f}, TPR %{y:.3f}, t=%{customdata:.3f}"))
 fig.add_trace(go.Scatter(x=[op_fpr], y=[op_tpr], mode="markers", name="threshold",
-                         marker=dict(size=12, color="#8e244d")))
+                         marker=dict(size=12, color=ui.BRAND)))
 fig.update_layout(title=f"ROC (AUC {m['auc']:.4f})", xaxis_title="false positive rate",
                   yaxis_title="sensitivity", height=360, margin=dict(t=40, b=10))
 c1.plotly_chart(fig, width="stretch")
@@ -130,7 +133,7 @@ fig = go.Figure(go.Scatter(x=pr["recall"], y=pr["precision"], mode="lines", name
                            hovertemplate="recall %{x:.3f}, precision %{y:.3f}, "
                                          "t=%{customdata:.3f}"))
 fig.add_trace(go.Scatter(x=[m["sensitivity"]], y=[m["ppv"]], mode="markers", name="threshold",
-                         marker=dict(size=12, color="#8e244d")))
+                         marker=dict(size=12, color=ui.BRAND)))
 fig.update_layout(title="Precision-recall", xaxis_title="recall (sensitivity)",
                   yaxis_title="precision (PPV)", height=360, margin=dict(t=40, b=10))
 c2.plotly_chart(fig, width="stretch")

@@ -2,15 +2,23 @@ import hashlib
 
 import streamlit as st
 
-from core.data import ImageError, decode_image, open_source
-from core.explain import (DEFAULT_METHOD, METHODS, SLOW_METHODS, TARGETS, colour_bar,
-                          for_display, overlay)
+from core.heatmap import (
+    DEFAULT_METHOD,
+    METHOD_NAMES,
+    SLOW_METHODS,
+    TARGETS,
+    colour_bar,
+    for_display,
+    overlay,
+)
+from core.images import ImageError, decode_image
 from core.locate import locate
+from core.sources import open_source
 from dashboard import ui
 
 st.title("Explain a prediction")
-folder, card, sha = ui.current_model()
-contract = card["contract"]
+model = ui.current_model()
+folder, sha, contract = model.path, model.sha256, model.contract
 
 with st.expander("What a heatmap shows, and what it does not", expanded=False):
     st.markdown(
@@ -98,15 +106,15 @@ except ImageError as exc:
     st.error(ui.plain(f"{item[0]}: {exc}"))
     st.stop()
 
-layers = contract["cam_layers"]
+layers = list(contract.cam_layers)
 c1, c2, c3 = st.columns([3, 1, 1])
 methods = c1.multiselect(
-    "Methods", list(METHODS), default=[DEFAULT_METHOD, "layercam", "gradcam"],
+    "Methods", list(METHOD_NAMES), default=[DEFAULT_METHOD, "layercam", "gradcam"],
     help=f"{DEFAULT_METHOD} is the default (see Heatmap check for how often each method "
          "finds the parasite). scorecam and ablationcam perturb the image once per channel: "
          "seconds per image.")
 target = c2.selectbox("Explain the class", TARGETS)
-layer = c3.selectbox("Layer", layers, index=layers.index(contract["target_layer"]),
+layer = c3.selectbox("Layer", layers, index=layers.index(contract.target_layer),
                      help="Later stages are coarser (down to 4x4) but more semantic.")
 o1, o2, o3 = st.columns([2, 1, 1])
 opacity = o1.slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05)
@@ -177,7 +185,7 @@ for start in range(0, len(panels), PER_ROW):
                 road_slots[method].caption("ROAD: computing…")
 left, right = st.columns([1, 3])
 left.metric("P(Parasitized)", f"{e.prob_parasitized:.3f}",
-            help=f"Decision threshold {contract['threshold']:.2f}")
+            help=f"Decision threshold {contract.threshold:.2f}")
 right.image(colour_bar(width=384), caption="heatmap colour: low evidence (blue) → high (red)",
             width=384)
 st.caption(f"Each map is computed at its stage's own resolution (its size is in the caption) "

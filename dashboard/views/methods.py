@@ -4,12 +4,12 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.contract import explain_check_paths
 from dashboard import ui
 
 st.title("Heatmap check: which explanations find the parasite")
-folder, card, sha = ui.current_model()
-table_path, summary_path = explain_check_paths(folder)
+model = ui.current_model()
+folder, sha = model.path, model.sha256
+table_path, summary_path = model.explain_check()
 command = f"python -m core.explain_check --weights {ui.model_label(folder)}"
 if not table_path.is_file() or not summary_path.is_file():
     st.info(f"This model has no heatmap check yet. Compute it (tens of minutes on a CPU) with "
@@ -18,7 +18,7 @@ if not table_path.is_file() or not summary_path.is_file():
 table = pd.read_csv(table_path)
 summary = json.loads(summary_path.read_text())
 d = summary["default"]  # the method is code's (core.explain); the stage is the model's
-d_method, d_layer = d["method"], card["contract"]["target_layer"]
+d_method, d_layer = d["method"], model.contract.target_layer
 table["default"] = (table["method"] == d_method) & (table["layer"] == d_layer)
 if d["layer"] != d_layer:
     st.warning(f"This check was computed when the model's default stage was {d['layer']}; it "
@@ -42,14 +42,14 @@ methods = (table.groupby("method")["pointing"].max().sort_values(ascending=False
 grid = table.pivot(index="method", columns="layer", values="pointing").loc[methods, layers]
 sizes = table.drop_duplicates("layer").set_index("layer")["map_size"]
 fig = go.Figure(go.Heatmap(
-    z=grid.to_numpy(), x=[f"{l}<br>{sizes[l]}" for l in layers], y=methods, zmin=0, zmax=1,
+    z=grid.to_numpy(), x=[f"{name}<br>{sizes[name]}" for name in layers], y=methods, zmin=0, zmax=1,
     colorscale="Blues", text=grid.map(lambda v: f"{v:.0%}").to_numpy(), texttemplate="%{text}",
     textfont_size=15, colorbar=dict(title="pointing"),
     hovertemplate="%{y} at %{x}: peak on the parasite in %{z:.1%} of cells<extra></extra>"))
 if d_method in methods and d_layer in layers:
     fig.add_shape(type="rect", x0=layers.index(d_layer) - 0.5, x1=layers.index(d_layer) + 0.5,
                   y0=methods.index(d_method) - 0.5, y1=methods.index(d_method) + 0.5,
-                  line=dict(color="#8e244d", width=4))
+                  line=dict(color=ui.BRAND, width=4))
 fig.update_layout(xaxis_title="network stage (fine → coarse) and its map size",
                   yaxis_title="method", height=420, margin=dict(t=10, b=10))
 st.plotly_chart(fig, width="stretch")

@@ -4,17 +4,17 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.data import CLASSES, predicted_class
 from core.export import to_csv_text
+from core.labels import CLASSES, predicted_class
 from core.metrics import parasitemia_summary
-from core.score import screening_cutoff
 from core.store import StoreError
 from dashboard import ui
 
 ERROR = "Error"  # the Prediction filter's name for rows that could not be scored
 
 st.title("Score cells")
-folder, card, sha = ui.current_model()
+model = ui.current_model()
+folder, sha = model.path, model.sha256
 st.caption("Upload cell images, a whole folder, or zips of them. Above about 1,000 files put "
            "them in a zip first: the browser uploader fails with more files than that.")
 
@@ -108,7 +108,7 @@ else:
                         help="Case: the patient id parsed from the file name (C100...); files "
                              "without one form the group '(no case id)'. Folder: the folder "
                              "each image came from.")
-    cutoff = screening_cutoff(card)
+    cutoff = model.screening_cutoff
     summary = parasitemia_summary(shown, group_by=group_by, cutoff=cutoff)
     st.caption(f"A group is flagged **likely infected** when the lower end of its 95% interval "
                f"is above {cutoff:.2%}, the rate at which this model calls truly uninfected "
@@ -118,7 +118,7 @@ else:
         error_y=dict(type="data", symmetric=False,
                      array=summary["ci_high"] - summary["parasitemia"],
                      arrayminus=summary["parasitemia"] - summary["ci_low"]),
-        marker_color=["#8e244d" if f else "#9aa5b1" for f in summary["likely_infected"]],
+        marker_color=[ui.BRAND if f else "#9aa5b1" for f in summary["likely_infected"]],
         hovertemplate="%{x}: %{y:.1%}<extra></extra>"))
     fig.add_hline(y=cutoff, line_dash="dot", annotation_text="screening cutoff")
     top = summary["ci_high"].max()
@@ -160,7 +160,7 @@ else:
                        "model", "weights_sha256", "kind"]], hide_index=True, width="stretch")
     labels = {r.run_id: f"{r.run_id} · {r.inputs[:50]} · {r.stored:,} files · {r.model}"
               for r in runs.itertuples()}
-    pick = st.selectbox("Reopen a run", list(labels), format_func=labels.get)
+    pick = st.selectbox("Reopen a run", list(labels), format_func=lambda k: labels[k])
     if st.button("Open run"):
         info = ui.store().run(pick)
         st.session_state.update(results=ui.store().results(pick), run_id=pick, sources={},

@@ -18,7 +18,7 @@ layers, info = pd.read_csv(layers_csv), json.loads(layers_json.read_text())
 
 st.subheader("Frozen ImageNet features, one linear classifier per layer")
 fig = go.Figure()
-for metric, color in (("accuracy", "#8e244d"), ("auc", "#1f77b4")):
+for metric, color in (("accuracy", ui.BRAND), ("auc", "#1f77b4")):
     fig.add_trace(go.Scatter(x=layers["layer"], y=layers[metric], mode="lines+markers",
                              name=metric, line=dict(color=color),
                              error_y=dict(type="data", array=layers[f"{metric}_std"])))

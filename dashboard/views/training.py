@@ -2,8 +2,8 @@ import json
 
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 import streamlit as st
+from plotly.subplots import make_subplots
 
 from dashboard import ui
 
@@ -12,7 +12,7 @@ runs = [f for f in ui.model_choices() if (f / "history.csv").is_file()]
 if not runs:
     st.info("No run folder with a history.csv yet. Train one with `python -m core.train`.")
     st.stop()
-current = ui.current_model()[0].resolve()
+current = ui.current_model().path.resolve()
 picked = st.multiselect("Runs to compare", runs, format_func=ui.model_label,
                         default=[current] if current in runs else runs[:1])
 if not picked:
@@ -20,7 +20,7 @@ if not picked:
 
 fig = make_subplots(rows=2, cols=2, subplot_titles=("Loss", "Accuracy", "Validation AUC",
                                                     "Learning rate"))
-palette = ["#8e244d", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd"]
+palette = ui.PALETTE
 cards = {run: json.loads((run / "card.json").read_text()) for run in picked}
 for i, run in enumerate(picked):
     h = pd.read_csv(run / "history.csv")
@@ -61,7 +61,7 @@ for run in picked:
     fig.add_trace(go.Scatter(x=c["lr"], y=c["loss"], mode="lines", name="batch loss",
                              line=dict(color="#c7c7c7")))
     fig.add_trace(go.Scatter(x=c["lr"], y=c["smoothed_loss"], mode="lines",
-                             name="smoothed loss", line=dict(color="#8e244d")))
+                             name="smoothed loss", line=dict(color=ui.BRAND)))
     fig.add_vline(x=s["suggested_lr"], line_dash="dash",
                   annotation_text=f"suggested {s['suggested_lr']:.1e}")
     fig.update_xaxes(type="log", tickformat=".0e", title_text="learning rate")

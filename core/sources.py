@@ -1,96 +1,29 @@
-"""Finding, decoding, labelling and splitting cell images.
+"""Finding cell images: files, folders (recursive) and ``.zip`` archives (nested too), or
+uploaded (name, bytes) pairs, as ``ImageSource``s read on demand.
 
-Images come from files, folders (recursive) or ``.zip`` archives in the NIH layout: a labelled
-image sits under a directory named ``Parasitized`` or ``Uninfected`` (any case, any depth).
-The slide case (one case = one patient) is parsed from the file name: ``C100P61ThinF_...`` is
-``C100``.
+What cannot be read is never skipped silently: it becomes a source whose ``read`` raises
+ImageError, so it shows up as an error row beside the images that were scored.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
-import json
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import numpy as np
-from PIL import ExifTags, Image, ImageFile, ImageOps
+from core.images import ImageError
+from core.labels import ZIP_SEP, as_posix, file_name
 
-CLASSES = ("Parasitized", "Uninfected")  # folder names of the NIH layout, index order of the model
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
 # Image files we recognise but do not accept: they get an error row instead of being skipped.
 UNSUPPORTED_SUFFIXES = frozenset({".gif", ".heic", ".heif", ".svg", ".jp2", ".ico", ".psd",
                                   ".dng", ".raw", ".avif"})
 MAX_MEMBER_BYTES = 64 * 2**20  # a cell image is ~15 kB; a nested zip is read into memory
-# Refuse images above this many pixels before decoding: a cell crop is ~200x200; 40 Mpx is a
-# whole slide photo already, and guards against decompression bombs.
-MAX_PIXELS = 40_000_000
-ZIP_SEP = "!"  # "slides.zip!cell_images/Uninfected/x.png" names a zip member
 
-_CASE_RE = re.compile(r"^C(\d+)", re.IGNORECASE)
-
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error row, not a grey cell
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-
-
-class ImageError(ValueError):
-    """An input file that is not a usable image; the message is meant for the user."""
-
-
-class DataError(ValueError):
-    """A data set that cannot be used as asked (no images, one class only, too few cases)."""
-
-
-def as_posix(key: str) -> PurePosixPath:
-    """A source key as one POSIX path: zip separators and backslashes become ``/``."""
-    return PurePosixPath(key.replace("\\", "/").replace(ZIP_SEP, "/"))
-
-
-def file_name(path: str) -> str:
-    """The last component of a file path or zip member name (``/`` or ``\\`` separated; a
-    ``!`` is part of the name: it only separates zip members in source keys)."""
-    return PurePosixPath(path.replace("\\", "/")).name
-
-
-def case_id(name: str) -> str:
-    """Case id parsed from a file or member name: ``C100P61ThinF_IMG_x_cell_1.png`` -> ``C100``.
-
-    Pass the image's own name (``ImageSource.name``), not a ``zip!member`` key. Names that do
-    not start with ``C<digits>`` get ``?<stem>``, their own case, so an unparsed image is never
-    merged with a patient (parasitemia summaries pool them as ``(no case id)``, never flagged).
-    """
-    base = file_name(name)
-    m = _CASE_RE.match(base)
-    if m:
-        return f"C{int(m.group(1))}"
-    return f"?{PurePosixPath(base).stem}"
-
-
-def predicted_class(prob: float, threshold: float) -> str:
-    """The class called for P(Parasitized) = ``prob`` at ``threshold`` (ties go to Parasitized)."""
-    return CLASSES[0] if prob >= threshold else CLASSES[1]
-
-
-def label_from_path(path: str) -> str | None:
-    """``Parasitized`` or ``Uninfected`` from the nearest parent folder so named, else None."""
-    parts = as_posix(path).parts[:-1]
-    lowered = {c.lower(): c for c in CLASSES}
-    for part in reversed(parts):
-        if part.lower() in lowered:
-            return lowered[part.lower()]
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding images
-# ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ImageSource:
@@ -206,6 +139,10 @@ def _zip_sources(zf: zipfile.ZipFile, prefix: str, *, depth: int = 0) -> Iterato
 
 def _member_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], bytes]:
     return lambda: _read_member(zf, info)
+
+
+def _bytes_reader(data: bytes) -> Callable[[], bytes]:
+    return lambda: data
 
 
 def _file_reader(path: Path) -> Callable[[], bytes]:
@@ -332,7 +269,7 @@ def sources_from_uploads(items: Iterable[tuple[str, bytes]]) -> list[ImageSource
             if not found:
                 empty_zips.append(_no_images(name))
         elif suffix in IMAGE_SUFFIXES:
-            out.append(ImageSource(name, lambda data=data: data))
+            out.append(ImageSource(name, _bytes_reader(data)))
         elif len(parts) == 1 or suffix in UNSUPPORTED_SUFFIXES:
             out.append(_unsupported(name))
     return unique_paths(out + empty_zips) if out else []
@@ -375,204 +312,3 @@ def open_source(key: str) -> ImageSource:
     except (KeyError, zipfile.BadZipFile, ImageError):
         raise FileNotFoundError(f"{key} not found in its zip") from None
     return ImageSource(key, _member_reader(zf, info), file_name(parts[-1]))
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding
-# ---------------------------------------------------------------------------------------------
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB from any PIL mode: 16-bit and float are scaled to 8 bit, alpha is laid on white."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float32)
-        hi = float(arr.max()) if arr.size else 0.0
-        scale = 255.0 / (65535.0 if hi > 255 else 255.0) if img.mode != "F" else 255.0 / max(hi, 1e-6)
-        img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
-    return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB one
-
-
-def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
-    """RGB uint8 (H, W, 3) -> (size, size, 3), bilinear, aspect ratio not kept (as the NIH copy)."""
-    if image.shape[:2] == (size, size):
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-
-
-def decode_image(data: bytes, *, size: int | None = None) -> np.ndarray:
-    """Decode image bytes to RGB ``uint8`` of shape (H, W, 3), resized to (size, size) if given.
-
-    Resizing does not keep the aspect ratio, as in the NIH 128x128 copy the model learnt from.
-    Raises ImageError with a readable message for empty, corrupt, truncated, oversized or
-    unsupported data.
-    """
-    if not data:
-        raise ImageError("empty file (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise ImageError(f"image is {w}x{h} px, above the {MAX_PIXELS:,} px limit")
-            if size and img.format == "JPEG":
-                img.draft("RGB", (size, size))  # decode JPEG at reduced scale: much faster
-            if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
-                img = ImageOps.exif_transpose(img)  # as cameras and viewers show the cell
-            rgb = _to_rgb(img)
-            if size and rgb.size != (size, size):  # as resize_rgb, without two array copies
-                rgb = rgb.resize((size, size), Image.BILINEAR)
-            return np.asarray(rgb, dtype=np.uint8)
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"image too large (decompression bomb guard): {exc}") from None
-    except Image.UnidentifiedImageError:
-        raise ImageError("not a readable image (unknown or unsupported format)") from None
-    except Exception as exc:  # PIL plugins raise OSError, SyntaxError, struct.error, ...
-        raise ImageError(f"corrupt or truncated image: {exc}") from None
-
-
-def read_image(src: ImageSource, *, size: int | None = None) -> np.ndarray:
-    """Read and decode one source; any failure (I/O, zip, decoding) is an ImageError."""
-    try:
-        data = src.read()
-    except ImageError:
-        raise
-    except Exception as exc:
-        raise ImageError(f"cannot read file: {exc}") from None
-    return decode_image(data, size=size)
-
-
-# ---------------------------------------------------------------------------------------------
-# Labelled sets and splits
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Sample:
-    path: str
-    case_id: str
-    label: int  # index into CLASSES
-
-
-def labelled_samples(inputs: Iterable[str | Path], *, follow_links: bool = False
-                     ) -> tuple[list[Sample], dict[str, ImageSource]]:
-    """Labelled images under ``inputs`` and a path -> source map to read them.
-
-    Images outside a ``Parasitized``/``Uninfected`` folder are ignored; ``follow_links`` as in
-    ``iter_sources`` (a link not followed is a source that fails to read, so training stops
-    and names it). Raises DataError if no labelled image is found or only one class is present.
-    """
-    samples, sources = [], {}
-    for src in iter_sources(inputs, follow_links=follow_links):
-        label = label_from_path(src.path)
-        if label is None:
-            continue
-        samples.append(Sample(src.path, case_id(src.name), CLASSES.index(label)))
-        sources[src.path] = src
-    if not samples:
-        raise DataError(f"no images under a Parasitized/ or Uninfected/ folder in {list(inputs)}")
-    if len({s.label for s in samples}) < 2:
-        raise DataError("only one class found; training needs Parasitized and Uninfected images")
-    return samples, sources
-
-
-@dataclass(frozen=True)
-class Split:
-    """Which cases are in which part. No case is in two parts."""
-
-    train: tuple[str, ...]
-    val: tuple[str, ...]
-    test: tuple[str, ...]
-    seed: int
-
-    def part_of(self, case: str) -> str:
-        for name in ("train", "val", "test"):
-            if case in getattr(self, name):
-                return name
-        raise KeyError(case)
-
-    def to_json(self) -> dict:
-        return {"seed": self.seed, "train": list(self.train), "val": list(self.val),
-                "test": list(self.test)}
-
-    @classmethod
-    def from_json(cls, d: dict) -> Split:
-        return cls(tuple(d["train"]), tuple(d["val"]), tuple(d["test"]), int(d["seed"]))
-
-
-def split_by_case(samples: Sequence[Sample], *, val_frac: float = 0.15, test_frac: float = 0.15,
-                  seed: int = 0) -> Split:
-    """Seeded split of cases into train/val/test, stratified by case kind.
-
-    A case's kind is "infected" if it has any Parasitized cell, else "healthy"; each kind is
-    shuffled and cut in the same proportions so every part gets both kinds where possible.
-    Raises DataError with fewer than 3 cases.
-    """
-    infected: dict[str, bool] = {}
-    for s in samples:
-        infected[s.case_id] = infected.get(s.case_id, False) or s.label == CLASSES.index("Parasitized")
-    if len(infected) < 3:
-        raise DataError(f"need at least 3 cases to split by case, found {len(infected)}")
-    rng = np.random.default_rng(seed)
-    parts: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    for kind in (True, False):
-        cases = sorted(c for c, inf in infected.items() if inf == kind)
-        rng.shuffle(cases)
-        n_test = int(round(len(cases) * test_frac))
-        n_val = int(round(len(cases) * val_frac))
-        parts["test"] += cases[:n_test]
-        parts["val"] += cases[n_test:n_test + n_val]
-        parts["train"] += cases[n_test + n_val:]
-    # tiny sets: make sure every part has at least one case
-    for name in ("val", "test"):
-        if not parts[name] and len(parts["train"]) > 1:
-            parts[name].append(parts["train"].pop())
-    return Split(*(tuple(sorted(parts[k])) for k in ("train", "val", "test")), seed=seed)
-
-
-def load_array(sources: Sequence[ImageSource], *, size: int, workers: int | None = None,
-               progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Decode and resize ``sources`` into one ``uint8`` array of shape (N, size, size, 3).
-
-    Decodes in threads (PIL releases the GIL). Raises ImageError naming the file if one cannot
-    be decoded: training and study data must be clean.
-    """
-    def one(src: ImageSource) -> np.ndarray:
-        try:
-            return read_image(src, size=size)
-        except ImageError as exc:
-            raise ImageError(f"{src.path}: {exc}") from None
-
-    out = np.empty((len(sources), size, size, 3), dtype=np.uint8)
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        for i, arr in enumerate(pool.map(one, sources)):
-            out[i] = arr
-            if progress:
-                progress(1)
-    return out
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` that replaces it only once the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)  # mkstemp's 0600 would hide results from other users
-    try:
-        yield tmp
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, obj: object) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")

@@ -12,7 +12,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from core.files import REPO_ROOT
+
+ROOT = REPO_ROOT
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
@@ -21,15 +23,19 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 _STATE = "document.querySelector('[data-testid=stApp]')?.getAttribute('data-test-script-state')"
 IDLE = f"() => {_STATE} === 'notRunning'"
 BUSY = f"() => {_STATE} !== 'notRunning'"
+# Idle, every image loaded and every Plotly chart drawn: what a screenshot should wait for.
+DRAWN = (f"() => {_STATE} === 'notRunning'"
+         " && Array.from(document.images).every(i => i.complete)"
+         " && Array.from(document.querySelectorAll('.js-plotly-plot'))"
+         ".every(p => p.querySelector('.main-svg'))")
 
 
 def wait_for_rerun(page, timeout_ms: float) -> None:
     """After an interaction: wait for the rerun it triggers to start, then to finish."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
-    try:
+    # it may have finished between two animation frames: then only the end counts
+    with contextlib.suppress(PlaywrightTimeout):
         page.wait_for_function(BUSY, timeout=5_000)
-    except PlaywrightTimeout:  # finished between two animation frames: only the end counts
-        pass
     page.wait_for_function(IDLE, timeout=timeout_ms)
 
 
@@ -68,7 +74,7 @@ def running_app(env: dict[str, str], log: Path,
                 except OSError:
                     if proc.poll() is not None or time.time() > deadline:
                         out.seek(0)
-                        raise RuntimeError("streamlit did not start: " + out.read()[-2000:])
+                        raise RuntimeError("streamlit did not start: " + out.read()[-2000:]) from None
                     time.sleep(0.5)
             yield url, proc.pid
         finally:

@@ -1,0 +1,119 @@
+"""Decoding cell images: bytes -> RGB ``uint8`` arrays, at the model's size when asked.
+
+Every failure (empty, corrupt, truncated, oversized, unsupported) is an ImageError whose message
+is meant for the user; callers turn it into an error row.
+"""
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import ExifTags, Image, ImageFile, ImageOps
+
+if TYPE_CHECKING:
+    from core.sources import ImageSource
+
+# Refuse images above this many pixels before decoding: a cell crop is ~200x200; 40 Mpx is a
+# whole slide photo already, and guards against decompression bombs.
+MAX_PIXELS = 40_000_000
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error row, not a grey cell
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+class ImageError(ValueError):
+    """An input file that is not a usable image; the message is meant for the user."""
+
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB from any PIL mode: 16-bit and float are scaled to 8 bit, alpha is laid on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        hi = float(arr.max()) if arr.size else 0.0
+        scale = 255.0 / (65535.0 if hi > 255 else 255.0) if img.mode != "F" else 255.0 / max(hi, 1e-6)
+        img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB one
+
+
+def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> (size, size, 3), bilinear, aspect ratio not kept (as the NIH copy)."""
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+
+
+def decode_image(data: bytes, *, size: int | None = None) -> np.ndarray:
+    """Decode image bytes to RGB ``uint8`` of shape (H, W, 3), resized to (size, size) if given.
+
+    Resizing does not keep the aspect ratio, as in the NIH 128x128 copy the model learnt from.
+    Raises ImageError with a readable message for empty, corrupt, truncated, oversized or
+    unsupported data.
+    """
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            img: Image.Image = opened
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(f"image is {w}x{h} px, above the {MAX_PIXELS:,} px limit")
+            if size and img.format == "JPEG":
+                img.draft("RGB", (size, size))  # decode JPEG at reduced scale: much faster
+            if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+                img = ImageOps.exif_transpose(img)  # as cameras and viewers show the cell
+            rgb = _to_rgb(img)
+            if size and rgb.size != (size, size):  # as resize_rgb, without two array copies
+                rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large (decompression bomb guard): {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not a readable image (unknown or unsupported format)") from None
+    except Exception as exc:  # PIL plugins raise OSError, SyntaxError, struct.error, ...
+        raise ImageError(f"corrupt or truncated image: {exc}") from None
+
+
+def read_image(src: ImageSource, *, size: int | None = None) -> np.ndarray:
+    """Read and decode one source; any failure (I/O, zip, decoding) is an ImageError."""
+    try:
+        data = src.read()
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise ImageError(f"cannot read file: {exc}") from None
+    return decode_image(data, size=size)
+
+
+def load_array(sources: Sequence[ImageSource], *, size: int, workers: int | None = None,
+               progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Decode and resize ``sources`` into one ``uint8`` array of shape (N, size, size, 3).
+
+    Decodes in threads (PIL releases the GIL). Raises ImageError naming the file if one cannot
+    be decoded: training and study data must be clean.
+    """
+    def one(src: ImageSource) -> np.ndarray:
+        try:
+            return read_image(src, size=size)
+        except ImageError as exc:
+            raise ImageError(f"{src.path}: {exc}") from None
+
+    out = np.empty((len(sources), size, size, 3), dtype=np.uint8)
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        for i, arr in enumerate(pool.map(one, sources)):
+            out[i] = arr
+            if progress:
+                progress(1)
+    return out
