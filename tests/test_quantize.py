@@ -59,7 +59,7 @@ def test_calibration_cells_come_from_training_patients_only(int8_model):
 
 def test_int8_graph_is_qdq_per_channel_without_clip_and_records_its_calibration(int8_model):
     engine = load_engine(int8_model, "onnx-int8")
-    rec = quantize.calibration_set(engine.card)
+    rec = quantize.calibration_set(engine.weights.card)
     path = core.score.onnx_path(engine.sha256, engine.contract, calibration=rec.cache_key())
     model = onnx.load(str(path))
     ops = [n.op_type for n in model.graph.node]
@@ -93,7 +93,7 @@ def test_a_replaced_int8_graph_is_quantised_again_not_run(int8_model, fixture_im
     images = fixture_images[0][:8]
     genuine = load_engine(int8_model, "onnx-int8")
     expected = genuine(images)
-    rec = quantize.calibration_set(genuine.card)
+    rec = quantize.calibration_set(genuine.weights.card)
     cached = core.score.onnx_path(genuine.sha256, genuine.contract, calibration=rec.cache_key())
     assert cached.is_file() and cached != core.score.onnx_path(genuine.sha256, genuine.contract)
     torch.manual_seed(123)  # the attacker's graph: another network, same inputs and outputs
