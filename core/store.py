@@ -28,6 +28,9 @@ def default_store_path() -> Path:
     """``$MALARIA_STORE`` if set, else ``runs/results.sqlite`` in the repository."""
     return Path(os.environ.get("MALARIA_STORE") or DEFAULT_STORE)
 RESULT_COLUMNS = ("path", "case_id", "label", "prob_parasitized", "prediction", "error")
+# smear mode (core.smear): one row per object found in a field, or one error row per field
+SMEAR_COLUMNS = ("image", "x", "y", "w", "h", "area", "edge", "object", "prob_parasitized",
+                 "prediction", "error")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -51,6 +54,17 @@ CREATE TABLE IF NOT EXISTS results (
     prediction TEXT,
     error TEXT,
     PRIMARY KEY (run_id, path)
+);
+CREATE TABLE IF NOT EXISTS smear_cells (
+    run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+    image TEXT NOT NULL,           -- the field's path (or upload name)
+    n INTEGER NOT NULL,            -- the object's index in its field
+    x INTEGER, y INTEGER, w INTEGER, h INTEGER, area INTEGER, edge INTEGER,
+    object TEXT,                   -- "red cell", or why the object is not one
+    prob_parasitized REAL,
+    prediction TEXT,
+    error TEXT,
+    PRIMARY KEY (run_id, image, n)
 );
 """
 
@@ -195,6 +209,30 @@ class ResultStore:
                 [(run_id, *(r[c] for c in RESULT_COLUMNS)) for r in rows])
 
     @_locked
+    def add_smear_rows(self, run_id: str, rows: Sequence[dict]) -> None:
+        """Store one field's rows (SMEAR_COLUMNS keys) in one transaction, so a field is
+        either wholly stored or missing (and scored again on resume)."""
+        with self._db:
+            self._db.executemany(
+                f"INSERT OR REPLACE INTO smear_cells (run_id, n, {', '.join(SMEAR_COLUMNS)}) "
+                f"VALUES (?, ?, {', '.join('?' * len(SMEAR_COLUMNS))})",
+                [(run_id, i, *(r[c] for c in SMEAR_COLUMNS)) for i, r in enumerate(rows)])
+
+    @_locked
+    def smear_done(self, run_id: str) -> set[str]:
+        """Fields of smear run ``run_id`` already stored."""
+        return {p for (p,) in self._db.execute(
+            "SELECT DISTINCT image FROM smear_cells WHERE run_id = ?", (run_id,))}
+
+    @_locked
+    def smear_rows(self, run_id: str) -> pd.DataFrame:
+        """The smear run's rows (SMEAR_COLUMNS), field by field in object order."""
+        self.run(run_id)
+        df = pd.read_sql_query(f"SELECT {', '.join(SMEAR_COLUMNS)} FROM smear_cells "
+                               "WHERE run_id = ? ORDER BY image, n", self._db, params=(run_id,))
+        return df.assign(edge=df["edge"].map(lambda v: None if pd.isna(v) else bool(v)))
+
+    @_locked
     def done_paths(self, run_id: str) -> set[str]:
         """Paths of ``run_id`` already stored (scored or given an error row)."""
         return {p for (p,) in self._db.execute("SELECT path FROM results WHERE run_id = ?",
@@ -233,12 +271,22 @@ class ResultStore:
         return write_csv(out, self.iter_results(run_id), columns=RESULT_COLUMNS)
 
     @_locked
-    def list_runs(self) -> pd.DataFrame:
-        """One row per run, newest first: ids, dates, inputs, counts and weights."""
+    def list_runs(self, *, smear: bool = False) -> pd.DataFrame:
+        """One row per run, newest first: ids, dates, inputs, counts and weights. Cell runs
+        (``stored`` cells), or with ``smear`` the smear runs (``stored`` fields)."""
+        if smear:
+            return pd.read_sql_query(
+                "SELECT r.run_id, r.started, r.finished, r.inputs, r.weights, r.weights_sha256, "
+                "r.threshold, r.engine, r.kind, r.total, COUNT(DISTINCT x.image) AS stored, "
+                "SUM(x.error IS NOT NULL) AS errors, SUM(x.prediction = 'Parasitized') AS "
+                "parasitized FROM runs r LEFT JOIN smear_cells x ON x.run_id = r.run_id "
+                "WHERE r.kind LIKE 'smear%' "
+                "GROUP BY r.run_id ORDER BY r.started DESC, r.run_id DESC", self._db)
         return pd.read_sql_query(
             "SELECT r.run_id, r.started, r.finished, r.inputs, r.weights, r.weights_sha256, "
             "r.threshold, r.engine, r.kind, r.total, COUNT(x.path) AS stored, "
             "SUM(x.error IS NOT NULL) AS errors, SUM(x.prediction = 'Parasitized') AS parasitized "
             "FROM runs r LEFT JOIN results x ON x.run_id = r.run_id "
+            "WHERE r.kind NOT LIKE 'smear%' "
             "GROUP BY r.run_id ORDER BY r.started DESC, r.run_id DESC", self._db)
 

@@ -21,6 +21,7 @@ from PIL import Image
 from core.contract import DEFAULT_WEIGHTS, ModelFolder, WeightsError, find_models
 from core.files import REPO_ROOT
 from core.images import ImageError, read_image
+from core.labels import ZIP_SEP
 from core.sources import ImageSource, open_source, sources_from_uploads
 from core.store import ResultStore, StoreError
 from dashboard.reaper import trim_heap
@@ -64,6 +65,11 @@ def init_state() -> None:
         "pending_items": None,  # (name, bytes) handed over from Home to Score
         "explain_item": None,  # (name, bytes) handed over to Explain
         "cm_cell": None,  # (data source, true class, predicted class) chosen on Evaluate
+        "smear": None,  # Smear page: (objects DataFrame, FieldResults, run id, sources)
+        "smear_items": None,  # (name, bytes) of fields handed to the Smear page (tests)
+        "smear_cell": None,  # the red cell picked on the Smear page (index among red cells)
+        "audit_decisions": {},  # path -> {case_id, label, decision} made on Audit, this session
+        "audit_note": None,  # what the last save of those decisions said
     }
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
@@ -230,6 +236,26 @@ def score(items: Sequence[tuple[str, bytes]]) -> tuple[pd.DataFrame, str]:
         scored.clear()
         scored[key] = _score_now(items, model)
     return scored[key]
+
+
+def repo_source(path: str) -> ImageSource:
+    """The image that a model folder's predictions CSV names. Its paths are relative to the
+    repository root (where ``core.train`` runs), whatever the server's working directory.
+    Raises FileNotFoundError."""
+    return open_source(str(ROOT / path))  # an absolute path stays as it is
+
+
+def images_missing(paths: Sequence[str], what: str) -> bool:
+    """Whether the files or zips that ``paths`` (from the predictions CSV ``what``) are read
+    from are missing on this machine; if so, one warning says where they are expected."""
+    places = {(ROOT / (p if (ROOT / p).is_file() else p.split(ZIP_SEP, 1)[0])).resolve()
+              for p in paths}  # a "!" may be part of a file's name
+    missing = sorted(p for p in places if not p.is_file())
+    if missing:
+        st.warning(plain(f"The cell images are not on this machine: expected "
+                         f"{', '.join(map(str, missing))} (the paths in {what} are relative to "
+                         f"the repository, {ROOT}). Put the data there to see the cells."))
+    return bool(missing)
 
 
 def thumbnail(path: str, sources: dict[str, ImageSource], *, on_disk: bool,

@@ -117,6 +117,16 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     page.wait_for_function(DRAWN, timeout=60_000)
     page.screenshot(path=str(SHOTS / "evaluate_gallery.png"), full_page=True)
 
+    page.get_by_role("link", name="Audit").click()
+    if (ROOT / "weights" / "default" / "label_audit.csv").is_file():
+        page.get_by_text("Share of suspects per patient").wait_for()
+        page.get_by_text("cells decided").wait_for()
+    else:  # the shipped model folder has no audit yet: the page says how it is made
+        page.get_by_text("This model folder has no").first.wait_for()
+    page.wait_for_function(DRAWN, timeout=120_000)
+    page.screenshot(path=str(SHOTS / "audit.png"), full_page=True)
+    assert page.get_by_text("Traceback").count() == 0
+
     page.get_by_role("link", name="Home").click()
     page.get_by_role("button", name="Explain").first.click()  # a sample cell, straight in
     page.get_by_text("Explain a prediction").wait_for()

@@ -7,24 +7,31 @@ from core.heatmap import DEFAULT_METHOD, for_display
 from core.images import ImageError, read_image
 from core.labels import CLASSES, predicted_class
 from core.metrics import binary_metrics, curves
-from core.sources import open_source
 from dashboard import ui
 
 st.title("Evaluate")
 model = ui.current_model()
 folder, sha = model.path, model.sha256
 
-choice = st.radio("Data", ["The model's test split (unseen patients)", "A labelled upload"],
-                  horizontal=True)
+OOF = "Out-of-fold: all development patients"
+TEST = "The model's test split (unseen patients)"
+prediction_files = {label: model.predictions(part)
+                    for label, part in ((OOF, "oof"), (TEST, "test"))
+                    if model.predictions(part).is_file()}
+choice = st.radio("Data", [*prediction_files, "A labelled upload"], horizontal=True)
 sources = {}
-if choice.startswith("The model"):
-    path = model.predictions("test")
-    if not path.is_file():
-        st.error(f"{path} is missing: this model folder has no test-split predictions.")
-        st.stop()
-    preds = pd.read_csv(path)
-    st.caption(f"{len(preds):,} cells from {preds['case_id'].nunique()} patients that were "
-               "never used for training or model selection.")
+if choice in prediction_files:
+    preds = pd.read_csv(prediction_files[choice])
+    if choice == OOF:
+        folds = (f" (the one of the {preds['fold'].nunique()} fold models that held that "
+                 "patient out)") if "fold" in preds else ""
+        st.caption(f"Out-of-fold: each of the {len(preds):,} development cells "
+                   f"({preds['case_id'].nunique()} patients) predicted by a model that never saw "
+                   f"its patient{folds}. The heatmaps below come from the selected model, which "
+                   "may have trained on these patients.")
+    else:
+        st.caption(f"{len(preds):,} cells from {preds['case_id'].nunique()} patients that were "
+                   "never used for training or model selection.")
 else:
     up = st.file_uploader("A zip (or files) with Parasitized/ and Uninfected/ folders",
                           type=ui.UPLOAD_TYPES, accept_multiple_files=True)
@@ -97,23 +104,27 @@ if chosen and chosen[0] == choice:
                f"({DEFAULT_METHOD} at {model.contract.target_layer}) for the predicted "
                "class; ✔/✘: its peak on/off the parasite located by the stain rule. Moving "
                "the threshold moves cells between the matrix's cells.")
-    images, names = [], []
-    for path in cell["path"]:
+    missing = not sources and ui.images_missing(cell["path"].tolist(),
+                                                prediction_files[choice].name)
+    images, names, probs = [], [], []
+    shown = [] if missing else list(zip(cell["path"], cell["prob_parasitized"]))
+    for path, prob in shown:
         try:
-            images.append(read_image(sources.get(path) or open_source(path)))
+            images.append(read_image(sources.get(path) or ui.repo_source(path)))
             names.append(path)
+            probs.append(prob)
         except (OSError, ImageError) as exc:
             st.caption(ui.plain(f"{path.rsplit('/', 1)[-1]}: cannot show ({exc})"))
     if images:
         exps = ui.explain(str(folder), sha, images, faithfulness=False, target=pred_cls.lower())
         cols = st.columns(6)
         marks = {True: " · ✔", False: " · ✘", None: ""}
-        for i, (img, e, name) in enumerate(zip(images, exps, names)):
+        for i, (img, e, name, prob) in enumerate(zip(images, exps, names, probs)):
             with cols[i % 6]:
                 st.image(for_display(img, width=192), width="stretch")
                 st.image(for_display(e.overlay, width=192), width="stretch",
                          caption=f"{ui.plain(name.rsplit('/', 1)[-1][:28])} · "
-                                 f"p={e.prob_parasitized:.3f}{marks[e.points_at_parasite]}")
+                                 f"p={prob:.3f}{marks[e.points_at_parasite]}")
 else:
     st.caption("Click a cell of the matrix to see its images with their heatmaps.")
 

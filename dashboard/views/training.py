@@ -5,6 +5,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
+from core.contract import HISTORY_FILE, fold_runs
 from dashboard import ui
 
 st.title("Training")
@@ -22,20 +23,35 @@ fig = make_subplots(rows=2, cols=2, subplot_titles=("Loss", "Accuracy", "Validat
                                                     "Learning rate"))
 palette = ui.PALETTE
 cards = {run: json.loads((run / "card.json").read_text()) for run in picked}
+CURVES = (("train_loss", (1, 1), "dot", "train"), ("val_loss", (1, 1), "solid", "validation"),
+          ("train_accuracy", (1, 2), "dot", "train"),
+          ("val_accuracy", (1, 2), "solid", "validation"),
+          ("val_auc", (2, 1), "solid", "validation"), ("lr", (2, 2), "solid", "end of epoch"))
+any_folds = False
 for i, run in enumerate(picked):
     h = pd.read_csv(run / "history.csv")
     color, name = palette[i % len(palette)], ui.model_label(run)
-    for col, row_col, dash, label in (("train_loss", (1, 1), "dot", "train"),
-                                      ("val_loss", (1, 1), "solid", "validation"),
-                                      ("train_accuracy", (1, 2), "dot", "train"),
-                                      ("val_accuracy", (1, 2), "solid", "validation"),
-                                      ("val_auc", (2, 1), "solid", "validation"),
-                                      ("lr", (2, 2), "solid", "end of epoch")):
+    folds = fold_runs(run)
+    any_folds = any_folds or bool(folds)
+    for fold in folds:  # thin and pale beside the final run
+        f = pd.read_csv(fold / HISTORY_FILE)
+        for col, row_col, dash, label in (c for c in CURVES if c[0] in f):
+            fig.add_trace(go.Scatter(x=f["epoch"], y=f[col], mode="lines", opacity=0.35,
+                                     line=dict(color=color, dash=dash, width=1),
+                                     name=f"{name} · {fold.name} · {label}",
+                                     legendgroup=f"{name} folds", showlegend=False),
+                          row=row_col[0], col=row_col[1])
+    for col, row_col, dash, label in CURVES:
         fig.add_trace(go.Scatter(x=h["epoch"], y=h[col], mode="lines+markers",
-                                 line=dict(color=color, dash=dash),
+                                 line=dict(color=color, dash=dash, width=4 if folds else 2),
                                  name=f"{name} · {label}", legendgroup=name,
                                  showlegend=row_col == (1, 1)),
                       row=row_col[0], col=row_col[1])
+    if folds:  # one legend entry toggles all of them
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", opacity=0.35,
+                                 line=dict(color=color, width=1),
+                                 name=f"{name} · {len(folds)} fold runs",
+                                 legendgroup=f"{name} folds"), row=1, col=1)
     best = cards[run].get("best_epoch")
     if best is not None:  # the epoch whose weights were kept
         saved = h[h["epoch"] == best]
@@ -48,7 +64,9 @@ fig.update_yaxes(type="log", tickformat=".0e", row=2, col=2)
 fig.update_layout(height=620, margin=dict(t=40, b=10), hovermode="x unified")
 st.plotly_chart(fig, width="stretch")
 st.caption("Dotted: training (augmented, measured while learning). Solid: validation patients. "
-           "The saved weights are from the epoch with the lowest validation loss (star).")
+           "The saved weights are from the epoch with the lowest validation loss (star)."
+           + (" Thin pale lines: the cross-validation fold runs (each on its own training and "
+              "validation patients); bold: the final run." if any_folds else ""))
 
 st.subheader("Learning-rate range test")
 for run in picked:
