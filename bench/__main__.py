@@ -2,10 +2,11 @@
 
     python -m bench --data ../shared/data/nih_cells_dev.zip      (or: make bench)
 
-Scoring, end to end (PNG files on disk to CSV on disk, process start included) against a naive
-loop that opens, transforms and classifies one image at a time with PyTorch; the ONNX and
-PyTorch engines on pre-decoded batches; peak RSS at 1,000 and at all images; the screening
-flag's patient-level sensitivity and specificity on the development patients.
+Scoring, end to end (PNG files on disk to CSV on disk, process start included) with the int8
+and fp32 ONNX engines against a naive loop that opens, transforms and classifies one image at a
+time with PyTorch; the engines on pre-decoded batches; decoding alone; peak RSS at 1,000 and at
+all images; the screening flag's patient-level sensitivity and specificity on the development
+patients.
 """
 from __future__ import annotations
 
@@ -56,8 +57,9 @@ def engine_only(weights: Path, images: np.ndarray) -> dict[str, float]:
     out = {}
     batches = [images[i:i + 64] for i in range(0, len(images), 64)]
     for name, kind, threads, workers in (
-            ("ONNX Runtime, 2 threads, 1 batch at a time", "onnx", 2, 1),
-            ("ONNX Runtime, 1 thread, 2 batches at a time (core.score)", "onnx", 1, 2),
+            ("ONNX Runtime int8, 1 thread, 2 batches at a time (core.score)", "onnx-int8", 1, 2),
+            ("ONNX Runtime fp32, 2 threads, 1 batch at a time", "onnx", 2, 1),
+            ("ONNX Runtime fp32, 1 thread, 2 batches at a time (core.score)", "onnx", 1, 2),
             ("PyTorch eager channels_last, 2 threads", "torch", 2, 1)):
         engine = load_engine(weights, kind, threads=threads)
         engine(batches[0])  # warm-up
@@ -65,6 +67,33 @@ def engine_only(weights: Path, images: np.ndarray) -> dict[str, float]:
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(engine, batches))
         out[name] = len(images) / (time.perf_counter() - t0)
+    return out
+
+
+def decode_timings(datas: list[bytes], size: int) -> dict[str, float]:
+    """Images/s of decoding alone (PNG bytes in memory -> uint8 array), and of its parts."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from core.images import decode_image
+
+    def inflate(data: bytes) -> None:  # the PNG decoder alone (zlib and the row filters)
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+
+    out = {}
+    def decode(data: bytes) -> None:
+        decode_image(data, size=size)
+
+    for name, fn, workers in (("PNG decoder alone (Image.load), 1 thread", inflate, 1),
+                              ("decode_image (what core.score runs), 1 thread", decode, 1),
+                              ("decode_image, 2 threads", decode, 2)):
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(fn, datas))
+        out[name] = len(datas) / (time.perf_counter() - t0)
     return out
 
 
@@ -109,6 +138,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/nih_cells_dev.zip")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     p.add_argument("--naive-n", type=int, default=1000)
+    p.add_argument("--scoring-only", action="store_true", help="skip the explanation timings")
     args = p.parse_args()
     cache = ROOT / ".cache" / "bench_png"
     folder = png_folder(args.data, cache)
@@ -117,32 +147,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         small = subset(folder, 1000, tmp / "subset_1000")
-        score_cli(small, args.weights, tmp)  # warm the ONNX cache and the page cache
+        for engine in ("onnx-int8", "onnx"):  # warm the ONNX caches and the page cache
+            score_cli(small, args.weights, tmp, engine)
         naive = naive_loop(folder, args.weights, args.naive_n)
-        r1k = score_cli(small, args.weights, tmp)
-        rall = score_cli(folder, args.weights, tmp)
+        runs = {(engine, n): score_cli(inputs, args.weights, tmp, engine)
+                for engine in ("onnx-int8", "onnx") for n, inputs in ((1000, small), (0, folder))}
+        rall = runs["onnx-int8", 0]
 
         from core.images import decode_image
         files = sorted(folder.rglob("*.png"))[:2048]
-        images = np.stack([decode_image(f.read_bytes(), size=128) for f in files])
+        datas = [f.read_bytes() for f in files]
+        decode = decode_timings(datas, 128)
+        images = np.stack([decode_image(d, size=128) for d in datas])
         eng = engine_only(args.weights, images)
         flag = flag_figures(rall["results"], rall["summary"])
-        cams = explain_timings(args.weights, images[:32])
+        cams = [] if args.scoring_only else explain_timings(args.weights, images[:32])
 
     print("\n## Batch scoring (end to end: PNG files on disk -> CSV, process start included)")
     print(f"{'path':58s} {'images':>7s} {'img/s':>8s} {'x naive':>8s} {'peak RSS':>9s}")
     print(f"{'naive loop (PyTorch, one image at a time)':58s} {args.naive_n:7d} {naive:8.0f} "
           f"{1:8.1f} {'':>9s}")
-    for label, r in (("core.score, ONNX engine, 1,000 images", r1k),
-                     (f"core.score, ONNX engine, all {rall['n']:,} images", rall)):
+    for (engine, n), r in runs.items():
+        label = f"core.score --engine {engine}, {'1,000' if n else 'all'} images"
         print(f"{label:58s} {r['n']:7d} {r['img_per_s']:8.0f} {r['img_per_s'] / naive:8.1f} "
               f"{r['peak_rss_mb']:7.0f} MB")
+    print(f"\n## Decoding alone ({len(datas):,} PNGs in memory -> uint8 arrays)")
+    for name, rate in decode.items():
+        print(f"{name:58s} {len(datas):7d} {rate:8.0f}")
     print("\n## Inference alone (decoded 128 px images, batch 64)")
     for name, rate in eng.items():
         print(f"{name:58s} {len(images):7d} {rate:8.0f} {rate / naive:8.1f}")
     layer = ModelContract.from_json(read_card(args.weights)["contract"]).target_layer
-    print(f"\n## Explanations (ms per image, map only, the default layer {layer})")
-    print(f"{'method':14s} {'batch 1':>9s} {'batched':>9s} {'batch':>6s} {'speed-up':>9s}")
+    if cams:
+        print(f"\n## Explanations (ms per image, map only, the default layer {layer})")
+        print(f"{'method':14s} {'batch 1':>9s} {'batched':>9s} {'batch':>6s} {'speed-up':>9s}")
     for r in cams:
         print(f"{r['method']:14s} {r['ms_batch_1']:9.1f} {r['ms_batched']:9.1f} {r['batch']:6d} "
               f"{r['speed_up']:8.1f}x")

@@ -28,6 +28,7 @@ from bench.common import png_folder, score_cli, subset
 from bench.serve import CHROMIUM_ARGS, IDLE, running_app, wait_for_rerun
 from core.contract import DEFAULT_WEIGHTS
 from core.files import REPO_ROOT
+from dashboard import reaper
 
 ROOT = REPO_ROOT
 
@@ -39,11 +40,11 @@ def zip_folder(folder: Path, out: Path) -> Path:
     return out
 
 
-def peak_rss_mb(pid: int) -> float:
-    """The process's peak resident memory so far (Linux)."""
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """The process's resident memory now (VmRSS) or its peak so far (VmHWM), Linux."""
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(line.split()[1] for line in status.splitlines()
-                    if line.startswith("VmHWM"))) / 1024
+                    if line.startswith(field))) / 1024
 
 
 def upload_and_score(page, url: str, upload: Path, *, fresh: bool = True,
@@ -117,6 +118,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--skip-all", action="store_true", help="only the 1,000-cell upload")
     p.add_argument("--explain-only", action="store_true", help="only the Explain page")
+    p.add_argument("--score-only", action="store_true", help="only the Score page")
     args = p.parse_args()
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
     try:
@@ -128,6 +130,8 @@ def main() -> None:
         print("bench.ui skipped: Debian's chromium is not installed (apt-get install chromium)")
         return
 
+    if args.score_only:
+        return score_page(args, chromium)
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         env = {"MALARIA_STORE": str(tmp / "ui.sqlite")}
@@ -159,6 +163,9 @@ def score_page(args: argparse.Namespace, chromium: str) -> None:
         with running_app(env, tmp / "streamlit.log") as (url, pid), sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{url}/score")
+            page.wait_for_function(IDLE, timeout=120_000)
+            idle_mb = rss_mb(pid)
             rows.append((f"{args.n:,} cells, first scoring after start",
                          upload_and_score(page, url, small_zip)))
             rows.append((f"{args.n:,} cells, same upload scored again (cached)",
@@ -168,7 +175,11 @@ def score_page(args: argparse.Namespace, chromium: str) -> None:
                              f"({args.data.stat().st_size / 2**20:.0f} MB)",
                              upload_and_score(page, url, args.data)))
             browser.close()
-            peak_mb = peak_rss_mb(pid)
+            peak_mb = rss_mb(pid, "VmHWM")
+            held_mb = rss_mb(pid)
+            # every session gone: the browser closed, then the reaper's grace and two rounds
+            time.sleep(reaper.GRACE_S + 2 * reaper.INTERVAL_S)
+            after_mb = rss_mb(pid)
 
     print(f"\n## Score page in Chromium (upload -> scored and shown); baseline: core.score CLI "
           f"on the same {args.n:,} PNG files, {cli['seconds']:.1f} s "
@@ -179,7 +190,9 @@ def score_page(args: argparse.Namespace, chromium: str) -> None:
         print(f"{label:58s} {r['cells']:7,d} {r['upload_s']:7.1f}s {r['score_show_s']:10.1f}s "
               f"{r['total_s']:7.1f}s {r['cells'] / r['total_s']:7.0f} "
               f"{r['cells'] / r['total_s'] / cli['img_per_s']:10.2f}")
-    print(f"dashboard server's peak RSS over these uploads: {peak_mb:,.0f} MB")
+    print(f"dashboard server's RSS: {idle_mb:,.0f} MB idle on the Score page, peak "
+          f"{peak_mb:,.0f} MB over these uploads, {held_mb:,.0f} MB as the browser closed, "
+          f"{after_mb:,.0f} MB {reaper.GRACE_S + 2 * reaper.INTERVAL_S:.0f} s later")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB one
 
 
 def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
@@ -72,8 +72,10 @@ def decode_image(data: bytes, *, size: int | None = None) -> np.ndarray:
                 img.draft("RGB", (size, size))  # decode JPEG at reduced scale: much faster
             if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
                 img = ImageOps.exif_transpose(img)  # as cameras and viewers show the cell
-            rgb = np.asarray(_to_rgb(img), dtype=np.uint8)
-            return rgb if size is None else resize_rgb(rgb, size)
+            rgb = _to_rgb(img)
+            if size and rgb.size != (size, size):  # as resize_rgb, without two array copies
+                rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:

@@ -1,14 +1,17 @@
-"""Classification metrics on P(Parasitized), all from ``sklearn.metrics``."""
+"""Classification metrics on P(Parasitized), all from ``sklearn.metrics``.
+
+scikit-learn is imported where it is used: the scoring CLI needs only the parasitemia summary,
+and importing sklearn and scipy.stats was a second of every run's start.
+"""
 from __future__ import annotations
 
 import math
 import re
 from collections.abc import Iterable, Sequence
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binomtest
-from sklearn import metrics as skm
 
 from core.labels import as_posix
 from core.quality import UNCERTAIN, counted
@@ -22,6 +25,8 @@ def binary_metrics(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | n
     and the confusion counts tp, fp, tn, fn. A metric that is undefined on this data (AUC with
     one class present, PPV with no positive prediction) is NaN, never a made-up number.
     """
+    from sklearn import metrics as skm
+
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob, dtype=float)
     if len(y) == 0:
@@ -53,6 +58,8 @@ def binary_metrics(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | n
 def curves(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | np.ndarray
            ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """ROC (fpr, tpr, threshold) and precision-recall (recall, precision, threshold) curves."""
+    from sklearn import metrics as skm
+
     fpr, tpr, roc_t = skm.roc_curve(y_true, prob)
     precision, recall, pr_t = skm.precision_recall_curve(y_true, prob)
     roc = pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(roc_t, 1.0)})
@@ -62,11 +69,18 @@ def curves(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | np.ndarra
 
 
 def wilson_interval(k: int, n: int, *, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for k successes out of n (scipy); (nan, nan) when n == 0."""
+    """Wilson score interval for k successes out of n; (nan, nan) when n == 0.
+
+    The closed form scipy's ``binomtest(k, n).proportion_ci(method="wilson")`` computes
+    (tests/test_metrics.py checks they agree), without importing scipy.stats at start-up.
+    """
     if n == 0:
         return math.nan, math.nan
-    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
-    return float(ci.low), float(ci.high)
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p, z2n = k / n, z * z / n
+    center = (p + z2n / 2) / (1 + z2n)
+    half = z / (1 + z2n) * math.sqrt(p * (1 - p) / n + z2n / (4 * n))
+    return max(0.0, center - half), min(1.0, center + half)
 
 
 NO_CASE = "(no case id)"

@@ -1,7 +1,7 @@
 """Batch scoring: thousands of cells per minute on a CPU, per-patient parasitemia, nothing lost.
 
     python -m core.score INPUT... --out results.csv [--summary summary.csv] [--weights DIR]
-                         [--threshold T] [--engine onnx|torch] [--group-by case|folder]
+                         [--threshold T] [--engine onnx-int8|onnx|torch] [--group-by case|folder]
                          [--resume RUN_ID] [--store results.sqlite] [--follow-links]
 
 INPUT is image files, folders (searched recursively) or zips (nested zips one level deep).
@@ -35,17 +35,18 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
-from core.contract import DEFAULT_WEIGHTS, ModelContract, ModelFolder, WeightsError
+from core.contract import DEFAULT_WEIGHTS, ModelContract, ModelFolder, WeightsError, read_card
 from core.export import OutputError, check_output, write_csv
 from core.files import REPO_ROOT, atomic_path
 from core.images import ImageError, decode_image, read_bytes
 from core.labels import ZIP_SEP, case_id, label_from_path, predicted_class
 from core.metrics import parasitemia_summary
 from core.quality import REVIEW_BAND, Gate, review
+from core.quantize import default_engine
 from core.sources import ImageSource, iter_sources, sources_from_uploads, unique_paths
 from core.store import RESULT_COLUMNS, ResultStore, StoreError
 
-ENGINES = ("onnx", "torch")
+ENGINES = ("onnx-int8", "onnx", "torch")
 CACHE_DIR = Path(os.environ.get("MALARIA_CACHE", REPO_ROOT / ".cache"))
 # Signs the ONNX exports in CACHE_DIR; kept apart from them, readable by this user only.
 KEY_FILE = Path(os.environ.get("MALARIA_CACHE_KEY")
@@ -85,13 +86,17 @@ class Engine:
 
 
 _EXPORT_VERSION = 2  # bump when export_onnx changes what it writes (2: pooled features too)
+_QUANTIZE_VERSION = 1  # bump when core.quantize.quantize_onnx changes what it writes
 
 
-def onnx_path(sha256: str, contract: ModelContract) -> Path:
-    """Cache path of the export for these weights and this contract (both are in the graph)."""
-    key = hashlib.sha256(json.dumps([sha256, contract.to_json(), _EXPORT_VERSION],
-                                    sort_keys=True).encode()).hexdigest()
-    return CACHE_DIR / "onnx" / f"{key}.onnx"
+def onnx_path(sha256: str, contract: ModelContract, *, calibration: str = "") -> Path:
+    """Cache path of the export for these weights and this contract (both are in the graph),
+    or of its int8 version (``calibration``: CalibrationSet.cache_key of its calibration)."""
+    parts: list = [sha256, contract.to_json(), _EXPORT_VERSION]
+    if calibration:
+        parts += [calibration, _QUANTIZE_VERSION]
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return CACHE_DIR / "onnx" / f"{key}{'.int8' if calibration else ''}.onnx"
 
 
 def _cache_key() -> bytes | None:
@@ -116,17 +121,24 @@ def _cache_key() -> bytes | None:
 
 
 def _cached_export(folder: Path, sha256: str, contract: ModelContract) -> bytes:
-    """The ONNX graph's bytes, exported once per weights and contract.
+    """The ONNX graph's bytes, exported once per weights and contract (see _signed_cache)."""
+    return _signed_cache(onnx_path(sha256, contract), lambda out: export_onnx(folder, out))
+
+
+def _signed_cache(path: Path, build: Callable[[Path], object]) -> bytes:
+    """The bytes of the graph at ``path`` in the cache, made by ``build(path)`` when missing.
 
     The cached file is trusted only with a valid HMAC (``.hmac`` beside it) made with this
     user's key, which is kept outside the cache: a graph replaced in the cache, whatever is
-    written beside it, is exported again, never run."""
-    path = onnx_path(sha256, contract)
+    written beside it, is built again, never run. Without a private key the graph is built
+    afresh, in a temporary folder, every time."""
     tag_file = path.with_suffix(".hmac")
     key = _cache_key()
     if key is None:
         with tempfile.TemporaryDirectory() as tmp:
-            return export_onnx(folder, Path(tmp) / path.name).read_bytes()
+            out = Path(tmp) / path.name
+            build(out)
+            return out.read_bytes()
 
     def tag(data: bytes) -> str:  # the file name binds the graph to its weights and contract
         return hmac.new(key, path.name.encode() + data, hashlib.sha256).hexdigest()
@@ -135,7 +147,7 @@ def _cached_export(folder: Path, sha256: str, contract: ModelContract) -> bytes:
         data = path.read_bytes()
         if hmac.compare_digest(tag(data), tag_file.read_text().strip()):
             return data
-    export_onnx(folder, path)
+    build(path)
     data = path.read_bytes()
     with atomic_path(tag_file) as tag_tmp:
         tag_tmp.write_text(tag(data))
@@ -182,11 +194,12 @@ class OnnxEngine(Engine):
 
     name = "onnx"
 
-    def __init__(self, folder: Path, *, threads: int | None = None) -> None:
+    def __init__(self, folder: Path, *, threads: int | None = None,
+                 memory_arena: bool = True) -> None:
         import onnxruntime as ort
 
         self.weights = ModelFolder.open(folder)
-        graph = _cached_export(self.folder, self.sha256, self.contract)
+        graph = self._graph()
         opts = ort.SessionOptions()
         # One thread per session.run: the pipeline runs one batch per core in parallel, which
         # beats splitting each batch across cores.
@@ -194,12 +207,43 @@ class OnnxEngine(Engine):
         opts.inter_op_num_threads = 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # The arena keeps the largest batch's buffers (about 340 MB for two concurrent batches
+        # of 64) for the session's life; without it they are freed after each batch, which a
+        # long-lived server wants and which costs a few percent of speed.
+        opts.enable_cpu_mem_arena = memory_arena
         self.session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
         self.gate = Gate.for_model(self.folder, self.sha256)
+
+    def _graph(self) -> bytes:
+        return _cached_export(self.folder, self.sha256, self.contract)
 
     def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         prob, features = self.session.run(None, {"images": np.ascontiguousarray(images)})
         return prob, features
+
+
+class OnnxInt8Engine(OnnxEngine):
+    """The fp32 export quantised to int8 on the model's calibration cells (core.quantize),
+    built on first use and cached, signed, per weights hash and calibration set."""
+
+    name = "onnx-int8"
+
+    def _graph(self) -> bytes:
+        from core.quantize import calibration_images, quantize_onnx, required_calibration
+
+        rec = required_calibration(self.folder, self.weights.card)
+        fp32 = super()._graph()
+
+        def build(out: Path) -> None:
+            images, _ = calibration_images(self.folder, self.weights.card,
+                                           size=self.contract.input_size)
+            quantize_onnx(fp32, images, out, float_blocks=rec.float_blocks, description=(
+                f"{rec.cells} cells of {len(rec.cases)} {rec.part} patients "
+                f"({', '.join(rec.cases)}), seed {rec.seed}, {rec.file} sha256 {rec.sha256}; "
+                f"kept in float: {', '.join(rec.float_blocks) or 'nothing'}"))
+
+        return _signed_cache(onnx_path(self.sha256, self.contract, calibration=rec.cache_key()),
+                             build)
 
 
 class TorchEngine(Engine):
@@ -207,7 +251,8 @@ class TorchEngine(Engine):
 
     name = "torch"
 
-    def __init__(self, folder: Path, *, threads: int | None = None) -> None:
+    def __init__(self, folder: Path, *, threads: int | None = None,
+                 memory_arena: bool = True) -> None:
         import torch
 
         from core.model import load_model
@@ -231,13 +276,18 @@ class TorchEngine(Engine):
         return (logits.softmax(1)[:, self.contract.positive_index].numpy(), features.numpy())
 
 
-def load_engine(weights: Path | str = DEFAULT_WEIGHTS, engine: str = "onnx", *,
-                threads: int | None = None) -> Engine:
-    """An engine for the model folder ``weights``. Raises WeightsError, ValueError."""
+def load_engine(weights: Path | str = DEFAULT_WEIGHTS, engine: str | None = None, *,
+                threads: int | None = None, memory_arena: bool = True) -> Engine:
+    """An engine for the model folder ``weights``; ``engine`` None: the model's default
+    (``core.quantize.default_engine``: int8 only where its card records that it passed the
+    agreement check on the test patients). ``memory_arena`` False: ONNX Runtime frees each
+    batch's buffers after it (for a long-lived server). Raises WeightsError, ValueError."""
+    if engine is None:
+        engine = default_engine(read_card(weights))
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    cls = OnnxEngine if engine == "onnx" else TorchEngine
-    return cls(Path(weights), threads=threads)
+    cls = {"onnx-int8": OnnxInt8Engine, "onnx": OnnxEngine, "torch": TorchEngine}[engine]
+    return cls(Path(weights), threads=threads, memory_arena=memory_arena)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,7 +477,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="half-width of the review band around the threshold: scored cells "
                         "whose P(Parasitized) lies within it are marked 'uncertain' in the "
                         f"review column, for a human (default {REVIEW_BAND})")
-    p.add_argument("--engine", choices=ENGINES, default="onnx")
+    p.add_argument("--engine", choices=ENGINES,
+                   help="default: the model's (onnx-int8 where its card records that int8 "
+                        "passed the agreement check on the test patients, else onnx)")
     p.add_argument("--group-by", choices=("case", "folder"), default="case")
     p.add_argument("--resume", metavar="RUN_ID", help="score only what RUN_ID is missing")
     p.add_argument("--store", type=Path, help="result store (SQLite); default $MALARIA_STORE "
@@ -475,7 +527,7 @@ def _main(args: argparse.Namespace) -> int:
             if args.resume:
                 info = store.run(args.resume)
                 inputs, weights, threshold = list(info.inputs), Path(info.weights), info.threshold
-                engine = load_engine(weights, args.engine)
+                engine = load_engine(weights, args.engine or info.engine)
                 if engine.sha256 != info.weights_sha256:
                     raise WeightsError(f"run {info.run_id} was scored with weights "
                                        f"{info.weights_sha256[:12]}..., {weights} now holds "

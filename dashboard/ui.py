@@ -26,6 +26,7 @@ from core.images import ImageError, decode_image, read_bytes, read_image
 from core.labels import ZIP_SEP, file_name
 from core.sources import ImageSource, open_source, sources_from_uploads
 from core.store import ResultStore, StoreError
+from dashboard.reaper import trim_heap
 
 ROOT = REPO_ROOT
 BRAND = "#8e244d"  # the product's colour: Parasitized, the default, the chosen
@@ -89,6 +90,16 @@ def init_state() -> None:
     }
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
+    _memory_reaper()
+
+
+@st.cache_resource
+def _memory_reaper():
+    """One thread per server giving back the uploads of sessions whose browser has gone."""
+    from streamlit.runtime import Runtime
+
+    from dashboard import reaper
+    return reaper.start(Runtime.instance)
 
 
 def kept(widget, label: str, *args, key: str, default, allowed=None, **kwargs):
@@ -256,9 +267,11 @@ def current_model() -> ModelFolder:
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
 def engine(folder: str, sha256: str):
-    """ONNX scoring engine, one per weights hash (``sha256`` is the cache key)."""
+    """The model's default scoring engine (int8 where its card records that it passed the
+    agreement check, else fp32 ONNX), one per weights hash (``sha256`` is the cache key); its
+    buffers are freed after each batch, so the server's memory returns after a big upload."""
     from core.score import load_engine
-    return load_engine(folder, "onnx")
+    return load_engine(folder, memory_arena=False)
 
 
 @st.cache_resource(show_spinner="Preparing the explainer…", max_entries=2)
@@ -350,6 +363,7 @@ def _score_now(items: Sequence[tuple[str, bytes]], model: ModelFolder
     df, run_id = score_uploads(items, engine=engine(str(model.path), model.sha256),
                                store=store(), progress=progress)
     bar.empty()
+    trim_heap()  # the decoding threads' freed buffers, back to the system
     assert run_id is not None  # a store was given
     return df, run_id
 

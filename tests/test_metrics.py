@@ -39,6 +39,15 @@ def test_wilson_interval_known_values():
     assert all(math.isnan(v) for v in wilson_interval(0, 0))
 
 
+@pytest.mark.parametrize("k, n", [(0, 1), (1, 1), (3, 7), (50, 100), (1, 5000), (4999, 5000)])
+@pytest.mark.parametrize("confidence", [0.9, 0.95, 0.99])
+def test_wilson_interval_is_scipys(k, n, confidence):
+    from scipy.stats import binomtest
+    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+    assert wilson_interval(k, n, confidence=confidence) == pytest.approx((ci.low, ci.high),
+                                                                          abs=1e-12)
+
+
 def test_parasitemia_summary_groups_and_flags():
     rows = []
     for i in range(20):  # C1: 10 of 20 parasitized

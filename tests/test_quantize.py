@@ -1,0 +1,180 @@
+"""The int8 engine: calibrated on training patients only, cached and signed like the fp32
+export, and (for the shipped model) making the same calls as fp32 on the fixture cells."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pandas as pd
+import pytest
+import torch
+
+import core.score
+from core import quantize
+from core.contract import DEFAULT_WEIGHTS, WeightsError, read_card
+from core.files import write_json
+from core.images import decode_image
+from core.labels import case_id
+from core.model import build_model, default_contract, save_model
+from core.score import load_engine
+from core.sources import iter_sources
+from core.splits import Split
+
+
+@pytest.fixture(scope="module")
+def fixture_images(cells_dir):
+    sources = list(iter_sources([cells_dir]))
+    labels = np.array([s.path.split("/")[-2] == "Parasitized" for s in sources], dtype=int)
+    return np.stack([decode_image(s.read(), size=128) for s in sources]), labels, sources
+
+
+@pytest.fixture(scope="module")
+def int8_model(tiny_model, cells_dir, tmp_path_factory):
+    """The tiny model with a split of the fixture patients and a calibration set of its
+    training patients' cells."""
+    folder = tmp_path_factory.mktemp("int8_model")
+    for f in tiny_model.iterdir():
+        shutil.copy(f, folder / f.name)
+    cases = sorted({case_id(s.name) for s in iter_sources([cells_dir])})
+    split = Split(train=tuple(cases[:4]), val=(cases[4],), test=(cases[5],), seed=0)
+    card = read_card(folder)
+    write_json(folder / "card.json", {**card, "split": split.to_json()})
+    sources = quantize.pick_calibration(list(iter_sources([cells_dir])), split, n=16)
+    quantize.write_calibration(folder, sources, split, seed=0)
+    return folder
+
+
+def test_calibration_cells_come_from_training_patients_only(int8_model):
+    card = read_card(int8_model)
+    rec = quantize.calibration_set(card)
+    split = Split.from_json(card["split"])
+    assert rec.cells == 16 and rec.part == "train" and set(rec.cases) <= set(split.train)
+    images, _ = quantize.calibration_images(int8_model, card, size=128)
+    assert images.shape == (16, 128, 128, 3) and images.dtype == np.uint8
+    assert card["int8"]["method"] == quantize.METHOD
+
+
+def test_int8_graph_is_qdq_per_channel_without_clip_and_records_its_calibration(int8_model):
+    engine = load_engine(int8_model, "onnx-int8")
+    rec = quantize.calibration_set(engine.weights.card)
+    path = core.score.onnx_path(engine.sha256, engine.contract, calibration=rec.cache_key())
+    model = onnx.load(str(path))
+    ops = [n.op_type for n in model.graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    clips = [n.name for n in model.graph.node if n.op_type == "Clip"]
+    assert all("/features.1/" in name for name in clips)  # the others folded into their conv
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props["quantization"] == quantize.METHOD
+    assert rec.sha256 in props["calibration"] and "features.1" in props["calibration"]
+    scales = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    depthwise = [n for n in model.graph.node if n.op_type == "Conv"
+                 and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    assert depthwise  # per-channel: a depthwise weight's scale has one value per channel
+    weight_dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    quantized = [weight_dq[n.input[1]] for n in depthwise if n.input[1] in weight_dq]
+    assert quantized and all(scales[dq.input[1]].size > 1 for dq in quantized)
+    float_dw = [n for n in depthwise if "/features.1/" in n.name]
+    assert float_dw and all(n.input[1] not in weight_dq for n in float_dw)  # kept float
+
+
+def test_int8_engine_scores_and_tracks_fp32_on_the_tiny_model(int8_model, fixture_images):
+    images, _, _ = fixture_images
+    int8 = load_engine(int8_model, "onnx-int8")(images)
+    fp32 = load_engine(int8_model, "onnx")(images)
+    assert int8.shape == fp32.shape == (len(images),) and int8.dtype == np.float32
+    assert ((int8 >= 0) & (int8 <= 1)).all()
+    assert np.abs(int8 - fp32).max() < 0.05
+
+
+def test_a_replaced_int8_graph_is_quantised_again_not_run(int8_model, fixture_images, tmp_path):
+    images = fixture_images[0][:8]
+    genuine = load_engine(int8_model, "onnx-int8")
+    expected = genuine(images)
+    rec = quantize.calibration_set(genuine.weights.card)
+    cached = core.score.onnx_path(genuine.sha256, genuine.contract, calibration=rec.cache_key())
+    assert cached.is_file() and cached != core.score.onnx_path(genuine.sha256, genuine.contract)
+    torch.manual_seed(123)  # the attacker's graph: another network, same inputs and outputs
+    save_model(tmp_path / "other", build_model("mobilenet_v2").eval(),
+               default_contract("mobilenet_v2"), {})
+    fake = core.score.export_onnx(tmp_path / "other", tmp_path / "fake.onnx").read_bytes()
+    assert np.abs(ort.InferenceSession(fake).run(None, {"images": images})[0]
+                  - expected).max() > 1e-3  # the replacement would be visible
+    cached.write_bytes(fake)
+    np.testing.assert_array_equal(load_engine(int8_model, "onnx-int8")(images), expected)
+    assert cached.read_bytes() != fake
+
+
+def test_a_changed_or_missing_calibration_set_is_refused(int8_model, tmp_path, tiny_model):
+    folder = tmp_path / "m"
+    shutil.copytree(int8_model, folder)
+    (folder / quantize.CALIBRATION_FILE).write_bytes(b"PK\x05\x06" + b"\0" * 18)
+    with pytest.raises(WeightsError, match="does not match its card"):
+        quantize.calibration_images(folder, read_card(folder), size=128)
+    with pytest.raises(WeightsError, match="no int8 calibration set"):
+        load_engine(tiny_model, "onnx-int8")
+
+
+def test_default_engine_is_int8_only_when_the_card_records_a_passed_check(int8_model, tmp_path):
+    card = read_card(int8_model)
+    assert quantize.default_engine(card) == "onnx"  # calibrated, never checked
+    assert load_engine(int8_model).name == "onnx"
+    checked = {**card, "int8": {**card["int8"], "check": {"passed": True}}}
+    assert quantize.default_engine(checked) == "onnx-int8"
+    assert quantize.default_engine({**card, "int8": {**card["int8"],
+                                                     "check": {"passed": False}}}) == "onnx"
+    assert quantize.default_engine({"int8": {"check": {"passed": True}}}) == "onnx"  # no cells
+
+
+def test_agreement_rule_on_a_hand_checked_case():
+    labels = np.array([1, 1, 0, 0])
+    fp32 = np.array([0.9, 0.6, 0.4, 0.1], dtype=np.float32)
+    same = quantize.agreement(fp32, fp32 + 0.01, labels, threshold=0.5)
+    assert same["passed"] and same["calls_differing"] == 0 and same["accuracy_diff"] == 0
+    flipped = quantize.agreement(fp32, np.array([0.9, 0.45, 0.4, 0.1]), labels, threshold=0.5)
+    assert flipped["calls_differing"] == 1 and flipped["accuracy_diff"] == pytest.approx(-0.25)
+    assert not flipped["passed"]
+
+
+def test_cli_scores_with_the_int8_engine_and_records_it(int8_model, cells_dir, tmp_path):
+    out = tmp_path / "r.csv"
+    rc = core.score.main(core.score.get_args_parser().parse_args(
+        [str(cells_dir), "--weights", str(int8_model), "--engine", "onnx-int8", "--out",
+         str(out), "--store", str(tmp_path / "s.sqlite"), "--no-progress"]))
+    assert rc == 0
+    df = pd.read_csv(out)
+    assert len(df) == len(list(cells_dir.rglob("*.png"))) and df["prob_parasitized"].notna().all()
+    from core.store import ResultStore
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        assert store.list_runs().iloc[0]["engine"] == "onnx-int8"
+
+
+# --- the shipped model ---------------------------------------------------------------------------
+
+def test_shipped_int8_makes_the_same_calls_as_fp32_on_the_fixture_cells(fixture_images):
+    """The agreement of calls the default engine rests on, on 44 real cells of 6 patients
+    (the full check on the 15 test patients is recorded in the card by core.quantize check)."""
+    images, labels, _ = fixture_images
+    fp32 = load_engine(DEFAULT_WEIGHTS, "onnx")(images)
+    int8 = load_engine(DEFAULT_WEIGHTS, "onnx-int8")(images)
+    threshold = read_card(DEFAULT_WEIGHTS)["contract"]["threshold"]
+    rec = quantize.agreement(fp32, int8, labels, threshold=threshold)
+    assert rec["calls_differing"] == 0, rec
+    assert rec["max_abs_prob_diff"] < 0.2 and np.abs(fp32 - int8).mean() < 0.05, rec
+
+
+def test_shipped_card_records_the_check_and_default_follows_the_rule():
+    card = read_card(DEFAULT_WEIGHTS)
+    rec = quantize.calibration_set(card)
+    split = Split.from_json(card["split"])
+    assert rec is not None and set(rec.cases) <= set(split.train)
+    assert not set(rec.cases) & (set(split.test) | set(split.val))
+    check = card["int8"]["check"]
+    assert check["part"] == "test" and check["patients"] == len(split.test)
+    within = (abs(check["accuracy_int8"] - check["accuracy_fp32"]) <= quantize.MAX_ACCURACY_DROP
+              and abs(check["auc_int8"] - check["auc_fp32"]) <= quantize.MAX_AUC_DROP)
+    assert check["passed"] == within
+    assert quantize.default_engine(card) == ("onnx-int8" if within else "onnx")
+    assert json.loads(json.dumps(check)) == check  # plain numbers, no NaN

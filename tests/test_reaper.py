@@ -1,0 +1,60 @@
+"""The dashboard gives back the uploads of sessions whose browser has gone, and only those."""
+from __future__ import annotations
+
+from dashboard import reaper
+
+
+class FakeFiles:
+    def __init__(self, owners: dict[str, bytes]) -> None:
+        self.file_storage = {sid: {"f": data} for sid, data in owners.items()}
+
+    def remove_session_files(self, sid: str) -> None:
+        self.file_storage.pop(sid, None)
+
+
+class FakeSession:
+    def __init__(self) -> None:
+        self.session_state = {"sources": object()}
+
+
+class FakeManager:
+    def __init__(self, sids) -> None:
+        self.sessions = {sid: FakeSession() for sid in sids}
+
+    def get_session_info(self, sid: str):
+        return type("Info", (), {"session": self.sessions[sid]})() if sid in self.sessions else None
+
+
+class FakeRuntime:
+    """What the reaper uses of streamlit's Runtime."""
+
+    def __init__(self, owners: dict[str, bytes], active: set[str]) -> None:
+        self.uploaded_file_mgr = FakeFiles(owners)
+        self._session_mgr = FakeManager(owners)
+        self.active = active
+        self.closed: list[str] = []
+
+    def is_active_session(self, sid: str) -> bool:
+        return sid in self.active
+
+    def close_session(self, sid: str) -> None:
+        self.closed.append(sid)
+
+
+def test_only_sessions_gone_for_the_grace_period_lose_their_uploads():
+    rt = FakeRuntime({"open": b"x", "gone": b"y", "blip": b"z"}, active={"open"})
+    seen: dict[str, float] = {}
+    assert reaper.release_departed(rt, seen, now=0.0, grace_s=60) == []
+    assert set(seen) == {"gone", "blip"}
+    rt.active.add("blip")  # reconnected within the grace period
+    assert reaper.release_departed(rt, seen, now=30.0, grace_s=60) == []
+    assert set(seen) == {"gone"}
+    assert reaper.release_departed(rt, seen, now=61.0, grace_s=60) == ["gone"]
+    assert rt.closed == ["gone"] and set(rt.uploaded_file_mgr.file_storage) == {"open", "blip"}
+    sessions = rt._session_mgr.sessions
+    assert sessions["gone"].session_state == {} and sessions["open"].session_state
+    assert seen == {}
+    rt.active.discard("blip")  # its clock starts again from when it left the second time
+    assert reaper.release_departed(rt, seen, now=100.0, grace_s=60) == []
+    assert reaper.release_departed(rt, seen, now=160.0, grace_s=60) == ["blip"]
+
