@@ -54,6 +54,14 @@ NOT_A_CELL = "not a cell"
 UNLIKE_TRAINING = "unlike the training cells"
 UNCERTAIN = "uncertain"  # the review band's mark; never a quality value
 CALIBRATION_FILE = "quality.npz"
+# The int8 engine's features are not the fp32 graph's (quantisation moves them by more than the
+# spread of the training cells in some directions): it gets a calibration of its own.
+INT8_CALIBRATION_FILE = "quality_int8.npz"
+
+
+def calibration_file(engine: str) -> str:
+    """The file of the feature calibration for the engine named ``engine``."""
+    return INT8_CALIBRATION_FILE if engine == "onnx-int8" else CALIBRATION_FILE
 CHECK_FILE = "quality_check.json"
 # Half-width of the review band around the threshold. Chosen on the shipped model's validation
 # patients: 2.3% of their cells fall inside, where its accuracy is 0.47 against 0.97 outside.
@@ -273,13 +281,15 @@ class Gate:
     note: str = ""  # why there is no model-side check, when there is none
 
     @classmethod
-    def for_model(cls, folder: Path | str, sha256: str) -> Gate:
-        """The gate of the model in ``folder`` whose weights hash to ``sha256``: with its
-        calibration when ``quality.npz`` is there and was made for these weights."""
-        path = Path(folder) / CALIBRATION_FILE
+    def for_model(cls, folder: Path | str, sha256: str, engine: str = "onnx") -> Gate:
+        """The gate of the model in ``folder`` whose weights hash to ``sha256``, scored by
+        ``engine``: with its calibration when that engine's file (``quality.npz``, or
+        ``quality_int8.npz`` for onnx-int8) is there and was made for these weights."""
+        name = calibration_file(engine)
+        path = Path(folder) / name
         if not path.is_file():
             return cls(
-                note=f"no {CALIBRATION_FILE} in this model folder: image checks only "
+                note=f"no {name} in this model folder: image checks only "
                 "(python -m core.quality calibrate --weights FOLDER)"
             )
         fm = FeatureModel.load(path)
@@ -355,15 +365,18 @@ def _features(engine, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray,
     return np.concatenate(probs), np.concatenate(feats)
 
 
-def calibrate(weights: Path, data: Sequence[str], *, quantile: float = 0.995) -> FeatureModel:
-    """Fit the feature model on the training patients' cells of the model in ``weights``, set
-    its limit on the validation patients' and save it as ``quality.npz`` beside the weights."""
+def calibrate(weights: Path, data: Sequence[str], *, quantile: float = 0.995,
+              engine_name: str = "onnx") -> FeatureModel:
+    """Fit the feature model on the training patients' cells of the model in ``weights`` as
+    ``engine_name`` computes their features, set its limit on the validation patients' and save
+    it beside the weights (``calibration_file(engine_name)``)."""
     from core.images import load_array
     from core.score import load_engine
 
+    name = calibration_file(engine_name)
     # the file is replaced: an unreadable or outdated one must not stop the engine loading
-    (Path(weights) / CALIBRATION_FILE).unlink(missing_ok=True)
-    engine = load_engine(weights, "onnx", threads=os.cpu_count())
+    (Path(weights) / name).unlink(missing_ok=True)
+    engine = load_engine(weights, engine_name, threads=os.cpu_count())
     split = engine.weights.split
     samples, sources = _split_cells(data, split, ("train", "val"))
     images = load_array([sources[s.path] for s in samples], size=engine.contract.input_size)
@@ -373,10 +386,10 @@ def calibrate(weights: Path, data: Sequence[str], *, quantile: float = 0.995) ->
     fm = fit_features(
         feats[train], labels[train], feats[~train], quantile=quantile, weights_sha256=engine.sha256
     )
-    fm.save(Path(weights) / CALIBRATION_FILE)
+    fm.save(Path(weights) / name)
     stats = image_stats(images)
     print(
-        f"{CALIBRATION_FILE}: fitted on {train.sum():,} cells of {len(split['train'])} training "
+        f"{name} ({engine_name}): fitted on {train.sum():,} cells of {len(split['train'])} training "
         f"patients; limit {fm.limit:.2f} = {quantile:.1%} quantile of {(~train).sum():,} cells "
         f"of {len(split['val'])} validation patients",
         file=sys.stderr,
@@ -395,7 +408,7 @@ def check(weights: Path, data: Sequence[str], *, smear: Path | None, seed: int =
     from core.noncells import as_png, non_cells
     from core.score import load_engine, score_uploads
 
-    engine = load_engine(weights, "onnx", threads=os.cpu_count())
+    engine = load_engine(weights, threads=os.cpu_count())  # the engine users get
     split = engine.weights.split
     samples, sources = _split_cells(data, split, ("test",))
     images = load_array([sources[s.path] for s in samples], size=engine.contract.input_size)
@@ -478,7 +491,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     try:
         if args.command == "calibrate":
-            calibrate(args.weights, args.data, quantile=args.quantile)
+            for engine_name in ("onnx", "onnx-int8"):
+                calibrate(args.weights, args.data, quantile=args.quantile,
+                          engine_name=engine_name)
             return 0
         result = check(args.weights, args.data, smear=args.smear)
     except (WeightsError, FileNotFoundError, ValueError) as exc:

@@ -212,7 +212,7 @@ class OnnxEngine(Engine):
         # long-lived server wants and which costs a few percent of speed.
         opts.enable_cpu_mem_arena = memory_arena
         self.session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
-        self.gate = Gate.for_model(self.folder, self.sha256)
+        self.gate = Gate.for_model(self.folder, self.sha256, self.name)
 
     def _graph(self) -> bytes:
         return _cached_export(self.folder, self.sha256, self.contract)
@@ -263,7 +263,7 @@ class TorchEngine(Engine):
         self.model = loaded.model.to(memory_format=torch.channels_last)
         self.weights = ModelFolder(Path(loaded.folder), loaded.card, loaded.contract,
                                    loaded.sha256)
-        self.gate = Gate.for_model(self.folder, self.sha256)
+        self.gate = Gate.for_model(self.folder, self.sha256, self.name)
 
     def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch
