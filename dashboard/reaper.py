@@ -66,19 +66,22 @@ def release_departed(runtime, departed_since: dict[str, float], *, now: float,
     return closed
 
 
-def start(get_runtime: Callable[[], object], *, interval_s: float = INTERVAL_S,
+def start(get_runtime: Callable[[], object | None], *, interval_s: float = INTERVAL_S,
           grace_s: float = GRACE_S) -> threading.Thread:
     """A daemon thread running ``release_departed`` every ``interval_s`` seconds and trimming
-    the heap after a session was closed."""
+    the heap after a session was closed. ``get_runtime`` returns None where there is no
+    server (Streamlit's AppTest): the thread then does nothing."""
     def loop() -> None:
         departed: dict[str, float] = {}
         while True:
             time.sleep(interval_s)
-            closed = release_departed(get_runtime(), departed, now=time.monotonic(),
-                                      grace_s=grace_s)
+            runtime = get_runtime()
+            if runtime is None:
+                continue
+            closed = release_departed(runtime, departed, now=time.monotonic(), grace_s=grace_s)
             if closed:
                 trim_heap()
-                _LOG.warning("closed %d session(s) whose browser left %.0f s ago; their uploads "
+                _LOG.info("closed %d session(s) whose browser left %.0f s ago; their uploads "
                              "are released", len(closed), grace_s)
 
     thread = threading.Thread(target=loop, name="release-departed-sessions", daemon=True)

@@ -99,7 +99,7 @@ def _memory_reaper():
     from streamlit.runtime import Runtime
 
     from dashboard import reaper
-    return reaper.start(Runtime.instance)
+    return reaper.start(lambda: Runtime.instance() if Runtime.exists() else None)
 
 
 def kept(widget, label: str, *args, key: str, default, allowed=None, **kwargs):

@@ -1,6 +1,8 @@
 """The dashboard gives back the uploads of sessions whose browser has gone, and only those."""
 from __future__ import annotations
 
+import time
+
 from dashboard import reaper
 
 
@@ -39,6 +41,15 @@ class FakeRuntime:
 
     def close_session(self, sid: str) -> None:
         self.closed.append(sid)
+
+
+def test_the_thread_waits_where_there_is_no_server():
+    calls = []
+    thread = reaper.start(lambda: calls.append(1), interval_s=0.01)  # returns None: no runtime
+    deadline = time.monotonic() + 5
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert thread.is_alive() and len(calls) >= 3  # asked again and again, never crashed
 
 
 def test_only_sessions_gone_for_the_grace_period_lose_their_uploads():
