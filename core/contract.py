@@ -185,6 +185,13 @@ AUDIT_FILE = "label_audit.csv"
 DECISIONS_FILE = "label_decisions.csv"
 
 
+def fold_runs(folder: Path | str) -> list[Path]:
+    """The k-fold runs' folders (``folds/fold0``, ...) of a model folder that have a training
+    history, by fold number."""
+    runs = [p.parent for p in Path(folder).glob(f"folds/fold*/{HISTORY_FILE}")]
+    return sorted(runs, key=lambda run: (len(run.name), run.name))  # fold10 after fold9
+
+
 def predictions_path(folder: Path | str, part: str) -> Path:
     """A model folder's predictions of one part: ``test``, ``val`` (its held-back patients) or
     ``oof`` (every development cell, out of fold)."""
@@ -257,7 +264,7 @@ class ModelFolder:
     @property
     def fold_runs(self) -> list[Path]:
         """The k-fold runs' folders (``folds/fold0``, ...) that have a training history."""
-        return sorted(p.parent for p in self.path.glob(f"folds/fold*/{HISTORY_FILE}"))
+        return fold_runs(self.path)
 
     @property
     def audit(self) -> Path:

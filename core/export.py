@@ -37,6 +37,14 @@ def _neutral(value: object) -> object:
     return value
 
 
+def restore(value: object) -> object:
+    """A cell as it was before ``neutralise``: the ``'`` put before a formula lead removed
+    (for reading our own CSVs back)."""
+    if isinstance(value, str) and value[:1] == "'" and value[1:2] in FORMULA_LEADS:
+        return value[1:]
+    return value
+
+
 def neutralise(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` with formula-leading text cells prefixed by ``'``; numeric and boolean columns
     untouched."""

@@ -84,15 +84,19 @@ def decode_image(data: bytes, *, size: int | None = None) -> np.ndarray:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
 
 
-def read_image(src: ImageSource, *, size: int | None = None) -> np.ndarray:
-    """Read and decode one source; any failure (I/O, zip, decoding) is an ImageError."""
+def read_bytes(src: ImageSource) -> bytes:
+    """The bytes of one source; any failure (I/O, zip) is an ImageError."""
     try:
-        data = src.read()
+        return src.read()
     except ImageError:
         raise
     except Exception as exc:
         raise ImageError(f"cannot read file: {exc}") from None
-    return decode_image(data, size=size)
+
+
+def read_image(src: ImageSource, *, size: int | None = None) -> np.ndarray:
+    """Read and decode one source; any failure (I/O, zip, decoding) is an ImageError."""
+    return decode_image(read_bytes(src), size=size)
 
 
 def load_array(sources: Sequence[ImageSource], *, size: int, workers: int | None = None,

@@ -93,12 +93,14 @@ _COUNTS = ["cells", "errors", "not_counted", "parasitized", "uncertain", "prob_s
 
 def parasitemia_counts(results: pd.DataFrame, *, group_by: str = "case") -> pd.DataFrame:
     """Per-group counts of result rows (path, case_id, prediction, prob, error, and where
-    present quality and review: ``core.quality``), indexed by group: cells, errors,
-    not_counted (failed the quality gate), parasitized, uncertain (in the review band),
-    prob_sum. Counts of chunks add up, so a run of any size can be summarised chunk by chunk.
-    Raises ValueError for an unknown ``group_by``."""
+    present quality and review: ``core.quality``; rows with a ``duplicate_of`` are left out),
+    indexed by group: cells, errors, not_counted (failed the quality gate), parasitized,
+    uncertain (in the review band), prob_sum. Counts of chunks add up, so a run of any size can
+    be summarised chunk by chunk. Raises ValueError for an unknown ``group_by``."""
     if group_by not in ("case", "folder"):
         raise ValueError(f"group_by must be 'case' or 'folder', got {group_by!r}")
+    if "duplicate_of" in results:  # a second copy of a file: counted once, as the first
+        results = results[results["duplicate_of"].isna()]
     if results.empty:
         return pd.DataFrame(columns=_COUNTS, index=pd.Index([], name="group"))
     scored = results["error"].isna()

@@ -38,7 +38,7 @@ from threadpoolctl import threadpool_limits
 from core.contract import DEFAULT_WEIGHTS, ModelContract, ModelFolder, WeightsError
 from core.export import OutputError, check_output, write_csv
 from core.files import REPO_ROOT, atomic_path
-from core.images import ImageError, read_image
+from core.images import ImageError, decode_image, read_bytes
 from core.labels import ZIP_SEP, case_id, label_from_path, predicted_class
 from core.metrics import parasitemia_summary
 from core.quality import REVIEW_BAND, Gate, review
@@ -250,18 +250,21 @@ class _Decoded:
     images: np.ndarray  # uint8 (k, S, S, 3) for the sources that decoded
     ok: tuple[int, ...]  # index into sources of each decoded image
     errors: dict[int, str]
+    digests: dict[int, str]  # sha256 of the bytes of each source that could be read
 
 
 def _decode_batch(sources: tuple[ImageSource, ...], size: int) -> _Decoded:
-    images, ok, errors = [], [], {}
+    images, ok, errors, digests = [], [], {}, {}
     for i, src in enumerate(sources):
         try:
-            images.append(read_image(src, size=size))
+            data = read_bytes(src)
+            digests[i] = hashlib.sha256(data).hexdigest()
+            images.append(decode_image(data, size=size))
             ok.append(i)
         except ImageError as exc:
             errors[i] = str(exc)
     arr = np.stack(images) if images else np.empty((0, size, size, 3), np.uint8)
-    return _Decoded(sources, arr, tuple(ok), errors)
+    return _Decoded(sources, arr, tuple(ok), errors, digests)
 
 
 def _rows(decoded: _Decoded, prob: np.ndarray, quality: Sequence[str], threshold: float
@@ -274,9 +277,23 @@ def _rows(decoded: _Decoded, prob: np.ndarray, quality: Sequence[str], threshold
             "path": src.path, "case_id": case_id(src.name), "label": label_from_path(src.path),
             "prob_parasitized": p,
             "prediction": None if p is None else predicted_class(p, threshold),
-            "quality": q, "error": decoded.errors.get(i),
+            "quality": q, "error": decoded.errors.get(i), "duplicate_of": None,
+            "sha256": decoded.digests.get(i),
         })
     return rows
+
+
+def mark_duplicates(rows: list[dict], seen: dict[str, str]) -> None:
+    """Rows whose file has the same bytes as one already in ``seen`` (sha256 -> path, updated
+    with the new files) become duplicates of it, in place: ``duplicate_of`` names the first,
+    and they keep no probability or prediction, so the file is counted once."""
+    for row in rows:
+        digest = row.get("sha256")
+        if digest is None or row["error"] is not None:
+            continue
+        first = seen.setdefault(digest, row["path"])
+        if first != row["path"]:
+            row.update(duplicate_of=first, prob_parasitized=None, prediction=None)
 
 
 def _score_batch(sources: tuple[ImageSource, ...], engine: Engine, threshold: float
@@ -289,16 +306,20 @@ def _score_batch(sources: tuple[ImageSource, ...], engine: Engine, threshold: fl
 
 
 def iter_scored(sources: Iterable[ImageSource], engine: Engine, *, threshold: float | None = None,
-                batch_size: int = 64, workers: int | None = None) -> Iterator[list[dict]]:
-    """Score ``sources`` in batches; yields one list of result rows (RESULT_COLUMNS) per batch.
+                batch_size: int = 64, workers: int | None = None,
+                seen: dict[str, str] | None = None) -> Iterator[list[dict]]:
+    """Score ``sources`` in batches; yields one list of result rows (RESULT_COLUMNS and the
+    ``sha256`` of the file) per batch.
 
     Each of ``workers`` threads decodes a batch and runs the model on it (both release the
     GIL), so decoding and inference overlap with no hand-off; at most two batches per worker
     are in flight, so memory stays flat whatever the number of images. Batches come out in
     input order. A file that cannot be read or decoded becomes a row with ``error`` set and no
-    probability; it never stops the run.
+    probability; it never stops the run. A file with the same bytes as an earlier one (or one
+    in ``seen``, sha256 -> path) is marked a duplicate of it (:func:`mark_duplicates`).
     """
     threshold = engine.contract.threshold if threshold is None else threshold
+    seen = {} if seen is None else seen
     workers = workers or os.cpu_count() or 1
     it = iter(sources)
     if batch_size < 1:
@@ -317,7 +338,9 @@ def iter_scored(sources: Iterable[ImageSource], engine: Engine, *, threshold: fl
                 pending.append(pool.submit(_score_batch, chunk, engine, threshold))
             if not pending:
                 return
-            yield pending.popleft().result()
+            rows = pending.popleft().result()
+            mark_duplicates(rows, seen)  # here, in input order: the first copy is the one kept
+            yield rows
     finally:  # also on Ctrl-C or an abandoned generator: drop queued batches, don't wait
         pool.shutdown(wait=True, cancel_futures=True)
         blas.restore_original_limits()
@@ -331,11 +354,14 @@ def score_sources(sources: Sequence[ImageSource], engine: Engine, *,
 
     Returns a DataFrame with RESULT_COLUMNS (one row per source, in input order) when
     ``collect``, else None (the store holds the results). ``progress(done, total)`` is called
-    after each batch.
+    after each batch. Files with the same bytes as one scored before (in this call or, for a
+    resumed run, already in the store) are duplicate rows.
     """
     rows: list[dict] = []
     done, total = 0, len(sources)
-    for batch in iter_scored(sources, engine, threshold=threshold, batch_size=batch_size):
+    seen = store.digests(run_id) if store is not None and run_id is not None else {}
+    for batch in iter_scored(sources, engine, threshold=threshold, batch_size=batch_size,
+                             seen=seen):
         if store is not None and run_id is not None:
             store.add_results(run_id, batch)
         if collect:
@@ -409,6 +435,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow-links", action="store_true",
                    help="score images that symbolic links in an input folder point to outside "
                         "it (DVC, git-annex); by default each such link is an error row")
+    p.add_argument("--name", help="a name for the run (the dashboard lists runs by it)")
+    p.add_argument("--sample", help="free text: the sample, slide or patient scored")
+    p.add_argument("--operator", help="free text: who ran it")
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -467,7 +496,8 @@ def _main(args: argparse.Namespace) -> int:
         if run_id is None:
             run_id = store.new_run(inputs=inputs, weights=str(engine.folder.resolve()),
                                    weights_sha256=engine.sha256, threshold=threshold,
-                                   engine=engine.name, kind="files")
+                                   engine=engine.name, kind="files", name=args.name,
+                                   sample=args.sample, operator=args.operator)
         store.set_total(run_id, len(sources))
         done = store.done_paths(run_id)
         todo = [s for s in sources if s.path not in done]
@@ -498,6 +528,7 @@ def _main(args: argparse.Namespace) -> int:
                              f"{store.path}: export them again with --resume {run_id} --out FILE")
         summary = parasitemia_summary(reviewed(), group_by=args.group_by,
                                       cutoff=engine.weights.screening_cutoff)
+        n_dup = sum(int(c["duplicate_of"].notna().sum()) for c in store.iter_results(run_id))
     with pd.option_context("display.max_rows", 200, "display.width", 140):
         print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.summary:
@@ -509,8 +540,10 @@ def _main(args: argparse.Namespace) -> int:
     n_out, n_unsure = int(summary["not_counted"].sum()), int(summary["uncertain"].sum())
     print(f"{n_scored} scored and counted, {n_err} errors, {n_out} not counted (failed the "
           f"quality gate), {n_unsure} uncertain (P(Parasitized) within {args.band:g} of "
-          f"{threshold:g}); the last two are listed for review in the review column; run "
-          f"{run_id}" + (f"; results in {args.out}" if args.out else ""), file=sys.stderr)
+          f"{threshold:g}); the last two are listed for review in the review column"
+          + (f"; {n_dup} duplicates (same bytes as another file: counted once)" if n_dup else "")
+          + f"; run {run_id}" + (f"; results in {args.out}" if args.out else ""),
+          file=sys.stderr)
     if not n_scored and not n_out:
         return _fail("no image could be scored; the error column says why for each input")
     return 1 if n_err else 0

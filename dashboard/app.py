@@ -12,9 +12,11 @@ PAGES = Path(__file__).resolve().parent / "views"
 page = st.navigation([
     st.Page(PAGES / "home.py", title="Home", icon=":material/home:", default=True),
     st.Page(PAGES / "score.py", title="Score", icon=":material/biotech:"),
+    st.Page(PAGES / "smear.py", title="Smear", icon=":material/blur_on:"),
     st.Page(PAGES / "explain.py", title="Explain", icon=":material/visibility:"),
     st.Page(PAGES / "methods.py", title="Heatmap check", icon=":material/fact_check:"),
     st.Page(PAGES / "evaluate.py", title="Evaluate", icon=":material/grid_on:"),
+    st.Page(PAGES / "audit.py", title="Audit", icon=":material/rule:"),
     st.Page(PAGES / "training.py", title="Training", icon=":material/show_chart:"),
     st.Page(PAGES / "study.py", title="Study", icon=":material/science:"),
 ])

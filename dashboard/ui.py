@@ -14,13 +14,16 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 from PIL import Image
 
 from core.contract import DEFAULT_WEIGHTS, ModelFolder, WeightsError, find_models
 from core.files import REPO_ROOT
-from core.images import ImageError, read_image
+from core.heatmap import for_display
+from core.images import ImageError, decode_image, read_bytes, read_image
+from core.labels import ZIP_SEP, file_name
 from core.sources import ImageSource, open_source, sources_from_uploads
 from core.store import ResultStore, StoreError
 
@@ -46,6 +49,15 @@ def plain(text: object) -> str:
                         escaped)
 
 
+def short_name(name: str, length: int = 30) -> str:
+    """``name`` in at most ``length`` characters, its end kept: NIH names differ in their
+    last part (``C123P84ThinF_IMG_2015…_cell_197.png``)."""
+    if len(name) <= length:
+        return name
+    head = length // 3
+    return f"{name[:head]}…{name[-(length - head - 1):]}"
+
+
 def chart_text(values) -> list[str]:
     """Labels for Plotly, which renders <a href>, <b>... in labels: HTML-escaped, shown as
     typed."""
@@ -63,10 +75,77 @@ def init_state() -> None:
         "pending_items": None,  # (name, bytes) handed over from Home to Score
         "explain_item": None,  # (name, bytes) handed over to Explain
         "cm_cell": None,  # (data source, true class, predicted class) chosen on Evaluate
+        "smear": None,  # Smear page: (objects DataFrame, FieldResults, run id, sources)
+        "smear_items": None,  # (name, bytes) of fields handed to the Smear page (tests)
+        "smear_cell": None,  # the red cell picked on the Smear page (index among red cells)
+        "audit_decisions": {},  # path -> {case_id, label, decision} made on Audit, this session
+        "audit_note": None,  # what the last save of those decisions said
+        "explain_link": None,  # query parameters that reopen the explain_item (run, cell)
+        "score_cell": None,  # path of the cell shown large on Score
+        "evaluate_cell": None,  # path of the cell shown large on Evaluate
+        "evaluate_items": None,  # the labelled upload on Evaluate, (name, bytes) pairs
+        "kept": {},  # widget key -> value, kept while the widget's page is not shown
         "report": None,  # (run id, HTML) of the last report made on Score
     }
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
+
+
+def kept(widget, label: str, *args, key: str, default, allowed=None, **kwargs):
+    """``widget(label, *args, key=key, **kwargs)`` (a Streamlit input) whose value survives
+    switching to another page and back: Streamlit deletes the state of widgets that a run
+    does not draw, so the value is also kept under ``kept`` and given back to the widget when
+    its page is drawn again. ``default`` is the first value; a kept value that is not in
+    ``allowed`` (for a list: its members that are) falls back to it (another model's layers)."""
+    saved = st.session_state["kept"]
+    if key not in st.session_state:
+        value = saved.get(key, default)
+        if allowed is not None:
+            if isinstance(value, list):
+                value = [v for v in value if v in allowed]
+            elif value not in allowed:
+                value = default
+        st.session_state[key] = value
+    saved[key] = value = widget(label, *args, key=key, **kwargs)
+    return value
+
+
+def linked_cell(params: dict[str, str]) -> tuple[str, bytes]:
+    """The (name, bytes) of the cell that a page's query parameters name: ``sample`` (a
+    bundled sample), ``run`` and ``cell`` (a file scored by a stored run of files on this
+    machine) or ``split=test`` and ``cell`` (a test-split cell of the selected model). Only
+    files that such a run or split lists are read, never any path a link names.
+
+    Raises LookupError (StoreError included) saying why the cell cannot be shown."""
+    cell = params.get("cell", "")
+    if "sample" in params:
+        samples = dict(sample_items())
+        if params["sample"] not in samples:
+            raise LookupError(f"no sample cell {params['sample']!r}")
+        return params["sample"], samples[params["sample"]]
+    if "run" in params:
+        info = store().run(params["run"])
+        if info.kind != "files":
+            raise LookupError(f"run {info.run_id} scored uploads, whose images are not kept")
+        listed = set(store().results(info.run_id)["path"])
+    elif params.get("split") in ("test", "oof"):
+        predictions = current_model().predictions(params["split"])
+        listed = set(pd.read_csv(predictions)["path"]) if predictions.is_file() else set()
+    else:
+        raise LookupError("the link names no sample, run or split")
+    if cell not in listed:
+        raise LookupError(f"{cell!r} is not a cell of that run or split")
+    try:  # a split's paths are relative to the repository, a run's as they were scored
+        return cell, (repo_source(cell) if "split" in params else open_source(cell)).read()
+    except OSError as exc:
+        raise LookupError(f"{cell} cannot be read ({exc})") from None
+
+
+def open_in_explain(name: str, data: bytes, link: dict[str, str] | None = None) -> None:
+    """Show the image ``data`` on the Explain page; ``link`` (query parameters: run and cell)
+    lets a reload or a shared link find it again."""
+    st.session_state.update(explain_item=(name, data), explain_link=link)
+    st.switch_page("views/explain.py", query_params=link)
 
 
 # --- model ------------------------------------------------------------------------------------
@@ -112,7 +191,57 @@ def model_sidebar() -> None:
         if data:
             st.caption(f"Trained on {data}; {len(model.split['train'])} training patients")
         with st.expander("Model card"):
-            st.json(model.card, expanded=False)
+            show_card(model.card)
+
+
+# log axes: a labelled tick at each power of ten, unlabelled ones at 2 and 5 between them
+LOG_AXIS = dict(type="log", dtick=1, tickformat=".0e", showgrid=True,
+                minor=dict(dtick="D2", ticks="outside", showgrid=True, gridcolor="#f0f0f0"))
+_METRICS = ("n", "cases", "accuracy", "auc", "sensitivity", "specificity", "ppv", "npv", "f1",
+            "mcc")
+
+
+def show_card(card: dict) -> None:
+    """A model card as tables a person reads (what the model is, how it scored on each split,
+    its contract and training settings), not as raw JSON."""
+    split = card.get("split", {})
+    screening = card.get("screening", {})
+    about = {
+        "architecture": card.get("arch"),
+        "created": str(card.get("created", ""))[:16].replace("T", " "),
+        "weights sha256": card.get("sha256"),
+        "kept epoch": f"{card.get('best_epoch')} ({card.get('selected_by')})"
+                      if card.get("best_epoch") else None,
+        "patients (train / validation / test)":
+            " / ".join(str(len(split.get(k, []))) for k in ("train", "val", "test"))
+            if split else None,
+        "training data": ", ".join(card.get("training_data", [])),
+        "screening cutoff": f"{screening['cutoff']:.1%} ({screening.get('method', '')})"
+                            if "cutoff" in screening else None,
+        "training command": card.get("training_command"),
+    }
+    facts = pd.DataFrame({"": list(about), "value": [str(v) for v in about.values()]})
+    st.dataframe(facts[[v != "None" for v in facts["value"]]], hide_index=True,
+                 width="stretch")
+    metrics = pd.DataFrame({name: {k: m.get(k) for k in _METRICS}
+                            for name, m in card.get("metrics", {}).items()}).T
+    if not metrics.empty:
+        st.caption("Metrics per split (test: patients never used for training or selection)")
+        st.dataframe(metrics, width="stretch", placeholder="", column_config={
+            k: st.column_config.NumberColumn(format="%d" if k in ("n", "cases") else "%.4f")
+            for k in _METRICS})
+    settings = {**card.get("contract", {}), **card.get("config", {})}
+    if settings:
+        st.caption("Contract (what every user of the model reads) and training settings")
+        st.dataframe(pd.DataFrame({"setting": list(settings),
+                                   "value": [str(v) for v in settings.values()]}),
+                     hide_index=True, width="stretch")
+
+
+def preset(key: str, value) -> None:
+    """Give the ``kept`` widget ``key`` the value ``value`` the next time its page draws it."""
+    st.session_state["kept"][key] = value
+    st.session_state.pop(key, None)
 
 
 def current_model() -> ModelFolder:
@@ -238,19 +367,48 @@ def score(items: Sequence[tuple[str, bytes]]) -> tuple[pd.DataFrame, str]:
     return scored[key]
 
 
-def image_of(path: str, sources: dict[str, ImageSource], *, on_disk: bool,
-             size: int | None = None):
-    """A result's image, RGB uint8 (H, W, 3) (resized to ``size`` if given), or None if it
-    cannot be read.
+def repo_source(path: str) -> ImageSource:
+    """The image that a model folder's predictions CSV names. Its paths are relative to the
+    repository root (where ``core.train`` runs), whatever the server's working directory.
+    Raises FileNotFoundError."""
+    return open_source(str(ROOT / path))  # an absolute path stays as it is
+
+
+def images_missing(paths: Sequence[str], what: str) -> bool:
+    """Whether the files or zips that ``paths`` (from the predictions CSV ``what``) are read
+    from are missing on this machine; if so, one warning says where they are expected."""
+    places = {(ROOT / (p if (ROOT / p).is_file() else p.split(ZIP_SEP, 1)[0])).resolve()
+              for p in paths}  # a "!" may be part of a file's name
+    missing = sorted(p for p in places if not p.is_file())
+    if missing:
+        st.warning(plain(f"The cell images are not on this machine: expected "
+                         f"{', '.join(map(str, missing))} (the paths in {what} are relative to "
+                         f"the repository, {ROOT}). Put the data there to see the cells."))
+    return bool(missing)
+
+
+def cell_source(path: str, sources: dict[str, ImageSource], *, on_disk: bool
+                ) -> ImageSource | None:
+    """The image of a result row, or None when it is not at hand.
 
     ``on_disk``: the run scored files of this machine (CLI), so a path missing from
     ``sources`` may be read from disk; upload names are never looked up on disk.
     """
     try:
-        source = sources.get(path) or (open_source(path) if on_disk else None)
-        return None if source is None else read_image(source, size=size)
-    except (ImageError, OSError):  # gone from disk, or the error row itself
+        return sources.get(path) or (open_source(path) if on_disk else None)
+    except OSError:  # gone from disk
         return None
+
+
+def forget_run(run_id: str) -> None:
+    """After ``run_id`` was deleted from the store: off the page if on show, and out of this
+    session's scorings (whose entries name their runs)."""
+    if st.session_state["run_id"] == run_id:
+        st.session_state.update(results=None, run_id=None, score_cell=None)
+        st.query_params.clear()
+    scored = st.session_state.get("scored", {})
+    for key in [k for k, (_, run) in scored.items() if run == run_id]:
+        del scored[key]
 
 
 def thumbnail(path: str, sources: dict[str, ImageSource], *, on_disk: bool,
@@ -259,7 +417,49 @@ def thumbnail(path: str, sources: dict[str, ImageSource], *, on_disk: bool,
     image = image_of(path, sources, on_disk=on_disk, size=size)
     if image is None:
         return None
-    img = Image.fromarray(image)
     buf = io.BytesIO()
-    img.save(buf, "PNG")
+    Image.fromarray(image).save(buf, "PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_of(path: str, sources: dict[str, ImageSource], *, on_disk: bool,
+             size: int | None = None) -> np.ndarray | None:
+    """A result's image, RGB uint8 (H, W, 3) (resized to ``size`` if given), or None if it
+    cannot be read (``on_disk`` as for :func:`cell_source`)."""
+    try:
+        source = cell_source(path, sources, on_disk=on_disk)
+        return None if source is None else read_image(source, size=size)
+    except (ImageError, OSError):  # gone from disk, or the error row itself
+        return None
+
+
+def cell_view(path: str, source: ImageSource | None, *, details: str, state_key: str,
+              link: dict[str, str] | None = None,
+              also: Sequence[tuple[np.ndarray, str]] = ()) -> None:
+    """One cell shown large (250-350 px) with ``details`` (Markdown, names escaped by the
+    caller), any images in ``also`` as (RGB array, caption) beside it, a button that opens it
+    in Explain and one that closes the view by clearing ``st.session_state[state_key]``."""
+    with st.container(border=True):
+        cols = st.columns([2] * (1 + len(also)) + [3])
+        data: bytes | None = None
+        try:
+            if source is None:
+                raise ImageError("its image is not at hand: a reopened upload keeps its "
+                                 "results, not its images (or the file moved)")
+            data = read_bytes(source)
+            cols[0].image(for_display(decode_image(data)),  # upsampled smoothly, not blocky
+                          caption=plain(file_name(path)), width="stretch")
+        except (ImageError, OSError) as exc:
+            data = None
+            cols[0].info(plain(f"{file_name(path)}: {exc}"))
+        for col, (extra, caption) in zip(cols[1:], also):
+            col.image(extra, caption=plain(caption), width="stretch")
+        info = cols[-1]
+        info.markdown(details)
+        info.caption(plain(path))
+        if info.button("Open in Explain", key=f"{state_key}_explain", type="primary",
+                       disabled=data is None, icon=":material/visibility:") and data:
+            open_in_explain(path, data, link)
+        if info.button("Close", key=f"{state_key}_close"):
+            st.session_state[state_key] = None
+            st.rerun()

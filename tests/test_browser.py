@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.serve import CHROMIUM_ARGS, DRAWN, IDLE, running_app
+from bench.serve import CHROMIUM_ARGS, DRAWN, IDLE, running_app, wait_for_rerun
 from core.files import REPO_ROOT
 
 ROOT = REPO_ROOT
@@ -48,7 +48,7 @@ def test_a_page_url_opens_directly(server, page):
     (router, sidebar, model card), not the bare page script. Runs first: fresh server."""
     page.goto(f"{server}/score")
     page.get_by_text("Score cells").first.wait_for(timeout=90_000)
-    page.get_by_text("unseen patients").first.wait_for(timeout=90_000)  # the sidebar's card
+    page.get_by_text("held-back test patients").first.wait_for(timeout=90_000)  # the sidebar's card
     assert page.get_by_text("Traceback").count() == 0
 
 
@@ -74,7 +74,7 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     for _ in range(10):
         page.keyboard.press("ArrowRight")
     playwright.expect(value).to_have_text("0.60")
-    page.get_by_test_id("stDataFrame").first.wait_for()
+    page.get_by_test_id("stMain").get_by_test_id("stDataFrame").first.wait_for()
     page.wait_for_function(DRAWN, timeout=60_000)
     page.screenshot(path=str(SHOTS / "score.png"), full_page=True)
     page.wait_for_function(IDLE)
@@ -88,13 +88,38 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     assert page.get_by_text("Traceback").count() == 0
     run_id = page.get_by_test_id("stHeading").filter(has_text="Results · run").inner_text()
     run_id = run_id.split("run")[-1].strip()
+    page.get_by_test_id("stRadio").filter(has_text="Group by").get_by_text("folder").click()
+    wait_for_rerun(page, 60_000)
 
-    # a reload of the page's own URL keeps the frame, and the run can be reopened from the store
+    # a row picked in the table is shown large, and opens in Explain
+    table = page.get_by_test_id("stMain").get_by_test_id("stDataFrame").first
+    table.evaluate("e => e.scrollIntoView({block: 'center'})")  # clear of the header
+    grid = table.bounding_box()
+    page.mouse.click(grid["x"] + 15, grid["y"] + 35 + 18)  # the first row's selection box
+    explain = page.get_by_role("button", name="Open in Explain")
+    explain.wait_for()
+    first = sorted(cells_dir.rglob("*.png"))[0].name
+    assert f"cell={first}" in page.url.replace("%2F", "/") and f"run={run_id}" in page.url
+    explain.click()
+    page.get_by_text("Explain a prediction").wait_for()
+    page.get_by_text(f"original · {first}").wait_for()
+    assert f"run={run_id}" in page.url
+
+    # back on Score, the settings are as they were left
+    page.get_by_test_id("stSidebarNavLink").filter(has_text="Score").click()
+    page.get_by_text(f"Results · run {run_id}").wait_for()
+    playwright.expect(value).to_have_text("0.60", timeout=60_000)
+    group_by = page.get_by_test_id("stRadio").filter(has_text="Group by")
+    playwright.expect(group_by.get_by_role("radio", name="folder")).to_be_checked()
+
+    # a reload of the page's own URL (?run=) shows the run again, with its threshold
     page.reload()
-    page.get_by_text("Past runs").wait_for()
+    page.get_by_text(f"Results · run {run_id}").wait_for()
     assert page.get_by_text("Traceback").count() == 0
-    assert page.get_by_text("Nothing scored yet").count() == 1  # the session was reset
-    page.get_by_role("button", name="Open run").click()
+    playwright.expect(cells).to_have_text(str(len(files)), timeout=60_000)
+    playwright.expect(value).to_have_text("0.60")  # kept with the run in the store
+    page.get_by_text("Past runs").wait_for()
+    page.get_by_role("button", name="Open run").click()  # reopening from the list
     page.get_by_text(f"Results · run {run_id}").wait_for()
     playwright.expect(cells).to_have_text(str(len(files)))
 
@@ -116,6 +141,36 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     page.get_by_text("each with the Explain page's default map").wait_for()
     page.wait_for_function(DRAWN, timeout=60_000)
     page.screenshot(path=str(SHOTS / "evaluate_gallery.png"), full_page=True)
+    # a gallery cell shown large opens in Explain, with a link that names it
+    page.wait_for_function(IDLE, timeout=300_000)  # the gallery's maps are drawn
+    page.get_by_test_id("stMain").get_by_role("button", name="View large").first.click()
+    page.get_by_role("button", name="Open in Explain").click()
+    page.get_by_text("Explain a prediction").wait_for()
+    page.get_by_text("original · C").wait_for()
+    assert "split=test" in page.url and "cell=" in page.url
+    page.get_by_test_id("stMetric").first.wait_for(timeout=300_000)
+    page.get_by_test_id("stSelectbox").filter(has_text="Layer").click()
+    page.get_by_role("option", name="features.3").click()
+    wait_for_rerun(page, 300_000)
+    # Evaluate and Explain as they were left
+    page.get_by_test_id("stSidebarNavLink").filter(has_text="Evaluate").click()
+    page.get_by_text("True Parasitized, predicted Parasitized").wait_for()
+    page.get_by_test_id("stSidebarNavLink").filter(has_text="Explain").click()
+    page.get_by_text("Explain a prediction").wait_for()
+    playwright.expect(page.get_by_role("combobox", name="Layer")).to_have_value("features.3")
+    page.get_by_test_id("stSelectbox").filter(has_text="Layer").click()
+    page.get_by_role("option", name="features.6").click()
+    wait_for_rerun(page, 300_000)
+
+    page.get_by_role("link", name="Audit").click()
+    if (ROOT / "weights" / "default" / "label_audit.csv").is_file():
+        page.get_by_text("Share of suspects per patient").wait_for()
+        page.get_by_text("cells decided").wait_for()
+    else:  # the shipped model folder has no audit yet: the page says how it is made
+        page.get_by_text("This model folder has no").first.wait_for()
+    page.wait_for_function(DRAWN, timeout=120_000)
+    page.screenshot(path=str(SHOTS / "audit.png"), full_page=True)
+    assert page.get_by_text("Traceback").count() == 0
 
     page.get_by_role("link", name="Home").click()
     page.get_by_role("button", name="Explain").first.click()  # a sample cell, straight in

@@ -1,6 +1,9 @@
 """The dashboard from its entrypoint, page by page, with Streamlit's AppTest (no browser)."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -8,8 +11,9 @@ from core.files import REPO_ROOT
 
 ROOT = REPO_ROOT
 APP = str(ROOT / "dashboard" / "app.py")
-PAGES = ("views/home.py", "views/score.py", "views/explain.py", "views/methods.py",
-         "views/evaluate.py", "views/training.py", "views/study.py")
+PAGES = ("views/home.py", "views/score.py", "views/smear.py", "views/explain.py",
+         "views/methods.py", "views/evaluate.py", "views/audit.py", "views/training.py",
+         "views/study.py")
 
 
 @pytest.fixture
@@ -61,7 +65,7 @@ def test_scoring_fixture_cells_shows_results_and_parasitemia(app, cells_dir):
     assert len(app.dataframe) >= 2  # cells and the parasitemia summary
     table = app.dataframe[0].value
     assert len(table) == len(items) and table.set_index("path").loc["broken.png", "error"]
-    assert any("Scored" in c.value and "weights/default" in c.value for c in app.caption)
+    assert any("scored" in c.value and "weights/default" in c.value for c in app.caption)
     # moving the threshold re-labels without rescoring
     app.slider[0].set_value(0.99).run()
     assert not _errors(app)
@@ -185,6 +189,292 @@ def test_a_corrupt_result_store_is_one_clear_error(tmp_path, monkeypatch):
     assert any("corrupt" in e.value for e in at.error)
     dashboard.ui.store.clear()
 
+
+def test_smear_page_finds_scores_and_explains_cells_of_a_field(app, cells_dir):
+    from test_smear import BACKGROUND, _cell_images, _paste, _png
+    field = np.empty((400, 600, 3), np.uint8)
+    field[:] = BACKGROUND
+    for i, cell in enumerate(_cell_images(cells_dir, 8)):
+        _paste(field, cell, 30 + (i % 4) * 140, 40 + (i // 4) * 170)
+    app.session_state["smear_items"] = [("slide/field.png", _png(field)),
+                                        ("slide/broken.png", b"not an image")]
+    app.switch_page("views/smear.py").run()
+    assert not _errors(app), _errors(app)
+    app.button[0].click().run()
+    assert not _errors(app), _errors(app)
+    cells, results, run_id, _ = app.session_state["smear"]
+    assert run_id and list(results) == ["slide/field.png"]
+    assert int(next(m for m in app.metric if m.label == "Red cells").value) == 8
+    assert cells["error"].notna().sum() == 1  # the broken field is one error row
+    captions = [i.caption for e in app.get("image") for i in e.proto.imgs]
+    assert any("explains" in c for c in captions), captions  # the picked cell's heatmap
+    assert len(app.get("plotly_chart")) == 1  # the field, cells outlined, clickable
+    assert len(app.get("download_button")) == 2
+
+# --- the label audit, out-of-fold predictions and fold runs ----------------------------------
+
+@pytest.fixture
+def own_model(app, tiny_model, tmp_path, monkeypatch) -> Path:
+    """A copy of the tiny model folder, offered in the sidebar and selected."""
+    import shutil
+
+    import dashboard.ui
+    from core.contract import DEFAULT_WEIGHTS
+    folder = tmp_path / "audited"
+    shutil.copytree(tiny_model, folder)
+    monkeypatch.setattr(dashboard.ui, "model_choices",
+                        lambda: [DEFAULT_WEIGHTS.resolve(), folder.resolve()])
+    app.run()
+    app.sidebar.selectbox[0].set_value(folder.resolve()).run()
+    return folder
+
+
+def _audited(folder: Path, cells_dir: Path, flipped: set[str]) -> None:
+    """Out-of-fold predictions of the fixture cells (paths relative to the repository, as
+    core.train writes them), confidently against the label for ``flipped``, and their audit."""
+    import pandas as pd
+
+    from core.audit import main
+    from core.labels import case_id
+    rows = []
+    for png in sorted(cells_dir.rglob("*.png")):
+        label = png.parent.name
+        sure = 0.02 if png.name in flipped else 0.95
+        prob = sure if label == "Parasitized" else 1 - sure
+        rows.append((str(png.relative_to(ROOT)), case_id(png.name), label, prob, 0))
+    pd.DataFrame(rows, columns=["path", "case_id", "label", "prob_parasitized", "fold"]).to_csv(
+        folder / "oof_predictions.csv", index=False)
+    assert main(["--oof", str(folder / "oof_predictions.csv"),
+                 "--out", str(folder / "label_audit.csv")]) == 0
+
+
+def test_audit_page_records_decisions_that_survive_reruns_and_saves_them(app, own_model,
+                                                                         cells_dir):
+    from core.audit import read_decisions
+    flipped = {"C145P106ThinF_IMG_20151016_154719_cell_155.png",  # given Parasitized
+               "C208ThinF_IMG_20151029_151017_cell_110.png",  # given Uninfected
+               "C208ThinF_IMG_20151029_155411_cell_108.png"}
+    _audited(own_model, cells_dir, flipped)
+    # a decision on file from an earlier session, for a cell this session leaves alone
+    (own_model / "label_decisions.csv").write_text(
+        "path,case_id,label,decision\nelsewhere.png,C1,Uninfected,exclude\n")
+    app.switch_page("views/audit.py").run()
+    assert not _errors(app), _errors(app)
+    assert any("3 suspects" in m.value for m in app.markdown)
+    assert len(app.get("plotly_chart")) == 1  # the per-patient share
+    spec = __import__("json").loads(app.get("plotly_chart")[0].proto.spec)
+    assert spec["data"][0]["x"][0] == "C208"  # 2 of its 6 cells: the highest share
+    decisions = [r for r in app.radio if r.key and r.key.startswith("audit:")]
+    assert len(decisions) == 3 and all(r.value is None for r in decisions)
+    captions = [c.value for c in app.caption if c.value.startswith("\\#")]
+    assert len(captions) == 3 and "1 · C145 · given Parasitized" in captions[0]  # ties by path
+    assert len(app.get("image")) == 6  # each cell and its heatmap
+    target = next(r for r in decisions if "C145P106" in r.key)
+    target.set_value("relabel").run()
+    assert not _errors(app), _errors(app)
+    # filtered away and back, and after another page, the choice is still there
+    [given] = [r for r in app.radio if r.label == "Given label"]
+    given.set_value("Uninfected").run()
+    assert len([r for r in app.radio if r.key and r.key.startswith("audit:")]) == 2
+    app.switch_page("views/evaluate.py").run()
+    app.switch_page("views/audit.py").run()
+    [given] = [r for r in app.radio if r.label == "Given label"]
+    given.set_value("All").run()
+    target = next(r for r in app.radio if r.key and "C145P106" in r.key)
+    assert target.value == "relabel"
+    assert any("1 not yet saved" in m.value for m in app.markdown)
+    [save] = [b for b in app.button if b.label.startswith("Save to")]
+    save.click().run()
+    assert not _errors(app), _errors(app)
+    assert any("holds 2 decisions" in s.value for s in app.success)
+    path = "tests/fixtures/cells/Parasitized/C145P106ThinF_IMG_20151016_154719_cell_155.png"
+    assert read_decisions(own_model / "label_decisions.csv") == {
+        path: "relabel", "elsewhere.png": "exclude"}
+    assert any("0 not yet saved" in m.value for m in app.markdown)
+
+
+def test_audit_page_without_the_images_says_where_they_are_expected(app, own_model, cells_dir):
+    import pandas as pd
+    _audited(own_model, cells_dir, {"C208ThinF_IMG_20151029_151017_cell_110.png"})
+    audit = pd.read_csv(own_model / "label_audit.csv")
+    audit["path"] = "../elsewhere/cells.zip!" + audit["path"]
+    audit.to_csv(own_model / "label_audit.csv", index=False)
+    app.switch_page("views/audit.py").run()
+    assert not _errors(app), _errors(app)
+    [warning] = [w.value for w in app.warning]
+    assert "elsewhere/cells\\.zip" in warning and "not on this machine" in warning
+    assert not app.get("image")
+
+
+def test_audit_page_without_an_audit_says_how_to_make_one(app, own_model, cells_dir):
+    app.switch_page("views/audit.py").run()
+    assert not _errors(app), _errors(app)
+    assert any("no oof_predictions.csv" in i.value for i in app.info)
+    _audited(own_model, cells_dir, set())
+    (own_model / "label_audit.csv").unlink()
+    app.run()
+    assert not _errors(app), _errors(app)
+    assert any("python -m core.audit --oof" in i.value for i in app.info)
+
+
+def test_evaluate_shows_the_out_of_fold_predictions_first(app, own_model, cells_dir):
+    import shutil
+    _audited(own_model, cells_dir, set())
+    shutil.copy(ROOT / "weights/default/test_predictions.csv", own_model)
+    app.switch_page("views/evaluate.py").run()
+    assert not _errors(app), _errors(app)
+    [data] = [r for r in app.radio if r.label == "Data"]
+    assert data.value.startswith("Out-of-fold") and len(data.options) == 3
+    assert any("Out-of-fold: each of the 44 development cells (6 patients) predicted by a model "
+               "that never saw its patient" in c.value for c in app.caption)
+    accuracy = app.dataframe[0].value.set_index("metric").loc["accuracy", "value"]
+    assert accuracy == 1.0
+    app.session_state["cm_cell"] = (data.value, "Parasitized", "Parasitized")
+    app.run()  # the gallery reads the cells by their repository-relative paths
+    assert not _errors(app), _errors(app)
+    assert len(app.get("image")) == 2 * 12
+    data.set_value(data.options[1]).run()
+    assert not _errors(app), _errors(app)
+    assert any("1,817 cells from 15 patients" in c.value for c in app.caption)
+
+
+def test_training_page_draws_the_fold_runs_beside_the_final_run(app, own_model):
+    import json
+    import shutil
+    history = ROOT / "weights/default/history.csv"
+    shutil.copy(history, own_model)
+    for k in range(3):
+        (own_model / "folds" / f"fold{k}").mkdir(parents=True)
+        shutil.copy(history, own_model / "folds" / f"fold{k}" / "history.csv")
+    app.switch_page("views/training.py").run()
+    assert not _errors(app), _errors(app)
+    traces = json.loads(app.get("plotly_chart")[0].proto.spec)["data"]
+    names = [t["name"] for t in traces]
+    assert sum("fold2 · validation" in n for n in names) == 3  # loss, accuracy, AUC
+    assert any(n.endswith("3 fold runs") for n in names)
+    final = [t for t in traces if t["name"].endswith("audited · validation")]
+    folds = [t for t in traces if "· fold" in t["name"] and "fold runs" not in t["name"]]
+    assert final and all(t["line"]["width"] > f["line"]["width"] for t in final for f in folds)
+
+def _fixture_items(cells_dir, n: int | None = None) -> list[tuple[str, bytes]]:
+    return [(f"{p.parent.name}/{p.name}", p.read_bytes())
+            for p in sorted(cells_dir.rglob("*.png"))[:n]]
+
+
+def _button(at: AppTest, label: str):
+    return next(b for b in at.button if b.label == label)
+
+
+def test_settings_survive_switching_pages(app, cells_dir):
+    app.session_state["pending_items"] = _fixture_items(cells_dir)
+    app.switch_page("views/score.py").run()
+    app.slider[0].set_value(0.7).run()
+    app.multiselect(key="score_kinds").set_value(["Parasitized"]).run()
+    app.radio(key="score_group_by").set_value("folder").run()
+    app.switch_page("views/explain.py").run()
+    app.selectbox(key="explain_layer").set_value("features.3").run()
+    app.multiselect(key="explain_methods").set_value(["hirescam"]).run()
+    app.toggle(key="explain_road").set_value(False).run()
+    app.switch_page("views/evaluate.py").run()
+    app.session_state["evaluate_items"] = _fixture_items(cells_dir)
+    app.radio(key="evaluate_data").set_value("A labelled upload").run()
+    assert not _errors(app), _errors(app)
+    assert any("labelled upload from before" in c.value for c in app.caption)
+
+    app.switch_page("views/home.py").run()
+    app.switch_page("views/score.py").run()
+    assert app.slider[0].value == 0.7  # the run's threshold, kept with it in the store
+    assert app.multiselect(key="score_kinds").value == ["Parasitized"]
+    assert app.radio(key="score_group_by").value == "folder"
+    app.switch_page("views/explain.py").run()
+    assert app.selectbox(key="explain_layer").value == "features.3"
+    assert app.multiselect(key="explain_methods").value == ["hirescam"]
+    assert app.toggle(key="explain_road").value is False
+    assert sum("features.3" in i.caption for e in app.get("image") for i in e.proto.imgs) == 1
+    app.switch_page("views/evaluate.py").run()
+    assert app.radio(key="evaluate_data").value == "A labelled upload"
+    assert any(h.value == "Metrics" for h in app.subheader)  # the kept upload, scored
+    assert not _errors(app), _errors(app)
+
+
+def _cli_run(cells_dir) -> str:
+    """A run of files on this disk, scored from the command line into the app's store."""
+    from core import score
+    from core.store import ResultStore
+    args = score.get_args_parser().parse_args([str(cells_dir), "--no-progress",
+                                               "--threshold", "0.4", "--name", "ward 3"])
+    assert score.main(args) == 0
+    with ResultStore() as store:
+        return store.list_runs().loc[0, "run_id"]
+
+
+def test_a_link_opens_the_run_and_cell_it_names(app, cells_dir):
+    run_id = _cli_run(cells_dir)
+    cell = str(sorted(cells_dir.rglob("*.png"))[3])
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.query_params.update(run=run_id, cell=cell)  # as a reload of /score?run=...&cell=...
+    at.switch_page("views/score.py").run()
+    assert not _errors(at), _errors(at)
+    assert at.session_state["run_id"] == run_id and at.slider[0].value == 0.4
+    assert any("ward 3" in c.value for c in at.caption)
+    table = at.dataframe[0].value
+    assert table["thumb"].notna().all()  # files of this machine: their images are at hand
+    _button(at, "Open in Explain").click().run()  # the large view of the linked cell
+    assert not _errors(at), _errors(at)
+    assert at.session_state["explain_item"][0] == cell
+    assert at.session_state["explain_link"] == {"run": run_id, "cell": cell}
+
+    fresh = AppTest.from_file(APP, default_timeout=180)  # the Explain link, in a new session
+    fresh.query_params.update(run=run_id, cell=cell)
+    fresh.switch_page("views/explain.py").run()
+    assert not _errors(fresh), _errors(fresh)
+    assert fresh.session_state["explain_item"][0] == cell
+    outside = AppTest.from_file(APP, default_timeout=180)  # a path the run did not score
+    outside.query_params.update(run=run_id, cell=str(ROOT / "README.md"))
+    outside.switch_page("views/explain.py").run()
+    assert not outside.exception
+    assert any("not a cell of that run" in w.value for w in outside.warning)
+    assert outside.session_state["explain_item"][0].startswith("samples/")
+
+
+def test_runs_are_named_deduplicated_and_deleted(app, cells_dir):
+    items = _fixture_items(cells_dir, 5)
+    app.session_state["pending_items"] = items + [("again/copy.png", items[0][1])]
+    app.switch_page("views/score.py").run()
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["Cells"] == "5" and metrics["Duplicates"] == "1"
+    table = app.dataframe[0].value.set_index("path")
+    assert table.loc["again/copy.png", "duplicate_of"] == items[0][0]
+    assert app.dataframe[1].value["cells"].sum() == 5  # the summary counts the file once
+    for field, text in (("Name", "Slide 7"), ("Sample", "patient 12"), ("Operator", "AB")):
+        next(t for t in app.text_input if t.label == field).input(text)
+    next(b for b in app.button if b.label == "Save").click().run()
+    run_id = app.session_state["run_id"]
+    assert any("Slide 7" in c.value and "patient 12" in c.value for c in app.caption)
+    runs = app.main.dataframe[-1].value
+    assert runs.loc[0, "name"] == "Slide 7" and runs.loc[0, "duplicates"] == 1
+
+    assert _button(app, "Delete run").disabled  # not before it is confirmed
+    app.checkbox(key=f"sure_{run_id}").check().run()
+    _button(app, "Delete run").click().run()
+    assert not _errors(app), _errors(app)
+    assert app.session_state["results"] is None
+    assert any("No runs yet" in c.value for c in app.caption)
+
+
+def test_an_evaluate_gallery_cell_opens_large_and_in_explain(app):
+    app.switch_page("views/evaluate.py").run()
+    app.session_state["cm_cell"] = ("The model's test split (unseen patients)", "Uninfected",
+                                    "Parasitized")
+    app.run()
+    assert not _errors(app), _errors(app)
+    _button(app, "View large").click().run()
+    picked = app.session_state["evaluate_cell"]
+    assert picked and "!" in picked  # a member of the development zip
+    _button(app, "Open in Explain").click().run()
+    assert not _errors(app), _errors(app)
+    assert app.session_state["explain_item"][0] == picked
+    assert app.session_state["explain_link"] == {"split": "test", "cell": picked}
 
 def _png(array) -> bytes:
     import io

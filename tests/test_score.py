@@ -61,8 +61,10 @@ def _bad_folder(cells_dir, root):
     (root / "grey_big.jpg").write_bytes(buf.getvalue())
     (root / "a").mkdir()
     (root / "b").mkdir()
-    shutil.copy(good[0], root / "a" / "cell_1.png")
-    shutil.copy(good[1], root / "b" / "cell_1.png")
+    # the same name in two folders, other bytes than any file above (same bytes: a duplicate)
+    more = sorted(cells_dir.rglob("*.png"))[10:12]
+    shutil.copy(more[0], root / "a" / "cell_1.png")
+    shutil.copy(more[1], root / "b" / "cell_1.png")
     return 10 + 1 + 2  # good files that must be scored
 
 

@@ -5,33 +5,69 @@ import streamlit as st
 
 from core.heatmap import DEFAULT_METHOD, for_display
 from core.images import ImageError, read_image
-from core.labels import CLASSES, predicted_class
+from core.labels import CLASSES, file_name, predicted_class
 from core.metrics import binary_metrics, curves
-from core.sources import open_source
+from core.store import inputs_summary
 from dashboard import ui
+
+MEANING = {  # what each metric says, for students
+    "accuracy": "share of all cells called right",
+    "sensitivity": "of the truly parasitized cells, the share called parasitized (recall)",
+    "specificity": "of the truly uninfected cells, the share called uninfected",
+    "ppv": "positive predictive value: of the cells called parasitized, the share that truly "
+           "are (precision)",
+    "npv": "negative predictive value: of the cells called uninfected, the share that truly "
+           "are",
+    "f1": "harmonic mean of PPV and sensitivity",
+    "mcc": "Matthews correlation coefficient, -1 to 1: 0 is chance, 1 perfect; fair even "
+           "when one class is much rarer",
+    "auc": "area under the ROC curve: the chance that a parasitized cell scores above an "
+           "uninfected one (does not depend on the threshold)",
+}
+
+
+def _take_labelled() -> None:  # the upload is kept while other pages are shown
+    st.session_state["evaluate_items"] = ui.uploaded_items(
+        st.session_state.get("evaluate_upload")) or None
+
 
 st.title("Evaluate")
 model = ui.current_model()
 folder, sha = model.path, model.sha256
 
-choice = st.radio("Data", ["The model's test split (unseen patients)", "A labelled upload"],
-                  horizontal=True)
+OOF = "Out-of-fold: all development patients"
+TEST = "The model's test split (unseen patients)"
+SPLITS = {OOF: "oof", TEST: "test"}
+prediction_files = {label: model.predictions(part) for label, part in SPLITS.items()
+                    if model.predictions(part).is_file()}
+DATA = [*prediction_files, "A labelled upload"]
+choice = ui.kept(st.radio, "Data", DATA, horizontal=True, key="evaluate_data", default=DATA[0],
+                 allowed=DATA)
 sources = {}
-if choice.startswith("The model"):
-    path = model.predictions("test")
-    if not path.is_file():
-        st.error(f"{path} is missing: this model folder has no test-split predictions.")
-        st.stop()
-    preds = pd.read_csv(path)
-    st.caption(f"{len(preds):,} cells from {preds['case_id'].nunique()} patients that were "
-               "never used for training or model selection.")
+if choice in prediction_files:
+    preds = pd.read_csv(prediction_files[choice])
+    if choice == OOF:
+        folds = (f" (the one of the {preds['fold'].nunique()} fold models that held that "
+                 "patient out)") if "fold" in preds else ""
+        st.caption(f"Out-of-fold: each of the {len(preds):,} development cells "
+                   f"({preds['case_id'].nunique()} patients) predicted by a model that never saw "
+                   f"its patient{folds}. The heatmaps below come from the selected model, which "
+                   "may have trained on these patients.")
+    else:
+        st.caption(f"{len(preds):,} cells from {preds['case_id'].nunique()} patients that were "
+                   "never used for training or model selection.")
 else:
-    up = st.file_uploader("A zip (or files) with Parasitized/ and Uninfected/ folders",
-                          type=ui.UPLOAD_TYPES, accept_multiple_files=True)
-    items = ui.uploaded_items(up)
+    st.file_uploader("A zip (or files) with Parasitized/ and Uninfected/ folders",
+                     type=ui.UPLOAD_TYPES, accept_multiple_files=True, key="evaluate_upload",
+                     on_change=_take_labelled)
+    items = st.session_state["evaluate_items"]
     if not items:
         st.info("Upload a labelled set: images under folders named Parasitized and Uninfected.")
         st.stop()
+    if not st.session_state.get("evaluate_upload"):
+        kept = inputs_summary([n for n, _ in items])
+        st.caption(f"The labelled upload from before: {ui.plain(kept)}. Upload other files "
+                   "to replace it.")
     try:
         scored, _ = ui.score(items)
     except ValueError as exc:
@@ -46,8 +82,9 @@ else:
 
 y = (preds["label"] == CLASSES[0]).to_numpy().astype(int)
 p = preds["prob_parasitized"].to_numpy()
-threshold = st.slider("Decision threshold on P(Parasitized)", 0.0, 1.0,
-                      float(model.contract.threshold), 0.01)
+threshold = ui.kept(st.slider, "Decision threshold on P(Parasitized)", 0.0, 1.0, step=0.01,
+                    key=f"evaluate_threshold_{sha[:12]}",  # each model starts at its own
+                    default=float(model.contract.threshold))
 m = binary_metrics(y, p, threshold=threshold)
 pred_label = np.array([predicted_class(v, threshold) for v in p])
 
@@ -80,6 +117,7 @@ with right:
     st.dataframe(pd.DataFrame({"metric": table.keys(), "value": table.values()}),
                  hide_index=True, width="stretch",
                  column_config={"value": st.column_config.NumberColumn(format="%.4f")})
+    st.caption("  \n".join(f"**{k}**: {MEANING[k]}" for k in table))
 
 points = event.selection.points if event and event.selection else []
 clicked = (choice, points[0]["y"], points[0]["x"]) if points else None
@@ -97,23 +135,43 @@ if chosen and chosen[0] == choice:
                f"({DEFAULT_METHOD} at {model.contract.target_layer}) for the predicted "
                "class; ✔/✘: its peak on/off the parasite located by the stain rule. Moving "
                "the threshold moves cells between the matrix's cells.")
-    images, names = [], []
-    for path in cell["path"]:
+    missing = not sources and ui.images_missing(cell["path"].tolist(),
+                                                prediction_files[choice].name)
+    images, names, probs = [], [], []
+    shown = [] if missing else list(zip(cell["path"], cell["prob_parasitized"]))
+    for path, prob in shown:
         try:
-            images.append(read_image(sources.get(path) or open_source(path)))
+            images.append(read_image(sources.get(path) or ui.repo_source(path)))
             names.append(path)
+            probs.append(prob)
         except (OSError, ImageError) as exc:
             st.caption(ui.plain(f"{path.rsplit('/', 1)[-1]}: cannot show ({exc})"))
     if images:
         exps = ui.explain(str(folder), sha, images, faithfulness=False, target=pred_cls.lower())
+        viewer = st.container()  # the cell picked in the gallery, large, above it
         cols = st.columns(6)
         marks = {True: " · ✔", False: " · ✘", None: ""}
-        for i, (img, e, name) in enumerate(zip(images, exps, names)):
+        for i, (img, e, name, prob) in enumerate(zip(images, exps, names, probs)):
             with cols[i % 6]:
                 st.image(for_display(img, width=192), width="stretch")
                 st.image(for_display(e.overlay, width=192), width="stretch",
-                         caption=f"{ui.plain(name.rsplit('/', 1)[-1][:28])} · "
-                                 f"p={e.prob_parasitized:.3f}{marks[e.points_at_parasite]}")
+                         caption=f"{ui.plain(ui.short_name(file_name(name)))} · "
+                                 f"p={prob:.3f}{marks[e.points_at_parasite]}")
+                if st.button("View large", key=f"view_{name}", icon=":material/zoom_in:"):
+                    st.session_state["evaluate_cell"] = name
+        picked = st.session_state["evaluate_cell"]
+        if picked in names:
+            e, prob = exps[names.index(picked)], probs[names.index(picked)]
+            with viewer:
+                ui.cell_view(
+                    picked, sources.get(picked) or ui.repo_source(picked),
+                    state_key="evaluate_cell", also=[(for_display(e.overlay),
+                                                      f"{DEFAULT_METHOD} for {pred_cls}")],
+                    link={"split": SPLITS[choice], "cell": picked} if not sources else None,
+                    details=f"true **{true_cls}**, predicted **{pred_cls}**  \n"
+                            f"P(Parasitized) {prob:.3f} at threshold "
+                            f"{threshold:.2f}  \ncase "
+                            + ui.plain(cell.set_index("path").at[picked, "case_id"]))
 else:
     st.caption("Click a cell of the matrix to see its images with their heatmaps.")
 

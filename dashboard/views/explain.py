@@ -38,6 +38,12 @@ with st.expander("What a heatmap shows, and what it does not", expanded=False):
         "**Heatmap check** page shows that rate for every method and stage on patients the "
         "model never saw.")
 SAMPLE_CELLS = dict(ui.sample_items())  # name -> bytes of the bundled sample cells
+if st.session_state.get("explain_item") is None and st.query_params:  # a reload, or a link
+    try:
+        st.session_state.update(explain_item=ui.linked_cell(st.query_params.to_dict()),
+                                explain_link=st.query_params.to_dict())
+    except LookupError as exc:
+        st.warning(f"The cell in this page's link cannot be shown: {ui.plain(exc)}")
 if st.session_state.get("explain_item") is None and SAMPLE_CELLS:  # never an empty page
     st.session_state["explain_item"] = next(iter(SAMPLE_CELLS.items()))
 
@@ -51,20 +57,24 @@ def _take_upload() -> None:  # a new upload is shown; removing it takes it off t
     shown = st.session_state.get("explain_item")
     sample_on_show = shown is not None and shown[0] in SAMPLE_CELLS
     st.session_state["explain_item"] = _upload_item() or (shown if sample_on_show else None)
+    st.session_state["explain_link"] = None
 
 
 def _take_sample() -> None:  # a picked sample is shown; "—" goes back to the upload, if any
     pick = st.session_state.get("explain_sample")
     st.session_state["explain_item"] = (_upload_item() if pick in (None, "—")
                                         else (pick, SAMPLE_CELLS[pick]))
+    st.session_state["explain_link"] = None
 
 
-source = st.radio("Image", ["Sample or upload", "A cell from the scored results"],
-                  horizontal=True)
+SOURCES = ["Sample or upload", "A cell from the scored results"]
+source = ui.kept(st.radio, "Image", SOURCES, horizontal=True, key="explain_source",
+                 default=SOURCES[0], allowed=SOURCES)
 if source == "Sample or upload":  # whichever of the two was used last is shown
     st.file_uploader("Upload one cell image", type=ui.UPLOAD_TYPES[:-1], key="explain_upload",
                      on_change=_take_upload)
     item = st.session_state.get("explain_item")
+    link = st.session_state.get("explain_link")
     names = list(SAMPLE_CELLS)
     st.session_state["explain_sample"] = item[0] if item and item[0] in names else "—"
     st.selectbox("…or a sample cell", ["—"] + names, key="explain_sample",
@@ -82,7 +92,8 @@ else:
         q = ok.at[p, "quality"] if "quality" in ok else None
         return "" if q is None or pd.isna(q) or q == OK else f" · review: {q}"
 
-    path = st.selectbox(
+    link = {"run": st.session_state["run_id"]}
+    path = link["cell"] = st.selectbox(
         "Cell", ok.index,
         format_func=lambda p: f"{p.rsplit('/', 1)[-1]} · case {ok.at[p, 'case_id']} · "
                               f"label {ok.at[p, 'label'] or '?'} · "
@@ -104,8 +115,11 @@ else:
         st.stop()
 
 if item is None:
+    st.query_params.clear()
     st.info("Pick a sample cell or upload one.")
     st.stop()
+# the address names the cell on show, so a reload or a shared link shows it again
+st.query_params.from_dict({"sample": item[0]} if item[0] in SAMPLE_CELLS else link or {})
 try:
     image = decode_image(item[1])
 except ImageError as exc:
@@ -114,19 +128,24 @@ except ImageError as exc:
 
 layers = list(contract.cam_layers)
 c1, c2, c3 = st.columns([3, 1, 1])
-methods = c1.multiselect(
-    "Methods", list(METHOD_NAMES), default=[DEFAULT_METHOD, "layercam", "gradcam"],
+methods = ui.kept(
+    c1.multiselect, "Methods", list(METHOD_NAMES), key="explain_methods",
+    default=[DEFAULT_METHOD, "layercam", "gradcam"], allowed=METHOD_NAMES,
     help=f"{DEFAULT_METHOD} is the default (see Heatmap check for how often each method "
          "finds the parasite). scorecam and ablationcam perturb the image once per channel: "
          "seconds per image.")
-target = c2.selectbox("Explain the class", TARGETS)
-layer = c3.selectbox("Layer", layers, index=layers.index(contract.target_layer),
-                     help="Later stages are coarser (down to 4x4) but more semantic.")
+target = ui.kept(c2.selectbox, "Explain the class", TARGETS, key="explain_target",
+                 default=TARGETS[0], allowed=TARGETS)
+layer = ui.kept(c3.selectbox, "Layer", layers, key="explain_layer",
+                default=contract.target_layer, allowed=layers,
+                help="Later stages are coarser (down to 4x4) but more semantic.")
 o1, o2, o3 = st.columns([2, 1, 1])
-opacity = o1.slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05)
-show_outline = o2.toggle("Outline the parasite", value=True,
-                         help="Where the stain colour rule finds parasite chromatin")
-with_road = o3.toggle("ROAD", value=True, help="About half a second per map, after the maps")
+opacity = ui.kept(o1.slider, "Heatmap opacity", 0.0, 1.0, step=0.05, key="explain_opacity",
+                  default=0.5)
+show_outline = ui.kept(o2.toggle, "Outline the parasite", key="explain_outline", default=True,
+                       help="Where the stain colour rule finds parasite chromatin")
+with_road = ui.kept(o3.toggle, "ROAD", key="explain_road", default=True,
+                    help="About half a second per map, after the maps")
 if any(m in SLOW_METHODS for m in methods):
     st.warning("ScoreCAM and AblationCAM run the network hundreds of times per image: "
                "expect seconds to tens of seconds on a CPU at the last layer.")

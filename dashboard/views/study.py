@@ -17,17 +17,32 @@ if not layers_csv.is_file():
 layers, info = pd.read_csv(layers_csv), json.loads(layers_json.read_text())
 
 st.subheader("Frozen ImageNet features, one linear classifier per layer")
+best_row = layers["accuracy"].idxmax()
+best = layers.loc[best_row]
+last = layers.iloc[-1]
 fig = go.Figure()
+fig.add_vrect(x0=best_row - 0.4, x1=best_row + 0.4, fillcolor=ui.BRAND, opacity=0.08,
+              line_width=0, annotation_text="best layer", annotation_position="top")
 for metric, color in (("accuracy", ui.BRAND), ("auc", "#1f77b4")):
     fig.add_trace(go.Scatter(x=layers["layer"], y=layers[metric], mode="lines+markers",
                              name=metric, line=dict(color=color),
                              error_y=dict(type="data", array=layers[f"{metric}_std"])))
-fig.update_layout(yaxis_title="patient-grouped cross-validation (mean ± std over folds)",
+fig.update_layout(xaxis_title="layer the features are taken from (stage, channels)",
+                  yaxis_title="patient-grouped cross-validation (mean ± std over folds)",
                   height=420, margin=dict(t=20, b=10))
 st.plotly_chart(fig, width="stretch")
-st.dataframe(layers, hide_index=True, width="stretch")
-best = layers.loc[layers["accuracy"].idxmax()]
-last = layers.iloc[-1]
+st.dataframe(layers.style.apply(lambda r: ["background-color: #f6e3ea" if r.name == best_row
+                                           else "" for _ in r], axis=1)
+             .format(precision=4), hide_index=True, width="stretch")
+explain_layers = list(ui.current_model().contract.cam_layers)
+if best["module"] in explain_layers:
+    if st.button(f"Heatmaps at this stage ({best['module']}) of the selected model, on Explain",
+                 icon=":material/visibility:"):
+        ui.preset("explain_layer", best["module"])
+        st.switch_page("views/explain.py")
+else:
+    st.caption(f"The best layer's stage ({best['module']}) is not one the selected model's "
+               f"heatmaps are drawn at ({', '.join(explain_layers)}).")
 cell = info["cell_level_split"]
 st.markdown(
     f"**Reading.** Used as a frozen feature extractor, MobileNetV2's **{best['layer']}** "

@@ -1,0 +1,156 @@
+"""Managing runs in the result store: names and notes, threshold, delete, a readable inputs
+summary, duplicate files counted once, and stores written before these columns existed."""
+from __future__ import annotations
+
+import shutil
+import sqlite3
+
+import pandas as pd
+import pytest
+
+from core import score
+from core.labels import CLASSES, predicted_class
+from core.metrics import parasitemia_summary
+from core.sources import ImageSource
+from core.store import RESULT_COLUMNS, ResultStore, StoreError, inputs_summary
+
+# The schema of stores written before runs had names and results had duplicates.
+_FIRST_SCHEMA = """
+CREATE TABLE runs (run_id TEXT PRIMARY KEY, started TEXT NOT NULL, finished TEXT,
+    inputs TEXT NOT NULL, weights TEXT NOT NULL, weights_sha256 TEXT NOT NULL,
+    threshold REAL NOT NULL, engine TEXT NOT NULL, kind TEXT NOT NULL, total INTEGER);
+CREATE TABLE results (run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+    path TEXT NOT NULL, case_id TEXT NOT NULL, label TEXT, prob_parasitized REAL,
+    prediction TEXT, error TEXT, PRIMARY KEY (run_id, path));
+INSERT INTO runs VALUES ('old', '2026-11-01T10:00:00+00:00', NULL, '["/data/cells.zip"]', 'w',
+    'abc', 0.5, 'onnx', 'files', 2);
+INSERT INTO results VALUES ('old', '/data/cells.zip!a.png', 'C1', NULL, 0.7, 'Parasitized', NULL);
+INSERT INTO results VALUES ('old', '/data/cells.zip!b.png', 'C1', NULL, NULL, NULL, 'corrupt');
+"""
+
+
+def _cli(*argv) -> int:
+    return score.main(score.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def _run(store: ResultStore, probs: list[float | None], **fields) -> str:
+    run_id = store.new_run(inputs=["x"], weights="w", weights_sha256="0" * 64, threshold=0.5,
+                           engine="onnx", **fields)
+    store.add_results(run_id, [
+        {"path": f"c{i}.png", "case_id": "C1", "label": None, "prob_parasitized": p,
+         "prediction": None if p is None else predicted_class(p, 0.5),
+         "error": "corrupt" if p is None else None} for i, p in enumerate(probs)])
+    return run_id
+
+
+def test_a_store_from_before_gets_the_new_columns_and_keeps_its_runs(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(_FIRST_SCHEMA)
+    with ResultStore(path) as store:
+        info = store.run("old")
+        assert (info.name, info.sample, info.operator) == (None, None, None)
+        assert info.title == "cells.zip"  # no name: what it scored
+        results = store.results("old")
+        assert list(results.columns) == list(RESULT_COLUMNS)
+        assert results["duplicate_of"].isna().all() and len(results) == 2
+        runs = store.list_runs()
+        counts = runs.loc[0, ["stored", "errors", "duplicates", "parasitized"]]
+        assert counts.tolist() == [2, 1, 0, 1]
+        store.describe_run("old", name="Slide 4", sample="patient 17", operator="AB")
+    with ResultStore(path) as store:  # opening it again migrates nothing twice
+        info = store.run("old")
+        assert (info.name, info.sample, info.operator, info.title) == (
+            "Slide 4", "patient 17", "AB", "Slide 4")
+
+
+def test_names_notes_threshold_and_delete(tmp_path):
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        keep = _run(store, [0.2, 0.9], name="  keep me ", operator="AB")
+        gone = _run(store, [0.55, 0.45, None])
+        info = store.run(keep)
+        assert (info.name, info.sample, info.operator) == ("keep me", None, "AB")
+        store.describe_run(keep, name="", sample="smear 3")  # blank clears a field
+        info = store.run(keep)
+        assert (info.name, info.sample, info.operator) == (None, "smear 3", None)
+
+        store.set_threshold(gone, 0.5)
+        assert store.results(gone)["prediction"].fillna("").tolist() == [CLASSES[0], CLASSES[1], ""]
+        store.set_threshold(gone, 0.4)  # a threshold kept with the run re-labels its cells
+        assert store.run(gone).threshold == 0.4
+        assert store.results(gone)["prediction"].fillna("").tolist() == [CLASSES[0], CLASSES[0], ""]
+        assert store.results(keep)["prediction"].tolist() == [CLASSES[1], CLASSES[0]]
+        with pytest.raises(ValueError, match="threshold"):
+            store.set_threshold(gone, 1.5)
+
+        store.delete_run(gone)
+        with pytest.raises(StoreError, match="no run"):
+            store.run(gone)
+        assert store.list_runs()["run_id"].tolist() == [keep]
+        assert store._db.execute("SELECT COUNT(*) FROM results WHERE run_id = ?",
+                                 (gone,)).fetchone() == (0,)
+        assert len(store.results(keep)) == 2
+        with pytest.raises(StoreError, match="no run"):
+            store.delete_run(gone)
+
+
+def test_inputs_summary_names_what_was_scored_in_a_few_words():
+    assert inputs_summary(["/data/2026/slides/cells.zip"]) == "cells.zip"
+    assert inputs_summary(["/data/a", "/data/b.zip"]) == "a, b.zip"
+    folder = [f"Parasitized/{i}.png" for i in range(16)] + ["Uninfected/x.png"]
+    assert inputs_summary(folder) == "Parasitized/ (16 files), Uninfected/ (1 file)"
+    assert inputs_summary([f"{i}.png" for i in range(1, 8)]) == "1.png, 2.png, 3.png and 4 more"
+
+
+def test_the_same_file_twice_is_scored_once_and_counted_once(cells_dir, tiny_model, tmp_path):
+    files = sorted(cells_dir.rglob("*.png"))[:3]
+    items = [(f.name, f.read_bytes()) for f in files] + [
+        ("copy.png", files[1].read_bytes()), (files[0].name, files[0].read_bytes())]
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        df, run_id = score.score_uploads(items, weights=tiny_model, store=store)
+        stored = store.results(run_id).set_index("path")
+        assert store.list_runs().loc[0, "duplicates"] == 2
+    dup = df.set_index("path")
+    assert dup.loc["copy.png", "duplicate_of"] == files[1].name
+    assert dup.loc[f"{files[0].name}#2", "duplicate_of"] == files[0].name
+    assert dup.loc[["copy.png", f"{files[0].name}#2"], "prob_parasitized"].isna().all()
+    assert dup.loc[[f.name for f in files], "prob_parasitized"].between(0, 1).all()
+    assert dup.loc[[f.name for f in files], "duplicate_of"].isna().all()
+    assert stored.loc["copy.png", "duplicate_of"] == files[1].name
+    summary = parasitemia_summary(df)
+    assert summary["cells"].sum() == 3 and summary["scored"].sum() == 3
+
+
+def test_a_resumed_run_knows_the_files_it_stored_before(cells_dir, tiny_model, tmp_path):
+    engine = score.load_engine(tiny_model)
+    files = sorted(cells_dir.rglob("*.png"))[:2]
+
+    def source(name, f):
+        return ImageSource(name, f.read_bytes)
+
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        run_id = store.new_run(inputs=["x"], weights="w", weights_sha256="0" * 64,
+                               threshold=0.5, engine="onnx")
+        score.score_sources([source("a.png", files[0])], engine, store=store, run_id=run_id)
+        later = score.score_sources([source("b.png", files[1]), source("again.png", files[0])],
+                                    engine, store=store, run_id=run_id)
+    assert later["duplicate_of"].fillna("").tolist() == ["", "a.png"]
+
+
+def test_cli_names_the_run_and_reports_duplicates(cells_dir, tiny_model, tmp_path, capsys):
+    folder = tmp_path / "cells"
+    shutil.copytree(cells_dir, folder)
+    first = sorted(folder.rglob("*.png"))[0]
+    shutil.copy(first, first.parent / "zz_copy.png")
+    out = tmp_path / "r.csv"
+    store = tmp_path / "s.sqlite"
+    rc = _cli(folder, "--weights", tiny_model, "--out", out, "--store", store, "--no-progress",
+              "--name", "Ward 3 smears", "--sample", "patient 12", "--operator", "AB")
+    assert rc == 0
+    df = pd.read_csv(out)
+    assert df["duplicate_of"].notna().sum() == 1
+    assert df.set_index("path").loc[str(first.parent / "zz_copy.png"), "duplicate_of"] == str(first)
+    assert "1 duplicates" in capsys.readouterr().err
+    with ResultStore(store) as s:
+        info = s.run(s.list_runs().loc[0, "run_id"])
+    assert (info.name, info.sample, info.operator) == ("Ward 3 smears", "patient 12", "AB")
