@@ -83,8 +83,10 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     with open(download.value.path(), newline="") as f:
         cells_csv = list(csv.reader(f))
     assert len(cells_csv) == len(files) + 1
-    assert cells_csv[0][-4:] == ["run_id", "threshold", "scored_with", "scored_with_sha256"]
-    assert cells_csv[1][-3:-1] == ["0.6", "weights/default"]  # the threshold on the slider
+    assert cells_csv[0][-5:] == ["run_id", "threshold", "review_band", "scored_with",
+                                 "scored_with_sha256"]
+    # the threshold on the slider, the review band beside it, the model
+    assert cells_csv[1][-4:-1] == ["0.6", "0.15", "weights/default"]
     assert page.get_by_text("Traceback").count() == 0
     run_id = page.get_by_test_id("stHeading").filter(has_text="Results · run").inner_text()
     run_id = run_id.split("run")[-1].strip()
