@@ -8,6 +8,7 @@ time with PyTorch; the engines on pre-decoded batches; decoding alone; peak RSS 
 all images; the screening flag's patient-level sensitivity and specificity on the development
 patients.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,13 @@ def naive_loop(folder: Path, weights: Path, n: int) -> float:
 
     loaded = load_model(weights)
     c = loaded.contract
-    tf = transforms.Compose([transforms.Resize((c.input_size, c.input_size)),
-                             transforms.ToTensor(), transforms.Normalize(c.mean, c.std)])
+    tf = transforms.Compose(
+        [
+            transforms.Resize((c.input_size, c.input_size)),
+            transforms.ToTensor(),
+            transforms.Normalize(c.mean, c.std),
+        ]
+    )
     files = sorted(folder.rglob("*.png"))[:n]
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -55,12 +61,13 @@ def engine_only(weights: Path, images: np.ndarray) -> dict[str, float]:
     from core.score import load_engine
 
     out = {}
-    batches = [images[i:i + 64] for i in range(0, len(images), 64)]
+    batches = [images[i : i + 64] for i in range(0, len(images), 64)]
     for name, kind, threads, workers in (
-            ("ONNX Runtime int8, 1 thread, 2 batches at a time (core.score)", "onnx-int8", 1, 2),
-            ("ONNX Runtime fp32, 2 threads, 1 batch at a time", "onnx", 2, 1),
-            ("ONNX Runtime fp32, 1 thread, 2 batches at a time (core.score)", "onnx", 1, 2),
-            ("PyTorch eager channels_last, 2 threads", "torch", 2, 1)):
+        ("ONNX Runtime int8, 1 thread, 2 batches at a time (core.score)", "onnx-int8", 1, 2),
+        ("ONNX Runtime fp32, 2 threads, 1 batch at a time", "onnx", 2, 1),
+        ("ONNX Runtime fp32, 1 thread, 2 batches at a time (core.score)", "onnx", 1, 2),
+        ("PyTorch eager channels_last, 2 threads", "torch", 2, 1),
+    ):
         engine = load_engine(weights, kind, threads=threads)
         engine(batches[0])  # warm-up
         t0 = time.perf_counter()
@@ -84,12 +91,15 @@ def decode_timings(datas: list[bytes], size: int) -> dict[str, float]:
             img.load()
 
     out = {}
+
     def decode(data: bytes) -> None:
         decode_image(data, size=size)
 
-    for name, fn, workers in (("PNG decoder alone (Image.load), 1 thread", inflate, 1),
-                              ("decode_image (what core.score runs), 1 thread", decode, 1),
-                              ("decode_image, 2 threads", decode, 2)):
+    for name, fn, workers in (
+        ("PNG decoder alone (Image.load), 1 thread", inflate, 1),
+        ("decode_image (what core.score runs), 1 thread", decode, 1),
+        ("decode_image, 2 threads", decode, 2),
+    ):
         t0 = time.perf_counter()
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(fn, datas))
@@ -117,11 +127,19 @@ def explain_timings(weights: Path, images: np.ndarray) -> list[dict]:
             explain(loaded, [im], method=method, faithfulness=False, net=net)
         one = (time.perf_counter() - t0) * 1000 / singles
         t0 = time.perf_counter()
-        explain(loaded, list(images[:big]), method=method, faithfulness=False, net=net,
-                batch_size=big)
+        explain(
+            loaded, list(images[:big]), method=method, faithfulness=False, net=net, batch_size=big
+        )
         batched = (time.perf_counter() - t0) * 1000 / big
-        rows.append({"method": method, "ms_batch_1": one, "batch": big,
-                     "ms_batched": batched, "speed_up": one / batched})
+        rows.append(
+            {
+                "method": method,
+                "ms_batch_1": one,
+                "batch": big,
+                "ms_batched": batched,
+                "speed_up": one / batched,
+            }
+        )
     return rows
 
 
@@ -150,11 +168,15 @@ def main() -> None:
         for engine in ("onnx-int8", "onnx"):  # warm the ONNX caches and the page cache
             score_cli(small, args.weights, tmp, engine)
         naive = naive_loop(folder, args.weights, args.naive_n)
-        runs = {(engine, n): score_cli(inputs, args.weights, tmp, engine)
-                for engine in ("onnx-int8", "onnx") for n, inputs in ((1000, small), (0, folder))}
+        runs = {
+            (engine, n): score_cli(inputs, args.weights, tmp, engine)
+            for engine in ("onnx-int8", "onnx")
+            for n, inputs in ((1000, small), (0, folder))
+        }
         rall = runs["onnx-int8", 0]
 
         from core.images import decode_image
+
         files = sorted(folder.rglob("*.png"))[:2048]
         datas = [f.read_bytes() for f in files]
         decode = decode_timings(datas, 128)
@@ -165,12 +187,16 @@ def main() -> None:
 
     print("\n## Batch scoring (end to end: PNG files on disk -> CSV, process start included)")
     print(f"{'path':58s} {'images':>7s} {'img/s':>8s} {'x naive':>8s} {'peak RSS':>9s}")
-    print(f"{'naive loop (PyTorch, one image at a time)':58s} {args.naive_n:7d} {naive:8.0f} "
-          f"{1:8.1f} {'':>9s}")
+    print(
+        f"{'naive loop (PyTorch, one image at a time)':58s} {args.naive_n:7d} {naive:8.0f} "
+        f"{1:8.1f} {'':>9s}"
+    )
     for (engine, n), r in runs.items():
         label = f"core.score --engine {engine}, {'1,000' if n else 'all'} images"
-        print(f"{label:58s} {r['n']:7d} {r['img_per_s']:8.0f} {r['img_per_s'] / naive:8.1f} "
-              f"{r['peak_rss_mb']:7.0f} MB")
+        print(
+            f"{label:58s} {r['n']:7d} {r['img_per_s']:8.0f} {r['img_per_s'] / naive:8.1f} "
+            f"{r['peak_rss_mb']:7.0f} MB"
+        )
     print(f"\n## Decoding alone ({len(datas):,} PNGs in memory -> uint8 arrays)")
     for name, rate in decode.items():
         print(f"{name:58s} {len(datas):7d} {rate:8.0f}")
@@ -182,11 +208,15 @@ def main() -> None:
         print(f"\n## Explanations (ms per image, map only, the default layer {layer})")
         print(f"{'method':14s} {'batch 1':>9s} {'batched':>9s} {'batch':>6s} {'speed-up':>9s}")
     for r in cams:
-        print(f"{r['method']:14s} {r['ms_batch_1']:9.1f} {r['ms_batched']:9.1f} {r['batch']:6d} "
-              f"{r['speed_up']:8.1f}x")
+        print(
+            f"{r['method']:14s} {r['ms_batch_1']:9.1f} {r['ms_batched']:9.1f} {r['batch']:6d} "
+            f"{r['speed_up']:8.1f}x"
+        )
     print("\n## Screening flag on the development patients (all of them, training ones included)")
-    print(f"infected patients flagged: {flag['sensitivity']:.3f} ({flag['infected_patients']}); "
-          f"healthy patients not flagged: {flag['specificity']:.3f} ({flag['healthy_patients']})")
+    print(
+        f"infected patients flagged: {flag['sensitivity']:.3f} ({flag['infected_patients']}); "
+        f"healthy patients not flagged: {flag['specificity']:.3f} ({flag['healthy_patients']})"
+    )
     print(f"missed: {flag['missed']}; false alarms: {flag['false_alarms']}")
 
 

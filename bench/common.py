@@ -1,4 +1,5 @@
 """What every benchmark shares: the data set as PNG files, subsets of it, a timed CLI scoring."""
+
 from __future__ import annotations
 
 import shutil
@@ -14,11 +15,13 @@ from core.files import REPO_ROOT
 
 ROOT = REPO_ROOT
 
-_CHILD = ("import atexit, resource, runpy, sys; "
-          "atexit.register(lambda: print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF)"
-          ".ru_maxrss, file=sys.stderr)); "
-          "sys.argv = ['core.score'] + sys.argv[1:]; runpy.run_module('core.score', "
-          "run_name='__main__')")
+_CHILD = (
+    "import atexit, resource, runpy, sys; "
+    "atexit.register(lambda: print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF)"
+    ".ru_maxrss, file=sys.stderr)); "
+    "sys.argv = ['core.score'] + sys.argv[1:]; runpy.run_module('core.score', "
+    "run_name='__main__')"
+)
 
 
 def png_folder(data: Path, cache: Path) -> Path:
@@ -45,16 +48,37 @@ def subset(folder: Path, n: int, out: Path) -> Path:
 def score_cli(inputs: Path, weights: Path, tmp: Path, engine: str = "onnx") -> dict:
     """Run ``python -m core.score`` as a fresh process; wall time, rate, peak RSS, outputs."""
     out, summary = tmp / f"r_{engine}_{inputs.name}.csv", tmp / f"s_{engine}_{inputs.name}.csv"
-    cmd = [sys.executable, "-c", _CHILD, str(inputs), "--weights", str(weights), "--out",
-           str(out), "--summary", str(summary), "--engine", engine, "--no-progress",
-           "--store", str(tmp / "bench.sqlite")]
+    cmd = [
+        sys.executable,
+        "-c",
+        _CHILD,
+        str(inputs),
+        "--weights",
+        str(weights),
+        "--out",
+        str(out),
+        "--summary",
+        str(summary),
+        "--engine",
+        engine,
+        "--no-progress",
+        "--store",
+        str(tmp / "bench.sqlite"),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"core.score failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    rss = int(next(line.split()[1] for line in proc.stderr.splitlines()
-                   if line.startswith("MAXRSS_KB")))
+    rss = int(
+        next(line.split()[1] for line in proc.stderr.splitlines() if line.startswith("MAXRSS_KB"))
+    )
     n = len(pd.read_csv(out))
-    return {"n": n, "seconds": wall, "img_per_s": n / wall, "peak_rss_mb": rss / 1024,
-            "results": out, "summary": summary}
+    return {
+        "n": n,
+        "seconds": wall,
+        "img_per_s": n / wall,
+        "peak_rss_mb": rss / 1024,
+        "results": out,
+        "summary": summary,
+    }

@@ -1,5 +1,6 @@
 """Start the dashboard headless on a free localhost port, as `make run` does (the browser test
 and `python -m bench.ui` drive it with Chromium)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -15,24 +16,34 @@ from pathlib import Path
 from core.files import REPO_ROOT
 
 ROOT = REPO_ROOT
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 # For page.wait_for_function: the state Streamlit's own browser tests read (the running icon
 # only shows after 500 ms, so its absence says nothing about short runs).
 _STATE = "document.querySelector('[data-testid=stApp]')?.getAttribute('data-test-script-state')"
 IDLE = f"() => {_STATE} === 'notRunning'"
 BUSY = f"() => {_STATE} !== 'notRunning'"
 # Idle, every image loaded and every Plotly chart drawn: what a screenshot should wait for.
-DRAWN = (f"() => {_STATE} === 'notRunning'"
-         " && Array.from(document.images).every(i => i.complete)"
-         " && Array.from(document.querySelectorAll('.js-plotly-plot'))"
-         ".every(p => p.querySelector('.main-svg'))")
+DRAWN = (
+    f"() => {_STATE} === 'notRunning'"
+    " && Array.from(document.images).every(i => i.complete)"
+    " && Array.from(document.querySelectorAll('.js-plotly-plot'))"
+    ".every(p => p.querySelector('.main-svg'))"
+)
 
 
 def wait_for_rerun(page, timeout_ms: float) -> None:
     """After an interaction: wait for the rerun it triggers to start, then to finish."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     # it may have finished between two animation frames: then only the end counts
     with contextlib.suppress(PlaywrightTimeout):
         page.wait_for_function(BUSY, timeout=5_000)
@@ -53,17 +64,28 @@ def streamlit_command() -> list[str]:
 
 
 @contextlib.contextmanager
-def running_app(env: dict[str, str], log: Path,
-                timeout: float = 120) -> Iterator[tuple[str, int]]:
+def running_app(env: dict[str, str], log: Path, timeout: float = 120) -> Iterator[tuple[str, int]]:
     """Serve the dashboard with extra environment ``env``; yield its URL and process id; stop
     it on exit."""
     port = _free_port()
     with open(log, "w+") as out:
         proc = subprocess.Popen(
-            streamlit_command() + ["run", str(ROOT / "dashboard" / "app.py"),
-                                   "--server.port", str(port), "--server.address", "127.0.0.1",
-                                   "--server.headless", "true"],
-            cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+            streamlit_command()
+            + [
+                "run",
+                str(ROOT / "dashboard" / "app.py"),
+                "--server.port",
+                str(port),
+                "--server.address",
+                "127.0.0.1",
+                "--server.headless",
+                "true",
+            ],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.time() + timeout
@@ -74,7 +96,9 @@ def running_app(env: dict[str, str], log: Path,
                 except OSError:
                     if proc.poll() is not None or time.time() > deadline:
                         out.seek(0)
-                        raise RuntimeError("streamlit did not start: " + out.read()[-2000:]) from None
+                        raise RuntimeError(
+                            "streamlit did not start: " + out.read()[-2000:]
+                        ) from None
                     time.sleep(0.5)
             yield url, proc.pid
         finally:

@@ -10,11 +10,13 @@ ROAD, which arrives after the maps, is in too.
 Score:
 the dashboard is started fresh, as `make run` starts it, and driven by Debian's Chromium
 through Playwright. Timed from handing the file to the uploader until the page has finished
-rendering (results table, thumbnails, parasitemia chart, downloads): a zip of 1,000 cells as the first
-scoring after the server starts (model loading included), the same upload pressed again (served
-from the result cache), then the whole data set as one zip. The baseline, measured in the same
-run, is `python -m core.score` on the same 1,000 cells as PNG files (process start included).
+rendering (results table, thumbnails, parasitemia chart, downloads): a zip of 1,000 cells as
+the first scoring after the server starts (model loading included), the same upload pressed
+again (served from the result cache), then the whole data set as one zip. The baseline,
+measured in the same run, is `python -m core.score` on the same 1,000 cells as PNG files
+(process start included).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,14 +45,17 @@ def zip_folder(folder: Path, out: Path) -> Path:
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
     """The process's resident memory now (VmRSS) or its peak so far (VmHWM), Linux."""
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines()
-                    if line.startswith(field))) / 1024
+    return (
+        int(next(line.split()[1] for line in status.splitlines() if line.startswith(field))) / 1024
+    )
 
 
-def upload_and_score(page, url: str, upload: Path, *, fresh: bool = True,
-                     timeout_s: float = 600) -> dict:
+def upload_and_score(
+    page, url: str, upload: Path, *, fresh: bool = True, timeout_s: float = 600
+) -> dict:
     """Seconds to upload ``upload`` and to score and show it; the Cells figure on the page."""
     from playwright.sync_api import expect
+
     ms = timeout_s * 1000
     if fresh:
         page.goto(f"{url}/score")
@@ -70,8 +75,12 @@ def upload_and_score(page, url: str, upload: Path, *, fresh: bool = True,
     if page.get_by_text("Traceback").count():
         raise RuntimeError(f"the page shows a traceback after scoring {upload.name}")
     cells = page.get_by_test_id("stMetricValue").first.inner_text()
-    return {"upload_s": t1 - t0, "score_show_s": t2 - t1, "total_s": t2 - t0,
-            "cells": int(cells.replace(",", ""))}
+    return {
+        "upload_s": t1 - t0,
+        "score_show_s": t2 - t1,
+        "total_s": t2 - t0,
+        "cells": int(cells.replace(",", "")),
+    }
 
 
 MAPS = 3  # the Explain page's default methods
@@ -85,7 +94,9 @@ def _explain_step(page, act, timeout_ms: float) -> tuple[float, float]:
     page.wait_for_function(
         "n => [...document.querySelectorAll('[data-testid=stCaptionContainer]')]"
         ".filter(e => e.innerText.includes('ROAD: computing')).length >= n",
-        arg=MAPS, timeout=timeout_ms)
+        arg=MAPS,
+        timeout=timeout_ms,
+    )
     t_maps = time.perf_counter() - t0
     wait_for_rerun(page, timeout_ms)
     if computing.count() or page.get_by_text("Traceback").count():
@@ -104,8 +115,10 @@ def explain_timings(page, url: str, *, timeout_s: float = 300) -> list[tuple[str
     other = sorted((ROOT / "dashboard" / "samples" / "Parasitized").glob("*.png"))[-1]
     steps = [
         ("first view after the server starts", lambda: page.goto(f"{url}/explain")),
-        ("another cell picked", lambda: _pick(page, "…or a sample cell",
-                                              f"samples/Parasitized/{other.name}")),
+        (
+            "another cell picked",
+            lambda: _pick(page, "…or a sample cell", f"samples/Parasitized/{other.name}"),
+        ),
         ("layer changed (features.3)", lambda: _pick(page, "Layer", "features.3")),
         ("class changed (parasitized)", lambda: _pick(page, "Explain the class", "parasitized")),
     ]
@@ -137,8 +150,9 @@ def main() -> None:
         env = {"MALARIA_STORE": str(tmp / "ui.sqlite")}
         with running_app(env, tmp / "explain.log") as (url, _), sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-            explain_rows = explain_timings(browser.new_page(viewport={"width": 1400,
-                                                                      "height": 1000}), url)
+            explain_rows = explain_timings(
+                browser.new_page(viewport={"width": 1400, "height": 1000}), url
+            )
             browser.close()
     print("\n## Explain page in Chromium (three default maps; ROAD arrives after them)")
     print(f"{'step':40s} {'maps drawn':>11s} {'with ROAD':>10s}")
@@ -151,6 +165,7 @@ def main() -> None:
 def score_page(args: argparse.Namespace, chromium: str) -> None:
     """Time the Score page on a fresh server and print the table (see the module docstring)."""
     from playwright.sync_api import sync_playwright
+
     folder = png_folder(args.data, ROOT / ".cache" / "bench_png")
     rows = []
     with tempfile.TemporaryDirectory() as tmp_s:
@@ -166,14 +181,25 @@ def score_page(args: argparse.Namespace, chromium: str) -> None:
             page.goto(f"{url}/score")
             page.wait_for_function(IDLE, timeout=120_000)
             idle_mb = rss_mb(pid)
-            rows.append((f"{args.n:,} cells, first scoring after start",
-                         upload_and_score(page, url, small_zip)))
-            rows.append((f"{args.n:,} cells, same upload scored again (cached)",
-                         upload_and_score(page, url, small_zip, fresh=False)))
+            rows.append(
+                (
+                    f"{args.n:,} cells, first scoring after start",
+                    upload_and_score(page, url, small_zip),
+                )
+            )
+            rows.append(
+                (
+                    f"{args.n:,} cells, same upload scored again (cached)",
+                    upload_and_score(page, url, small_zip, fresh=False),
+                )
+            )
             if not args.skip_all:
-                rows.append((f"all cells: {args.data.name} "
-                             f"({args.data.stat().st_size / 2**20:.0f} MB)",
-                             upload_and_score(page, url, args.data)))
+                rows.append(
+                    (
+                        f"all cells: {args.data.name} ({args.data.stat().st_size / 2**20:.0f} MB)",
+                        upload_and_score(page, url, args.data),
+                    )
+                )
             browser.close()
             peak_mb = rss_mb(pid, "VmHWM")
             held_mb = rss_mb(pid)
@@ -181,18 +207,26 @@ def score_page(args: argparse.Namespace, chromium: str) -> None:
             time.sleep(reaper.GRACE_S + 2 * reaper.INTERVAL_S)
             after_mb = rss_mb(pid)
 
-    print(f"\n## Score page in Chromium (upload -> scored and shown); baseline: core.score CLI "
-          f"on the same {args.n:,} PNG files, {cli['seconds']:.1f} s "
-          f"({cli['img_per_s']:.0f} img/s)")
-    print(f"{'upload':58s} {'cells':>7s} {'upload':>8s} {'score+show':>11s} {'total':>8s} "
-          f"{'img/s':>7s} {'x CLI rate':>10s}")
+    print(
+        f"\n## Score page in Chromium (upload -> scored and shown); baseline: core.score CLI "
+        f"on the same {args.n:,} PNG files, {cli['seconds']:.1f} s "
+        f"({cli['img_per_s']:.0f} img/s)"
+    )
+    print(
+        f"{'upload':58s} {'cells':>7s} {'upload':>8s} {'score+show':>11s} {'total':>8s} "
+        f"{'img/s':>7s} {'x CLI rate':>10s}"
+    )
     for label, r in rows:
-        print(f"{label:58s} {r['cells']:7,d} {r['upload_s']:7.1f}s {r['score_show_s']:10.1f}s "
-              f"{r['total_s']:7.1f}s {r['cells'] / r['total_s']:7.0f} "
-              f"{r['cells'] / r['total_s'] / cli['img_per_s']:10.2f}")
-    print(f"dashboard server's RSS: {idle_mb:,.0f} MB idle on the Score page, peak "
-          f"{peak_mb:,.0f} MB over these uploads, {held_mb:,.0f} MB as the browser closed, "
-          f"{after_mb:,.0f} MB {reaper.GRACE_S + 2 * reaper.INTERVAL_S:.0f} s later")
+        print(
+            f"{label:58s} {r['cells']:7,d} {r['upload_s']:7.1f}s {r['score_show_s']:10.1f}s "
+            f"{r['total_s']:7.1f}s {r['cells'] / r['total_s']:7.0f} "
+            f"{r['cells'] / r['total_s'] / cli['img_per_s']:10.2f}"
+        )
+    print(
+        f"dashboard server's RSS: {idle_mb:,.0f} MB idle on the Score page, peak "
+        f"{peak_mb:,.0f} MB over these uploads, {held_mb:,.0f} MB as the browser closed, "
+        f"{after_mb:,.0f} MB {reaper.GRACE_S + 2 * reaper.INTERVAL_S:.0f} s later"
+    )
 
 
 if __name__ == "__main__":

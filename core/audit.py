@@ -19,6 +19,7 @@ An analyst reviews the suspects (the dashboard's Audit page) and records a decis
 a decisions file (``path, case_id, label, decision`` with ``keep``, ``relabel`` or
 ``exclude``), which ``python -m core.train --relabel FILE`` reads with ``read_decisions``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,10 @@ def _rows(index: Sequence[int], limit: int = 5) -> str:
 def _missing_columns(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise AuditError(f"{what} lacks the column(s) {', '.join(missing)}; expected "
-                         f"{', '.join(columns)}, found {', '.join(map(str, df.columns)) or 'none'}")
+        raise AuditError(
+            f"{what} lacks the column(s) {', '.join(missing)}; expected "
+            f"{', '.join(columns)}, found {', '.join(map(str, df.columns)) or 'none'}"
+        )
 
 
 def check_predictions(df: pd.DataFrame, *, what: str = "the predictions") -> pd.DataFrame:
@@ -73,22 +76,30 @@ def check_predictions(df: pd.DataFrame, *, what: str = "the predictions") -> pd.
     df = df.loc[:, list(PREDICTION_COLUMNS)].reset_index(drop=True)
     bad = df.index[~df["label"].isin(CLASSES)]
     if len(bad):
-        raise AuditError(f"{what}: label must be {' or '.join(CLASSES)}; line(s) {_rows(bad)} "
-                         f"hold {df.loc[bad[0], 'label']!r}")
+        raise AuditError(
+            f"{what}: label must be {' or '.join(CLASSES)}; line(s) {_rows(bad)} "
+            f"hold {df.loc[bad[0], 'label']!r}"
+        )
     prob = pd.to_numeric(df["prob_parasitized"], errors="coerce").astype("float64")
     bad = df.index[~(np.isfinite(prob) & prob.between(0.0, 1.0))]
     if len(bad):
-        raise AuditError(f"{what}: prob_parasitized must be a probability in [0, 1]; line(s) "
-                         f"{_rows(bad)} hold {df.loc[bad[0], 'prob_parasitized']!r} (a failed or "
-                         "missing prediction cannot be audited)")
+        raise AuditError(
+            f"{what}: prob_parasitized must be a probability in [0, 1]; line(s) "
+            f"{_rows(bad)} hold {df.loc[bad[0], 'prob_parasitized']!r} (a failed or "
+            "missing prediction cannot be audited)"
+        )
     dup = df.index[df["path"].duplicated()]
     if len(dup):
-        raise AuditError(f"{what}: path {df.loc[dup[0], 'path']!r} is listed more than once "
-                         f"(line(s) {_rows(dup)}); give each cell one out-of-fold prediction")
+        raise AuditError(
+            f"{what}: path {df.loc[dup[0], 'path']!r} is listed more than once "
+            f"(line(s) {_rows(dup)}); give each cell one out-of-fold prediction"
+        )
     present = set(df["label"])
     if len(present) < 2:
-        raise AuditError(f"{what} holds only {present.pop()} cells: the audit compares the "
-                         "classes and needs cells given each label")
+        raise AuditError(
+            f"{what} holds only {present.pop()} cells: the audit compares the "
+            "classes and needs cells given each label"
+        )
     return df.assign(prob_parasitized=prob)
 
 
@@ -124,7 +135,8 @@ def find_suspects(predictions: pd.DataFrame) -> pd.DataFrame:
     suspect = (given < own_t) & (other >= other_t)
     out = df[suspect].assign(
         suggested_label=np.where(label[suspect] == CLASSES[0], CLASSES[1], CLASSES[0]),
-        score=other[suspect])
+        score=other[suspect],
+    )
     out = out.sort_values(["score", "path"], ascending=[False, True], kind="stable")
     return out.assign(rank=np.arange(1, len(out) + 1)).reset_index(drop=True)
 
@@ -134,9 +146,15 @@ def patient_shares(predictions: pd.DataFrame, suspects: pd.DataFrame) -> pd.Data
     (``suspects_parasitized``, ``suspects_uninfected``) and ``share`` = suspects / cells; the
     highest share first. A patient with no suspects has share 0."""
     cells = predictions.groupby("case_id").size().rename("cells")
-    by_label = (suspects.groupby(["case_id", "label"]).size().unstack("label")
-                .reindex(columns=list(CLASSES)).fillna(0).astype(int)
-                .rename(columns={c: f"suspects_{c.lower()}" for c in CLASSES}))
+    by_label = (
+        suspects.groupby(["case_id", "label"])
+        .size()
+        .unstack("label")
+        .reindex(columns=list(CLASSES))
+        .fillna(0)
+        .astype(int)
+        .rename(columns={c: f"suspects_{c.lower()}" for c in CLASSES})
+    )
     out = pd.concat([cells, by_label], axis=1).fillna(0)
     out = out.astype({c: int for c in out.columns})
     out.insert(1, "suspects", out[[f"suspects_{c.lower()}" for c in CLASSES]].sum(axis=1))
@@ -175,6 +193,7 @@ def read_audit(path: Path | str) -> pd.DataFrame:
 
 # --- decisions --------------------------------------------------------------------------------
 
+
 def check_decisions(df: pd.DataFrame, *, what: str = "the decisions") -> pd.DataFrame:
     """``df`` with ``DECISION_COLUMNS`` checked: every row names a cell (path), its given label
     (``Parasitized`` or ``Uninfected``) and a decision (``keep``, ``relabel`` or ``exclude``, any
@@ -183,24 +202,31 @@ def check_decisions(df: pd.DataFrame, *, what: str = "the decisions") -> pd.Data
     lines are wrong."""
     _missing_columns(df, DECISION_COLUMNS, what)
     df = df.loc[:, list(DECISION_COLUMNS)].reset_index(drop=True)
-    df = df.assign(path=df["path"].astype(str),
-                   decision=df["decision"].astype(str).str.strip().str.lower())
+    df = df.assign(
+        path=df["path"].astype(str), decision=df["decision"].astype(str).str.strip().str.lower()
+    )
     bad = df.index[df["path"].str.strip() == ""]
     if len(bad):
         raise AuditError(f"{what}: line(s) {_rows(bad)} have no path")
     bad = df.index[~df["label"].isin(CLASSES)]
     if len(bad):
-        raise AuditError(f"{what}: label must be the cell's given label, {' or '.join(CLASSES)}; "
-                         f"line(s) {_rows(bad)} hold {df.loc[bad[0], 'label']!r}")
+        raise AuditError(
+            f"{what}: label must be the cell's given label, {' or '.join(CLASSES)}; "
+            f"line(s) {_rows(bad)} hold {df.loc[bad[0], 'label']!r}"
+        )
     bad = df.index[~df["decision"].isin(DECISIONS)]
     if len(bad):
-        raise AuditError(f"{what}: decision must be one of {', '.join(DECISIONS)}; line(s) "
-                         f"{_rows(bad)} hold {df.loc[bad[0], 'decision']!r}")
+        raise AuditError(
+            f"{what}: decision must be one of {', '.join(DECISIONS)}; line(s) "
+            f"{_rows(bad)} hold {df.loc[bad[0], 'decision']!r}"
+        )
     distinct = df.drop_duplicates()
     clash = distinct.index[distinct["path"].duplicated(keep=False)]
     if len(clash):
-        raise AuditError(f"{what}: {df.loc[clash[0], 'path']!r} has conflicting rows (line(s) "
-                         f"{_rows(clash)}); keep one decision per cell")
+        raise AuditError(
+            f"{what}: {df.loc[clash[0], 'path']!r} has conflicting rows (line(s) "
+            f"{_rows(clash)}); keep one decision per cell"
+        )
     return distinct.reset_index(drop=True)
 
 
@@ -247,8 +273,11 @@ def save_decisions(path: Path | str, new: pd.DataFrame) -> pd.DataFrame:
     (it is then left as it is), OSError if it cannot be written."""
     path = Path(path)
     with _locked(path.parent):
-        existing = (read_decisions_table(path) if path.exists()
-                    else pd.DataFrame(columns=list(DECISION_COLUMNS)))
+        existing = (
+            read_decisions_table(path)
+            if path.exists()
+            else pd.DataFrame(columns=list(DECISION_COLUMNS))
+        )
         merged = merge_decisions(existing, new)
         write_csv(path, merged)
     return merged
@@ -256,17 +285,27 @@ def save_decisions(path: Path | str, new: pd.DataFrame) -> pd.DataFrame:
 
 # --- command line -----------------------------------------------------------------------------
 
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m core.audit",
         description="Rank the cells whose label is most likely wrong (confident learning on "
-                    "out-of-fold probabilities) and write them as a CSV: path, case_id, "
-                    "label, prob_parasitized, suggested_label, score, rank.")
-    p.add_argument("--oof", type=Path, required=True,
-                   help="out-of-fold predictions (path, case_id, label, prob_parasitized), "
-                        "e.g. weights/default/oof_predictions.csv")
-    p.add_argument("--out", type=Path, required=True,
-                   help="the audit CSV to write, e.g. weights/default/label_audit.csv")
+        "out-of-fold probabilities) and write them as a CSV: path, case_id, "
+        "label, prob_parasitized, suggested_label, score, rank.",
+    )
+    p.add_argument(
+        "--oof",
+        type=Path,
+        required=True,
+        help="out-of-fold predictions (path, case_id, label, prob_parasitized), "
+        "e.g. weights/default/oof_predictions.csv",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="the audit CSV to write, e.g. weights/default/label_audit.csv",
+    )
     return p
 
 
@@ -283,16 +322,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot write {args.out}: {exc}", file=sys.stderr)
         return 2
     t = class_thresholds(predictions)
-    print(f"{len(suspects):,} suspects among {len(predictions):,} cells of "
-          f"{predictions['case_id'].nunique()} patients -> {args.out}")
+    print(
+        f"{len(suspects):,} suspects among {len(predictions):,} cells of "
+        f"{predictions['case_id'].nunique()} patients -> {args.out}"
+    )
     for c in CLASSES:
         given = int((predictions["label"] == c).sum())
         n = int((suspects["label"] == c).sum())
-        print(f"  given {c}: {n:,} of {given:,} ({n / given:.1%}); threshold "
-              f"P({c}) >= {t[c]:.3f}")
+        print(f"  given {c}: {n:,} of {given:,} ({n / given:.1%}); threshold P({c}) >= {t[c]:.3f}")
     top = patient_shares(predictions, suspects).head(5)
-    print("highest share of suspects: " + ", ".join(
-        f"{r.case_id} {r.suspects}/{r.cells} ({r.share:.0%})" for r in top.itertuples()))
+    print(
+        "highest share of suspects: "
+        + ", ".join(f"{r.case_id} {r.suspects}/{r.cells} ({r.share:.0%})" for r in top.itertuples())
+    )
     return 0
 
 

@@ -2,6 +2,7 @@
 
 Torch-free on purpose: the ONNX scoring path reads cards without importing PyTorch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,8 @@ class WeightsError(RuntimeError):
 
 
 class ContractError(ValueError):
-    """A model contract whose values cannot be right (unknown classes, threshold outside [0, 1]...)."""
+    """A model contract whose values cannot be right (unknown classes, a threshold outside
+    [0, 1]...)."""
 
 
 def _is_number(x: object) -> bool:
@@ -41,12 +43,18 @@ def contract_problems(c: ModelContract) -> list[str]:
         problems.append(f"arch {c.arch!r} is not one of {', '.join(ARCHS)}")
     if tuple(c.classes) != CLASSES:
         # the order is the model's output index order: swapped names invert every call
-        problems.append(f"classes must be exactly {list(CLASSES)} in that order, "
-                        f"got {list(c.classes)}")
-    if not (isinstance(c.input_size, int) and not isinstance(c.input_size, bool)
-            and c.input_size in INPUT_SIZES):
-        problems.append(f"input_size must be a whole number of pixels in "
-                        f"[{INPUT_SIZES.start}, {INPUT_SIZES.stop - 1}], got {c.input_size!r}")
+        problems.append(
+            f"classes must be exactly {list(CLASSES)} in that order, got {list(c.classes)}"
+        )
+    if not (
+        isinstance(c.input_size, int)
+        and not isinstance(c.input_size, bool)
+        and c.input_size in INPUT_SIZES
+    ):
+        problems.append(
+            f"input_size must be a whole number of pixels in "
+            f"[{INPUT_SIZES.start}, {INPUT_SIZES.stop - 1}], got {c.input_size!r}"
+        )
     for name in ("mean", "std"):
         values = getattr(c, name)
         if len(values) != 3 or not all(_is_number(v) for v in values):
@@ -100,8 +108,11 @@ def contract_sha256(contract: ModelContract, weights_sha256: str) -> str:
     """The hash a card records over its contract and the weights it belongs to: changing a
     single value of the contract (a swapped class, another threshold), or moving the contract to
     other weights, no longer matches it."""
-    payload = json.dumps({"contract": contract.to_json(), "weights_sha256": weights_sha256},
-                         sort_keys=True, separators=(",", ":"))
+    payload = json.dumps(
+        {"contract": contract.to_json(), "weights_sha256": weights_sha256},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -109,8 +120,10 @@ def explain_check_paths(folder: Path | str, split: str = "test") -> tuple[Path, 
     """(table CSV, summary JSON) of a model folder's heatmap check on ``split``
     (``python -m core.explain_check``)."""
     suffix = "" if split == "test" else f"_{split}"
-    return (Path(folder) / f"explain_check{suffix}.csv",
-            Path(folder) / f"explain_check{suffix}.json")
+    return (
+        Path(folder) / f"explain_check{suffix}.csv",
+        Path(folder) / f"explain_check{suffix}.json",
+    )
 
 
 def sha256_file(path: Path) -> str:
@@ -145,13 +158,17 @@ def read_card(folder: Path | str) -> dict:
     card, contract = _parse_card(path)
     recorded = card.get("contract_sha256")
     if recorded is None:
-        raise WeightsError(f"{path} has no contract_sha256 (written before model contracts were "
-                           "hashed); check its contract, then run "
-                           f"`python -m core.contract seal {folder}` to accept it")
+        raise WeightsError(
+            f"{path} has no contract_sha256 (written before model contracts were "
+            "hashed); check its contract, then run "
+            f"`python -m core.contract seal {folder}` to accept it"
+        )
     if recorded != contract_sha256(contract, str(card.get("sha256"))):
-        raise WeightsError(f"the model contract in {path} does not match its contract_sha256: "
-                           "classes, threshold or another value were changed after the model "
-                           "was saved; refusing this model")
+        raise WeightsError(
+            f"the model contract in {path} does not match its contract_sha256: "
+            "classes, threshold or another value were changed after the model "
+            "was saved; refusing this model"
+        )
     return card
 
 
@@ -169,9 +186,11 @@ def verified_weights(folder: Path | str) -> tuple[dict, Path, str]:
         raise WeightsError(f"weights file {weights} is missing")
     digest = sha256_file(weights)
     if digest != card.get("sha256"):
-        raise WeightsError(f"{weights} does not match its card (sha256 {digest[:12]}... vs "
-                           f"{str(card.get('sha256'))[:12]}...): the file was changed or replaced; "
-                           "refusing to load it")
+        raise WeightsError(
+            f"{weights} does not match its card (sha256 {digest[:12]}... vs "
+            f"{str(card.get('sha256'))[:12]}...): the file was changed or replaced; "
+            "refusing to load it"
+        )
     return card, weights, digest
 
 
@@ -239,7 +258,9 @@ class ModelFolder:
         if "estimate" in self.card:
             return self.card["estimate"]["source"], dict(self.card["estimate"]["pooled"])
         test = self.metrics.get("test", {})
-        return (f"{test.get('cases', '?')} held-back test patients", dict(test)) if test else ("", {})
+        return (
+            (f"{test.get('cases', '?')} held-back test patients", dict(test)) if test else ("", {})
+        )
 
     @property
     def screening_cutoff(self) -> float:
@@ -300,8 +321,9 @@ def seal_card(folder: Path | str) -> str:
     card, contract = _parse_card(path)
     weights = Path(folder) / card.get("weights_file", WEIGHTS_FILE)
     if not weights.is_file() or sha256_file(weights) != card.get("sha256"):
-        raise WeightsError(f"{weights} is missing or does not match the card's sha256; "
-                           "not sealing it")
+        raise WeightsError(
+            f"{weights} is missing or does not match the card's sha256; not sealing it"
+        )
     card["contract_sha256"] = contract_sha256(contract, card["sha256"])
     write_json(path, card)
     return card["contract_sha256"]
@@ -311,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m core.contract",
         description="Accept the contract of model cards written before contracts were hashed: "
-                    "validates each and records its contract_sha256. Read the contract first "
-                    "(classes, threshold, input size): sealing says it is right.")
+        "validates each and records its contract_sha256. Read the contract first "
+        "(classes, threshold, input size): sealing says it is right.",
+    )
     p.add_argument("command", choices=("seal",))
     p.add_argument("folders", nargs="+", type=Path, help="model folders (holding card.json)")
     args = p.parse_args(argv)

@@ -20,6 +20,7 @@ Per map:
   at pixels the model really uses. It says nothing of *what* those pixels are: a map can be
   faithful and still light the background, which is what the pointing result is for.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,12 @@ from core.locate import Stain, locate, mass_inside, points_at
 from core.model import LoadedModel, load_model, normalize
 from core.sources import iter_sources
 
-METHODS = dict(zip(METHOD_NAMES, (GradCAM, GradCAMPlusPlus, XGradCAM, HiResCAM, LayerCAM,
-                                   EigenCAM, ScoreCAM, AblationCAM)))
+METHODS = dict(
+    zip(
+        METHOD_NAMES,
+        (GradCAM, GradCAMPlusPlus, XGradCAM, HiResCAM, LayerCAM, EigenCAM, ScoreCAM, AblationCAM),
+    )
+)
 ROAD_PERCENTILES = (20, 40, 60, 80)
 
 
@@ -88,14 +93,16 @@ def explainable(loaded: LoadedModel) -> nn.Module:
     net = copy.deepcopy(loaded.model).eval()
     for m in net.modules():
         if hasattr(m, "inplace"):
-            m.inplace = False
+            setattr(m, "inplace", False)  # noqa: B010 (typed as Tensor | Module)
     return net
 
 
 def _resize_map(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(h, w) map -> (H, W) float32 in [0, 1]; ``size`` is (W, H) as PIL wants it."""
     if cam.shape[::-1] != size:
-        cam = np.asarray(Image.fromarray(cam.astype(np.float32), "F").resize(size, Image.Resampling.BILINEAR))
+        cam = np.asarray(
+            Image.fromarray(cam.astype(np.float32), "F").resize(size, Image.Resampling.BILINEAR)
+        )
     return np.clip(np.nan_to_num(cam, nan=0.0), 0, 1).astype(np.float32)
 
 
@@ -106,10 +113,18 @@ def _pointing(heatmap: np.ndarray, stain: Stain) -> bool | None:
     return points_at(heatmap, stain.parasite)
 
 
-def explain(loaded: LoadedModel, images: Sequence[np.ndarray], *, method: str | None = None,
-            target: str = "predicted", layer: str | None = None, faithfulness: bool = True,
-            net: nn.Module | None = None, batch_size: int = 32,
-            stains: Sequence[Stain] | None = None) -> list[Explanation]:
+def explain(
+    loaded: LoadedModel,
+    images: Sequence[np.ndarray],
+    *,
+    method: str | None = None,
+    target: str = "predicted",
+    layer: str | None = None,
+    faithfulness: bool = True,
+    net: nn.Module | None = None,
+    batch_size: int = 32,
+    stains: Sequence[Stain] | None = None,
+) -> list[Explanation]:
     """Explain each RGB uint8 image (H, W, 3), any size, with one CAM method.
 
     ``method`` defaults to DEFAULT_METHOD; ``layer`` is one of ``loaded.contract.cam_layers``
@@ -129,15 +144,17 @@ def explain(loaded: LoadedModel, images: Sequence[np.ndarray], *, method: str | 
     stages = layer.split(FUSE)
     unknown = [s for s in stages if s not in c.cam_layers]
     if unknown:
-        raise ValueError(f"unknown layer {unknown[0]!r}; this model offers "
-                         f"{', '.join(c.cam_layers)} (fuse stages with {FUSE!r})")
+        raise ValueError(
+            f"unknown layer {unknown[0]!r}; this model offers "
+            f"{', '.join(c.cam_layers)} (fuse stages with {FUSE!r})"
+        )
     net = net or explainable(loaded)
     for p in net.parameters():
         p.requires_grad_(False)  # gradients are needed w.r.t. activations only
     size = c.input_size
     out: list[Explanation] = []
     for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
+        chunk = images[start : start + batch_size]
         x = normalize(torch.from_numpy(np.stack([resize_rgb(im, size) for im in chunk])), c)
         t0 = time.perf_counter()
         idx: list[int] | None = None
@@ -147,8 +164,11 @@ def explain(loaded: LoadedModel, images: Sequence[np.ndarray], *, method: str | 
             with torch.no_grad():
                 pos = net(x).softmax(1)[:, c.positive_index].tolist()
             idx = [c.classes.index(predicted_class(p, c.threshold)) for p in pos]
-        targets = ([ClassifierOutputTarget(i) for i in idx] if idx is not None else
-                   [_PredictedTarget(c.positive_index, c.threshold)] * len(chunk))
+        targets = (
+            [ClassifierOutputTarget(i) for i in idx]
+            if idx is not None
+            else [_PredictedTarget(c.positive_index, c.threshold)] * len(chunk)
+        )
         # Not `with cam:` here: BaseCAM.__exit__ swallows IndexError, which would hide a failed
         # map; the hooks are released in `finally` all the same.
         cam = METHODS[method](model=net, target_layers=[net.get_submodule(s) for s in stages])
@@ -170,9 +190,21 @@ def explain(loaded: LoadedModel, images: Sequence[np.ndarray], *, method: str | 
         for i, im in enumerate(chunk):
             heat = _resize_map(maps[i], (im.shape[1], im.shape[0]))
             stain = stains[start + i] if stains is not None else locate(im)
-            out.append(Explanation(method, layer, c.classes[idx[i]], heat, map_size,
-                                   overlay(im, heat), pos[i], _pointing(heat, stain),
-                                   mass_inside(heat, stain.cell), float(road[i]), ms))
+            out.append(
+                Explanation(
+                    method,
+                    layer,
+                    c.classes[idx[i]],
+                    heat,
+                    map_size,
+                    overlay(im, heat),
+                    pos[i],
+                    _pointing(heat, stain),
+                    mass_inside(heat, stain.cell),
+                    float(road[i]),
+                    ms,
+                )
+            )
     return out
 
 
@@ -180,12 +212,18 @@ def _road(net: nn.Module, x: torch.Tensor, maps: np.ndarray, idx: Sequence[int])
     """ROAD of maps (N, h, w) at the input's size for normalised inputs x (N, 3, h, w)."""
     soft = [ClassifierOutputSoftmaxTarget(i) for i in idx]
     with torch.no_grad():
-        return np.ravel(ROADCombined(percentiles=list(ROAD_PERCENTILES))(
-            x, maps, soft, net)).tolist()
+        return np.ravel(
+            ROADCombined(percentiles=list(ROAD_PERCENTILES))(x, maps, soft, net)
+        ).tolist()
 
 
-def road_of(loaded: LoadedModel, image: np.ndarray, explanation: Explanation, *,
-            net: nn.Module | None = None) -> float:
+def road_of(
+    loaded: LoadedModel,
+    image: np.ndarray,
+    explanation: Explanation,
+    *,
+    net: nn.Module | None = None,
+) -> float:
     """The ROAD score of a map already drawn (``explanation`` of the RGB uint8 ``image``),
     without computing the map again: what a page calls once the maps are on screen."""
     c = loaded.contract
@@ -197,8 +235,9 @@ def road_of(loaded: LoadedModel, image: np.ndarray, explanation: Explanation, *,
 
 def grid(image: np.ndarray, explanations: Sequence[Explanation], *, cell: int = 192) -> Image.Image:
     """The original and each method's overlay side by side, each titled, as one PIL image."""
-    tiles = [("original", image)] + [(f"{e.method} road {e.road:+.2f}", e.overlay)
-                                     for e in explanations]
+    tiles = [("original", image)] + [
+        (f"{e.method} road {e.road:+.2f}", e.overlay) for e in explanations
+    ]
     canvas = Image.new("RGB", (cell * len(tiles), cell + 18), "white")
     draw = ImageDraw.Draw(canvas)
     for i, (title, arr) in enumerate(tiles):
@@ -211,8 +250,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Grad-CAM style heatmaps for cell images.")
     p.add_argument("inputs", nargs="+", help="image files, folders or zips")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=[*METHODS, "all"])
-    p.add_argument("--layer", help="network stage, or stages joined by '+' to fuse them "
-                                   "(default: the model's target layer)")
+    p.add_argument(
+        "--layer",
+        help="network stage, or stages joined by '+' to fuse them "
+        "(default: the model's target layer)",
+    )
     p.add_argument("--target", default="predicted", choices=TARGETS)
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     p.add_argument("--out", type=Path, required=True, help="folder for PNGs and scores.csv")
@@ -234,17 +276,38 @@ def main(args: argparse.Namespace) -> int:
             rows.append({"path": src.path, "error": str(exc)})
             status = 1
             continue
-        exps = [explain(loaded, [image], method=m, target=args.target, layer=args.layer,
-                        faithfulness=not args.no_faithfulness, net=net)[0] for m in methods]
+        exps = [
+            explain(
+                loaded,
+                [image],
+                method=m,
+                target=args.target,
+                layer=args.layer,
+                faithfulness=not args.no_faithfulness,
+                net=net,
+            )[0]
+            for m in methods
+        ]
         stem = f"{n:05d}_{as_posix(src.path).stem}"
         if len(exps) == 1:
             Image.fromarray(exps[0].overlay).save(args.out / f"{stem}_{exps[0].method}.png")
         else:
             grid(image, exps).save(args.out / f"{stem}_all.png")
-        rows += [{"path": src.path, "method": e.method, "layer": e.layer, "target": e.target,
-                  "prob_parasitized": e.prob_parasitized,
-                  "points_at_parasite": e.points_at_parasite, "mass_in_cell": e.mass_in_cell,
-                  "road": e.road, "ms": e.ms, "error": None} for e in exps]
+        rows += [
+            {
+                "path": src.path,
+                "method": e.method,
+                "layer": e.layer,
+                "target": e.target,
+                "prob_parasitized": e.prob_parasitized,
+                "points_at_parasite": e.points_at_parasite,
+                "mass_in_cell": e.mass_in_cell,
+                "road": e.road,
+                "ms": e.ms,
+                "error": None,
+            }
+            for e in exps
+        ]
     write_csv(args.out / "scores.csv", pd.DataFrame(rows))  # file names are user input
     print(f"{len(rows)} rows written to {args.out / 'scores.csv'}")
     return status

@@ -21,6 +21,7 @@ validation split), with ``explain_check.json`` beside it: the command, the locat
 rates on both classes and the default explanation's pointing for the class the model predicts
 (what the Explain page shows first).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,9 +77,14 @@ def check_cells(predictions: pd.DataFrame, *, limit: int | None = None) -> Check
         if label == CLASSES[0] and stain.found and (limit is None or len(images) < limit):
             images.append(image)
             stains.append(stain)
-    return CheckCells(images, stains, float(np.mean(found[CLASSES[0]])),
-                      float(np.mean(found[CLASSES[1]])), len(found[CLASSES[0]]),
-                      len(found[CLASSES[1]]))
+    return CheckCells(
+        images,
+        stains,
+        float(np.mean(found[CLASSES[0]])),
+        float(np.mean(found[CLASSES[1]])),
+        len(found[CLASSES[0]]),
+        len(found[CLASSES[1]]),
+    )
 
 
 def _mean(values: Sequence[float | bool | None]) -> float:
@@ -86,31 +92,60 @@ def _mean(values: Sequence[float | bool | None]) -> float:
     return float(np.mean(kept)) if kept else float("nan")
 
 
-def check_method(loaded: LoadedModel, cells: CheckCells, *, method: str, layer: str,
-                 net: nn.Module, road_cells: int, slow_cells: int) -> dict:
+def check_method(
+    loaded: LoadedModel,
+    cells: CheckCells,
+    *,
+    method: str,
+    layer: str,
+    net: nn.Module,
+    road_cells: int,
+    slow_cells: int,
+) -> dict:
     """One row of the table: pointing, mass on the cell, ROAD and time of one method x stage,
     for the Parasitized class; SLOW_METHODS stop at ``slow_cells`` cells."""
+
     def run(lo: int, hi: int, faithfulness: bool) -> list[Explanation]:
         with contextlib.redirect_stderr(io.StringIO()):  # ScoreCAM's per-batch progress bars
-            return explain(loaded, cells.images[lo:hi], method=method, layer=layer,
-                           target="parasitized", faithfulness=faithfulness, net=net,
-                           stains=cells.stains[lo:hi])
+            return explain(
+                loaded,
+                cells.images[lo:hi],
+                method=method,
+                layer=layer,
+                target="parasitized",
+                faithfulness=faithfulness,
+                net=net,
+                stains=cells.stains[lo:hi],
+            )
 
     n = min(len(cells.images), slow_cells) if method in SLOW_METHODS else len(cells.images)
     exps = run(0, min(n, road_cells), True)
     road = [e.road for e in exps]
     if n > len(exps):
         exps += run(len(exps), n, False)
-    return {"method": method, "layer": layer, "map_size": "x".join(map(str, exps[0].map_size)),
-            "pointing": _mean([e.points_at_parasite for e in exps]), "cells": len(exps),
-            "mass_in_cell": _mean([e.mass_in_cell for e in exps]),
-            "road": _mean(road), "road_cells": len(road),
-            "ms_per_image": float(np.mean([e.ms for e in exps]))}
+    return {
+        "method": method,
+        "layer": layer,
+        "map_size": "x".join(map(str, exps[0].map_size)),
+        "pointing": _mean([e.points_at_parasite for e in exps]),
+        "cells": len(exps),
+        "mass_in_cell": _mean([e.mass_in_cell for e in exps]),
+        "road": _mean(road),
+        "road_cells": len(road),
+        "ms_per_image": float(np.mean([e.ms for e in exps])),
+    }
 
 
-def check_model(folder: Path, *, split: str = "test", road_cells: int = 16, slow_cells: int = 8,
-                limit: int | None = None, methods: Sequence[str] = tuple(METHODS),
-                progress: bool = True) -> tuple[pd.DataFrame, dict]:
+def check_model(
+    folder: Path,
+    *,
+    split: str = "test",
+    road_cells: int = 16,
+    slow_cells: int = 8,
+    limit: int | None = None,
+    methods: Sequence[str] = tuple(METHODS),
+    progress: bool = True,
+) -> tuple[pd.DataFrame, dict]:
     """The method x stage table of a model folder and its summary (see the module docstring).
 
     Raises FileNotFoundError if the folder has no test predictions or their images are gone.
@@ -118,8 +153,9 @@ def check_model(folder: Path, *, split: str = "test", road_cells: int = 16, slow
     loaded = load_model(folder)
     preds_path = folder / f"{split}_predictions.csv"
     if not preds_path.is_file():
-        raise FileNotFoundError(f"{preds_path} is missing: this model has no labelled {split} "
-                                "split")
+        raise FileNotFoundError(
+            f"{preds_path} is missing: this model has no labelled {split} split"
+        )
     predictions = pd.read_csv(preds_path)
     cells = check_cells(predictions, limit=limit)
     if not cells.images:
@@ -127,54 +163,84 @@ def check_model(folder: Path, *, split: str = "test", road_cells: int = 16, slow
     net = explainable(loaded)
     c = loaded.contract
     jobs = [(m, layer) for m in methods for layer in c.cam_layers]
-    rows = [check_method(loaded, cells, method=m, layer=layer, net=net, road_cells=road_cells,
-                         slow_cells=slow_cells)
-            for m, layer in tqdm(jobs, desc="method x stage", disable=not progress)]
+    rows = [
+        check_method(
+            loaded,
+            cells,
+            method=m,
+            layer=layer,
+            net=net,
+            road_cells=road_cells,
+            slow_cells=slow_cells,
+        )
+        for m, layer in tqdm(jobs, desc="method x stage", disable=not progress)
+    ]
     table = pd.DataFrame(rows)
     table["default"] = (table["method"] == DEFAULT_METHOD) & (table["layer"] == c.target_layer)
-    default = explain(loaded, cells.images, target="predicted", faithfulness=False, net=net,
-                      stains=cells.stains)
+    default = explain(
+        loaded, cells.images, target="predicted", faithfulness=False, net=net, stains=cells.stains
+    )
     summary = {
         "command": " ".join(["python -m core.explain_check", *sys.argv[1:]]),
         "model_sha256": loaded.sha256,
-        "split": split, "cases": int(predictions["case_id"].nunique()),
-        "parasitized_cells": cells.n_parasitized, "uninfected_cells": cells.n_uninfected,
+        "split": split,
+        "cases": int(predictions["case_id"].nunique()),
+        "parasitized_cells": cells.n_parasitized,
+        "uninfected_cells": cells.n_uninfected,
         "locator_found_parasitized": cells.found_parasitized,
         "locator_found_uninfected": cells.found_uninfected,
         "cells_checked": len(cells.images),
         "pointing_tolerance_px_at_128": POINTING_TOLERANCE,
-        "default": {"method": DEFAULT_METHOD, "layer": c.target_layer, "target": "predicted",
-                    "pointing": _mean([e.points_at_parasite for e in default])},
+        "default": {
+            "method": DEFAULT_METHOD,
+            "layer": c.target_layer,
+            "target": "predicted",
+            "pointing": _mean([e.points_at_parasite for e in default]),
+        },
     }
     return table, summary
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Score every CAM method x stage for pointing at "
-                                            "the stained parasite, on a model's test split.")
+    p = argparse.ArgumentParser(
+        description="Score every CAM method x stage for pointing at "
+        "the stained parasite, on a model's test split."
+    )
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="model folder")
-    p.add_argument("--split", choices=SPLITS, default="test",
-                   help="the model's patients to check on (val: where the default was chosen)")
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="test",
+        help="the model's patients to check on (val: where the default was chosen)",
+    )
     p.add_argument("--road-cells", type=int, default=16, help="cells per row for ROAD (0: none)")
-    p.add_argument("--slow-cells", type=int, default=8,
-                   help="cells per row for ScoreCAM and AblationCAM")
+    p.add_argument(
+        "--slow-cells", type=int, default=8, help="cells per row for ScoreCAM and AblationCAM"
+    )
     p.add_argument("--limit", type=int, help="at most this many cells (a quick look)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    table, summary = check_model(args.weights, split=args.split, road_cells=args.road_cells,
-                                 slow_cells=args.slow_cells, limit=args.limit,
-                                 methods=args.methods)
+    table, summary = check_model(
+        args.weights,
+        split=args.split,
+        road_cells=args.road_cells,
+        slow_cells=args.slow_cells,
+        limit=args.limit,
+        methods=args.methods,
+    )
     csv_path, json_path = explain_check_paths(args.weights, args.split)
     with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False, float_format="%.4f")
     write_json(json_path, summary)
     print(table.sort_values("pointing", ascending=False).to_string(index=False))
     d = summary["default"]
-    print(f"default ({d['method']} at {d['layer']}, predicted class): pointing {d['pointing']:.3f}"
-          f" on {summary['cells_checked']} cells; written to {csv_path}")
+    print(
+        f"default ({d['method']} at {d['layer']}, predicted class): pointing {d['pointing']:.3f}"
+        f" on {summary['cells_checked']} cells; written to {csv_path}"
+    )
     return 0
 
 

@@ -11,6 +11,7 @@ through here:
 - files are written to a temporary file beside the target and renamed over it only when
   complete, so an interrupted or failed export leaves the previous file as it was.
 """
+
 from __future__ import annotations
 
 import csv
@@ -48,8 +49,11 @@ def restore(value: object) -> object:
 def neutralise(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` with formula-leading text cells prefixed by ``'``; numeric and boolean columns
     untouched."""
-    text = [c for c in df.columns
-            if pd.api.types.is_object_dtype(df[c]) or pd.api.types.is_string_dtype(df[c])]
+    text = [
+        c
+        for c in df.columns
+        if pd.api.types.is_object_dtype(df[c]) or pd.api.types.is_string_dtype(df[c])
+    ]
     return df.assign(**{str(c): df[c].map(_neutral) for c in text}) if text else df
 
 
@@ -58,8 +62,12 @@ def to_csv_text(df: pd.DataFrame) -> str:
     return neutralise(df).to_csv(index=False, quoting=_QUOTING)
 
 
-def write_csv(path: Path, frames: pd.DataFrame | Iterable[pd.DataFrame], *,
-              columns: Sequence[str] | None = None) -> int:
+def write_csv(
+    path: Path,
+    frames: pd.DataFrame | Iterable[pd.DataFrame],
+    *,
+    columns: Sequence[str] | None = None,
+) -> int:
     """Write ``frames`` (one DataFrame, or chunks with the same columns) to ``path`` as one
     CSV, atomically; return the number of rows. ``columns`` gives the header when there are no
     chunks at all. Raises OSError (``path`` is then unchanged)."""

@@ -1,4 +1,5 @@
 """Where the repository is, and writing files so that a crash never leaves half of one."""
+
 from __future__ import annotations
 
 import contextlib

@@ -13,6 +13,7 @@ every patient into ``OUT`` itself, its card's metrics taken from that estimate (
 left: no patient is held out) and its flag cutoff from the out-of-fold Uninfected cells.
 Interrupted runs go on with ``--resume``: finished folds are kept, a started one resumes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,12 @@ def fold_dir(out: Path, k: int) -> Path:
     return out / "folds" / f"fold{k}"
 
 
-def run_folds(args: argparse.Namespace, cfg: TrainConfig, splits: list[Split],
-              decisions: dict[str, str] | None) -> None:
+def run_folds(
+    args: argparse.Namespace,
+    cfg: TrainConfig,
+    splits: list[Split],
+    decisions: dict[str, str] | None,
+) -> None:
     """Train every fold not finished yet (a fold with a card is done; one with a checkpoint
     resumes)."""
     contract = default_contract(cfg.arch)
@@ -52,21 +57,41 @@ def run_folds(args: argparse.Namespace, cfg: TrainConfig, splits: list[Split],
         run = fold_dir(args.out, k)
         if (run / "card.json").is_file():
             continue
-        print(f"fold {k + 1}/{len(splits)}: train {len(split.train)}, val {len(split.val)}, "
-              f"test {len(split.test)} patients", flush=True)
-        data = prepare_data(args.data, contract=contract, cfg=cfg, split=split,
-                            progress=not args.no_progress, follow_links=args.follow_links,
-                            decisions=decisions)
-        fit(cfg, data, run, contract=contract, resume=(run / CHECKPOINT).is_file(),
+        print(
+            f"fold {k + 1}/{len(splits)}: train {len(split.train)}, val {len(split.val)}, "
+            f"test {len(split.test)} patients",
+            flush=True,
+        )
+        data = prepare_data(
+            args.data,
+            contract=contract,
+            cfg=cfg,
+            split=split,
             progress=not args.no_progress,
-            card={"training_command": command("core.folds", args, "--out", str(args.out),
-                                              "--folds", str(args.folds)),
-                  "training_data": [str(d) for d in args.data], "fold": k})
+            follow_links=args.follow_links,
+            decisions=decisions,
+        )
+        fit(
+            cfg,
+            data,
+            run,
+            contract=contract,
+            resume=(run / CHECKPOINT).is_file(),
+            progress=not args.no_progress,
+            card={
+                "training_command": command(
+                    "core.folds", args, "--out", str(args.out), "--folds", str(args.folds)
+                ),
+                "training_data": [str(d) for d in args.data],
+                "fold": k,
+            },
+        )
 
 
 def collect(out: Path, folds: int) -> tuple[pd.DataFrame, list[dict]]:
     """The out-of-fold predictions (with their fold) and the fold models' cards."""
     import json
+
     frames, cards = [], []
     for k in range(folds):
         run = fold_dir(out, k)
@@ -77,33 +102,47 @@ def collect(out: Path, folds: int) -> tuple[pd.DataFrame, list[dict]]:
 
 def estimate(oof: pd.DataFrame, cards: list[dict], threshold: float) -> dict:
     """The k-fold estimate: pooled metrics, per-fold spread, and the per-patient flag."""
-    pooled = binary_metrics(is_parasitized(oof["label"]), oof["prob_parasitized"],
-                            threshold=threshold)
-    per_fold = [binary_metrics(is_parasitized(f["label"]), f["prob_parasitized"],
-                               threshold=threshold) for _, f in oof.groupby("fold")]
+    pooled = binary_metrics(
+        is_parasitized(oof["label"]), oof["prob_parasitized"], threshold=threshold
+    )
+    per_fold = [
+        binary_metrics(is_parasitized(f["label"]), f["prob_parasitized"], threshold=threshold)
+        for _, f in oof.groupby("fold")
+    ]
     spread = {m: float(np.nanstd([f[m] for f in per_fold])) for m in SPREAD}
     flags = []
     for k, fold in oof.groupby("fold"):
-        results = fold.assign(prediction=[predicted_class(p, threshold)
-                                          for p in fold["prob_parasitized"]], error=None)
+        results = fold.assign(
+            prediction=[predicted_class(p, threshold) for p in fold["prob_parasitized"]], error=None
+        )
         cutoff = float(cards[int(k)].get("screening", {}).get("cutoff", 0.0))
         flags.append(parasitemia_summary(results, cutoff=cutoff))
     infected = set(oof.loc[is_parasitized(oof["label"]) == 1, "case_id"])
-    return {"cells": int(len(oof)), "patients": int(oof["case_id"].nunique()),
-            "folds": len(cards), "pooled": pooled, "per_fold_std": spread,
-            "per_fold": per_fold,
-            "screening": flag_performance(pd.concat(flags, ignore_index=True), infected),
-            "best_epochs": [int(c["best_epoch"]) for c in cards]}
+    return {
+        "cells": int(len(oof)),
+        "patients": int(oof["case_id"].nunique()),
+        "folds": len(cards),
+        "pooled": pooled,
+        "per_fold_std": spread,
+        "per_fold": per_fold,
+        "screening": flag_performance(pd.concat(flags, ignore_index=True), infected),
+        "best_epochs": [int(c["best_epoch"]) for c in cards],
+    }
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Patient-grouped k-fold training of one recipe: "
-                                "out-of-fold predictions, its estimate, and the final model.")
+    p = argparse.ArgumentParser(
+        description="Patient-grouped k-fold training of one recipe: "
+        "out-of-fold predictions, its estimate, and the final model."
+    )
     add_recipe_arguments(p)
     p.add_argument("--out", required=True, type=Path, help="model folder to write")
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--final", action="store_true",
-                   help="then train the recipe on every patient into OUT (the model to ship)")
+    p.add_argument(
+        "--final",
+        action="store_true",
+        help="then train the recipe on every patient into OUT (the model to ship)",
+    )
     return p
 
 
@@ -113,42 +152,69 @@ def main(args: argparse.Namespace) -> dict:
     decisions = None
     if args.relabel:
         from core.audit import read_decisions
+
         decisions = read_decisions(args.relabel)
     samples, _ = labelled_samples(args.data, follow_links=args.follow_links)
     splits = fold_splits(samples, folds=args.folds, seed=cfg.seed)
     run_folds(args, cfg, splits, decisions)
     oof, cards = collect(args.out, args.folds)
     oof.to_csv(args.out / OOF_FILE, index=False)
-    result = {"recipe": command("core.folds", args, "--out", str(args.out),
-                                "--folds", str(args.folds)),
-              **estimate(oof, cards, contract.threshold)}
+    result = {
+        "recipe": command("core.folds", args, "--out", str(args.out), "--folds", str(args.folds)),
+        **estimate(oof, cards, contract.threshold),
+    }
     write_json(args.out / FOLDS_FILE, result)
     m, s = result["pooled"], result["screening"]
-    print(f"{args.folds}-fold estimate on {result['patients']} patients, {result['cells']} "
-          f"cells: accuracy {m['accuracy']:.4f}, AUC {m['auc']:.4f}; flag catches "
-          f"{s['sensitivity']:.1%} of {s['infected_patients']} infected patients, flags "
-          f"{1 - s['specificity']:.1%} of {s['healthy_patients']} healthy ones")
+    print(
+        f"{args.folds}-fold estimate on {result['patients']} patients, {result['cells']} "
+        f"cells: accuracy {m['accuracy']:.4f}, AUC {m['auc']:.4f}; flag catches "
+        f"{s['sensitivity']:.1%} of {s['infected_patients']} infected patients, flags "
+        f"{1 - s['specificity']:.1%} of {s['healthy_patients']} healthy ones"
+    )
     if args.final:
         cases = tuple(sorted({smp.case_id for smp in samples}))
-        data = prepare_data(args.data, contract=contract, cfg=cfg,
-                            split=Split(cases, (), (), cfg.seed),
-                            progress=not args.no_progress, follow_links=args.follow_links,
-                            decisions=decisions)
-        card = fit(cfg, data, args.out, contract=contract, resume=(args.out / CHECKPOINT).is_file(),
-                   progress=not args.no_progress,
-                   card={"training_command": command("core.folds", args, "--out", str(args.out),
-                                                     "--folds", str(args.folds), "--final"),
-                         "training_data": [str(d) for d in args.data],
-                         "screening": {**screening_calibration(oof, threshold=contract.threshold),
-                                       "method": "upper 95% Wilson bound of the out-of-fold "
-                                                 "false-positive rate on all Uninfected cells; "
-                                                 "flag = parasitemia interval's lower bound "
-                                                 "above it"},
-                         "estimate": {"source": f"{args.folds}-fold out-of-fold predictions "
-                                                f"({OOF_FILE}): every cell predicted by a "
-                                                "model that never saw its patient",
-                                      **{k: result[k] for k in ("pooled", "per_fold_std",
-                                                                "screening")}}})
+        data = prepare_data(
+            args.data,
+            contract=contract,
+            cfg=cfg,
+            split=Split(cases, (), (), cfg.seed),
+            progress=not args.no_progress,
+            follow_links=args.follow_links,
+            decisions=decisions,
+        )
+        card = fit(
+            cfg,
+            data,
+            args.out,
+            contract=contract,
+            resume=(args.out / CHECKPOINT).is_file(),
+            progress=not args.no_progress,
+            card={
+                "training_command": command(
+                    "core.folds",
+                    args,
+                    "--out",
+                    str(args.out),
+                    "--folds",
+                    str(args.folds),
+                    "--final",
+                ),
+                "training_data": [str(d) for d in args.data],
+                "screening": {
+                    **screening_calibration(oof, threshold=contract.threshold),
+                    "method": "upper 95% Wilson bound of the out-of-fold "
+                    "false-positive rate on all Uninfected cells; "
+                    "flag = parasitemia interval's lower bound "
+                    "above it",
+                },
+                "estimate": {
+                    "source": f"{args.folds}-fold out-of-fold predictions "
+                    f"({OOF_FILE}): every cell predicted by a "
+                    "model that never saw its patient",
+                    **{k: result[k] for k in ("pooled", "per_fold_std", "screening")},
+                },
+            },
+        )
         return card
     return result
 

@@ -3,6 +3,7 @@
 Light on purpose (NumPy, Pillow, OpenCV): pages that only draw maps or list the methods import
 this, not ``core.explain``, which loads PyTorch and pytorch-grad-cam to compute them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,8 +14,16 @@ from PIL import Image
 from scipy import ndimage
 
 # The CAM methods of pytorch-grad-cam that ``core.explain`` offers, by name.
-METHOD_NAMES = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam",
-                "scorecam", "ablationcam")
+METHOD_NAMES = (
+    "gradcam",
+    "gradcam++",
+    "xgradcam",
+    "hirescam",
+    "layercam",
+    "eigencam",
+    "scorecam",
+    "ablationcam",
+)
 # Perturbation methods run the network once per channel batch of the target layer.
 SLOW_METHODS = frozenset({"scorecam", "ablationcam"})
 # The method ``explain`` uses when none is given; see the module docstring for why.
@@ -44,8 +53,12 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, *, opacity: float = 0.5) -> 
     """Heatmap (H, W) in [0, 1] laid over an RGB uint8 image (H, W, 3) -> uint8 (H, W, 3)."""
     if not 0 <= opacity <= 1:
         raise ValueError(f"opacity must be in [0, 1], got {opacity}")
-    colour = cv2.cvtColor(cv2.applyColorMap((255 * heatmap).astype(np.uint8), cv2.COLORMAP_JET),
-                          cv2.COLOR_BGR2RGB).astype(np.float32) / 255
+    colour = (
+        cv2.cvtColor(
+            cv2.applyColorMap((255 * heatmap).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB
+        ).astype(np.float32)
+        / 255
+    )
     mixed = opacity * colour + (1 - opacity) * (image.astype(np.float32) / 255)
     return (255 * mixed / np.max(mixed)).astype(np.uint8)
 
@@ -56,8 +69,9 @@ def colour_bar(*, width: int = 256, height: int = 12) -> np.ndarray:
     return cv2.cvtColor(cv2.applyColorMap(ramp, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
 
 
-def for_display(image: np.ndarray, *, width: int = 384,
-                outline: np.ndarray | None = None) -> np.ndarray:
+def for_display(
+    image: np.ndarray, *, width: int = 384, outline: np.ndarray | None = None
+) -> np.ndarray:
     """An RGB uint8 image (H, W, 3) upsampled smoothly (bicubic) to ``width`` px, with the
     boundary of the bool mask ``outline`` (H, W), if given, drawn in white."""
     h, w = image.shape[:2]

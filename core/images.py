@@ -3,6 +3,7 @@
 Every failure (empty, corrupt, truncated, oversized, unsupported) is an ImageError whose message
 is meant for the user; callers turn it into an error row.
 """
+
 from __future__ import annotations
 
 import io
@@ -29,13 +30,14 @@ class ImageError(ValueError):
     """An input file that is not a usable image; the message is meant for the user."""
 
 
-
 def _to_rgb(img: Image.Image) -> Image.Image:
     """RGB from any PIL mode: 16-bit and float are scaled to 8 bit, alpha is laid on white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float32)
         hi = float(arr.max()) if arr.size else 0.0
-        scale = 255.0 / (65535.0 if hi > 255 else 255.0) if img.mode != "F" else 255.0 / max(hi, 1e-6)
+        scale = (
+            255.0 / (65535.0 if hi > 255 else 255.0) if img.mode != "F" else 255.0 / max(hi, 1e-6)
+        )
         img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA")
@@ -101,13 +103,19 @@ def read_image(src: ImageSource, *, size: int | None = None) -> np.ndarray:
     return decode_image(read_bytes(src), size=size)
 
 
-def load_array(sources: Sequence[ImageSource], *, size: int, workers: int | None = None,
-               progress: Callable[[int], None] | None = None) -> np.ndarray:
+def load_array(
+    sources: Sequence[ImageSource],
+    *,
+    size: int,
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
     """Decode and resize ``sources`` into one ``uint8`` array of shape (N, size, size, 3).
 
     Decodes in threads (PIL releases the GIL). Raises ImageError naming the file if one cannot
     be decoded: training and study data must be clean.
     """
+
     def one(src: ImageSource) -> np.ndarray:
         try:
             return read_image(src, size=size)

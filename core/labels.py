@@ -5,6 +5,7 @@ image sits under a directory named ``Parasitized`` or ``Uninfected`` (any case, 
 The slide case (one case = one patient) is parsed from the file name: ``C100P61ThinF_...`` is
 ``C100``.
 """
+
 from __future__ import annotations
 
 import re

@@ -11,6 +11,7 @@ there they find a parasite in 96 % of Parasitized cells and in 5 % of Uninfected
 which do hold a dot that looks like one: the labels are known to be noisy). A cell with no
 located parasite is left out of the pointing score rather than counted as a miss.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -64,8 +65,11 @@ def locate(image: np.ndarray, *, scale: float | None = None) -> Stain:
     rgb = image.astype(np.float32)
     green = rgb[..., 1]
     magenta = (rgb[..., 0] + rgb[..., 2]) / 2 - green
-    stained = (inner & (green < np.median(green[inner]) - DARK)
-               & (magenta > np.median(magenta[inner]) + MAGENTA))
+    stained = (
+        inner
+        & (green < np.median(green[inner]) - DARK)
+        & (magenta > np.median(magenta[inner]) + MAGENTA)
+    )
     labels, n = ndi.label(stained)
     if n == 0:
         return Stain(cell, stained)

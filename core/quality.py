@@ -62,6 +62,8 @@ INT8_CALIBRATION_FILE = "quality_int8.npz"
 def calibration_file(engine: str) -> str:
     """The file of the feature calibration for the engine named ``engine``."""
     return INT8_CALIBRATION_FILE if engine == "onnx-int8" else CALIBRATION_FILE
+
+
 CHECK_FILE = "quality_check.json"
 # Half-width of the review band around the threshold. Chosen on the shipped model's validation
 # patients: 2.3% of their cells fall inside, where its accuracy is 0.47 against 0.97 outside.
@@ -365,8 +367,9 @@ def _features(engine, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray,
     return np.concatenate(probs), np.concatenate(feats)
 
 
-def calibrate(weights: Path, data: Sequence[str], *, quantile: float = 0.995,
-              engine_name: str = "onnx") -> FeatureModel:
+def calibrate(
+    weights: Path, data: Sequence[str], *, quantile: float = 0.995, engine_name: str = "onnx"
+) -> FeatureModel:
     """Fit the feature model on the training patients' cells of the model in ``weights`` as
     ``engine_name`` computes their features, set its limit on the validation patients' and save
     it beside the weights (``calibration_file(engine_name)``)."""
@@ -389,9 +392,9 @@ def calibrate(weights: Path, data: Sequence[str], *, quantile: float = 0.995,
     fm.save(Path(weights) / name)
     stats = image_stats(images)
     print(
-        f"{name} ({engine_name}): fitted on {train.sum():,} cells of {len(split['train'])} training "
-        f"patients; limit {fm.limit:.2f} = {quantile:.1%} quantile of {(~train).sum():,} cells "
-        f"of {len(split['val'])} validation patients",
+        f"{name} ({engine_name}): fitted on {train.sum():,} cells of {len(split['train'])} "
+        f"training patients; limit {fm.limit:.2f} = {quantile:.1%} quantile of "
+        f"{(~train).sum():,} cells of {len(split['val'])} validation patients",
         file=sys.stderr,
     )
     print("image statistics of these cells (min, 0.1%, 99.9%, max):", file=sys.stderr)
@@ -492,8 +495,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.command == "calibrate":
             for engine_name in ("onnx", "onnx-int8"):
-                calibrate(args.weights, args.data, quantile=args.quantile,
-                          engine_name=engine_name)
+                calibrate(args.weights, args.data, quantile=args.quantile, engine_name=engine_name)
             return 0
         result = check(args.weights, args.data, smear=args.smear)
     except (WeightsError, FileNotFoundError, ValueError) as exc:

@@ -11,6 +11,7 @@ per weights hash like the fp32 export. ``check`` scores the model's test patient
 graphs once and records the agreement rule's verdict in the card: the int8 engine becomes the
 model's default only if its accuracy is within 0.003 and its AUC within 0.002 of fp32 there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,11 +40,13 @@ CARD_KEY = "int8"
 MAX_ACCURACY_DROP = 0.003
 MAX_AUC_DROP = 0.002
 # Written into the int8 graph's metadata and the card; quantize_onnx does exactly this.
-METHOD = ("ONNX Runtime quantize_static: QDQ format, int8 weights per output channel "
-          "(depthwise convolutions included), uint8 activations, MinMax calibration over the "
-          "calibration cells; ReLU6 (exported as Clip) folded into the preceding convolution's "
-          "output range; the in-graph uint8->float normalisation, the softmax and the stages "
-          "listed in float_blocks kept in float")
+METHOD = (
+    "ONNX Runtime quantize_static: QDQ format, int8 weights per output channel "
+    "(depthwise convolutions included), uint8 activations, MinMax calibration over the "
+    "calibration cells; ReLU6 (exported as Clip) folded into the preceding convolution's "
+    "output range; the in-graph uint8->float normalisation, the softmax and the stages "
+    "listed in float_blocks kept in float"
+)
 
 
 @dataclass(frozen=True)
@@ -72,16 +75,25 @@ def calibration_set(card: dict) -> CalibrationSet | None:
     rec = card.get(CARD_KEY, {}).get("calibration")
     if not rec:
         return None
-    return CalibrationSet(rec["file"], rec["sha256"], int(rec["cells"]), tuple(rec["cases"]),
-                          rec["part"], int(rec["seed"]), tuple(rec.get("float_blocks", ())))
+    return CalibrationSet(
+        rec["file"],
+        rec["sha256"],
+        int(rec["cells"]),
+        tuple(rec["cases"]),
+        rec["part"],
+        int(rec["seed"]),
+        tuple(rec.get("float_blocks", ())),
+    )
 
 
 def required_calibration(folder: Path | str, card: dict) -> CalibrationSet:
     """The card's calibration record; raises WeightsError saying how to make one if absent."""
     rec = calibration_set(card)
     if rec is None:
-        raise WeightsError(f"{folder} has no int8 calibration set: run `python -m core.quantize "
-                           f"calibrate {folder} --data DEVELOPMENT_DATA`, or use --engine onnx")
+        raise WeightsError(
+            f"{folder} has no int8 calibration set: run `python -m core.quantize "
+            f"calibrate {folder} --data DEVELOPMENT_DATA`, or use --engine onnx"
+        )
     return rec
 
 
@@ -103,8 +115,10 @@ def calibration_images(folder: Path | str, card: dict, *, size: int) -> tuple[np
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != rec.sha256:
-        raise WeightsError(f"{path} does not match its card (sha256 {digest[:12]}... vs "
-                           f"{rec.sha256[:12]}...); refusing to calibrate on it")
+        raise WeightsError(
+            f"{path} does not match its card (sha256 {digest[:12]}... vs "
+            f"{rec.sha256[:12]}...); refusing to calibrate on it"
+        )
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         names = sorted(n for n in zf.namelist() if not n.endswith("/"))
         try:
@@ -114,8 +128,15 @@ def calibration_images(folder: Path | str, card: dict, *, size: int) -> tuple[np
     return images, digest
 
 
-def quantize_onnx(fp32: bytes, calibration: np.ndarray, out: Path, *, description: str,
-                  float_blocks: Sequence[str] = (), batch_size: int = 32) -> Path:
+def quantize_onnx(
+    fp32: bytes,
+    calibration: np.ndarray,
+    out: Path,
+    *,
+    description: str,
+    float_blocks: Sequence[str] = (),
+    batch_size: int = 32,
+) -> Path:
     """Write the int8 (QDQ) version of the fp32 graph ``fp32`` to ``out``.
 
     ``calibration``: uint8 (N, S, S, 3) cells the graph's input takes. ``float_blocks``: model
@@ -138,23 +159,32 @@ def quantize_onnx(fp32: bytes, calibration: np.ndarray, out: Path, *, descriptio
 
         def get_next(self) -> dict | None:
             i = next(self.batches, None)
-            return None if i is None else {"images": calibration[i:i + batch_size]}
+            return None if i is None else {"images": calibration[i : i + batch_size]}
 
     graph = onnx.load_from_string(fp32)
     # the float prologue (uint8 -> normalised float) and the softmax epilogue stay float: they
     # cost nothing, and an 8-bit copy of the normalised input would round each channel anew
-    keep_float = [n.name for n in graph.graph.node
-                  if n.op_type in ("Cast", "Transpose", "Sub", "Div", "Softmax", "Gather")
-                  or any(f"/{block}/" in n.name for block in float_blocks)]
+    keep_float = [
+        n.name
+        for n in graph.graph.node
+        if n.op_type in ("Cast", "Transpose", "Sub", "Div", "Softmax", "Gather")
+        or any(f"/{block}/" in n.name for block in float_blocks)
+    ]
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         (tmp / "fp32.onnx").write_bytes(fp32)
         # shape inference and graph clean-up first, as ONNX Runtime advises before quantising
         quant_pre_process(str(tmp / "fp32.onnx"), str(tmp / "pre.onnx"), skip_symbolic_shape=True)
-        quantize_static(str(tmp / "pre.onnx"), str(tmp / "int8.onnx"), Reader(),
-                        quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=keep_float)
+        quantize_static(
+            str(tmp / "pre.onnx"),
+            str(tmp / "int8.onnx"),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=keep_float,
+        )
         model = onnx.load(str(tmp / "int8.onnx"))
     clips = [n.name for n in model.graph.node if n.op_type == "Clip" and n.name not in keep_float]
     if clips:  # ReLU6 left as a float Clip between QDQ pairs: slow and a sign of a bad graph
@@ -169,8 +199,10 @@ def quantize_onnx(fp32: bytes, calibration: np.ndarray, out: Path, *, descriptio
 # Choosing the calibration cells, checking the result on the test patients
 # ---------------------------------------------------------------------------------------------
 
-def pick_calibration(sources: Sequence[ImageSource], split: Split, *, n: int, seed: int = 0
-                     ) -> list[ImageSource]:
+
+def pick_calibration(
+    sources: Sequence[ImageSource], split: Split, *, n: int, seed: int = 0
+) -> list[ImageSource]:
     """``n`` cells drawn (seeded) from the training patients of ``split``, half of each class
     where there are enough. Raises ValueError if the training patients have no cells."""
     train = set(split.train)
@@ -190,9 +222,14 @@ def pick_calibration(sources: Sequence[ImageSource], split: Split, *, n: int, se
     return picked
 
 
-def write_calibration(folder: Path, sources: Sequence[ImageSource], split: Split, *,
-                      seed: int, float_blocks: Sequence[str] = ("features.1",)
-                      ) -> CalibrationSet:
+def write_calibration(
+    folder: Path,
+    sources: Sequence[ImageSource],
+    split: Split,
+    *,
+    seed: int,
+    float_blocks: Sequence[str] = ("features.1",),
+) -> CalibrationSet:
     """Store ``sources`` (the files' bytes as they are) in ``folder``/CALIBRATION_FILE and
     record them in the card (replacing an earlier calibration and its check)."""
     cases = tuple(sorted({case_id(s.name) for s in sources}))
@@ -204,32 +241,41 @@ def write_calibration(folder: Path, sources: Sequence[ImageSource], split: Split
         for s in sources:
             info = zipfile.ZipInfo(f"{label_from_path(s.path)}/{s.name}", (1980, 1, 1, 0, 0, 0))
             zf.writestr(info, s.read())
-    rec = CalibrationSet(CALIBRATION_FILE, sha256_file(path), len(sources), cases, "train", seed,
-                         tuple(float_blocks))
+    rec = CalibrationSet(
+        CALIBRATION_FILE, sha256_file(path), len(sources), cases, "train", seed, tuple(float_blocks)
+    )
     card = read_card(folder)
-    card[CARD_KEY] = {"calibration": {**asdict(rec), "cases": list(cases),
-                                      "float_blocks": list(float_blocks)}, "method": METHOD}
+    card[CARD_KEY] = {
+        "calibration": {**asdict(rec), "cases": list(cases), "float_blocks": list(float_blocks)},
+        "method": METHOD,
+    }
     write_json(folder / CARD_FILE, card)
     return rec
 
 
-def agreement(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, *, threshold: float
-              ) -> dict:
+def agreement(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, *, threshold: float) -> dict:
     """The agreement rule on one set of cells: accuracy and AUC of each graph, their
     differences, the calls that differ and whether int8 passes (within MAX_ACCURACY_DROP and
     MAX_AUC_DROP of fp32, either way)."""
     from core.metrics import binary_metrics
 
-    a, b = binary_metrics(labels, fp32, threshold=threshold), binary_metrics(labels, int8,
-                                                                             threshold=threshold)
+    a, b = (
+        binary_metrics(labels, fp32, threshold=threshold),
+        binary_metrics(labels, int8, threshold=threshold),
+    )
     d_acc, d_auc = b["accuracy"] - a["accuracy"], b["auc"] - a["auc"]
-    return {"cells": int(len(labels)),
-            "accuracy_fp32": a["accuracy"], "accuracy_int8": b["accuracy"],
-            "auc_fp32": a["auc"], "auc_int8": b["auc"],
-            "accuracy_diff": d_acc, "auc_diff": d_auc,
-            "calls_differing": int(((fp32 >= threshold) != (int8 >= threshold)).sum()),
-            "max_abs_prob_diff": float(np.abs(fp32 - int8).max()),
-            "passed": bool(abs(d_acc) <= MAX_ACCURACY_DROP and abs(d_auc) <= MAX_AUC_DROP)}
+    return {
+        "cells": int(len(labels)),
+        "accuracy_fp32": a["accuracy"],
+        "accuracy_int8": b["accuracy"],
+        "auc_fp32": a["auc"],
+        "auc_int8": b["auc"],
+        "accuracy_diff": d_acc,
+        "auc_diff": d_auc,
+        "calls_differing": int(((fp32 >= threshold) != (int8 >= threshold)).sum()),
+        "max_abs_prob_diff": float(np.abs(fp32 - int8).max()),
+        "passed": bool(abs(d_acc) <= MAX_ACCURACY_DROP and abs(d_auc) <= MAX_AUC_DROP),
+    }
 
 
 def check(folder: Path, data: Sequence[str | Path], *, part: str = "test") -> dict:
@@ -252,11 +298,16 @@ def check(folder: Path, data: Sequence[str | Path], *, part: str = "test") -> di
     probs = {}
     for name in ("onnx", "onnx-int8"):
         engine = fp32_engine if name == "onnx" else load_engine(folder, name)
-        probs[name] = np.concatenate([engine(images[i:i + 64])
-                                      for i in range(0, len(images), 64)])
-    rec = {"part": part, "patients": len({s.case_id for s in chosen}),
-           **agreement(probs["onnx"], probs["onnx-int8"], labels,
-                       threshold=fp32_engine.contract.threshold)}
+        probs[name] = np.concatenate(
+            [engine(images[i : i + 64]) for i in range(0, len(images), 64)]
+        )
+    rec = {
+        "part": part,
+        "patients": len({s.case_id for s in chosen}),
+        **agreement(
+            probs["onnx"], probs["onnx-int8"], labels, threshold=fp32_engine.contract.threshold
+        ),
+    }
     card = read_card(folder)
     card.setdefault(CARD_KEY, {})["check" if part == "test" else f"check_{part}"] = rec
     write_json(folder / CARD_FILE, card)
@@ -267,25 +318,41 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m core.quantize", description=__doc__.splitlines()[0])
     p.add_argument("command", choices=("calibrate", "check"))
     p.add_argument("folder", type=Path, help="model folder (holding card.json)")
-    p.add_argument("--data", nargs="+", required=True,
-                   help="the model's development data (folders or zips in the NIH layout)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        help="the model's development data (folders or zips in the NIH layout)",
+    )
     p.add_argument("--cells", type=int, default=256, help="calibration cells (calibrate)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--float-blocks", nargs="*", default=["features.1"],
-                   help="model stages kept in float (calibrate)")
-    p.add_argument("--part", choices=("val", "test"), default="test",
-                   help="which patients to check on; only the test check sets the default")
+    p.add_argument(
+        "--float-blocks",
+        nargs="*",
+        default=["features.1"],
+        help="model stages kept in float (calibrate)",
+    )
+    p.add_argument(
+        "--part",
+        choices=("val", "test"),
+        default="test",
+        help="which patients to check on; only the test check sets the default",
+    )
     args = p.parse_args(argv)
     try:
         card = read_card(args.folder)
         if args.command == "calibrate":
             split = Split.from_json(card["split"])
-            sources = pick_calibration(list(iter_sources(args.data)), split, n=args.cells,
-                                       seed=args.seed)
-            rec = write_calibration(args.folder, sources, split, seed=args.seed,
-                                    float_blocks=args.float_blocks)
-            print(f"{rec.cells} cells of {len(rec.cases)} training patients in "
-                  f"{args.folder / rec.file}; the int8 graph is rebuilt on next use")
+            sources = pick_calibration(
+                list(iter_sources(args.data)), split, n=args.cells, seed=args.seed
+            )
+            rec = write_calibration(
+                args.folder, sources, split, seed=args.seed, float_blocks=args.float_blocks
+            )
+            print(
+                f"{rec.cells} cells of {len(rec.cases)} training patients in "
+                f"{args.folder / rec.file}; the int8 graph is rebuilt on next use"
+            )
         else:
             print(json.dumps(check(args.folder, args.data, part=args.part), indent=2))
             if args.part == "test":

@@ -5,6 +5,7 @@ architecture, epochs, learning rate, augmentation and which leading layers stay 
 ``core.train`` trains one model with it, ``core.folds`` five (one per patient fold),
 ``core.lr_find`` probes its learning rate, ``core.study`` compares architectures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,10 +56,16 @@ class PreparedData:
     test_y: torch.Tensor
 
 
-def prepare_data(data: Sequence[str | Path], *, contract: ModelContract, cfg: TrainConfig,
-                 split: Split | None = None, progress: bool = True,
-                 follow_links: bool = False,
-                 decisions: Mapping[str, str] | None = None) -> PreparedData:
+def prepare_data(
+    data: Sequence[str | Path],
+    *,
+    contract: ModelContract,
+    cfg: TrainConfig,
+    split: Split | None = None,
+    progress: bool = True,
+    follow_links: bool = False,
+    decisions: Mapping[str, str] | None = None,
+) -> PreparedData:
     """Find labelled images, split them by case (or use ``split``), decode every part.
 
     ``follow_links``: read images that symbolic links in a data folder point to outside it.
@@ -66,8 +73,9 @@ def prepare_data(data: Sequence[str | Path], *, contract: ModelContract, cfg: Tr
     training and validation patients only: the test patients' labels are never touched.
     """
     samples, sources = labelled_samples(data, follow_links=follow_links)
-    split = split or split_by_case(samples, val_frac=cfg.val_frac, test_frac=cfg.test_frac,
-                                   seed=cfg.seed)
+    split = split or split_by_case(
+        samples, val_frac=cfg.val_frac, test_frac=cfg.test_frac, seed=cfg.seed
+    )
     if decisions:
         samples = apply_decisions(samples, decisions, split)
     parts: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
@@ -75,16 +83,21 @@ def prepare_data(data: Sequence[str | Path], *, contract: ModelContract, cfg: Tr
         parts[split.part_of(s.case_id)].append(s)
     arrays = {}
     for name, items in parts.items():
-        with tqdm(total=len(items), desc=f"decoding {name}", leave=False,
-                  disable=not progress) as bar:
-            arrays[f"{name}_x"] = torch.from_numpy(load_array(
-                [sources[s.path] for s in items], size=contract.input_size, progress=bar.update))
+        with tqdm(
+            total=len(items), desc=f"decoding {name}", leave=False, disable=not progress
+        ) as bar:
+            arrays[f"{name}_x"] = torch.from_numpy(
+                load_array(
+                    [sources[s.path] for s in items], size=contract.input_size, progress=bar.update
+                )
+            )
         arrays[f"{name}_y"] = torch.tensor([s.label for s in items], dtype=torch.int64)
     return PreparedData(split=split, samples=parts, **arrays)
 
 
-def augment(x: torch.Tensor, *, jitter: float, generator: torch.Generator,
-            blur: float = 0.0) -> torch.Tensor:
+def augment(
+    x: torch.Tensor, *, jitter: float, generator: torch.Generator, blur: float = 0.0
+) -> torch.Tensor:
     """Random dihedral transform, colour jitter and (with probability ``blur``) defocus per image.
 
     ``x``: uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [0, 1]. Cells have no up or
@@ -94,11 +107,14 @@ def augment(x: torch.Tensor, *, jitter: float, generator: torch.Generator,
     n = x.shape[0]
     k = torch.randint(0, 4, (n,), generator=generator)
     flip = torch.rand(n, generator=generator) < 0.5
-    x = torch.stack([torch.rot90(img.flip(-1) if f else img, int(r), (1, 2))
-                     for img, r, f in zip(x, k, flip)])
+    x = torch.stack(
+        [torch.rot90(img.flip(-1) if f else img, int(r), (1, 2)) for img, r, f in zip(x, k, flip)]
+    )
     if jitter > 0:
+
         def factor(*shape: int) -> torch.Tensor:
             return 1 + (torch.rand(n, *shape, generator=generator) * 2 - 1) * jitter
+
         x = x * factor(3, 1, 1) * factor(1, 1, 1)  # stain tint, then brightness
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = (x - mean) * factor(1, 1, 1) + mean  # contrast
@@ -112,22 +128,27 @@ def augment(x: torch.Tensor, *, jitter: float, generator: torch.Generator,
     return x
 
 
-def training_batches(x: torch.Tensor, y: torch.Tensor, contract: ModelContract, *,
-                     cfg: TrainConfig, generator: torch.Generator
-                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def training_batches(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    contract: ModelContract,
+    *,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One shuffled epoch of augmented, normalised batches (float NCHW channels_last, labels)."""
     order = torch.randperm(len(x), generator=generator)
-    for i in range(0, len(order) - cfg.batch_size + 1 if len(order) >= cfg.batch_size else 1,
-                   cfg.batch_size):
-        idx = order[i:i + cfg.batch_size]
+    for i in range(
+        0, len(order) - cfg.batch_size + 1 if len(order) >= cfg.batch_size else 1, cfg.batch_size
+    ):
+        idx = order[i : i + cfg.batch_size]
         batch = augment(x[idx], jitter=cfg.colour_jitter, generator=generator, blur=cfg.blur)
         yield normalize(batch, contract), y[idx]
 
 
-
-
-def apply_decisions(samples: Sequence[Sample], decisions: Mapping[str, str],
-                    split: Split | None) -> list[Sample]:
+def apply_decisions(
+    samples: Sequence[Sample], decisions: Mapping[str, str], split: Split | None
+) -> list[Sample]:
     """``samples`` with audited labels flipped (``relabel``) or dropped (``exclude``).
 
     Cells of the split's test patients keep their labels whatever the file says. Raises
@@ -136,8 +157,10 @@ def apply_decisions(samples: Sequence[Sample], decisions: Mapping[str, str],
     known = {s.path for s in samples}
     unknown = [p for p in decisions if p not in known]
     if unknown:
-        raise DataError(f"{len(unknown)} cells in the decisions file are not in the data, "
-                        f"e.g. {unknown[0]}: was it made for other data?")
+        raise DataError(
+            f"{len(unknown)} cells in the decisions file are not in the data, "
+            f"e.g. {unknown[0]}: was it made for other data?"
+        )
     test = set(split.test) if split else set()
     out = []
     for s in samples:
@@ -151,26 +174,52 @@ def apply_decisions(samples: Sequence[Sample], decisions: Mapping[str, str],
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     """The command-line options of a recipe, shared by ``core.train`` and ``core.folds``."""
     p.add_argument("--data", required=True, nargs="+", help="labelled folder(s) or zip(s)")
-    p.add_argument("--arch", default="mobilenet_v2",
-                   help="mobilenet_v2 (ImageNet weights), mobilenet_v3_small/large (from scratch)")
+    p.add_argument(
+        "--arch",
+        default="mobilenet_v2",
+        help="mobilenet_v2 (ImageNet weights), mobilenet_v3_small/large (from scratch)",
+    )
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    p.add_argument("--lr", default="auto", help="max learning rate of the one-cycle schedule, "
-                   "or 'auto' to run the LR range test first")
+    p.add_argument(
+        "--lr",
+        default="auto",
+        help="max learning rate of the one-cycle schedule, "
+        "or 'auto' to run the LR range test first",
+    )
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--colour-jitter", type=float, default=TrainConfig.colour_jitter,
-                   help="strength of the per-image stain/brightness/contrast/saturation jitter")
-    p.add_argument("--blur", type=float, default=TrainConfig.blur,
-                   help="share of training images given a slight Gaussian blur")
+    p.add_argument(
+        "--colour-jitter",
+        type=float,
+        default=TrainConfig.colour_jitter,
+        help="strength of the per-image stain/brightness/contrast/saturation jitter",
+    )
+    p.add_argument(
+        "--blur",
+        type=float,
+        default=TrainConfig.blur,
+        help="share of training images given a slight Gaussian blur",
+    )
     p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
-    p.add_argument("--freeze", type=int, default=TrainConfig.freeze,
-                   help="leading feature modules kept at their ImageNet values (pretrained only)")
+    p.add_argument(
+        "--freeze",
+        type=int,
+        default=TrainConfig.freeze,
+        help="leading feature modules kept at their ImageNet values (pretrained only)",
+    )
     p.add_argument("--no-pretrained", action="store_true", help="start from random weights")
-    p.add_argument("--relabel", type=Path, help="label-audit decisions CSV (path, decision: "
-                   "keep/relabel/exclude, as the Audit page saves it) applied to the training "
-                   "and validation patients")
-    p.add_argument("--follow-links", action="store_true",
-                   help="read images that symbolic links in a data folder point to outside it")
+    p.add_argument(
+        "--relabel",
+        type=Path,
+        help="label-audit decisions CSV (path, decision: "
+        "keep/relabel/exclude, as the Audit page saves it) applied to the training "
+        "and validation patients",
+    )
+    p.add_argument(
+        "--follow-links",
+        action="store_true",
+        help="read images that symbolic links in a data folder point to outside it",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -187,18 +236,44 @@ def parse_lr(value: str) -> float | None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
-                       lr=parse_lr(args.lr), seed=args.seed, colour_jitter=args.colour_jitter,
-                       freeze=args.freeze, blur=args.blur, weight_decay=args.weight_decay,
-                       pretrained=not args.no_pretrained and args.arch == "mobilenet_v2")
+    return TrainConfig(
+        arch=args.arch,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=parse_lr(args.lr),
+        seed=args.seed,
+        colour_jitter=args.colour_jitter,
+        freeze=args.freeze,
+        blur=args.blur,
+        weight_decay=args.weight_decay,
+        pretrained=not args.no_pretrained and args.arch == "mobilenet_v2",
+    )
 
 
 def recipe_argv(args: argparse.Namespace) -> list[str]:
     """The recipe's options as a command line (the reproducible part of a run's command)."""
-    argv = ["--data", *map(str, args.data), "--arch", args.arch, "--epochs", str(args.epochs),
-            "--lr", str(args.lr), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-            "--colour-jitter", str(args.colour_jitter), "--blur", str(args.blur),
-            "--weight-decay", str(args.weight_decay), "--freeze", str(args.freeze)]
+    argv = [
+        "--data",
+        *map(str, args.data),
+        "--arch",
+        args.arch,
+        "--epochs",
+        str(args.epochs),
+        "--lr",
+        str(args.lr),
+        "--batch-size",
+        str(args.batch_size),
+        "--seed",
+        str(args.seed),
+        "--colour-jitter",
+        str(args.colour_jitter),
+        "--blur",
+        str(args.blur),
+        "--weight-decay",
+        str(args.weight_decay),
+        "--freeze",
+        str(args.freeze),
+    ]
     for flag in ("no_pretrained", "follow_links"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
@@ -210,4 +285,3 @@ def recipe_argv(args: argparse.Namespace) -> list[str]:
 def command(module: str, args: argparse.Namespace, *extra: str) -> str:
     """``python -m MODULE ...``: the command line that reproduces a run (without --resume)."""
     return f"python -m {module} " + shlex.join([*recipe_argv(args), *extra])
-

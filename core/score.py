@@ -13,6 +13,7 @@ Exit status: 0 every image scored; 1 some images gave error rows (all others are
 2 bad arguments, missing inputs, unusable weights, an unwritable output, an unusable result
 store, or no image scored at all; 130 interrupted (results so far are kept).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,12 @@ from core.store import RESULT_COLUMNS, ResultStore, StoreError
 ENGINES = ("onnx-int8", "onnx", "torch")
 CACHE_DIR = Path(os.environ.get("MALARIA_CACHE", REPO_ROOT / ".cache"))
 # Signs the ONNX exports in CACHE_DIR; kept apart from them, readable by this user only.
-KEY_FILE = Path(os.environ.get("MALARIA_CACHE_KEY")
-                or Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-                / "malaria-screening" / "cache.key")
+KEY_FILE = Path(
+    os.environ.get("MALARIA_CACHE_KEY")
+    or Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    / "malaria-screening"
+    / "cache.key"
+)
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -59,6 +63,7 @@ Progress = Callable[[int, int], None]  # (done, total)
 # ---------------------------------------------------------------------------------------------
 # Engines: uint8 images (N, S, S, 3) at the contract size -> P(Parasitized) float32 (N,)
 # ---------------------------------------------------------------------------------------------
+
 
 class Engine:
     name: str
@@ -180,12 +185,16 @@ def export_onnx(folder: Path, out: Path) -> Path:
         # the TorchScript exporter is deprecated but needs no extra package, and its tracer
         # warns about the contract's mean/std becoming constants, which is what we want
         warnings.simplefilter("ignore", (DeprecationWarning, torch.jit.TracerWarning))
-        torch.onnx.export(Wrapped().eval(), (torch.zeros(1, size, size, 3, dtype=torch.uint8),),
-                          str(tmp), input_names=["images"],
-                          output_names=["prob_parasitized", "features"],
-                          dynamic_axes={"images": {0: "n"}, "prob_parasitized": {0: "n"},
-                                        "features": {0: "n"}},
-                          opset_version=17, dynamo=False)
+        torch.onnx.export(
+            Wrapped().eval(),
+            (torch.zeros(1, size, size, 3, dtype=torch.uint8),),
+            str(tmp),
+            input_names=["images"],
+            output_names=["prob_parasitized", "features"],
+            dynamic_axes={"images": {0: "n"}, "prob_parasitized": {0: "n"}, "features": {0: "n"}},
+            opset_version=17,
+            dynamo=False,
+        )
     return out
 
 
@@ -194,8 +203,9 @@ class OnnxEngine(Engine):
 
     name = "onnx"
 
-    def __init__(self, folder: Path, *, threads: int | None = None,
-                 memory_arena: bool = True) -> None:
+    def __init__(
+        self, folder: Path, *, threads: int | None = None, memory_arena: bool = True
+    ) -> None:
         import onnxruntime as ort
 
         self.weights = ModelFolder.open(folder)
@@ -235,15 +245,24 @@ class OnnxInt8Engine(OnnxEngine):
         fp32 = super()._graph()
 
         def build(out: Path) -> None:
-            images, _ = calibration_images(self.folder, self.weights.card,
-                                           size=self.contract.input_size)
-            quantize_onnx(fp32, images, out, float_blocks=rec.float_blocks, description=(
-                f"{rec.cells} cells of {len(rec.cases)} {rec.part} patients "
-                f"({', '.join(rec.cases)}), seed {rec.seed}, {rec.file} sha256 {rec.sha256}; "
-                f"kept in float: {', '.join(rec.float_blocks) or 'nothing'}"))
+            images, _ = calibration_images(
+                self.folder, self.weights.card, size=self.contract.input_size
+            )
+            quantize_onnx(
+                fp32,
+                images,
+                out,
+                float_blocks=rec.float_blocks,
+                description=(
+                    f"{rec.cells} cells of {len(rec.cases)} {rec.part} patients "
+                    f"({', '.join(rec.cases)}), seed {rec.seed}, {rec.file} sha256 {rec.sha256}; "
+                    f"kept in float: {', '.join(rec.float_blocks) or 'nothing'}"
+                ),
+            )
 
-        return _signed_cache(onnx_path(self.sha256, self.contract, calibration=rec.cache_key()),
-                             build)
+        return _signed_cache(
+            onnx_path(self.sha256, self.contract, calibration=rec.cache_key()), build
+        )
 
 
 class TorchEngine(Engine):
@@ -251,8 +270,9 @@ class TorchEngine(Engine):
 
     name = "torch"
 
-    def __init__(self, folder: Path, *, threads: int | None = None,
-                 memory_arena: bool = True) -> None:
+    def __init__(
+        self, folder: Path, *, threads: int | None = None, memory_arena: bool = True
+    ) -> None:
         import torch
 
         from core.model import load_model
@@ -261,8 +281,7 @@ class TorchEngine(Engine):
         torch.set_num_threads(threads or 1)
         loaded = load_model(folder)
         self.model = loaded.model.to(memory_format=torch.channels_last)
-        self.weights = ModelFolder(Path(loaded.folder), loaded.card, loaded.contract,
-                                   loaded.sha256)
+        self.weights = ModelFolder(Path(loaded.folder), loaded.card, loaded.contract, loaded.sha256)
         self.gate = Gate.for_model(self.folder, self.sha256, self.name)
 
     def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -272,12 +291,18 @@ class TorchEngine(Engine):
 
         with torch.no_grad():
             logits, features = logits_and_features(
-                self.model, normalize(torch.from_numpy(images), self.contract))
+                self.model, normalize(torch.from_numpy(images), self.contract)
+            )
         return (logits.softmax(1)[:, self.contract.positive_index].numpy(), features.numpy())
 
 
-def load_engine(weights: Path | str = DEFAULT_WEIGHTS, engine: str | None = None, *,
-                threads: int | None = None, memory_arena: bool = True) -> Engine:
+def load_engine(
+    weights: Path | str = DEFAULT_WEIGHTS,
+    engine: str | None = None,
+    *,
+    threads: int | None = None,
+    memory_arena: bool = True,
+) -> Engine:
     """An engine for the model folder ``weights``; ``engine`` None: the model's default
     (``core.quantize.default_engine``: int8 only where its card records that it passed the
     agreement check on the test patients). ``memory_arena`` False: ONNX Runtime frees each
@@ -293,6 +318,7 @@ def load_engine(weights: Path | str = DEFAULT_WEIGHTS, engine: str | None = None
 # ---------------------------------------------------------------------------------------------
 # The streaming pipeline
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Decoded:
@@ -317,19 +343,26 @@ def _decode_batch(sources: tuple[ImageSource, ...], size: int) -> _Decoded:
     return _Decoded(sources, arr, tuple(ok), errors, digests)
 
 
-def _rows(decoded: _Decoded, prob: np.ndarray, quality: Sequence[str], threshold: float
-          ) -> list[dict]:
+def _rows(
+    decoded: _Decoded, prob: np.ndarray, quality: Sequence[str], threshold: float
+) -> list[dict]:
     rows = []
     probs = dict(zip(decoded.ok, zip(prob.tolist(), quality)))
     for i, src in enumerate(decoded.sources):
         p, q = probs.get(i, (None, None))
-        rows.append({
-            "path": src.path, "case_id": case_id(src.name), "label": label_from_path(src.path),
-            "prob_parasitized": p,
-            "prediction": None if p is None else predicted_class(p, threshold),
-            "quality": q, "error": decoded.errors.get(i), "duplicate_of": None,
-            "sha256": decoded.digests.get(i),
-        })
+        rows.append(
+            {
+                "path": src.path,
+                "case_id": case_id(src.name),
+                "label": label_from_path(src.path),
+                "prob_parasitized": p,
+                "prediction": None if p is None else predicted_class(p, threshold),
+                "quality": q,
+                "error": decoded.errors.get(i),
+                "duplicate_of": None,
+                "sha256": decoded.digests.get(i),
+            }
+        )
     return rows
 
 
@@ -346,8 +379,7 @@ def mark_duplicates(rows: list[dict], seen: dict[str, str]) -> None:
             row.update(duplicate_of=first, prob_parasitized=None, prediction=None)
 
 
-def _score_batch(sources: tuple[ImageSource, ...], engine: Engine, threshold: float
-                 ) -> list[dict]:
+def _score_batch(sources: tuple[ImageSource, ...], engine: Engine, threshold: float) -> list[dict]:
     decoded = _decode_batch(sources, engine.contract.input_size)
     if not decoded.ok:
         return _rows(decoded, np.empty(0, np.float32), [], threshold)
@@ -355,9 +387,15 @@ def _score_batch(sources: tuple[ImageSource, ...], engine: Engine, threshold: fl
     return _rows(decoded, prob, engine.gate(decoded.images, features), threshold)
 
 
-def iter_scored(sources: Iterable[ImageSource], engine: Engine, *, threshold: float | None = None,
-                batch_size: int = 64, workers: int | None = None,
-                seen: dict[str, str] | None = None) -> Iterator[list[dict]]:
+def iter_scored(
+    sources: Iterable[ImageSource],
+    engine: Engine,
+    *,
+    threshold: float | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    seen: dict[str, str] | None = None,
+) -> Iterator[list[dict]]:
     """Score ``sources`` in batches; yields one list of result rows (RESULT_COLUMNS and the
     ``sha256`` of the file) per batch.
 
@@ -396,10 +434,17 @@ def iter_scored(sources: Iterable[ImageSource], engine: Engine, *, threshold: fl
         blas.restore_original_limits()
 
 
-def score_sources(sources: Sequence[ImageSource], engine: Engine, *,
-                  store: ResultStore | None = None, run_id: str | None = None,
-                  threshold: float | None = None, progress: Progress | None = None,
-                  collect: bool = True, batch_size: int = 64) -> pd.DataFrame | None:
+def score_sources(
+    sources: Sequence[ImageSource],
+    engine: Engine,
+    *,
+    store: ResultStore | None = None,
+    run_id: str | None = None,
+    threshold: float | None = None,
+    progress: Progress | None = None,
+    collect: bool = True,
+    batch_size: int = 64,
+) -> pd.DataFrame | None:
     """Score ``sources``, saving each batch to ``store`` under ``run_id`` when given.
 
     Returns a DataFrame with RESULT_COLUMNS (one row per source, in input order) when
@@ -410,8 +455,9 @@ def score_sources(sources: Sequence[ImageSource], engine: Engine, *,
     rows: list[dict] = []
     done, total = 0, len(sources)
     seen = store.digests(run_id) if store is not None and run_id is not None else {}
-    for batch in iter_scored(sources, engine, threshold=threshold, batch_size=batch_size,
-                             seen=seen):
+    for batch in iter_scored(
+        sources, engine, threshold=threshold, batch_size=batch_size, seen=seen
+    ):
         if store is not None and run_id is not None:
             store.add_results(run_id, batch)
         if collect:
@@ -422,10 +468,15 @@ def score_sources(sources: Sequence[ImageSource], engine: Engine, *,
     return pd.DataFrame(rows, columns=list(RESULT_COLUMNS)) if collect else None
 
 
-def score_uploads(items: Iterable[tuple[str, bytes]], *, weights: Path | str = DEFAULT_WEIGHTS,
-                  engine: Engine | None = None, store: ResultStore | None = None,
-                  threshold: float | None = None, progress: Progress | None = None
-                  ) -> tuple[pd.DataFrame, str | None]:
+def score_uploads(
+    items: Iterable[tuple[str, bytes]],
+    *,
+    weights: Path | str = DEFAULT_WEIGHTS,
+    engine: Engine | None = None,
+    store: ResultStore | None = None,
+    threshold: float | None = None,
+    progress: Progress | None = None,
+) -> tuple[pd.DataFrame, str | None]:
     """Score uploaded files given as (name, bytes); zips are opened and their images scored.
 
     Returns (results DataFrame, run id in ``store`` or None). Raises ValueError if the upload
@@ -434,17 +485,23 @@ def score_uploads(items: Iterable[tuple[str, bytes]], *, weights: Path | str = D
     engine = engine or load_engine(weights)
     sources = sources_from_uploads(items)
     if not sources:
-        raise ValueError("no images found in the upload (accepted: "
-                         "PNG, JPEG, TIFF, BMP, WebP, and zips of them)")
+        raise ValueError(
+            "no images found in the upload (accepted: PNG, JPEG, TIFF, BMP, WebP, and zips of them)"
+        )
     run_id = None
     if store is not None:
-        run_id = store.new_run(inputs=sorted({s.path.split(ZIP_SEP)[0] for s in sources}),
-                               weights=str(engine.folder), weights_sha256=engine.sha256,
-                               threshold=engine.contract.threshold if threshold is None
-                               else threshold, engine=engine.name, kind="upload")
+        run_id = store.new_run(
+            inputs=sorted({s.path.split(ZIP_SEP)[0] for s in sources}),
+            weights=str(engine.folder),
+            weights_sha256=engine.sha256,
+            threshold=engine.contract.threshold if threshold is None else threshold,
+            engine=engine.name,
+            kind="upload",
+        )
         store.set_total(run_id, len(sources))
-    df = score_sources(sources, engine, store=store, run_id=run_id, threshold=threshold,
-                       progress=progress)
+    df = score_sources(
+        sources, engine, store=store, run_id=run_id, threshold=threshold, progress=progress
+    )
     if store is not None and run_id is not None:
         store.finish(run_id)
     return df, run_id
@@ -453,6 +510,7 @@ def score_uploads(items: Iterable[tuple[str, bytes]], *, weights: Path | str = D
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
+
 
 def _positive_int(value: str) -> int:
     n = int(value)
@@ -465,28 +523,43 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Score cell images (files, folders, zips) as Parasitized or Uninfected.",
         epilog="Exit status: 0 all scored, 1 some error rows, 2 bad input, weights, output "
-               "or store, or nothing scored; 130 interrupted (results so far are kept; use "
-               "--resume).")
+        "or store, or nothing scored; 130 interrupted (results so far are kept; use "
+        "--resume).",
+    )
     p.add_argument("inputs", nargs="*", help="image files, folders or zips")
     p.add_argument("--out", type=Path, help="CSV of per-image results")
     p.add_argument("--summary", type=Path, help="CSV of per-case (or per-folder) parasitemia")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="model folder")
-    p.add_argument("--threshold", type=float, help="decision threshold on P(Parasitized); "
-                   "default: the model's")
-    p.add_argument("--band", type=float, default=REVIEW_BAND,
-                   help="half-width of the review band around the threshold: scored cells "
-                        "whose P(Parasitized) lies within it are marked 'uncertain' in the "
-                        f"review column, for a human (default {REVIEW_BAND})")
-    p.add_argument("--engine", choices=ENGINES,
-                   help="default: the model's (onnx-int8 where its card records that int8 "
-                        "passed the agreement check on the test patients, else onnx)")
+    p.add_argument(
+        "--threshold", type=float, help="decision threshold on P(Parasitized); default: the model's"
+    )
+    p.add_argument(
+        "--band",
+        type=float,
+        default=REVIEW_BAND,
+        help="half-width of the review band around the threshold: scored cells "
+        "whose P(Parasitized) lies within it are marked 'uncertain' in the "
+        f"review column, for a human (default {REVIEW_BAND})",
+    )
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        help="default: the model's (onnx-int8 where its card records that int8 "
+        "passed the agreement check on the test patients, else onnx)",
+    )
     p.add_argument("--group-by", choices=("case", "folder"), default="case")
     p.add_argument("--resume", metavar="RUN_ID", help="score only what RUN_ID is missing")
-    p.add_argument("--store", type=Path, help="result store (SQLite); default $MALARIA_STORE "
-                   "or runs/results.sqlite")
-    p.add_argument("--follow-links", action="store_true",
-                   help="score images that symbolic links in an input folder point to outside "
-                        "it (DVC, git-annex); by default each such link is an error row")
+    p.add_argument(
+        "--store",
+        type=Path,
+        help="result store (SQLite); default $MALARIA_STORE or runs/results.sqlite",
+    )
+    p.add_argument(
+        "--follow-links",
+        action="store_true",
+        help="score images that symbolic links in an input folder point to outside "
+        "it (DVC, git-annex); by default each such link is an error row",
+    )
     p.add_argument("--name", help="a name for the run (the dashboard lists runs by it)")
     p.add_argument("--sample", help="free text: the sample, slide or patient scored")
     p.add_argument("--operator", help="free text: who ran it")
@@ -529,9 +602,11 @@ def _main(args: argparse.Namespace) -> int:
                 inputs, weights, threshold = list(info.inputs), Path(info.weights), info.threshold
                 engine = load_engine(weights, args.engine or info.engine)
                 if engine.sha256 != info.weights_sha256:
-                    raise WeightsError(f"run {info.run_id} was scored with weights "
-                                       f"{info.weights_sha256[:12]}..., {weights} now holds "
-                                       f"{engine.sha256[:12]}...; start a new run instead")
+                    raise WeightsError(
+                        f"run {info.run_id} was scored with weights "
+                        f"{info.weights_sha256[:12]}..., {weights} now holds "
+                        f"{engine.sha256[:12]}...; start a new run instead"
+                    )
                 run_id = info.run_id
             else:
                 if not args.inputs:
@@ -546,28 +621,49 @@ def _main(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if run_id is None:
-            run_id = store.new_run(inputs=inputs, weights=str(engine.folder.resolve()),
-                                   weights_sha256=engine.sha256, threshold=threshold,
-                                   engine=engine.name, kind="files", name=args.name,
-                                   sample=args.sample, operator=args.operator)
+            run_id = store.new_run(
+                inputs=inputs,
+                weights=str(engine.folder.resolve()),
+                weights_sha256=engine.sha256,
+                threshold=threshold,
+                engine=engine.name,
+                kind="files",
+                name=args.name,
+                sample=args.sample,
+                operator=args.operator,
+            )
         store.set_total(run_id, len(sources))
         done = store.done_paths(run_id)
         todo = [s for s in sources if s.path not in done]
-        print(f"run {run_id}: {len(sources)} images, {len(done)} already stored, "
-              f"{len(todo)} to score ({engine.name} engine); quality gate: "
-              f"{engine.gate.describe()}", file=sys.stderr)
+        print(
+            f"run {run_id}: {len(sources)} images, {len(done)} already stored, "
+            f"{len(todo)} to score ({engine.name} engine); quality gate: "
+            f"{engine.gate.describe()}",
+            file=sys.stderr,
+        )
         bar = tqdm(total=len(todo), unit="img", disable=args.no_progress, smoothing=0.1)
         try:
-            score_sources(todo, engine, store=store, run_id=run_id, threshold=threshold,
-                          collect=False, batch_size=args.batch_size,
-                          progress=lambda d, _t: bar.update(d - bar.n))
+            score_sources(
+                todo,
+                engine,
+                store=store,
+                run_id=run_id,
+                threshold=threshold,
+                collect=False,
+                batch_size=args.batch_size,
+                progress=lambda d, _t: bar.update(d - bar.n),
+            )
         except KeyboardInterrupt:
             bar.close()
-            print(f"\ninterrupted: results so far are kept in {store.path}; "
-                  f"continue with --resume {run_id}", file=sys.stderr)
+            print(
+                f"\ninterrupted: results so far are kept in {store.path}; "
+                f"continue with --resume {run_id}",
+                file=sys.stderr,
+            )
             return 130
         bar.close()
         store.finish(run_id)
+
         def reviewed() -> Iterator[pd.DataFrame]:
             for chunk in store.iter_results(run_id):
                 yield chunk.assign(review=review(chunk, threshold=threshold, band=args.band))
@@ -576,10 +672,13 @@ def _main(args: argparse.Namespace) -> int:
             try:
                 write_csv(args.out, reviewed(), columns=(*RESULT_COLUMNS, "review"))
             except OSError as exc:
-                return _fail(f"cannot write {args.out} ({exc}); the results are kept in "
-                             f"{store.path}: export them again with --resume {run_id} --out FILE")
-        summary = parasitemia_summary(reviewed(), group_by=args.group_by,
-                                      cutoff=engine.weights.screening_cutoff)
+                return _fail(
+                    f"cannot write {args.out} ({exc}); the results are kept in "
+                    f"{store.path}: export them again with --resume {run_id} --out FILE"
+                )
+        summary = parasitemia_summary(
+            reviewed(), group_by=args.group_by, cutoff=engine.weights.screening_cutoff
+        )
         n_dup = sum(int(c["duplicate_of"].notna().sum()) for c in store.iter_results(run_id))
     with pd.option_context("display.max_rows", 200, "display.width", 140):
         print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
@@ -590,12 +689,15 @@ def _main(args: argparse.Namespace) -> int:
             return _fail(f"cannot write {args.summary} ({exc})")
     n_err, n_scored = int(summary["errors"].sum()), int(summary["scored"].sum())
     n_out, n_unsure = int(summary["not_counted"].sum()), int(summary["uncertain"].sum())
-    print(f"{n_scored} scored and counted, {n_err} errors, {n_out} not counted (failed the "
-          f"quality gate), {n_unsure} uncertain (P(Parasitized) within {args.band:g} of "
-          f"{threshold:g}); the last two are listed for review in the review column"
-          + (f"; {n_dup} duplicates (same bytes as another file: counted once)" if n_dup else "")
-          + f"; run {run_id}" + (f"; results in {args.out}" if args.out else ""),
-          file=sys.stderr)
+    print(
+        f"{n_scored} scored and counted, {n_err} errors, {n_out} not counted (failed the "
+        f"quality gate), {n_unsure} uncertain (P(Parasitized) within {args.band:g} of "
+        f"{threshold:g}); the last two are listed for review in the review column"
+        + (f"; {n_dup} duplicates (same bytes as another file: counted once)" if n_dup else "")
+        + f"; run {run_id}"
+        + (f"; results in {args.out}" if args.out else ""),
+        file=sys.stderr,
+    )
     if not n_scored and not n_out:
         return _fail("no image could be scored; the error column says why for each input")
     return 1 if n_err else 0

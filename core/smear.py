@@ -22,13 +22,14 @@ classical image processing, at half resolution for speed:
 
 Each red cell is cropped to its box, its background blacked out as in the NIH crops, resized to
 the model's input and scored by the engine of ``core.score`` (``--stain-norm`` first matches the
-field's colours to the NIH training cells'; off by default, see ``core.smear_check``). Cells cut by the field's edge are
-kept and marked ``edge``. Results go to the result store field by field, so ``--resume RUN_ID``
-scores only the fields that are missing.
+field's colours to the NIH training cells'; off by default, see ``core.smear_check``). Cells
+cut by the field's edge are kept and marked ``edge``. Results go to the result store field by
+field, so ``--resume RUN_ID`` scores only the fields that are missing.
 
 Exit status as ``core.score``: 0 all fields segmented and scored; 1 some fields gave error rows;
 2 bad arguments, inputs, weights, output or store, or no field usable; 130 interrupted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -126,11 +127,17 @@ def _cell_radius(fg: np.ndarray) -> float:
     background, once with every hole filled, then with holes below a cell filled."""
     r = 1.0
     for holes in (None, 0.4):
-        filled = (ndi.binary_fill_holes(fg) if holes is None
-                  else remove_small_holes(fg, max_size=int(holes * math.pi * r * r)))
+        filled = (
+            ndi.binary_fill_holes(fg)
+            if holes is None
+            else remove_small_holes(fg, max_size=int(holes * math.pi * r * r))
+        )
         dist = cv2.distanceTransform(filled.astype(np.uint8), cv2.DIST_L2, 5)
-        peaks = _maxima(dist, min_distance=max(2, int(0.5 * r)),
-                        keep=dist >= (max(1.5, 0.3 * r) if holes else 1.5))
+        peaks = _maxima(
+            dist,
+            min_distance=max(2, int(0.5 * r)),
+            keep=dist >= (max(1.5, 0.3 * r) if holes else 1.5),
+        )
         if len(peaks) == 0:
             return r
         r = float(np.median(dist[tuple(peaks.T)]))
@@ -143,12 +150,14 @@ def segment(image: np.ndarray, *, config: SegmentConfig = SegmentConfig()) -> Se
     Raises ValueError for an image that is not RGB; a field without objects gives none.
     """
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} "
-                         f"{image.shape}")
+        raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
     H, W = image.shape[:2]
     scale = min(1.0, config.work_px / max(H, W))
-    small = image if scale == 1.0 else cv2.resize(image, None, fx=scale, fy=scale,
-                                                  interpolation=cv2.INTER_AREA)
+    small = (
+        image
+        if scale == 1.0
+        else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    )
     lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB).astype(np.float32)
     red = lab[..., 1]
     if float(red.max() - red.min()) < 4:  # a blank or grey field: nothing to find
@@ -162,22 +171,35 @@ def segment(image: np.ndarray, *, config: SegmentConfig = SegmentConfig()) -> Se
     fg = remove_small_holes(fg, max_size=int(config.hole * a0))
     fg = remove_small_objects(fg, max_size=int(0.1 * a0))
     dist = cv2.distanceTransform(fg.astype(np.uint8), cv2.DIST_L2, 5)
-    redness = cv2.GaussianBlur(red - float(np.median(red[~fg])), (0, 0), 0.25 * r)
-    redness /= float(np.percentile(redness[fg], 95)) + 1e-6
+    redness = np.asarray(
+        cv2.GaussianBlur(red - float(np.median(red[~fg])), (0, 0), 0.25 * r), dtype=np.float32
+    )
+    redness = redness / (float(np.percentile(redness[fg], 95)) + 1e-6)
     height = dist / r - config.pallor_weight * redness
-    peaks = _maxima(height, min_distance=max(1, int(config.marker_distance * r)),
-                    keep=dist >= 0.3 * r)
+    peaks = _maxima(
+        height, min_distance=max(1, int(config.marker_distance * r)), keep=dist >= 0.3 * r
+    )
     markers = np.zeros(fg.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     labels = watershed(-height, markers, mask=fg)
     cell_L = np.median(lab[..., 0][fg])
-    objects = [_object(p, labels, lab[..., 0], cell_L, a0, scale, (H, W), config)
-               for p in regionprops(labels)]
+    objects = [
+        _object(p, labels, lab[..., 0], cell_L, a0, scale, (H, W), config)
+        for p in regionprops(labels)
+    ]
     return Segmentation(tuple(objects), r / scale, (H, W))
 
 
-def _object(p, labels: np.ndarray, L: np.ndarray, cell_L: float, a0: float, scale: float,
-            shape: tuple[int, int], config: SegmentConfig) -> FieldObject:
+def _object(
+    p,
+    labels: np.ndarray,
+    L: np.ndarray,
+    cell_L: float,
+    a0: float,
+    scale: float,
+    shape: tuple[int, int],
+    config: SegmentConfig,
+) -> FieldObject:
     y0, x0, y1, x1 = p.bbox
     region = p.image
     dark = float((L[y0:y1, x0:x1][region] < cell_L - config.nucleus_dark).mean())
@@ -195,8 +217,10 @@ def _object(p, labels: np.ndarray, L: np.ndarray, cell_L: float, a0: float, scal
     H, W = shape
     fx0, fy0 = int(x0 / scale), int(y0 / scale)
     fx1, fy1 = min(W, int(math.ceil(x1 / scale))), min(H, int(math.ceil(y1 / scale)))
-    mask = cv2.resize(region.astype(np.uint8), (fx1 - fx0, fy1 - fy0),
-                      interpolation=cv2.INTER_NEAREST) > 0
+    mask = (
+        cv2.resize(region.astype(np.uint8), (fx1 - fx0, fy1 - fy0), interpolation=cv2.INTER_NEAREST)
+        > 0
+    )
     edge = y0 == 0 or x0 == 0 or y1 >= labels.shape[0] or x1 >= labels.shape[1]
     return FieldObject(fx0, fy0, fx1 - fx0, fy1 - fy0, int(mask.sum()), bool(edge), kind, mask)
 
@@ -204,6 +228,7 @@ def _object(p, labels: np.ndarray, L: np.ndarray, cell_L: float, a0: float, scal
 # ---------------------------------------------------------------------------------------------
 # Crops as the model knows them
 # ---------------------------------------------------------------------------------------------
+
 
 def match_stain(image: np.ndarray, cells: Sequence[FieldObject]) -> np.ndarray:
     """``image`` with its colours moved so that its red cells' CIELAB mean and std match the NIH
@@ -214,7 +239,7 @@ def match_stain(image: np.ndarray, cells: Sequence[FieldObject]) -> np.ndarray:
     if not cells:
         return image
     lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
-    pixels = np.concatenate([lab[c.y:c.y + c.h, c.x:c.x + c.w][c.mask] for c in cells])
+    pixels = np.concatenate([lab[c.y : c.y + c.h, c.x : c.x + c.w][c.mask] for c in cells])
     pixels = pixels.astype(np.float32)
     mean, std = pixels.mean(0), pixels.std(0) + 1e-6
     out = (lab.astype(np.float32) - mean) * (np.array(NIH_LAB_STD) / std) + np.array(NIH_LAB_MEAN)
@@ -226,7 +251,7 @@ def crop_cells(image: np.ndarray, cells: Sequence[FieldObject], *, size: int) ->
     resized to (size, size) without keeping the aspect ratio: uint8 (N, size, size, 3)."""
     out = np.empty((len(cells), size, size, 3), np.uint8)
     for i, c in enumerate(cells):
-        crop = image[c.y:c.y + c.h, c.x:c.x + c.w] * c.mask[..., None]
+        crop = image[c.y : c.y + c.h, c.x : c.x + c.w] * c.mask[..., None]
         out[i] = cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR)
     return out
 
@@ -245,10 +270,21 @@ class FieldResult:
         rows = []
         for o in self.segmentation.objects:
             p = next(probs) if o.is_cell else None
-            rows.append({"image": image, "x": o.x, "y": o.y, "w": o.w, "h": o.h, "area": o.area,
-                         "edge": o.edge, "object": o.kind, "prob_parasitized": p,
-                         "prediction": None if p is None else predicted_class(p, threshold),
-                         "error": None})
+            rows.append(
+                {
+                    "image": image,
+                    "x": o.x,
+                    "y": o.y,
+                    "w": o.w,
+                    "h": o.h,
+                    "area": o.area,
+                    "edge": o.edge,
+                    "object": o.kind,
+                    "prob_parasitized": p,
+                    "prediction": None if p is None else predicted_class(p, threshold),
+                    "error": None,
+                }
+            )
         if not rows:
             rows.append(error_row(image, "no cells found in this field"))
         return rows
@@ -258,8 +294,9 @@ def error_row(image: str, message: str) -> dict:
     return {**dict.fromkeys(SMEAR_COLUMNS), "image": image, "error": message}
 
 
-def score_field(image: np.ndarray, engine, *, stain_norm: bool = False,
-                config: SegmentConfig = SegmentConfig()) -> FieldResult:
+def score_field(
+    image: np.ndarray, engine, *, stain_norm: bool = False, config: SegmentConfig = SegmentConfig()
+) -> FieldResult:
     """Segment an RGB uint8 field (H, W, 3) and score its red cells with ``engine`` (a
     ``core.score.Engine``)."""
     start = time.perf_counter()
@@ -267,16 +304,21 @@ def score_field(image: np.ndarray, engine, *, stain_norm: bool = False,
     cells = seg.cells
     if cells:
         source = match_stain(image, cells) if stain_norm else image
-        prob = np.asarray(engine(crop_cells(source, cells, size=engine.contract.input_size)),
-                          np.float32)
+        prob = np.asarray(
+            engine(crop_cells(source, cells, size=engine.contract.input_size)), np.float32
+        )
     else:
         prob = np.empty(0, np.float32)
     return FieldResult(seg, prob, time.perf_counter() - start)
 
 
-def iter_fields(sources: Iterable[ImageSource], engine, *, threshold: float | None = None,
-                stain_norm: bool = False) -> Iterator[tuple[ImageSource, FieldResult | None,
-                                                           list[dict]]]:
+def iter_fields(
+    sources: Iterable[ImageSource],
+    engine,
+    *,
+    threshold: float | None = None,
+    stain_norm: bool = False,
+) -> Iterator[tuple[ImageSource, FieldResult | None, list[dict]]]:
     """(source, result or None, rows) per field; a field that cannot be read is one error row."""
     threshold = engine.contract.threshold if threshold is None else threshold
     for src in sources:
@@ -293,12 +335,24 @@ def iter_fields(sources: Iterable[ImageSource], engine, *, threshold: float | No
 # Summaries
 # ---------------------------------------------------------------------------------------------
 
-SUMMARY_COLUMNS = ("level", "group", "cells", "other_objects", "errors", "parasitized",
-                   "parasitemia", "ci_low", "ci_high", "mean_prob", "likely_infected")
+SUMMARY_COLUMNS = (
+    "level",
+    "group",
+    "cells",
+    "other_objects",
+    "errors",
+    "parasitized",
+    "parasitemia",
+    "ci_low",
+    "ci_high",
+    "mean_prob",
+    "likely_infected",
+)
 
 
-def field_summary(cells: pd.DataFrame, *, threshold: float | None = None,
-                  cutoff: float = 0.0) -> pd.DataFrame:
+def field_summary(
+    cells: pd.DataFrame, *, threshold: float | None = None, cutoff: float = 0.0
+) -> pd.DataFrame:
     """Per field, then per folder (or zip): red cells found (``cells``), other objects, fields
     that gave errors, called parasitized, parasitemia with its 95% Wilson interval, mean
     P(Parasitized) and ``likely_infected`` (interval's lower bound above ``cutoff``).
@@ -311,26 +365,37 @@ def field_summary(cells: pd.DataFrame, *, threshold: float | None = None,
     pred = cells["prediction"]
     if threshold is not None:
         pred = cells["prob_parasitized"].map(
-            lambda p: None if pd.isna(p) else predicted_class(p, threshold))
-    rows = pd.DataFrame({
-        "field": cells["image"],
-        "folder": [group_of(p, "folder", "") for p in cells["image"]],
-        "cells": is_cell.astype(int) + cells["error"].notna().astype(int),
-        "errors": cells["error"].notna().astype(int),
-        "other": (~is_cell & cells["error"].isna()).astype(int),
-        "parasitized": (is_cell & (pred == "Parasitized")).astype(int),
-        "prob_sum": cells["prob_parasitized"].where(is_cell, 0.0).astype(float)})
+            lambda p: None if pd.isna(p) else predicted_class(p, threshold)
+        )
+    rows = pd.DataFrame(
+        {
+            "field": cells["image"],
+            "folder": [group_of(p, "folder", "") for p in cells["image"]],
+            "cells": is_cell.astype(int) + cells["error"].notna().astype(int),
+            "errors": cells["error"].notna().astype(int),
+            "other": (~is_cell & cells["error"].isna()).astype(int),
+            "parasitized": (is_cell & (pred == "Parasitized")).astype(int),
+            "prob_sum": cells["prob_parasitized"].where(is_cell, 0.0).astype(float),
+        }
+    )
     parts = []
     for level in ("field", "folder"):
-        counts = rows.groupby(level, sort=True)[["cells", "errors", "parasitized", "prob_sum",
-                                                 "other"]].sum()
+        counts = rows.groupby(level, sort=True)[
+            ["cells", "errors", "parasitized", "prob_sum", "other"]
+        ].sum()
         # no quality gate or review band here: the segmentation decides what a red cell is
-        s = summary_from_counts(counts.assign(not_counted=0, uncertain=0), cutoff=cutoff
-                                ).drop(columns=["not_counted", "uncertain"])
+        s = summary_from_counts(counts.assign(not_counted=0, uncertain=0), cutoff=cutoff).drop(
+            columns=["not_counted", "uncertain"]
+        )
         other = counts["other"].reindex(s["group"]).to_numpy()
-        parts.append(s.assign(level=level, cells=s["scored"], other_objects=other,
-                              errors=(s["errors"] > 0).astype(int) if level == "field"
-                              else s["errors"]))
+        parts.append(
+            s.assign(
+                level=level,
+                cells=s["scored"],
+                other_objects=other,
+                errors=(s["errors"] > 0).astype(int) if level == "field" else s["errors"],
+            )
+        )
     out = pd.concat(parts, ignore_index=True)
     return out[list(SUMMARY_COLUMNS)]
 
@@ -338,6 +403,7 @@ def field_summary(cells: pd.DataFrame, *, threshold: float | None = None,
 # ---------------------------------------------------------------------------------------------
 # Overlays
 # ---------------------------------------------------------------------------------------------
+
 
 def prob_colour(p: float | None) -> tuple[int, int, int]:
     """RGB of an outline: blue (P=0) through white-ish to red (P=1); grey for non-cells."""
@@ -347,8 +413,13 @@ def prob_colour(p: float | None) -> tuple[int, int, int]:
     return (int(40 + 215 * p), int(90 + 60 * (1 - abs(2 * p - 1))), int(255 - 215 * p))
 
 
-def draw_overlay(image: np.ndarray, segmentation: Segmentation, prob: Sequence[float], *,
-                 highlight: int | None = None) -> np.ndarray:
+def draw_overlay(
+    image: np.ndarray,
+    segmentation: Segmentation,
+    prob: Sequence[float],
+    *,
+    highlight: int | None = None,
+) -> np.ndarray:
     """The field with every object outlined: red cells coloured by P(Parasitized), the rest
     grey and dashed-thin; ``highlight`` (index into ``segmentation.objects``) in a thick box.
     RGB uint8 (H, W, 3)."""
@@ -357,38 +428,49 @@ def draw_overlay(image: np.ndarray, segmentation: Segmentation, prob: Sequence[f
     probs = iter(prob)
     for i, o in enumerate(segmentation.objects):
         p = next(probs) if o.is_cell else None
-        contours, _ = cv2.findContours(o.mask.astype(np.uint8), cv2.RETR_EXTERNAL,
-                                       cv2.CHAIN_APPROX_SIMPLE)
+        contours, _ = cv2.findContours(
+            o.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+        )
         colour = prob_colour(p)
-        cv2.drawContours(out, contours, -1, colour, thick if o.is_cell else 1,
-                         offset=(o.x, o.y))
+        cv2.drawContours(out, contours, -1, colour, thick if o.is_cell else 1, offset=(o.x, o.y))
         if i == highlight:
-            cv2.rectangle(out, (o.x - 3, o.y - 3), (o.x + o.w + 3, o.y + o.h + 3),
-                          (255, 220, 0), thick + 1)
+            cv2.rectangle(
+                out, (o.x - 3, o.y - 3), (o.x + o.w + 3, o.y + o.h + 3), (255, 220, 0), thick + 1
+            )
     return out
 
 
-def score_uploads(items: Iterable[tuple[str, bytes]], engine, *,
-                  store: ResultStore | None = None, stain_norm: bool = False,
-                  progress: Callable[[int, int], None] | None = None
-                  ) -> tuple[pd.DataFrame, dict[str, FieldResult], str | None]:
+def score_uploads(
+    items: Iterable[tuple[str, bytes]],
+    engine,
+    *,
+    store: ResultStore | None = None,
+    stain_norm: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[pd.DataFrame, dict[str, FieldResult], str | None]:
     """Segment and score uploaded fields (name, bytes; zips are opened). Returns the cell rows
     (SMEAR_COLUMNS), the FieldResult of each field that could be read, and the run id in
     ``store``. Raises ValueError if the upload holds no image."""
     sources = sources_from_uploads(items)
     if not sources:
-        raise ValueError("no images found in the upload (accepted: PNG, JPEG, TIFF, BMP, WebP, "
-                         "and zips of them)")
+        raise ValueError(
+            "no images found in the upload (accepted: PNG, JPEG, TIFF, BMP, WebP, and zips of them)"
+        )
     run_id = None
     if store is not None:
-        run_id = store.new_run(inputs=sorted({s.path.split(ZIP_SEP)[0] for s in sources}),
-                               weights=str(engine.folder), weights_sha256=engine.sha256,
-                               threshold=engine.contract.threshold, engine=engine.name,
-                               kind="smear-upload")
+        run_id = store.new_run(
+            inputs=sorted({s.path.split(ZIP_SEP)[0] for s in sources}),
+            weights=str(engine.folder),
+            weights_sha256=engine.sha256,
+            threshold=engine.contract.threshold,
+            engine=engine.name,
+            kind="smear-upload",
+        )
         store.set_total(run_id, len(sources))
     rows, results = [], {}
-    for i, (src, result, field_rows) in enumerate(iter_fields(sources, engine,
-                                                              stain_norm=stain_norm)):
+    for i, (src, result, field_rows) in enumerate(
+        iter_fields(sources, engine, stain_norm=stain_norm)
+    ):
         if store is not None and run_id is not None:
             store.add_smear_rows(run_id, field_rows)
         if result is not None:
@@ -405,27 +487,38 @@ def score_uploads(items: Iterable[tuple[str, bytes]], engine, *,
 # Command line
 # ---------------------------------------------------------------------------------------------
 
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Find the red cells of thin-smear fields of view (files, folders, zips), "
-                    "score each as Parasitized or Uninfected, and report parasitemia.",
+        "score each as Parasitized or Uninfected, and report parasitemia.",
         epilog="Exit status: 0 all fields scored, 1 some error rows, 2 bad input, weights, "
-               "output or store, or nothing scored; 130 interrupted (use --resume).")
+        "output or store, or nothing scored; 130 interrupted (use --resume).",
+    )
     p.add_argument("inputs", nargs="*", help="field images, folders or zips")
     p.add_argument("--out", type=Path, help="CSV with one row per object found")
     p.add_argument("--summary", type=Path, help="CSV of parasitemia per field and per folder")
     p.add_argument("--overlays", type=Path, help="folder for each field with its cells outlined")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="model folder")
     p.add_argument("--threshold", type=float, help="decision threshold on P(Parasitized)")
-    p.add_argument("--stain-norm", action="store_true",
-                   help="match each field's colours to the NIH training cells' statistics "
-                        "before scoring (off by default: on the tuning fields it called 4x "
-                        "more uninfected cells parasitized)")
+    p.add_argument(
+        "--stain-norm",
+        action="store_true",
+        help="match each field's colours to the NIH training cells' statistics "
+        "before scoring (off by default: on the tuning fields it called 4x "
+        "more uninfected cells parasitized)",
+    )
     p.add_argument("--resume", metavar="RUN_ID", help="score only the fields RUN_ID is missing")
-    p.add_argument("--store", type=Path, help="result store (SQLite); default $MALARIA_STORE "
-                   "or runs/results.sqlite")
-    p.add_argument("--follow-links", action="store_true",
-                   help="read fields that symbolic links in an input folder point to outside it")
+    p.add_argument(
+        "--store",
+        type=Path,
+        help="result store (SQLite); default $MALARIA_STORE or runs/results.sqlite",
+    )
+    p.add_argument(
+        "--follow-links",
+        action="store_true",
+        help="read fields that symbolic links in an input folder point to outside it",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -445,7 +538,6 @@ def _main(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         return _fail(f"--threshold must be in [0, 1], got {args.threshold}")
     try:
@@ -463,13 +555,16 @@ def _main(args: argparse.Namespace) -> int:
             if args.resume:
                 info = store.run(args.resume)
                 if not info.kind.startswith("smear"):
-                    raise ValueError(f"run {info.run_id} is not a smear run; resume it with "
-                                     "core.score")
+                    raise ValueError(
+                        f"run {info.run_id} is not a smear run; resume it with core.score"
+                    )
                 inputs, threshold = list(info.inputs), info.threshold
                 engine = load_engine(info.weights, threads=2)
                 if engine.sha256 != info.weights_sha256:
-                    raise WeightsError(f"run {info.run_id} was scored with other weights "
-                                       f"({info.weights_sha256[:12]}...); start a new run")
+                    raise WeightsError(
+                        f"run {info.run_id} was scored with other weights "
+                        f"({info.weights_sha256[:12]}...); start a new run"
+                    )
                 run_id = info.run_id
             else:
                 if not args.inputs:
@@ -477,23 +572,33 @@ def _main(args: argparse.Namespace) -> int:
                 inputs = [str(Path(i).resolve()) for i in args.inputs]
                 engine = load_engine(args.weights, threads=2)
                 threshold = engine.contract.threshold if args.threshold is None else args.threshold
-                run_id = store.new_run(inputs=inputs, weights=str(engine.folder.resolve()),
-                                       weights_sha256=engine.sha256, threshold=threshold,
-                                       engine=engine.name, kind="smear")
+                run_id = store.new_run(
+                    inputs=inputs,
+                    weights=str(engine.folder.resolve()),
+                    weights_sha256=engine.sha256,
+                    threshold=threshold,
+                    engine=engine.name,
+                    kind="smear",
+                )
             sources = unique_paths(iter_sources(inputs, follow_links=args.follow_links))
         except (FileNotFoundError, WeightsError, ValueError) as exc:
             return _fail(str(exc))
         store.set_total(run_id, len(sources))
         done = store.smear_done(run_id)
         todo = [s for s in sources if s.path not in done]
-        print(f"run {run_id}: {len(sources)} fields, {len(done)} already stored, "
-              f"{len(todo)} to segment and score", file=sys.stderr)
+        print(
+            f"run {run_id}: {len(sources)} fields, {len(done)} already stored, "
+            f"{len(todo)} to segment and score",
+            file=sys.stderr,
+        )
         seconds = []
         try:
-            for src, result, rows in tqdm(iter_fields(todo, engine, threshold=threshold,
-                                                      stain_norm=args.stain_norm),
-                                          total=len(todo), unit="field",
-                                          disable=args.no_progress):
+            for src, result, rows in tqdm(
+                iter_fields(todo, engine, threshold=threshold, stain_norm=args.stain_norm),
+                total=len(todo),
+                unit="field",
+                disable=args.no_progress,
+            ):
                 store.add_smear_rows(run_id, rows)
                 if result is None:
                     continue
@@ -501,10 +606,14 @@ def _main(args: argparse.Namespace) -> int:
                 if args.overlays:
                     image = read_image(src)
                     Image.fromarray(draw_overlay(image, result.segmentation, result.prob)).save(
-                        args.overlays / _overlay_name(src.path))
+                        args.overlays / _overlay_name(src.path)
+                    )
         except KeyboardInterrupt:
-            print(f"\ninterrupted: results so far are kept in {store.path}; continue with "
-                  f"--resume {run_id}", file=sys.stderr)
+            print(
+                f"\ninterrupted: results so far are kept in {store.path}; continue with "
+                f"--resume {run_id}",
+                file=sys.stderr,
+            )
             return 130
         store.finish(run_id)
         cells = store.smear_rows(run_id)
@@ -515,17 +624,23 @@ def _main(args: argparse.Namespace) -> int:
         if args.summary:
             write_csv(args.summary, summary)
     except OSError as exc:
-        return _fail(f"cannot write the CSV ({exc}); the results are kept in the store: "
-                     f"export them again with --resume {run_id} --out FILE")
+        return _fail(
+            f"cannot write the CSV ({exc}); the results are kept in the store: "
+            f"export them again with --resume {run_id} --out FILE"
+        )
     folders = summary[summary["level"] == "folder"]
     with pd.option_context("display.max_rows", 200, "display.width", 140):
-        print(folders.drop(columns="level").to_string(
-            index=False, float_format=lambda v: f"{v:.3f}"))
+        print(
+            folders.drop(columns="level").to_string(index=False, float_format=lambda v: f"{v:.3f}")
+        )
     n_err = int(cells["error"].notna().sum())
     n_cells = int(((cells["object"] == RED_CELL) & cells["error"].isna()).sum())
     per_field = f"; {1000 * np.mean(seconds):.0f} ms per field" if seconds else ""
-    print(f"{n_cells} red cells in {cells['image'].nunique()} fields, {n_err} error rows; "
-          f"run {run_id}{per_field}", file=sys.stderr)
+    print(
+        f"{n_cells} red cells in {cells['image'].nunique()} fields, {n_err} error rows; "
+        f"run {run_id}{per_field}",
+        file=sys.stderr,
+    )
     if not n_cells:
         return _fail("no red cell found in any field; the error column says why")
     return 1 if n_err else 0

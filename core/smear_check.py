@@ -18,6 +18,7 @@ file-name prefix: the segmentation was tuned on them), the held-out fields and a
 Each figure with and without stain matching (``core.smear.match_stain``), so that the gap
 between the NIH crops and this lab is measured; the JSON (``--out``) holds them all.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,9 @@ def match(truth: np.ndarray, found: np.ndarray, *, iou: float = IOU) -> dict[int
     return {int(r): int(c) for r, c in zip(rows, cols) if m[r, c] >= iou}
 
 
-def field_counts(objects: list[dict], boxes: list[dict], prob: np.ndarray, threshold: float
-                 ) -> dict[str, int]:
+def field_counts(
+    objects: list[dict], boxes: list[dict], prob: np.ndarray, threshold: float
+) -> dict[str, int]:
     """Counts for one field. ``objects``: x, y, w, h, is_cell of each found object;
     ``boxes``: the field's annotations; ``prob``: P(Parasitized) of the red cells, in order."""
     cells = [o for o in objects if o["is_cell"]]
@@ -71,31 +73,39 @@ def field_counts(objects: list[dict], boxes: list[dict], prob: np.ndarray, thres
     matched = match(truth, found)  # annotation -> red cell
     counted = [i for i, k in enumerate(kinds) if k != "difficult"]
     infected = [i for i, k in enumerate(kinds) if k in INFECTED]
-    excluded = {matched[i] for i, k in enumerate(kinds) if i in matched
-                and (k in INFECTED or k == "difficult")}
+    excluded = {
+        matched[i]
+        for i, k in enumerate(kinds)
+        if i in matched and (k in INFECTED or k == "difficult")
+    }
     other_cells = [j for j in range(len(cells)) if j not in excluded]
     n_other = len(objects) - len(excluded)
     return {
-        "annotated": len(counted), "recalled": sum(i in matched for i in counted),
+        "annotated": len(counted),
+        "recalled": sum(i in matched for i in counted),
         "infected": len(infected),
         "infected_found": sum(i in matched for i in infected),
         "infected_called": sum(i in matched and bool(called[matched[i]]) for i in infected),
-        "objects": len(objects), "red_cells": len(cells),
-        "not_infected_objects": n_other, "not_infected_cells": len(other_cells),
+        "objects": len(objects),
+        "red_cells": len(cells),
+        "not_infected_objects": n_other,
+        "not_infected_cells": len(other_cells),
         "false_called": int(sum(bool(called[j]) for j in other_cells)),
         "boxed_cells": len(set(matched.values())),
     }
 
 
-def figures(counts: list[dict[str, int]], seconds: list[float], seconds_decoded: list[float]
-            ) -> dict[str, float | int]:
+def figures(
+    counts: list[dict[str, int]], seconds: list[float], seconds_decoded: list[float]
+) -> dict[str, float | int]:
     t = {k: sum(c[k] for c in counts) for k in counts[0]}
 
     def ratio(a: int, b: int) -> float:
         return a / b if b else float("nan")
 
     return {
-        "fields": len(counts), **t,
+        "fields": len(counts),
+        **t,
         "recall_iou50": ratio(t["recalled"], t["annotated"]),
         "infected_sensitivity": ratio(t["infected_called"], t["infected"]),
         "false_positive_share_all_objects": ratio(t["false_called"], t["not_infected_objects"]),
@@ -108,13 +118,20 @@ def figures(counts: list[dict[str, int]], seconds: list[float], seconds_decoded:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Measure smear mode on annotated fields.")
-    p.add_argument("--data", type=Path, required=True,
-                   help="folder with images/ and annotations.json")
+    p.add_argument(
+        "--data", type=Path, required=True, help="folder with images/ and annotations.json"
+    )
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="model folder")
-    p.add_argument("--tune", default="PA1717",
-                   help="file-name prefix of the fields the segmentation was tuned on")
-    p.add_argument("--out", type=Path, help="JSON of the figures (default: "
-                   "smear_check.json in the model folder)")
+    p.add_argument(
+        "--tune",
+        default="PA1717",
+        help="file-name prefix of the fields the segmentation was tuned on",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="JSON of the figures (default: smear_check.json in the model folder)",
+    )
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
     return p
 
@@ -145,47 +162,71 @@ def main(args: argparse.Namespace) -> int:
             seg = segment(image)
             cells = seg.cells
             source = match_stain(image, cells) if norm else image
-            prob = (engine(crop_cells(source, cells, size=engine.contract.input_size))
-                    if cells else np.empty(0))
+            prob = (
+                engine(crop_cells(source, cells, size=engine.contract.input_size))
+                if cells
+                else np.empty(0)
+            )
             dt = time.perf_counter() - t1
             seconds[variant].append(dt)
             decoded[variant].append(dt + t_decode)
-            objects = [{"x": o.x, "y": o.y, "w": o.w, "h": o.h, "is_cell": o.is_cell}
-                       for o in seg.objects]
-            rows[variant].append((name, field_counts(objects, entry["objects"], prob,
-                                                     threshold)))
+            objects = [
+                {"x": o.x, "y": o.y, "w": o.w, "h": o.h, "is_cell": o.is_cell} for o in seg.objects
+            ]
+            rows[variant].append((name, field_counts(objects, entry["objects"], prob, threshold)))
         c = rows["own_colours"][-1][1]
-        print(f"{name}: {c['recalled']}/{c['annotated']} boxes found, {c['red_cells']} red "
-              f"cells, {c['objects'] - c['red_cells']} other objects, infected "
-              f"{c['infected_called']}/{c['infected']} called, "
-              f"{c['false_called']} others called", file=sys.stderr)
-    report: dict = {"data": str(args.data), "weights_sha256": engine.sha256,
-                    "threshold": threshold, "iou": IOU, "tune_prefix": args.tune,
-                    "machine_note": "seconds measured on the machine at hand; compare ratios"}
+        print(
+            f"{name}: {c['recalled']}/{c['annotated']} boxes found, {c['red_cells']} red "
+            f"cells, {c['objects'] - c['red_cells']} other objects, infected "
+            f"{c['infected_called']}/{c['infected']} called, "
+            f"{c['false_called']} others called",
+            file=sys.stderr,
+        )
+    report: dict = {
+        "data": str(args.data),
+        "weights_sha256": engine.sha256,
+        "threshold": threshold,
+        "iou": IOU,
+        "tune_prefix": args.tune,
+        "machine_note": "seconds measured on the machine at hand; compare ratios",
+    }
     for variant in variants:
-        parts = {"all": rows[variant],
-                 "tune": [r for r in rows[variant] if r[0].startswith(args.tune)],
-                 "held_out": [r for r in rows[variant] if not r[0].startswith(args.tune)]}
+        parts = {
+            "all": rows[variant],
+            "tune": [r for r in rows[variant] if r[0].startswith(args.tune)],
+            "held_out": [r for r in rows[variant] if not r[0].startswith(args.tune)],
+        }
         report[variant] = {}
         for part, picked in parts.items():
             if not picked:
                 continue
             idx = [i for i, r in enumerate(rows[variant]) if r in picked]
-            report[variant][part] = figures([r[1] for r in picked],
-                                            [seconds[variant][i] for i in idx],
-                                            [decoded[variant][i] for i in idx])
+            report[variant][part] = figures(
+                [r[1] for r in picked],
+                [seconds[variant][i] for i in idx],
+                [decoded[variant][i] for i in idx],
+            )
     out = args.out or Path(engine.folder) / "smear_check.json"
     write_json(out, report)
-    keys = ("fields", "recall_iou50", "infected_sensitivity", "false_positive_share_all_objects",
-            "false_positive_share_red_cells", "precision_vs_boxes", "seconds_per_field",
-            "seconds_per_field_with_decoding")
+    keys = (
+        "fields",
+        "recall_iou50",
+        "infected_sensitivity",
+        "false_positive_share_all_objects",
+        "false_positive_share_red_cells",
+        "precision_vs_boxes",
+        "seconds_per_field",
+        "seconds_per_field_with_decoding",
+    )
     for variant in variants:
         print(f"\n{variant.replace('_', ' ')} (threshold {threshold:.2f})")
         print(f"{'':34}" + "".join(f"{p:>10}" for p in report[variant]))
         for k in keys:
             vals = [report[variant][p][k] for p in report[variant]]
-            print(f"{k:34}" + "".join(f"{v:>10}" if isinstance(v, int) else f"{v:>10.3f}"
-                                      for v in vals))
+            print(
+                f"{k:34}"
+                + "".join(f"{v:>10}" if isinstance(v, int) else f"{v:>10.3f}" for v in vals)
+            )
     print(f"\nwritten to {out}")
     return 0
 

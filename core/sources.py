@@ -4,6 +4,7 @@ uploaded (name, bytes) pairs, as ``ImageSource``s read on demand.
 What cannot be read is never skipped silently: it becomes a source whose ``read`` raises
 ImageError, so it shows up as an error row beside the images that were scored.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,8 +21,9 @@ from core.labels import ZIP_SEP, as_posix, file_name
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
 # Image files we recognise but do not accept: they get an error row instead of being skipped.
-UNSUPPORTED_SUFFIXES = frozenset({".gif", ".heic", ".heif", ".svg", ".jp2", ".ico", ".psd",
-                                  ".dng", ".raw", ".avif"})
+UNSUPPORTED_SUFFIXES = frozenset(
+    {".gif", ".heic", ".heif", ".svg", ".jp2", ".ico", ".psd", ".dng", ".raw", ".avif"}
+)
 MAX_MEMBER_BYTES = 64 * 2**20  # a cell image is ~15 kB; a nested zip is read into memory
 
 
@@ -52,16 +54,22 @@ def _safe_member(name: str) -> bool:
 def _error_source(path: str, message: str, name: str = "") -> ImageSource:
     def read() -> bytes:
         raise ImageError(message)
+
     return ImageSource(path, read, name)
 
 
 def _unsupported(path: str, name: str = "") -> ImageSource:
-    return _error_source(path, f"unsupported format {PurePosixPath(path).suffix.lower()}; "
-                               f"accepted: {', '.join(sorted(IMAGE_SUFFIXES))}", name)
+    return _error_source(
+        path,
+        f"unsupported format {PurePosixPath(path).suffix.lower()}; "
+        f"accepted: {', '.join(sorted(IMAGE_SUFFIXES))}",
+        name,
+    )
 
 
-def _open_zip(data: Path | io.BytesIO, path: str, *, depth: int = 0, name: str = ""
-              ) -> Iterator[ImageSource]:
+def _open_zip(
+    data: Path | io.BytesIO, path: str, *, depth: int = 0, name: str = ""
+) -> Iterator[ImageSource]:
     try:
         zf = zipfile.ZipFile(data)
     except Exception as exc:  # BadZipFile, OSError, bad name encodings, ...: one error row
@@ -70,8 +78,9 @@ def _open_zip(data: Path | io.BytesIO, path: str, *, depth: int = 0, name: str =
     yield from _zip_sources(zf, path, depth=depth)
 
 
-def _zip_or_note(data: Path | io.BytesIO, path: str, *, depth: int = 0, name: str = ""
-                 ) -> Iterator[ImageSource]:
+def _zip_or_note(
+    data: Path | io.BytesIO, path: str, *, depth: int = 0, name: str = ""
+) -> Iterator[ImageSource]:
     """The zip's sources, or one error source saying it holds none (so it is not lost)."""
     empty = True
     for source in _open_zip(data, path, depth=depth, name=name):
@@ -82,8 +91,9 @@ def _zip_or_note(data: Path | io.BytesIO, path: str, *, depth: int = 0, name: st
 
 
 def _no_images(path: str, name: str = "") -> ImageSource:
-    return _error_source(path, "no images in this zip (accepted: "
-                               f"{', '.join(sorted(IMAGE_SUFFIXES))})", name)
+    return _error_source(
+        path, f"no images in this zip (accepted: {', '.join(sorted(IMAGE_SUFFIXES))})", name
+    )
 
 
 _READ_CHUNK = 1 << 16  # zipfile inflates at most this much per read() call
@@ -101,8 +111,10 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
             while chunk := f.read(_READ_CHUNK):
                 out += chunk
                 if len(out) > MAX_MEMBER_BYTES:
-                    raise ImageError(f"zip member inflates to more than "
-                                     f"{MAX_MEMBER_BYTES / 2**20:.0f} MiB; refusing it")
+                    raise ImageError(
+                        f"zip member inflates to more than "
+                        f"{MAX_MEMBER_BYTES / 2**20:.0f} MiB; refusing it"
+                    )
     except ImageError:
         raise
     except Exception as exc:  # bad CRC, corrupt deflate stream, encryption, a lying header
@@ -129,8 +141,9 @@ def _zip_sources(zf: zipfile.ZipFile, prefix: str, *, depth: int = 0) -> Iterato
                 continue
             yield from _zip_or_note(inner, path, depth=depth + 1, name=member)
         elif suffix == ".zip":
-            yield _error_source(path, "a zip inside a zip inside a zip: only one level of "
-                                      "nesting is opened", member)
+            yield _error_source(
+                path, "a zip inside a zip inside a zip: only one level of nesting is opened", member
+            )
         elif suffix in IMAGE_SUFFIXES:
             yield ImageSource(path, _member_reader(zf, info), member)
         elif suffix in UNSUPPORTED_SUFFIXES:
@@ -151,14 +164,16 @@ def _file_reader(path: Path) -> Callable[[], bytes]:
         if size > MAX_MEMBER_BYTES:
             raise ImageError(f"file is {size / 2**20:.0f} MiB; not a cell image")
         return path.read_bytes()
+
     return read
 
 
 _FOLLOW_HINT = "not followed (use --follow-links to read what it points to)"
 
 
-def _scan(folder: Path, top: Path, *, follow_links: bool, seen: set[Path]
-          ) -> Iterator[tuple[Path, str | None]]:
+def _scan(
+    folder: Path, top: Path, *, follow_links: bool, seen: set[Path]
+) -> Iterator[tuple[Path, str | None]]:
     """(path, None) for each regular file under ``folder`` (hidden entries skipped), and
     (path, why) for what cannot be used: an unreadable folder, a link not followed, a FIFO."""
     try:
@@ -182,7 +197,10 @@ def _scan(folder: Path, top: Path, *, follow_links: bool, seen: set[Path]
             continue
         if target is not None and not follow_links and not target.is_relative_to(top):
             kind = "a folder" if is_dir else "a file"
-            yield path, f"symbolic link to {kind} outside the input folder ({target}): {_FOLLOW_HINT}"
+            yield (
+                path,
+                f"symbolic link to {kind} outside the input folder ({target}): {_FOLLOW_HINT}",
+            )
             continue
         if is_dir:
             real = path.resolve()
@@ -217,12 +235,15 @@ def _folder_sources(root: Path, *, follow_links: bool) -> Iterator[ImageSource]:
             found = True
             yield _unsupported(str(path))
     if not found:
-        yield _error_source(str(root), "no images in this folder (accepted: "
-                                       f"{', '.join(sorted(IMAGE_SUFFIXES))}, and zips)")
+        yield _error_source(
+            str(root),
+            f"no images in this folder (accepted: {', '.join(sorted(IMAGE_SUFFIXES))}, and zips)",
+        )
 
 
-def iter_sources(inputs: Iterable[str | Path], *, follow_links: bool = False
-                 ) -> Iterator[ImageSource]:
+def iter_sources(
+    inputs: Iterable[str | Path], *, follow_links: bool = False
+) -> Iterator[ImageSource]:
     """Every image under ``inputs`` (files, folders searched recursively, zips), in sorted order.
 
     Hidden files, ``__MACOSX`` entries and zip members with absolute or ``..`` paths are
@@ -239,8 +260,9 @@ def iter_sources(inputs: Iterable[str | Path], *, follow_links: bool = False
         if root.is_dir():
             yield from _folder_sources(root, follow_links=follow_links)
         elif not root.is_file():
-            yield _error_source(str(root), "not a regular file or folder (a FIFO, socket or "
-                                           "device); not read")
+            yield _error_source(
+                str(root), "not a regular file or folder (a FIFO, socket or device); not read"
+            )
         elif root.suffix.lower() == ".zip":
             yield from _zip_or_note(root, str(root))
         else:

@@ -1,4 +1,5 @@
 """Labelled cell sets and patient-level splits: cases (patients) never straddle two parts."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -15,7 +16,6 @@ class DataError(ValueError):
     """A data set that cannot be used as asked (no images, one class only, too few cases)."""
 
 
-
 @dataclass(frozen=True)
 class Sample:
     path: str
@@ -23,8 +23,9 @@ class Sample:
     label: int  # index into CLASSES
 
 
-def labelled_samples(inputs: Iterable[str | Path], *, follow_links: bool = False
-                     ) -> tuple[list[Sample], dict[str, ImageSource]]:
+def labelled_samples(
+    inputs: Iterable[str | Path], *, follow_links: bool = False
+) -> tuple[list[Sample], dict[str, ImageSource]]:
     """Labelled images under ``inputs`` and a path -> source map to read them.
 
     Images outside a ``Parasitized``/``Uninfected`` folder are ignored; ``follow_links`` as in
@@ -61,16 +62,21 @@ class Split:
         raise KeyError(case)
 
     def to_json(self) -> dict:
-        return {"seed": self.seed, "train": list(self.train), "val": list(self.val),
-                "test": list(self.test)}
+        return {
+            "seed": self.seed,
+            "train": list(self.train),
+            "val": list(self.val),
+            "test": list(self.test),
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> Split:
         return cls(tuple(d["train"]), tuple(d["val"]), tuple(d["test"]), int(d["seed"]))
 
 
-def split_by_case(samples: Sequence[Sample], *, val_frac: float = 0.15, test_frac: float = 0.15,
-                  seed: int = 0) -> Split:
+def split_by_case(
+    samples: Sequence[Sample], *, val_frac: float = 0.15, test_frac: float = 0.15, seed: int = 0
+) -> Split:
     """Seeded split of cases into train/val/test, stratified by case kind.
 
     A case's kind is "infected" if it has any Parasitized cell, else "healthy"; each kind is
@@ -88,14 +94,18 @@ def split_by_case(samples: Sequence[Sample], *, val_frac: float = 0.15, test_fra
         n_test = int(round(len(cases) * test_frac))
         n_val = int(round(len(cases) * val_frac))
         parts["test"] += cases[:n_test]
-        parts["val"] += cases[n_test:n_test + n_val]
-        parts["train"] += cases[n_test + n_val:]
+        parts["val"] += cases[n_test : n_test + n_val]
+        parts["train"] += cases[n_test + n_val :]
     # tiny sets: make sure every part has at least one case
     for name in ("val", "test"):
         if not parts[name] and len(parts["train"]) > 1:
             parts[name].append(parts["train"].pop())
-    return Split(tuple(sorted(parts["train"])), tuple(sorted(parts["val"])),
-                 tuple(sorted(parts["test"])), seed)
+    return Split(
+        tuple(sorted(parts["train"])),
+        tuple(sorted(parts["val"])),
+        tuple(sorted(parts["test"])),
+        seed,
+    )
 
 
 def _infected_cases(samples: Sequence[Sample]) -> dict[str, bool]:
@@ -106,8 +116,9 @@ def _infected_cases(samples: Sequence[Sample]) -> dict[str, bool]:
     return infected
 
 
-def fold_splits(samples: Sequence[Sample], *, folds: int = 5, val_frac: float = 0.15,
-                seed: int = 0) -> list[Split]:
+def fold_splits(
+    samples: Sequence[Sample], *, folds: int = 5, val_frac: float = 0.15, seed: int = 0
+) -> list[Split]:
     """Patient-grouped k-fold: fold k's cases are its test part, stratified by case kind.
 
     Each kind (infected, healthy) is shuffled and dealt round-robin into ``folds`` groups, so

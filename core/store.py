@@ -3,6 +3,7 @@
 Results are committed batch by batch as they are computed, so an interrupted run keeps
 everything scored so far and can be resumed.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,11 +32,30 @@ def default_store_path() -> Path:
 
 
 # quality: "ok" or why the image is not counted (core.quality); NULL in runs scored before it
-RESULT_COLUMNS = ("path", "case_id", "label", "prob_parasitized", "prediction", "quality",
-                  "error", "duplicate_of")
+RESULT_COLUMNS = (
+    "path",
+    "case_id",
+    "label",
+    "prob_parasitized",
+    "prediction",
+    "quality",
+    "error",
+    "duplicate_of",
+)
 # smear mode (core.smear): one row per object found in a field, or one error row per field
-SMEAR_COLUMNS = ("image", "x", "y", "w", "h", "area", "edge", "object", "prob_parasitized",
-                 "prediction", "error")
+SMEAR_COLUMNS = (
+    "image",
+    "x",
+    "y",
+    "w",
+    "h",
+    "area",
+    "edge",
+    "object",
+    "prob_parasitized",
+    "prediction",
+    "error",
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -96,15 +116,16 @@ def _fault(path: Path, exc: Exception) -> StoreError:
     """The StoreError for a SQLite (or file system) failure on the store at ``path``."""
     text = str(exc).lower()
     if "locked" in text or "busy" in text:
-        why = (f"is locked by another process (waited {LOCK_TIMEOUT:.0f} s); try again when "
-               "that process has finished")
+        why = (
+            f"is locked by another process (waited {LOCK_TIMEOUT:.0f} s); try again when "
+            "that process has finished"
+        )
     elif "readonly" in text or "read-only" in text or "permission" in text:
         why = "cannot be written (read-only file or folder); use --store or $MALARIA_STORE"
     elif "full" in text:
         why = "cannot grow: the disk is full; free space or use --store elsewhere"
     elif "malformed" in text or "not a database" in text or "corrupt" in text:
-        why = (f"is corrupt ({exc}); move it aside (a new store is then created) or restore "
-               "a copy")
+        why = f"is corrupt ({exc}); move it aside (a new store is then created) or restore a copy"
     else:
         why = f"cannot be used ({exc})"
     return StoreError(f"result store {path} {why}")
@@ -156,6 +177,7 @@ def _now() -> str:
 
 def _locked(method):
     """One thread at a time on the connection; SQLite failures become one-line StoreErrors."""
+
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with self._lock:
@@ -163,6 +185,7 @@ def _locked(method):
                 return method(self, *args, **kwargs)
             except (sqlite3.Error, pd.errors.DatabaseError) as exc:
                 raise _fault(self.path, exc) from None
+
     return wrapper
 
 
@@ -191,8 +214,9 @@ class ResultStore:
             # a store damaged mid-file must not take new results (it may lose them)
             problems = [r for (r,) in self._db.execute("PRAGMA quick_check")]
             if problems != ["ok"]:
-                raise sqlite3.DatabaseError("database disk image is malformed: "
-                                            + "; ".join(problems[:3]))
+                raise sqlite3.DatabaseError(
+                    "database disk image is malformed: " + "; ".join(problems[:3])
+                )
             self._db.executescript(_SCHEMA)
             self._migrate()
         except sqlite3.Error:
@@ -219,27 +243,54 @@ class ResultStore:
         self.close()
 
     @_locked
-    def new_run(self, *, inputs: Sequence[str], weights: str, weights_sha256: str,
-                threshold: float, engine: str, kind: str = "files", name: str | None = None,
-                sample: str | None = None, operator: str | None = None) -> str:
+    def new_run(
+        self,
+        *,
+        inputs: Sequence[str],
+        weights: str,
+        weights_sha256: str,
+        threshold: float,
+        engine: str,
+        kind: str = "files",
+        name: str | None = None,
+        sample: str | None = None,
+        operator: str | None = None,
+    ) -> str:
         run_id = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         with self._db:
             self._db.execute(
                 "INSERT INTO runs (run_id, started, inputs, weights, weights_sha256, threshold, "
                 "engine, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, _now(), json.dumps(list(inputs)), weights, weights_sha256,
-                 float(threshold), engine, kind))
+                (
+                    run_id,
+                    _now(),
+                    json.dumps(list(inputs)),
+                    weights,
+                    weights_sha256,
+                    float(threshold),
+                    engine,
+                    kind,
+                ),
+            )
         self.describe_run(run_id, name=name, sample=sample, operator=operator)
         return run_id
 
     @_locked
-    def describe_run(self, run_id: str, *, name: str | None = None, sample: str | None = None,
-                     operator: str | None = None) -> None:
+    def describe_run(
+        self,
+        run_id: str,
+        *,
+        name: str | None = None,
+        sample: str | None = None,
+        operator: str | None = None,
+    ) -> None:
         """Set a run's name, sample and operator (free text; blank clears a field)."""
         values = [(v or "").strip() or None for v in (name, sample, operator)]
         with self._db:
-            self._db.execute(f"UPDATE runs SET {', '.join(f'{f} = ?' for f in RUN_FIELDS)} "
-                             "WHERE run_id = ?", (*values, run_id))
+            self._db.execute(
+                f"UPDATE runs SET {', '.join(f'{f} = ?' for f in RUN_FIELDS)} WHERE run_id = ?",
+                (*values, run_id),
+            )
 
     @_locked
     def set_threshold(self, run_id: str, threshold: float) -> None:
@@ -251,12 +302,14 @@ class ResultStore:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         self.run(run_id)
         with self._db:
-            self._db.execute("UPDATE runs SET threshold = ? WHERE run_id = ?",
-                             (float(threshold), run_id))
+            self._db.execute(
+                "UPDATE runs SET threshold = ? WHERE run_id = ?", (float(threshold), run_id)
+            )
             self._db.execute(
                 "UPDATE results SET prediction = CASE WHEN prob_parasitized >= ? THEN ? ELSE ? "
                 "END WHERE run_id = ? AND prob_parasitized IS NOT NULL",
-                (float(threshold), CLASSES[0], CLASSES[1], run_id))
+                (float(threshold), CLASSES[0], CLASSES[1], run_id),
+            )
 
     @_locked
     def delete_run(self, run_id: str) -> None:
@@ -268,9 +321,12 @@ class ResultStore:
 
     @_locked
     def run(self, run_id: str) -> RunInfo:
-        row = self._db.execute("SELECT run_id, started, finished, inputs, weights, weights_sha256,"
-                               " threshold, engine, kind, total, name, sample, operator "
-                               "FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        row = self._db.execute(
+            "SELECT run_id, started, finished, inputs, weights, weights_sha256,"
+            " threshold, engine, kind, total, name, sample, operator "
+            "FROM runs WHERE run_id = ?",
+            (run_id,),
+        ).fetchone()
         if row is None:
             raise StoreError(f"no run {run_id!r} in {self.path}")
         return RunInfo(row[0], row[1], row[2], tuple(json.loads(row[3])), *row[4:])
@@ -278,8 +334,9 @@ class ResultStore:
     @_locked
     def set_total(self, run_id: str, total: int) -> None:
         with self._db:
-            self._db.execute("UPDATE runs SET total = ?, finished = NULL WHERE run_id = ?",
-                             (total, run_id))
+            self._db.execute(
+                "UPDATE runs SET total = ?, finished = NULL WHERE run_id = ?", (total, run_id)
+            )
 
     @_locked
     def finish(self, run_id: str) -> None:
@@ -295,15 +352,20 @@ class ResultStore:
             self._db.executemany(
                 f"INSERT OR REPLACE INTO results (run_id, {', '.join(columns)}) "
                 f"VALUES (?{', ?' * len(columns)})",
-                [(run_id, *(r.get(c) for c in columns)) for r in rows])
+                [(run_id, *(r.get(c) for c in columns)) for r in rows],
+            )
 
     @_locked
     def digests(self, run_id: str) -> dict[str, str]:
         """sha256 of the bytes -> path, for the files of ``run_id`` stored so far (not the
         duplicates): what a resumed run checks new files against."""
-        return dict(self._db.execute(
-            "SELECT sha256, path FROM results WHERE run_id = ? AND sha256 IS NOT NULL AND "
-            "duplicate_of IS NULL", (run_id,)))
+        return dict(
+            self._db.execute(
+                "SELECT sha256, path FROM results WHERE run_id = ? AND sha256 IS NOT NULL AND "
+                "duplicate_of IS NULL",
+                (run_id,),
+            )
+        )
 
     @_locked
     def add_smear_rows(self, run_id: str, rows: Sequence[dict]) -> None:
@@ -313,33 +375,46 @@ class ResultStore:
             self._db.executemany(
                 f"INSERT OR REPLACE INTO smear_cells (run_id, n, {', '.join(SMEAR_COLUMNS)}) "
                 f"VALUES (?, ?, {', '.join('?' * len(SMEAR_COLUMNS))})",
-                [(run_id, i, *(r[c] for c in SMEAR_COLUMNS)) for i, r in enumerate(rows)])
+                [(run_id, i, *(r[c] for c in SMEAR_COLUMNS)) for i, r in enumerate(rows)],
+            )
 
     @_locked
     def smear_done(self, run_id: str) -> set[str]:
         """Fields of smear run ``run_id`` already stored."""
-        return {p for (p,) in self._db.execute(
-            "SELECT DISTINCT image FROM smear_cells WHERE run_id = ?", (run_id,))}
+        return {
+            p
+            for (p,) in self._db.execute(
+                "SELECT DISTINCT image FROM smear_cells WHERE run_id = ?", (run_id,)
+            )
+        }
 
     @_locked
     def smear_rows(self, run_id: str) -> pd.DataFrame:
         """The smear run's rows (SMEAR_COLUMNS), field by field in object order."""
         self.run(run_id)
-        df = pd.read_sql_query(f"SELECT {', '.join(SMEAR_COLUMNS)} FROM smear_cells "
-                               "WHERE run_id = ? ORDER BY image, n", self._db, params=(run_id,))
+        df = pd.read_sql_query(
+            f"SELECT {', '.join(SMEAR_COLUMNS)} FROM smear_cells "
+            "WHERE run_id = ? ORDER BY image, n",
+            self._db,
+            params=(run_id,),
+        )
         return df.assign(edge=df["edge"].map(lambda v: None if pd.isna(v) else bool(v)))
 
     @_locked
     def done_paths(self, run_id: str) -> set[str]:
         """Paths of ``run_id`` already stored (scored or given an error row)."""
-        return {p for (p,) in self._db.execute("SELECT path FROM results WHERE run_id = ?",
-                                               (run_id,))}
+        return {
+            p for (p,) in self._db.execute("SELECT path FROM results WHERE run_id = ?", (run_id,))
+        }
 
     @_locked
     def results(self, run_id: str) -> pd.DataFrame:
         self.run(run_id)
-        return pd.read_sql_query(f"SELECT {', '.join(RESULT_COLUMNS)} FROM results "
-                                 "WHERE run_id = ? ORDER BY path", self._db, params=(run_id,))
+        return pd.read_sql_query(
+            f"SELECT {', '.join(RESULT_COLUMNS)} FROM results WHERE run_id = ? ORDER BY path",
+            self._db,
+            params=(run_id,),
+        )
 
     def iter_results(self, run_id: str, *, chunksize: int = 10_000) -> Iterator[pd.DataFrame]:
         """The run's results in chunks, for exports that must not hold everything in memory."""
@@ -354,9 +429,12 @@ class ResultStore:
 
     @_locked
     def _chunk(self, run_id: str, limit: int, offset: int) -> pd.DataFrame:
-        return pd.read_sql_query(f"SELECT {', '.join(RESULT_COLUMNS)} FROM results "
-                                 "WHERE run_id = ? ORDER BY path LIMIT ? OFFSET ?", self._db,
-                                 params=(run_id, limit, offset))
+        return pd.read_sql_query(
+            f"SELECT {', '.join(RESULT_COLUMNS)} FROM results "
+            "WHERE run_id = ? ORDER BY path LIMIT ? OFFSET ?",
+            self._db,
+            params=(run_id, limit, offset),
+        )
 
     def export_csv(self, run_id: str, out: Path) -> int:
         """Write the run's results to ``out`` as CSV (atomically, neutralised against formula
@@ -380,7 +458,9 @@ class ResultStore:
                 "SUM(x.error IS NOT NULL) AS errors, SUM(x.prediction = 'Parasitized') AS "
                 "parasitized FROM runs r LEFT JOIN smear_cells x ON x.run_id = r.run_id "
                 "WHERE r.kind LIKE 'smear%' "
-                "GROUP BY r.run_id ORDER BY r.started DESC, r.run_id DESC", self._db)
+                "GROUP BY r.run_id ORDER BY r.started DESC, r.run_id DESC",
+                self._db,
+            )
         return pd.read_sql_query(
             "SELECT r.run_id, r.started, r.finished, r.name, r.sample, r.operator, r.inputs, "
             "r.weights, r.weights_sha256, r.threshold, r.engine, r.kind, r.total, "
@@ -390,6 +470,7 @@ class ResultStore:
             "SUM(x.quality IS NOT NULL AND x.quality != 'ok') AS not_counted "
             "FROM runs r LEFT JOIN results x ON x.run_id = r.run_id "
             "WHERE r.kind NOT LIKE 'smear%' "
-            "GROUP BY r.run_id ORDER BY r.started DESC, r.run_id DESC", self._db,
-            params=(CLASSES[0],))
-
+            "GROUP BY r.run_id ORDER BY r.started DESC, r.run_id DESC",
+            self._db,
+            params=(CLASSES[0],),
+        )

@@ -13,6 +13,7 @@ The stages, as torchvision's classification reference has them: the data is made
 ``core.recipe.prepare_data``; ``fit`` wires ``start`` (model, optimiser, schedule, resume
 state), ``train_one_epoch``, ``evaluate`` and ``finish`` (best weights, predictions, card).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,9 @@ CHECKPOINT = "checkpoint.pt"
 BEST = "best.safetensors"
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, contract: ModelContract
-             ) -> tuple[float, np.ndarray]:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, contract: ModelContract
+) -> tuple[float, np.ndarray]:
     """Mean cross-entropy and P(Parasitized) (float64 (N,)) of ``model`` on uint8 images."""
     prob = predict_proba(model, x, contract).double().clamp(1e-7, 1 - 1e-7)
     positive = (y == contract.positive_index).double()
@@ -72,10 +74,14 @@ def _is_positive(y: torch.Tensor, contract: ModelContract) -> np.ndarray:
 
 
 def _predictions_frame(samples: Sequence[Sample], prob: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame({"path": [s.path for s in samples],
-                         "case_id": [s.case_id for s in samples],
-                         "label": [CLASSES[s.label] for s in samples],
-                         "prob_parasitized": prob})
+    return pd.DataFrame(
+        {
+            "path": [s.path for s in samples],
+            "case_id": [s.case_id for s in samples],
+            "label": [CLASSES[s.label] for s in samples],
+            "prob_parasitized": prob,
+        }
+    )
 
 
 @dataclass
@@ -95,8 +101,15 @@ def steps_per_epoch(data: PreparedData, cfg: TrainConfig) -> int:
     return max(1, len(data.train_y) // cfg.batch_size)
 
 
-def start(cfg: TrainConfig, data: PreparedData, out: Path, *, contract: ModelContract,
-          ckpt: dict | None, progress: bool) -> tuple[RunState, TrainConfig]:
+def start(
+    cfg: TrainConfig,
+    data: PreparedData,
+    out: Path,
+    *,
+    contract: ModelContract,
+    ckpt: dict | None,
+    progress: bool,
+) -> tuple[RunState, TrainConfig]:
     """Model, optimiser and one-cycle schedule, restored from ``ckpt`` when resuming.
 
     With ``cfg.lr`` None the LR range test runs first (its curve is saved in ``out``) and
@@ -107,22 +120,32 @@ def start(cfg: TrainConfig, data: PreparedData, out: Path, *, contract: ModelCon
     model = build_model(cfg.arch, pretrained=cfg.pretrained).to(memory_format=torch.channels_last)
     freeze_features(model, cfg.freeze if cfg.pretrained else 0)
     if cfg.lr is None:
-        result = lr_range_test(model, lambda: training_batches(
-            data.train_x, data.train_y, contract, cfg=cfg, generator=gen),
-            label_smoothing=cfg.label_smoothing, weight_decay=cfg.weight_decay,
-            progress=progress)
+        result = lr_range_test(
+            model,
+            lambda: training_batches(data.train_x, data.train_y, contract, cfg=cfg, generator=gen),
+            label_smoothing=cfg.label_smoothing,
+            weight_decay=cfg.weight_decay,
+            progress=progress,
+        )
         result.save(out)
         print(f"LR range test suggests {result.suggested_lr:.2e}")
         if not result.reliable:
-            raise SystemExit("the LR range test saw no descent of the loss (usual from scratch): "
-                             f"see {out / 'lr_find.csv'} and pass --lr explicitly, e.g. --lr 3e-3")
+            raise SystemExit(
+                "the LR range test saw no descent of the loss (usual from scratch): "
+                f"see {out / 'lr_find.csv'} and pass --lr explicitly, e.g. --lr 3e-3"
+            )
         cfg = replace(cfg, lr=result.suggested_lr)
     assert cfg.lr is not None
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs,
-                                                steps_per_epoch=steps_per_epoch(data, cfg),
-                                                pct_start=0.2)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt,
+        max_lr=cfg.lr,
+        epochs=cfg.epochs,
+        steps_per_epoch=steps_per_epoch(data, cfg),
+        pct_start=0.2,
+    )
     state = RunState(model, opt, sched, gen)
     if ckpt:
         model.load_state_dict(ckpt["model"])
@@ -131,21 +154,31 @@ def start(cfg: TrainConfig, data: PreparedData, out: Path, *, contract: ModelCon
         gen.set_state(ckpt["gen"])
         torch.set_rng_state(ckpt["torch_rng"])  # dropout draws from the global generator
         state.epoch = int(ckpt["epoch"])
-        state.history = pd.read_csv(out / "history.csv").to_dict("records")[:state.epoch]
+        state.history = pd.read_csv(out / "history.csv").to_dict("records")[: state.epoch]
         state.best_loss = float(ckpt["best_loss"])
         print(f"resuming after epoch {state.epoch}")
     return state, cfg
 
 
-def train_one_epoch(state: RunState, data: PreparedData, loss_fn: nn.Module, *,
-                    cfg: TrainConfig, contract: ModelContract, progress: bool) -> dict:
+def train_one_epoch(
+    state: RunState,
+    data: PreparedData,
+    loss_fn: nn.Module,
+    *,
+    cfg: TrainConfig,
+    contract: ModelContract,
+    progress: bool,
+) -> dict:
     """One pass over the training patients; returns the epoch's loss, accuracy and speed."""
     state.model.train()
     n_steps = steps_per_epoch(data, cfg)
     t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-    bar = tqdm(training_batches(data.train_x, data.train_y, contract, cfg=cfg,
-                                generator=state.gen),
-               total=n_steps, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not progress)
+    bar = tqdm(
+        training_batches(data.train_x, data.train_y, contract, cfg=cfg, generator=state.gen),
+        total=n_steps,
+        desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
+        disable=not progress,
+    )
     for step, (x, y) in enumerate(bar):
         if step >= n_steps:
             break
@@ -158,25 +191,47 @@ def train_one_epoch(state: RunState, data: PreparedData, loss_fn: nn.Module, *,
         seen += len(y)
         loss_sum += loss.item() * len(y)
         correct += int((logits.argmax(1) == y).sum())
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}",
-                        img_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
+        bar.set_postfix(
+            loss=f"{loss_sum / seen:.4f}",
+            img_s=f"{seen / (time.perf_counter() - t0):.0f}",
+            refresh=False,
+        )
     bar.close()
     seconds = time.perf_counter() - t0
-    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-            "train_img_per_s": seen / seconds}
+    return {
+        "train_loss": loss_sum / max(seen, 1),
+        "train_accuracy": correct / max(seen, 1),
+        "train_img_per_s": seen / seconds,
+    }
 
 
 def save_checkpoint(state: RunState, out: Path, cfg: TrainConfig, split: Split) -> None:
     with atomic_path(out / CHECKPOINT) as tmp:  # an interrupt mid-write keeps the last one
-        torch.save({"model": state.model.state_dict(), "opt": state.opt.state_dict(),
-                    "sched": state.sched.state_dict(), "gen": state.gen.get_state(),
-                    "torch_rng": torch.get_rng_state(), "epoch": state.epoch,
-                    "best_loss": state.best_loss, "config": asdict(cfg),
-                    "split": split.to_json()}, tmp)
+        torch.save(
+            {
+                "model": state.model.state_dict(),
+                "opt": state.opt.state_dict(),
+                "sched": state.sched.state_dict(),
+                "gen": state.gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "epoch": state.epoch,
+                "best_loss": state.best_loss,
+                "config": asdict(cfg),
+                "split": split.to_json(),
+            },
+            tmp,
+        )
 
 
-def finish(state: RunState, data: PreparedData, out: Path, *, cfg: TrainConfig,
-           contract: ModelContract, card: dict) -> dict:
+def finish(
+    state: RunState,
+    data: PreparedData,
+    out: Path,
+    *,
+    cfg: TrainConfig,
+    contract: ModelContract,
+    card: dict,
+) -> dict:
     """Reload the kept epoch, score every part, write the predictions and the model card."""
     state.model.load_state_dict(load_file(str(out / BEST)))
     metrics, frames = {}, {}
@@ -185,8 +240,9 @@ def finish(state: RunState, data: PreparedData, out: Path, *, cfg: TrainConfig,
         if len(y) == 0:
             continue
         _, prob = evaluate(state.model, x, y, contract)
-        metrics[part] = binary_metrics(_is_positive(y, contract), prob,
-                                       threshold=contract.threshold)
+        metrics[part] = binary_metrics(
+            _is_positive(y, contract), prob, threshold=contract.threshold
+        )
         metrics[part]["cases"] = len(getattr(data.split, part))
         if part != "train":
             frames[part] = _predictions_frame(data.samples[part], prob)
@@ -198,8 +254,9 @@ def finish(state: RunState, data: PreparedData, out: Path, *, cfg: TrainConfig,
         **card,
         "config": asdict(cfg),
         "best_epoch": int(history["val_loss"].idxmin()) + 1 if has_val else len(history),
-        "selected_by": "lowest validation loss" if has_val
-                       else "last epoch (no validation patients: trained on all of them)",
+        "selected_by": "lowest validation loss"
+        if has_val
+        else "last epoch (no validation patients: trained on all of them)",
         "split": data.split.to_json(),
         "metrics": metrics,
     }
@@ -208,8 +265,16 @@ def finish(state: RunState, data: PreparedData, out: Path, *, cfg: TrainConfig,
     return save_model(out, state.model, contract, card)
 
 
-def fit(cfg: TrainConfig, data: PreparedData, out: Path, *, contract: ModelContract,
-        card: dict, resume: bool = False, progress: bool = True) -> dict:
+def fit(
+    cfg: TrainConfig,
+    data: PreparedData,
+    out: Path,
+    *,
+    contract: ModelContract,
+    card: dict,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
     """Train ``cfg`` on ``data`` into the run folder ``out``; returns the model card written.
 
     ``card``: what the card says of where the run came from (its command, its data).
@@ -224,31 +289,42 @@ def fit(cfg: TrainConfig, data: PreparedData, out: Path, *, contract: ModelContr
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     while state.epoch < cfg.epochs:
         t0 = time.perf_counter()
-        fitted = train_one_epoch(state, data, loss_fn, cfg=cfg, contract=contract,
-                                 progress=progress)
+        fitted = train_one_epoch(
+            state, data, loss_fn, cfg=cfg, contract=contract, progress=progress
+        )
         val_loss, vm = float("nan"), {"accuracy": float("nan"), "auc": float("nan")}
         if len(data.val_y):
             val_loss, val_prob = evaluate(state.model, data.val_x, data.val_y, contract)
-            vm = binary_metrics(_is_positive(data.val_y, contract), val_prob,
-                                threshold=contract.threshold)
+            vm = binary_metrics(
+                _is_positive(data.val_y, contract), val_prob, threshold=contract.threshold
+            )
         state.epoch += 1
-        row = {"epoch": state.epoch, "train_loss": fitted["train_loss"],
-               "train_accuracy": fitted["train_accuracy"], "val_loss": val_loss,
-               "val_accuracy": vm["accuracy"], "val_auc": vm["auc"],
-               "lr": state.sched.get_last_lr()[0], "seconds": time.perf_counter() - t0,
-               "train_img_per_s": fitted["train_img_per_s"]}
+        row = {
+            "epoch": state.epoch,
+            "train_loss": fitted["train_loss"],
+            "train_accuracy": fitted["train_accuracy"],
+            "val_loss": val_loss,
+            "val_accuracy": vm["accuracy"],
+            "val_auc": vm["auc"],
+            "lr": state.sched.get_last_lr()[0],
+            "seconds": time.perf_counter() - t0,
+            "train_img_per_s": fitted["train_img_per_s"],
+        }
         state.history.append(row)
         pd.DataFrame(state.history).to_csv(out / "history.csv", index=False)
         keep = not len(data.val_y) or val_loss < state.best_loss
         if keep or not (out / BEST).is_file():
             state.best_loss = min(state.best_loss, val_loss) if len(data.val_y) else val_loss
             with atomic_path(out / BEST) as tmp:
-                save_file({k: v.contiguous() for k, v in state.model.state_dict().items()},
-                          str(tmp))
+                save_file(
+                    {k: v.contiguous() for k, v in state.model.state_dict().items()}, str(tmp)
+                )
         save_checkpoint(state, out, cfg, data.split)
-        print(f"epoch {state.epoch}: train loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, "
-              f"val acc {vm['accuracy']:.4f}, val AUC {vm['auc']:.4f}, {row['seconds']:.0f} s",
-              flush=True)
+        print(
+            f"epoch {state.epoch}: train loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, "
+            f"val acc {vm['accuracy']:.4f}, val AUC {vm['auc']:.4f}, {row['seconds']:.0f} s",
+            flush=True,
+        )
     return finish(state, data, out, cfg=cfg, contract=contract, card=card)
 
 
@@ -257,11 +333,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_recipe_arguments(p)
     p.add_argument("--out", required=True, type=Path, help="run folder")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--split", type=Path, help="use the case split of this split.json or "
-                       "card.json (e.g. to compare models on the same patients)")
-    where.add_argument("--all-patients", action="store_true",
-                       help="train on every patient (no validation or test patients): the last "
-                            "epoch is kept, and its estimate must come from core.folds")
+    where.add_argument(
+        "--split",
+        type=Path,
+        help="use the case split of this split.json or "
+        "card.json (e.g. to compare models on the same patients)",
+    )
+    where.add_argument(
+        "--all-patients",
+        action="store_true",
+        help="train on every patient (no validation or test patients): the last "
+        "epoch is kept, and its estimate must come from core.folds",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     return p
 
@@ -274,6 +357,7 @@ def read_split(path: Path) -> Split:
 
 def all_patients(data: Sequence[str | Path], *, seed: int, follow_links: bool = False) -> Split:
     from core.splits import labelled_samples
+
     samples, _ = labelled_samples(data, follow_links=follow_links)
     return Split(tuple(sorted({s.case_id for s in samples})), (), (), seed)
 
@@ -292,27 +376,51 @@ def main(args: argparse.Namespace) -> dict:
     decisions = None
     if args.relabel:
         from core.audit import read_decisions
+
         decisions = read_decisions(args.relabel)
     contract = default_contract(cfg.arch)
-    data = prepare_data(args.data, contract=contract, cfg=cfg, split=split,
-                        progress=not args.no_progress, follow_links=args.follow_links,
-                        decisions=decisions)
-    print(f"cases: train {len(data.split.train)}, val {len(data.split.val)}, "
-          f"test {len(data.split.test)}; cells: train {len(data.train_y)}, "
-          f"val {len(data.val_y)}, test {len(data.test_y)}")
-    where = (["--split", str(args.split)] if args.split else
-             ["--all-patients"] if args.all_patients else [])
-    card = fit(cfg, data, out, contract=contract, resume=args.resume,
-               progress=not args.no_progress,
-               card={"training_command": command("core.train", args, "--out", str(out), *where),
-                     "training_data": [str(d) for d in args.data]})
+    data = prepare_data(
+        args.data,
+        contract=contract,
+        cfg=cfg,
+        split=split,
+        progress=not args.no_progress,
+        follow_links=args.follow_links,
+        decisions=decisions,
+    )
+    print(
+        f"cases: train {len(data.split.train)}, val {len(data.split.val)}, "
+        f"test {len(data.split.test)}; cells: train {len(data.train_y)}, "
+        f"val {len(data.val_y)}, test {len(data.test_y)}"
+    )
+    where = (
+        ["--split", str(args.split)]
+        if args.split
+        else ["--all-patients"]
+        if args.all_patients
+        else []
+    )
+    card = fit(
+        cfg,
+        data,
+        out,
+        contract=contract,
+        resume=args.resume,
+        progress=not args.no_progress,
+        card={
+            "training_command": command("core.train", args, "--out", str(out), *where),
+            "training_data": [str(d) for d in args.data],
+        },
+    )
     t = card["metrics"].get("test", {})
     nan = float("nan")
     if t:
-        print(f"test ({t.get('cases')} unseen patients, {t.get('n')} cells): "
-              f"accuracy {t.get('accuracy', nan):.4f}, AUC {t.get('auc', nan):.4f}, "
-              f"sensitivity {t.get('sensitivity', nan):.4f}, "
-              f"specificity {t.get('specificity', nan):.4f}, MCC {t.get('mcc', nan):.4f}")
+        print(
+            f"test ({t.get('cases')} unseen patients, {t.get('n')} cells): "
+            f"accuracy {t.get('accuracy', nan):.4f}, AUC {t.get('auc', nan):.4f}, "
+            f"sensitivity {t.get('sensitivity', nan):.4f}, "
+            f"specificity {t.get('specificity', nan):.4f}, MCC {t.get('mcc', nan):.4f}"
+        )
     return card
 
 

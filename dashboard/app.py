@@ -1,4 +1,5 @@
 """Entry point: `streamlit run dashboard/app.py`. A router plus the frame all pages share."""
+
 from pathlib import Path
 
 import streamlit as st
@@ -9,16 +10,18 @@ st.set_page_config(page_title="Malaria cell screening", page_icon="🔬", layout
 ui.init_state()
 # Not "pages/": Streamlit would then run a page URL (a reload of /score) without this router.
 PAGES = Path(__file__).resolve().parent / "views"
-page = st.navigation([
-    st.Page(PAGES / "home.py", title="Home", icon=":material/home:", default=True),
-    st.Page(PAGES / "score.py", title="Score", icon=":material/biotech:"),
-    st.Page(PAGES / "smear.py", title="Smear", icon=":material/blur_on:"),
-    st.Page(PAGES / "explain.py", title="Explain", icon=":material/visibility:"),
-    st.Page(PAGES / "methods.py", title="Heatmap check", icon=":material/fact_check:"),
-    st.Page(PAGES / "evaluate.py", title="Evaluate", icon=":material/grid_on:"),
-    st.Page(PAGES / "audit.py", title="Audit", icon=":material/rule:"),
-    st.Page(PAGES / "training.py", title="Training", icon=":material/show_chart:"),
-    st.Page(PAGES / "study.py", title="Study", icon=":material/science:"),
-])
+page = st.navigation(
+    [
+        st.Page(PAGES / "home.py", title="Home", icon=":material/home:", default=True),
+        st.Page(PAGES / "score.py", title="Score", icon=":material/biotech:"),
+        st.Page(PAGES / "smear.py", title="Smear", icon=":material/blur_on:"),
+        st.Page(PAGES / "explain.py", title="Explain", icon=":material/visibility:"),
+        st.Page(PAGES / "methods.py", title="Heatmap check", icon=":material/fact_check:"),
+        st.Page(PAGES / "evaluate.py", title="Evaluate", icon=":material/grid_on:"),
+        st.Page(PAGES / "audit.py", title="Audit", icon=":material/rule:"),
+        st.Page(PAGES / "training.py", title="Training", icon=":material/show_chart:"),
+        st.Page(PAGES / "study.py", title="Study", icon=":material/science:"),
+    ]
+)
 ui.model_sidebar()
 page.run()

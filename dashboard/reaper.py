@@ -9,6 +9,7 @@ uploads and been disconnected for ``grace_s``, removes its files, empties its st
 returns the freed heap to the system (glibc keeps the decoding threads' freed memory
 otherwise).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -35,8 +36,9 @@ def trim_heap() -> bool:
         return False
 
 
-def release_departed(runtime, departed_since: dict[str, float], *, now: float,
-                     grace_s: float = GRACE_S) -> list[str]:
+def release_departed(
+    runtime, departed_since: dict[str, float], *, now: float, grace_s: float = GRACE_S
+) -> list[str]:
     """Close the sessions with uploads that have been disconnected for ``grace_s`` seconds
     (``departed_since``: session id -> when it was first seen disconnected, updated here);
     returns their ids. ``runtime``: streamlit's Runtime (uploaded_file_mgr, is_active_session,
@@ -66,11 +68,16 @@ def release_departed(runtime, departed_since: dict[str, float], *, now: float,
     return closed
 
 
-def start(get_runtime: Callable[[], object | None], *, interval_s: float = INTERVAL_S,
-          grace_s: float = GRACE_S) -> threading.Thread:
+def start(
+    get_runtime: Callable[[], object | None],
+    *,
+    interval_s: float = INTERVAL_S,
+    grace_s: float = GRACE_S,
+) -> threading.Thread:
     """A daemon thread running ``release_departed`` every ``interval_s`` seconds and trimming
     the heap after a session was closed. ``get_runtime`` returns None where there is no
     server (Streamlit's AppTest): the thread then does nothing."""
+
     def loop() -> None:
         departed: dict[str, float] = {}
         while True:
@@ -81,8 +88,12 @@ def start(get_runtime: Callable[[], object | None], *, interval_s: float = INTER
             closed = release_departed(runtime, departed, now=time.monotonic(), grace_s=grace_s)
             if closed:
                 trim_heap()
-                _LOG.info("closed %d session(s) whose browser left %.0f s ago; their uploads "
-                             "are released", len(closed), grace_s)
+                _LOG.info(
+                    "closed %d session(s) whose browser left %.0f s ago; their uploads "
+                    "are released",
+                    len(closed),
+                    grace_s,
+                )
 
     thread = threading.Thread(target=loop, name="release-departed-sessions", daemon=True)
     thread.start()

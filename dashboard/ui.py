@@ -2,6 +2,7 @@
 
 Pages import from here and from ``core``; nothing here knows about tensors or layers.
 """
+
 from __future__ import annotations
 
 import base64
@@ -46,8 +47,9 @@ def plain(text: object) -> str:
     backslash-escaped (CommonMark), so no name becomes an image fetched from a URL, a link,
     HTML, a colour directive or formatting; control characters show as their symbols."""
     escaped = _MARKDOWN_SPECIAL.sub(r"\\\1", str(text))
-    return _CONTROL.sub(lambda m: chr(0x2421 if m.group() == "\x7f" else 0x2400 + ord(m.group())),
-                        escaped)
+    return _CONTROL.sub(
+        lambda m: chr(0x2421 if m.group() == "\x7f" else 0x2400 + ord(m.group())), escaped
+    )
 
 
 def short_name(name: str, length: int = 30) -> str:
@@ -56,7 +58,7 @@ def short_name(name: str, length: int = 30) -> str:
     if len(name) <= length:
         return name
     head = length // 3
-    return f"{name[:head]}…{name[-(length - head - 1):]}"
+    return f"{name[:head]}…{name[-(length - head - 1) :]}"
 
 
 def chart_text(values) -> list[str]:
@@ -99,6 +101,7 @@ def _memory_reaper():
     from streamlit.runtime import Runtime
 
     from dashboard import reaper
+
     return reaper.start(lambda: Runtime.instance() if Runtime.exists() else None)
 
 
@@ -161,6 +164,7 @@ def open_in_explain(name: str, data: bytes, link: dict[str, str] | None = None) 
 
 # --- model ------------------------------------------------------------------------------------
 
+
 def model_choices() -> list[Path]:
     found = find_models(ROOT / "weights", ROOT / "runs")
     default = DEFAULT_WEIGHTS.resolve()
@@ -182,9 +186,13 @@ def model_sidebar() -> None:
     current = Path(st.session_state["model_folder"]).resolve()
     index = choices.index(current) if current in choices else 0
     with st.sidebar:
-        folder = st.selectbox("Model", choices, index=index, format_func=model_label,
-                              help="The shipped default, or any trained run folder under "
-                                   "weights/ or runs/")
+        folder = st.selectbox(
+            "Model",
+            choices,
+            index=index,
+            format_func=model_label,
+            help="The shipped default, or any trained run folder under weights/ or runs/",
+        )
         st.session_state["model_folder"] = str(folder)
         try:
             model = ModelFolder.open(folder)
@@ -197,7 +205,8 @@ def model_sidebar() -> None:
             st.markdown(
                 f"On **{plain(source)}** ({est.get('n', '?')} cells)  \n"
                 f"accuracy **{est['accuracy']:.3f}** · AUC **{est['auc']:.4f}**  \n"
-                f"sensitivity {est['sensitivity']:.3f} · specificity {est['specificity']:.3f}")
+                f"sensitivity {est['sensitivity']:.3f} · specificity {est['specificity']:.3f}"
+            )
         data = ", ".join(Path(d).name for d in model.card.get("training_data", []))
         if data:
             st.caption(f"Trained on {data}; {len(model.split['train'])} training patients")
@@ -206,10 +215,25 @@ def model_sidebar() -> None:
 
 
 # log axes: a labelled tick at each power of ten, unlabelled ones at 2 and 5 between them
-LOG_AXIS = dict(type="log", dtick=1, tickformat=".0e", showgrid=True,
-                minor=dict(dtick="D2", ticks="outside", showgrid=True, gridcolor="#f0f0f0"))
-_METRICS = ("n", "cases", "accuracy", "auc", "sensitivity", "specificity", "ppv", "npv", "f1",
-            "mcc")
+LOG_AXIS = dict(
+    type="log",
+    dtick=1,
+    tickformat=".0e",
+    showgrid=True,
+    minor=dict(dtick="D2", ticks="outside", showgrid=True, gridcolor="#f0f0f0"),
+)
+_METRICS = (
+    "n",
+    "cases",
+    "accuracy",
+    "auc",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+    "f1",
+    "mcc",
+)
 
 
 def show_card(card: dict) -> None:
@@ -222,31 +246,43 @@ def show_card(card: dict) -> None:
         "created": str(card.get("created", ""))[:16].replace("T", " "),
         "weights sha256": card.get("sha256"),
         "kept epoch": f"{card.get('best_epoch')} ({card.get('selected_by')})"
-                      if card.get("best_epoch") else None,
-        "patients (train / validation / test)":
-            " / ".join(str(len(split.get(k, []))) for k in ("train", "val", "test"))
-            if split else None,
+        if card.get("best_epoch")
+        else None,
+        "patients (train / validation / test)": " / ".join(
+            str(len(split.get(k, []))) for k in ("train", "val", "test")
+        )
+        if split
+        else None,
         "training data": ", ".join(card.get("training_data", [])),
         "screening cutoff": f"{screening['cutoff']:.1%} ({screening.get('method', '')})"
-                            if "cutoff" in screening else None,
+        if "cutoff" in screening
+        else None,
         "training command": card.get("training_command"),
     }
     facts = pd.DataFrame({"": list(about), "value": [str(v) for v in about.values()]})
-    st.dataframe(facts[[v != "None" for v in facts["value"]]], hide_index=True,
-                 width="stretch")
-    metrics = pd.DataFrame({name: {k: m.get(k) for k in _METRICS}
-                            for name, m in card.get("metrics", {}).items()}).T
+    st.dataframe(facts[[v != "None" for v in facts["value"]]], hide_index=True, width="stretch")
+    metrics = pd.DataFrame(
+        {name: {k: m.get(k) for k in _METRICS} for name, m in card.get("metrics", {}).items()}
+    ).T
     if not metrics.empty:
         st.caption("Metrics per split (test: patients never used for training or selection)")
-        st.dataframe(metrics, width="stretch", placeholder="", column_config={
-            k: st.column_config.NumberColumn(format="%d" if k in ("n", "cases") else "%.4f")
-            for k in _METRICS})
+        st.dataframe(
+            metrics,
+            width="stretch",
+            placeholder="",
+            column_config={
+                k: st.column_config.NumberColumn(format="%d" if k in ("n", "cases") else "%.4f")
+                for k in _METRICS
+            },
+        )
     settings = {**card.get("contract", {}), **card.get("config", {})}
     if settings:
         st.caption("Contract (what every user of the model reads) and training settings")
-        st.dataframe(pd.DataFrame({"setting": list(settings),
-                                   "value": [str(v) for v in settings.values()]}),
-                     hide_index=True, width="stretch")
+        st.dataframe(
+            pd.DataFrame({"setting": list(settings), "value": [str(v) for v in settings.values()]}),
+            hide_index=True,
+            width="stretch",
+        )
 
 
 def preset(key: str, value) -> None:
@@ -260,8 +296,9 @@ def current_model() -> ModelFolder:
     try:
         return ModelFolder.open(st.session_state["model_folder"])
     except WeightsError as exc:
-        st.error(f"The selected model cannot be loaded: {plain(exc)}. Pick another one in the "
-                 "sidebar.")
+        st.error(
+            f"The selected model cannot be loaded: {plain(exc)}. Pick another one in the sidebar."
+        )
         st.stop()
 
 
@@ -271,6 +308,7 @@ def engine(folder: str, sha256: str):
     agreement check, else fp32 ONNX), one per weights hash (``sha256`` is the cache key); its
     buffers are freed after each batch, so the server's memory returns after a big upload."""
     from core.score import load_engine
+
     return load_engine(folder, memory_arena=False)
 
 
@@ -278,6 +316,7 @@ def engine(folder: str, sha256: str):
 def _explainer(folder: str, sha256: str):
     from core.explain import explainable
     from core.model import load_model
+
     loaded = load_model(folder)
     return loaded, explainable(loaded), threading.Lock()
 
@@ -286,6 +325,7 @@ def explain(folder: str, sha256: str, images, **options):
     """core.explain.explain on the cached network; sessions take turns, since CAM hooks on a
     shared network would mix their activations."""
     from core.explain import explain as run
+
     loaded, net, lock = _explainer(folder, sha256)
     with lock:
         return run(loaded, images, net=net, **options)
@@ -295,6 +335,7 @@ def quality(folder: str, sha256: str, image) -> str:
     """The quality gate's verdict on one RGB uint8 image (H, W, 3), any size: ``ok`` or why
     it would not be counted (core.quality), from the cached scoring engine."""
     from core.images import resize_rgb
+
     eng = engine(folder, sha256)
     batch = resize_rgb(image, eng.contract.input_size)[None]
     return eng.gate(batch, eng.score(batch)[1])[0]
@@ -307,12 +348,14 @@ def heatmaps(folder: str, sha256: str):
     def run(images):
         maps = explain(folder, sha256, images, target=HEATMAP_TARGET, faithfulness=False)
         return [e.overlay for e in maps]
+
     return run
 
 
 def road(folder: str, sha256: str, image, explanation) -> float:
     """core.explain.road_of on the cached network, taking turns as ``explain`` does."""
     from core.explain import road_of
+
     loaded, net, lock = _explainer(folder, sha256)
     with lock:
         return road_of(loaded, image, explanation, net=net)
@@ -330,6 +373,7 @@ def store() -> ResultStore:
 
 # --- uploads and images ---------------------------------------------------------------------
 
+
 def items_key(items: Sequence[tuple[str, bytes]]) -> str:
     h = hashlib.sha256()
     for name, data in items:
@@ -344,24 +388,27 @@ def uploaded_items(files) -> list[tuple[str, bytes]]:
 
 @st.cache_data(show_spinner=False)
 def sample_items() -> list[tuple[str, bytes]]:
-    return [(f"samples/{p.parent.name}/{p.name}", p.read_bytes())
-            for p in sorted(SAMPLES.rglob("*.png"))]
+    return [
+        (f"samples/{p.parent.name}/{p.name}", p.read_bytes())
+        for p in sorted(SAMPLES.rglob("*.png"))
+    ]
 
 
 def sources_for(items: Sequence[tuple[str, bytes]]) -> dict[str, ImageSource]:
     return {s.path: s for s in sources_from_uploads(items)}
 
 
-def _score_now(items: Sequence[tuple[str, bytes]], model: ModelFolder
-               ) -> tuple[pd.DataFrame, str]:
+def _score_now(items: Sequence[tuple[str, bytes]], model: ModelFolder) -> tuple[pd.DataFrame, str]:
     from core.score import score_uploads
+
     bar = st.progress(0.0, text="Scoring…")
 
     def progress(done: int, total: int) -> None:
         bar.progress(done / total, text=f"Scored {done:,} of {total:,} images")
 
-    df, run_id = score_uploads(items, engine=engine(str(model.path), model.sha256),
-                               store=store(), progress=progress)
+    df, run_id = score_uploads(
+        items, engine=engine(str(model.path), model.sha256), store=store(), progress=progress
+    )
     bar.empty()
     trim_heap()  # the decoding threads' freed buffers, back to the system
     assert run_id is not None  # a store was given
@@ -391,18 +438,22 @@ def repo_source(path: str) -> ImageSource:
 def images_missing(paths: Sequence[str], what: str) -> bool:
     """Whether the files or zips that ``paths`` (from the predictions CSV ``what``) are read
     from are missing on this machine; if so, one warning says where they are expected."""
-    places = {(ROOT / (p if (ROOT / p).is_file() else p.split(ZIP_SEP, 1)[0])).resolve()
-              for p in paths}  # a "!" may be part of a file's name
+    places = {
+        (ROOT / (p if (ROOT / p).is_file() else p.split(ZIP_SEP, 1)[0])).resolve() for p in paths
+    }  # a "!" may be part of a file's name
     missing = sorted(p for p in places if not p.is_file())
     if missing:
-        st.warning(plain(f"The cell images are not on this machine: expected "
-                         f"{', '.join(map(str, missing))} (the paths in {what} are relative to "
-                         f"the repository, {ROOT}). Put the data there to see the cells."))
+        st.warning(
+            plain(
+                f"The cell images are not on this machine: expected "
+                f"{', '.join(map(str, missing))} (the paths in {what} are relative to "
+                f"the repository, {ROOT}). Put the data there to see the cells."
+            )
+        )
     return bool(missing)
 
 
-def cell_source(path: str, sources: dict[str, ImageSource], *, on_disk: bool
-                ) -> ImageSource | None:
+def cell_source(path: str, sources: dict[str, ImageSource], *, on_disk: bool) -> ImageSource | None:
     """The image of a result row, or None when it is not at hand.
 
     ``on_disk``: the run scored files of this machine (CLI), so a path missing from
@@ -425,8 +476,9 @@ def forget_run(run_id: str) -> None:
         del scored[key]
 
 
-def thumbnail(path: str, sources: dict[str, ImageSource], *, on_disk: bool,
-              size: int = 48) -> str | None:
+def thumbnail(
+    path: str, sources: dict[str, ImageSource], *, on_disk: bool, size: int = 48
+) -> str | None:
     """A small PNG data URL for a table cell, or None if the image cannot be read."""
     image = image_of(path, sources, on_disk=on_disk, size=size)
     if image is None:
@@ -436,8 +488,9 @@ def thumbnail(path: str, sources: dict[str, ImageSource], *, on_disk: bool,
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def image_of(path: str, sources: dict[str, ImageSource], *, on_disk: bool,
-             size: int | None = None) -> np.ndarray | None:
+def image_of(
+    path: str, sources: dict[str, ImageSource], *, on_disk: bool, size: int | None = None
+) -> np.ndarray | None:
     """A result's image, RGB uint8 (H, W, 3) (resized to ``size`` if given), or None if it
     cannot be read (``on_disk`` as for :func:`cell_source`)."""
     try:
@@ -447,9 +500,15 @@ def image_of(path: str, sources: dict[str, ImageSource], *, on_disk: bool,
         return None
 
 
-def cell_view(path: str, source: ImageSource | None, *, details: str, state_key: str,
-              link: dict[str, str] | None = None,
-              also: Sequence[tuple[np.ndarray, str]] = ()) -> None:
+def cell_view(
+    path: str,
+    source: ImageSource | None,
+    *,
+    details: str,
+    state_key: str,
+    link: dict[str, str] | None = None,
+    also: Sequence[tuple[np.ndarray, str]] = (),
+) -> None:
     """One cell shown large (250-350 px) with ``details`` (Markdown, names escaped by the
     caller), any images in ``also`` as (RGB array, caption) beside it, a button that opens it
     in Explain and one that closes the view by clearing ``st.session_state[state_key]``."""
@@ -458,11 +517,16 @@ def cell_view(path: str, source: ImageSource | None, *, details: str, state_key:
         data: bytes | None = None
         try:
             if source is None:
-                raise ImageError("its image is not at hand: a reopened upload keeps its "
-                                 "results, not its images (or the file moved)")
+                raise ImageError(
+                    "its image is not at hand: a reopened upload keeps its "
+                    "results, not its images (or the file moved)"
+                )
             data = read_bytes(source)
-            cols[0].image(for_display(decode_image(data)),  # upsampled smoothly, not blocky
-                          caption=plain(file_name(path)), width="stretch")
+            cols[0].image(
+                for_display(decode_image(data)),  # upsampled smoothly, not blocky
+                caption=plain(file_name(path)),
+                width="stretch",
+            )
         except (ImageError, OSError) as exc:
             data = None
             cols[0].info(plain(f"{file_name(path)}: {exc}"))
@@ -471,8 +535,16 @@ def cell_view(path: str, source: ImageSource | None, *, details: str, state_key:
         info = cols[-1]
         info.markdown(details)
         info.caption(plain(path))
-        if info.button("Open in Explain", key=f"{state_key}_explain", type="primary",
-                       disabled=data is None, icon=":material/visibility:") and data:
+        if (
+            info.button(
+                "Open in Explain",
+                key=f"{state_key}_explain",
+                type="primary",
+                disabled=data is None,
+                icon=":material/visibility:",
+            )
+            and data
+        ):
             open_in_explain(path, data, link)
         if info.button("Close", key=f"{state_key}_close"):
             st.session_state[state_key] = None

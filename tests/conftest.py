@@ -22,9 +22,16 @@ def tiny_model(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny_model")
     model = build_model("mobilenet_v2").eval()
-    save_model(folder, model, default_contract("mobilenet_v2"),
-               {"training_command": "fixture", "metrics": {},
-                "screening": {"cutoff": 0.05, "method": "fixture"}})
+    save_model(
+        folder,
+        model,
+        default_contract("mobilenet_v2"),
+        {
+            "training_command": "fixture",
+            "metrics": {},
+            "screening": {"cutoff": 0.05, "method": "fixture"},
+        },
+    )
     return folder
 
 
@@ -33,5 +40,6 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """ONNX exports go to a per-session temporary cache, never the repo's, signed with a
     per-session key, never the user's."""
     import core.score
+
     monkeypatch.setattr(core.score, "CACHE_DIR", tmp_path_factory.getbasetemp() / "cache")
     monkeypatch.setattr(core.score, "KEY_FILE", tmp_path_factory.getbasetemp() / "key" / "k")

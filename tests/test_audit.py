@@ -1,4 +1,5 @@
 """The label audit (confident learning on out-of-fold probabilities) and the decisions file."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +21,9 @@ from core.audit import (
 P, U = "Parasitized", "Uninfected"
 
 
-def _cells(n_per_case: int = 40, cases: int = 5, flips: dict[str, int] | None = None,
-           seed: int = 0) -> tuple[pd.DataFrame, set[str]]:
+def _cells(
+    n_per_case: int = 40, cases: int = 5, flips: dict[str, int] | None = None, seed: int = 0
+) -> tuple[pd.DataFrame, set[str]]:
     """Out-of-fold predictions of a model that is right about every cell's true class, with the
     given labels of ``flips[case]`` cells per case swapped: returns (frame, flipped paths)."""
     rng = np.random.default_rng(seed)
@@ -62,8 +64,14 @@ def test_the_flipped_labels_are_found_and_nothing_else():
 
 
 def test_thresholds_are_the_mean_self_confidence_per_given_label():
-    df = pd.DataFrame({"path": list("abcde"), "case_id": "C1",
-                       "label": [P, P, P, U, U], "prob_parasitized": [0.9, 0.8, 0.1, 0.3, 0.9]})
+    df = pd.DataFrame(
+        {
+            "path": list("abcde"),
+            "case_id": "C1",
+            "label": [P, P, P, U, U],
+            "prob_parasitized": [0.9, 0.8, 0.1, 0.3, 0.9],
+        }
+    )
     t = class_thresholds(df)
     assert t[P] == pytest.approx(0.6) and t[U] == pytest.approx(0.4)
     # c: P(P) 0.1 < 0.6 and P(U) 0.9 >= 0.4 -> suspect; e: P(U) 0.1 < 0.4, P(P) 0.9 >= 0.6
@@ -75,8 +83,14 @@ def test_thresholds_are_the_mean_self_confidence_per_given_label():
 
 def test_a_below_threshold_cell_is_no_suspect_unless_the_other_class_is_confident():
     # b is below P's threshold (0.7) but P(U) = 0.4 < U's threshold (0.8): uncertain, not flagged
-    df = pd.DataFrame({"path": list("abcd"), "case_id": "C1", "label": [P, P, U, U],
-                       "prob_parasitized": [0.8, 0.6, 0.2, 0.2]})
+    df = pd.DataFrame(
+        {
+            "path": list("abcd"),
+            "case_id": "C1",
+            "label": [P, P, U, U],
+            "prob_parasitized": [0.8, 0.6, 0.2, 0.2],
+        }
+    )
     assert find_suspects(df).empty
 
 
@@ -91,16 +105,24 @@ def test_the_patient_whose_labels_are_wrong_stands_out():
     assert shares.set_index("case_id").loc["C1", "share"] == 0
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda d: d.iloc[:0], "no rows"),
-    (lambda d: d[d["label"] == P], "only Parasitized"),
-    (lambda d: d.assign(prob_parasitized=d["prob_parasitized"].where(d.index != 3)), "line(s) 5"),
-    (lambda d: d.assign(prob_parasitized=d["prob_parasitized"].where(d.index != 0, 1.5)),
-     "[0, 1]"),
-    (lambda d: d.assign(label=d["label"].where(d.index != 2, "parasite")), "'parasite'"),
-    (lambda d: d.drop(columns="prob_parasitized"), "lacks the column(s) prob_parasitized"),
-    (lambda d: pd.concat([d, d.iloc[:1]]), "more than once"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.iloc[:0], "no rows"),
+        (lambda d: d[d["label"] == P], "only Parasitized"),
+        (
+            lambda d: d.assign(prob_parasitized=d["prob_parasitized"].where(d.index != 3)),
+            "line(s) 5",
+        ),
+        (
+            lambda d: d.assign(prob_parasitized=d["prob_parasitized"].where(d.index != 0, 1.5)),
+            "[0, 1]",
+        ),
+        (lambda d: d.assign(label=d["label"].where(d.index != 2, "parasite")), "'parasite'"),
+        (lambda d: d.drop(columns="prob_parasitized"), "lacks the column(s) prob_parasitized"),
+        (lambda d: pd.concat([d, d.iloc[:1]]), "more than once"),
+    ],
+)
 def test_unusable_predictions_are_a_clear_error(change, message):
     df, _ = _cells(cases=1)
     with pytest.raises(AuditError) as err:
@@ -128,6 +150,7 @@ def test_the_command_writes_the_audit_and_refuses_bad_input(tmp_path, capsys):
 
 # --- decisions --------------------------------------------------------------------------------
 
+
 def _decisions(*rows: tuple[str, str, str, str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["path", "case_id", "label", "decision"])
 
@@ -144,26 +167,35 @@ def test_decisions_round_trip_and_merge_without_losing_other_cells(tmp_path):
 
 def test_decisions_are_read_leniently_in_case_and_spaces(tmp_path):
     path = tmp_path / "d.csv"
-    path.write_text("path,case_id,label,decision,note\n"
-                    f"x.png,C1,{P}, Relabel ,checked twice\n"
-                    f"x.png,C1,{P},relabel,\n"  # the same decision again: one entry
-                    f"y.png,C1,{U},EXCLUDE,\n")
+    path.write_text(
+        "path,case_id,label,decision,note\n"
+        f"x.png,C1,{P}, Relabel ,checked twice\n"
+        f"x.png,C1,{P},relabel,\n"  # the same decision again: one entry
+        f"y.png,C1,{U},EXCLUDE,\n"
+    )
     assert read_decisions(path) == {"x.png": "relabel", "y.png": "exclude"}
     path.write_text("path,case_id,label,decision\n")
     assert read_decisions(path) == {}
 
 
-@pytest.mark.parametrize("text, message", [
-    ("path,case_id,label,decision\na.png,C1,Parasitized,flip\n", "line(s) 2 hold 'flip'"),
-    ("path,case_id,label,decision\na.png,C1,Parasitized,keep\nb.png,C1,Parasitized,\n",
-     "line(s) 3"),
-    ("path,case_id,label\na.png,C1,Parasitized\n", "lacks the column(s) decision"),
-    ("path,case_id,label,decision\n,C1,Parasitized,keep\n", "no path"),
-    ("path,case_id,label,decision\na.png,C1,infected,keep\n", "'infected'"),
-    ("path,case_id,label,decision\na.png,C1,Parasitized,keep\na.png,C1,Parasitized,exclude\n",
-     "conflicting rows (line(s) 2, 3)"),
-    ("", "empty"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("path,case_id,label,decision\na.png,C1,Parasitized,flip\n", "line(s) 2 hold 'flip'"),
+        (
+            "path,case_id,label,decision\na.png,C1,Parasitized,keep\nb.png,C1,Parasitized,\n",
+            "line(s) 3",
+        ),
+        ("path,case_id,label\na.png,C1,Parasitized\n", "lacks the column(s) decision"),
+        ("path,case_id,label,decision\n,C1,Parasitized,keep\n", "no path"),
+        ("path,case_id,label,decision\na.png,C1,infected,keep\n", "'infected'"),
+        (
+            "path,case_id,label,decision\na.png,C1,Parasitized,keep\na.png,C1,Parasitized,exclude\n",
+            "conflicting rows (line(s) 2, 3)",
+        ),
+        ("", "empty"),
+    ],
+)
 def test_bad_decisions_files_are_a_clear_error(tmp_path, text, message):
     path = tmp_path / "d.csv"
     path.write_text(text)
@@ -191,6 +223,7 @@ def test_saving_over_a_damaged_decisions_file_leaves_it_alone(tmp_path):
 
 def test_concurrent_saves_keep_every_cell(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
+
     path = tmp_path / "d.csv"
 
     def save(i: int) -> None:

@@ -1,4 +1,5 @@
 """The main flow in a real browser: Debian's Chromium driven by Playwright."""
+
 from __future__ import annotations
 
 import csv
@@ -17,14 +18,19 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 if not Path(CHROMIUM).exists():
-    pytest.skip("Debian chromium is not installed (apt-get install chromium); "
-                "the browser test cannot run here", allow_module_level=True)
+    pytest.skip(
+        "Debian chromium is not installed (apt-get install chromium); "
+        "the browser test cannot run here",
+        allow_module_level=True,
+    )
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    env = {"MALARIA_STORE": str(tmp_path_factory.mktemp("store") / "s.sqlite"),
-           "MALARIA_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    env = {
+        "MALARIA_STORE": str(tmp_path_factory.mktemp("store") / "s.sqlite"),
+        "MALARIA_CACHE": str(tmp_path_factory.mktemp("cache")),
+    }
     try:
         with running_app(env, tmp_path_factory.mktemp("log") / "streamlit.log") as (url, _):
             yield url
@@ -83,8 +89,13 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     with open(download.value.path(), newline="") as f:
         cells_csv = list(csv.reader(f))
     assert len(cells_csv) == len(files) + 1
-    assert cells_csv[0][-5:] == ["run_id", "threshold", "review_band", "scored_with",
-                                 "scored_with_sha256"]
+    assert cells_csv[0][-5:] == [
+        "run_id",
+        "threshold",
+        "review_band",
+        "scored_with",
+        "scored_with_sha256",
+    ]
     # the threshold on the slider, the review band beside it, the model
     assert cells_csv[1][-4:-1] == ["0.6", "0.15", "weights/default"]
     assert page.get_by_text("Traceback").count() == 0
@@ -207,14 +218,17 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     page.screenshot(path=str(SHOTS / "study.png"), full_page=True)
 
 
-def test_a_noise_image_is_review_not_counted_and_the_report_downloads(server, page, cells_dir,
-                                                                     tmp_path):
+def test_a_noise_image_is_review_not_counted_and_the_report_downloads(
+    server, page, cells_dir, tmp_path
+):
     """The quality gate, the review band and the report, as an analyst meets them."""
     import numpy as np
     from PIL import Image
+
     noise = tmp_path / "C96_noise.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
-                    ).save(noise)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(
+        noise
+    )
     cells = sorted(str(p) for p in cells_dir.rglob("C96*.png"))
     page.goto(f"{server}/score")
     page.get_by_text("Score cells").first.wait_for()

@@ -1,4 +1,5 @@
 """The dashboard from its entrypoint, page by page, with Streamlit's AppTest (no browser)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,15 +12,24 @@ from core.files import REPO_ROOT
 
 ROOT = REPO_ROOT
 APP = str(ROOT / "dashboard" / "app.py")
-PAGES = ("views/home.py", "views/score.py", "views/smear.py", "views/explain.py",
-         "views/methods.py", "views/evaluate.py", "views/audit.py", "views/training.py",
-         "views/study.py")
+PAGES = (
+    "views/home.py",
+    "views/score.py",
+    "views/smear.py",
+    "views/explain.py",
+    "views/methods.py",
+    "views/evaluate.py",
+    "views/audit.py",
+    "views/training.py",
+    "views/study.py",
+)
 
 
 @pytest.fixture
 def app(tmp_path, monkeypatch) -> AppTest:
     monkeypatch.setenv("MALARIA_STORE", str(tmp_path / "store.sqlite"))
     import dashboard.ui
+
     dashboard.ui.store.clear()
     at = AppTest.from_file(APP, default_timeout=180)
     at.run()
@@ -52,7 +62,9 @@ def test_every_page_renders_without_exception(app):
 
 
 def test_scoring_fixture_cells_shows_results_and_parasitemia(app, cells_dir):
-    items = [(f"{p.parent.name}/{p.name}", p.read_bytes()) for p in sorted(cells_dir.rglob("*.png"))]
+    items = [
+        (f"{p.parent.name}/{p.name}", p.read_bytes()) for p in sorted(cells_dir.rglob("*.png"))
+    ]
     items.append(("broken.png", b"not an image"))
     app.session_state["pending_items"] = items
     app.switch_page("views/score.py").run()
@@ -120,14 +132,16 @@ def test_weights_failing_their_hash_are_a_clear_error(app, tiny_model, tmp_path,
 
     import dashboard.ui
     from core.contract import DEFAULT_WEIGHTS
+
     tampered = tmp_path / "tampered"
     shutil.copytree(tiny_model, tampered)
     weights = tampered / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    monkeypatch.setattr(dashboard.ui, "model_choices",
-                        lambda: [DEFAULT_WEIGHTS.resolve(), tampered.resolve()])
+    monkeypatch.setattr(
+        dashboard.ui, "model_choices", lambda: [DEFAULT_WEIGHTS.resolve(), tampered.resolve()]
+    )
     app.run()
     app.sidebar.selectbox[0].set_value(tampered.resolve()).run()
     app.switch_page("views/score.py").run()
@@ -140,6 +154,7 @@ def test_weights_failing_their_hash_are_a_clear_error(app, tiny_model, tmp_path,
 
 def _unescape(markdown: str) -> str:
     import re
+
     return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", markdown)
 
 
@@ -151,8 +166,9 @@ def test_file_names_are_plain_text_on_the_explain_page(app):
     app.session_state["explain_item"] = (f"up/{HOSTILE}", sample.read_bytes())
     app.switch_page("views/explain.py").run()
     assert not _errors(app), _errors(app)
-    [caption] = [i.proto.imgs[0].caption for i in app.get("image")
-                 if "original" in i.proto.imgs[0].caption]
+    [caption] = [
+        i.proto.imgs[0].caption for i in app.get("image") if "original" in i.proto.imgs[0].caption
+    ]
     assert _unescape(caption) == f"original · {HOSTILE}"
     assert "![" not in caption and "](" not in caption and "https:" not in caption
     app.session_state["explain_item"] = (HOSTILE, b"not an image")
@@ -164,6 +180,7 @@ def test_file_names_are_plain_text_on_the_explain_page(app):
 
 def test_group_names_are_plain_text_in_the_parasitemia_chart(app, cells_dir):
     import json
+
     folder = '<a href="https:example.invalid">evil'  # Plotly renders <a href> as a live link
     cells = sorted(cells_dir.rglob("*.png"))[:3]
     app.session_state["pending_items"] = [(f"{folder}/{p.name}", p.read_bytes()) for p in cells]
@@ -181,6 +198,7 @@ def test_a_corrupt_result_store_is_one_clear_error(tmp_path, monkeypatch):
     store.write_bytes(b"not SQLite" * 500)
     monkeypatch.setenv("MALARIA_STORE", str(store))
     import dashboard.ui
+
     dashboard.ui.store.clear()
     at = AppTest.from_file(APP, default_timeout=180)
     at.run()
@@ -192,12 +210,15 @@ def test_a_corrupt_result_store_is_one_clear_error(tmp_path, monkeypatch):
 
 def test_smear_page_finds_scores_and_explains_cells_of_a_field(app, cells_dir):
     from test_smear import BACKGROUND, _cell_images, _paste, _png
+
     field = np.empty((400, 600, 3), np.uint8)
     field[:] = BACKGROUND
     for i, cell in enumerate(_cell_images(cells_dir, 8)):
         _paste(field, cell, 30 + (i % 4) * 140, 40 + (i // 4) * 170)
-    app.session_state["smear_items"] = [("slide/field.png", _png(field)),
-                                        ("slide/broken.png", b"not an image")]
+    app.session_state["smear_items"] = [
+        ("slide/field.png", _png(field)),
+        ("slide/broken.png", b"not an image"),
+    ]
     app.switch_page("views/smear.py").run()
     assert not _errors(app), _errors(app)
     app.button[0].click().run()
@@ -211,7 +232,9 @@ def test_smear_page_finds_scores_and_explains_cells_of_a_field(app, cells_dir):
     assert len(app.get("plotly_chart")) == 1  # the field, cells outlined, clickable
     assert len(app.get("download_button")) == 2
 
+
 # --- the label audit, out-of-fold predictions and fold runs ----------------------------------
+
 
 @pytest.fixture
 def own_model(app, tiny_model, tmp_path, monkeypatch) -> Path:
@@ -220,10 +243,12 @@ def own_model(app, tiny_model, tmp_path, monkeypatch) -> Path:
 
     import dashboard.ui
     from core.contract import DEFAULT_WEIGHTS
+
     folder = tmp_path / "audited"
     shutil.copytree(tiny_model, folder)
-    monkeypatch.setattr(dashboard.ui, "model_choices",
-                        lambda: [DEFAULT_WEIGHTS.resolve(), folder.resolve()])
+    monkeypatch.setattr(
+        dashboard.ui, "model_choices", lambda: [DEFAULT_WEIGHTS.resolve(), folder.resolve()]
+    )
     app.run()
     app.sidebar.selectbox[0].set_value(folder.resolve()).run()
     return folder
@@ -236,6 +261,7 @@ def _audited(folder: Path, cells_dir: Path, flipped: set[str]) -> None:
 
     from core.audit import main
     from core.labels import case_id
+
     rows = []
     for png in sorted(cells_dir.rglob("*.png")):
         label = png.parent.name
@@ -243,21 +269,29 @@ def _audited(folder: Path, cells_dir: Path, flipped: set[str]) -> None:
         prob = sure if label == "Parasitized" else 1 - sure
         rows.append((str(png.relative_to(ROOT)), case_id(png.name), label, prob, 0))
     pd.DataFrame(rows, columns=["path", "case_id", "label", "prob_parasitized", "fold"]).to_csv(
-        folder / "oof_predictions.csv", index=False)
-    assert main(["--oof", str(folder / "oof_predictions.csv"),
-                 "--out", str(folder / "label_audit.csv")]) == 0
+        folder / "oof_predictions.csv", index=False
+    )
+    assert (
+        main(
+            ["--oof", str(folder / "oof_predictions.csv"), "--out", str(folder / "label_audit.csv")]
+        )
+        == 0
+    )
 
 
-def test_audit_page_records_decisions_that_survive_reruns_and_saves_them(app, own_model,
-                                                                         cells_dir):
+def test_audit_page_records_decisions_that_survive_reruns_and_saves_them(app, own_model, cells_dir):
     from core.audit import read_decisions
-    flipped = {"C145P106ThinF_IMG_20151016_154719_cell_155.png",  # given Parasitized
-               "C208ThinF_IMG_20151029_151017_cell_110.png",  # given Uninfected
-               "C208ThinF_IMG_20151029_155411_cell_108.png"}
+
+    flipped = {
+        "C145P106ThinF_IMG_20151016_154719_cell_155.png",  # given Parasitized
+        "C208ThinF_IMG_20151029_151017_cell_110.png",  # given Uninfected
+        "C208ThinF_IMG_20151029_155411_cell_108.png",
+    }
     _audited(own_model, cells_dir, flipped)
     # a decision on file from an earlier session, for a cell this session leaves alone
     (own_model / "label_decisions.csv").write_text(
-        "path,case_id,label,decision\nelsewhere.png,C1,Uninfected,exclude\n")
+        "path,case_id,label,decision\nelsewhere.png,C1,Uninfected,exclude\n"
+    )
     app.switch_page("views/audit.py").run()
     assert not _errors(app), _errors(app)
     assert any("3 suspects" in m.value for m in app.markdown)
@@ -289,12 +323,15 @@ def test_audit_page_records_decisions_that_survive_reruns_and_saves_them(app, ow
     assert any("holds 2 decisions" in s.value for s in app.success)
     path = "tests/fixtures/cells/Parasitized/C145P106ThinF_IMG_20151016_154719_cell_155.png"
     assert read_decisions(own_model / "label_decisions.csv") == {
-        path: "relabel", "elsewhere.png": "exclude"}
+        path: "relabel",
+        "elsewhere.png": "exclude",
+    }
     assert any("0 not yet saved" in m.value for m in app.markdown)
 
 
 def test_audit_page_without_the_images_says_where_they_are_expected(app, own_model, cells_dir):
     import pandas as pd
+
     _audited(own_model, cells_dir, {"C208ThinF_IMG_20151029_151017_cell_110.png"})
     audit = pd.read_csv(own_model / "label_audit.csv")
     audit["path"] = "../elsewhere/cells.zip!" + audit["path"]
@@ -319,14 +356,18 @@ def test_audit_page_without_an_audit_says_how_to_make_one(app, own_model, cells_
 
 def test_evaluate_shows_the_out_of_fold_predictions_first(app, own_model, cells_dir):
     import shutil
+
     _audited(own_model, cells_dir, set())
     shutil.copy(ROOT / "weights/default/test_predictions.csv", own_model)
     app.switch_page("views/evaluate.py").run()
     assert not _errors(app), _errors(app)
     [data] = [r for r in app.radio if r.label == "Data"]
     assert data.value.startswith("Out-of-fold") and len(data.options) == 3
-    assert any("Out-of-fold: each of the 44 development cells (6 patients) predicted by a model "
-               "that never saw its patient" in c.value for c in app.caption)
+    assert any(
+        "Out-of-fold: each of the 44 development cells (6 patients) predicted by a model "
+        "that never saw its patient" in c.value
+        for c in app.caption
+    )
     accuracy = app.dataframe[0].value.set_index("metric").loc["accuracy", "value"]
     assert accuracy == 1.0
     app.session_state["cm_cell"] = (data.value, "Parasitized", "Parasitized")
@@ -341,6 +382,7 @@ def test_evaluate_shows_the_out_of_fold_predictions_first(app, own_model, cells_
 def test_training_page_draws_the_fold_runs_beside_the_final_run(app, own_model):
     import json
     import shutil
+
     history = ROOT / "weights/default/history.csv"
     shutil.copy(history, own_model)
     for k in range(3):
@@ -356,9 +398,11 @@ def test_training_page_draws_the_fold_runs_beside_the_final_run(app, own_model):
     folds = [t for t in traces if "· fold" in t["name"] and "fold runs" not in t["name"]]
     assert final and all(t["line"]["width"] > f["line"]["width"] for t in final for f in folds)
 
+
 def _fixture_items(cells_dir, n: int | None = None) -> list[tuple[str, bytes]]:
-    return [(f"{p.parent.name}/{p.name}", p.read_bytes())
-            for p in sorted(cells_dir.rglob("*.png"))[:n]]
+    return [
+        (f"{p.parent.name}/{p.name}", p.read_bytes()) for p in sorted(cells_dir.rglob("*.png"))[:n]
+    ]
 
 
 def _button(at: AppTest, label: str):
@@ -401,8 +445,10 @@ def _cli_run(cells_dir) -> str:
     """A run of files on this disk, scored from the command line into the app's store."""
     from core import score
     from core.store import ResultStore
-    args = score.get_args_parser().parse_args([str(cells_dir), "--no-progress",
-                                               "--threshold", "0.4", "--name", "ward 3"])
+
+    args = score.get_args_parser().parse_args(
+        [str(cells_dir), "--no-progress", "--threshold", "0.4", "--name", "ward 3"]
+    )
     assert score.main(args) == 0
     with ResultStore() as store:
         return store.list_runs().loc[0, "run_id"]
@@ -464,8 +510,11 @@ def test_runs_are_named_deduplicated_and_deleted(app, cells_dir):
 
 def test_an_evaluate_gallery_cell_opens_large_and_in_explain(app):
     app.switch_page("views/evaluate.py").run()
-    app.session_state["cm_cell"] = ("The model's test split (unseen patients)", "Uninfected",
-                                    "Parasitized")
+    app.session_state["cm_cell"] = (
+        "The model's test split (unseen patients)",
+        "Uninfected",
+        "Parasitized",
+    )
     app.run()
     assert not _errors(app), _errors(app)
     _button(app, "View large").click().run()
@@ -476,10 +525,12 @@ def test_an_evaluate_gallery_cell_opens_large_and_in_explain(app):
     assert app.session_state["explain_item"][0] == picked
     assert app.session_state["explain_link"] == {"split": "test", "cell": picked}
 
+
 def _png(array) -> bytes:
     import io
 
     from PIL import Image
+
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, "PNG")
     return buf.getvalue()
@@ -487,6 +538,7 @@ def _png(array) -> bytes:
 
 def test_a_noise_image_is_listed_for_review_and_never_counted(app, cells_dir):
     import numpy as np
+
     noise = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
     cells = sorted(cells_dir.rglob("*.png"))[:8]
     items = [(p.name, p.read_bytes()) for p in cells] + [("C96_noise.png", _png(noise))]
@@ -523,6 +575,7 @@ def test_a_noise_image_is_listed_for_review_and_never_counted(app, cells_dir):
 
 def test_explain_says_when_the_gate_would_not_count_the_image(app):
     import numpy as np
+
     app.session_state["explain_item"] = ("flat.png", _png(np.full((90, 90, 3), 240, np.uint8)))
     app.switch_page("views/explain.py").run()
     assert not _errors(app), _errors(app)

@@ -14,26 +14,29 @@ from core.sources import iter_sources, sources_from_uploads
 from core.splits import DataError, labelled_samples, split_by_case
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("C100P61ThinF_IMG_20150918_144104_cell_162.png", "C100"),
-    ("C68P29N_ThinF_IMG_20150819_133236_cell_1.png", "C68"),
-    ("C51AP12thinF_IMG_20150724_152006_cell_2.png", "C51"),
-    ("C39P4thinF_original_IMG_20150622_105102_cell_9.png", "C39"),
-    ("C1_thinF_IMG_20150604_104722_cell_15.png", "C1"),
-    ("C208ThinF_IMG_20151112_143210_cell_3.png", "C208"),
-    ("C59P20thinF_IMG_20150803_112802_cell_4.png", "C59"),
-    ("C132P93ThinF_IMG_20151004_151945_cell_1.png", "C132"),
-    ("C6NThinF_IMG_20150609_122233_cell_8.png", "C6"),
-    ("C80P41ThinF_IMG_20150817_110520_cell_202.png", "C80"),
-    ("C33P1thinF_IMG_20150619_114756a_cell_179.png", "C33"),
-    ("C182P143NThinF_IMG_20151201_171950_cell_97.png", "C182"),
-    ("C97P58ThinF_IMG_20150917_145555_cell_52.png", "C97"),
-    ("C117P78ThinF_IMG_20150930_214511_cell_13.png", "C117"),
-    ("C038thin_Original_Motic_cell_1.png", "C38"),
-    ("c12p3thin_OriginalOlympusCX41_x.png", "C12"),
-    ("cell_images/Parasitized/C100P61ThinF_x.png", "C100"),
-    ("zip.zip!cell_images/Uninfected/C5P1_x.png", "C5"),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("C100P61ThinF_IMG_20150918_144104_cell_162.png", "C100"),
+        ("C68P29N_ThinF_IMG_20150819_133236_cell_1.png", "C68"),
+        ("C51AP12thinF_IMG_20150724_152006_cell_2.png", "C51"),
+        ("C39P4thinF_original_IMG_20150622_105102_cell_9.png", "C39"),
+        ("C1_thinF_IMG_20150604_104722_cell_15.png", "C1"),
+        ("C208ThinF_IMG_20151112_143210_cell_3.png", "C208"),
+        ("C59P20thinF_IMG_20150803_112802_cell_4.png", "C59"),
+        ("C132P93ThinF_IMG_20151004_151945_cell_1.png", "C132"),
+        ("C6NThinF_IMG_20150609_122233_cell_8.png", "C6"),
+        ("C80P41ThinF_IMG_20150817_110520_cell_202.png", "C80"),
+        ("C33P1thinF_IMG_20150619_114756a_cell_179.png", "C33"),
+        ("C182P143NThinF_IMG_20151201_171950_cell_97.png", "C182"),
+        ("C97P58ThinF_IMG_20150917_145555_cell_52.png", "C97"),
+        ("C117P78ThinF_IMG_20150930_214511_cell_13.png", "C117"),
+        ("C038thin_Original_Motic_cell_1.png", "C38"),
+        ("c12p3thin_OriginalOlympusCX41_x.png", "C12"),
+        ("cell_images/Parasitized/C100P61ThinF_x.png", "C100"),
+        ("zip.zip!cell_images/Uninfected/C5P1_x.png", "C5"),
+    ],
+)
 def test_case_id_parses_every_variant(name, expected):
     assert case_id(name) == expected
 
@@ -65,8 +68,12 @@ def test_fixture_cells_are_labelled_and_split_by_case(cells_dir):
 
 def test_split_keeps_cases_whole_on_a_larger_synthetic_set():
     from core.splits import Sample
-    samples = [Sample(f"C{c}_{i}.png", f"C{c}", (c + i) % 2 if c < 30 else 1)
-               for c in range(40) for i in range(10)]
+
+    samples = [
+        Sample(f"C{c}_{i}.png", f"C{c}", (c + i) % 2 if c < 30 else 1)
+        for c in range(40)
+        for i in range(10)
+    ]
     split = split_by_case(samples, seed=0)
     assert len(split.train) + len(split.val) + len(split.test) == 40
     assert len(set(split.train) | set(split.val) | set(split.test)) == 40
@@ -82,6 +89,7 @@ def test_one_class_is_refused(tmp_path):
 
 
 # --- decoding ---------------------------------------------------------------------------------
+
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
@@ -118,11 +126,14 @@ def test_modes_convert_to_rgb():
     assert rgb[10, 10, 0] > 230 and rgb[10, 10, 1] < 30
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"", "empty file"),
-    (b"this is not an image at all", "not a readable image"),
-    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "corrupt|not a readable"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty file"),
+        (b"this is not an image at all", "not a readable image"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "corrupt|not a readable"),
+    ],
+)
 def test_bad_bytes_raise_readable_errors(data, message):
     with pytest.raises(ImageError, match=message):
         decode_image(data)
@@ -135,7 +146,7 @@ def test_truncated_png_is_an_error():
 
 
 def test_decompression_bomb_refused_before_decoding():
-    side = int(MAX_PIXELS ** 0.5) + 100
+    side = int(MAX_PIXELS**0.5) + 100
     bomb = _encode(Image.new("1", (side, side)), "PNG")  # tiny file, huge canvas
     assert len(bomb) < 200_000
     with pytest.raises(ImageError, match="limit|too large"):
@@ -143,6 +154,7 @@ def test_decompression_bomb_refused_before_decoding():
 
 
 # --- finding files ----------------------------------------------------------------------------
+
 
 def _png() -> bytes:
     return _encode(Image.new("RGB", (16, 16), (9, 9, 9)), "PNG")
@@ -171,8 +183,9 @@ def test_zip_members_are_safe_and_sensible(tmp_path):
     assert "cell_images/Parasitized/sub/C1_b.PNG" in names
     assert "nested.zip!Uninfected/C2_inner.png" in names
     assert "anim.gif" in names  # an error row, not silently dropped
-    assert not any("evil" in n or "MACOSX" in n or "hidden" in n or n.endswith(".txt")
-                   for n in names)
+    assert not any(
+        "evil" in n or "MACOSX" in n or "hidden" in n or n.endswith(".txt") for n in names
+    )
     by_name = {p.split("!", 1)[1]: s for p, s in zip(paths, iter_sources([path]))}
     with pytest.raises(ImageError, match="unsupported format .gif"):
         by_name["anim.gif"].read()
@@ -203,12 +216,24 @@ def test_uploads_expand_zips_and_flag_other_files():
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("Parasitized/C3_x.png", _png())
-    sources = sources_from_uploads([("a.png", _png()), ("b.zip", buf.getvalue()),
-                                    ("c.txt", b"x"), ("d.zip", b"not a zip"),
-                                    ("dir/.DS_Store", b"junk"), ("dir/readme.txt", b"hi"),
-                                    ("a.png", _png())])
-    assert [s.path for s in sources] == ["a.png", "b.zip!Parasitized/C3_x.png", "c.txt", "d.zip",
-                                         "a.png#2"]
+    sources = sources_from_uploads(
+        [
+            ("a.png", _png()),
+            ("b.zip", buf.getvalue()),
+            ("c.txt", b"x"),
+            ("d.zip", b"not a zip"),
+            ("dir/.DS_Store", b"junk"),
+            ("dir/readme.txt", b"hi"),
+            ("a.png", _png()),
+        ]
+    )
+    assert [s.path for s in sources] == [
+        "a.png",
+        "b.zip!Parasitized/C3_x.png",
+        "c.txt",
+        "d.zip",
+        "a.png#2",
+    ]
     assert decode_image(sources[1].read()).shape == (16, 16, 3)
     for bad in sources[2:4]:
         with pytest.raises(ImageError):
@@ -225,10 +250,13 @@ def test_a_zip_without_images_is_an_error_row_not_lost(tmp_path):
 
     empty, text = zip_of({}), zip_of({"notes.txt": b"hi"})
     outer = zip_of({"inner.zip": empty, "C1_a.png": _png()})
-    sources = sources_from_uploads([("a.png", _png()), ("text.zip", text),
-                                    ("outer.zip", outer)])
-    assert [s.path for s in sources] == ["a.png", "outer.zip!C1_a.png", "outer.zip!inner.zip",
-                                         "text.zip"]
+    sources = sources_from_uploads([("a.png", _png()), ("text.zip", text), ("outer.zip", outer)])
+    assert [s.path for s in sources] == [
+        "a.png",
+        "outer.zip!C1_a.png",
+        "outer.zip!inner.zip",
+        "text.zip",
+    ]
     for bad in sources[2:]:
         with pytest.raises(ImageError, match="no images in this zip"):
             bad.read()

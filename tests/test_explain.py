@@ -32,8 +32,7 @@ def test_every_method_gives_a_map_in_range_at_the_image_size(tiny, cells, method
     image = next(iter(cells.values()))
     odd = np.asarray(Image.fromarray(image).resize((150, 97)))  # not the model's size
     exps = explain(loaded, [image], method=method, layer="features.13", net=net)
-    exps += explain(loaded, [odd], method=method, layer="features.13", net=net,
-                    faithfulness=False)
+    exps += explain(loaded, [odd], method=method, layer="features.13", net=net, faithfulness=False)
     for e, im in zip(exps, [image, odd]):
         assert e.heatmap.shape == im.shape[:2] and e.heatmap.dtype == np.float32
         assert np.isfinite(e.heatmap).all() and e.heatmap.min() >= 0 and e.heatmap.max() <= 1
@@ -68,8 +67,14 @@ def test_layer_choice_changes_the_resolution(tiny, cells):
 def test_fused_stages_give_the_finest_map_size_and_defaults_come_from_the_contract(tiny, cells):
     loaded, net = tiny
     image = next(iter(cells.values()))
-    fused = explain(loaded, [image], method="layercam", layer="features.6+features.13", net=net,
-                    faithfulness=False)[0]
+    fused = explain(
+        loaded,
+        [image],
+        method="layercam",
+        layer="features.6+features.13",
+        net=net,
+        faithfulness=False,
+    )[0]
     assert fused.map_size == (16, 16) and fused.heatmap.max() <= 1
     with pytest.raises(ValueError, match="unknown layer 'features.99'"):
         explain(loaded, [image], layer="features.6+features.99", net=net)
@@ -78,8 +83,9 @@ def test_fused_stages_give_the_finest_map_size_and_defaults_come_from_the_contra
     assert loaded.contract.target_layer == "features.6"  # the 16x16 stage, 1/8 of 128 px
 
 
-def test_works_with_frozen_weights_inside_no_grad_and_keeps_the_network_unchanged(tiny_model,
-                                                                                    cells):
+def test_works_with_frozen_weights_inside_no_grad_and_keeps_the_network_unchanged(
+    tiny_model, cells
+):
     loaded = load_model(tiny_model)
     for p in loaded.model.parameters():
         p.requires_grad_(False)  # a frozen backbone
@@ -120,8 +126,15 @@ def test_parasitized_cells_peak_on_the_cell_not_the_background(cells_dir):
     images = [decode_image(p.read_bytes()) for p in sorted((cells_dir / "Parasitized").glob("*"))]
 
     def share_on_cell(method: str, layer: str) -> float:
-        exps = explain(loaded, images, method=method, target="parasitized", layer=layer,
-                       faithfulness=False, net=net)
+        exps = explain(
+            loaded,
+            images,
+            method=method,
+            target="parasitized",
+            layer=layer,
+            faithfulness=False,
+            net=net,
+        )
         on_cell = []
         for im, e in zip(images, exps):
             r, c = np.unravel_index(np.argmax(e.heatmap), e.heatmap.shape)
@@ -137,8 +150,10 @@ def test_parasitized_cells_peak_on_the_cell_not_the_background(cells_dir):
 def test_grid_and_overlay(tiny, cells):
     loaded, net = tiny
     image = next(iter(cells.values()))
-    exps = [explain(loaded, [image], method=m, net=net, faithfulness=False)[0]
-            for m in ("gradcam", "eigencam")]
+    exps = [
+        explain(loaded, [image], method=m, net=net, faithfulness=False)[0]
+        for m in ("gradcam", "eigencam")
+    ]
     g = grid(image, exps, cell=64)
     assert g.size == (64 * 3, 64 + 18)
     assert overlay(image, exps[0].heatmap, opacity=0.0).shape == image.shape
@@ -162,11 +177,21 @@ def test_display_helpers(cells):
 
 def test_cli_writes_pointing_and_mass_per_map(tiny_model, cells_dir, tmp_path):
     from core.explain import get_args_parser, main
+
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
     files = [str(p) for p in sorted((cells_dir / "Parasitized").glob("*.png"))[:2]]
-    args = get_args_parser().parse_args([*files, str(broken), "--weights", str(tiny_model),
-                                         "--out", str(tmp_path / "out"), "--no-faithfulness"])
+    args = get_args_parser().parse_args(
+        [
+            *files,
+            str(broken),
+            "--weights",
+            str(tiny_model),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-faithfulness",
+        ]
+    )
     assert main(args) == 1  # one error row
     scores = pd.read_csv(tmp_path / "out" / "scores.csv")
     assert len(scores) == 3 and scores["error"].notna().sum() == 1
@@ -177,14 +202,17 @@ def test_cli_writes_pointing_and_mass_per_map(tiny_model, cells_dir, tmp_path):
     assert len(list((tmp_path / "out").glob("*.png"))) == 2
 
 
-@pytest.mark.skipif(not (DEFAULT_WEIGHTS / "explain_check.json").is_file(),
-                    reason="no heatmap check for the shipped model")
+@pytest.mark.skipif(
+    not (DEFAULT_WEIGHTS / "explain_check.json").is_file(),
+    reason="no heatmap check for the shipped model",
+)
 def test_the_shipped_heatmap_check_is_current_and_meets_the_goal():
     """The check of every method x stage on the shipped model's test patients was computed for
     these weights and this default, and the default finds the parasite in >= 90 % of cells."""
     import json
 
     from core.contract import explain_check_paths, verified_weights
+
     table_path, summary_path = explain_check_paths(DEFAULT_WEIGHTS)
     summary = json.loads(summary_path.read_text())
     card, _, sha = verified_weights(DEFAULT_WEIGHTS)
@@ -200,6 +228,7 @@ def test_the_shipped_heatmap_check_is_current_and_meets_the_goal():
 
 def test_road_of_a_drawn_map_equals_the_road_computed_with_it(tiny, cells):
     from core.explain import road_of
+
     loaded, net = tiny
     image = next(iter(cells.values()))
     torch.manual_seed(0)  # ROAD's imputation adds noise

@@ -43,9 +43,11 @@ def test_wilson_interval_known_values():
 @pytest.mark.parametrize("confidence", [0.9, 0.95, 0.99])
 def test_wilson_interval_is_scipys(k, n, confidence):
     from scipy.stats import binomtest
+
     ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
-    assert wilson_interval(k, n, confidence=confidence) == pytest.approx((ci.low, ci.high),
-                                                                          abs=1e-12)
+    assert wilson_interval(k, n, confidence=confidence) == pytest.approx(
+        (ci.low, ci.high), abs=1e-12
+    )
 
 
 def test_parasitemia_summary_groups_and_flags():
@@ -67,18 +69,23 @@ def test_parasitemia_summary_groups_and_flags():
     assert s.loc["C1", "mean_prob"] == pytest.approx(0.5)
 
     # a run read back in chunks gives the same summary as the whole run at once
-    chunks = [df.iloc[i:i + 7] for i in range(0, len(df), 7)]
-    pd.testing.assert_frame_equal(parasitemia_summary(iter(chunks), cutoff=0.02),
-                                  parasitemia_summary(df, cutoff=0.02))
+    chunks = [df.iloc[i : i + 7] for i in range(0, len(df), 7)]
+    pd.testing.assert_frame_equal(
+        parasitemia_summary(iter(chunks), cutoff=0.02), parasitemia_summary(df, cutoff=0.02)
+    )
     assert parasitemia_summary(iter([]), cutoff=0.02).empty
 
 
 def test_parasitemia_groups_sort_naturally_and_name_the_ungrouped():
-    df = pd.DataFrame({
-        "path": ["a/C12_x.png", "a/C3_y.png", "slide_1.png", "b/C100_1.png"],
-        "case_id": ["C12", "C3", "?slide_1", "C100"],
-        "prediction": ["Parasitized", "Uninfected", None, "Uninfected"],
-        "prob_parasitized": [0.9, 0.1, None, 0.2], "error": [None, None, "bad", None]})
+    df = pd.DataFrame(
+        {
+            "path": ["a/C12_x.png", "a/C3_y.png", "slide_1.png", "b/C100_1.png"],
+            "case_id": ["C12", "C3", "?slide_1", "C100"],
+            "prediction": ["Parasitized", "Uninfected", None, "Uninfected"],
+            "prob_parasitized": [0.9, 0.1, None, 0.2],
+            "error": [None, None, "bad", None],
+        }
+    )
     summary = parasitemia_summary(df)
     assert list(summary["group"]) == ["(no case id)", "C3", "C12", "C100"]
     df.loc[2] = ["slide_1.png", "?slide_1", "Parasitized", 0.99, None]

@@ -330,11 +330,17 @@ def test_upload_of_a_noise_image_is_scored_not_counted(tiny_model):
 def test_each_engine_reads_its_own_feature_calibration(tmp_path):
     """int8 features are not fp32 ones: onnx-int8 uses quality_int8.npz, never quality.npz."""
     from core.quality import INT8_CALIBRATION_FILE, calibration_file
+
     assert calibration_file("onnx") == calibration_file("torch") == CALIBRATION_FILE
     assert calibration_file("onnx-int8") == INT8_CALIBRATION_FILE != CALIBRATION_FILE
     rng = np.random.default_rng(0)
-    fm = fit_features(rng.normal(size=(60, 8)), np.repeat([0, 1], 30), rng.normal(size=(20, 8)),
-                      quantile=0.99, weights_sha256="abc")
+    fm = fit_features(
+        rng.normal(size=(60, 8)),
+        np.repeat([0, 1], 30),
+        rng.normal(size=(20, 8)),
+        quantile=0.99,
+        weights_sha256="abc",
+    )
     fm.save(tmp_path / CALIBRATION_FILE)
     assert Gate.for_model(tmp_path, "abc", "onnx").features is not None
     assert Gate.for_model(tmp_path, "abc", "onnx-int8").features is None  # none of its own

@@ -1,5 +1,6 @@
 """The int8 engine: calibrated on training patients only, cached and signed like the fp32
 export, and (for the shipped model) making the same calls as fp32 on the fixture cells."""
+
 from __future__ import annotations
 
 import json
@@ -70,8 +71,11 @@ def test_int8_graph_is_qdq_per_channel_without_clip_and_records_its_calibration(
     assert props["quantization"] == quantize.METHOD
     assert rec.sha256 in props["calibration"] and "features.1" in props["calibration"]
     scales = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-    depthwise = [n for n in model.graph.node if n.op_type == "Conv"
-                 and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    depthwise = [
+        n
+        for n in model.graph.node
+        if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)
+    ]
     assert depthwise  # per-channel: a depthwise weight's scale has one value per channel
     weight_dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
     quantized = [weight_dq[n.input[1]] for n in depthwise if n.input[1] in weight_dq]
@@ -97,11 +101,13 @@ def test_a_replaced_int8_graph_is_quantised_again_not_run(int8_model, fixture_im
     cached = core.score.onnx_path(genuine.sha256, genuine.contract, calibration=rec.cache_key())
     assert cached.is_file() and cached != core.score.onnx_path(genuine.sha256, genuine.contract)
     torch.manual_seed(123)  # the attacker's graph: another network, same inputs and outputs
-    save_model(tmp_path / "other", build_model("mobilenet_v2").eval(),
-               default_contract("mobilenet_v2"), {})
+    save_model(
+        tmp_path / "other", build_model("mobilenet_v2").eval(), default_contract("mobilenet_v2"), {}
+    )
     fake = core.score.export_onnx(tmp_path / "other", tmp_path / "fake.onnx").read_bytes()
-    assert np.abs(ort.InferenceSession(fake).run(None, {"images": images})[0]
-                  - expected).max() > 1e-3  # the replacement would be visible
+    assert (
+        np.abs(ort.InferenceSession(fake).run(None, {"images": images})[0] - expected).max() > 1e-3
+    )  # the replacement would be visible
     cached.write_bytes(fake)
     np.testing.assert_array_equal(load_engine(int8_model, "onnx-int8")(images), expected)
     assert cached.read_bytes() != fake
@@ -123,8 +129,10 @@ def test_default_engine_is_int8_only_when_the_card_records_a_passed_check(int8_m
     assert load_engine(int8_model).name == "onnx"
     checked = {**card, "int8": {**card["int8"], "check": {"passed": True}}}
     assert quantize.default_engine(checked) == "onnx-int8"
-    assert quantize.default_engine({**card, "int8": {**card["int8"],
-                                                     "check": {"passed": False}}}) == "onnx"
+    assert (
+        quantize.default_engine({**card, "int8": {**card["int8"], "check": {"passed": False}}})
+        == "onnx"
+    )
     assert quantize.default_engine({"int8": {"check": {"passed": True}}}) == "onnx"  # no cells
 
 
@@ -140,18 +148,33 @@ def test_agreement_rule_on_a_hand_checked_case():
 
 def test_cli_scores_with_the_int8_engine_and_records_it(int8_model, cells_dir, tmp_path):
     out = tmp_path / "r.csv"
-    rc = core.score.main(core.score.get_args_parser().parse_args(
-        [str(cells_dir), "--weights", str(int8_model), "--engine", "onnx-int8", "--out",
-         str(out), "--store", str(tmp_path / "s.sqlite"), "--no-progress"]))
+    rc = core.score.main(
+        core.score.get_args_parser().parse_args(
+            [
+                str(cells_dir),
+                "--weights",
+                str(int8_model),
+                "--engine",
+                "onnx-int8",
+                "--out",
+                str(out),
+                "--store",
+                str(tmp_path / "s.sqlite"),
+                "--no-progress",
+            ]
+        )
+    )
     assert rc == 0
     df = pd.read_csv(out)
     assert len(df) == len(list(cells_dir.rglob("*.png"))) and df["prob_parasitized"].notna().all()
     from core.store import ResultStore
+
     with ResultStore(tmp_path / "s.sqlite") as store:
         assert store.list_runs().iloc[0]["engine"] == "onnx-int8"
 
 
 # --- the shipped model ---------------------------------------------------------------------------
+
 
 def test_shipped_int8_makes_the_same_calls_as_fp32_on_the_fixture_cells(fixture_images):
     """The agreement of calls the default engine rests on, on 44 real cells of 6 patients
@@ -173,8 +196,10 @@ def test_shipped_card_records_the_check_and_default_follows_the_rule():
     assert not set(rec.cases) & (set(split.test) | set(split.val))
     check = card["int8"]["check"]
     assert check["part"] == "test" and check["patients"] == len(split.test)
-    within = (abs(check["accuracy_int8"] - check["accuracy_fp32"]) <= quantize.MAX_ACCURACY_DROP
-              and abs(check["auc_int8"] - check["auc_fp32"]) <= quantize.MAX_AUC_DROP)
+    within = (
+        abs(check["accuracy_int8"] - check["accuracy_fp32"]) <= quantize.MAX_ACCURACY_DROP
+        and abs(check["auc_int8"] - check["auc_fp32"]) <= quantize.MAX_AUC_DROP
+    )
     assert check["passed"] == within
     assert quantize.default_engine(card) == ("onnx-int8" if within else "onnx")
     assert json.loads(json.dumps(check)) == check  # plain numbers, no NaN

@@ -1,4 +1,5 @@
 """The dashboard gives back the uploads of sessions whose browser has gone, and only those."""
+
 from __future__ import annotations
 
 import time
@@ -68,4 +69,3 @@ def test_only_sessions_gone_for_the_grace_period_lose_their_uploads():
     rt.active.discard("blip")  # its clock starts again from when it left the second time
     assert reaper.release_departed(rt, seen, now=100.0, grace_s=60) == []
     assert reaper.release_departed(rt, seen, now=160.0, grace_s=60) == ["blip"]
-

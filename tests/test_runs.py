@@ -1,5 +1,6 @@
 """Managing runs in the result store: names and notes, threshold, delete, a readable inputs
 summary, duplicate files counted once, and stores written before these columns existed."""
+
 from __future__ import annotations
 
 import shutil
@@ -34,12 +35,23 @@ def _cli(*argv) -> int:
 
 
 def _run(store: ResultStore, probs: list[float | None], **fields) -> str:
-    run_id = store.new_run(inputs=["x"], weights="w", weights_sha256="0" * 64, threshold=0.5,
-                           engine="onnx", **fields)
-    store.add_results(run_id, [
-        {"path": f"c{i}.png", "case_id": "C1", "label": None, "prob_parasitized": p,
-         "prediction": None if p is None else predicted_class(p, 0.5),
-         "error": "corrupt" if p is None else None} for i, p in enumerate(probs)])
+    run_id = store.new_run(
+        inputs=["x"], weights="w", weights_sha256="0" * 64, threshold=0.5, engine="onnx", **fields
+    )
+    store.add_results(
+        run_id,
+        [
+            {
+                "path": f"c{i}.png",
+                "case_id": "C1",
+                "label": None,
+                "prob_parasitized": p,
+                "prediction": None if p is None else predicted_class(p, 0.5),
+                "error": "corrupt" if p is None else None,
+            }
+            for i, p in enumerate(probs)
+        ],
+    )
     return run_id
 
 
@@ -61,7 +73,11 @@ def test_a_store_from_before_gets_the_new_columns_and_keeps_its_runs(tmp_path):
     with ResultStore(path) as store:  # opening it again migrates nothing twice
         info = store.run("old")
         assert (info.name, info.sample, info.operator, info.title) == (
-            "Slide 4", "patient 17", "AB", "Slide 4")
+            "Slide 4",
+            "patient 17",
+            "AB",
+            "Slide 4",
+        )
 
 
 def test_names_notes_threshold_and_delete(tmp_path):
@@ -87,8 +103,9 @@ def test_names_notes_threshold_and_delete(tmp_path):
         with pytest.raises(StoreError, match="no run"):
             store.run(gone)
         assert store.list_runs()["run_id"].tolist() == [keep]
-        assert store._db.execute("SELECT COUNT(*) FROM results WHERE run_id = ?",
-                                 (gone,)).fetchone() == (0,)
+        assert store._db.execute(
+            "SELECT COUNT(*) FROM results WHERE run_id = ?", (gone,)
+        ).fetchone() == (0,)
         assert len(store.results(keep)) == 2
         with pytest.raises(StoreError, match="no run"):
             store.delete_run(gone)
@@ -105,7 +122,9 @@ def test_inputs_summary_names_what_was_scored_in_a_few_words():
 def test_the_same_file_twice_is_scored_once_and_counted_once(cells_dir, tiny_model, tmp_path):
     files = sorted(cells_dir.rglob("*.png"))[:3]
     items = [(f.name, f.read_bytes()) for f in files] + [
-        ("copy.png", files[1].read_bytes()), (files[0].name, files[0].read_bytes())]
+        ("copy.png", files[1].read_bytes()),
+        (files[0].name, files[0].read_bytes()),
+    ]
     with ResultStore(tmp_path / "s.sqlite") as store:
         df, run_id = score.score_uploads(items, weights=tiny_model, store=store)
         stored = store.results(run_id).set_index("path")
@@ -129,11 +148,16 @@ def test_a_resumed_run_knows_the_files_it_stored_before(cells_dir, tiny_model, t
         return ImageSource(name, f.read_bytes)
 
     with ResultStore(tmp_path / "s.sqlite") as store:
-        run_id = store.new_run(inputs=["x"], weights="w", weights_sha256="0" * 64,
-                               threshold=0.5, engine="onnx")
+        run_id = store.new_run(
+            inputs=["x"], weights="w", weights_sha256="0" * 64, threshold=0.5, engine="onnx"
+        )
         score.score_sources([source("a.png", files[0])], engine, store=store, run_id=run_id)
-        later = score.score_sources([source("b.png", files[1]), source("again.png", files[0])],
-                                    engine, store=store, run_id=run_id)
+        later = score.score_sources(
+            [source("b.png", files[1]), source("again.png", files[0])],
+            engine,
+            store=store,
+            run_id=run_id,
+        )
     assert later["duplicate_of"].fillna("").tolist() == ["", "a.png"]
 
 
@@ -144,8 +168,22 @@ def test_cli_names_the_run_and_reports_duplicates(cells_dir, tiny_model, tmp_pat
     shutil.copy(first, first.parent / "zz_copy.png")
     out = tmp_path / "r.csv"
     store = tmp_path / "s.sqlite"
-    rc = _cli(folder, "--weights", tiny_model, "--out", out, "--store", store, "--no-progress",
-              "--name", "Ward 3 smears", "--sample", "patient 12", "--operator", "AB")
+    rc = _cli(
+        folder,
+        "--weights",
+        tiny_model,
+        "--out",
+        out,
+        "--store",
+        store,
+        "--no-progress",
+        "--name",
+        "Ward 3 smears",
+        "--sample",
+        "patient 12",
+        "--operator",
+        "AB",
+    )
     assert rc == 0
     df = pd.read_csv(out)
     assert df["duplicate_of"].notna().sum() == 1

@@ -23,8 +23,18 @@ def _cli(*argv) -> int:
 
 def test_cli_writes_one_row_per_image_with_the_columns(cells_dir, tiny_model, tmp_path):
     out, summary = tmp_path / "r.csv", tmp_path / "s.csv"
-    rc = _cli(cells_dir, "--weights", tiny_model, "--out", out, "--summary", summary,
-              "--store", tmp_path / "st.sqlite", "--no-progress")
+    rc = _cli(
+        cells_dir,
+        "--weights",
+        tiny_model,
+        "--out",
+        out,
+        "--summary",
+        summary,
+        "--store",
+        tmp_path / "st.sqlite",
+        "--no-progress",
+    )
     assert rc == 0
     df = pd.read_csv(out)
     assert list(df.columns) == [*RESULT_COLUMNS, "review"]
@@ -73,14 +83,28 @@ def test_bad_files_are_error_rows_and_everything_else_is_scored(cells_dir, tiny_
     root.mkdir()
     n_good = _bad_folder(cells_dir, root)
     out = tmp_path / "r.csv"
-    rc = _cli(root, "--weights", tiny_model, "--out", out, "--store", tmp_path / "s.sqlite",
-              "--no-progress", "--batch-size", "4")
+    rc = _cli(
+        root,
+        "--weights",
+        tiny_model,
+        "--out",
+        out,
+        "--store",
+        tmp_path / "s.sqlite",
+        "--no-progress",
+        "--batch-size",
+        "4",
+    )
     assert rc == 1  # some errors
     df = pd.read_csv(out).set_index("path")
     assert len(df) == n_good + 4
     errors = df["error"].dropna()
-    assert {p.rsplit("/", 1)[-1] for p in errors.index} == {"zero.png", "text.png",
-                                                            "truncated.png", "anim.gif"}
+    assert {p.rsplit("/", 1)[-1] for p in errors.index} == {
+        "zero.png",
+        "text.png",
+        "truncated.png",
+        "anim.gif",
+    }
     assert "empty" in errors[str(root / "zero.png")]
     assert "unsupported format .gif" in errors[str(root / "anim.gif")]
     assert df.loc[errors.index, "prob_parasitized"].isna().all()
@@ -89,7 +113,8 @@ def test_bad_files_are_error_rows_and_everything_else_is_scored(cells_dir, tiny_
 
 
 def test_interrupted_run_keeps_results_and_resume_scores_only_the_rest(
-        cells_dir, tiny_model, tmp_path, monkeypatch):
+    cells_dir, tiny_model, tmp_path, monkeypatch
+):
     store_path = tmp_path / "s.sqlite"
     paths = [s.path for s in iter_sources([cells_dir.resolve()])]
     fatal = paths[16]  # the first image of the third batch of 8
@@ -102,8 +127,16 @@ def test_interrupted_run_keeps_results_and_resume_scores_only_the_rest(
         return real_decode(sources, size)
 
     monkeypatch.setattr(core.score, "_decode_batch", decode_and_die)
-    rc = _cli(cells_dir, "--weights", tiny_model, "--store", store_path, "--no-progress",
-              "--batch-size", "8")
+    rc = _cli(
+        cells_dir,
+        "--weights",
+        tiny_model,
+        "--store",
+        store_path,
+        "--no-progress",
+        "--batch-size",
+        "8",
+    )
     assert rc == 130
     with ResultStore(store_path) as store:
         run = store.list_runs().iloc[0]
@@ -119,15 +152,28 @@ def test_interrupted_run_keeps_results_and_resume_scores_only_the_rest(
 
     monkeypatch.setattr(core.score.OnnxEngine, "score", counting)
     out = tmp_path / "r.csv"
-    rc = _cli("--resume", run["run_id"], "--store", store_path, "--out", out, "--no-progress",
-              "--batch-size", "8")
+    rc = _cli(
+        "--resume",
+        run["run_id"],
+        "--store",
+        store_path,
+        "--out",
+        out,
+        "--no-progress",
+        "--batch-size",
+        "8",
+    )
     assert rc == 0
     n = len(list(cells_dir.rglob("*.png")))
     df = pd.read_csv(out).set_index("path")
     assert len(df) == n and df["error"].isna().all()
     assert sum(counted) == n - 16  # only the images missing from the store were scored
-    pd.testing.assert_series_equal(df.loc[first.index, "prob_parasitized"],
-                                   first["prob_parasitized"], check_exact=False, rtol=1e-6)
+    pd.testing.assert_series_equal(
+        df.loc[first.index, "prob_parasitized"],
+        first["prob_parasitized"],
+        check_exact=False,
+        rtol=1e-6,
+    )
     with ResultStore(store_path) as store:
         assert store.list_runs().iloc[0]["finished"] is not None
         assert store.export_csv(run["run_id"], tmp_path / "again.csv") == n
@@ -155,8 +201,16 @@ def test_zip_root_members_and_corrupt_members(cells_dir, tiny_model, tmp_path):
     data[start + info.compress_size // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     out = tmp_path / "r.csv"
-    rc = _cli(path, "--weights", tiny_model, "--out", out, "--store", tmp_path / "s.sqlite",
-              "--no-progress")
+    rc = _cli(
+        path,
+        "--weights",
+        tiny_model,
+        "--out",
+        out,
+        "--store",
+        tmp_path / "s.sqlite",
+        "--no-progress",
+    )
     df = pd.read_csv(out)
     assert rc == 1 and len(df) == 3
     assert list(df["case_id"]) == [re.match(r"C\d+", f.name).group() for f in files]
@@ -172,8 +226,9 @@ def test_score_uploads_reports_progress_and_expands_zips(cells_dir, tiny_model, 
     items = [("cells.zip", buf.getvalue())] + [(f.name, f.read_bytes()) for f in files[20:]]
     seen = []
     with ResultStore(tmp_path / "s.sqlite") as store:
-        df, run_id = score.score_uploads(items, weights=tiny_model, store=store,
-                                         progress=lambda d, t: seen.append((d, t)))
+        df, run_id = score.score_uploads(
+            items, weights=tiny_model, store=store, progress=lambda d, t: seen.append((d, t))
+        )
         assert len(store.results(run_id)) == len(files)
     assert len(df) == len(files) and seen[-1] == (len(files), len(files))
     assert df["label"].iloc[:20].notna().all()  # labels from the zip's folders

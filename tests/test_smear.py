@@ -1,4 +1,5 @@
 """Smear mode on fields composed from the public-domain NIH fixture cells on a light background."""
+
 from __future__ import annotations
 
 import io
@@ -22,8 +23,10 @@ def _cell_images(cells_dir: Path, n: int) -> list[np.ndarray]:
     palest fixture patients, C176 and C226, are barely redder than this background: their
     cells are not found reliably, a known limit of the a* threshold.)"""
     paths = sorted(cells_dir.rglob("C123P84*.png"))
-    return [np.asarray(Image.open(paths[i % len(paths)]).convert("RGB").resize((90, 90)))
-            for i in range(n)]
+    return [
+        np.asarray(Image.open(paths[i % len(paths)]).convert("RGB").resize((90, 90)))
+        for i in range(n)
+    ]
 
 
 def _paste(field: np.ndarray, cell: np.ndarray, x: int, y: int) -> tuple[int, int, int, int]:
@@ -31,7 +34,7 @@ def _paste(field: np.ndarray, cell: np.ndarray, x: int, y: int) -> tuple[int, in
     h, w = cell.shape[:2]
     H, W = field.shape[:2]
     x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
-    part = cell[y0 - y:y1 - y, x0 - x:x1 - x]
+    part = cell[y0 - y : y1 - y, x0 - x : x1 - x]
     mask = part.max(-1) > 40
     field[y0:y1, x0:x1][mask] = part[mask]
     ys, xs = np.nonzero(mask)
@@ -39,7 +42,7 @@ def _paste(field: np.ndarray, cell: np.ndarray, x: int, y: int) -> tuple[int, in
 
 
 def _disk(field: np.ndarray, cx: int, cy: int, r: int, colour: tuple[int, int, int]) -> None:
-    yy, xx = np.ogrid[:field.shape[0], :field.shape[1]]
+    yy, xx = np.ogrid[: field.shape[0], : field.shape[1]]
     field[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = colour
 
 
@@ -87,7 +90,7 @@ def test_segment_finds_every_red_cell_splits_touching_ones_and_marks_the_edge(co
     assert 35 < seg.radius < 50  # 90 px cells
     for c in cells:
         assert c.mask.shape == (c.h, c.w) and c.mask.dtype == bool
-        assert c.area == int(c.mask.sum()) and 0.5 * math.pi * 35 ** 2 < c.area < 90 * 90
+        assert c.area == int(c.mask.sum()) and 0.5 * math.pi * 35**2 < c.area < 90 * 90
 
 
 def test_platelets_and_white_cells_are_objects_but_not_red_cells(composed):
@@ -117,6 +120,7 @@ def test_crops_are_black_outside_the_cell_at_the_model_size(composed):
 
 def test_score_field_gives_a_probability_per_red_cell(composed, tiny_model):
     from core.score import load_engine
+
     field, truth, _ = composed
     engine = load_engine(tiny_model, "onnx")
     result = score_field(field, engine)
@@ -133,13 +137,34 @@ def test_score_field_gives_a_probability_per_red_cell(composed, tiny_model):
 
 
 def test_field_summary_counts_red_cells_only_with_wilson_intervals():
-    rows = [{"image": "slide/a.png", "object": RED_CELL, "prob_parasitized": p,
-             "prediction": "Parasitized" if p >= 0.5 else "Uninfected", "error": None}
-            for p in (0.9, 0.1, 0.2, 0.3)]
-    rows.append({"image": "slide/a.png", "object": "not a red cell: small (platelet or debris)",
-                 "prob_parasitized": None, "prediction": None, "error": None})
-    rows.append({"image": "slide/b.png", "object": None, "prob_parasitized": None,
-                 "prediction": None, "error": "not a readable image"})
+    rows = [
+        {
+            "image": "slide/a.png",
+            "object": RED_CELL,
+            "prob_parasitized": p,
+            "prediction": "Parasitized" if p >= 0.5 else "Uninfected",
+            "error": None,
+        }
+        for p in (0.9, 0.1, 0.2, 0.3)
+    ]
+    rows.append(
+        {
+            "image": "slide/a.png",
+            "object": "not a red cell: small (platelet or debris)",
+            "prob_parasitized": None,
+            "prediction": None,
+            "error": None,
+        }
+    )
+    rows.append(
+        {
+            "image": "slide/b.png",
+            "object": None,
+            "prob_parasitized": None,
+            "prediction": None,
+            "error": "not a readable image",
+        }
+    )
     summary = field_summary(pd.DataFrame(rows)).set_index(["level", "group"])
     a = summary.loc[("field", "slide/a.png")]
     assert (a["cells"], a["other_objects"], a["parasitized"]) == (4, 1, 1)
@@ -160,21 +185,27 @@ def test_box_iou_and_matching_by_hand():
     iou = box_iou(a, b)
     assert iou[0, 0] == pytest.approx(50 / 150) and iou[0, 1] == 1.0 and iou[1].max() == 0
     assert match(a, b) == {0: 1}
-    boxes = [{"type": "ring", "bbox": {"x": "0", "y": "0", "w": "10", "h": "10"}},
-             {"type": "red blood cell", "bbox": {"x": "100", "y": "100", "w": "10", "h": "10"}}]
-    objects = [{"x": 0, "y": 0, "w": 10, "h": 10, "is_cell": True},
-               {"x": 200, "y": 0, "w": 10, "h": 10, "is_cell": True},
-               {"x": 400, "y": 0, "w": 5, "h": 5, "is_cell": False}]
+    boxes = [
+        {"type": "ring", "bbox": {"x": "0", "y": "0", "w": "10", "h": "10"}},
+        {"type": "red blood cell", "bbox": {"x": "100", "y": "100", "w": "10", "h": "10"}},
+    ]
+    objects = [
+        {"x": 0, "y": 0, "w": 10, "h": 10, "is_cell": True},
+        {"x": 200, "y": 0, "w": 10, "h": 10, "is_cell": True},
+        {"x": 400, "y": 0, "w": 5, "h": 5, "is_cell": False},
+    ]
     c = field_counts(objects, boxes, np.array([0.9, 0.8]), 0.5)
     assert (c["annotated"], c["recalled"], c["infected"], c["infected_called"]) == (2, 1, 1, 1)
     # the unboxed red cell called parasitized counts against us; the debris is not called
     assert (c["not_infected_objects"], c["false_called"], c["boxed_cells"]) == (2, 1, 1)
 
 
-def test_cli_writes_cells_and_summary_keeps_a_broken_field_and_resumes(composed, tiny_model,
-                                                                        tmp_path, capsys):
+def test_cli_writes_cells_and_summary_keeps_a_broken_field_and_resumes(
+    composed, tiny_model, tmp_path, capsys
+):
     from core.smear import get_args_parser, main
     from core.store import ResultStore
+
     field, truth, _ = composed
     slide = tmp_path / "slide1"
     slide.mkdir()
@@ -183,8 +214,20 @@ def test_cli_writes_cells_and_summary_keeps_a_broken_field_and_resumes(composed,
     (slide / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     out, summary, overlays = tmp_path / "cells.csv", tmp_path / "fields.csv", tmp_path / "ov"
     store = tmp_path / "store.sqlite"
-    args = [str(slide), "--out", str(out), "--summary", str(summary), "--overlays",
-            str(overlays), "--weights", str(tiny_model), "--store", str(store), "--no-progress"]
+    args = [
+        str(slide),
+        "--out",
+        str(out),
+        "--summary",
+        str(summary),
+        "--overlays",
+        str(overlays),
+        "--weights",
+        str(tiny_model),
+        "--store",
+        str(store),
+        "--no-progress",
+    ]
     assert main(get_args_parser().parse_args(args)) == 1  # one error row
     cells = pd.read_csv(out)
     assert list(cells.columns) == list(SMEAR_COLUMNS)
@@ -203,8 +246,14 @@ def test_cli_writes_cells_and_summary_keeps_a_broken_field_and_resumes(composed,
         before = s.smear_rows(run_id)
         assert s.list_runs().empty  # smear runs are not listed among cell runs
     capsys.readouterr()
-    assert main(get_args_parser().parse_args(
-        ["--resume", run_id, "--store", str(store), "--out", str(out), "--no-progress"])) == 1
+    assert (
+        main(
+            get_args_parser().parse_args(
+                ["--resume", run_id, "--store", str(store), "--out", str(out), "--no-progress"]
+            )
+        )
+        == 1
+    )
     assert "0 to segment and score" in capsys.readouterr().err
     with ResultStore(store) as s:
         pd.testing.assert_frame_equal(s.smear_rows(run_id), before)
@@ -212,9 +261,11 @@ def test_cli_writes_cells_and_summary_keeps_a_broken_field_and_resumes(composed,
 
 def test_cli_refuses_bad_arguments(tmp_path, tiny_model):
     from core.smear import get_args_parser, main
+
     parse = get_args_parser().parse_args
     store = str(tmp_path / "s.sqlite")
     assert main(parse([str(tmp_path / "missing"), "--store", store])) == 2
     assert main(parse([str(tmp_path), "--threshold", "2", "--store", store])) == 2
-    assert main(parse([str(tmp_path), "--out", str(tmp_path / "no" / "x.csv"),
-                       "--store", store])) == 2
+    assert (
+        main(parse([str(tmp_path), "--out", str(tmp_path / "no" / "x.csv"), "--store", store])) == 2
+    )

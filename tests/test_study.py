@@ -8,13 +8,21 @@ import core.study
 from core.splits import labelled_samples
 from core.study import MOBILENET_V2_STAGES, extract_features, study_layers
 
-EXPECTED_DIMS = {"block1_16ch": 16, "block2_24ch": 24, "block3_32ch": 32, "block4_64ch": 64,
-                 "block5_96ch": 96, "block6_160ch": 160, "block7_320ch": 320,
-                 "last_conv_1280ch": 1280}
+EXPECTED_DIMS = {
+    "block1_16ch": 16,
+    "block2_24ch": 24,
+    "block3_32ch": 32,
+    "block4_64ch": 64,
+    "block5_96ch": 96,
+    "block6_160ch": 160,
+    "block7_320ch": 320,
+    "last_conv_1280ch": 1280,
+}
 
 
-def test_features_have_the_expected_size_per_layer_and_resume_from_cache(cells_dir, tmp_path,
-                                                                         monkeypatch):
+def test_features_have_the_expected_size_per_layer_and_resume_from_cache(
+    cells_dir, tmp_path, monkeypatch
+):
     samples, sources = labelled_samples([cells_dir])
     feats = extract_features(samples, sources, tmp_path, progress=False)
     assert set(feats) == set(MOBILENET_V2_STAGES)
@@ -55,13 +63,24 @@ def test_grouped_folds_never_share_a_case(cells_dir, monkeypatch):
 def test_layer_table_has_every_column(cells_dir, tmp_path):
     table = study_layers([cells_dir], tmp_path, folds=3, progress=False)
     assert list(table["layer"]) == list(MOBILENET_V2_STAGES)
-    for col in ("features", "accuracy", "accuracy_std", "auc", "auc_std", "sensitivity",
-                "specificity", "f1", "mcc", "seconds"):
+    for col in (
+        "features",
+        "accuracy",
+        "accuracy_std",
+        "auc",
+        "auc_std",
+        "sensitivity",
+        "specificity",
+        "f1",
+        "mcc",
+        "seconds",
+    ):
         assert col in table.columns
     on_disk = pd.read_csv(tmp_path / "layers.csv")
     assert len(on_disk) == len(MOBILENET_V2_STAGES)
     assert on_disk["accuracy"].between(0, 1).all()
     import json
+
     info = json.loads((tmp_path / "layers.json").read_text())
     assert info["best_layer"] in MOBILENET_V2_STAGES
     assert 0 <= info["cell_level_split"]["accuracy"] <= 1

@@ -14,22 +14,47 @@ from core.model import build_model, load_model
 
 def _train_args(cells_dir, out, *extra):
     return train.get_args_parser().parse_args(
-        ["--data", str(cells_dir), "--out", str(out), "--batch-size", "8", "--lr", "1e-3",
-         "--no-progress", *extra])
+        [
+            "--data",
+            str(cells_dir),
+            "--out",
+            str(out),
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def test_one_tiny_epoch_writes_history_card_weights_and_predictions(cells_dir, tmp_path):
     out = tmp_path / "run"
     card = train.main(_train_args(cells_dir, out, "--epochs", "1"))
     history = pd.read_csv(out / "history.csv")
-    assert list(history.columns[:8]) == ["epoch", "train_loss", "train_accuracy", "val_loss",
-                                         "val_accuracy", "val_auc", "lr", "seconds"]
+    assert list(history.columns[:8]) == [
+        "epoch",
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "val_auc",
+        "lr",
+        "seconds",
+    ]
     assert len(history) == 1 and np.isfinite(history["train_loss"]).all()
     on_disk = json.loads((out / "card.json").read_text())
     assert on_disk.keys() == card.keys() and on_disk["sha256"] == card["sha256"]
     assert card["arch"] == "mobilenet_v2" and "core.train" in card["training_command"]
-    assert set(card["metrics"]["test"]) >= {"accuracy", "auc", "sensitivity", "specificity",
-                                            "f1", "mcc"}
+    assert set(card["metrics"]["test"]) >= {
+        "accuracy",
+        "auc",
+        "sensitivity",
+        "specificity",
+        "f1",
+        "mcc",
+    }
     split = json.loads((out / "split.json").read_text())
     assert split == card["split"]
     cases = [set(split[k]) for k in ("train", "val", "test")]
@@ -76,7 +101,7 @@ def test_lr_range_test_leaves_weights_untouched(tmp_path):
 
     def batches():
         for i in range(0, 32, 8):
-            yield x[i:i + 8], y[i:i + 8]
+            yield x[i : i + 8], y[i : i + 8]
 
     result = lr_find.lr_range_test(model, batches, num_steps=30, progress=False)
     after = model.state_dict()
@@ -88,7 +113,9 @@ def test_lr_range_test_leaves_weights_untouched(tmp_path):
     result.save(tmp_path)
     curve = pd.read_csv(tmp_path / "lr_find.csv")
     assert list(curve.columns) == ["lr", "loss", "smoothed_loss"] and len(curve) == len(lrs)
-    assert json.loads((tmp_path / "lr_find.json").read_text())["suggested_lr"] == result.suggested_lr
+    assert (
+        json.loads((tmp_path / "lr_find.json").read_text())["suggested_lr"] == result.suggested_lr
+    )
 
 
 def test_suggestion_is_the_steepest_descent():
@@ -101,7 +128,8 @@ def test_suggestion_is_the_steepest_descent():
 
 def test_lr_find_cli(cells_dir, tmp_path):
     args = lr_find.get_args_parser().parse_args(
-        ["--data", str(cells_dir), "--out", str(tmp_path), "--steps", "12", "--batch-size", "8"])
+        ["--data", str(cells_dir), "--out", str(tmp_path), "--steps", "12", "--batch-size", "8"]
+    )
     lr_find.main(args)
     curve = pd.read_csv(tmp_path / "lr_find.csv")
     assert 2 <= len(curve) <= 12 and curve["lr"].iloc[0] == pytest.approx(1e-7)
@@ -111,11 +139,29 @@ def test_folds_predict_every_cell_out_of_fold_then_train_the_final_model(cells_d
     """Two folds of one small-CNN epoch: each cell predicted once, by the fold that never saw
     its patient; the final model trains on every patient, its card carrying the estimate."""
     from core import folds
+
     out = tmp_path / "r"
     args = folds.get_args_parser().parse_args(
-        ["--data", str(cells_dir), "--out", str(out), "--folds", "2", "--epochs", "1",
-         "--arch", "small_cnn", "--no-pretrained", "--lr", "1e-3", "--batch-size", "16",
-         "--no-progress", "--final"])
+        [
+            "--data",
+            str(cells_dir),
+            "--out",
+            str(out),
+            "--folds",
+            "2",
+            "--epochs",
+            "1",
+            "--arch",
+            "small_cnn",
+            "--no-pretrained",
+            "--lr",
+            "1e-3",
+            "--batch-size",
+            "16",
+            "--no-progress",
+            "--final",
+        ]
+    )
     card = folds.main(args)
     oof = pd.read_csv(out / folds.OOF_FILE)
     n_cells = len(list(cells_dir.rglob("*.png")))

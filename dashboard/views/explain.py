@@ -36,12 +36,15 @@ with st.expander("What a heatmap shows, and what it does not", expanded=False):
         "Late stages are coarse (4x4 cells at 128 px) and light whole quadrants. The default "
         "method and stage were chosen by how often their peak lands on the parasite; the "
         "**Heatmap check** page shows that rate for every method and stage on patients the "
-        "model never saw.")
+        "model never saw."
+    )
 SAMPLE_CELLS = dict(ui.sample_items())  # name -> bytes of the bundled sample cells
 if st.session_state.get("explain_item") is None and st.query_params:  # a reload, or a link
     try:
-        st.session_state.update(explain_item=ui.linked_cell(st.query_params.to_dict()),
-                                explain_link=st.query_params.to_dict())
+        st.session_state.update(
+            explain_item=ui.linked_cell(st.query_params.to_dict()),
+            explain_link=st.query_params.to_dict(),
+        )
     except LookupError as exc:
         st.warning(f"The cell in this page's link cannot be shown: {ui.plain(exc)}")
 if st.session_state.get("explain_item") is None and SAMPLE_CELLS:  # never an empty page
@@ -62,23 +65,34 @@ def _take_upload() -> None:  # a new upload is shown; removing it takes it off t
 
 def _take_sample() -> None:  # a picked sample is shown; "—" goes back to the upload, if any
     pick = st.session_state.get("explain_sample")
-    st.session_state["explain_item"] = (_upload_item() if pick in (None, "—")
-                                        else (pick, SAMPLE_CELLS[pick]))
+    st.session_state["explain_item"] = (
+        _upload_item() if pick in (None, "—") else (pick, SAMPLE_CELLS[pick])
+    )
     st.session_state["explain_link"] = None
 
 
 SOURCES = ["Sample or upload", "A cell from the scored results"]
-source = ui.kept(st.radio, "Image", SOURCES, horizontal=True, key="explain_source",
-                 default=SOURCES[0], allowed=SOURCES)
+source = ui.kept(
+    st.radio,
+    "Image",
+    SOURCES,
+    horizontal=True,
+    key="explain_source",
+    default=SOURCES[0],
+    allowed=SOURCES,
+)
 if source == "Sample or upload":  # whichever of the two was used last is shown
-    st.file_uploader("Upload one cell image", type=ui.UPLOAD_TYPES[:-1], key="explain_upload",
-                     on_change=_take_upload)
+    st.file_uploader(
+        "Upload one cell image",
+        type=ui.UPLOAD_TYPES[:-1],
+        key="explain_upload",
+        on_change=_take_upload,
+    )
     item = st.session_state.get("explain_item")
     link = st.session_state.get("explain_link")
     names = list(SAMPLE_CELLS)
     st.session_state["explain_sample"] = item[0] if item and item[0] in names else "—"
-    st.selectbox("…or a sample cell", ["—"] + names, key="explain_sample",
-                 on_change=_take_sample)
+    st.selectbox("…or a sample cell", ["—"] + names, key="explain_sample", on_change=_take_sample)
 else:
     results = st.session_state["results"]
     if results is None:
@@ -88,16 +102,21 @@ else:
     if ok.empty:
         st.info("No cell of this run could be scored, so there is nothing to explain.")
         st.stop()
+
     def _flag(p: str) -> str:
         q = ok.at[p, "quality"] if "quality" in ok else None
         return "" if q is None or pd.isna(q) or q == OK else f" · review: {q}"
 
     link = {"run": st.session_state["run_id"]}
     path = link["cell"] = st.selectbox(
-        "Cell", ok.index,
-        format_func=lambda p: f"{p.rsplit('/', 1)[-1]} · case {ok.at[p, 'case_id']} · "
-                              f"label {ok.at[p, 'label'] or '?'} · "
-                              f"P(Parasitized) {ok.at[p, 'prob_parasitized']:.3f}{_flag(p)}")
+        "Cell",
+        ok.index,
+        format_func=lambda p: (
+            f"{p.rsplit('/', 1)[-1]} · case {ok.at[p, 'case_id']} · "
+            f"label {ok.at[p, 'label'] or '?'} · "
+            f"P(Parasitized) {ok.at[p, 'prob_parasitized']:.3f}{_flag(p)}"
+        ),
+    )
     src = st.session_state["sources"].get(path)
     if src is None and st.session_state["run_on_disk"]:
         try:
@@ -105,8 +124,10 @@ else:
         except OSError:
             src = None
     if src is None:
-        st.warning("This run's images are no longer available (an upload reopened from the "
-                   "store keeps its results, not its images; or the files moved).")
+        st.warning(
+            "This run's images are no longer available (an upload reopened from the "
+            "store keeps its results, not its images; or the files moved)."
+        )
         st.stop()
     try:
         item = (path, src.read())
@@ -129,38 +150,92 @@ except ImageError as exc:
 layers = list(contract.cam_layers)
 c1, c2, c3 = st.columns([3, 1, 1])
 methods = ui.kept(
-    c1.multiselect, "Methods", list(METHOD_NAMES), key="explain_methods",
-    default=[DEFAULT_METHOD, "layercam", "gradcam"], allowed=METHOD_NAMES,
+    c1.multiselect,
+    "Methods",
+    list(METHOD_NAMES),
+    key="explain_methods",
+    default=[DEFAULT_METHOD, "layercam", "gradcam"],
+    allowed=METHOD_NAMES,
     help=f"{DEFAULT_METHOD} is the default (see Heatmap check for how often each method "
-         "finds the parasite). scorecam and ablationcam perturb the image once per channel: "
-         "seconds per image.")
-target = ui.kept(c2.selectbox, "Explain the class", TARGETS, key="explain_target",
-                 default=TARGETS[0], allowed=TARGETS)
-layer = ui.kept(c3.selectbox, "Layer", layers, key="explain_layer",
-                default=contract.target_layer, allowed=layers,
-                help="Later stages are coarser (down to 4x4) but more semantic.")
+    "finds the parasite). scorecam and ablationcam perturb the image once per channel: "
+    "seconds per image.",
+)
+target = ui.kept(
+    c2.selectbox,
+    "Explain the class",
+    TARGETS,
+    key="explain_target",
+    default=TARGETS[0],
+    allowed=TARGETS,
+)
+layer = ui.kept(
+    c3.selectbox,
+    "Layer",
+    layers,
+    key="explain_layer",
+    default=contract.target_layer,
+    allowed=layers,
+    help="Later stages are coarser (down to 4x4) but more semantic.",
+)
 o1, o2, o3 = st.columns([2, 1, 1])
-opacity = ui.kept(o1.slider, "Heatmap opacity", 0.0, 1.0, step=0.05, key="explain_opacity",
-                  default=0.5)
-show_outline = ui.kept(o2.toggle, "Outline the parasite", key="explain_outline", default=True,
-                       help="Where the stain colour rule finds parasite chromatin")
-with_road = ui.kept(o3.toggle, "ROAD", key="explain_road", default=True,
-                    help="About half a second per map, after the maps")
+opacity = ui.kept(
+    o1.slider, "Heatmap opacity", 0.0, 1.0, step=0.05, key="explain_opacity", default=0.5
+)
+show_outline = ui.kept(
+    o2.toggle,
+    "Outline the parasite",
+    key="explain_outline",
+    default=True,
+    help="Where the stain colour rule finds parasite chromatin",
+)
+with_road = ui.kept(
+    o3.toggle,
+    "ROAD",
+    key="explain_road",
+    default=True,
+    help="About half a second per map, after the maps",
+)
 if any(m in SLOW_METHODS for m in methods):
-    st.warning("ScoreCAM and AblationCAM run the network hundreds of times per image: "
-               "expect seconds to tens of seconds on a CPU at the last layer.")
+    st.warning(
+        "ScoreCAM and AblationCAM run the network hundreds of times per image: "
+        "expect seconds to tens of seconds on a CPU at the last layer."
+    )
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def _map(image_hash: str, method: str, target: str, layer: str, model: str, model_sha: str,
-         _image, _stain):
-    return ui.explain(model, model_sha, [_image], method=method, target=target, layer=layer,
-                      faithfulness=False, stains=[_stain])[0]
+def _map(
+    image_hash: str,
+    method: str,
+    target: str,
+    layer: str,
+    model: str,
+    model_sha: str,
+    _image,
+    _stain,
+):
+    return ui.explain(
+        model,
+        model_sha,
+        [_image],
+        method=method,
+        target=target,
+        layer=layer,
+        faithfulness=False,
+        stains=[_stain],
+    )[0]
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def _road(image_hash: str, method: str, target: str, layer: str, model: str, model_sha: str,
-          _image, _explanation):
+def _road(
+    image_hash: str,
+    method: str,
+    target: str,
+    layer: str,
+    model: str,
+    model_sha: str,
+    _image,
+    _explanation,
+):
     return ui.road(model, model_sha, _image, _explanation)  # from the map drawn: no second pass
 
 
@@ -188,10 +263,12 @@ key = hashlib.sha256(item[1]).hexdigest()
 name = ui.plain(item[0].rsplit("/", 1)[-1])  # captions render Markdown
 verdict_q = _quality(key, str(folder), sha, image)
 if verdict_q != OK:
-    st.warning(f"**Review: {ui.plain(verdict_q)}.** This image does not look like a single "
-               "cell crop the model learnt from (quality gate); on Score it would be listed "
-               "for review and **not counted**. The maps below show what the network does "
-               "with it, not a finding.")
+    st.warning(
+        f"**Review: {ui.plain(verdict_q)}.** This image does not look like a single "
+        "cell crop the model learnt from (quality gate); on Score it would be listed "
+        "for review and **not counted**. The maps below show what the network does "
+        "with it, not a finding."
+    )
 stain = _stain(key, image)
 outline = stain.parasite if show_outline else None
 if not methods:
@@ -202,36 +279,53 @@ PER_ROW = 4
 panels = [None] + methods  # the original first, then one panel per method
 road_slots, drawn = {}, {}
 for start in range(0, len(panels), PER_ROW):
-    for col, method in zip(st.columns(PER_ROW), panels[start:start + PER_ROW]):
+    for col, method in zip(st.columns(PER_ROW), panels[start : start + PER_ROW]):
         if method is None:
-            col.image(for_display(image, outline=outline), caption=f"original · {name}",
-                      width="stretch")
-            col.caption("parasite located by the stain rule: outlined in white" if stain.found
-                        else "the stain rule finds no parasite in this cell")
+            col.image(
+                for_display(image, outline=outline), caption=f"original · {name}", width="stretch"
+            )
+            col.caption(
+                "parasite located by the stain rule: outlined in white"
+                if stain.found
+                else "the stain rule finds no parasite in this cell"
+            )
             continue
         with col, st.spinner(f"{method}…"):
             e = drawn[method] = _map(key, method, target, layer, str(folder), sha, image, stain)
-            col.image(for_display(overlay(image, e.heatmap, opacity=opacity), outline=outline),
-                      caption=f"{method} · {layer} · {e.map_size[0]}x{e.map_size[1]} map · "
-                              f"{e.ms:,.0f} ms", width="stretch")
-            col.markdown(f"explains **{e.target}** · "
-                         f"{verdict(e.points_at_parasite, e.mass_in_cell)}")
+            col.image(
+                for_display(overlay(image, e.heatmap, opacity=opacity), outline=outline),
+                caption=f"{method} · {layer} · {e.map_size[0]}x{e.map_size[1]} map · "
+                f"{e.ms:,.0f} ms",
+                width="stretch",
+            )
+            col.markdown(
+                f"explains **{e.target}** · {verdict(e.points_at_parasite, e.mass_in_cell)}"
+            )
             road_slots[method] = col.empty()
             if with_road:
                 road_slots[method].caption("ROAD: computing…")
 left, right = st.columns([1, 3])
-left.metric("P(Parasitized)", f"{e.prob_parasitized:.3f}",
-            help=f"Decision threshold {contract.threshold:.2f}")
+left.metric(
+    "P(Parasitized)",
+    f"{e.prob_parasitized:.3f}",
+    help=f"Decision threshold {contract.threshold:.2f}",
+)
 if verdict_q != OK:
     left.caption(f"review: {ui.plain(verdict_q)} (not counted)")
-right.image(colour_bar(width=384), caption="heatmap colour: low evidence (blue) → high (red)",
-            width=384)
-st.caption(f"Each map is computed at its stage's own resolution (its size is in the caption) "
-           f"and upsampled to the image's {image.shape[1]}x{image.shape[0]} px. ROAD: "
-           "confidence kept when the least relevant pixels are removed minus when the most "
-           "relevant are removed (higher = the model relies on what the map shows).")
-st.page_link("views/methods.py", label="Which methods find the parasite, over all test "
-             "patients: Heatmap check", icon=":material/fact_check:")
+right.image(
+    colour_bar(width=384), caption="heatmap colour: low evidence (blue) → high (red)", width=384
+)
+st.caption(
+    f"Each map is computed at its stage's own resolution (its size is in the caption) "
+    f"and upsampled to the image's {image.shape[1]}x{image.shape[0]} px. ROAD: "
+    "confidence kept when the least relevant pixels are removed minus when the most "
+    "relevant are removed (higher = the model relies on what the map shows)."
+)
+st.page_link(
+    "views/methods.py",
+    label="Which methods find the parasite, over all test patients: Heatmap check",
+    icon=":material/fact_check:",
+)
 if with_road:  # the slow extra arrives after every map is on screen
     for method, slot in road_slots.items():
         road = _road(key, method, target, layer, str(folder), sha, image, drawn[method])

@@ -12,7 +12,8 @@ st.markdown(
     "- **Educators**: show *why* the network decides with several heatmap methods side by side "
     "on **Explain**; walk through errors on the clickable confusion matrix of **Evaluate**; "
     "show the learning curves on **Training**.\n\n"
-    "Everything runs on this computer; no image leaves it.")
+    "Everything runs on this computer; no image leaves it."
+)
 
 st.subheader("Try it on sample cells")
 st.caption("Cells from patients held out of training: explain one, or score them all.")

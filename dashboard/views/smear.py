@@ -16,12 +16,15 @@ from dashboard import ui
 st.title("Smear fields")
 model = ui.current_model()
 folder, sha = model.path, model.sha256
-st.caption("Upload whole fields of view of a Giemsa thin smear (camera images, or a zip of "
-           "them). Every red cell is found, cut out with its background blacked out as in the "
-           "training crops, and scored; white cells, platelets, debris and clumps are outlined "
-           "in grey and never counted.")
-files = st.file_uploader("Fields or zips", type=ui.UPLOAD_TYPES, accept_multiple_files=True,
-                         key="smear_upload")
+st.caption(
+    "Upload whole fields of view of a Giemsa thin smear (camera images, or a zip of "
+    "them). Every red cell is found, cut out with its background blacked out as in the "
+    "training crops, and scored; white cells, platelets, debris and clumps are outlined "
+    "in grey and never counted."
+)
+files = st.file_uploader(
+    "Fields or zips", type=ui.UPLOAD_TYPES, accept_multiple_files=True, key="smear_upload"
+)
 items = ui.uploaded_items(files) or st.session_state.get("smear_items") or []
 
 
@@ -32,16 +35,16 @@ def _segment_and_score(key: str, folder: str, sha256: str, _items):
     def progress(done: int, total: int) -> None:
         bar.progress(done / total, text=f"{done} of {total} fields")
 
-    df, results, run_id = score_uploads(_items, ui.engine(folder, sha256), store=ui.store(),
-                                        progress=progress)
+    df, results, run_id = score_uploads(
+        _items, ui.engine(folder, sha256), store=ui.store(), progress=progress
+    )
     bar.empty()
     return df, results, run_id
 
 
 if st.button("Find and score cells", type="primary", disabled=not items):
     try:
-        df, results, run_id = _segment_and_score(ui.items_key(items), str(folder), sha,
-                                                 list(items))
+        df, results, run_id = _segment_and_score(ui.items_key(items), str(folder), sha, list(items))
     except (ValueError, StoreError) as exc:
         st.error(ui.plain(exc))
         st.stop()
@@ -51,10 +54,14 @@ if st.session_state.get("smear") is None:
     st.info("Nothing scored yet: upload fields and press **Find and score cells**.")
     st.stop()
 cells, results, run_id, sources = st.session_state["smear"]
-threshold = st.slider("Decision threshold on P(Parasitized)", 0.0, 1.0,
-                      float(model.contract.threshold), 0.01)
-cells = cells.assign(prediction=[None if pd.isna(p) else predicted_class(p, threshold)
-                                 for p in cells["prob_parasitized"]])
+threshold = st.slider(
+    "Decision threshold on P(Parasitized)", 0.0, 1.0, float(model.contract.threshold), 0.01
+)
+cells = cells.assign(
+    prediction=[
+        None if pd.isna(p) else predicted_class(p, threshold) for p in cells["prob_parasitized"]
+    ]
+)
 cutoff = model.screening_cutoff
 summary = field_summary(cells, cutoff=cutoff)
 red = cells[(cells["object"] == RED_CELL) & cells["error"].isna()]
@@ -70,20 +77,33 @@ if not errors.empty:
     st.dataframe(errors[["image", "error"]], hide_index=True, width="stretch")
 
 st.subheader("Parasitemia per field and per folder")
-st.dataframe(summary, hide_index=True, width="stretch", column_config={
-    "parasitemia": st.column_config.NumberColumn(format="percent"),
-    "ci_low": st.column_config.NumberColumn("95% CI low", format="percent"),
-    "ci_high": st.column_config.NumberColumn("95% CI high", format="percent"),
-    "mean_prob": st.column_config.NumberColumn(format="%.3f")})
-provenance = dict(run_id=run_id, threshold=threshold, scored_with=ui.model_label(folder),
-                  scored_with_sha256=sha)
+st.dataframe(
+    summary,
+    hide_index=True,
+    width="stretch",
+    column_config={
+        "parasitemia": st.column_config.NumberColumn(format="percent"),
+        "ci_low": st.column_config.NumberColumn("95% CI low", format="percent"),
+        "ci_high": st.column_config.NumberColumn("95% CI high", format="percent"),
+        "mean_prob": st.column_config.NumberColumn(format="%.3f"),
+    },
+)
+provenance = dict(
+    run_id=run_id, threshold=threshold, scored_with=ui.model_label(folder), scored_with_sha256=sha
+)
 d1, d2 = st.columns(2)
-d1.download_button(f"Download all {len(cells):,} objects (CSV)",
-                   to_csv_text(cells.assign(**provenance)), f"smear_cells_{run_id}.csv",
-                   "text/csv")
-d2.download_button("Download the summary (CSV)",
-                   to_csv_text(summary.assign(screening_cutoff=cutoff, **provenance)),
-                   f"smear_summary_{run_id}.csv", "text/csv")
+d1.download_button(
+    f"Download all {len(cells):,} objects (CSV)",
+    to_csv_text(cells.assign(**provenance)),
+    f"smear_cells_{run_id}.csv",
+    "text/csv",
+)
+d2.download_button(
+    "Download the summary (CSV)",
+    to_csv_text(summary.assign(screening_cutoff=cutoff, **provenance)),
+    f"smear_summary_{run_id}.csv",
+    "text/csv",
+)
 
 st.subheader("A field")
 if not results:
@@ -98,45 +118,72 @@ except (KeyError, ImageError) as exc:
 objects = list(result.segmentation.objects)
 cell_index = [i for i, o in enumerate(objects) if o.is_cell]  # red cell k -> object index
 prob = result.prob
-suspects_only = st.toggle("Suspects only", value=False,
-                          help="List only the cells at or above the threshold")
+suspects_only = st.toggle(
+    "Suspects only", value=False, help="List only the cells at or above the threshold"
+)
 choices = [k for k in range(len(cell_index)) if not suspects_only or prob[k] >= threshold]
 picked = st.session_state.get("smear_cell")
 highlight = cell_index[picked] if picked is not None and picked < len(cell_index) else None
 view = draw_overlay(image, result.segmentation, prob, highlight=highlight)
 centres = [(objects[i].x + objects[i].w / 2, objects[i].y + objects[i].h / 2) for i in cell_index]
 fig = go.Figure(go.Image(z=view, hoverinfo="skip"))
-fig.add_trace(go.Scatter(
-    x=[centres[k][0] for k in choices], y=[centres[k][1] for k in choices], mode="markers",
-    customdata=choices, marker=dict(size=14, opacity=0.01),
-    hovertemplate="P(Parasitized) %{text}<extra></extra>",
-    text=[f"{prob[k]:.3f}" for k in choices]))
-fig.update_layout(height=560, margin=dict(l=0, r=0, t=0, b=0), xaxis_visible=False,
-                  yaxis_visible=False, dragmode="select")
-event = st.plotly_chart(fig, width="stretch", on_select="rerun", selection_mode="points",
-                        key=f"field_{hashlib.sha1(name.encode()).hexdigest()[:8]}")
-points = (event or {}).get("selection", {}).get("points", []) if event else []
+fig.add_trace(
+    go.Scatter(
+        x=[centres[k][0] for k in choices],
+        y=[centres[k][1] for k in choices],
+        mode="markers",
+        customdata=choices,
+        marker=dict(size=14, opacity=0.01),
+        hovertemplate="P(Parasitized) %{text}<extra></extra>",
+        text=[f"{prob[k]:.3f}" for k in choices],
+    )
+)
+fig.update_layout(
+    height=560,
+    margin=dict(l=0, r=0, t=0, b=0),
+    xaxis_visible=False,
+    yaxis_visible=False,
+    dragmode="select",
+)
+event = st.plotly_chart(
+    fig,
+    width="stretch",
+    on_select="rerun",
+    selection_mode="points",
+    key=f"field_{hashlib.sha1(name.encode()).hexdigest()[:8]}",
+)
+points = dict(event).get("selection", {}).get("points", []) if event else []
 if points and points[0].get("customdata") is not None:
     clicked = int(np.ravel(points[0]["customdata"])[0])
     if clicked != picked:
         st.session_state["smear_cell"] = clicked
         st.rerun()
-st.caption(f"{len(cell_index)} red cells (outline blue → red with P(Parasitized)), "
-           f"{len(objects) - len(cell_index)} other objects in grey; "
-           f"{1000 * result.seconds:.0f} ms to find and score. Click a cell to see it large.")
+st.caption(
+    f"{len(cell_index)} red cells (outline blue → red with P(Parasitized)), "
+    f"{len(objects) - len(cell_index)} other objects in grey; "
+    f"{1000 * result.seconds:.0f} ms to find and score. Click a cell to see it large."
+)
 if not choices:
     st.info("No cell of this field is at or above the threshold.")
     st.stop()
 order = sorted(choices, key=lambda k: -prob[k])
-k = st.selectbox("Cell", order, index=order.index(picked) if picked in order else 0,
-                 format_func=lambda k: f"P(Parasitized) {prob[k]:.3f} · at x={objects[cell_index[k]].x}, "
-                                       f"y={objects[cell_index[k]].y}"
-                                       + (" · cut by the edge" if objects[cell_index[k]].edge else ""))
+k = st.selectbox(
+    "Cell",
+    order,
+    index=order.index(picked) if picked in order else 0,
+    format_func=lambda k: (
+        f"P(Parasitized) {prob[k]:.3f} · at x={objects[cell_index[k]].x}, "
+        f"y={objects[cell_index[k]].y}"
+        + (" · cut by the edge" if objects[cell_index[k]].edge else "")
+    ),
+)
 st.session_state["smear_cell"] = k
 crop = crop_cells(image, [objects[cell_index[k]]], size=model.contract.input_size)[0]
 e = ui.explain(str(folder), sha, [crop], method=DEFAULT_METHOD, faithfulness=False)[0]
 left, right = st.columns(2)
 left.image(for_display(crop), caption="the cell as the model sees it", width=320)
-right.image(for_display(overlay(crop, e.heatmap)), width=320,
-            caption=f"{DEFAULT_METHOD} · explains {e.target} · P(Parasitized) "
-                    f"{e.prob_parasitized:.3f}")
+right.image(
+    for_display(overlay(crop, e.heatmap)),
+    width=320,
+    caption=f"{DEFAULT_METHOD} · explains {e.target} · P(Parasitized) {e.prob_parasitized:.3f}",
+)
