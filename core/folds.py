@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.contract import FOLDS_FILE, OOF_FILE
 from core.files import write_json
 from core.labels import is_parasitized, predicted_class
 from core.metrics import (
@@ -31,12 +32,16 @@ from core.metrics import (
     screening_calibration,
 )
 from core.model import default_contract
-from core.recipe import TrainConfig, add_recipe_arguments, command, config_from_args, prepare_data
+from core.recipe import (
+    TrainConfig,
+    add_recipe_arguments,
+    command,
+    config_from_args,
+    data_from_args,
+)
 from core.splits import Split, fold_splits, labelled_samples
 from core.train import CHECKPOINT, fit
 
-OOF_FILE = "oof_predictions.csv"
-FOLDS_FILE = "folds.json"
 SPREAD = ("accuracy", "auc", "sensitivity", "specificity", "mcc")
 
 
@@ -48,7 +53,6 @@ def run_folds(
     args: argparse.Namespace,
     cfg: TrainConfig,
     splits: list[Split],
-    decisions: dict[str, str] | None,
 ) -> None:
     """Train every fold not finished yet (a fold with a card is done; one with a checkpoint
     resumes)."""
@@ -62,15 +66,7 @@ def run_folds(
             f"test {len(split.test)} patients",
             flush=True,
         )
-        data = prepare_data(
-            args.data,
-            contract=contract,
-            cfg=cfg,
-            split=split,
-            progress=not args.no_progress,
-            follow_links=args.follow_links,
-            decisions=decisions,
-        )
+        data = data_from_args(args, cfg, split)
         fit(
             cfg,
             data,
@@ -149,14 +145,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict:
     cfg = config_from_args(args)
     contract = default_contract(cfg.arch)
-    decisions = None
-    if args.relabel:
-        from core.audit import read_decisions
-
-        decisions = read_decisions(args.relabel)
     samples, _ = labelled_samples(args.data, follow_links=args.follow_links)
     splits = fold_splits(samples, folds=args.folds, seed=cfg.seed)
-    run_folds(args, cfg, splits, decisions)
+    run_folds(args, cfg, splits)
     oof, cards = collect(args.out, args.folds)
     oof.to_csv(args.out / OOF_FILE, index=False)
     result = {
@@ -173,15 +164,7 @@ def main(args: argparse.Namespace) -> dict:
     )
     if args.final:
         cases = tuple(sorted({smp.case_id for smp in samples}))
-        data = prepare_data(
-            args.data,
-            contract=contract,
-            cfg=cfg,
-            split=Split(cases, (), (), cfg.seed),
-            progress=not args.no_progress,
-            follow_links=args.follow_links,
-            decisions=decisions,
-        )
+        data = data_from_args(args, cfg, Split(cases, (), (), cfg.seed))
         card = fit(
             cfg,
             data,

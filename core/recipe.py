@@ -285,3 +285,24 @@ def recipe_argv(args: argparse.Namespace) -> list[str]:
 def command(module: str, args: argparse.Namespace, *extra: str) -> str:
     """``python -m MODULE ...``: the command line that reproduces a run (without --resume)."""
     return f"python -m {module} " + shlex.join([*recipe_argv(args), *extra])
+
+
+def data_from_args(args: argparse.Namespace, cfg: TrainConfig, split: Split | None) -> PreparedData:
+    """``prepare_data`` as a command's recipe options ask (its data, ``--follow-links``,
+    ``--no-progress``, and the label decisions of ``--relabel``)."""
+    from core.model import default_contract
+
+    decisions = None
+    if args.relabel:
+        from core.audit import read_decisions
+
+        decisions = read_decisions(args.relabel)
+    return prepare_data(
+        args.data,
+        contract=default_contract(cfg.arch),
+        cfg=cfg,
+        split=split,
+        progress=not args.no_progress,
+        follow_links=args.follow_links,
+        decisions=decisions,
+    )

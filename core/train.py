@@ -50,7 +50,7 @@ from core.recipe import (
     add_recipe_arguments,
     command,
     config_from_args,
-    prepare_data,
+    data_from_args,
     training_batches,
 )
 from core.splits import Sample, Split
@@ -373,21 +373,8 @@ def main(args: argparse.Namespace) -> dict:
         cfg, split = TrainConfig(**ckpt["config"]), Split.from_json(ckpt["split"])
     elif args.all_patients:
         split = all_patients(args.data, seed=cfg.seed, follow_links=args.follow_links)
-    decisions = None
-    if args.relabel:
-        from core.audit import read_decisions
-
-        decisions = read_decisions(args.relabel)
     contract = default_contract(cfg.arch)
-    data = prepare_data(
-        args.data,
-        contract=contract,
-        cfg=cfg,
-        split=split,
-        progress=not args.no_progress,
-        follow_links=args.follow_links,
-        decisions=decisions,
-    )
+    data = data_from_args(args, cfg, split)
     print(
         f"cases: train {len(data.split.train)}, val {len(data.split.val)}, "
         f"test {len(data.split.test)}; cells: train {len(data.train_y)}, "
