@@ -297,15 +297,17 @@ class ModelFolder:
 
 
 def find_models(*roots: Path) -> list[Path]:
-    """Model folders (holding a card.json) in ``roots`` or up to three levels under (as
-    ``weights/study/runs/small_cnn``), sorted."""
+    """Model folders (holding a card.json and weights) in ``roots`` or up to three levels
+    under (as ``weights/study/runs/small_cnn``), sorted. The k-fold runs kept in a model folder
+    (``folds/fold0``: card and history, no weights) are records, not models to pick."""
     found: set[Path] = set()
     for root in roots:
         if not root.is_dir():
             continue
         for depth in range(4):
             for card in root.glob("*/" * depth + CARD_FILE):
-                found.add(card.parent.resolve())
+                if (card.parent / WEIGHTS_FILE).is_file():
+                    found.add(card.parent.resolve())
     return sorted(found)
 
 

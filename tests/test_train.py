@@ -179,6 +179,9 @@ def test_folds_predict_every_cell_out_of_fold_then_train_the_final_model(cells_d
     assert "out-of-fold" in card["screening"]["method"]
     assert "core.folds" in card["training_command"] and "--final" in card["training_command"]
     load_model(out)  # a complete, verified model folder
+    from core.contract import find_models
+
+    assert find_models(out) == [out.resolve()]  # the fold runs (no weights kept) are not offered
     fold_card = out / "folds" / "fold0" / "card.json"
     before = fold_card.stat().st_mtime_ns
     args.final = False
