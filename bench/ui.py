@@ -63,7 +63,7 @@ def upload_and_score(
         page.wait_for_function(IDLE, timeout=ms)
     t0 = time.perf_counter()
     if fresh:
-        page.locator("input[type=file]").first.set_input_files(str(upload))
+        page.locator("input[type=file]:not([webkitdirectory])").first.set_input_files(str(upload))
     button = page.get_by_role("button", name="Score", exact=True)
     expect(button).to_be_enabled(timeout=ms)  # the upload has reached the server
     page.wait_for_function(IDLE, timeout=ms)

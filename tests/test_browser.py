@@ -66,7 +66,7 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     page.get_by_role("link", name="Score").click()
     page.get_by_text("Score cells").first.wait_for()
     files = sorted(str(p) for p in cells_dir.rglob("*.png"))
-    page.locator("input[type=file]").first.set_input_files(files)
+    page.locator("input[type=file]:not([webkitdirectory])").first.set_input_files(files)
     score = page.get_by_role("button", name="Score", exact=True)
     playwright.expect(score).to_be_enabled(timeout=120_000)  # once the upload has arrived
     score.click()
@@ -232,7 +232,9 @@ def test_a_noise_image_is_review_not_counted_and_the_report_downloads(
     cells = sorted(str(p) for p in cells_dir.rglob("C96*.png"))
     page.goto(f"{server}/score")
     page.get_by_text("Score cells").first.wait_for()
-    page.locator("input[type=file]").first.set_input_files(cells + [str(noise)])
+    page.locator("input[type=file]:not([webkitdirectory])").first.set_input_files(
+        cells + [str(noise)]
+    )
     score = page.get_by_role("button", name="Score", exact=True)
     playwright.expect(score).to_be_enabled(timeout=120_000)
     score.click()
