@@ -232,9 +232,8 @@ def test_a_noise_image_is_review_not_counted_and_the_report_downloads(
     cells = sorted(str(p) for p in cells_dir.rglob("C96*.png"))
     page.goto(f"{server}/score")
     page.get_by_text("Score cells").first.wait_for()
-    page.locator("input[type=file]:not([webkitdirectory])").first.set_input_files(
-        cells + [str(noise)]
-    )
+    uploader = page.get_by_test_id("stFileUploader").filter(has_text="Images or zips")
+    uploader.locator("input[type=file]").set_input_files(cells + [str(noise)])
     score = page.get_by_role("button", name="Score", exact=True)
     playwright.expect(score).to_be_enabled(timeout=120_000)
     score.click()
