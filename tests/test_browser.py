@@ -76,9 +76,14 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     playwright.expect(cells).to_have_text(str(len(files)), timeout=60_000)
     value = page.get_by_test_id("stSliderThumbValue").first
     assert value.inner_text() == "0.50"
-    page.get_by_role("slider").first.focus()
-    for _ in range(10):
+    # One step at a time, each rerun finished before the next: a key pressed while the page
+    # reruns (the threshold is saved with the run) can be lost.
+    for _ in range(30):
+        if value.inner_text() == "0.60":
+            break
+        page.get_by_role("slider").first.focus()
         page.keyboard.press("ArrowRight")
+        wait_for_rerun(page, 60_000)
     playwright.expect(value).to_have_text("0.60")
     page.get_by_test_id("stMain").get_by_test_id("stDataFrame").first.wait_for()
     page.wait_for_function(DRAWN, timeout=60_000)
