@@ -142,7 +142,7 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     playwright.expect(cells).to_have_text(str(len(files)))
 
     page.get_by_role("link", name="Evaluate").click()
-    page.get_by_text("Confusion matrix").wait_for()
+    page.get_by_text("Confusion matrix").wait_for(timeout=300_000)  # slow only on a busy machine
     page.get_by_text("Per patient").wait_for()
     page.wait_for_function(DRAWN, timeout=60_000)
     page.screenshot(path=str(SHOTS / "evaluate.png"), full_page=True)
