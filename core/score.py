@@ -468,6 +468,35 @@ def score_sources(
     return pd.DataFrame(rows, columns=list(RESULT_COLUMNS)) if collect else None
 
 
+def upload_run(
+    items: Iterable[tuple[str, bytes]],
+    engine: Engine,
+    store: ResultStore | None,
+    *,
+    threshold: float | None = None,
+    kind: str,
+) -> tuple[list[ImageSource], str | None]:
+    """The sources of an upload and, with a ``store``, the new run (of ``kind``) they go to.
+    Raises ValueError if the upload holds no image."""
+    sources = sources_from_uploads(items)
+    if not sources:
+        raise ValueError(
+            "no images found in the upload (accepted: PNG, JPEG, TIFF, BMP, WebP, and zips of them)"
+        )
+    run_id = None
+    if store is not None:
+        run_id = store.new_run(
+            inputs=sorted({s.path.split(ZIP_SEP)[0] for s in sources}),
+            weights=str(engine.folder),
+            weights_sha256=engine.sha256,
+            threshold=engine.contract.threshold if threshold is None else threshold,
+            engine=engine.name,
+            kind=kind,
+        )
+        store.set_total(run_id, len(sources))
+    return sources, run_id
+
+
 def score_uploads(
     items: Iterable[tuple[str, bytes]],
     *,
@@ -483,22 +512,7 @@ def score_uploads(
     holds no image.
     """
     engine = engine or load_engine(weights)
-    sources = sources_from_uploads(items)
-    if not sources:
-        raise ValueError(
-            "no images found in the upload (accepted: PNG, JPEG, TIFF, BMP, WebP, and zips of them)"
-        )
-    run_id = None
-    if store is not None:
-        run_id = store.new_run(
-            inputs=sorted({s.path.split(ZIP_SEP)[0] for s in sources}),
-            weights=str(engine.folder),
-            weights_sha256=engine.sha256,
-            threshold=engine.contract.threshold if threshold is None else threshold,
-            engine=engine.name,
-            kind="upload",
-        )
-        store.set_total(run_id, len(sources))
+    sources, run_id = upload_run(items, engine, store, threshold=threshold, kind="upload")
     df = score_sources(
         sources, engine, store=store, run_id=run_id, threshold=threshold, progress=progress
     )

@@ -52,10 +52,10 @@ from skimage.segmentation import watershed
 from core.contract import DEFAULT_WEIGHTS, WeightsError
 from core.export import OutputError, check_output, write_csv
 from core.images import ImageError, read_image
-from core.labels import ZIP_SEP, predicted_class
+from core.labels import predicted_class
 from core.metrics import group_of, summary_from_counts
-from core.score import _fail, load_engine
-from core.sources import ImageSource, iter_sources, sources_from_uploads, unique_paths
+from core.score import _fail, load_engine, upload_run
+from core.sources import ImageSource, iter_sources, unique_paths
 from core.store import SMEAR_COLUMNS, ResultStore, StoreError
 
 RED_CELL = "red cell"
@@ -451,22 +451,7 @@ def score_uploads(
     """Segment and score uploaded fields (name, bytes; zips are opened). Returns the cell rows
     (SMEAR_COLUMNS), the FieldResult of each field that could be read, and the run id in
     ``store``. Raises ValueError if the upload holds no image."""
-    sources = sources_from_uploads(items)
-    if not sources:
-        raise ValueError(
-            "no images found in the upload (accepted: PNG, JPEG, TIFF, BMP, WebP, and zips of them)"
-        )
-    run_id = None
-    if store is not None:
-        run_id = store.new_run(
-            inputs=sorted({s.path.split(ZIP_SEP)[0] for s in sources}),
-            weights=str(engine.folder),
-            weights_sha256=engine.sha256,
-            threshold=engine.contract.threshold,
-            engine=engine.name,
-            kind="smear-upload",
-        )
-        store.set_total(run_id, len(sources))
+    sources, run_id = upload_run(items, engine, store, kind="smear-upload")
     rows, results = [], {}
     for i, (src, result, field_rows) in enumerate(
         iter_fields(sources, engine, stain_norm=stain_norm)
