@@ -39,6 +39,9 @@ class TrainConfig:
     # layers hold generic edge/colour filters and cost half of each backward pass on a CPU.
     freeze: int = 4
     blur: float = 0.0  # share of images blurred a little (Gaussian, sigma up to 1 px): focus varies
+    # From this epoch on the weights after each epoch are averaged into the model kept (SWA:
+    # an ensemble of the last epochs that scores as one network); 0 keeps one epoch instead.
+    average_from: int = 0
     val_frac: float = 0.15
     test_frac: float = 0.15
     seed: int = 0
@@ -207,6 +210,13 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
         default=TrainConfig.freeze,
         help="leading feature modules kept at their ImageNet values (pretrained only)",
     )
+    p.add_argument(
+        "--average-from",
+        type=int,
+        default=TrainConfig.average_from,
+        help="keep the mean of the weights of this epoch and every later one (stochastic "
+        "weight averaging) instead of the epoch with the lowest validation loss",
+    )
     p.add_argument("--no-pretrained", action="store_true", help="start from random weights")
     p.add_argument(
         "--relabel",
@@ -246,6 +256,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         freeze=args.freeze,
         blur=args.blur,
         weight_decay=args.weight_decay,
+        average_from=args.average_from,
         pretrained=not args.no_pretrained and args.arch == "mobilenet_v2",
     )
 
@@ -274,6 +285,8 @@ def recipe_argv(args: argparse.Namespace) -> list[str]:
         "--freeze",
         str(args.freeze),
     ]
+    if args.average_from:
+        argv += ["--average-from", str(args.average_from)]
     for flag in ("no_pretrained", "follow_links"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))

@@ -41,6 +41,7 @@ from core.model import (
     build_model,
     default_contract,
     freeze_features,
+    normalize,
     predict_proba,
     save_model,
 )
@@ -57,6 +58,7 @@ from core.splits import Sample, Split
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.safetensors"
+AVERAGED = "averaged.safetensors"
 
 
 def evaluate(
@@ -95,6 +97,44 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     best_loss: float = float("inf")
     epoch: int = 0
+    average: dict[str, torch.Tensor] = field(default_factory=dict)  # mean weights (SWA)
+    averaged: int = 0  # how many epochs ``average`` holds
+
+
+def update_average(state: RunState) -> None:
+    """Fold the model's current floating-point weights into the running mean."""
+    state.averaged += 1
+    for name, value in state.model.state_dict().items():
+        if not value.is_floating_point():
+            continue
+        if name not in state.average:
+            state.average[name] = value.detach().clone()
+        else:
+            state.average[name] += (value.detach() - state.average[name]) / state.averaged
+
+
+def recompute_batch_norm(
+    model: nn.Module, x: torch.Tensor, contract: ModelContract, batch_size: int = 256
+) -> None:
+    """Batch-norm running statistics recomputed over the images ``x``: the statistics the
+    epochs kept belong to their own weights, not to their average. Batches are drawn in a fixed
+    shuffled order (``x`` is ordered by class) and weighted by their size, so the running mean is
+    the mean over ``x`` and the variance the mean of the batches' variances."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            idx = order[i : i + batch_size]
+            for m in norms:  # this batch's share of the images seen so far
+                m.momentum = len(idx) / (i + len(idx))
+            model(normalize(x[idx], contract))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.eval()
 
 
 def steps_per_epoch(data: PreparedData, cfg: TrainConfig) -> int:
@@ -156,6 +196,7 @@ def start(
         state.epoch = int(ckpt["epoch"])
         state.history = pd.read_csv(out / "history.csv").to_dict("records")[: state.epoch]
         state.best_loss = float(ckpt["best_loss"])
+        state.average, state.averaged = ckpt.get("average", {}), int(ckpt.get("averaged", 0))
         print(f"resuming after epoch {state.epoch}")
     return state, cfg
 
@@ -216,6 +257,8 @@ def save_checkpoint(state: RunState, out: Path, cfg: TrainConfig, split: Split) 
                 "torch_rng": torch.get_rng_state(),
                 "epoch": state.epoch,
                 "best_loss": state.best_loss,
+                "average": state.average,
+                "averaged": state.averaged,
                 "config": asdict(cfg),
                 "split": split.to_json(),
             },
@@ -232,8 +275,8 @@ def finish(
     contract: ModelContract,
     card: dict,
 ) -> dict:
-    """Reload the kept epoch, score every part, write the predictions and the model card."""
-    state.model.load_state_dict(load_file(str(out / BEST)))
+    """Reload the kept weights, score every part, write the predictions and the model card."""
+    state.model.load_state_dict(load_file(str(out / (AVERAGED if cfg.average_from else BEST))))
     metrics, frames = {}, {}
     for part in ("train", "val", "test"):
         x, y = getattr(data, f"{part}_x"), getattr(data, f"{part}_y")
@@ -249,14 +292,24 @@ def finish(
             frames[part].to_csv(out / f"{part}_predictions.csv", index=False)
     history = pd.DataFrame(state.history)
     has_val = len(data.val_y) > 0
+    if cfg.average_from:
+        kept = (
+            len(history),
+            (
+                f"mean of the weights after epochs {cfg.average_from}-{len(history)} (stochastic "
+                "weight averaging), batch-norm statistics recomputed on the training cells"
+            ),
+        )
+    elif has_val:
+        kept = int(history["val_loss"].idxmin()) + 1, "lowest validation loss"
+    else:
+        kept = len(history), "last epoch (no validation patients: trained on all of them)"
     card = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         **card,
         "config": asdict(cfg),
-        "best_epoch": int(history["val_loss"].idxmin()) + 1 if has_val else len(history),
-        "selected_by": "lowest validation loss"
-        if has_val
-        else "last epoch (no validation patients: trained on all of them)",
+        "best_epoch": kept[0],
+        "selected_by": kept[1],
         "split": data.split.to_json(),
         "metrics": metrics,
     }
@@ -280,6 +333,8 @@ def fit(
     ``card``: what the card says of where the run came from (its command, its data).
     ``resume``: go on from ``out/checkpoint.pt`` (the recipe and split it holds win).
     """
+    if not 0 <= cfg.average_from <= cfg.epochs:
+        raise SystemExit(f"--average-from must be an epoch in 1..{cfg.epochs} (or 0: off)")
     if "OMP_NUM_THREADS" not in os.environ:  # a user's thread cap wins
         torch.set_num_threads(os.cpu_count() or 1)
     out.mkdir(parents=True, exist_ok=True)
@@ -312,6 +367,8 @@ def fit(
         }
         state.history.append(row)
         pd.DataFrame(state.history).to_csv(out / "history.csv", index=False)
+        if cfg.average_from and state.epoch >= cfg.average_from:
+            update_average(state)
         keep = not len(data.val_y) or val_loss < state.best_loss
         if keep or not (out / BEST).is_file():
             state.best_loss = min(state.best_loss, val_loss) if len(data.val_y) else val_loss
@@ -325,7 +382,27 @@ def fit(
             f"val acc {vm['accuracy']:.4f}, val AUC {vm['auc']:.4f}, {row['seconds']:.0f} s",
             flush=True,
         )
+    if cfg.average_from:
+        save_average(state, data, out, contract=contract)
     return finish(state, data, out, cfg=cfg, contract=contract, card=card)
+
+
+def save_average(
+    state: RunState, data: PreparedData, out: Path, *, contract: ModelContract
+) -> None:
+    """Averaged weights with their own batch-norm statistics, into ``out/averaged.safetensors``."""
+    state.model.load_state_dict({**state.model.state_dict(), **state.average})
+    recompute_batch_norm(state.model, data.train_x, contract)
+    with atomic_path(out / AVERAGED) as tmp:
+        save_file({k: v.contiguous() for k, v in state.model.state_dict().items()}, str(tmp))
+    if len(data.val_y):
+        loss, prob = evaluate(state.model, data.val_x, data.val_y, contract)
+        m = binary_metrics(_is_positive(data.val_y, contract), prob, threshold=contract.threshold)
+        print(
+            f"mean of {state.averaged} epochs: val loss {loss:.4f}, val acc {m['accuracy']:.4f}, "
+            f"val AUC {m['auc']:.4f}",
+            flush=True,
+        )
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -190,3 +190,65 @@ def test_folds_predict_every_cell_out_of_fold_then_train_the_final_model(cells_d
     args.final = False
     folds.main(args)  # a rerun keeps finished folds
     assert fold_card.stat().st_mtime_ns == before
+
+
+def test_weight_average_is_the_running_mean_of_the_epochs():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    state = train.RunState(model, opt=None, sched=None, gen=torch.Generator())  # type: ignore[arg-type]
+    seen = []
+    for value in (1.0, 2.0, 6.0):
+        with torch.no_grad():
+            model[0].weight.fill_(value)
+        model[1].num_batches_tracked.fill_(int(value))
+        seen.append(model[0].weight.clone())
+        train.update_average(state)
+    assert state.averaged == 3
+    assert torch.allclose(state.average["0.weight"], torch.stack(seen).mean(0))
+    assert "1.num_batches_tracked" not in state.average  # counters are not weights
+
+
+def test_batch_norm_statistics_are_recomputed_over_the_given_images():
+    from core.model import default_contract, normalize
+
+    contract = default_contract("mobilenet_v2")
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
+    x = torch.randint(0, 256, (50, 8, 8, 3), dtype=torch.uint8)
+    train.recompute_batch_norm(model, x, contract, batch_size=16)  # 4 uneven batches
+    norm = normalize(x, contract).double()
+    bn = model[0]
+    assert torch.allclose(bn.running_mean.double(), norm.mean((0, 2, 3)), atol=1e-5)
+    # the mean of 4 random batches' variances: within 2% of the images' variance
+    assert torch.allclose(bn.running_var.double(), norm.var((0, 2, 3)), rtol=2e-2)
+    assert bn.momentum == 0.1 and not model.training
+
+
+def test_averaged_run_keeps_the_mean_and_resumes_to_the_same_weights(
+    cells_dir, tmp_path, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    extra = ("--epochs", "2", "--average-from", "1", "--arch", "small_cnn", "--no-pretrained")
+    straight = tmp_path / "straight"
+    card = train.main(_train_args(cells_dir, straight, *extra))
+    assert card["selected_by"].startswith("mean of the weights after epochs 1-2")
+    assert "--average-from 1" in card["training_command"]
+    kept, averaged = load_file(straight / "model.safetensors"), load_file(straight / train.AVERAGED)
+    assert all(torch.equal(kept[k], averaged[k]) for k in averaged)
+    assert not all(torch.equal(kept[k], v) for k, v in load_file(straight / train.BEST).items())
+
+    out, real_evaluate, calls = tmp_path / "run", core.train.evaluate, []
+
+    def evaluate_then_die(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # during epoch 2's validation: the checkpoint holds epoch 1's mean
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **kw)
+
+    monkeypatch.setattr(core.train, "evaluate", evaluate_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(_train_args(cells_dir, out, *extra))
+    monkeypatch.setattr(core.train, "evaluate", real_evaluate)
+    train.main(_train_args(cells_dir, out, *extra, "--resume"))
+    resumed = load_file(out / "model.safetensors")
+    for name, value in kept.items():
+        assert torch.allclose(resumed[name].double(), value.double(), atol=1e-5), name
