@@ -279,7 +279,11 @@ class ModelFolder:
     def predictions(self, part: str) -> Path:
         return predictions_path(self.path, part)
 
-    def explain_check(self, split: str = "test") -> tuple[Path, Path]:
+    def explain_check(self, split: str | None = None) -> tuple[Path, Path]:
+        """The heatmap check's files; ``split`` None: on the test patients, or for a model
+        trained on every patient, on its development cells (``oof``)."""
+        if split is None:
+            split = "test" if self.split["test"] else "oof"
         return explain_check_paths(self.path, split)
 
     @property

@@ -37,7 +37,7 @@ import pandas as pd
 from torch import nn
 from tqdm import tqdm
 
-from core.contract import DEFAULT_WEIGHTS, explain_check_paths
+from core.contract import DEFAULT_WEIGHTS, explain_check_paths, predictions_path
 from core.explain import METHODS, explain, explainable
 from core.files import atomic_path, write_json
 from core.heatmap import DEFAULT_METHOD, SLOW_METHODS, Explanation
@@ -47,7 +47,7 @@ from core.locate import POINTING_TOLERANCE, Stain, locate
 from core.model import LoadedModel, load_model
 from core.sources import open_source
 
-SPLITS = ("test", "val")
+SPLITS = ("test", "val", "oof")
 
 
 @dataclass(frozen=True)
@@ -151,12 +151,14 @@ def check_model(
     Raises FileNotFoundError if the folder has no test predictions or their images are gone.
     """
     loaded = load_model(folder)
-    preds_path = folder / f"{split}_predictions.csv"
+    preds_path = predictions_path(folder, split)
     if not preds_path.is_file():
         raise FileNotFoundError(
             f"{preds_path} is missing: this model has no labelled {split} split"
         )
     predictions = pd.read_csv(preds_path)
+    if split == "oof":  # ordered by fold: a seeded shuffle spreads --limit over every patient
+        predictions = predictions.sample(frac=1, random_state=0)
     cells = check_cells(predictions, limit=limit)
     if not cells.images:
         raise ValueError("the locator found no parasite in any Parasitized test cell")
@@ -184,6 +186,15 @@ def check_model(
         "command": " ".join(["python -m core.explain_check", *sys.argv[1:]]),
         "model_sha256": loaded.sha256,
         "split": split,
+        **(
+            {
+                "note": "a model trained on every patient (no test patients): the development "
+                "cells it learnt; the locator does not use the model, so pointing still says "
+                "whether a map finds the stained parasite"
+            }
+            if split == "oof"
+            else {}
+        ),
         "cases": int(predictions["case_id"].nunique()),
         "parasitized_cells": cells.n_parasitized,
         "uninfected_cells": cells.n_uninfected,
@@ -211,7 +222,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--split",
         choices=SPLITS,
         default="test",
-        help="the model's patients to check on (val: where the default was chosen)",
+        help="the model's patients to check on (val: where the default was chosen; oof: every "
+        "development cell, for a model trained on every patient)",
     )
     p.add_argument("--road-cells", type=int, default=16, help="cells per row for ROAD (0: none)")
     p.add_argument(

@@ -36,6 +36,7 @@ The review band is separate: a cell that passes the gate but whose P(Parasitized
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -45,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.contract import DEFAULT_WEIGHTS, WeightsError
+from core.contract import DEFAULT_WEIGHTS, WEIGHTS_FILE, WeightsError
 
 OK = "ok"
 BLANK = "blank"
@@ -185,6 +186,7 @@ class FeatureModel:
     limit: float  # distances above it are flagged
     quantile: float  # of the validation cells' distances, that gave ``limit``
     weights_sha256: str
+    held_out: str = "validation patients' cells"  # whose distances set ``limit``
 
     def distance(self, features: np.ndarray) -> np.ndarray:
         """Mahalanobis distance (N,) float32 of features (N, C) to the nearest class mean."""
@@ -210,6 +212,7 @@ class FeatureModel:
                 limit=np.float64(self.limit),
                 quantile=np.float64(self.quantile),
                 weights_sha256=np.str_(self.weights_sha256),
+                held_out=np.str_(self.held_out),
             )
 
     @classmethod
@@ -225,6 +228,7 @@ class FeatureModel:
                     float(z["limit"]),
                     float(z["quantile"]),
                     str(z["weights_sha256"]),
+                    *([str(z["held_out"])] if "held_out" in z.files else []),
                 )
         except (OSError, ValueError, KeyError) as exc:
             raise WeightsError(
@@ -318,7 +322,7 @@ class Gate:
             return self.note
         return (
             f"image checks and feature distance (limit {self.features.limit:.1f}, the "
-            f"{self.features.quantile:.1%} quantile of validation patients' cells)"
+            f"{self.features.quantile:.1%} quantile of {self.features.held_out})"
         )
 
 
@@ -367,12 +371,86 @@ def _features(engine, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray,
     return np.concatenate(probs), np.concatenate(feats)
 
 
+FOLDS_CHECK_FILE = "quality_folds.json"
+
+
+@dataclass(frozen=True)
+class UnseenRatio:
+    """How much farther unseen patients' cells lie than training cells, measured on the k-fold
+    models: a model trained on every patient has no one left to set its limit on."""
+
+    ratio: float  # median over folds of (held-out quantile / training quantile)
+    folds: list[dict]  # per fold: its ratio, and its test cells flagged at the others' ratio
+
+    def record(self) -> dict:
+        flagged = sum(f["test_flagged"] for f in self.folds)
+        cells = sum(f["test_cells"] for f in self.folds)
+        return {
+            "ratio": self.ratio,
+            "method": "per fold model: the quantile of its validation and test patients' "
+            "distances over that of its training cells'; the limit of a model trained on every "
+            "patient = the median ratio x the quantile of its training cells' distances",
+            "cross_fitted": "each fold's test cells flagged at its own training quantile x the "
+            "median ratio of the other folds: every development cell once, by a gate built "
+            "without its patient",
+            "test_cells": cells,
+            "test_flagged": flagged,
+            "test_share": flagged / cells if cells else float("nan"),
+            "folds": self.folds,
+        }
+
+
+def unseen_ratio(
+    runs: Sequence[Path], samples: Sequence, images: np.ndarray, *, quantile: float
+) -> UnseenRatio:
+    """The ``UnseenRatio`` of the fold runs ``runs`` (fp32 features), over the development
+    cells ``samples`` (decoded in ``images``)."""
+    from core.score import load_engine
+
+    cases = np.array([s.case_id for s in samples])
+    labels = np.array([s.label for s in samples])
+    per_fold = []
+    for run in runs:
+        engine = load_engine(run, "onnx", threads=os.cpu_count())
+        split = engine.weights.split
+        _, feats = _features(engine, images)
+        train = np.isin(cases, split["train"])
+        test = np.isin(cases, split["test"])
+        fm = fit_features(
+            feats[train], labels[train], feats[train], quantile=quantile, weights_sha256=""
+        )
+        d = fm.distance(feats)
+        unseen = np.quantile(d[np.isin(cases, split["val"] + split["test"])], quantile)
+        per_fold.append((run, fm.limit, float(unseen), d[test]))
+    ratios = [u / t for _, t, u, _ in per_fold]
+    folds = []
+    for k, (run, trained, unseen, test_d) in enumerate(per_fold):
+        others = float(np.median([r for j, r in enumerate(ratios) if j != k]))
+        folds.append(
+            {
+                "run": run.name,
+                "training_quantile": trained,
+                "held_out_quantile": unseen,
+                "ratio": ratios[k],
+                "test_cells": int(len(test_d)),
+                "test_flagged": int((test_d > others * trained).sum()),
+            }
+        )
+    return UnseenRatio(float(np.median(ratios)), folds)
+
+
 def calibrate(
-    weights: Path, data: Sequence[str], *, quantile: float = 0.995, engine_name: str = "onnx"
+    weights: Path,
+    data: Sequence[str],
+    *,
+    quantile: float = 0.995,
+    engine_name: str = "onnx",
+    unseen: UnseenRatio | None = None,
 ) -> FeatureModel:
     """Fit the feature model on the training patients' cells of the model in ``weights`` as
-    ``engine_name`` computes their features, set its limit on the validation patients' and save
-    it beside the weights (``calibration_file(engine_name)``)."""
+    ``engine_name`` computes their features, set its limit on the validation patients' (for
+    a model with none: its training cells' quantile x ``unseen.ratio``) and save it beside the
+    weights (``calibration_file(engine_name)``)."""
     from core.images import load_array
     from core.score import load_engine
 
@@ -386,15 +464,34 @@ def calibrate(
     _, feats = _features(engine, images)
     train = np.array([s.case_id in set(split["train"]) for s in samples])
     labels = np.array([s.label for s in samples])
-    fm = fit_features(
-        feats[train], labels[train], feats[~train], quantile=quantile, weights_sha256=engine.sha256
-    )
+    if split["val"]:
+        fm = fit_features(
+            feats[train],
+            labels[train],
+            feats[~train],
+            quantile=quantile,
+            weights_sha256=engine.sha256,
+        )
+        basis = f"{(~train).sum():,} cells of {len(split['val'])} validation patients"
+    else:
+        if unseen is None:
+            raise ValueError(
+                "this model was trained on every patient: its limit needs the fold runs' "
+                "ratio (python -m core.quality calibrate finds them in the model folder)"
+            )
+        fm = fit_features(feats, labels, feats, quantile=quantile, weights_sha256=engine.sha256)
+        fm = replace(
+            fm,
+            limit=fm.limit * unseen.ratio,
+            held_out=f"its training cells x {unseen.ratio:.3f} (how much farther the fold "
+            "models' unseen patients lie)",
+        )
+        basis = f"its {len(feats):,} training cells x {unseen.ratio:.3f}"
     fm.save(Path(weights) / name)
     stats = image_stats(images)
     print(
         f"{name} ({engine_name}): fitted on {train.sum():,} cells of {len(split['train'])} "
-        f"training patients; limit {fm.limit:.2f} = {quantile:.1%} quantile of "
-        f"{(~train).sum():,} cells of {len(split['val'])} validation patients",
+        f"training patients; limit {fm.limit:.2f} = {quantile:.1%} quantile of {basis}",
         file=sys.stderr,
     )
     print("image statistics of these cells (min, 0.1%, 99.9%, max):", file=sys.stderr)
@@ -402,6 +499,27 @@ def calibrate(
         lo, q1, q9, hi = np.quantile(v, [0, 0.001, 0.999, 1])
         print(f"  {name:12s} {lo:8.3f} {q1:8.3f} {q9:8.3f} {hi:8.3f}", file=sys.stderr)
     return fm
+
+
+def fold_ratio(weights: Path, data: Sequence[str], *, quantile: float) -> UnseenRatio:
+    """The ``UnseenRatio`` of a model trained on every patient, from its fold runs (which must
+    still hold their weights), written to ``quality_folds.json`` beside it."""
+    from core.contract import ModelFolder, fold_runs
+    from core.files import write_json
+    from core.images import load_array
+
+    runs = [r for r in fold_runs(weights) if (r / WEIGHTS_FILE).is_file()]
+    if not runs:
+        raise FileNotFoundError(
+            f"{weights} was trained on every patient and its fold runs' weights are not in "
+            f"{Path(weights) / 'folds'}: run core.folds there first (they set its limit)"
+        )
+    model = ModelFolder.open(weights)
+    samples, sources = _split_cells(data, model.split, ("train",))
+    images = load_array([sources[s.path] for s in samples], size=model.contract.input_size)
+    unseen = unseen_ratio(runs, samples, images, quantile=quantile)
+    write_json(Path(weights) / FOLDS_CHECK_FILE, unseen.record())
+    return unseen
 
 
 def check(weights: Path, data: Sequence[str], *, smear: Path | None, seed: int = 0) -> dict:
@@ -413,7 +531,8 @@ def check(weights: Path, data: Sequence[str], *, smear: Path | None, seed: int =
 
     engine = load_engine(weights, threads=os.cpu_count())  # the engine users get
     split = engine.weights.split
-    samples, sources = _split_cells(data, split, ("test",))
+    part = "test" if split["test"] else "train"  # trained on every patient: see quality_folds
+    samples, sources = _split_cells(data, split, (part,))
     images = load_array([sources[s.path] for s in samples], size=engine.contract.input_size)
     probs, feats = _features(engine, images)
     quality = np.array(engine.gate(images, feats))
@@ -441,12 +560,16 @@ def check(weights: Path, data: Sequence[str], *, smear: Path | None, seed: int =
     goal = [k for kind, k in kinds.items() if kind not in BEYOND_GOAL]
     total, caught = sum(k["images"] for k in goal), sum(k["flagged"] for k in goal)
     uncertain = np.abs(probs - engine.contract.threshold) < REVIEW_BAND
+    unseen = {}
+    if part == "train":
+        unseen["unseen_cells"] = json.loads((Path(weights) / FOLDS_CHECK_FILE).read_text())
     return {
         "command": "python -m core.quality check",
         "gate": engine.gate.describe(),
-        "test_cells": {
+        **unseen,
+        f"{part}_cells": {
             "cells": int(len(samples)),
-            "patients": len(split["test"]),
+            "patients": len(split[part]),
             "flagged": int(flagged_cells.sum()),
             "share": float(flagged_cells.mean()),
             "reasons": pd.Series(quality[flagged_cells]).value_counts().to_dict(),
@@ -494,8 +617,26 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     try:
         if args.command == "calibrate":
+            from core.contract import ModelFolder
+
+            unseen = None
+            if not ModelFolder.open(args.weights).split["val"]:
+                unseen = fold_ratio(args.weights, args.data, quantile=args.quantile)
+                r = unseen.record()
+                print(
+                    f"fold runs: unseen patients' cells lie {unseen.ratio:.3f}x as far; at that "
+                    f"ratio {r['test_flagged']:,} of {r['test_cells']:,} cells "
+                    f"({r['test_share']:.2%}) flagged by a gate built without their patient",
+                    file=sys.stderr,
+                )
             for engine_name in ("onnx", "onnx-int8"):
-                calibrate(args.weights, args.data, quantile=args.quantile, engine_name=engine_name)
+                calibrate(
+                    args.weights,
+                    args.data,
+                    quantile=args.quantile,
+                    engine_name=engine_name,
+                    unseen=unseen,
+                )
             return 0
         result = check(args.weights, args.data, smear=args.smear)
     except (WeightsError, FileNotFoundError, ValueError) as exc:
@@ -504,19 +645,26 @@ def main(args: argparse.Namespace) -> int:
     from core.files import write_json
 
     write_json(Path(args.weights) / CHECK_FILE, result)
-    t, nc = result["test_cells"], result["non_cells"]
+    part = "test" if "test_cells" in result else "train"
+    t, nc = result[f"{part}_cells"], result["non_cells"]
     print(f"gate: {result['gate']}")
     print(
-        f"test patients' cells flagged: {t['flagged']:,} of {t['cells']:,} "
+        f"{part} patients' cells flagged: {t['flagged']:,} of {t['cells']:,} "
         f"({t['share']:.2%}) {t['reasons']}"
     )
+    if "unseen_cells" in result:
+        u = result["unseen_cells"]
+        print(
+            f"unseen patients' cells flagged (fold runs, cross-fitted): {u['test_flagged']:,} "
+            f"of {u['test_cells']:,} ({u['test_share']:.2%})"
+        )
     print(
         f"non-cell images flagged: {nc['flagged']:,} of {nc['images']:,} ({nc['share']:.1%}; "
         f"{', '.join(BEYOND_GOAL)} left out of this share)"
     )
     for kind, k in nc["kinds"].items():
         print(f"  {kind:13s} {k['flagged']:4d} / {k['images']:4d}  ({k['share']:.1%})")
-    print(f"test cells in the review band (±{t['review_band']}): {t['uncertain_share']:.2%}")
+    print(f"{part} cells in the review band (±{t['review_band']}): {t['uncertain_share']:.2%}")
     print(f"written to {Path(args.weights) / CHECK_FILE}")
     return 0
 

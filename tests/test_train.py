@@ -182,6 +182,21 @@ def test_folds_predict_every_cell_out_of_fold_then_train_the_final_model(cells_d
     from core.contract import find_models
 
     assert out.resolve() in find_models(out)
+    # no patient held out: the gate's limit comes from the fold runs, int8 is checked on the
+    # training cells less the calibration cells
+    from core import quality, quantize
+
+    assert quantize.main(["calibrate", str(out), "--data", str(cells_dir), "--cells", "8"]) == 0
+    calibrate = ["calibrate", "--weights", str(out), "--data", str(cells_dir)]
+    assert quality.main(quality.get_args_parser().parse_args(calibrate)) == 0
+    unseen = json.loads((out / quality.FOLDS_CHECK_FILE).read_text())
+    assert len(unseen["folds"]) == 2 and unseen["ratio"] > 0
+    assert unseen["test_cells"] == n_cells  # each cell once, by a gate built without it
+    for name in ("quality.npz", "quality_int8.npz"):
+        assert "training cells x" in quality.FeatureModel.load(out / name).held_out
+    assert quantize.main(["check", str(out), "--data", str(cells_dir)]) == 0
+    check = json.loads((out / "card.json").read_text())["int8"]["check"]
+    assert check["part"] == "train" and check["cells"] == n_cells - 8 and "note" in check
     for weights in out.glob("folds/fold*/model.safetensors"):
         weights.unlink()  # shipped fold records keep no weights: then they are not offered
     assert find_models(out) == [out.resolve()]

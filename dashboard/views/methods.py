@@ -10,7 +10,9 @@ st.title("Heatmap check: which explanations find the parasite")
 model = ui.current_model()
 folder, sha = model.path, model.sha256
 table_path, summary_path = model.explain_check()
-command = f"python -m core.explain_check --weights {ui.model_label(folder)}"
+command = f"python -m core.explain_check --weights {ui.model_label(folder)}" + (
+    "" if model.split["test"] else " --split oof"
+)
 if not table_path.is_file() or not summary_path.is_file():
     st.info(
         f"This model has no heatmap check yet. Compute it (tens of minutes on a CPU) with "
@@ -33,10 +35,17 @@ if summary.get("model_sha256") != sha:
         f"recompute it with `{command}`."
     )
 
+cells = (
+    f"**{summary['parasitized_cells']:,} Parasitized cells of {summary['cases']} test "
+    "patients** the model never saw in training"
+    if summary["split"] != "oof"
+    else f"**{summary['parasitized_cells']:,} Parasitized development cells of "
+    f"{summary['cases']} patients**: this model was trained on every patient, so these are "
+    "cells it learnt (the heatmaps of models that never saw them are in the README)"
+)
 st.markdown(
-    f"Every method at every stage of the network, on the **{summary['parasitized_cells']:,} "
-    f"Parasitized cells of {summary['cases']} test patients** the model never saw in "
-    "training. A colour rule that knows nothing of the network locates the stained parasite "
+    f"Every method at every stage of the network, on the {cells}. A colour rule that knows "
+    "nothing of the network locates the stained parasite "
     f"(it finds one in {summary['locator_found_parasitized']:.0%} of Parasitized and "
     f"{summary['locator_found_uninfected']:.0%} of Uninfected cells); the "
     f"{summary['cells_checked']:,} cells where it does are the ones checked. **Pointing** is "
