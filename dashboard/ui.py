@@ -236,6 +236,14 @@ _METRICS = (
 )
 
 
+def kept_weights(card: dict) -> str | None:
+    """Which weights a training run kept: an epoch and why, or the mean of several epochs."""
+    if card.get("config", {}).get("average_from"):
+        return card.get("selected_by")
+    best = card.get("best_epoch")
+    return f"epoch {best} ({card.get('selected_by')})" if best else None
+
+
 def show_card(card: dict) -> None:
     """A model card as tables a person reads (what the model is, how it scored on each split,
     its contract and training settings), not as raw JSON."""
@@ -245,9 +253,7 @@ def show_card(card: dict) -> None:
         "architecture": card.get("arch"),
         "created": str(card.get("created", ""))[:16].replace("T", " "),
         "weights sha256": card.get("sha256"),
-        "kept epoch": f"{card.get('best_epoch')} ({card.get('selected_by')})"
-        if card.get("best_epoch")
-        else None,
+        "kept weights": kept_weights(card),
         "patients (train / validation / test)": " / ".join(
             str(len(split.get(k, []))) for k in ("train", "val", "test")
         )

@@ -89,7 +89,8 @@ for i, run in enumerate(picked):
             col=1,
         )
     best = cards[run].get("best_epoch")
-    if best is not None:  # the epoch whose weights were kept
+    averaged = cards[run].get("config", {}).get("average_from")
+    if best is not None:  # the epoch whose weights were kept (or the last one averaged)
         saved = h[h["epoch"] == best]
         fig.add_trace(
             go.Scatter(
@@ -97,7 +98,9 @@ for i, run in enumerate(picked):
                 y=saved["val_loss"],
                 mode="markers",
                 marker=dict(color=color, size=14, symbol="star"),
-                name=f"{name} · saved epoch {best}",
+                name=f"{name} · mean of epochs {averaged}-{best}"
+                if averaged
+                else f"{name} · saved epoch {best}",
                 legendgroup=name,
             ),
             row=1,
