@@ -358,7 +358,7 @@ def test_evaluate_shows_the_out_of_fold_predictions_first(app, own_model, cells_
     import shutil
 
     _audited(own_model, cells_dir, set())
-    shutil.copy(ROOT / "weights/default/test_predictions.csv", own_model)
+    shutil.copy(ROOT / "weights/cv5/folds/fold0/test_predictions.csv", own_model)
     app.switch_page("views/evaluate.py").run()
     assert not _errors(app), _errors(app)
     [data] = [r for r in app.radio if r.label == "Data"]
@@ -376,7 +376,7 @@ def test_evaluate_shows_the_out_of_fold_predictions_first(app, own_model, cells_
     assert len(app.get("image")) == 2 * 12
     data.set_value(data.options[1]).run()
     assert not _errors(app), _errors(app)
-    assert any("1,817 cells from 15 patients" in c.value for c in app.caption)
+    assert any("2,570 cells from 20 patients" in c.value for c in app.caption)
 
 
 def test_training_page_draws_the_fold_runs_beside_the_final_run(app, own_model):
