@@ -96,7 +96,8 @@ def _cluster_cpus(ray: ModuleType) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _schemas() -> tuple[Any, Any]:
+def schemas() -> tuple[Any, Any]:
+    """The Arrow schemas of what goes to the actors (source records) and comes back (rows)."""
     import pyarrow as pa
 
     sources = pa.schema(
@@ -125,7 +126,7 @@ class _ScoreBatches:
         from threadpoolctl import threadpool_limits
 
         self.engine, self.threshold = engine, threshold
-        self.row_schema = _schemas()[1]
+        self.row_schema = schemas()[1]
         # one batch per actor and one actor per CPU: BLAS threads would oversubscribe
         threadpool_limits(limits=1, user_api="blas")
 
@@ -165,7 +166,7 @@ class RayScorer:
         seen = {} if seen is None else seen
         if not sources:
             return
-        source_schema = _schemas()[0]
+        source_schema = schemas()[0]
         # one block per batch: the unit an actor takes, and of the order kept on the way back
         n_blocks = -(-len(sources) // batch_size)
         blocks = ray.data.from_arrow(
