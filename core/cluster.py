@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import ModuleType
@@ -70,6 +71,8 @@ def connect(address: str = LOCAL, *, cpus: int | None = None) -> Iterator[str]:
     if ray.is_initialized():
         yield _describe(ray)
         return
+    if address not in (LOCAL, "auto"):
+        _check_reachable(address)
     try:
         if address == LOCAL:
             ray.init(
@@ -85,6 +88,19 @@ def connect(address: str = LOCAL, *, cpus: int | None = None) -> Iterator[str]:
         yield _describe(ray)
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str, *, timeout: float = 5.0) -> None:
+    """Raise ClusterError unless something answers at HOST:PORT: ``ray.init`` would retry an
+    address where nothing listens for minutes before giving up."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"nothing answers at {address} ({exc}): is `ray start --head` running there, and "
+            "is its port open to this machine?"
+        ) from None
 
 
 def _describe(ray: ModuleType) -> str:
