@@ -76,6 +76,7 @@ def connect(address: str = LOCAL, *, cpus: int | None = None) -> Iterator[str]:
     try:
         if address == LOCAL:
             ray.init(
+                address="local",  # a new cluster, even beside one `ray start` left running
                 num_cpus=cpus or os.cpu_count() or 1,
                 include_dashboard=False,
                 logging_level=logging.WARNING,

@@ -656,7 +656,16 @@ def _main(args: argparse.Namespace) -> int:
             raise OutputError("--out and --summary name the same file")
     except OutputError as exc:
         return _fail(str(exc))
-    with ResultStore(args.store) as store:
+    scorer: BatchScorer = iter_scored
+    on = ExitStack()  # with --ray: the cluster, joined before anything is stored
+    if args.ray is not None:
+        try:
+            where = on.enter_context(cluster.connect(args.ray))
+        except cluster.ClusterError as exc:
+            return _fail(str(exc))
+        print(f"scoring on a {where}", file=sys.stderr)
+        scorer = cluster.RayScorer(actors=args.ray_actors)
+    with on, ResultStore(args.store) as store:
         try:
             if args.resume:
                 info = store.run(args.resume)
@@ -681,62 +690,52 @@ def _main(args: argparse.Namespace) -> int:
         except (FileNotFoundError, WeightsError, ValueError, StoreError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        scorer: BatchScorer = iter_scored
-        on = ExitStack()  # with --ray: the cluster, joined before a run is recorded
-        if args.ray is not None:
-            try:
-                where = on.enter_context(cluster.connect(args.ray))
-            except cluster.ClusterError as exc:
-                return _fail(str(exc))
-            print(f"scoring on a {where}", file=sys.stderr)
-            scorer = cluster.RayScorer(actors=args.ray_actors)
-        with on:
-            if run_id is None:
-                run_id = store.new_run(
-                    inputs=inputs,
-                    weights=str(engine.folder.resolve()),
-                    weights_sha256=engine.sha256,
-                    threshold=threshold,
-                    engine=engine.name,
-                    kind="files",
-                    name=args.name,
-                    sample=args.sample,
-                    operator=args.operator,
-                )
-            store.set_total(run_id, len(sources))
-            done = store.done_paths(run_id)
-            todo = [s for s in sources if s.path not in done]
+        if run_id is None:
+            run_id = store.new_run(
+                inputs=inputs,
+                weights=str(engine.folder.resolve()),
+                weights_sha256=engine.sha256,
+                threshold=threshold,
+                engine=engine.name,
+                kind="files",
+                name=args.name,
+                sample=args.sample,
+                operator=args.operator,
+            )
+        store.set_total(run_id, len(sources))
+        done = store.done_paths(run_id)
+        todo = [s for s in sources if s.path not in done]
+        print(
+            f"run {run_id}: {len(sources)} images, {len(done)} already stored, "
+            f"{len(todo)} to score ({engine.name} engine); quality gate: "
+            f"{engine.gate.describe()}",
+            file=sys.stderr,
+        )
+        bar = tqdm(total=len(todo), unit="img", disable=args.no_progress, smoothing=0.1)
+        try:
+            score_sources(
+                todo,
+                engine,
+                store=store,
+                run_id=run_id,
+                threshold=threshold,
+                collect=False,
+                batch_size=args.batch_size,
+                progress=lambda d, _t: bar.update(d - bar.n),
+                scorer=scorer,
+            )
+        except cluster.ClusterError as exc:
+            bar.close()
+            return _fail(f"{exc}; results so far are kept: continue with --resume {run_id}")
+        except KeyboardInterrupt:
+            bar.close()
             print(
-                f"run {run_id}: {len(sources)} images, {len(done)} already stored, "
-                f"{len(todo)} to score ({engine.name} engine); quality gate: "
-                f"{engine.gate.describe()}",
+                f"\ninterrupted: results so far are kept in {store.path}; "
+                f"continue with --resume {run_id}",
                 file=sys.stderr,
             )
-            bar = tqdm(total=len(todo), unit="img", disable=args.no_progress, smoothing=0.1)
-            try:
-                score_sources(
-                    todo,
-                    engine,
-                    store=store,
-                    run_id=run_id,
-                    threshold=threshold,
-                    collect=False,
-                    batch_size=args.batch_size,
-                    progress=lambda d, _t: bar.update(d - bar.n),
-                    scorer=scorer,
-                )
-            except cluster.ClusterError as exc:
-                bar.close()
-                return _fail(f"{exc}; results so far are kept: continue with --resume {run_id}")
-            except KeyboardInterrupt:
-                bar.close()
-                print(
-                    f"\ninterrupted: results so far are kept in {store.path}; "
-                    f"continue with --resume {run_id}",
-                    file=sys.stderr,
-                )
-                return 130
-            bar.close()
+            return 130
+        bar.close()
         store.finish(run_id)
 
         def reviewed() -> Iterator[pd.DataFrame]:

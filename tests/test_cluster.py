@@ -32,7 +32,7 @@ def ray_cluster():
     ray = pytest.importorskip(
         "ray", reason="the cluster extra: pip install -r requirements-cluster.lock"
     )
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
 
