@@ -3,11 +3,13 @@
     python -m core.score INPUT... --out results.csv [--summary summary.csv] [--weights DIR]
                          [--threshold T] [--engine onnx-int8|onnx|torch] [--group-by case|folder]
                          [--resume RUN_ID] [--store results.sqlite] [--follow-links]
+                         [--ray [local|auto|HOST:PORT] [--ray-actors N]]
 
 INPUT is image files, folders (searched recursively) or zips (nested zips one level deep).
 Decoding runs in worker threads while the model runs on the previous batch; results are
 committed to the result store batch by batch, so an interrupted run keeps what it scored and
-``--resume RUN_ID`` scores only what is missing.
+``--resume RUN_ID`` scores only what is missing. ``--ray`` runs the same batches on a Ray
+cluster (core.cluster).
 
 Exit status: 0 every image scored; 1 some images gave error rows (all others are scored);
 2 bad arguments, missing inputs, unusable weights, an unwritable output, an unusable result
