@@ -3,6 +3,7 @@
 # make lint   ruff (lint + format check) and mypy
 # make bench  measure scoring, explanation and Score-page speed on this machine
 # make lock   re-resolve requirements*.in into the exact requirements*.lock
+# The cluster extra (Ray, for `core.score --ray`) comes with the test tools, not with `make run`.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -27,8 +28,8 @@ $(STAMP): requirements.lock pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-$(TESTSTAMP): $(STAMP) requirements-test.lock
-	$(BIN)/pip install --quiet -r requirements-test.lock
+$(TESTSTAMP): $(STAMP) requirements-test.lock requirements-cluster.lock
+	$(BIN)/pip install --quiet -r requirements-test.lock -r requirements-cluster.lock
 	touch $(TESTSTAMP)
 
 run: setup
@@ -48,6 +49,8 @@ lock:
 	  --output-file requirements.lock requirements.in
 	$(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links \
 	  --output-file requirements-test.lock requirements-test.in
+	$(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links \
+	  --output-file requirements-cluster.lock requirements-cluster.in
 
 # Debian's Chromium for the real-browser test (Playwright cannot download browsers here).
 # Without root or apt the test skips and says why.
@@ -61,6 +64,7 @@ bench: setup-test browser
 	$(BIN)/python -m bench --data $(DATA)
 	$(BIN)/python -m bench.ui --data $(DATA)
 	$(BIN)/python -m bench.gate --data $(DATA)
+	$(BIN)/python -m bench.ray --data $(DATA)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

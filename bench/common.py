@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -45,9 +46,13 @@ def subset(folder: Path, n: int, out: Path) -> Path:
     return out
 
 
-def score_cli(inputs: Path, weights: Path, tmp: Path, engine: str = "onnx") -> dict:
-    """Run ``python -m core.score`` as a fresh process; wall time, rate, peak RSS, outputs."""
-    out, summary = tmp / f"r_{engine}_{inputs.name}.csv", tmp / f"s_{engine}_{inputs.name}.csv"
+def score_cli(
+    inputs: Path, weights: Path, tmp: Path, engine: str = "onnx", extra: Sequence[str] = ()
+) -> dict:
+    """Run ``python -m core.score`` as a fresh process (``extra``: more arguments); wall time,
+    rate, peak RSS of that process, outputs."""
+    tag = "_".join([engine, *(a.strip("-=") for a in extra), inputs.name])
+    out, summary = tmp / f"r_{tag}.csv", tmp / f"s_{tag}.csv"
     cmd = [
         sys.executable,
         "-c",
@@ -64,6 +69,7 @@ def score_cli(inputs: Path, weights: Path, tmp: Path, engine: str = "onnx") -> d
         "--no-progress",
         "--store",
         str(tmp / "bench.sqlite"),
+        *extra,
     ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -3,11 +3,13 @@
     python -m core.score INPUT... --out results.csv [--summary summary.csv] [--weights DIR]
                          [--threshold T] [--engine onnx-int8|onnx|torch] [--group-by case|folder]
                          [--resume RUN_ID] [--store results.sqlite] [--follow-links]
+                         [--ray [local|auto|HOST:PORT] [--ray-actors N]]
 
 INPUT is image files, folders (searched recursively) or zips (nested zips one level deep).
 Decoding runs in worker threads while the model runs on the previous batch; results are
 committed to the result store batch by batch, so an interrupted run keeps what it scored and
-``--resume RUN_ID`` scores only what is missing.
+``--resume RUN_ID`` scores only what is missing. ``--ray`` runs the same batches on a Ray
+cluster (core.cluster).
 
 Exit status: 0 every image scored; 1 some images gave error rows (all others are scored);
 2 bad arguments, missing inputs, unusable weights, an unwritable output, an unusable result
@@ -28,9 +30,11 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -206,23 +210,37 @@ class OnnxEngine(Engine):
     def __init__(
         self, folder: Path, *, threads: int | None = None, memory_arena: bool = True
     ) -> None:
+        self.weights = ModelFolder.open(folder)
+        self.graph = self._graph()
+        self._threads, self._memory_arena = threads or 1, memory_arena
+        self.session = self._session()
+        self.gate = Gate.for_model(self.folder, self.sha256, self.name)
+
+    def _session(self) -> Any:  # onnxruntime.InferenceSession
         import onnxruntime as ort
 
-        self.weights = ModelFolder.open(folder)
-        graph = self._graph()
         opts = ort.SessionOptions()
         # One thread per session.run: the pipeline runs one batch per core in parallel, which
         # beats splitting each batch across cores.
-        opts.intra_op_num_threads = threads or 1
+        opts.intra_op_num_threads = self._threads
         opts.inter_op_num_threads = 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # The arena keeps the largest batch's buffers (about 340 MB for two concurrent batches
         # of 64) for the session's life; without it they are freed after each batch, which a
         # long-lived server wants and which costs a few percent of speed.
-        opts.enable_cpu_mem_arena = memory_arena
-        self.session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
-        self.gate = Gate.for_model(self.folder, self.sha256, self.name)
+        opts.enable_cpu_mem_arena = self._memory_arena
+        return ort.InferenceSession(self.graph, opts, providers=["CPUExecutionProvider"])
+
+    # Pickled for another process (a Ray actor, core.cluster): the graph's bytes, the gate and
+    # the settings travel, and the session is built there, so that process needs neither the
+    # model folder nor this machine's export cache.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "session"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.session = self._session()
 
     def _graph(self) -> bytes:
         return _cached_export(self.folder, self.sha256, self.contract)
@@ -329,7 +347,7 @@ class _Decoded:
     digests: dict[int, str]  # sha256 of the bytes of each source that could be read
 
 
-def _decode_batch(sources: tuple[ImageSource, ...], size: int) -> _Decoded:
+def _decode_batch(sources: Sequence[ImageSource], size: int) -> _Decoded:
     images, ok, errors, digests = [], [], {}, {}
     for i, src in enumerate(sources):
         try:
@@ -340,7 +358,7 @@ def _decode_batch(sources: tuple[ImageSource, ...], size: int) -> _Decoded:
         except ImageError as exc:
             errors[i] = str(exc)
     arr = np.stack(images) if images else np.empty((0, size, size, 3), np.uint8)
-    return _Decoded(sources, arr, tuple(ok), errors, digests)
+    return _Decoded(tuple(sources), arr, tuple(ok), errors, digests)
 
 
 def _rows(
@@ -379,7 +397,10 @@ def mark_duplicates(rows: list[dict], seen: dict[str, str]) -> None:
             row.update(duplicate_of=first, prob_parasitized=None, prediction=None)
 
 
-def _score_batch(sources: tuple[ImageSource, ...], engine: Engine, threshold: float) -> list[dict]:
+def score_batch(sources: Sequence[ImageSource], engine: Engine, threshold: float) -> list[dict]:
+    """Read, decode and score one batch: one row per source (RESULT_COLUMNS and ``sha256``),
+    in order, duplicates not yet marked (:func:`mark_duplicates`). What runs in each of
+    iter_scored's threads, and in each actor of a cluster (core.cluster)."""
     decoded = _decode_batch(sources, engine.contract.input_size)
     if not decoded.ok:
         return _rows(decoded, np.empty(0, np.float32), [], threshold)
@@ -423,7 +444,7 @@ def iter_scored(
                 chunk = tuple(islice(it, batch_size))
                 if not chunk:
                     break
-                pending.append(pool.submit(_score_batch, chunk, engine, threshold))
+                pending.append(pool.submit(score_batch, chunk, engine, threshold))
             if not pending:
                 return
             rows = pending.popleft().result()
@@ -432,6 +453,12 @@ def iter_scored(
     finally:  # also on Ctrl-C or an abandoned generator: drop queued batches, don't wait
         pool.shutdown(wait=True, cancel_futures=True)
         blas.restore_original_limits()
+
+
+# What turns sources into batches of result rows, in input order, duplicates marked against
+# ``seen``, called as iter_scored(sources, engine, threshold=, batch_size=, seen=): iter_scored
+# on this machine, core.cluster.RayScorer on a Ray cluster.
+BatchScorer = Callable[..., Iterator[list[dict]]]
 
 
 def score_sources(
@@ -444,8 +471,10 @@ def score_sources(
     progress: Progress | None = None,
     collect: bool = True,
     batch_size: int = 64,
+    scorer: BatchScorer = iter_scored,
 ) -> pd.DataFrame | None:
-    """Score ``sources``, saving each batch to ``store`` under ``run_id`` when given.
+    """Score ``sources`` with ``scorer``, saving each batch to ``store`` under ``run_id`` when
+    given.
 
     Returns a DataFrame with RESULT_COLUMNS (one row per source, in input order) when
     ``collect``, else None (the store holds the results). ``progress(done, total)`` is called
@@ -455,9 +484,7 @@ def score_sources(
     rows: list[dict] = []
     done, total = 0, len(sources)
     seen = store.digests(run_id) if store is not None and run_id is not None else {}
-    for batch in iter_scored(
-        sources, engine, threshold=threshold, batch_size=batch_size, seen=seen
-    ):
+    for batch in scorer(sources, engine, threshold=threshold, batch_size=batch_size, seen=seen):
         if store is not None and run_id is not None:
             store.add_results(run_id, batch)
         if collect:
@@ -577,6 +604,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="a name for the run (the dashboard lists runs by it)")
     p.add_argument("--sample", help="free text: the sample, slide or patient scored")
     p.add_argument("--operator", help="free text: who ran it")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="score on a Ray cluster (an optional extra: requirements-cluster.lock): local "
+        "(the default) starts one on this machine for the run; auto, HOST:PORT or "
+        "ray://HOST:PORT joins a running one, whose machines see INPUT at the same paths",
+    )
+    p.add_argument(
+        "--ray-actors",
+        type=_positive_int,
+        help="with --ray: scoring actors, one CPU each (default: one per CPU of the cluster)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -597,6 +638,14 @@ def main(args: argparse.Namespace) -> int:
 def _main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from core import cluster
+
+    if args.ray is not None:  # before anything is scored or stored
+        try:
+            cluster.check_address(args.ray)
+            cluster.require_ray()
+        except (ValueError, cluster.ClusterError) as exc:
+            return _fail(str(exc))
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         return _fail(f"--threshold must be in [0, 1], got {args.threshold}")
     if not 0 <= args.band <= 0.5:
@@ -609,7 +658,16 @@ def _main(args: argparse.Namespace) -> int:
             raise OutputError("--out and --summary name the same file")
     except OutputError as exc:
         return _fail(str(exc))
-    with ResultStore(args.store) as store:
+    scorer: BatchScorer = iter_scored
+    on = ExitStack()  # with --ray: the cluster, joined before anything is stored
+    if args.ray is not None:
+        try:
+            where = on.enter_context(cluster.connect(args.ray))
+        except cluster.ClusterError as exc:
+            return _fail(str(exc))
+        print(f"scoring on a {where}", file=sys.stderr)
+        scorer = cluster.RayScorer(actors=args.ray_actors)
+    with on, ResultStore(args.store) as store:
         try:
             if args.resume:
                 info = store.run(args.resume)
@@ -666,7 +724,11 @@ def _main(args: argparse.Namespace) -> int:
                 collect=False,
                 batch_size=args.batch_size,
                 progress=lambda d, _t: bar.update(d - bar.n),
+                scorer=scorer,
             )
+        except cluster.ClusterError as exc:
+            bar.close()
+            return _fail(f"{exc}; results so far are kept: continue with --resume {run_id}")
         except KeyboardInterrupt:
             bar.close()
             print(

@@ -7,16 +7,17 @@ ImageError, so it shows up as an error row beside the images that were scored.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import os
 import re
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from core.images import ImageError
+from core.images import ImageError, read_bytes
 from core.labels import ZIP_SEP, as_posix, file_name
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
@@ -36,6 +37,9 @@ class ImageSource:
     path: str
     read: Callable[[], bytes]
     name: str = ""  # empty: the last component of path
+    # Where another process can read it again (``reader``): the file, then the zip members
+    # leading to it. Empty for what only this process holds: uploads and error sources.
+    origin: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -68,22 +72,33 @@ def _unsupported(path: str, name: str = "") -> ImageSource:
 
 
 def _open_zip(
-    data: Path | io.BytesIO, path: str, *, depth: int = 0, name: str = ""
+    data: Path | io.BytesIO,
+    path: str,
+    *,
+    depth: int = 0,
+    name: str = "",
+    origin: tuple[str, ...] = (),
 ) -> Iterator[ImageSource]:
     try:
         zf = zipfile.ZipFile(data)
     except Exception as exc:  # BadZipFile, OSError, bad name encodings, ...: one error row
         yield _error_source(path, f"not a readable zip archive: {exc}", name)
         return
-    yield from _zip_sources(zf, path, depth=depth)
+    yield from _zip_sources(zf, path, depth=depth, origin=origin)
 
 
 def _zip_or_note(
-    data: Path | io.BytesIO, path: str, *, depth: int = 0, name: str = ""
+    data: Path | io.BytesIO,
+    path: str,
+    *,
+    depth: int = 0,
+    name: str = "",
+    origin: tuple[str, ...] = (),
 ) -> Iterator[ImageSource]:
-    """The zip's sources, or one error source saying it holds none (so it is not lost)."""
+    """The zip's sources, or one error source saying it holds none (so it is not lost).
+    ``origin``: the zip's own (ImageSource.origin), () for one only this process holds."""
     empty = True
-    for source in _open_zip(data, path, depth=depth, name=name):
+    for source in _open_zip(data, path, depth=depth, name=name, origin=origin):
         empty = False
         yield source
     if empty:
@@ -122,7 +137,9 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     return bytes(out)
 
 
-def _zip_sources(zf: zipfile.ZipFile, prefix: str, *, depth: int = 0) -> Iterator[ImageSource]:
+def _zip_sources(
+    zf: zipfile.ZipFile, prefix: str, *, depth: int = 0, origin: tuple[str, ...] = ()
+) -> Iterator[ImageSource]:
     """Members of an open zip, sorted. Nested zips are opened one level down at most."""
     for info in sorted(zf.infolist(), key=lambda i: i.filename):
         name = info.filename
@@ -132,6 +149,7 @@ def _zip_sources(zf: zipfile.ZipFile, prefix: str, *, depth: int = 0) -> Iterato
             continue
         path = f"{prefix}{ZIP_SEP}{name}"
         member = file_name(name)
+        at = (*origin, name) if origin else ()
         suffix = PurePosixPath(name).suffix.lower()
         if suffix == ".zip" and depth < 1:
             try:
@@ -139,13 +157,13 @@ def _zip_sources(zf: zipfile.ZipFile, prefix: str, *, depth: int = 0) -> Iterato
             except ImageError as exc:
                 yield _error_source(path, str(exc), member)
                 continue
-            yield from _zip_or_note(inner, path, depth=depth + 1, name=member)
+            yield from _zip_or_note(inner, path, depth=depth + 1, name=member, origin=at)
         elif suffix == ".zip":
             yield _error_source(
                 path, "a zip inside a zip inside a zip: only one level of nesting is opened", member
             )
         elif suffix in IMAGE_SUFFIXES:
-            yield ImageSource(path, _member_reader(zf, info), member)
+            yield ImageSource(path, _member_reader(zf, info), member, at)
         elif suffix in UNSUPPORTED_SUFFIXES:
             yield _unsupported(path, member)
 
@@ -227,10 +245,10 @@ def _folder_sources(root: Path, *, follow_links: bool) -> Iterator[ImageSource]:
                 yield _error_source(str(path), why)
         elif suffix == ".zip":
             found = True
-            yield from _zip_or_note(path, str(path))
+            yield from _zip_or_note(path, str(path), origin=(str(path),))
         elif suffix in IMAGE_SUFFIXES:
             found = True
-            yield ImageSource(str(path), _file_reader(path))
+            yield ImageSource(str(path), _file_reader(path), origin=(str(path),))
         elif suffix in UNSUPPORTED_SUFFIXES:
             found = True
             yield _unsupported(str(path))
@@ -264,9 +282,9 @@ def iter_sources(
                 str(root), "not a regular file or folder (a FIFO, socket or device); not read"
             )
         elif root.suffix.lower() == ".zip":
-            yield from _zip_or_note(root, str(root))
+            yield from _zip_or_note(root, str(root), origin=(str(root),))
         else:
-            yield ImageSource(str(root), _file_reader(root))
+            yield ImageSource(str(root), _file_reader(root), origin=(str(root),))
 
 
 def sources_from_uploads(items: Iterable[tuple[str, bytes]]) -> list[ImageSource]:
@@ -304,13 +322,72 @@ def unique_paths(sources: Iterable[ImageSource]) -> list[ImageSource]:
     for src in sources:
         n = seen.get(src.path, 0) + 1
         seen[src.path] = n
-        out.append(src if n == 1 else ImageSource(f"{src.path}#{n}", src.read, src.name))
+        out.append(src if n == 1 else dataclasses.replace(src, path=f"{src.path}#{n}"))
     return out
 
 
 @functools.lru_cache(maxsize=4)
 def _cached_zip(path: str, mtime_ns: int, size: int) -> zipfile.ZipFile:
     return zipfile.ZipFile(path)  # keyed by mtime and size: a replaced zip is reopened
+
+
+@functools.lru_cache(maxsize=4)
+def _nested_zip(outer: zipfile.ZipFile, members: tuple[str, ...]) -> zipfile.ZipFile:
+    """The zip reached from ``outer`` through ``members`` (zips inside it), inflated once."""
+    zf = outer
+    for inner in members:
+        zf = zipfile.ZipFile(io.BytesIO(_read_member(zf, zf.getinfo(inner))))
+    return zf
+
+
+def _zip_at(chain: Sequence[str]) -> zipfile.ZipFile:
+    """The zip file ``chain[0]`` on disk, or a zip inside it (``chain[1:]``), kept open."""
+    path = Path(chain[0])
+    st = path.stat()
+    zf = _cached_zip(str(path.resolve()), st.st_mtime_ns, st.st_size)
+    return _nested_zip(zf, tuple(chain[1:])) if len(chain) > 1 else zf
+
+
+def reader(origin: Sequence[str]) -> Callable[[], bytes]:
+    """Reads the source at ``origin`` (``ImageSource.origin``) again, in this process or in
+    another one that sees the same files (a cluster's workers): the file, or the member reached
+    through the zips named, with the same limits as when it was found. Opening happens on the
+    call, so a file gone since becomes an ImageError from ``core.images.read_bytes``."""
+    if not origin:
+        raise ValueError("this source has no origin (an upload or an error): read it where it is")
+
+    def read() -> bytes:
+        if len(origin) == 1:
+            return _file_reader(Path(origin[0]))()
+        zf = _zip_at(origin[:-1])
+        return _read_member(zf, zf.getinfo(origin[-1]))
+
+    return read
+
+
+def to_record(src: ImageSource) -> dict:
+    """The source as plain values (``path``, ``name``, ``origin``, ``data``, ``error``) that
+    another process rebuilds it from (:func:`from_record`). A source with an origin is read
+    there; one without (an upload in memory, an error source) is read here: ``data`` holds its
+    bytes, or ``error`` why it cannot be read."""
+    record: dict[str, object] = {"path": src.path, "name": src.name, "origin": list(src.origin)}
+    record["data"] = record["error"] = None
+    if not src.origin:
+        try:
+            record["data"] = read_bytes(src)
+        except ImageError as exc:
+            record["error"] = str(exc)
+    return record
+
+
+def from_record(record: Mapping) -> ImageSource:
+    """The source :func:`to_record` described; it reads its file or zip member on demand."""
+    path, name, origin = record["path"], record["name"], tuple(record["origin"] or ())
+    if origin:
+        return ImageSource(path, reader(origin), name, origin)
+    if record["error"] is not None:
+        return _error_source(path, record["error"], name)
+    return ImageSource(path, _bytes_reader(record["data"]), name)
 
 
 def open_source(key: str) -> ImageSource:
@@ -322,15 +399,12 @@ def open_source(key: str) -> ImageSource:
         path = Path(key)
         if not path.is_file():
             raise FileNotFoundError(f"{key} not found")
-        return ImageSource(key, _file_reader(path))
+        return ImageSource(key, _file_reader(path), origin=(key,))
     if not Path(parts[0]).is_file():
         raise FileNotFoundError(f"{parts[0]} not found")
-    st = Path(parts[0]).stat()
-    zf = _cached_zip(str(Path(parts[0]).resolve()), st.st_mtime_ns, st.st_size)
     try:
-        for inner in parts[1:-1]:
-            zf = zipfile.ZipFile(io.BytesIO(_read_member(zf, zf.getinfo(inner))))
+        zf = _zip_at(parts[:-1])
         info = zf.getinfo(parts[-1])
     except (KeyError, zipfile.BadZipFile, ImageError):
         raise FileNotFoundError(f"{key} not found in its zip") from None
-    return ImageSource(key, _member_reader(zf, info), file_name(parts[-1]))
+    return ImageSource(key, _member_reader(zf, info), file_name(parts[-1]), tuple(parts))
