@@ -29,6 +29,25 @@ def _train_args(cells_dir, out, *extra):
     )
 
 
+def _interrupted_then_resumed(cells_dir, out, monkeypatch, *extra) -> None:
+    """Train ``out`` with ``extra``, killed during epoch 2's validation (the checkpoint holds
+    epoch 1), then resume it to the end."""
+    real_evaluate, calls = core.train.evaluate, []
+
+    def evaluate_then_die(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **kw)
+
+    monkeypatch.setattr(core.train, "evaluate", evaluate_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(_train_args(cells_dir, out, *extra))
+    assert len(pd.read_csv(out / "history.csv")) == 1
+    monkeypatch.setattr(core.train, "evaluate", real_evaluate)
+    train.main(_train_args(cells_dir, out, *extra, "--resume"))
+
+
 def test_one_tiny_epoch_writes_history_card_weights_and_predictions(cells_dir, tmp_path):
     out = tmp_path / "run"
     card = train.main(_train_args(cells_dir, out, "--epochs", "1"))
@@ -71,20 +90,7 @@ def test_interrupted_training_resumes_where_it_stopped(cells_dir, tmp_path, monk
     straight = tmp_path / "straight"
     train.main(_train_args(cells_dir, straight, "--epochs", "2"))
     out = tmp_path / "run"
-    real_evaluate, calls = core.train.evaluate, []
-
-    def evaluate_then_die(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:  # during epoch 2's validation
-            raise KeyboardInterrupt
-        return real_evaluate(*a, **kw)
-
-    monkeypatch.setattr(core.train, "evaluate", evaluate_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(_train_args(cells_dir, out, "--epochs", "2"))
-    assert len(pd.read_csv(out / "history.csv")) == 1
-    monkeypatch.setattr(core.train, "evaluate", real_evaluate)
-    train.main(_train_args(cells_dir, out, "--epochs", "2", "--resume"))
+    _interrupted_then_resumed(cells_dir, out, monkeypatch, "--epochs", "2")
     resumed, reference = pd.read_csv(out / "history.csv"), pd.read_csv(straight / "history.csv")
     assert resumed["epoch"].tolist() == [1, 2]
     # same optimiser, schedule and random state: the resumed epoch 2 is the uninterrupted one
@@ -251,19 +257,8 @@ def test_averaged_run_keeps_the_mean_and_resumes_to_the_same_weights(
     assert all(torch.equal(kept[k], averaged[k]) for k in averaged)
     assert not all(torch.equal(kept[k], v) for k, v in load_file(straight / train.BEST).items())
 
-    out, real_evaluate, calls = tmp_path / "run", core.train.evaluate, []
-
-    def evaluate_then_die(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:  # during epoch 2's validation: the checkpoint holds epoch 1's mean
-            raise KeyboardInterrupt
-        return real_evaluate(*a, **kw)
-
-    monkeypatch.setattr(core.train, "evaluate", evaluate_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(_train_args(cells_dir, out, *extra))
-    monkeypatch.setattr(core.train, "evaluate", real_evaluate)
-    train.main(_train_args(cells_dir, out, *extra, "--resume"))
+    out = tmp_path / "run"  # its checkpoint holds epoch 1's mean when it is killed
+    _interrupted_then_resumed(cells_dir, out, monkeypatch, *extra)
     resumed = load_file(out / "model.safetensors")
     for name, value in kept.items():
         assert torch.allclose(resumed[name].double(), value.double(), atol=1e-5), name
