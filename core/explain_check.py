@@ -177,7 +177,7 @@ def check_model(
         )
         for m, layer in tqdm(jobs, desc="method x stage", disable=not progress)
     ]
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=list(rows[0]) if rows else ["method", "layer"])
     table["default"] = (table["method"] == DEFAULT_METHOD) & (table["layer"] == c.target_layer)
     default = explain(
         loaded, cells.images, target="predicted", faithfulness=False, net=net, stains=cells.stains
@@ -210,6 +210,24 @@ def check_model(
         },
     }
     return table, summary
+
+
+def default_pointing(folder: Path) -> dict:
+    """The default map's pointing on a model folder's test split, written beside it
+    (``explain_check.json``, no method table): cheap enough to run after every fold model, on the
+    patients it never saw. A split without a located parasite checks no cell."""
+    try:
+        _, summary = check_model(folder, road_cells=0, methods=(), progress=False)
+    except ValueError as e:
+        summary = {
+            "split": "test",
+            "cells_checked": 0,
+            "default": {"pointing": None},
+            "note": str(e),
+        }
+    summary["command"] = "python -m core.folds (after the fold model: the default map only)"
+    write_json(explain_check_paths(folder)[1], summary)
+    return summary
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -17,12 +17,14 @@ Interrupted runs go on with ``--resume``: finished folds are kept, a started one
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from core.contract import FOLDS_FILE, OOF_FILE
+from core.contract import FOLDS_FILE, OOF_FILE, WEIGHTS_FILE, explain_check_paths
+from core.explain_check import default_pointing
 from core.files import write_json
 from core.labels import is_parasitized, predicted_class
 from core.metrics import (
@@ -82,18 +84,45 @@ def run_folds(
                 "fold": k,
             },
         )
+    for k in range(len(splits)):  # also for folds trained before this check existed
+        run = fold_dir(args.out, k)
+        if (run / WEIGHTS_FILE).is_file() and not explain_check_paths(run)[1].is_file():
+            default_pointing(run)
 
 
 def collect(out: Path, folds: int) -> tuple[pd.DataFrame, list[dict]]:
-    """The out-of-fold predictions (with their fold) and the fold models' cards."""
-    import json
-
+    """The out-of-fold predictions (with their fold) and the fold models' cards, each with its
+    heatmap check (``explain_check``) where the fold has one."""
     frames, cards = [], []
     for k in range(folds):
         run = fold_dir(out, k)
         frames.append(pd.read_csv(run / "test_predictions.csv").assign(fold=k))
-        cards.append(json.loads((run / "card.json").read_text()))
+        card = json.loads((run / "card.json").read_text())
+        check = explain_check_paths(run)[1]
+        if check.is_file():
+            card["explain_check"] = json.loads(check.read_text())
+        cards.append(card)
     return pd.concat(frames, ignore_index=True), cards
+
+
+def pointing(cards: list[dict]) -> dict | None:
+    """How often the default heatmap peaks on the stained parasite in cells of patients the
+    fold models never saw, pooled over the folds' checked cells; None unless every fold has its
+    check."""
+    checks = [c.get("explain_check") for c in cards]
+    if not all(checks):
+        return None
+    cells = [int(c["cells_checked"]) for c in checks]
+    if not sum(cells):
+        return None
+    hits = [(c["default"]["pointing"] or 0.0) * n for c, n in zip(checks, cells)]
+    first = next(c for c, n in zip(checks, cells) if n)
+    return {
+        "pointing": float(sum(hits) / sum(cells)),
+        "cells": int(sum(cells)),
+        "per_fold": [c["default"]["pointing"] for c in checks],
+        **{k: first["default"][k] for k in ("method", "layer", "target")},
+    }
 
 
 def estimate(oof: pd.DataFrame, cards: list[dict], threshold: float) -> dict:
@@ -123,6 +152,7 @@ def estimate(oof: pd.DataFrame, cards: list[dict], threshold: float) -> dict:
         "per_fold": per_fold,
         "screening": flag_performance(pd.concat(flags, ignore_index=True), infected),
         "best_epochs": [int(c["best_epoch"]) for c in cards],
+        "heatmap": pointing(cards),
     }
 
 
@@ -162,6 +192,9 @@ def main(args: argparse.Namespace) -> dict:
         f"{s['sensitivity']:.1%} of {s['infected_patients']} infected patients, flags "
         f"{1 - s['specificity']:.1%} of {s['healthy_patients']} healthy ones"
     )
+    if result["heatmap"]:
+        h = result["heatmap"]
+        print(f"default heatmap on the parasite in {h['pointing']:.1%} of {h['cells']} cells")
     if args.final:
         cases = tuple(sorted({smp.case_id for smp in samples}))
         data = data_from_args(args, cfg, Split(cases, (), (), cfg.seed))
@@ -194,7 +227,7 @@ def main(args: argparse.Namespace) -> dict:
                     "source": f"{args.folds}-fold out-of-fold predictions "
                     f"({OOF_FILE}): every cell predicted by a "
                     "model that never saw its patient",
-                    **{k: result[k] for k in ("pooled", "per_fold_std", "screening")},
+                    **{k: result[k] for k in ("pooled", "per_fold_std", "screening", "heatmap")},
                 },
             },
         )

@@ -178,10 +178,20 @@ def test_folds_predict_every_cell_out_of_fold_then_train_the_final_model(cells_d
         assert not set(split["test"]) & set(split["train"] + split["val"])
     estimate = json.loads((out / folds.FOLDS_FILE).read_text())
     assert estimate["cells"] == n_cells and estimate["folds"] == 2
+    # each fold model's default heatmap checked on the patients it never saw, then pooled
+    checks = [
+        json.loads((out / "folds" / f"fold{k}" / "explain_check.json").read_text()) for k in (0, 1)
+    ]
+    assert [c["split"] for c in checks] == ["test", "test"]
+    heatmap = estimate["heatmap"]
+    assert heatmap["cells"] == sum(c["cells_checked"] for c in checks) > 0
+    hits = sum(c["default"]["pointing"] * c["cells_checked"] for c in checks if c["cells_checked"])
+    assert heatmap["pointing"] == pytest.approx(hits / heatmap["cells"])
     assert card["split"]["val"] == [] and card["split"]["test"] == []
     assert len(card["split"]["train"]) == oof["case_id"].nunique()
     assert card["selected_by"].startswith("last epoch")
     assert card["estimate"]["pooled"]["n"] == n_cells
+    assert card["estimate"]["heatmap"] == heatmap
     assert "out-of-fold" in card["screening"]["method"]
     assert "core.folds" in card["training_command"] and "--final" in card["training_command"]
     load_model(out)  # a complete, verified model folder
