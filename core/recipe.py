@@ -42,6 +42,9 @@ class TrainConfig:
     # From this epoch on the weights after each epoch are averaged into the model kept (SWA:
     # an ensemble of the last epochs that scores as one network); 0 keeps one epoch instead.
     average_from: int = 0
+    # Keep the last epoch even with validation patients: the rule a model trained on every
+    # patient must follow, so that fold models estimate it (False: the lowest validation loss).
+    keep_last: bool = False
     val_frac: float = 0.15
     test_frac: float = 0.15
     seed: int = 0
@@ -217,6 +220,12 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
         help="keep the mean of the weights of this epoch and every later one (stochastic "
         "weight averaging) instead of the epoch with the lowest validation loss",
     )
+    p.add_argument(
+        "--keep-last",
+        action="store_true",
+        help="keep the last epoch, not the one with the lowest validation loss (the rule of a "
+        "model trained on every patient: fold models that follow it estimate that model)",
+    )
     p.add_argument("--no-pretrained", action="store_true", help="start from random weights")
     p.add_argument(
         "--relabel",
@@ -257,6 +266,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         blur=args.blur,
         weight_decay=args.weight_decay,
         average_from=args.average_from,
+        keep_last=args.keep_last,
         pretrained=not args.no_pretrained and args.arch == "mobilenet_v2",
     )
 
@@ -287,7 +297,7 @@ def recipe_argv(args: argparse.Namespace) -> list[str]:
     ]
     if args.average_from:
         argv += ["--average-from", str(args.average_from)]
-    for flag in ("no_pretrained", "follow_links"):
+    for flag in ("keep_last", "no_pretrained", "follow_links"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
     if args.relabel:

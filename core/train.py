@@ -276,7 +276,8 @@ def finish(
     card: dict,
 ) -> dict:
     """Reload the kept weights, score every part, write the predictions and the model card."""
-    state.model.load_state_dict(load_file(str(out / (AVERAGED if cfg.average_from else BEST))))
+    if cfg.average_from or not cfg.keep_last:  # else the model holds the last epoch already
+        state.model.load_state_dict(load_file(str(out / (AVERAGED if cfg.average_from else BEST))))
     metrics, frames = {}, {}
     for part in ("train", "val", "test"):
         x, y = getattr(data, f"{part}_x"), getattr(data, f"{part}_y")
@@ -300,8 +301,13 @@ def finish(
                 "weight averaging), batch-norm statistics recomputed on the training cells"
             ),
         )
-    elif has_val:
+    elif has_val and not cfg.keep_last:
         kept = int(history["val_loss"].idxmin()) + 1, "lowest validation loss"
+    elif has_val:
+        kept = (
+            len(history),
+            "last epoch (--keep-last: the rule of a model trained on every patient)",
+        )
     else:
         kept = len(history), "last epoch (no validation patients: trained on all of them)"
     card = {

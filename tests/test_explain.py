@@ -223,6 +223,10 @@ def test_the_shipped_heatmap_check_is_current_and_meets_the_goal():
     assert len(table) == len(METHODS) * len(card["contract"]["cam_layers"])
     assert table.loc[(DEFAULT_METHOD, d["layer"]), "cells"] == summary["cells_checked"]
     assert table.loc[("gradcam", "features.18"), "pointing"] < 0.2  # the old default
+    if not model.split["test"]:  # cells it learnt: its recipe's fold models, on unseen patients
+        unseen = card["estimate"]["heatmap"]
+        assert unseen["pointing"] >= 0.9 and unseen["cells"] >= 1000
+        assert (unseen["method"], unseen["layer"]) == (d["method"], d["layer"])
 
 
 def test_road_of_a_drawn_map_equals_the_road_computed_with_it(tiny, cells):

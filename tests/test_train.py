@@ -272,3 +272,22 @@ def test_averaged_run_keeps_the_mean_and_resumes_to_the_same_weights(
     resumed = load_file(out / "model.safetensors")
     for name, value in kept.items():
         assert torch.allclose(resumed[name].double(), value.double(), atol=1e-5), name
+
+
+def test_keep_last_keeps_the_last_epoch_also_when_resumed_after_the_end(cells_dir, tmp_path):
+    """--keep-last (the rule of a model trained on every patient, for its fold models) keeps
+    the last epoch's weights, not the lowest validation loss's; a finished run resumed (as
+    core.folds does with a final model trained before its folds) keeps them too."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    extra = ("--epochs", "2", "--keep-last", "--arch", "small_cnn", "--no-pretrained")
+    card = train.main(_train_args(cells_dir, out, *extra))
+    assert card["best_epoch"] == 2 and card["selected_by"].startswith("last epoch (--keep-last")
+    assert "--keep-last" in card["training_command"]
+    last = torch.load(out / train.CHECKPOINT, weights_only=True)["model"]
+    kept = load_file(out / "model.safetensors")
+    assert kept.keys() == last.keys() and all(torch.equal(kept[k], last[k]) for k in last)
+    train.main(_train_args(cells_dir, out, *extra, "--resume"))
+    again = load_file(out / "model.safetensors")
+    assert all(torch.equal(again[k], last[k]) for k in last)

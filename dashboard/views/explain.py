@@ -323,7 +323,7 @@ st.caption(
 )
 st.page_link(
     "views/methods.py",
-    label="Which methods find the parasite, over all test patients: Heatmap check",
+    label="Which methods find the parasite, over many cells: Heatmap check",
     icon=":material/fact_check:",
 )
 if with_road:  # the slow extra arrives after every map is on screen

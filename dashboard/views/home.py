@@ -1,5 +1,6 @@
 import streamlit as st
 
+from core.labels import case_id
 from dashboard import ui
 
 st.title("Malaria screening from thin blood smears")
@@ -16,8 +17,14 @@ st.markdown(
 )
 
 st.subheader("Try it on sample cells")
-st.caption("Cells from patients held out of training: explain one, or score them all.")
 samples = ui.sample_items()
+if {case_id(name.split("/")[-1]) for name, _ in samples} <= set(ui.current_model().split["test"]):
+    st.caption("Cells from patients held out of training: explain one, or score them all.")
+else:
+    st.caption(
+        "Cells from the development patients, which this model trained on (pick `holdout` in "
+        "the sidebar for a model that never saw them): explain one, or score them all."
+    )
 cols = st.columns(len(samples) or 1)
 for col, (name, data) in zip(cols, samples):
     with col:

@@ -35,13 +35,21 @@ if summary.get("model_sha256") != sha:
         f"recompute it with `{command}`."
     )
 
+unseen = model.card.get("estimate", {}).get("heatmap")
 cells = (
     f"**{summary['parasitized_cells']:,} Parasitized cells of {summary['cases']} test "
     "patients** the model never saw in training"
     if summary["split"] != "oof"
     else f"**{summary['parasitized_cells']:,} Parasitized development cells of "
     f"{summary['cases']} patients**: this model was trained on every patient, so these are "
-    "cells it learnt (the heatmaps of models that never saw them are in the README)"
+    "cells it learnt"
+    + (
+        f" (the same recipe's {len(unseen['per_fold'])} fold models, each on the patients "
+        f"it never saw: the default map peaks on the parasite in **{unseen['pointing']:.1%}** "
+        f"of {unseen['cells']:,} cells)"
+        if unseen
+        else ""
+    )
 )
 st.markdown(
     f"Every method at every stage of the network, on the {cells}. A colour rule that knows "
