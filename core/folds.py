@@ -109,9 +109,9 @@ def pointing(cards: list[dict]) -> dict | None:
     """How often the default heatmap peaks on the stained parasite in cells of patients the
     fold models never saw, pooled over the folds' checked cells; None unless every fold has its
     check."""
-    checks = [c.get("explain_check") for c in cards]
-    if not all(checks):
+    if not all(c.get("explain_check") for c in cards):
         return None
+    checks: list[dict] = [c["explain_check"] for c in cards]
     cells = [int(c["cells_checked"]) for c in checks]
     if not sum(cells):
         return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +35,9 @@ class LRFindResult:
     # (typical of a network trained from scratch over so few steps)
     reliable: bool = True
 
-    def save(self, out: Path) -> None:
-        """Write ``lr_find.csv`` (lr, loss, smoothed_loss) and ``lr_find.json`` into ``out``."""
+    def save(self, out: Path, *, command: str | None = None) -> None:
+        """Write ``lr_find.csv`` (lr, loss, smoothed_loss) and ``lr_find.json`` into ``out``
+        (with the ``command`` that ran the test, when given)."""
         out.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"lr": self.lrs, "loss": self.losses, "smoothed_loss": self.smoothed}).to_csv(
             out / "lr_find.csv", index=False
@@ -48,6 +50,7 @@ class LRFindResult:
                 "reliable": self.reliable,
                 "steps": len(self.lrs),
                 "method": "steepest descent of the smoothed loss",
+                **({"command": command} if command else {}),
             },
         )
 
@@ -178,7 +181,7 @@ def main(args: argparse.Namespace) -> LRFindResult:
         num_steps=args.steps,
         label_smoothing=cfg.label_smoothing,
     )
-    result.save(args.out)
+    result.save(args.out, command=" ".join(["python -m core.lr_find", *sys.argv[1:]]))
     print(f"suggested learning rate: {result.suggested_lr:.2e} (written to {args.out})")
     if not result.reliable:
         print(

@@ -176,16 +176,23 @@ def test_cli_scores_with_the_int8_engine_and_records_it(int8_model, cells_dir, t
 # --- the shipped model ---------------------------------------------------------------------------
 
 
-def test_shipped_int8_makes_the_same_calls_as_fp32_on_the_fixture_cells(fixture_images):
-    """The agreement of calls the default engine rests on, on 44 real cells of 6 patients
-    (the full check on the 15 test patients is recorded in the card by core.quantize check)."""
+def test_shipped_int8_calls_agree_with_fp32_on_the_fixture_cells(fixture_images):
+    """The agreement the default engine rests on, on 44 real cells of 6 patients (the full
+    check, on thousands of cells, is recorded in the card by core.quantize check). Eight bits
+    move a probability by a few hundredths, so a call may flip only for a cell fp32 scores
+    close to the threshold; which one flips depends on the CPU's int8 kernels."""
     images, labels, _ = fixture_images
     fp32 = load_engine(DEFAULT_WEIGHTS, "onnx")(images)
     int8 = load_engine(DEFAULT_WEIGHTS, "onnx-int8")(images)
-    threshold = read_card(DEFAULT_WEIGHTS)["contract"]["threshold"]
+    card = read_card(DEFAULT_WEIGHTS)
+    threshold = card["contract"]["threshold"]
     rec = quantize.agreement(fp32, int8, labels, threshold=threshold)
-    assert rec["calls_differing"] == 0, rec
-    assert rec["max_abs_prob_diff"] < 0.2 and np.abs(fp32 - int8).mean() < 0.05, rec
+    assert rec["calls_differing"] <= 2, rec  # the card's full check: under 1% of calls
+    flipped = (fp32 >= threshold) != (int8 >= threshold)
+    assert np.all(np.abs(fp32[flipped] - threshold) < 0.15), fp32[flipped]
+    assert np.abs(fp32 - int8).mean() < 0.05 and np.median(np.abs(fp32 - int8)) < 0.02, rec
+    check = card["int8"]["check"]
+    assert check["passed"] and check["calls_differing"] <= 0.01 * check["cells"], check
 
 
 def test_shipped_card_records_the_check_and_default_follows_the_rule():

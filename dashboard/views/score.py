@@ -31,6 +31,11 @@ def open_run(run_id: str, cell: str | None = None) -> None:
     )
 
 
+def _delete_run(run_id: str) -> None:
+    ui.store().delete_run(run_id)
+    ui.forget_run(run_id)
+
+
 def band_strip(prob: pd.Series, threshold: float, band: float) -> go.Figure:
     """The scored cells' P(Parasitized) as a histogram under the threshold slider, with the
     threshold and the review band drawn on the same 0-1 scale."""
@@ -559,11 +564,8 @@ else:
     }
     pick = st.selectbox("Reopen or delete a run", list(labels), format_func=lambda k: labels[k])
     o, x, sure = st.columns([1, 1, 3], vertical_alignment="center")
-    if o.button("Open run"):
-        open_run(pick)
-        st.rerun()
+    # Callbacks, run before the page: a st.rerun() from the page itself would win over a
+    # sidebar link clicked while it runs, and that click would be lost.
+    o.button("Open run", on_click=open_run, args=(pick,))
     confirmed = sure.checkbox("Yes, delete this run and its results", key=f"sure_{pick}")
-    if x.button("Delete run", disabled=not confirmed):
-        ui.store().delete_run(pick)
-        ui.forget_run(pick)
-        st.rerun()
+    x.button("Delete run", disabled=not confirmed, on_click=_delete_run, args=(pick,))

@@ -119,7 +119,12 @@ fig.update_layout(height=620, margin=dict(t=40, b=10), hovermode="x unified")
 st.plotly_chart(fig, width="stretch")
 st.caption(
     "Dotted: training (augmented, measured while learning). Solid: validation patients. "
-    "The saved weights are from the epoch with the lowest validation loss (star)."
+    "The star marks the weights each run kept: "
+    + "; ".join(
+        f"{ui.model_label(run)}, {cards[run].get('selected_by', 'lowest validation loss')}"
+        for run in picked
+    )
+    + "."
     + (
         " Thin pale lines: the cross-validation fold runs (each on its own training and "
         "validation patients); bold: the final run."
