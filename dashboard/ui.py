@@ -552,6 +552,9 @@ def cell_view(
             and data
         ):
             open_in_explain(path, data, link)
-        if info.button("Close", key=f"{state_key}_close"):
-            st.session_state[state_key] = None
-            st.rerun()
+        info.button(  # a callback: no st.rerun() that could swallow a sidebar click
+            "Close",
+            key=f"{state_key}_close",
+            on_click=st.session_state.update,
+            args=({state_key: None},),
+        )

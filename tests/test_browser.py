@@ -269,3 +269,38 @@ def test_a_noise_image_is_review_not_counted_and_the_report_downloads(
     assert "<h2>C96</h2>" in text and "C96_noise.png" in text and "not a cell" in text
     assert text.count("data:image/png;base64,") >= 2  # a cell and its heatmap, embedded
     assert page.get_by_text("Traceback").count() == 0
+
+
+SMEAR_FIELD = ROOT.parent / "shared" / "data" / "smear_dev" / "images" / "PA171730.JPG"
+
+
+@pytest.mark.skipif(not SMEAR_FIELD.is_file(), reason="the smear_dev fields are not at hand")
+def test_a_cell_clicked_in_a_smear_field_is_shown_large_and_a_link_clicked_next_still_opens(
+    server, page
+):
+    page.goto(f"{server}/smear")
+    page.locator("input[type=file]").first.set_input_files(str(SMEAR_FIELD))
+    find = page.get_by_role("button", name="Find and score cells")
+    playwright.expect(find).to_be_enabled(timeout=60_000)
+    find.click()
+    page.get_by_text("A field", exact=True).wait_for(timeout=180_000)
+    page.wait_for_function(IDLE, timeout=180_000)
+    cell = page.get_by_role("combobox", name="Cell")
+    before = cell.input_value()
+    marker = page.locator(".js-plotly-plot .scatterlayer .point").nth(5)
+    marker.scroll_into_view_if_needed()
+    box = marker.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    tip = page.locator(".js-plotly-plot .hovertext").first.text_content()  # P(Parasitized) 0.xxx
+    page.mouse.down()
+    page.mouse.up()
+    wait_for_rerun(page, 60_000)
+    playwright.expect(cell).not_to_have_value(before)
+    assert tip.split()[-1] in cell.input_value()  # the clicked cell is the one shown large
+    # a click in the field and, at once, a page in the sidebar: the page opens
+    marker = page.locator(".js-plotly-plot .scatterlayer .point").nth(9)
+    box = marker.bounding_box()
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.get_by_test_id("stSidebarNavLink").filter(has_text="Evaluate").click()
+    page.get_by_text("Confusion matrix").wait_for(timeout=120_000)
+    assert page.get_by_text("Traceback").count() == 0

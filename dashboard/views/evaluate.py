@@ -1,3 +1,5 @@
+from functools import partial
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -29,6 +31,15 @@ def _take_labelled() -> None:  # the upload is kept while other pages are shown
     st.session_state["evaluate_items"] = (
         ui.uploaded_items(st.session_state.get("evaluate_upload")) or None
     )
+
+
+def _pick_matrix_cell(choice: str) -> None:
+    """A click in the confusion matrix, before the page runs (so the matrix is drawn with the
+    cell outlined, and no st.rerun() can swallow a sidebar click). A click on the chosen cell
+    again deselects it in Plotly: the gallery stays."""
+    points = st.session_state["cm"].selection.points
+    if points:
+        st.session_state["cm_cell"] = (choice, points[0]["y"], points[0]["x"])
 
 
 st.title("Evaluate")
@@ -162,9 +173,9 @@ with left:
         hoverdistance=-1,
         dragmode=False,
     )
-    event = st.plotly_chart(
+    st.plotly_chart(
         fig,
-        on_select="rerun",
+        on_select=partial(_pick_matrix_cell, choice),
         selection_mode="points",
         key="cm",
         width="stretch",
@@ -184,12 +195,6 @@ with right:
     )
     st.caption("  \n".join(f"**{k}**: {MEANING[k]}" for k in table))
 
-points = event.selection.points if event and event.selection else []
-clicked = (choice, points[0]["y"], points[0]["x"]) if points else None
-# A click on the chosen cell again deselects it in Plotly: the gallery stays.
-if clicked and clicked != st.session_state.get("cm_cell"):
-    st.session_state["cm_cell"] = clicked
-    st.rerun()  # draw the matrix again with the new cell outlined
 if chosen and chosen[0] == choice:
     _, true_cls, pred_cls = chosen
     mask = (preds["label"] == true_cls).to_numpy() & (pred_label == pred_cls)

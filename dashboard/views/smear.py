@@ -1,4 +1,5 @@
 import hashlib
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,15 @@ from core.labels import CLASSES, predicted_class
 from core.smear import RED_CELL, crop_cells, draw_overlay, field_summary, score_uploads
 from core.store import StoreError
 from dashboard import ui
+
+
+def _pick_cell(field_key: str) -> None:
+    """A click on a cell of the field, before the page runs (no st.rerun() that could swallow
+    a sidebar click made meanwhile)."""
+    points = st.session_state[field_key].selection.points
+    if points and points[0].get("customdata") is not None:
+        st.session_state["smear_cell"] = int(np.ravel(points[0]["customdata"])[0])
+
 
 st.title("Smear fields")
 model = ui.current_model()
@@ -143,21 +153,16 @@ fig.update_layout(
     margin=dict(l=0, r=0, t=0, b=0),
     xaxis_visible=False,
     yaxis_visible=False,
-    dragmode="select",
+    dragmode=False,  # a click: in Plotly's "select" drag mode a click selected nothing
 )
-event = st.plotly_chart(
+field_key = f"field_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+st.plotly_chart(
     fig,
     width="stretch",
-    on_select="rerun",
+    on_select=partial(_pick_cell, field_key),
     selection_mode="points",
-    key=f"field_{hashlib.sha1(name.encode()).hexdigest()[:8]}",
+    key=field_key,
 )
-points = dict(event).get("selection", {}).get("points", []) if event else []
-if points and points[0].get("customdata") is not None:
-    clicked = int(np.ravel(points[0]["customdata"])[0])
-    if clicked != picked:
-        st.session_state["smear_cell"] = clicked
-        st.rerun()
 st.caption(
     f"{len(cell_index)} red cells (outline blue → red with P(Parasitized)), "
     f"{len(objects) - len(cell_index)} other objects in grey; "
