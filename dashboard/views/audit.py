@@ -96,16 +96,17 @@ st.caption(
 
 st.subheader("Share of suspects per patient")
 shares = patient_shares(oof, audit)
+with_suspects = shares[shares["suspects"] > 0]  # every one named on the axis
 fig = go.Figure()
 for c, colour in zip(CLASSES, ui.PALETTE):
-    n = shares[f"suspects_{c.lower()}"]
+    n = with_suspects[f"suspects_{c.lower()}"]
     fig.add_trace(
         go.Bar(
-            x=ui.chart_text(shares["case_id"]),
-            y=n / shares["cells"],
+            x=ui.chart_text(with_suspects["case_id"]),
+            y=n / with_suspects["cells"],
             name=f"given {c}",
             marker_color=colour,
-            customdata=list(zip(n, shares["cells"])),
+            customdata=list(zip(n, with_suspects["cells"])),
             hovertemplate="%{x}: %{customdata[0]} of %{customdata[1]} cells "
             f"given {c} and suspect<extra></extra>",
         )
@@ -117,16 +118,24 @@ fig.update_layout(
     yaxis_tickformat=".0%",
     yaxis_title="suspects / cells",
     xaxis_title="patient (case)",
+    xaxis_tickangle=-90,
+    xaxis_dtick=1,
     legend=dict(orientation="h", y=1.1),
 )
 st.plotly_chart(fig, width="stretch")
-top = shares.iloc[0]
+top, most = shares.iloc[0], shares.sort_values("suspects", ascending=False).iloc[0]
 st.caption(
     ui.plain(
-        f"Highest: {top['case_id']}, {top['suspects']} of {top['cells']} cells "
+        f"Highest share: {top['case_id']}, {top['suspects']} of {top['cells']} cells "
         f"({top['share']:.0%}: {top['suspects_parasitized']} given {CLASSES[0]}, "
-        f"{top['suspects_uninfected']} given {CLASSES[1]}); the median patient: "
-        f"{shares['share'].median():.1%}."
+        f"{top['suspects_uninfected']} given {CLASSES[1]})"
+        + (
+            f"; most suspects: {most['case_id']}, {most['suspects']} of {most['cells']} cells"
+            if most["case_id"] != top["case_id"]
+            else ""
+        )
+        + f". {len(shares) - len(with_suspects)} of {len(shares)} patients have none (not "
+        f"drawn); the median patient: {shares['share'].median():.1%}."
     )
 )
 
