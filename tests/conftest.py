@@ -17,6 +17,15 @@ def cells_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def evaluate_split() -> str:
+    """The predictions the Evaluate page opens on for the shipped model: ``oof`` where it has
+    out-of-fold predictions, else ``test`` (its held-back patients)."""
+    from core.contract import DEFAULT_WEIGHTS, predictions_path
+
+    return "oof" if predictions_path(DEFAULT_WEIGHTS, "oof").is_file() else "test"
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A randomly initialised MobileNetV2 saved as a model folder (no network, no training)."""
     torch.manual_seed(0)

@@ -61,7 +61,7 @@ def test_a_page_url_opens_directly(server, page):
     assert page.get_by_text("Traceback").count() == 0
 
 
-def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
+def test_upload_score_threshold_evaluate_explain(server, page, cells_dir, evaluate_split):
     page.goto(server)
     page.get_by_text("Try it on sample cells").wait_for()
     page.screenshot(path=str(SHOTS / "home.png"), full_page=True)
@@ -170,10 +170,7 @@ def test_upload_score_threshold_evaluate_explain(server, page, cells_dir):
     page.get_by_role("button", name="Open in Explain").click()
     page.get_by_text("Explain a prediction").wait_for()
     page.get_by_text("original · C").wait_for()
-    first_data = (
-        "oof" if (ROOT / "weights" / "default" / "oof_predictions.csv").is_file() else "test"
-    )
-    assert f"split={first_data}" in page.url and "cell=" in page.url  # Evaluate's first choice
+    assert f"split={evaluate_split}" in page.url and "cell=" in page.url
     page.get_by_test_id("stMetric").first.wait_for(timeout=300_000)
     page.get_by_test_id("stSelectbox").filter(has_text="Layer").click()
     page.get_by_role("option", name="features.3").click()

@@ -508,15 +508,11 @@ def test_runs_are_named_deduplicated_and_deleted(app, cells_dir):
     assert any("No runs yet" in c.value for c in app.caption)
 
 
-def test_an_evaluate_gallery_cell_opens_large_and_in_explain(app):
-    from core.contract import DEFAULT_WEIGHTS
-
-    # the page's first data: out-of-fold predictions where the model has them, else its test split
-    data, split = (
-        ("Out-of-fold: all development patients", "oof")
-        if (DEFAULT_WEIGHTS / "oof_predictions.csv").is_file()
-        else ("The model's test split (unseen patients)", "test")
-    )
+def test_an_evaluate_gallery_cell_opens_large_and_in_explain(app, evaluate_split):
+    data = {
+        "oof": "Out-of-fold: all development patients",
+        "test": "The model's test split (unseen patients)",
+    }[evaluate_split]
     app.switch_page("views/evaluate.py").run()
     app.session_state["cm_cell"] = (data, "Uninfected", "Parasitized")
     app.run()
@@ -527,7 +523,7 @@ def test_an_evaluate_gallery_cell_opens_large_and_in_explain(app):
     _button(app, "Open in Explain").click().run()
     assert not _errors(app), _errors(app)
     assert app.session_state["explain_item"][0] == picked
-    assert app.session_state["explain_link"] == {"split": split, "cell": picked}
+    assert app.session_state["explain_link"] == {"split": evaluate_split, "cell": picked}
 
 
 def _png(array) -> bytes:
