@@ -193,6 +193,7 @@ def score_page(args: argparse.Namespace, chromium: str) -> None:
                     upload_and_score(page, url, small_zip, fresh=False),
                 )
             )
+            loaded_mb = rss_mb(pid)  # the model loaded and a small run on the page
             if not args.skip_all:
                 rows.append(
                     (
@@ -223,8 +224,9 @@ def score_page(args: argparse.Namespace, chromium: str) -> None:
             f"{r['cells'] / r['total_s'] / cli['img_per_s']:10.2f}"
         )
     print(
-        f"dashboard server's RSS: {idle_mb:,.0f} MB idle on the Score page, peak "
-        f"{peak_mb:,.0f} MB over these uploads, {held_mb:,.0f} MB as the browser closed, "
+        f"dashboard server's RSS: {idle_mb:,.0f} MB idle on the Score page, {loaded_mb:,.0f} "
+        f"MB after the {args.n:,}-cell runs (model loaded), peak {peak_mb:,.0f} MB over these "
+        f"uploads, {held_mb:,.0f} MB as the browser closed, "
         f"{after_mb:,.0f} MB {reaper.GRACE_S + 2 * reaper.INTERVAL_S:.0f} s later"
     )
 

@@ -502,13 +502,29 @@ def calibrate(
 
 
 def fold_ratio(weights: Path, data: Sequence[str], *, quantile: float) -> UnseenRatio:
-    """The ``UnseenRatio`` of a model trained on every patient, from its fold runs (which must
-    still hold their weights), written to ``quality_folds.json`` beside it."""
+    """The ``UnseenRatio`` of a model trained on every patient, from its fold runs' weights,
+    written to ``quality_folds.json`` beside it; where the weights are gone, as that file
+    records it (calibrating again after the engines change needs no fold model)."""
     from core.contract import ModelFolder, fold_runs
     from core.files import write_json
     from core.images import load_array
 
     runs = [r for r in fold_runs(weights) if (r / WEIGHTS_FILE).is_file()]
+    recorded = Path(weights) / FOLDS_CHECK_FILE
+    if not runs and recorded.is_file():
+        # the ratio depends on the fold models and the cells, not on the engine now calibrated
+        rec = json.loads(recorded.read_text())
+        if rec.get("quantile", quantile) != quantile:
+            raise ValueError(
+                f"{recorded} holds the fold runs' ratio at the {rec['quantile']} quantile, "
+                f"not {quantile}, and their weights are gone to measure it again"
+            )
+        print(
+            f"the fold runs' weights are gone: their ratio {rec['ratio']:.3f} as {recorded} "
+            "records it",
+            file=sys.stderr,
+        )
+        return UnseenRatio(rec["ratio"], rec["folds"])
     if not runs:
         raise FileNotFoundError(
             f"{weights} was trained on every patient and its fold runs' weights are not in "
@@ -518,7 +534,7 @@ def fold_ratio(weights: Path, data: Sequence[str], *, quantile: float) -> Unseen
     samples, sources = _split_cells(data, model.split, ("train",))
     images = load_array([sources[s.path] for s in samples], size=model.contract.input_size)
     unseen = unseen_ratio(runs, samples, images, quantile=quantile)
-    write_json(Path(weights) / FOLDS_CHECK_FILE, unseen.record())
+    write_json(Path(weights) / FOLDS_CHECK_FILE, {**unseen.record(), "quantile": quantile})
     return unseen
 
 

@@ -95,7 +95,7 @@ class Engine:
 
 
 _EXPORT_VERSION = 2  # bump when export_onnx changes what it writes (2: pooled features too)
-_QUANTIZE_VERSION = 1  # bump when core.quantize.quantize_onnx changes what it writes
+_QUANTIZE_VERSION = 2  # bump when core.quantize.quantize_onnx changes what it writes (2: pixels in)
 
 
 def onnx_path(sha256: str, contract: ModelContract, *, calibration: str = "") -> Path:
