@@ -12,7 +12,8 @@ import io
 import re
 import string
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -311,11 +312,24 @@ def current_model() -> ModelFolder:
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
 def engine(folder: str, sha256: str):
     """The model's default scoring engine (int8 where its card records that it passed the
-    agreement check, else fp32 ONNX), one per weights hash (``sha256`` is the cache key); its
-    buffers are freed after each batch, so the server's memory returns after a big upload."""
+    agreement check, else fp32 ONNX), one per weights hash (``sha256`` is the cache key). A
+    page that scored with it calls ``release_memory()`` after, so the server's memory returns
+    after a big upload."""
     from core.score import load_engine
 
-    return load_engine(folder, memory_arena=False)
+    return load_engine(folder)
+
+
+@contextmanager
+def scoring_engine(folder: str, sha256: str) -> Iterator:
+    """``engine(folder, sha256)`` for one scoring job; afterwards its batch buffers and the
+    decoding threads' freed memory go back to the system, however the job ended."""
+    scorer = engine(folder, sha256)
+    try:
+        yield scorer
+    finally:
+        scorer.release_memory()
+        trim_heap()
 
 
 @st.cache_resource(show_spinner="Preparing the explainer…", max_entries=2)
@@ -412,11 +426,9 @@ def _score_now(items: Sequence[tuple[str, bytes]], model: ModelFolder) -> tuple[
     def progress(done: int, total: int) -> None:
         bar.progress(done / total, text=f"Scored {done:,} of {total:,} images")
 
-    df, run_id = score_uploads(
-        items, engine=engine(str(model.path), model.sha256), store=store(), progress=progress
-    )
+    with scoring_engine(str(model.path), model.sha256) as scorer:
+        df, run_id = score_uploads(items, engine=scorer, store=store(), progress=progress)
     bar.empty()
-    trim_heap()  # the decoding threads' freed buffers, back to the system
     assert run_id is not None  # a store was given
     return df, run_id
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 
 from dashboard import reaper
 
@@ -69,3 +71,36 @@ def test_only_sessions_gone_for_the_grace_period_lose_their_uploads():
     rt.active.discard("blip")  # its clock starts again from when it left the second time
     assert reaper.release_departed(rt, seen, now=100.0, grace_s=60) == []
     assert reaper.release_departed(rt, seen, now=160.0, grace_s=60) == ["blip"]
+
+
+def test_forgetting_a_session_drops_what_its_widgets_callbacks_hold():
+    """A button's on_click is a function of its page, holding the page's globals from the last
+    run (the scored results, the upload): emptying the state alone kept them alive."""
+    from streamlit.runtime.state.common import WidgetMetadata
+    from streamlit.runtime.state.session_state import SessionState
+
+    class Results:  # stands for a scored run's DataFrame and sources
+        pass
+
+    def page(results: Results):  # the page's last run: its globals and a callback
+        page_globals = {"results": results}
+
+        def open_run() -> object:
+            return page_globals["results"]
+
+        return open_run
+
+    results = Results()
+    alive = weakref.ref(results)
+    state = SessionState()
+    state["results"] = results
+    state._new_widget_state.widget_metadata["$$ID-open-run"] = WidgetMetadata(
+        "$$ID-open-run", lambda v: v, lambda v: v, "trigger_value", callback=page(results)
+    )
+    del results
+    state.clear()
+    gc.collect()
+    assert alive() is not None  # what Streamlit's clear() leaves
+    reaper.forget_state(state)
+    gc.collect()
+    assert alive() is None and not state._new_widget_state.widget_metadata

@@ -4,6 +4,7 @@ import io
 import re
 import shutil
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -241,3 +242,27 @@ def _empty_zip() -> bytes:
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("readme.txt", "nothing here")
     return buf.getvalue()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux's /proc")
+def test_release_memory_gives_back_the_batch_buffers_and_scores_the_same(tiny_model):
+    """The arena keeps a big batch's buffers for the next one (faster); a server gives them
+    back after each job with release_memory()."""
+    from dashboard.reaper import trim_heap
+
+    engine = score.load_engine(tiny_model, "onnx")
+    images = np.random.default_rng(0).integers(0, 256, (256, 128, 128, 3), dtype=np.uint8)
+    before = _rss_mb()
+    expected = engine(images)
+    trim_heap()
+    grown = _rss_mb() - before
+    engine.release_memory()
+    trim_heap()
+    given_back = before + grown - _rss_mb()
+    assert grown > 100 and given_back > grown / 2, (grown, given_back)
+    np.testing.assert_array_equal(engine(images), expected)

@@ -45,9 +45,8 @@ def _segment_and_score(key: str, folder: str, sha256: str, _items):
     def progress(done: int, total: int) -> None:
         bar.progress(done / total, text=f"{done} of {total} fields")
 
-    df, results, run_id = score_uploads(
-        _items, ui.engine(folder, sha256), store=ui.store(), progress=progress
-    )
+    with ui.scoring_engine(folder, sha256) as scorer:
+        df, results, run_id = score_uploads(_items, scorer, store=ui.store(), progress=progress)
     bar.empty()
     return df, results, run_id
 
