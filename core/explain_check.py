@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from tqdm import tqdm
 
 from core.contract import DEFAULT_WEIGHTS, explain_check_paths, predictions_path
 from core.explain import METHODS, explain, explainable
-from core.files import atomic_path, write_json
+from core.files import atomic_path, invocation, write_json
 from core.heatmap import DEFAULT_METHOD, SLOW_METHODS, Explanation
 from core.images import read_image
 from core.labels import CLASSES
@@ -183,7 +182,7 @@ def check_model(
         loaded, cells.images, target="predicted", faithfulness=False, net=net, stains=cells.stains
     )
     summary = {
-        "command": " ".join(["python -m core.explain_check", *sys.argv[1:]]),
+        "command": invocation("core.explain_check"),
         "model_sha256": loaded.sha256,
         "split": split,
         **(

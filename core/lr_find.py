@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from core.files import write_json
+from core.files import invocation, write_json
 from core.model import build_model, default_contract, freeze_features
 from core.recipe import TrainConfig, prepare_data, training_batches
 
@@ -181,7 +180,7 @@ def main(args: argparse.Namespace) -> LRFindResult:
         num_steps=args.steps,
         label_smoothing=cfg.label_smoothing,
     )
-    result.save(args.out, command=" ".join(["python -m core.lr_find", *sys.argv[1:]]))
+    result.save(args.out, command=invocation("core.lr_find"))
     print(f"suggested learning rate: {result.suggested_lr:.2e} (written to {args.out})")
     if not result.reliable:
         print(

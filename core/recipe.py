@@ -9,7 +9,6 @@ architecture, epochs, learning rate, augmentation and which leading layers stay 
 from __future__ import annotations
 
 import argparse
-import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
+from core.files import invocation
 from core.images import load_array
 from core.model import ModelContract, normalize
 from core.splits import DataError, Sample, Split, labelled_samples, split_by_case
@@ -307,7 +307,7 @@ def recipe_argv(args: argparse.Namespace) -> list[str]:
 
 def command(module: str, args: argparse.Namespace, *extra: str) -> str:
     """``python -m MODULE ...``: the command line that reproduces a run (without --resume)."""
-    return f"python -m {module} " + shlex.join([*recipe_argv(args), *extra])
+    return invocation(module, [*recipe_argv(args), *extra])
 
 
 def data_from_args(args: argparse.Namespace, cfg: TrainConfig, split: Split | None) -> PreparedData:
