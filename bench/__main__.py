@@ -22,7 +22,7 @@ import pandas as pd
 
 from bench.common import png_folder, score_cli, subset
 from core.contract import DEFAULT_WEIGHTS, ModelContract, read_card
-from core.files import REPO_ROOT
+from core.files import REPO_ROOT, cpu_count
 
 ROOT = REPO_ROOT
 os.environ.setdefault("TQDM_DISABLE", "1")  # ScoreCAM's per-batch bars would drown the tables
@@ -160,7 +160,7 @@ def main() -> None:
     args = p.parse_args()
     cache = ROOT / ".cache" / "bench_png"
     folder = png_folder(args.data, cache)
-    print(f"machine: {os.cpu_count()} cores; data: {args.data}")
+    print(f"machine: {cpu_count()} cores; data: {args.data}")
 
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)

@@ -11,7 +11,6 @@ rate of each and their ratio, and the gate's own parts in ms per image.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 from bench.common import png_folder, subset
 from core.contract import DEFAULT_WEIGHTS
 from core.files import REPO_ROOT as ROOT
+from core.files import cpu_count
 
 
 def main() -> None:
@@ -69,7 +69,7 @@ def main() -> None:
         for _ in range(4):
             fm.distance(features)
         dist_ms = (time.perf_counter() - t0) * 1000 / (4 * len(features))
-    print(f"machine: {os.cpu_count()} cores; {len(sources):,} PNG cells, best of {args.repeats}")
+    print(f"machine: {cpu_count()} cores; {len(sources):,} PNG cells, best of {args.repeats}")
     best = {k: max(v) for k, v in rates.items()}
     for name, rate in best.items():
         print(

@@ -30,7 +30,7 @@ import pandas as pd
 
 from bench.common import score_cli
 from core.contract import DEFAULT_WEIGHTS
-from core.files import REPO_ROOT
+from core.files import REPO_ROOT, cpu_count
 
 BYTES_PER_CELL = 162e6 / 14_008  # the development zip: 162 MB for 14,008 cells
 
@@ -133,7 +133,7 @@ def scoring_costs(data: Path, double: Path, weights: Path, tmp: Path) -> dict:
         more = unique_paths(iter_sources([double]))
     out: dict = {
         "engine": engine.name,
-        "cpus": os.cpu_count() or 1,
+        "cpus": cpu_count(),
         "list_cpu": listing.own / len(more),
     }
     sources = unique_paths(iter_sources([data]))
@@ -184,9 +184,7 @@ def main() -> None:
     p.add_argument("--cells", type=int, default=2000)
     args = p.parse_args()
     load = os.getloadavg()[0]
-    print(
-        f"machine: {os.cpu_count()} cores, load average {load:.1f} at the start; data: {args.data}"
-    )
+    print(f"machine: {cpu_count()} cores, load average {load:.1f} at the start; data: {args.data}")
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         full = cell_zip(args.data, args.cells, tmp / "cells.zip")

@@ -18,7 +18,6 @@ asked for.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import socket
 from collections.abc import Iterator, Sequence
@@ -26,6 +25,7 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
+from core.files import cpu_count
 from core.score import Engine, mark_duplicates, score_batch
 from core.sources import ImageSource, from_record, to_record
 from core.store import RESULT_COLUMNS
@@ -77,7 +77,7 @@ def connect(address: str = LOCAL, *, cpus: int | None = None) -> Iterator[str]:
         if address == LOCAL:
             ray.init(
                 address="local",  # a new cluster, even beside one `ray start` left running
-                num_cpus=cpus or os.cpu_count() or 1,
+                num_cpus=cpus or cpu_count(),
                 include_dashboard=False,
                 logging_level=logging.WARNING,
             )

@@ -1,4 +1,5 @@
-"""Where the repository is, and writing files so that a crash never leaves half of one."""
+"""Where the repository is, how many cores this process may use, and writing files so that a
+crash never leaves half of one."""
 
 from __future__ import annotations
 
@@ -29,6 +30,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def cpu_count() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a container's cpuset), not
+    every core of the machine as ``os.cpu_count()`` says."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def invocation(module: str, argv: Sequence[str] | None = None) -> str:

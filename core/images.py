@@ -7,13 +7,14 @@ is meant for the user; callers turn it into an error row.
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps
+
+from core.files import cpu_count
 
 if TYPE_CHECKING:
     from core.sources import ImageSource
@@ -123,7 +124,7 @@ def load_array(
             raise ImageError(f"{src.path}: {exc}") from None
 
     out = np.empty((len(sources), size, size, 3), dtype=np.uint8)
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=workers or cpu_count()) as pool:
         for i, arr in enumerate(pool.map(one, sources)):
             out[i] = arr
             if progress:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -47,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from core.contract import DEFAULT_WEIGHTS, WEIGHTS_FILE, WeightsError
+from core.files import cpu_count
 
 OK = "ok"
 BLANK = "blank"
@@ -411,7 +411,7 @@ def unseen_ratio(
     labels = np.array([s.label for s in samples])
     per_fold = []
     for run in runs:
-        engine = load_engine(run, "onnx", threads=os.cpu_count())
+        engine = load_engine(run, "onnx", threads=cpu_count())
         split = engine.weights.split
         _, feats = _features(engine, images)
         train = np.isin(cases, split["train"])
@@ -457,7 +457,7 @@ def calibrate(
     name = calibration_file(engine_name)
     # the file is replaced: an unreadable or outdated one must not stop the engine loading
     (Path(weights) / name).unlink(missing_ok=True)
-    engine = load_engine(weights, engine_name, threads=os.cpu_count())
+    engine = load_engine(weights, engine_name, threads=cpu_count())
     split = engine.weights.split
     samples, sources = _split_cells(data, split, ("train", "val"))
     images = load_array([sources[s.path] for s in samples], size=engine.contract.input_size)
@@ -545,7 +545,7 @@ def check(weights: Path, data: Sequence[str], *, smear: Path | None, seed: int =
     from core.noncells import as_png, non_cells
     from core.score import load_engine, score_uploads
 
-    engine = load_engine(weights, threads=os.cpu_count())  # the engine users get
+    engine = load_engine(weights, threads=cpu_count())  # the engine users get
     split = engine.weights.split
     part = "test" if split["test"] else "train"  # trained on every patient: see quality_folds
     samples, sources = _split_cells(data, split, (part,))

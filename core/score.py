@@ -42,7 +42,7 @@ from threadpoolctl import threadpool_limits
 
 from core.contract import DEFAULT_WEIGHTS, ModelContract, ModelFolder, WeightsError, read_card
 from core.export import OutputError, check_output, write_csv
-from core.files import REPO_ROOT, atomic_path
+from core.files import REPO_ROOT, atomic_path, cpu_count
 from core.images import ImageError, decode_image, read_bytes
 from core.labels import ZIP_SEP, case_id, label_from_path, predicted_class
 from core.metrics import parasitemia_summary
@@ -435,7 +435,7 @@ def iter_scored(
     """
     threshold = engine.contract.threshold if threshold is None else threshold
     seen = {} if seen is None else seen
-    workers = workers or os.cpu_count() or 1
+    workers = workers or cpu_count()
     it = iter(sources)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")

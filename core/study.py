@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shlex
 import time
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from core.contract import DEFAULT_WEIGHTS, ModelContract
-from core.files import write_json
+from core.files import cpu_count, write_json
 from core.images import load_array
 from core.labels import CLASSES
 from core.metrics import binary_metrics
@@ -315,7 +314,7 @@ def study_models(
             f"{len(split.test)} test patients; the linear probe is fitted on train + "
             "validation patients; networks pick their epoch on validation; all are "
             "scored on the test patients. img/s: PyTorch eager, batch 64, "
-            f"{os.cpu_count()} CPU threads.",
+            f"{cpu_count()} CPU threads.",
             "epochs_from_scratch": epochs,
             "lr_from_scratch": SCRATCH_LR,
             "test_cases": list(split.test),
@@ -342,7 +341,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> pd.DataFrame:
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cpu_count())
     if args.study == "layers":
         table = study_layers(args.data, args.out, folds=args.folds, progress=not args.no_progress)
     else:

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from core.files import atomic_path, write_json
+from core.files import atomic_path, cpu_count, write_json
 from core.labels import CLASSES
 from core.lr_find import lr_range_test
 from core.metrics import binary_metrics, screening_calibration
@@ -342,7 +342,7 @@ def fit(
     if not 0 <= cfg.average_from <= cfg.epochs:
         raise SystemExit(f"--average-from must be an epoch in 1..{cfg.epochs} (or 0: off)")
     if "OMP_NUM_THREADS" not in os.environ:  # a user's thread cap wins
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(cpu_count())
     out.mkdir(parents=True, exist_ok=True)
     ckpt = torch.load(out / CHECKPOINT, weights_only=True) if resume else None
     write_json(out / "split.json", data.split.to_json())

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -266,3 +269,17 @@ def test_release_memory_gives_back_the_batch_buffers_and_scores_the_same(tiny_mo
     given_back = before + grown - _rss_mb()
     assert grown > 100 and given_back > grown / 2, (grown, given_back)
     np.testing.assert_array_equal(engine(images), expected)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_cpu_count_is_the_cores_the_process_may_use():
+    # taskset or a container's cpuset: one core allowed means one scoring worker, not one per
+    # core of the machine (which oversubscribes the allowed core)
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from core.files import cpu_count; print(cpu_count(), os.cpu_count())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    allowed, machine = map(int, out.stdout.split())
+    assert allowed == 1
+    assert machine == os.cpu_count()
