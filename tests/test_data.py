@@ -6,8 +6,9 @@ import zipfile
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
+from core import images
 from core.images import MAX_PIXELS, ImageError, decode_image
 from core.labels import case_id, label_from_path
 from core.sources import iter_sources, sources_from_uploads
@@ -143,6 +144,35 @@ def test_truncated_png_is_an_error():
     data = _encode(Image.effect_noise((128, 128), 64).convert("RGB"), "PNG")
     with pytest.raises(ImageError, match="corrupt|truncated"):
         decode_image(data[: len(data) // 2])
+
+
+def test_plain_pngs_take_opencv_with_pillows_pixels_and_errors(monkeypatch):
+    rng = np.random.default_rng(0)
+    cell = _encode(Image.fromarray(rng.integers(0, 256, (57, 83, 3), np.uint8)), "PNG")
+    assert images._plain_png(cell)
+    fast = {size: decode_image(cell, size=size) for size in (None, 64)}
+    corrupt = cell[:60] + bytes([cell[60] ^ 0xFF]) + cell[61:]  # inside the pixel data
+    assert images._plain_png(corrupt) and images._decode_plain_png(corrupt) is None
+    with pytest.raises(ImageError, match="corrupt|truncated|broken"):
+        decode_image(corrupt)  # Pillow's path says why
+    monkeypatch.setattr(images, "_plain_png", lambda data: False)  # Pillow alone
+    for size, got in fast.items():
+        assert got.dtype == np.uint8 and np.array_equal(got, decode_image(cell, size=size))
+    monkeypatch.undo()
+    # what Pillow handles its own way (alpha on white, 16 bit, palettes, EXIF) is not plain
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # shown turned: Pillow's path turns it
+    with_exif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(with_exif, "PNG", exif=exif)
+    for other in (
+        _encode(Image.new("RGBA", (8, 8)), "PNG"),
+        _encode(Image.new("L", (8, 8)), "PNG"),
+        _encode(Image.new("P", (8, 8)), "PNG"),
+        _encode(Image.fromarray(np.zeros((8, 8), np.uint16)), "PNG"),
+        with_exif.getvalue(),
+        cell[:-12],  # no IEND: maybe cut short
+    ):
+        assert not images._plain_png(other)
 
 
 def test_decompression_bomb_refused_before_decoding():
