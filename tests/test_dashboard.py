@@ -61,7 +61,7 @@ def test_every_page_renders_without_exception(app):
         assert not _errors(app), ("small_cnn", page, _errors(app))
 
 
-def test_scoring_fixture_cells_shows_results_and_parasitemia(app, cells_dir):
+def test_scoring_fixture_cells_shows_results_and_parasitemia(app, cells_dir, monkeypatch):
     items = [
         (f"{p.parent.name}/{p.name}", p.read_bytes()) for p in sorted(cells_dir.rglob("*.png"))
     ]
@@ -78,9 +78,20 @@ def test_scoring_fixture_cells_shows_results_and_parasitemia(app, cells_dir):
     table = app.dataframe[0].value
     assert len(table) == len(items) and table.set_index("path").loc["broken.png", "error"]
     assert any("scored" in c.value and "weights/default" in c.value for c in app.caption)
-    # moving the threshold re-labels without rescoring
+    thumbs = table.set_index("path")["thumb"]
+    assert thumbs.drop("broken.png").str.startswith("data:image/jpeg;base64,").all()
+    assert thumbs.isna()["broken.png"]
+    import dashboard.ui
+
+    made = []
+    thumbnail = dashboard.ui.thumbnail
+    monkeypatch.setattr(
+        dashboard.ui, "thumbnail", lambda *a, **k: made.append(a) or thumbnail(*a, **k)
+    )
+    # moving the threshold re-labels without rescoring, and without making thumbnails again
     app.slider[0].set_value(0.99).run()
     assert not _errors(app)
+    assert not made and app.dataframe[0].value["thumb"].equals(table["thumb"])
     called = next(m for m in app.metric if m.label == "Called parasitized")
     assert int(called.value.replace(",", "")) == int((results["prob_parasitized"] >= 0.99).sum())
     assert not any("another model" in w.value for w in app.warning)

@@ -329,9 +329,21 @@ else:
     ]
     limit = 300
     if sources or on_disk:
+        # made once per run and session: a moved slider or filter reruns the page, and
+        # decoding and encoding 300 cells again took most of such a rerun
+        memo = st.session_state["score_thumbs"]
+        if memo is None or memo[0] != run_id or len(memo[1]) > 10 * limit:
+            memo = st.session_state["score_thumbs"] = (run_id, {})
+        thumbs = memo[1]
+
+        def thumb(path: str) -> str | None:
+            if path not in thumbs:
+                thumbs[path] = ui.thumbnail(path, sources, on_disk=on_disk)
+            return thumbs[path]
+
         view = view.assign(
             thumb=[
-                ui.thumbnail(p, sources, on_disk=on_disk) if i < limit and pd.isna(e) else None
+                thumb(p) if i < limit and pd.isna(e) else None
                 for i, (p, e) in enumerate(zip(view["path"], view["error"]))
             ]
         )
