@@ -28,11 +28,13 @@ _CHILD = (
 def png_folder(data: Path, cache: Path) -> Path:
     """The data set's PNGs as files on disk (extracted once into ``cache``)."""
     done = cache / ".complete"
-    if not done.is_file() or done.read_text() != str(data.resolve()):
+    info = data.stat()
+    which = f"{data.resolve()} {info.st_size} {info.st_mtime_ns}"  # a replaced zip too
+    if not done.is_file() or done.read_text() != which:
         shutil.rmtree(cache, ignore_errors=True)  # another data set's files would be scored too
         with zipfile.ZipFile(data) as zf:
             zf.extractall(cache)
-        done.write_text(str(data.resolve()))
+        done.write_text(which)
     return cache
 
 

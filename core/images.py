@@ -58,12 +58,16 @@ def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"IEND\xaeB`\x82"
+# Chunks (or text-chunk keywords, stored uncompressed) that make Pillow's result differ from
+# the pixel data as stored: an orientation (EXIF, ImageMagick's raw EXIF profile, XMP's
+# tiff:Orientation) Pillow turns the image by, or an animation whose default image Pillow shows.
+_PNG_PILLOW_ONLY = (b"eXIf", b"Raw profile type exif", b"XML:com.adobe.xmp", b"acTL")
 
 
 def _plain_png(data: bytes) -> bool:
-    """An 8-bit RGB PNG, whole (it ends with its IEND chunk), within the pixel limit and
-    without EXIF: what the NIH cells and most microscope exports are. Any other image, and any
-    file that only looks like one, takes Pillow's path."""
+    """An 8-bit RGB PNG, whole (it ends with its IEND chunk), within the pixel limit, with
+    nothing that turns or animates it: what the NIH cells and most microscope exports are.
+    Any other image, and any file that only looks like one, takes Pillow's path."""
     return (
         len(data) > 45
         and data[:8] == _PNG_SIGNATURE
@@ -71,17 +75,22 @@ def _plain_png(data: bytes) -> bool:
         and data[24:26] == b"\x08\x02"  # bit depth 8, colour type 2 (RGB)
         and int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big") <= MAX_PIXELS
         and data.endswith(_PNG_END)
-        and b"eXIf" not in data
+        and not any(marker in data for marker in _PNG_PILLOW_ONLY)
     )
 
 
 def _decode_plain_png(data: bytes) -> np.ndarray | None:
     """OpenCV's libpng for a :func:`_plain_png`: the same pixels as Pillow (PNG is lossless)
     in 0.5-0.8x its time (make bench), without holding the GIL; None where it fails, so that
-    Pillow's path says why."""
+    Pillow's path says why. libpng is laxer about ancillary chunks (it drops a text chunk with a
+    bad checksum, which Pillow refuses) and writes its warnings and errors to stderr itself."""
     import cv2  # a dependency already (core.heatmap); imported on first use
 
-    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None
+    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def decode_image(data: bytes, *, size: int | None = None) -> np.ndarray:
@@ -143,8 +152,8 @@ def load_array(
 ) -> np.ndarray:
     """Decode and resize ``sources`` into one ``uint8`` array of shape (N, size, size, 3).
 
-    Decodes in threads (PIL releases the GIL). Raises ImageError naming the file if one cannot
-    be decoded: training and study data must be clean.
+    Decodes in threads (Pillow and OpenCV release the GIL). Raises ImageError naming the file
+    if one cannot be decoded: training and study data must be clean.
     """
 
     def one(src: ImageSource) -> np.ndarray:

@@ -488,7 +488,7 @@ def forget_run(run_id: str) -> None:
     """After ``run_id`` was deleted from the store: off the page if on show, and out of this
     session's scorings (whose entries name their runs)."""
     if st.session_state["run_id"] == run_id:
-        st.session_state.update(results=None, run_id=None, score_cell=None)
+        st.session_state.update(results=None, run_id=None, score_cell=None, score_thumbs=None)
         st.query_params.clear()
     scored = st.session_state.get("scored", {})
     for key in [k for k, (_, run) in scored.items() if run == run_id]:
@@ -499,12 +499,13 @@ def thumbnail(
     path: str, sources: dict[str, ImageSource], *, on_disk: bool, size: int = 48
 ) -> str | None:
     """A small JPEG data URL for a table cell (a third of a PNG's encoding time and half its
-    size at 48 px), or None if the image cannot be read."""
+    size at 48 px; colour at full resolution, for small purple dots), or None if the image
+    cannot be read."""
     image = image_of(path, sources, on_disk=on_disk, size=size)
     if image is None:
         return None
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, "JPEG", quality=90)
+    Image.fromarray(image).save(buf, "JPEG", quality=90, subsampling=0)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 

@@ -79,7 +79,10 @@ def test_scoring_fixture_cells_shows_results_and_parasitemia(app, cells_dir, mon
     assert len(table) == len(items) and table.set_index("path").loc["broken.png", "error"]
     assert any("scored" in c.value and "weights/default" in c.value for c in app.caption)
     thumbs = table.set_index("path")["thumb"]
-    assert thumbs.drop("broken.png").str.startswith("data:image/jpeg;base64,").all()
+    assert all(
+        isinstance(t, str) and t.startswith("data:image/jpeg;base64,")
+        for t in thumbs.drop("broken.png")
+    )
     assert thumbs.isna()["broken.png"]
     import dashboard.ui
 
@@ -92,6 +95,9 @@ def test_scoring_fixture_cells_shows_results_and_parasitemia(app, cells_dir, mon
     app.slider[0].set_value(0.99).run()
     assert not _errors(app)
     assert not made and app.dataframe[0].value["thumb"].equals(table["thumb"])
+    app.session_state["score_thumbs"] = None  # forgotten: made again, through the same call
+    app.run()
+    assert len(made) == len(items) - 1
     called = next(m for m in app.metric if m.label == "Called parasitized")
     assert int(called.value.replace(",", "")) == int((results["prob_parasitized"] >= 0.99).sum())
     assert not any("another model" in w.value for w in app.warning)

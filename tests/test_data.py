@@ -4,9 +4,11 @@ import io
 import os
 import zipfile
 
+import cv2
 import numpy as np
 import pytest
 from PIL import ExifTags, Image
+from PIL.PngImagePlugin import PngInfo
 
 from core import images
 from core.images import MAX_PIXELS, ImageError, decode_image
@@ -150,26 +152,43 @@ def test_plain_pngs_take_opencv_with_pillows_pixels_and_errors(monkeypatch):
     rng = np.random.default_rng(0)
     cell = _encode(Image.fromarray(rng.integers(0, 256, (57, 83, 3), np.uint8)), "PNG")
     assert images._plain_png(cell)
+    opencv = images._decode_plain_png
+    taken = []
+    monkeypatch.setattr(images, "_decode_plain_png", lambda data: taken.append(1) or opencv(data))
     fast = {size: decode_image(cell, size=size) for size in (None, 64)}
+    assert len(taken) == 2  # OpenCV decoded both
     corrupt = cell[:60] + bytes([cell[60] ^ 0xFF]) + cell[61:]  # inside the pixel data
-    assert images._plain_png(corrupt) and images._decode_plain_png(corrupt) is None
+    assert images._plain_png(corrupt) and opencv(corrupt) is None
     with pytest.raises(ImageError, match="corrupt|truncated|broken"):
         decode_image(corrupt)  # Pillow's path says why
     monkeypatch.setattr(images, "_plain_png", lambda data: False)  # Pillow alone
     for size, got in fast.items():
         assert got.dtype == np.uint8 and np.array_equal(got, decode_image(cell, size=size))
     monkeypatch.undo()
-    # what Pillow handles its own way (alpha on white, 16 bit, palettes, EXIF) is not plain
+
+    # what Pillow handles its own way is not plain: alpha on white, 16 bit, palettes, grey,
+    # anything that turns the image (EXIF, a raw EXIF profile, XMP) or animates it
+    def png_with(**kw) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, "PNG", **kw)
+        return buf.getvalue()
+
     exif = Image.Exif()
-    exif[ExifTags.Base.Orientation] = 6  # shown turned: Pillow's path turns it
-    with_exif = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(with_exif, "PNG", exif=exif)
+    exif[ExifTags.Base.Orientation] = 6
+    raw_exif, xmp = PngInfo(), PngInfo()
+    raw_exif.add_text("Raw profile type exif", "\nexif\n      0\n")
+    xmp.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta><rdf:Description tiff:Orientation="6"/>')
+    deep_rgb = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint16))[1].tobytes()
     for other in (
         _encode(Image.new("RGBA", (8, 8)), "PNG"),
         _encode(Image.new("L", (8, 8)), "PNG"),
         _encode(Image.new("P", (8, 8)), "PNG"),
         _encode(Image.fromarray(np.zeros((8, 8), np.uint16)), "PNG"),
-        with_exif.getvalue(),
+        deep_rgb,
+        png_with(exif=exif),
+        png_with(pnginfo=raw_exif),
+        png_with(pnginfo=xmp),
+        png_with(save_all=True, append_images=[Image.new("RGB", (8, 8), "red")]),  # APNG
         cell[:-12],  # no IEND: maybe cut short
     ):
         assert not images._plain_png(other)
