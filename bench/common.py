@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from core.files import REPO_ROOT
+from core.schema.files import REPO_ROOT
 
 ROOT = REPO_ROOT
 
@@ -20,7 +20,7 @@ _CHILD = (
     "import atexit, resource, runpy, sys; "
     "atexit.register(lambda: print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF)"
     ".ru_maxrss, file=sys.stderr)); "
-    "sys.argv = ['core.score'] + sys.argv[1:]; runpy.run_module('core.score', "
+    "sys.argv = ['malaria', 'score'] + sys.argv[1:]; runpy.run_module('core', "
     "run_name='__main__')"
 )
 
@@ -52,7 +52,7 @@ def subset(folder: Path, n: int, out: Path) -> Path:
 def score_cli(
     inputs: Path, weights: Path, tmp: Path, engine: str = "onnx", extra: Sequence[str] = ()
 ) -> dict:
-    """Run ``python -m core.score`` as a fresh process (``extra``: more arguments); wall time,
+    """Run ``malaria score`` as a fresh process (``extra``: more arguments); wall time,
     rate, peak RSS of that process, outputs."""
     tag = "_".join([engine, *(a.strip("-=") for a in extra), inputs.name])
     out, summary = tmp / f"r_{tag}.csv", tmp / f"s_{tag}.csv"
@@ -78,7 +78,7 @@ def score_cli(
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode not in (0, 1):
-        raise RuntimeError(f"core.score failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"malaria score failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     rss = int(
         next(line.split()[1] for line in proc.stderr.splitlines() if line.startswith("MAXRSS_KB"))
     )

@@ -7,7 +7,7 @@ import time
 import zipfile
 from collections import defaultdict
 
-from core.images import decode_image
+from core.data.images import decode_image
 
 zf = zipfile.ZipFile(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/nih_cells_dev.zip")
 members = [i for i in zf.infolist() if i.filename.lower().endswith(".png")]

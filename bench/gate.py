@@ -18,16 +18,17 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import png_folder, subset
-from core.contract import DEFAULT_WEIGHTS
-from core.files import REPO_ROOT as ROOT
-from core.files import cpu_count
+from core.schema.contract import DEFAULT_WEIGHTS
+from core.schema.files import REPO_ROOT as ROOT
+from core.schema.files import cpu_count
 
 
 def main() -> None:
-    from core.images import load_array
-    from core.quality import OK, Gate, image_reasons, image_stats
-    from core.score import load_engine, score_sources
-    from core.sources import iter_sources
+    from core.data.sources import iter_sources, load_array
+    from core.inference.engines import load_engine
+    from core.inference.gate import Gate, image_reasons, image_stats
+    from core.inference.pipeline import score_sources
+    from core.schema.results import OK
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/nih_cells_dev.zip")
@@ -73,7 +74,7 @@ def main() -> None:
     best = {k: max(v) for k, v in rates.items()}
     for name, rate in best.items():
         print(
-            f"  core.score pipeline, {name:26s} {rate:7.0f} img/s  (runs: "
+            f"  malaria score pipeline, {name:26s} {rate:7.0f} img/s  (runs: "
             + ", ".join(f"{r:.0f}" for r in rates[name])
             + ")"
         )

@@ -1,10 +1,10 @@
-"""Scoring on Ray (``core.score --ray``) against the local path, on this machine, and what
+"""Scoring on Ray (``malaria score --ray``) against the local path, on this machine, and what
 that says about N machines. Every figure comes from this one run.
 
     python -m bench.ray --data ../shared/data/nih_cells_dev.zip [--cells 2000]   (make bench)
 
 1. Same answers: a zip of ``--cells`` cells taken evenly from the data, plus one broken member,
-   scored by ``core.score`` locally and with ``--ray local`` (fresh processes); the two CSVs are
+   scored by ``malaria score`` locally and with ``--ray local`` (fresh processes); the two CSVs are
    compared row by row (order, keys, probabilities, calls, quality, errors, duplicates).
 2. End to end, process and cluster start included: cells/s, and the driver's peak RSS at
    half the cells, all of them and the whole data zip (the actors are other processes).
@@ -29,8 +29,8 @@ from pathlib import Path
 import pandas as pd
 
 from bench.common import score_cli
-from core.contract import DEFAULT_WEIGHTS
-from core.files import REPO_ROOT, cpu_count
+from core.schema.contract import DEFAULT_WEIGHTS
+from core.schema.files import REPO_ROOT, cpu_count
 
 BYTES_PER_CELL = 162e6 / 14_008  # the development zip: 162 MB for 14,008 cells
 
@@ -118,15 +118,16 @@ class CpuMeter:
 
 
 def scoring_costs(data: Path, double: Path, weights: Path, tmp: Path) -> dict:
-    """What one more cell costs, scored into a result store as ``core.score`` does, locally
+    """What one more cell costs, scored into a result store as ``malaria score`` does, locally
     and on a local Ray cluster with 1 actor and with one per CPU: from runs on ``data`` and on
     ``double`` (twice the cells), the difference in CPU seconds (all processes, and the
     driver's own) over the difference in cells, which leaves out what does not grow with the
     cells (actor start-up); wall seconds of each run; the cluster's start."""
-    from core.cluster import RayScorer, connect
-    from core.score import iter_scored, load_engine, score_sources
-    from core.sources import iter_sources, unique_paths
-    from core.store import ResultStore
+    from core.data.sources import iter_sources, unique_paths
+    from core.inference.cluster import RayScorer, connect
+    from core.inference.engines import load_engine
+    from core.inference.pipeline import iter_scored, score_sources
+    from core.inference.store import ResultStore
 
     engine = load_engine(weights)
     with CpuMeter() as listing:
@@ -206,7 +207,7 @@ def main() -> None:
         f"{same['same_order']}, max |P local - P ray| {same['max_prob_diff']:.1e}, error rows "
         f"{same['errors']}, rows differing in other columns: {same['differing']}"
     )
-    print("\n## End to end (python -m core.score, process and cluster start included)")
+    print("\n## End to end (malaria score, process and cluster start included)")
     print(f"{'':34s} {'cells':>6s} {'seconds':>8s} {'cells/s':>8s} {'driver peak RSS':>16s}")
     for label, r in (
         ("local", local),

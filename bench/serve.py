@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from core.files import REPO_ROOT
+from core.schema.files import REPO_ROOT
 
 ROOT = REPO_ROOT
 CHROMIUM_ARGS = [

@@ -13,7 +13,7 @@ through Playwright. Timed from handing the file to the uploader until the page h
 rendering (results table, thumbnails, parasitemia chart, downloads): a zip of 1,000 cells as
 the first scoring after the server starts (model loading included), the same upload pressed
 again (served from the result cache), then the whole data set as one zip. The baseline,
-measured in the same run, is `python -m core.score` on the same 1,000 cells as PNG files
+measured in the same run, is `malaria score` on the same 1,000 cells as PNG files
 (process start included).
 """
 
@@ -28,8 +28,8 @@ from pathlib import Path
 
 from bench.common import png_folder, score_cli, subset
 from bench.serve import CHROMIUM_ARGS, IDLE, running_app, wait_for_rerun
-from core.contract import DEFAULT_WEIGHTS
-from core.files import REPO_ROOT
+from core.schema.contract import DEFAULT_WEIGHTS
+from core.schema.files import REPO_ROOT
 from dashboard import reaper
 
 ROOT = REPO_ROOT
@@ -209,7 +209,7 @@ def score_page(args: argparse.Namespace, chromium: str) -> None:
             after_mb = rss_mb(pid)
 
     print(
-        f"\n## Score page in Chromium (upload -> scored and shown); baseline: core.score CLI "
+        f"\n## Score page in Chromium (upload -> scored and shown); baseline: malaria score CLI "
         f"on the same {args.n:,} PNG files, {cli['seconds']:.1f} s "
         f"({cli['img_per_s']:.0f} img/s)"
     )

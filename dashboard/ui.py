@@ -21,13 +21,13 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from core.contract import DEFAULT_WEIGHTS, ModelFolder, WeightsError, find_models
-from core.files import REPO_ROOT
-from core.heatmap import for_display
-from core.images import ImageError, decode_image, read_bytes, read_image
-from core.labels import ZIP_SEP, file_name
-from core.sources import ImageSource, open_source, sources_from_uploads
-from core.store import ResultStore, StoreError
+from core.data.images import ImageError, decode_image
+from core.data.sources import ImageSource, open_source, read_bytes, read_image, sources_from_uploads
+from core.explain.heatmap import for_display
+from core.inference.store import ResultStore, StoreError
+from core.schema.contract import DEFAULT_WEIGHTS, ModelFolder, WeightsError, find_models
+from core.schema.files import REPO_ROOT
+from core.schema.labels import ZIP_SEP, file_name
 from dashboard.reaper import trim_heap
 
 ROOT = REPO_ROOT
@@ -316,7 +316,7 @@ def engine(folder: str, sha256: str):
     agreement check, else fp32 ONNX), one per weights hash (``sha256`` is the cache key). A
     page that scored with it calls ``release_memory()`` after, so the server's memory returns
     after a big upload."""
-    from core.score import load_engine
+    from core.inference.engines import load_engine
 
     return load_engine(folder)
 
@@ -335,17 +335,17 @@ def scoring_engine(folder: str, sha256: str) -> Iterator:
 
 @st.cache_resource(show_spinner="Preparing the explainer…", max_entries=2)
 def _explainer(folder: str, sha256: str):
-    from core.explain import explainable
-    from core.model import load_model
+    from core.explain.cams import explainable
+    from core.nets.model import load_model
 
     loaded = load_model(folder)
     return loaded, explainable(loaded), threading.Lock()
 
 
 def explain(folder: str, sha256: str, images, **options):
-    """core.explain.explain on the cached network; sessions take turns, since CAM hooks on a
+    """core.explain.cams.explain on the cached network; sessions take turns, since CAM hooks on a
     shared network would mix their activations."""
-    from core.explain import explain as run
+    from core.explain.cams import explain as run
 
     loaded, net, lock = _explainer(folder, sha256)
     with lock:
@@ -354,8 +354,8 @@ def explain(folder: str, sha256: str, images, **options):
 
 def quality(folder: str, sha256: str, image) -> str:
     """The quality gate's verdict on one RGB uint8 image (H, W, 3), any size: ``ok`` or why
-    it would not be counted (core.quality), from the cached scoring engine."""
-    from core.images import resize_rgb
+    it would not be counted (core.inference.gate), from the cached scoring engine."""
+    from core.data.images import resize_rgb
 
     eng = engine(folder, sha256)
     batch = resize_rgb(image, eng.contract.input_size)[None]
@@ -364,7 +364,7 @@ def quality(folder: str, sha256: str, image) -> str:
 
 def heatmaps(folder: str, sha256: str):
     """images -> overlays of the default map for the Parasitized class, for reports."""
-    from core.report import HEATMAP_TARGET
+    from core.evaluation.report import HEATMAP_TARGET
 
     def run(images):
         maps = explain(folder, sha256, images, target=HEATMAP_TARGET, faithfulness=False)
@@ -374,8 +374,8 @@ def heatmaps(folder: str, sha256: str):
 
 
 def road(folder: str, sha256: str, image, explanation) -> float:
-    """core.explain.road_of on the cached network, taking turns as ``explain`` does."""
-    from core.explain import road_of
+    """core.explain.cams.road_of on the cached network, taking turns as ``explain`` does."""
+    from core.explain.cams import road_of
 
     loaded, net, lock = _explainer(folder, sha256)
     with lock:
@@ -420,7 +420,7 @@ def sources_for(items: Sequence[tuple[str, bytes]]) -> dict[str, ImageSource]:
 
 
 def _score_now(items: Sequence[tuple[str, bytes]], model: ModelFolder) -> tuple[pd.DataFrame, str]:
-    from core.score import score_uploads
+    from core.inference.pipeline import score_uploads
 
     bar = st.progress(0.0, text="Scoring…")
 
@@ -449,7 +449,7 @@ def score(items: Sequence[tuple[str, bytes]]) -> tuple[pd.DataFrame, str]:
 
 def repo_source(path: str) -> ImageSource:
     """The image that a model folder's predictions CSV names. Its paths are relative to the
-    repository root (where ``core.train`` runs), whatever the server's working directory.
+    repository root (where ``malaria train`` runs), whatever the server's working directory.
     Raises FileNotFoundError."""
     return open_source(str(ROOT / path))  # an absolute path stays as it is
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.model import build_model, default_contract, save_model
+from core.nets.model import build_model, default_contract, save_model
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CELLS = FIXTURES / "cells"
@@ -20,7 +20,7 @@ def cells_dir() -> Path:
 def evaluate_split() -> str:
     """The predictions the Evaluate page opens on for the shipped model: ``oof`` where it has
     out-of-fold predictions, else ``test`` (its held-back patients)."""
-    from core.contract import DEFAULT_WEIGHTS, predictions_path
+    from core.schema.contract import DEFAULT_WEIGHTS, predictions_path
 
     return "oof" if predictions_path(DEFAULT_WEIGHTS, "oof").is_file() else "test"
 
@@ -48,7 +48,11 @@ def tiny_model(tmp_path_factory) -> Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """ONNX exports go to a per-session temporary cache, never the repo's, signed with a
     per-session key, never the user's."""
-    import core.score
+    import core.inference.onnx_cache
 
-    monkeypatch.setattr(core.score, "CACHE_DIR", tmp_path_factory.getbasetemp() / "cache")
-    monkeypatch.setattr(core.score, "KEY_FILE", tmp_path_factory.getbasetemp() / "key" / "k")
+    monkeypatch.setattr(
+        core.inference.onnx_cache, "CACHE_DIR", tmp_path_factory.getbasetemp() / "cache"
+    )
+    monkeypatch.setattr(
+        core.inference.onnx_cache, "KEY_FILE", tmp_path_factory.getbasetemp() / "key" / "k"
+    )

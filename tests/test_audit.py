@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.audit import (
+from core import cli
+from core.training.audit import (
     AUDIT_COLUMNS,
     AuditError,
     class_thresholds,
     find_suspects,
-    main,
     patient_shares,
     read_audit,
     read_decisions,
@@ -135,16 +135,16 @@ def test_the_command_writes_the_audit_and_refuses_bad_input(tmp_path, capsys):
     oof = tmp_path / "oof.csv"
     df.assign(fold=0).to_csv(oof, index=False)
     out = tmp_path / "label_audit.csv"
-    assert main(["--oof", str(oof), "--out", str(out)]) == 0
+    assert cli.main(["audit", "--oof", str(oof), "--out", str(out)]) == 0
     audit = read_audit(out)
     assert list(audit.columns) == list(AUDIT_COLUMNS)
     assert set(audit["path"]) == flipped and audit["rank"].tolist() == [1, 2, 3, 4, 5]
     assert "5 suspects among 206 cells" in capsys.readouterr().out
     df.assign(prob_parasitized=np.nan).to_csv(oof, index=False)
-    assert main(["--oof", str(oof), "--out", str(out)]) == 2
+    assert cli.main(["audit", "--oof", str(oof), "--out", str(out)]) == 2
     assert "prob_parasitized must be a probability" in capsys.readouterr().err
     assert read_audit(out)["path"].tolist() == audit["path"].tolist()  # left as it was
-    assert main(["--oof", str(tmp_path / "missing.csv"), "--out", str(out)]) == 2
+    assert cli.main(["audit", "--oof", str(tmp_path / "missing.csv"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

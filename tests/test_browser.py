@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.serve import CHROMIUM_ARGS, DRAWN, IDLE, running_app, wait_for_rerun
-from core.files import REPO_ROOT
+from core.schema.files import REPO_ROOT
 
 ROOT = REPO_ROOT
 SHOTS = ROOT / "tests" / "screenshots"

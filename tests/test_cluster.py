@@ -1,5 +1,5 @@
-"""Scoring on a Ray cluster (core.cluster) gives what the local path gives: one small local
-cluster for the whole session, started only by the tests that need it."""
+"""Scoring on a Ray cluster (core.inference.cluster) gives what the local path gives: one small
+local cluster for the whole session, started only by the tests that need it."""
 
 from __future__ import annotations
 
@@ -15,15 +15,18 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import core.cluster
-from core import score
-from core.images import ImageError, read_bytes
-from core.sources import from_record, iter_sources, to_record, unique_paths
-from core.store import RESULT_COLUMNS, ResultStore
+import core.inference.cluster
+import core.inference.engines
+import core.inference.pipeline
+from core import cli
+from core.data.images import ImageError
+from core.data.sources import from_record, iter_sources, read_bytes, to_record, unique_paths
+from core.inference.store import ResultStore
+from core.schema.results import RESULT_COLUMNS
 
 
 def _cli(*argv) -> int:
-    return score.main(score.get_args_parser().parse_args([str(a) for a in argv]))
+    return cli.main(["score", *(str(a) for a in argv)])
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +67,7 @@ def mixed_inputs(cells_dir, tmp_path_factory) -> Path:
 
 
 def _sources(root: Path):
-    # as core.score lists them: absolute inputs, repeated paths renamed
+    # as malaria score lists them: absolute inputs, repeated paths renamed
     return unique_paths(iter_sources([str(root.resolve()), str((root / "slides.zip").resolve())]))
 
 
@@ -113,10 +116,10 @@ def _compare(local: pd.DataFrame, ray: pd.DataFrame) -> None:
 
 def test_ray_scores_as_the_local_path(ray_cluster, mixed_inputs, tiny_model):
     sources = _sources(mixed_inputs)
-    engine = score.load_engine(tiny_model)
-    local = score.score_sources(sources, engine, batch_size=8)
-    ray = score.score_sources(
-        sources, engine, batch_size=8, scorer=core.cluster.RayScorer(actors=2)
+    engine = core.inference.engines.load_engine(tiny_model)
+    local = core.inference.pipeline.score_sources(sources, engine, batch_size=8)
+    ray = core.inference.pipeline.score_sources(
+        sources, engine, batch_size=8, scorer=core.inference.cluster.RayScorer(actors=2)
     )
     assert local is not None and ray is not None
     _compare(local, ray)
@@ -151,13 +154,13 @@ def test_cli_with_ray_is_interrupted_resumed_and_exports_the_local_csv(
         assert run["stored"] == 16 and run["finished"] is None  # the first two batches
 
     scored = []
-    real_call = core.cluster.RayScorer.__call__
+    real_call = core.inference.cluster.RayScorer.__call__
 
     def counting(self, sources, engine, **kw):
         scored.append(len(sources))
         return real_call(self, sources, engine, **kw)
 
-    monkeypatch.setattr(core.cluster.RayScorer, "__call__", counting)
+    monkeypatch.setattr(core.inference.cluster.RayScorer, "__call__", counting)
     rc = _cli("--resume", run["run_id"], "--store", store_path, "--out", ray_csv, "--ray", *common)
     assert rc == 1  # error rows, as locally
     local, ray = pd.read_csv(local_csv), pd.read_csv(ray_csv)

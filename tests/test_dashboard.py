@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core.files import REPO_ROOT
+from core.schema.files import REPO_ROOT
 
 ROOT = REPO_ROOT
 APP = str(ROOT / "dashboard" / "app.py")
@@ -148,7 +148,7 @@ def test_weights_failing_their_hash_are_a_clear_error(app, tiny_model, tmp_path,
     import shutil
 
     import dashboard.ui
-    from core.contract import DEFAULT_WEIGHTS
+    from core.schema.contract import DEFAULT_WEIGHTS
 
     tampered = tmp_path / "tampered"
     shutil.copytree(tiny_model, tampered)
@@ -259,7 +259,7 @@ def own_model(app, tiny_model, tmp_path, monkeypatch) -> Path:
     import shutil
 
     import dashboard.ui
-    from core.contract import DEFAULT_WEIGHTS
+    from core.schema.contract import DEFAULT_WEIGHTS
 
     folder = tmp_path / "audited"
     shutil.copytree(tiny_model, folder)
@@ -273,11 +273,11 @@ def own_model(app, tiny_model, tmp_path, monkeypatch) -> Path:
 
 def _audited(folder: Path, cells_dir: Path, flipped: set[str]) -> None:
     """Out-of-fold predictions of the fixture cells (paths relative to the repository, as
-    core.train writes them), confidently against the label for ``flipped``, and their audit."""
+    malaria train writes them), confidently against the label for ``flipped``, and their audit."""
     import pandas as pd
 
-    from core.audit import main
-    from core.labels import case_id
+    from core import cli
+    from core.schema.labels import case_id
 
     rows = []
     for png in sorted(cells_dir.rglob("*.png")):
@@ -289,15 +289,16 @@ def _audited(folder: Path, cells_dir: Path, flipped: set[str]) -> None:
         folder / "oof_predictions.csv", index=False
     )
     assert (
-        main(
-            ["--oof", str(folder / "oof_predictions.csv"), "--out", str(folder / "label_audit.csv")]
+        cli.main(
+            ["audit", "--oof", str(folder / "oof_predictions.csv")]
+            + ["--out", str(folder / "label_audit.csv")]
         )
         == 0
     )
 
 
 def test_audit_page_records_decisions_that_survive_reruns_and_saves_them(app, own_model, cells_dir):
-    from core.audit import read_decisions
+    from core.training.audit import read_decisions
 
     flipped = {
         "C145P106ThinF_IMG_20151016_154719_cell_155.png",  # given Parasitized
@@ -368,7 +369,7 @@ def test_audit_page_without_an_audit_says_how_to_make_one(app, own_model, cells_
     (own_model / "label_audit.csv").unlink()
     app.run()
     assert not _errors(app), _errors(app)
-    assert any("python -m core.audit --oof" in i.value for i in app.info)
+    assert any("malaria audit --oof" in i.value for i in app.info)
 
 
 def test_evaluate_shows_the_out_of_fold_predictions_first(app, own_model, cells_dir):
@@ -460,13 +461,11 @@ def test_settings_survive_switching_pages(app, cells_dir):
 
 def _cli_run(cells_dir) -> str:
     """A run of files on this disk, scored from the command line into the app's store."""
-    from core import score
-    from core.store import ResultStore
+    from core import cli
+    from core.inference.store import ResultStore
 
-    args = score.get_args_parser().parse_args(
-        [str(cells_dir), "--no-progress", "--threshold", "0.4", "--name", "ward 3"]
-    )
-    assert score.main(args) == 0
+    argv = [str(cells_dir), "--no-progress", "--threshold", "0.4", "--name", "ward 3"]
+    assert cli.main(["score", *argv]) == 0
     with ResultStore() as store:
         return store.list_runs().loc[0, "run_id"]
 

@@ -10,11 +10,11 @@ import pytest
 from PIL import ExifTags, Image
 from PIL.PngImagePlugin import PngInfo
 
-from core import images
-from core.images import MAX_PIXELS, ImageError, decode_image
-from core.labels import case_id, label_from_path
-from core.sources import iter_sources, sources_from_uploads
-from core.splits import DataError, labelled_samples, split_by_case
+from core.data import images
+from core.data.images import MAX_PIXELS, ImageError, decode_image
+from core.data.sources import iter_sources, sources_from_uploads
+from core.data.splits import DataError, labelled_samples, split_by_case
+from core.schema.labels import case_id, label_from_path
 
 
 @pytest.mark.parametrize(
@@ -70,7 +70,7 @@ def test_fixture_cells_are_labelled_and_split_by_case(cells_dir):
 
 
 def test_split_keeps_cases_whole_on_a_larger_synthetic_set():
-    from core.splits import Sample
+    from core.data.splits import Sample
 
     samples = [
         Sample(f"C{c}_{i}.png", f"C{c}", (c + i) % 2 if c < 30 else 1)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from core.contract import DEFAULT_WEIGHTS
-from core.explain import METHODS, explain, explainable, grid
-from core.heatmap import DEFAULT_METHOD, METHOD_NAMES, colour_bar, for_display, overlay
-from core.images import decode_image
-from core.model import load_model
+from core.data.images import decode_image
+from core.explain.cams import METHODS, explain, explainable, grid
+from core.explain.heatmap import DEFAULT_METHOD, METHOD_NAMES, colour_bar, for_display, overlay
+from core.nets.model import load_model
+from core.schema.contract import DEFAULT_WEIGHTS
 
 
 @pytest.fixture(scope="module")
@@ -176,13 +176,14 @@ def test_display_helpers(cells):
 
 
 def test_cli_writes_pointing_and_mass_per_map(tiny_model, cells_dir, tmp_path):
-    from core.explain import get_args_parser, main
+    from core import cli
 
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
     files = [str(p) for p in sorted((cells_dir / "Parasitized").glob("*.png"))[:2]]
-    args = get_args_parser().parse_args(
+    args = cli.parse(
         [
+            "explain",
             *files,
             str(broken),
             "--weights",
@@ -192,7 +193,7 @@ def test_cli_writes_pointing_and_mass_per_map(tiny_model, cells_dir, tmp_path):
             "--no-faithfulness",
         ]
     )
-    assert main(args) == 1  # one error row
+    assert args.run(args) == 1  # one error row
     scores = pd.read_csv(tmp_path / "out" / "scores.csv")
     assert len(scores) == 3 and scores["error"].notna().sum() == 1
     ok = scores[scores["error"].isna()]
@@ -208,7 +209,7 @@ def test_the_shipped_heatmap_check_is_current_and_meets_the_goal():
     the default finds the parasite in >= 90 % of cells."""
     import json
 
-    from core.contract import ModelFolder
+    from core.schema.contract import ModelFolder
 
     model = ModelFolder.open(DEFAULT_WEIGHTS)
     table_path, summary_path = model.explain_check()
@@ -230,7 +231,7 @@ def test_the_shipped_heatmap_check_is_current_and_meets_the_goal():
 
 
 def test_road_of_a_drawn_map_equals_the_road_computed_with_it(tiny, cells):
-    from core.explain import road_of
+    from core.explain.cams import road_of
 
     loaded, net = tiny
     image = next(iter(cells.values()))

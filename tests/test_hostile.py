@@ -25,15 +25,16 @@ from PIL import Image
 from streamlit import config
 from streamlit.web.server.starlette.starlette_websocket import is_host_allowed
 
-import core.score
-import core.store
-from core import score
-from core.contract import ModelContract, WeightsError, read_card
-from core.images import ImageError, decode_image
-from core.model import build_model, default_contract, load_model, save_model
-from core.score import load_engine
-from core.sources import iter_sources
-from core.store import ResultStore
+import core.cli.score
+import core.inference.onnx_cache
+import core.inference.store
+from core import cli
+from core.data.images import ImageError, decode_image
+from core.data.sources import iter_sources
+from core.inference.engines import load_engine
+from core.inference.store import ResultStore
+from core.nets.model import build_model, default_contract, load_model, save_model
+from core.schema.contract import ModelContract, WeightsError, read_card
 
 # Names added by issue 15 are imported inside the tests that use them, so that this file also
 # runs against the code before the fix (each test then fails on its own assertion).
@@ -74,20 +75,20 @@ def test_a_tampered_contract_is_refused_on_load(tiny_model, tmp_path, changes, m
 
 
 def test_a_card_without_contract_hash_is_refused_until_sealed(tiny_model, tmp_path):
-    from core.contract import main as contract_main
+    from core import cli
 
     folder = _copy_model(tiny_model, tmp_path / "m")
     card = json.loads((folder / "card.json").read_text())
     del card["contract_sha256"]
     (folder / "card.json").write_text(json.dumps(card))
-    with pytest.raises(WeightsError, match="core.contract seal"):
+    with pytest.raises(WeightsError, match="malaria seal"):
         load_model(folder)
-    assert contract_main(["seal", str(folder)]) == 0
+    assert cli.main(["seal", str(folder)]) == 0
     assert load_model(folder).contract.threshold == card["contract"]["threshold"]
 
 
 def test_the_shipped_cards_are_sealed():
-    from core.contract import DEFAULT_WEIGHTS, contract_sha256, find_models
+    from core.schema.contract import DEFAULT_WEIGHTS, contract_sha256, find_models
 
     for folder in find_models(DEFAULT_WEIGHTS.parent):
         card = read_card(folder)
@@ -97,7 +98,7 @@ def test_the_shipped_cards_are_sealed():
 
 
 def test_contract_values_are_validated_on_construction():
-    from core.contract import ContractError
+    from core.schema.contract import ContractError
 
     with pytest.raises(ContractError, match="classes"):
         ModelContract(classes=("Uninfected", "Parasitized"))
@@ -113,7 +114,7 @@ def test_contract_values_are_validated_on_construction():
 
 
 def _cli(*argv) -> int:
-    return score.main(score.get_args_parser().parse_args([str(a) for a in argv]))
+    return cli.main(["score", *(str(a) for a in argv)])
 
 
 INJECTED = [
@@ -211,7 +212,7 @@ def test_exporting_an_uploaded_run_neutralises_formula_names(tmp_path):
 
 
 def test_the_download_csv_helper_neutralises_text_and_keeps_numbers():
-    from core.export import to_csv_text
+    from core.schema.export import to_csv_text
 
     df = pd.DataFrame(
         {
@@ -278,7 +279,7 @@ def test_an_unwritable_output_fails_before_scoring(
     def no_scoring(*args, **kwargs):
         raise AssertionError("scoring started before the output path was checked")
 
-    monkeypatch.setattr(core.score, "score_sources", no_scoring)
+    monkeypatch.setattr(core.cli.score, "score_sources", no_scoring)
     rc = _cli(
         cells_dir,
         "--weights",
@@ -367,7 +368,7 @@ def test_a_locked_store_is_one_line_and_exit_2(
     cells_dir, tiny_model, tmp_path, monkeypatch, capsys
 ):
     path = _store_with_rows(tmp_path / "st.sqlite", n=10)
-    monkeypatch.setattr(core.store, "LOCK_TIMEOUT", 0.2, raising=False)  # old code: 30 s
+    monkeypatch.setattr(core.inference.store, "LOCK_TIMEOUT", 0.2, raising=False)  # old code: 30 s
     holder = sqlite3.connect(path)
     holder.execute("BEGIN EXCLUSIVE")  # another process writing, for longer than we wait
     try:
@@ -392,7 +393,7 @@ def test_a_full_disk_under_the_store_is_one_line_and_exit_2(
         def add_results(self, run_id, rows):
             super().add_results(run_id, [dict(r, error="x" * 100_000) for r in rows])
 
-    monkeypatch.setattr(core.score, "ResultStore", FullStore)
+    monkeypatch.setattr(core.cli.score, "ResultStore", FullStore)
     rc = _cli(
         cells_dir, "--weights", tiny_model, "--store", tmp_path / "st.sqlite", "--no-progress"
     )
@@ -702,14 +703,16 @@ def test_a_replaced_onnx_export_is_exported_again_not_run(tiny_model, cells_dir,
         [decode_image(s.read(), size=128) for s in list(iter_sources([cells_dir]))[:8]]
     )
     genuine = load_engine(tiny_model, "onnx")  # exports and caches the graph
-    cached = core.score.onnx_path(genuine.sha256, genuine.contract)
+    cached = core.inference.onnx_cache.onnx_path(genuine.sha256, genuine.contract)
     assert cached.is_file()
 
     torch.manual_seed(123)  # the attacker's graph: another network, same inputs and outputs
     save_model(
         tmp_path / "other", build_model("mobilenet_v2").eval(), default_contract("mobilenet_v2"), {}
     )
-    fake = core.score.export_onnx(tmp_path / "other", tmp_path / "fake.onnx").read_bytes()
+    fake = core.inference.onnx_cache.export_onnx(
+        tmp_path / "other", tmp_path / "fake.onnx"
+    ).read_bytes()
     fake_probs = ort.InferenceSession(fake).run(None, {"images": images})[0]
     cached.write_bytes(fake)
     for beside in cached.parent.glob(cached.stem + ".*"):  # rewrite whatever sits beside it
@@ -728,17 +731,17 @@ def test_without_a_private_key_the_export_is_made_afresh_and_not_cached(
     key = tmp_path / "cache.key"
     key.write_bytes(b"k" * 32)
     key.chmod(0o644)  # readable by others: anyone could sign a graph with it
-    monkeypatch.setattr(core.score, "KEY_FILE", key)
-    monkeypatch.setattr(core.score, "CACHE_DIR", tmp_path / "cache")
-    assert core.score._cache_key() is None
+    monkeypatch.setattr(core.inference.onnx_cache, "KEY_FILE", key)
+    monkeypatch.setattr(core.inference.onnx_cache, "CACHE_DIR", tmp_path / "cache")
+    assert core.inference.onnx_cache._cache_key() is None
     assert load_engine(tiny_model, "onnx").sha256
     assert not (tmp_path / "cache").exists()
 
 
 def test_training_data_behind_links_stops_training_or_is_followed_on_request(cells_dir, tmp_path):
-    from core.images import load_array
-    from core.splits import labelled_samples
-    from core.train import get_args_parser
+    from core import cli
+    from core.data.sources import load_array
+    from core.data.splits import labelled_samples
 
     cache = tmp_path / "cache"
     shutil.copytree(cells_dir, cache)
@@ -756,6 +759,4 @@ def test_training_data_behind_links_stops_training_or_is_followed_on_request(cel
         == len(samples)
         == len(list(cells_dir.rglob("*.png")))
     )
-    assert (
-        get_args_parser().parse_args(["--data", "d", "--out", "o", "--follow-links"]).follow_links
-    )
+    assert cli.parse(["train", "--data", "d", "--out", "o", "--follow-links"]).follow_links

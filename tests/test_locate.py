@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.contract import DEFAULT_WEIGHTS
-from core.images import decode_image
-from core.locate import locate, mass_inside, points_at
+from core.data.images import decode_image
+from core.explain.locate import locate, mass_inside, points_at
+from core.schema.contract import DEFAULT_WEIGHTS
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +76,8 @@ def test_pointing_and_mass_on_hand_checked_cases(hand):
 
 @pytest.mark.skipif(not (DEFAULT_WEIGHTS / "card.json").is_file(), reason="no shipped model")
 def test_the_default_explanation_points_at_the_parasite_where_the_last_stage_does_not(hand):
-    from core.explain import explain, explainable
-    from core.model import load_model
+    from core.explain.cams import explain, explainable
+    from core.nets.model import load_model
 
     loaded = load_model(DEFAULT_WEIGHTS)
     net = explainable(loaded)

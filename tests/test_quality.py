@@ -1,4 +1,4 @@
-"""The quality gate (core.quality), the review band and the non-cell generator."""
+"""The quality gate (core.inference.gate), the review band and the non-cell generator."""
 
 from __future__ import annotations
 
@@ -11,27 +11,27 @@ import pandas as pd
 import pytest
 import torch
 
-from core import noncells, score
-from core.contract import DEFAULT_WEIGHTS, WeightsError, verified_weights
-from core.images import decode_image, resize_rgb
-from core.metrics import parasitemia_summary
-from core.model import build_model, logits_and_features
-from core.quality import (
+import core.inference.engines
+import core.inference.pipeline
+from core import cli
+from core.data import noncells
+from core.data.images import decode_image, resize_rgb
+from core.data.sources import iter_sources
+from core.evaluation.gate_check import fit_features
+from core.inference.gate import CALIBRATION_FILE, FeatureModel, Gate, image_reasons, image_stats
+from core.inference.store import ResultStore
+from core.nets.model import build_model, logits_and_features
+from core.schema.contract import DEFAULT_WEIGHTS, WeightsError, verified_weights
+from core.schema.metrics import parasitemia_summary
+from core.schema.results import (
     BLANK,
-    CALIBRATION_FILE,
     OK,
     OUT_OF_FOCUS,
+    RESULT_COLUMNS,
     UNCERTAIN,
     UNLIKE_TRAINING,
-    FeatureModel,
-    Gate,
-    fit_features,
-    image_reasons,
-    image_stats,
     review,
 )
-from core.sources import iter_sources
-from core.store import RESULT_COLUMNS, ResultStore
 
 SMEAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "smear_dev" / "images"
 
@@ -172,14 +172,14 @@ def test_logits_and_features_are_the_models_own_forward(arch):
 
 def test_onnx_and_torch_features_agree(cells_dir, tiny_model):
     images = _batch(_cells(cells_dir))
-    p1, f1 = score.load_engine(tiny_model, "onnx").score(images)
-    p2, f2 = score.load_engine(tiny_model, "torch").score(images)
+    p1, f1 = core.inference.engines.load_engine(tiny_model, "onnx").score(images)
+    p2, f2 = core.inference.engines.load_engine(tiny_model, "torch").score(images)
     assert f1.shape == f2.shape == (len(images), 1280)
     assert np.abs(p1 - p2).max() < 1e-4 and np.abs(f1 - f2).max() < 1e-3
 
 
 def test_the_shipped_model_passes_real_cells_and_flags_non_cells(cells_dir):
-    engine = score.load_engine(DEFAULT_WEIGHTS, "onnx")
+    engine = core.inference.engines.load_engine(DEFAULT_WEIGHTS, "onnx")
     assert engine.gate.features is not None, engine.gate.note
     assert engine.gate.features.weights_sha256 == verified_weights(DEFAULT_WEIGHTS)[2]
     cells = _batch(_cells(cells_dir))
@@ -268,7 +268,7 @@ def test_a_store_from_before_the_gate_is_migrated_and_keeps_its_rows(tmp_path):
 
 
 def _cli(*argv) -> int:
-    return score.main(score.get_args_parser().parse_args([str(a) for a in argv]))
+    return cli.main(["score", *(str(a) for a in argv)])
 
 
 def test_cli_flags_non_cells_leaves_them_out_and_says_how_many(
@@ -323,13 +323,15 @@ def test_upload_of_a_noise_image_is_scored_not_counted(tiny_model):
 
     buf = io.BytesIO()
     Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(buf, "PNG")
-    df, _ = score.score_uploads([("flat.png", buf.getvalue())], weights=tiny_model)
+    df, _ = core.inference.pipeline.score_uploads(
+        [("flat.png", buf.getvalue())], weights=tiny_model
+    )
     assert df.loc[0, "quality"] == BLANK and 0 <= df.loc[0, "prob_parasitized"] <= 1
 
 
 def test_each_engine_reads_its_own_feature_calibration(tmp_path):
     """int8 features are not fp32 ones: onnx-int8 uses quality_int8.npz, never quality.npz."""
-    from core.quality import INT8_CALIBRATION_FILE, calibration_file
+    from core.inference.gate import INT8_CALIBRATION_FILE, calibration_file
 
     assert calibration_file("onnx") == calibration_file("torch") == CALIBRATION_FILE
     assert calibration_file("onnx-int8") == INT8_CALIBRATION_FILE != CALIBRATION_FILE

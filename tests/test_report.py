@@ -1,4 +1,4 @@
-"""The per-patient HTML report (core.report)."""
+"""The per-patient HTML report (core.evaluation.report)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core import report, score
-from core.quality import OK
-from core.store import ResultStore
+from core import cli
+from core.evaluation import report
+from core.inference.store import ResultStore
+from core.schema.results import OK
 
 INFO = report.ReportInfo(
     run_id="r1",
@@ -101,31 +102,32 @@ def test_names_are_escaped_and_unknown_patients_refused():
 
 def test_cli_writes_a_report_of_a_scored_run(cells_dir, tiny_model, tmp_path):
     store_path = tmp_path / "st.sqlite"
-    rc = score.main(
-        score.get_args_parser().parse_args(
-            [
-                str(cells_dir),
-                "--weights",
-                str(tiny_model),
-                "--store",
-                str(store_path),
-                "--no-progress",
-            ]
-        )
+    rc = cli.main(
+        ["score", str(cells_dir), "--weights", str(tiny_model), "--store", str(store_path)]
+        + ["--no-progress"]
     )
     assert rc == 0
     with ResultStore(store_path) as store:
         run_id = store.list_runs().iloc[0]["run_id"]
     out = tmp_path / "report.html"
-    args = report.get_args_parser().parse_args(
-        [run_id, "--out", str(out), "--store", str(store_path), "--case", "C96", "--gallery", "3"]
+    args = cli.parse(
+        [
+            "report",
+            run_id,
+            "--out",
+            str(out),
+            "--store",
+            str(store_path),
+            "--case",
+            "C96",
+            "--gallery",
+            "3",
+        ]
     )
-    assert report.main(args) == 0
+    assert args.run(args) == 0
     text = out.read_text()
     assert "<h2>C96</h2>" in text and "<h2>C123</h2>" not in text
     assert text.count("data:image/png;base64,") == 6  # 3 cells and their 3 heatmaps
     assert "image checks only" in text  # the tiny model has no calibration
-    bad = report.get_args_parser().parse_args(
-        ["no-such-run", "--out", str(out), "--store", str(store_path)]
-    )
-    assert report.main(bad) == 2
+    bad = cli.parse(["report", "no-such-run", "--out", str(out), "--store", str(store_path)])
+    assert bad.run(bad) == 2

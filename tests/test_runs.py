@@ -9,11 +9,14 @@ import sqlite3
 import pandas as pd
 import pytest
 
-from core import score
-from core.labels import CLASSES, predicted_class
-from core.metrics import parasitemia_summary
-from core.sources import ImageSource
-from core.store import RESULT_COLUMNS, ResultStore, StoreError, inputs_summary
+import core.inference.engines
+import core.inference.pipeline
+from core import cli
+from core.data.sources import ImageSource
+from core.inference.store import ResultStore, StoreError, inputs_summary
+from core.schema.labels import CLASSES, predicted_class
+from core.schema.metrics import parasitemia_summary
+from core.schema.results import RESULT_COLUMNS
 
 # The schema of stores written before runs had names and results had duplicates.
 _FIRST_SCHEMA = """
@@ -31,7 +34,7 @@ INSERT INTO results VALUES ('old', '/data/cells.zip!b.png', 'C1', NULL, NULL, NU
 
 
 def _cli(*argv) -> int:
-    return score.main(score.get_args_parser().parse_args([str(a) for a in argv]))
+    return cli.main(["score", *(str(a) for a in argv)])
 
 
 def _run(store: ResultStore, probs: list[float | None], **fields) -> str:
@@ -126,7 +129,7 @@ def test_the_same_file_twice_is_scored_once_and_counted_once(cells_dir, tiny_mod
         (files[0].name, files[0].read_bytes()),
     ]
     with ResultStore(tmp_path / "s.sqlite") as store:
-        df, run_id = score.score_uploads(items, weights=tiny_model, store=store)
+        df, run_id = core.inference.pipeline.score_uploads(items, weights=tiny_model, store=store)
         stored = store.results(run_id).set_index("path")
         assert store.list_runs().loc[0, "duplicates"] == 2
     dup = df.set_index("path")
@@ -141,7 +144,7 @@ def test_the_same_file_twice_is_scored_once_and_counted_once(cells_dir, tiny_mod
 
 
 def test_a_resumed_run_knows_the_files_it_stored_before(cells_dir, tiny_model, tmp_path):
-    engine = score.load_engine(tiny_model)
+    engine = core.inference.engines.load_engine(tiny_model)
     files = sorted(cells_dir.rglob("*.png"))[:2]
 
     def source(name, f):
@@ -151,8 +154,10 @@ def test_a_resumed_run_knows_the_files_it_stored_before(cells_dir, tiny_model, t
         run_id = store.new_run(
             inputs=["x"], weights="w", weights_sha256="0" * 64, threshold=0.5, engine="onnx"
         )
-        score.score_sources([source("a.png", files[0])], engine, store=store, run_id=run_id)
-        later = score.score_sources(
+        core.inference.pipeline.score_sources(
+            [source("a.png", files[0])], engine, store=store, run_id=run_id
+        )
+        later = core.inference.pipeline.score_sources(
             [source("b.png", files[1]), source("again.png", files[0])],
             engine,
             store=store,

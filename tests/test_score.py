@@ -14,15 +14,17 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import core.score
-from core import score
-from core.images import decode_image
-from core.sources import iter_sources
-from core.store import RESULT_COLUMNS, ResultStore
+import core.inference.engines
+import core.inference.pipeline
+from core import cli
+from core.data.images import decode_image
+from core.data.sources import iter_sources
+from core.inference.store import ResultStore
+from core.schema.results import RESULT_COLUMNS
 
 
 def _cli(*argv) -> int:
-    return score.main(score.get_args_parser().parse_args([str(a) for a in argv]))
+    return cli.main(["score", *(str(a) for a in argv)])
 
 
 def test_cli_writes_one_row_per_image_with_the_columns(cells_dir, tiny_model, tmp_path):
@@ -55,8 +57,8 @@ def test_cli_writes_one_row_per_image_with_the_columns(cells_dir, tiny_model, tm
 
 def test_onnx_and_torch_agree_within_1e4(cells_dir, tiny_model):
     images = np.stack([decode_image(s.read(), size=128) for s in iter_sources([cells_dir])])
-    onnx = score.load_engine(tiny_model, "onnx")(images)
-    torch_ = score.load_engine(tiny_model, "torch")(images)
+    onnx = core.inference.engines.load_engine(tiny_model, "onnx")(images)
+    torch_ = core.inference.engines.load_engine(tiny_model, "torch")(images)
     assert onnx.shape == torch_.shape == (len(images),)
     assert np.abs(onnx - torch_).max() < 1e-4
 
@@ -122,15 +124,15 @@ def test_interrupted_run_keeps_results_and_resume_scores_only_the_rest(
     store_path = tmp_path / "s.sqlite"
     paths = [s.path for s in iter_sources([cells_dir.resolve()])]
     fatal = paths[16]  # the first image of the third batch of 8
-    real = core.score.OnnxEngine.score
-    real_decode = core.score._decode_batch
+    real = core.inference.engines.OnnxEngine.score
+    real_decode = core.inference.pipeline._decode_batch
 
     def decode_and_die(sources, size):
         if any(s.path == fatal for s in sources):
             raise KeyboardInterrupt
         return real_decode(sources, size)
 
-    monkeypatch.setattr(core.score, "_decode_batch", decode_and_die)
+    monkeypatch.setattr(core.inference.pipeline, "_decode_batch", decode_and_die)
     rc = _cli(
         cells_dir,
         "--weights",
@@ -147,14 +149,14 @@ def test_interrupted_run_keeps_results_and_resume_scores_only_the_rest(
         assert run["stored"] == 16 and run["finished"] is None  # batches 1 and 2, in order
         first = store.results(run["run_id"]).set_index("path")
     assert set(first.index) == set(paths[:16])
-    monkeypatch.setattr(core.score, "_decode_batch", real_decode)
+    monkeypatch.setattr(core.inference.pipeline, "_decode_batch", real_decode)
     counted = []
 
     def counting(self, images):
         counted.append(len(images))
         return real(self, images)
 
-    monkeypatch.setattr(core.score.OnnxEngine, "score", counting)
+    monkeypatch.setattr(core.inference.engines.OnnxEngine, "score", counting)
     out = tmp_path / "r.csv"
     rc = _cli(
         "--resume",
@@ -230,14 +232,14 @@ def test_score_uploads_reports_progress_and_expands_zips(cells_dir, tiny_model, 
     items = [("cells.zip", buf.getvalue())] + [(f.name, f.read_bytes()) for f in files[20:]]
     seen = []
     with ResultStore(tmp_path / "s.sqlite") as store:
-        df, run_id = score.score_uploads(
+        df, run_id = core.inference.pipeline.score_uploads(
             items, weights=tiny_model, store=store, progress=lambda d, t: seen.append((d, t))
         )
         assert len(store.results(run_id)) == len(files)
     assert len(df) == len(files) and seen[-1] == (len(files), len(files))
     assert df["label"].iloc[:20].notna().all()  # labels from the zip's folders
     with pytest.raises(ValueError, match="no images"):
-        score.score_uploads([("notes.zip", _empty_zip())], weights=tiny_model)
+        core.inference.pipeline.score_uploads([("notes.zip", _empty_zip())], weights=tiny_model)
 
 
 def _empty_zip() -> bytes:
@@ -258,7 +260,7 @@ def test_release_memory_gives_back_the_batch_buffers_and_scores_the_same(tiny_mo
     back after each job with release_memory()."""
     from dashboard.reaper import trim_heap
 
-    engine = score.load_engine(tiny_model, "onnx")
+    engine = core.inference.engines.load_engine(tiny_model, "onnx")
     images = np.random.default_rng(0).integers(0, 256, (256, 128, 128, 3), dtype=np.uint8)
     before = _rss_mb()
     expected = engine(images)
@@ -280,14 +282,14 @@ def test_cpu_count_is_the_cores_the_process_may_use():
     # core of the machine (which oversubscribes the allowed core)
     code = (
         "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-        "from core.files import cpu_count; print(cpu_count())"
+        "from core.schema.files import cpu_count; print(cpu_count())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["1"]
 
 
 def test_cpu_count_without_affinity_is_the_machines(monkeypatch):
-    from core.files import cpu_count
+    from core.schema.files import cpu_count
 
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
     assert cpu_count() == (os.cpu_count() or 1)

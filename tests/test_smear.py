@@ -11,9 +11,16 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from core.smear import RED_CELL, crop_cells, draw_overlay, field_summary, score_field, segment
-from core.smear_check import box_iou, field_counts, match
-from core.store import SMEAR_COLUMNS
+from core.evaluation.smear_check import box_iou, field_counts, match
+from core.schema.results import SMEAR_COLUMNS
+from core.smear.fields import (
+    RED_CELL,
+    crop_cells,
+    draw_overlay,
+    field_summary,
+    score_field,
+    segment,
+)
 
 BACKGROUND = (222, 232, 224)  # the light greenish grey of a thin smear's glass
 
@@ -119,7 +126,7 @@ def test_crops_are_black_outside_the_cell_at_the_model_size(composed):
 
 
 def test_score_field_gives_a_probability_per_red_cell(composed, tiny_model):
-    from core.score import load_engine
+    from core.inference.engines import load_engine
 
     field, truth, _ = composed
     engine = load_engine(tiny_model, "onnx")
@@ -203,8 +210,8 @@ def test_box_iou_and_matching_by_hand():
 def test_cli_writes_cells_and_summary_keeps_a_broken_field_and_resumes(
     composed, tiny_model, tmp_path, capsys
 ):
-    from core.smear import get_args_parser, main
-    from core.store import ResultStore
+    from core import cli
+    from core.inference.store import ResultStore
 
     field, truth, _ = composed
     slide = tmp_path / "slide1"
@@ -215,6 +222,7 @@ def test_cli_writes_cells_and_summary_keeps_a_broken_field_and_resumes(
     out, summary, overlays = tmp_path / "cells.csv", tmp_path / "fields.csv", tmp_path / "ov"
     store = tmp_path / "store.sqlite"
     args = [
+        "smear",
         str(slide),
         "--out",
         str(out),
@@ -228,7 +236,7 @@ def test_cli_writes_cells_and_summary_keeps_a_broken_field_and_resumes(
         str(store),
         "--no-progress",
     ]
-    assert main(get_args_parser().parse_args(args)) == 1  # one error row
+    assert cli.main(args) == 1  # one error row
     cells = pd.read_csv(out)
     assert list(cells.columns) == list(SMEAR_COLUMNS)
     broken = cells[cells["image"].str.endswith("broken.jpg")]
@@ -247,10 +255,8 @@ def test_cli_writes_cells_and_summary_keeps_a_broken_field_and_resumes(
         assert s.list_runs().empty  # smear runs are not listed among cell runs
     capsys.readouterr()
     assert (
-        main(
-            get_args_parser().parse_args(
-                ["--resume", run_id, "--store", str(store), "--out", str(out), "--no-progress"]
-            )
+        cli.main(
+            ["smear", "--resume", run_id, "--store", str(store), "--out", str(out), "--no-progress"]
         )
         == 1
     )
@@ -260,9 +266,12 @@ def test_cli_writes_cells_and_summary_keeps_a_broken_field_and_resumes(
 
 
 def test_cli_refuses_bad_arguments(tmp_path, tiny_model):
-    from core.smear import get_args_parser, main
+    from core import cli
 
-    parse = get_args_parser().parse_args
+    def main(argv):
+        return cli.main(["smear", *argv])
+
+    parse = list
     store = str(tmp_path / "s.sqlite")
     assert main(parse([str(tmp_path / "missing"), "--store", store])) == 2
     assert main(parse([str(tmp_path), "--threshold", "2", "--store", store])) == 2

@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import core.study
-from core.splits import labelled_samples
-from core.study import MOBILENET_V2_STAGES, extract_features, study_layers
+import core.training.study
+from core.data.splits import labelled_samples
+from core.training.study import MOBILENET_V2_STAGES, extract_features, study_layers
 
 EXPECTED_DIMS = {
     "block1_16ch": 16,
@@ -32,7 +32,7 @@ def test_features_have_the_expected_size_per_layer_and_resume_from_cache(
     def no_decoding(*a, **k):
         raise AssertionError("features were recomputed instead of read from the cache")
 
-    monkeypatch.setattr(core.study, "load_array", no_decoding)
+    monkeypatch.setattr(core.training.study, "load_array", no_decoding)
     again = extract_features(samples, sources, tmp_path, progress=False)
     assert all(np.array_equal(again[k], feats[k]) for k in feats)
 
@@ -51,9 +51,9 @@ def test_grouped_folds_never_share_a_case(cells_dir, monkeypatch):
         def predict_proba(self, x):
             return np.full((len(x), 2), 0.5)
 
-    monkeypatch.setattr(core.study, "_probe", Recording)
+    monkeypatch.setattr(core.training.study, "_probe", Recording)
     index = np.arange(len(y), dtype=float)[:, None]  # feature = row number, to see the folds
-    folds = core.study.cross_validate(index, y, groups, folds=3)
+    folds = core.training.study.cross_validate(index, y, groups, folds=3)
     assert len(folds) == len(seen) == 3
     for train_rows in seen:
         test_rows = set(range(len(y))) - train_rows

@@ -7,14 +7,18 @@ import pandas as pd
 import pytest
 import torch
 
-import core.train
-from core import lr_find, train
-from core.model import build_model, load_model
+import core.evaluation.gate_check
+import core.inference.gate
+import core.training.train
+from core import cli
+from core.nets.model import build_model, load_model
+from core.training import lr_find, train
 
 
 def _train_args(cells_dir, out, *extra):
-    return train.get_args_parser().parse_args(
+    return cli.parse(
         [
+            "train",
             "--data",
             str(cells_dir),
             "--out",
@@ -32,7 +36,7 @@ def _train_args(cells_dir, out, *extra):
 def _interrupted_then_resumed(cells_dir, out, monkeypatch, *extra) -> None:
     """Train ``out`` with ``extra``, killed during epoch 2's validation (the checkpoint holds
     epoch 1), then resume it to the end."""
-    real_evaluate, calls = core.train.evaluate, []
+    real_evaluate, calls = core.training.train.evaluate, []
 
     def evaluate_then_die(*a, **kw):
         calls.append(1)
@@ -40,17 +44,17 @@ def _interrupted_then_resumed(cells_dir, out, monkeypatch, *extra) -> None:
             raise KeyboardInterrupt
         return real_evaluate(*a, **kw)
 
-    monkeypatch.setattr(core.train, "evaluate", evaluate_then_die)
+    monkeypatch.setattr(core.training.train, "evaluate", evaluate_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train.main(_train_args(cells_dir, out, *extra))
+        train.run(_train_args(cells_dir, out, *extra))
     assert len(pd.read_csv(out / "history.csv")) == 1
-    monkeypatch.setattr(core.train, "evaluate", real_evaluate)
-    train.main(_train_args(cells_dir, out, *extra, "--resume"))
+    monkeypatch.setattr(core.training.train, "evaluate", real_evaluate)
+    train.run(_train_args(cells_dir, out, *extra, "--resume"))
 
 
 def test_one_tiny_epoch_writes_history_card_weights_and_predictions(cells_dir, tmp_path):
     out = tmp_path / "run"
-    card = train.main(_train_args(cells_dir, out, "--epochs", "1"))
+    card = train.run(_train_args(cells_dir, out, "--epochs", "1"))
     history = pd.read_csv(out / "history.csv")
     assert list(history.columns[:8]) == [
         "epoch",
@@ -65,7 +69,7 @@ def test_one_tiny_epoch_writes_history_card_weights_and_predictions(cells_dir, t
     assert len(history) == 1 and np.isfinite(history["train_loss"]).all()
     on_disk = json.loads((out / "card.json").read_text())
     assert on_disk.keys() == card.keys() and on_disk["sha256"] == card["sha256"]
-    assert card["arch"] == "mobilenet_v2" and "core.train" in card["training_command"]
+    assert card["arch"] == "mobilenet_v2" and "malaria train" in card["training_command"]
     assert set(card["metrics"]["test"]) >= {
         "accuracy",
         "auc",
@@ -88,7 +92,7 @@ def test_one_tiny_epoch_writes_history_card_weights_and_predictions(cells_dir, t
 
 def test_interrupted_training_resumes_where_it_stopped(cells_dir, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
-    train.main(_train_args(cells_dir, straight, "--epochs", "2"))
+    train.run(_train_args(cells_dir, straight, "--epochs", "2"))
     out = tmp_path / "run"
     _interrupted_then_resumed(cells_dir, out, monkeypatch, "--epochs", "2")
     resumed, reference = pd.read_csv(out / "history.csv"), pd.read_csv(straight / "history.csv")
@@ -133,10 +137,20 @@ def test_suggestion_is_the_steepest_descent():
 
 
 def test_lr_find_cli(cells_dir, tmp_path):
-    args = lr_find.get_args_parser().parse_args(
-        ["--data", str(cells_dir), "--out", str(tmp_path), "--steps", "12", "--batch-size", "8"]
+    args = cli.parse(
+        [
+            "lr-find",
+            "--data",
+            str(cells_dir),
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "12",
+            "--batch-size",
+            "8",
+        ]
     )
-    lr_find.main(args)
+    assert args.run(args) == 0
     curve = pd.read_csv(tmp_path / "lr_find.csv")
     assert 2 <= len(curve) <= 12 and curve["lr"].iloc[0] == pytest.approx(1e-7)
 
@@ -144,11 +158,12 @@ def test_lr_find_cli(cells_dir, tmp_path):
 def test_folds_predict_every_cell_out_of_fold_then_train_the_final_model(cells_dir, tmp_path):
     """Two folds of one small-CNN epoch: each cell predicted once, by the fold that never saw
     its patient; the final model trains on every patient, its card carrying the estimate."""
-    from core import folds
+    from core.training import folds
 
     out = tmp_path / "r"
-    args = folds.get_args_parser().parse_args(
+    args = cli.parse(
         [
+            "folds",
             "--data",
             str(cells_dir),
             "--out",
@@ -168,7 +183,7 @@ def test_folds_predict_every_cell_out_of_fold_then_train_the_final_model(cells_d
             "--final",
         ]
     )
-    card = folds.main(args)
+    card = folds.run(args)
     oof = pd.read_csv(out / folds.OOF_FILE)
     n_cells = len(list(cells_dir.rglob("*.png")))
     assert len(oof) == oof["path"].nunique() == n_cells
@@ -193,24 +208,23 @@ def test_folds_predict_every_cell_out_of_fold_then_train_the_final_model(cells_d
     assert card["estimate"]["pooled"]["n"] == n_cells
     assert card["estimate"]["heatmap"] == heatmap
     assert "out-of-fold" in card["screening"]["method"]
-    assert "core.folds" in card["training_command"] and "--final" in card["training_command"]
+    assert "malaria folds" in card["training_command"] and "--final" in card["training_command"]
     load_model(out)  # a complete, verified model folder
-    from core.contract import find_models
+    from core.schema.contract import find_models
 
     assert out.resolve() in find_models(out)
     # no patient held out: the gate's limit comes from the fold runs, int8 is checked on the
     # training cells less the calibration cells
-    from core import quality, quantize
 
-    assert quantize.main(["calibrate", str(out), "--data", str(cells_dir), "--cells", "8"]) == 0
-    calibrate = ["calibrate", "--weights", str(out), "--data", str(cells_dir)]
-    assert quality.main(quality.get_args_parser().parse_args(calibrate)) == 0
-    unseen = json.loads((out / quality.FOLDS_CHECK_FILE).read_text())
+    assert cli.main(["calibrate", "int8", str(out), "--data", str(cells_dir), "--cells", "8"]) == 0
+    calibrate = ["calibrate", "gate", "--weights", str(out), "--data", str(cells_dir)]
+    assert cli.main(calibrate) == 0
+    unseen = json.loads((out / core.evaluation.gate_check.FOLDS_CHECK_FILE).read_text())
     assert len(unseen["folds"]) == 2 and unseen["ratio"] > 0
     assert unseen["test_cells"] == n_cells  # each cell once, by a gate built without it
     for name in ("quality.npz", "quality_int8.npz"):
-        assert "training cells x" in quality.FeatureModel.load(out / name).held_out
-    assert quantize.main(["check", str(out), "--data", str(cells_dir)]) == 0
+        assert "training cells x" in core.inference.gate.FeatureModel.load(out / name).held_out
+    assert cli.main(["check", "int8", str(out), "--data", str(cells_dir)]) == 0
     check = json.loads((out / "card.json").read_text())["int8"]["check"]
     assert check["part"] == "train" and check["cells"] == n_cells - 8 and "note" in check
     for weights in out.glob("folds/fold*/model.safetensors"):
@@ -219,7 +233,7 @@ def test_folds_predict_every_cell_out_of_fold_then_train_the_final_model(cells_d
     fold_card = out / "folds" / "fold0" / "card.json"
     before = fold_card.stat().st_mtime_ns
     args.final = False
-    folds.main(args)  # a rerun keeps finished folds
+    folds.run(args)  # a rerun keeps finished folds
     assert fold_card.stat().st_mtime_ns == before
 
 
@@ -239,7 +253,7 @@ def test_weight_average_is_the_running_mean_of_the_epochs():
 
 
 def test_batch_norm_statistics_are_recomputed_over_the_given_images():
-    from core.model import default_contract, normalize
+    from core.nets.model import default_contract, normalize
 
     contract = default_contract("mobilenet_v2")
     model = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
@@ -260,7 +274,7 @@ def test_averaged_run_keeps_the_mean_and_resumes_to_the_same_weights(
 
     extra = ("--epochs", "2", "--average-from", "1", "--arch", "small_cnn", "--no-pretrained")
     straight = tmp_path / "straight"
-    card = train.main(_train_args(cells_dir, straight, *extra))
+    card = train.run(_train_args(cells_dir, straight, *extra))
     assert card["selected_by"].startswith("mean of the weights after epochs 1-2")
     assert "--average-from 1" in card["training_command"]
     kept, averaged = load_file(straight / "model.safetensors"), load_file(straight / train.AVERAGED)
@@ -277,17 +291,17 @@ def test_averaged_run_keeps_the_mean_and_resumes_to_the_same_weights(
 def test_keep_last_keeps_the_last_epoch_also_when_resumed_after_the_end(cells_dir, tmp_path):
     """--keep-last (the rule of a model trained on every patient, for its fold models) keeps
     the last epoch's weights, not the lowest validation loss's; a finished run resumed (as
-    core.folds does with a final model trained before its folds) keeps them too."""
+    malaria folds does with a final model trained before its folds) keeps them too."""
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
     extra = ("--epochs", "2", "--keep-last", "--arch", "small_cnn", "--no-pretrained")
-    card = train.main(_train_args(cells_dir, out, *extra))
+    card = train.run(_train_args(cells_dir, out, *extra))
     assert card["best_epoch"] == 2 and card["selected_by"].startswith("last epoch (--keep-last")
     assert "--keep-last" in card["training_command"]
     last = torch.load(out / train.CHECKPOINT, weights_only=True)["model"]
     kept = load_file(out / "model.safetensors")
     assert kept.keys() == last.keys() and all(torch.equal(kept[k], last[k]) for k in last)
-    train.main(_train_args(cells_dir, out, *extra, "--resume"))
+    train.run(_train_args(cells_dir, out, *extra, "--resume"))
     again = load_file(out / "model.safetensors")
     assert all(torch.equal(again[k], last[k]) for k in last)

@@ -2,7 +2,13 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.audit import (
+from core.data.images import ImageError
+from core.data.sources import read_image
+from core.explain.heatmap import DEFAULT_METHOD, for_display
+from core.schema.contract import AUDIT_FILE, DECISIONS_FILE, OOF_FILE
+from core.schema.export import to_csv_text
+from core.schema.labels import CLASSES
+from core.training.audit import (
     DECISION_COLUMNS,
     DECISIONS,
     AuditError,
@@ -14,11 +20,6 @@ from core.audit import (
     read_predictions,
     save_decisions,
 )
-from core.contract import AUDIT_FILE, DECISIONS_FILE, OOF_FILE
-from core.export import to_csv_text
-from core.heatmap import DEFAULT_METHOD, for_display
-from core.images import ImageError, read_image
-from core.labels import CLASSES
 from dashboard import ui
 
 PER_PAGE = 12
@@ -62,12 +63,12 @@ if not oof_path.is_file():
     st.info(
         f"This model folder has no {OOF_FILE}: the audit needs out-of-fold predictions, "
         "each cell predicted by a model that never saw its patient (the patient-grouped "
-        "fold runs of `python -m core.folds` write them)."
+        "fold runs of `malaria folds` write them)."
     )
     st.stop()
 if not audit_path.is_file():
     st.info(
-        f"This model folder has no {AUDIT_FILE} yet. Make it with `python -m core.audit "
+        f"This model folder has no {AUDIT_FILE} yet. Make it with `malaria audit "
         f"--oof {ui.model_label(oof_path)} --out {ui.model_label(audit_path)}`."
     )
     st.stop()
@@ -273,7 +274,7 @@ right.button(
     args=(decisions_path,),
 )
 st.caption(
-    "Train with them: `python -m core.train --relabel "
+    "Train with them: `malaria train --relabel "
     f"{ui.model_label(decisions_path)} ...` trains each `relabel` cell as the other class "
     "and leaves `exclude` cells out; `keep` and undecided cells keep their label. Saving "
     "adds this session's decisions to the file and keeps every other cell's."

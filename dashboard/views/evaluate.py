@@ -5,11 +5,12 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.heatmap import DEFAULT_METHOD, for_display
-from core.images import ImageError, read_image
-from core.labels import CLASSES, file_name, predicted_class
-from core.metrics import binary_metrics, curves
-from core.store import inputs_summary
+from core.data.images import ImageError
+from core.data.sources import read_image
+from core.explain.heatmap import DEFAULT_METHOD, for_display
+from core.inference.store import inputs_summary
+from core.schema.labels import CLASSES, file_name, predicted_class
+from core.schema.metrics import binary_metrics, curves
 from dashboard import ui
 
 MEANING = {  # what each metric says, for students

@@ -3,7 +3,9 @@ import hashlib
 import pandas as pd
 import streamlit as st
 
-from core.heatmap import (
+from core.data.images import ImageError, decode_image
+from core.data.sources import open_source
+from core.explain.heatmap import (
     DEFAULT_METHOD,
     METHOD_NAMES,
     SLOW_METHODS,
@@ -12,10 +14,8 @@ from core.heatmap import (
     for_display,
     overlay,
 )
-from core.images import ImageError, decode_image
-from core.locate import locate
-from core.quality import OK
-from core.sources import open_source
+from core.explain.locate import locate
+from core.schema.results import OK
 from dashboard import ui
 
 st.title("Explain a prediction")

@@ -1,6 +1,6 @@
 import streamlit as st
 
-from core.labels import case_id
+from core.schema.labels import case_id
 from dashboard import ui
 
 st.title("Malaria screening from thin blood smears")

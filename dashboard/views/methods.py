@@ -10,7 +10,7 @@ st.title("Heatmap check: which explanations find the parasite")
 model = ui.current_model()
 folder, sha = model.path, model.sha256
 table_path, summary_path = model.explain_check()
-command = f"python -m core.explain_check --weights {ui.model_label(folder)}" + (
+command = f"malaria check heatmaps --weights {ui.model_label(folder)}" + (
     "" if model.split["test"] else " --split oof"
 )
 if not table_path.is_file() or not summary_path.is_file():

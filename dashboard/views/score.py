@@ -4,12 +4,12 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.export import to_csv_text
-from core.labels import CLASSES, predicted_class
-from core.metrics import group_of, parasitemia_summary
-from core.quality import REVIEW_BAND, UNCERTAIN, counted, review
-from core.report import ReportInfo, render_report
-from core.store import RUN_FIELDS, StoreError, inputs_summary
+from core.evaluation.report import ReportInfo, render_report
+from core.inference.store import RUN_FIELDS, StoreError, inputs_summary
+from core.schema.export import to_csv_text
+from core.schema.labels import CLASSES, predicted_class
+from core.schema.metrics import group_of, parasitemia_summary
+from core.schema.results import REVIEW_BAND, UNCERTAIN, counted, review
 from dashboard import ui
 
 ERROR = "Error"  # the Prediction filter's name for rows that could not be scored
@@ -80,7 +80,7 @@ def report_ui(
     sources: dict,
     on_disk: bool,
 ) -> None:
-    """Pick patients and download their printable report (core.report)."""
+    """Pick patients and download their printable report (core.evaluation.report)."""
     st.subheader("Report")
     groups = list(summary["group"])
     r1, r2 = st.columns([3, 1])

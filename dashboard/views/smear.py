@@ -6,12 +6,13 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.export import to_csv_text
-from core.heatmap import DEFAULT_METHOD, for_display, overlay
-from core.images import ImageError, read_image
-from core.labels import CLASSES, predicted_class
-from core.smear import RED_CELL, crop_cells, draw_overlay, field_summary, score_uploads
-from core.store import StoreError
+from core.data.images import ImageError
+from core.data.sources import read_image
+from core.explain.heatmap import DEFAULT_METHOD, for_display, overlay
+from core.inference.store import StoreError
+from core.schema.export import to_csv_text
+from core.schema.labels import CLASSES, predicted_class
+from core.smear.fields import RED_CELL, crop_cells, draw_overlay, field_summary, score_uploads
 from dashboard import ui
 
 

@@ -8,13 +8,13 @@ from dashboard import ui
 
 st.title("Study: which features, which model")
 st.caption(
-    "Reproduce with `python -m core.study layers --data DATA` and "
-    "`python -m core.study models --data DATA` (results land in weights/study/)."
+    "Reproduce with `malaria study layers --data DATA` and "
+    "`malaria study models --data DATA` (results land in weights/study/)."
 )
 folder = ui.ROOT / "weights" / "study"
 layers_csv, layers_json = folder / "layers.csv", folder / "layers.json"
 if not layers_csv.is_file():
-    st.info("No study results yet: run `python -m core.study layers --data DATA`.")
+    st.info("No study results yet: run `malaria study layers --data DATA`.")
     st.stop()
 layers, info = pd.read_csv(layers_csv), json.loads(layers_json.read_text())
 
@@ -86,7 +86,7 @@ st.caption(info["protocol"])
 models_csv = folder / "models.csv"
 st.subheader("Models compared on the same unseen patients")
 if not models_csv.is_file():
-    st.info("Run `python -m core.study models --data DATA` to compare models.")
+    st.info("Run `malaria study models --data DATA` to compare models.")
     st.stop()
 models = pd.read_csv(models_csv)
 st.dataframe(

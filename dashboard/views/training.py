@@ -6,13 +6,13 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from core.contract import HISTORY_FILE, fold_runs
+from core.schema.contract import HISTORY_FILE, fold_runs
 from dashboard import ui
 
 st.title("Training")
 runs = [f for f in ui.model_choices() if (f / "history.csv").is_file()]
 if not runs:
-    st.info("No run folder with a history.csv yet. Train one with `python -m core.train`.")
+    st.info("No run folder with a history.csv yet. Train one with `malaria train`.")
     st.stop()
 current = ui.current_model().path.resolve()
 picked = st.multiselect(

@@ -1,0 +1,100 @@
+"""Option groups and messages that several commands share, written once.
+
+Exit codes are part of the contract of every command: 0 ok, 1 some inputs failed (error rows;
+everything else was done), 2 bad arguments, input, weights, output or store, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from core.schema.contract import DEFAULT_WEIGHTS
+from core.schema.export import OutputError, check_output
+from core.schema.results import REVIEW_BAND
+
+OK, FAILED, BAD_INPUT, INTERRUPTED = 0, 1, 2, 130
+
+
+def fail(message: str) -> int:
+    """Print ``message`` as one line on stderr; the exit code for bad input."""
+    print(f"error: {message}", file=sys.stderr)
+    return BAD_INPUT
+
+
+def interrupted(store_path: Path, run_id: str) -> int:
+    """Say where an interrupted run's results are and how to go on; the exit code."""
+    print(
+        f"\ninterrupted: results so far are kept in {store_path}; continue with --resume {run_id}",
+        file=sys.stderr,
+    )
+    return INTERRUPTED
+
+
+def positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def add_weights(p: argparse.ArgumentParser, *, help: str = "model folder") -> None:
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help=help)
+
+
+def add_threshold(p: argparse.ArgumentParser, *, help: str | None = None) -> None:
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help=help or "decision threshold on P(Parasitized); default: the model's",
+    )
+
+
+def add_band(p: argparse.ArgumentParser, *, help: str = "review band half-width") -> None:
+    p.add_argument("--band", type=float, default=REVIEW_BAND, help=help)
+
+
+def add_group_by(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--group-by", choices=("case", "folder"), default="case")
+
+
+def add_store(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store",
+        type=Path,
+        help="result store (SQLite); default $MALARIA_STORE or runs/results.sqlite",
+    )
+
+
+def add_resume(p: argparse.ArgumentParser, *, what: str = "images") -> None:
+    p.add_argument("--resume", metavar="RUN_ID", help=f"score only the {what} RUN_ID is missing")
+
+
+def add_outputs(p: argparse.ArgumentParser, *, out: str, summary: str) -> None:
+    """--out and --summary: the two CSVs of a scoring run."""
+    p.add_argument("--out", type=Path, help=out)
+    p.add_argument("--summary", type=Path, help=summary)
+
+
+def add_follow_links(p: argparse.ArgumentParser, *, help: str) -> None:
+    p.add_argument("--follow-links", action="store_true", help=help)
+
+
+def add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_threshold(threshold: float | None) -> None:
+    """Raises ValueError for a threshold outside [0, 1]."""
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise ValueError(f"--threshold must be in [0, 1], got {threshold}")
+
+
+def check_outputs(out: Path | None, summary: Path | None) -> None:
+    """Before any work: a typo in --out must not cost the whole run. Raises OutputError."""
+    for path in (out, summary):
+        if path:
+            check_output(path)
+    if out and summary and out.resolve() == summary.resolve():
+        raise OutputError("--out and --summary name the same file")

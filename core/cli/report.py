@@ -1,0 +1,68 @@
+"""``malaria report RUN_ID --out report.html``: the per-patient HTML report of a scored run
+(core.evaluation.report), every number from the run's own model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from core.evaluation.report import ReportInfo, disk_reader, model_heatmaps, render_report
+from core.inference.gate import Gate
+from core.inference.store import ResultStore, StoreError
+from core.schema.contract import ModelFolder, WeightsError
+from core.schema.export import OutputError, check_output
+from core.schema.files import atomic_path
+from core.schema.results import REVIEW_BAND
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_id", help="a run in the result store (malaria score prints it)")
+    p.add_argument("--out", type=Path, required=True, help="HTML file to write")
+    p.add_argument("--case", nargs="+", dest="groups", help="only these patients (or folders)")
+    p.add_argument(
+        "--store", type=Path, help="result store; default $MALARIA_STORE or runs/results.sqlite"
+    )
+    p.add_argument("--threshold", type=float, help="default: the run's")
+    p.add_argument("--band", type=float, default=REVIEW_BAND, help="review band half-width")
+    p.add_argument("--group-by", choices=("case", "folder"), default="case")
+    p.add_argument("--gallery", type=int, default=8, help="most suspicious cells per patient")
+    p.add_argument("--no-heatmaps", action="store_true", help="cells only (faster)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        check_output(args.out)
+        if args.threshold is not None and not 0 <= args.threshold <= 1:
+            raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
+        with ResultStore(args.store) as store:
+            run = store.run(args.run_id)
+            results = store.results(args.run_id)
+        model = ModelFolder.open(run.weights)
+        if model.sha256 != run.weights_sha256:
+            raise WeightsError(
+                f"{run.weights} no longer holds the weights run {run.run_id} "
+                "was scored with; the report would name the wrong model"
+            )
+        info = ReportInfo(
+            run.run_id,
+            run.weights,
+            model.sha256,
+            run.threshold if args.threshold is None else args.threshold,
+            model.screening_cutoff,
+            args.band,
+            args.group_by,
+            Gate.for_model(model.path, model.sha256, run.engine).describe(),
+        )
+        read = disk_reader if run.kind == "files" else (lambda path: None)
+        heat = None if args.no_heatmaps else model_heatmaps(run.weights)
+        text = render_report(
+            results, info, groups=args.groups, read=read, heatmaps=heat, gallery=args.gallery
+        )
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except (OutputError, StoreError, WeightsError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report of run {run.run_id} written to {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,173 @@
+"""``malaria smear FIELD...``: find the red cells of thin-smear fields of view (files, folders,
+zips), score each as Parasitized or Uninfected and report parasitemia per field and folder
+(core.smear.fields).
+
+Exit status: 0 all fields scored, 1 some error rows, 2 bad input, weights, output or store, or
+nothing scored; 130 interrupted (use --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from core.cli.options import (
+    add_follow_links,
+    add_outputs,
+    add_progress,
+    add_resume,
+    add_store,
+    add_threshold,
+    add_weights,
+    check_outputs,
+    check_threshold,
+    fail,
+    interrupted,
+)
+from core.data.sources import iter_sources, read_image, unique_paths
+from core.inference.engines import load_engine
+from core.inference.store import ResultStore, StoreError
+from core.schema.contract import WeightsError
+from core.schema.export import write_csv
+from core.smear.fields import RED_CELL, draw_overlay, field_summary, iter_fields
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="*", help="field images, folders or zips")
+    add_outputs(
+        p,
+        out="CSV with one row per object found",
+        summary="CSV of parasitemia per field and per folder",
+    )
+    p.add_argument("--overlays", type=Path, help="folder for each field with its cells outlined")
+    add_weights(p)
+    add_threshold(p, help="decision threshold on P(Parasitized)")
+    p.add_argument(
+        "--stain-norm",
+        action="store_true",
+        help="match each field's colours to the NIH training cells' statistics "
+        "before scoring (off by default: on the tuning fields it called 4x "
+        "more uninfected cells parasitized)",
+    )
+    add_resume(p, what="fields")
+    add_store(p)
+    add_follow_links(
+        p, help="read fields that symbolic links in an input folder point to outside it"
+    )
+    add_progress(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except StoreError as exc:  # one line, as malaria score says it
+        return fail(str(exc))
+
+
+def _overlay_name(image: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in image.strip("/")) + ".png"
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        check_threshold(args.threshold)
+        check_outputs(args.out, args.summary)
+        if args.overlays:
+            args.overlays.mkdir(parents=True, exist_ok=True)
+    except (ValueError, OSError) as exc:  # OutputError is a ValueError
+        return fail(str(exc))
+    with ResultStore(args.store) as store:
+        try:
+            if args.resume:
+                info = store.run(args.resume)
+                if not info.kind.startswith("smear"):
+                    raise ValueError(
+                        f"run {info.run_id} is not a smear run; resume it with malaria score"
+                    )
+                inputs, threshold = list(info.inputs), info.threshold
+                engine = load_engine(info.weights, threads=2)
+                if engine.sha256 != info.weights_sha256:
+                    raise WeightsError(
+                        f"run {info.run_id} was scored with other weights "
+                        f"({info.weights_sha256[:12]}...); start a new run"
+                    )
+                run_id = info.run_id
+            else:
+                if not args.inputs:
+                    return fail("give at least one INPUT (or --resume RUN_ID)")
+                inputs = [str(Path(i).resolve()) for i in args.inputs]
+                engine = load_engine(args.weights, threads=2)
+                threshold = engine.contract.threshold if args.threshold is None else args.threshold
+                run_id = store.new_run(
+                    inputs=inputs,
+                    weights=str(engine.folder.resolve()),
+                    weights_sha256=engine.sha256,
+                    threshold=threshold,
+                    engine=engine.name,
+                    kind="smear",
+                )
+            sources = unique_paths(iter_sources(inputs, follow_links=args.follow_links))
+        except (FileNotFoundError, WeightsError, ValueError) as exc:
+            return fail(str(exc))
+        store.set_total(run_id, len(sources))
+        done = store.smear_done(run_id)
+        todo = [s for s in sources if s.path not in done]
+        print(
+            f"run {run_id}: {len(sources)} fields, {len(done)} already stored, "
+            f"{len(todo)} to segment and score",
+            file=sys.stderr,
+        )
+        seconds = []
+        try:
+            for src, result, rows in tqdm(
+                iter_fields(todo, engine, threshold=threshold, stain_norm=args.stain_norm),
+                total=len(todo),
+                unit="field",
+                disable=args.no_progress,
+            ):
+                store.add_smear_rows(run_id, rows)
+                if result is None:
+                    continue
+                seconds.append(result.seconds)
+                if args.overlays:
+                    image = read_image(src)
+                    Image.fromarray(draw_overlay(image, result.segmentation, result.prob)).save(
+                        args.overlays / _overlay_name(src.path)
+                    )
+        except KeyboardInterrupt:
+            return interrupted(store.path, run_id)
+        store.finish(run_id)
+        cells = store.smear_rows(run_id)
+    try:
+        if args.out:
+            write_csv(args.out, cells)
+        summary = field_summary(cells, cutoff=engine.weights.screening_cutoff)
+        if args.summary:
+            write_csv(args.summary, summary)
+    except OSError as exc:
+        return fail(
+            f"cannot write the CSV ({exc}); the results are kept in the store: "
+            f"export them again with --resume {run_id} --out FILE"
+        )
+    folders = summary[summary["level"] == "folder"]
+    with pd.option_context("display.max_rows", 200, "display.width", 140):
+        print(
+            folders.drop(columns="level").to_string(index=False, float_format=lambda v: f"{v:.3f}")
+        )
+    n_err = int(cells["error"].notna().sum())
+    n_cells = int(((cells["object"] == RED_CELL) & cells["error"].isna()).sum())
+    per_field = f"; {1000 * np.mean(seconds):.0f} ms per field" if seconds else ""
+    print(
+        f"{n_cells} red cells in {cells['image'].nunique()} fields, {n_err} error rows; "
+        f"run {run_id}{per_field}",
+        file=sys.stderr,
+    )
+    if not n_cells:
+        return fail("no red cell found in any field; the error column says why")
+    return 1 if n_err else 0

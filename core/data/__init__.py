@@ -1,0 +1,1 @@
+"""Finding, decoding, labelling and splitting images (files, folders, zips), patients kept apart."""

@@ -1,0 +1,1 @@
+"""Heatmaps: class activation maps, their overlays, and where the stained parasite is."""

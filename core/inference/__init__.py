@@ -1,0 +1,2 @@
+"""The runtime path: engines (torch, ONNX, int8), the quality gate, the scoring pipeline, the
+result store, the cluster."""

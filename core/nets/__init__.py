@@ -1,0 +1,1 @@
+"""The networks: building, saving and loading a model folder (PyTorch)."""

@@ -1,0 +1,333 @@
+"""The model contract: what a model expects and means, and its card on disk.
+
+Torch-free on purpose: the ONNX scoring path reads cards without importing PyTorch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from core.schema.files import REPO_ROOT, write_json
+from core.schema.labels import CLASSES
+
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "card.json"
+DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "default"
+ARCHS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "small_cnn")
+INPUT_SIZES = range(32, 1025)  # below 32 px the MobileNets' five stride-2 stages leave nothing
+
+
+class WeightsError(RuntimeError):
+    """Weights that cannot be used: missing, tampered, pickled, or not matching the card."""
+
+
+class ContractError(ValueError):
+    """A model contract whose values cannot be right (unknown classes, a threshold outside
+    [0, 1]...)."""
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def contract_problems(c: ModelContract) -> list[str]:
+    """What is wrong with ``c``, in words; empty when it is usable."""
+    problems = []
+    if c.arch not in ARCHS:
+        problems.append(f"arch {c.arch!r} is not one of {', '.join(ARCHS)}")
+    if tuple(c.classes) != CLASSES:
+        # the order is the model's output index order: swapped names invert every call
+        problems.append(
+            f"classes must be exactly {list(CLASSES)} in that order, got {list(c.classes)}"
+        )
+    if not (
+        isinstance(c.input_size, int)
+        and not isinstance(c.input_size, bool)
+        and c.input_size in INPUT_SIZES
+    ):
+        problems.append(
+            f"input_size must be a whole number of pixels in "
+            f"[{INPUT_SIZES.start}, {INPUT_SIZES.stop - 1}], got {c.input_size!r}"
+        )
+    for name in ("mean", "std"):
+        values = getattr(c, name)
+        if len(values) != 3 or not all(_is_number(v) for v in values):
+            problems.append(f"{name} must be 3 numbers (R, G, B), got {list(values)}")
+    if all(_is_number(v) for v in c.std) and not all(v > 0 for v in c.std):
+        problems.append(f"std must be positive, got {list(c.std)}")
+    if not (_is_number(c.threshold) and 0 <= c.threshold <= 1):
+        problems.append(f"threshold must be a probability in [0, 1], got {c.threshold!r}")
+    if c.target_layer and c.target_layer not in c.cam_layers:
+        problems.append(f"target_layer {c.target_layer!r} is not one of cam_layers")
+    return problems
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """What a model expects and means; saved in the card, read back by every consumer."""
+
+    arch: str = "mobilenet_v2"
+    classes: tuple[str, ...] = CLASSES
+    input_size: int = 128  # the NIH copy is 128x128; larger buys little on 100-200 px crops
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet statistics
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # Named stages for Grad-CAM, fine to coarse; the target is the explanations' default stage.
+    cam_layers: tuple[str, ...] = ()
+    target_layer: str = ""
+    threshold: float = 0.5  # on P(Parasitized)
+
+    def __post_init__(self) -> None:
+        problems = contract_problems(self)
+        if problems:
+            raise ContractError("invalid model contract: " + "; ".join(problems))
+
+    @property
+    def positive_index(self) -> int:
+        return self.classes.index("Parasitized")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> ModelContract:
+        """The contract saved by ``to_json``. Raises ContractError for invalid values, KeyError
+        or TypeError for missing or unknown keys."""
+        d = dict(d)
+        for key in ("classes", "mean", "std", "cam_layers"):
+            d[key] = tuple(d[key])
+        return cls(**d)
+
+
+def contract_sha256(contract: ModelContract, weights_sha256: str) -> str:
+    """The hash a card records over its contract and the weights it belongs to: changing a
+    single value of the contract (a swapped class, another threshold), or moving the contract to
+    other weights, no longer matches it."""
+    payload = json.dumps(
+        {"contract": contract.to_json(), "weights_sha256": weights_sha256},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def explain_check_paths(folder: Path | str, split: str = "test") -> tuple[Path, Path]:
+    """(table CSV, summary JSON) of a model folder's heatmap check on ``split``
+    (``malaria check heatmaps``)."""
+    suffix = "" if split == "test" else f"_{split}"
+    return (
+        Path(folder) / f"explain_check{suffix}.csv",
+        Path(folder) / f"explain_check{suffix}.json",
+    )
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _parse_card(path: Path) -> tuple[dict, ModelContract]:
+    try:
+        card = json.loads(path.read_text())
+        return card, ModelContract.from_json(card["contract"])
+    except ContractError as exc:
+        raise WeightsError(f"{path}: {exc}; refusing this model") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise WeightsError(f"{path} is not a valid model card ({exc!r})") from None
+
+
+def read_card(folder: Path | str) -> dict:
+    """The card of a model folder, its contract validated and checked against the card's
+    ``contract_sha256``.
+
+    Raises WeightsError if there is no card, its contract is invalid, it has no
+    ``contract_sha256`` (a card written before contracts were hashed: check it, then
+    ``malaria seal FOLDER``), or the contract no longer matches that hash.
+    """
+    path = Path(folder) / CARD_FILE
+    if not path.is_file():
+        raise WeightsError(f"no {CARD_FILE} in {folder}: not a model folder")
+    card, contract = _parse_card(path)
+    recorded = card.get("contract_sha256")
+    if recorded is None:
+        raise WeightsError(
+            f"{path} has no contract_sha256 (written before model contracts were "
+            "hashed); check its contract, then run "
+            f"`malaria seal {folder}` to accept it"
+        )
+    if recorded != contract_sha256(contract, str(card.get("sha256"))):
+        raise WeightsError(
+            f"the model contract in {path} does not match its contract_sha256: "
+            "classes, threshold or another value were changed after the model "
+            "was saved; refusing this model"
+        )
+    return card
+
+
+def verified_weights(folder: Path | str) -> tuple[dict, Path, str]:
+    """(card, weights path, sha256) after checking the weights file against its card.
+
+    Raises WeightsError if the card or weights are missing or the sha256 differs.
+    """
+    card = read_card(folder)
+    name = card.get("weights_file", WEIGHTS_FILE)
+    if Path(name).name != name:
+        raise WeightsError(f"the card's weights_file {name!r} must be a file name in {folder}")
+    weights = Path(folder) / name
+    if not weights.is_file():
+        raise WeightsError(f"weights file {weights} is missing")
+    digest = sha256_file(weights)
+    if digest != card.get("sha256"):
+        raise WeightsError(
+            f"{weights} does not match its card (sha256 {digest[:12]}... vs "
+            f"{str(card.get('sha256'))[:12]}...): the file was changed or replaced; "
+            "refusing to load it"
+        )
+    return card, weights, digest
+
+
+# The files a model folder may hold beside its weights and card, by what they are.
+HISTORY_FILE = "history.csv"
+LR_FIND_FILES = ("lr_find.csv", "lr_find.json")
+SPLIT_FILE = "split.json"
+OOF_FILE = "oof_predictions.csv"
+FOLDS_FILE = "folds.json"
+AUDIT_FILE = "label_audit.csv"
+DECISIONS_FILE = "label_decisions.csv"
+
+
+def fold_runs(folder: Path | str) -> list[Path]:
+    """The k-fold runs' folders (``folds/fold0``, ...) of a model folder that have a training
+    history, by fold number."""
+    runs = [p.parent for p in Path(folder).glob(f"folds/fold*/{HISTORY_FILE}")]
+    return sorted(runs, key=lambda run: (len(run.name), run.name))  # fold10 after fold9
+
+
+def predictions_path(folder: Path | str, part: str) -> Path:
+    """A model folder's predictions of one part: ``test``, ``val`` (its held-back patients) or
+    ``oof`` (every development cell, out of fold)."""
+    return Path(folder) / (OOF_FILE if part == "oof" else f"{part}_predictions.csv")
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A model folder read once and typed: its verified card, its contract, its weights' hash,
+    and where its other files are. Pages and commands use this, never the card's raw JSON.
+
+    Open with :meth:`open`, which checks the weights against the card (WeightsError if not).
+    """
+
+    path: Path
+    card: dict
+    contract: ModelContract
+    sha256: str
+
+    @classmethod
+    def open(cls, folder: Path | str = DEFAULT_WEIGHTS) -> ModelFolder:
+        card, _, digest = verified_weights(folder)
+        return cls(Path(folder), card, ModelContract.from_json(card["contract"]), digest)
+
+    @property
+    def arch(self) -> str:
+        return str(self.card.get("arch", self.contract.arch))
+
+    @property
+    def split(self) -> dict[str, list[str]]:
+        """Case ids per part (train, val, test); empty lists when the card has none."""
+        saved = self.card.get("split", {})
+        return {part: list(saved.get(part, [])) for part in ("train", "val", "test")}
+
+    @property
+    def metrics(self) -> dict[str, dict]:
+        """Metrics per part as the training run measured them (train, val, test)."""
+        return dict(self.card.get("metrics", {}))
+
+    @property
+    def estimate(self) -> tuple[str, dict]:
+        """(what it is, metrics) of the model's estimate on patients it never saw: the k-fold
+        out-of-fold estimate for a model trained on every patient, else its test patients'
+        metrics; ("", {}) when it has neither."""
+        if "estimate" in self.card:
+            return self.card["estimate"]["source"], dict(self.card["estimate"]["pooled"])
+        test = self.metrics.get("test", {})
+        return (
+            (f"{test.get('cases', '?')} held-back test patients", dict(test)) if test else ("", {})
+        )
+
+    @property
+    def screening_cutoff(self) -> float:
+        """The parasitemia cutoff of the "likely infected" flag (0.0 if the card has none)."""
+        return float(self.card.get("screening", {}).get("cutoff", 0.0))
+
+    @property
+    def history(self) -> Path:
+        return self.path / HISTORY_FILE
+
+    @property
+    def lr_find(self) -> tuple[Path, Path]:
+        """(curve CSV, summary JSON) of the run's LR range test."""
+        return (self.path / LR_FIND_FILES[0], self.path / LR_FIND_FILES[1])
+
+    def predictions(self, part: str) -> Path:
+        return predictions_path(self.path, part)
+
+    def explain_check(self, split: str | None = None) -> tuple[Path, Path]:
+        """The heatmap check's files; ``split`` None: on the test patients, or for a model
+        trained on every patient, on its development cells (``oof``)."""
+        if split is None:
+            split = "test" if self.split["test"] else "oof"
+        return explain_check_paths(self.path, split)
+
+    @property
+    def fold_runs(self) -> list[Path]:
+        """The k-fold runs' folders (``folds/fold0``, ...) that have a training history."""
+        return fold_runs(self.path)
+
+    @property
+    def audit(self) -> Path:
+        return self.path / AUDIT_FILE
+
+    @property
+    def decisions(self) -> Path:
+        return self.path / DECISIONS_FILE
+
+
+def find_models(*roots: Path) -> list[Path]:
+    """Model folders (holding a card.json and weights) in ``roots`` or up to three levels
+    under (as ``weights/study/runs/small_cnn``), sorted. The k-fold runs kept in a model folder
+    (``folds/fold0``: card and history, no weights) are records, not models to pick."""
+    found: set[Path] = set()
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for depth in range(4):
+            for card in root.glob("*/" * depth + CARD_FILE):
+                if (card.parent / WEIGHTS_FILE).is_file():
+                    found.add(card.parent.resolve())
+    return sorted(found)
+
+
+def seal_card(folder: Path | str) -> str:
+    """Record ``contract_sha256`` in the card of ``folder`` after validating its contract and
+    its weights' sha256 (for cards written before contracts were hashed); returns the hash.
+
+    Raises WeightsError if the contract is invalid or the weights do not match the card.
+    """
+    path = Path(folder) / CARD_FILE
+    if not path.is_file():
+        raise WeightsError(f"no {CARD_FILE} in {folder}: not a model folder")
+    card, contract = _parse_card(path)
+    weights = Path(folder) / card.get("weights_file", WEIGHTS_FILE)
+    if not weights.is_file() or sha256_file(weights) != card.get("sha256"):
+        raise WeightsError(
+            f"{weights} is missing or does not match the card's sha256; not sealing it"
+        )
+    card["contract_sha256"] = contract_sha256(contract, card["sha256"])
+    write_json(path, card)
+    return card["contract_sha256"]

@@ -1,0 +1,1 @@
+"""Smear mode: whole fields of view segmented into cells, each scored."""

@@ -1,0 +1,464 @@
+"""Smear mode: whole microscope fields in, red cells found and scored, parasitemia out.
+
+    malaria smear INPUT... --out cells.csv [--summary fields.csv] [--overlays DIR]
+                         [--weights DIR] [--threshold T] [--no-stain-norm]
+                         [--resume RUN_ID] [--store results.sqlite] [--follow-links]
+
+A field of view (e.g. a 1280x960 camera JPEG of a Giemsa thin smear) is segmented with
+classical image processing, at half resolution for speed:
+
+1. foreground: Otsu's threshold on the CIELAB a* (red-green) channel: red cells, white cells
+   and stain are redder than the light, greenish or grey background; holes smaller than a
+   quarter of a cell (the central pallor) are filled;
+2. the typical cell radius is measured in the field (median height of the distance transform's
+   peaks), so nothing depends on the magnification;
+3. touching cells are split by a marker watershed: one marker per peak of the distance to the
+   background minus the smoothed redness (a cell is paler in its middle than at its rim, which
+   separates cells that touch along a wide front);
+4. each region is a red cell unless its size, shape or colour says otherwise: small objects
+   (platelets, debris), large ones (white cells, clumps), irregular ones, and objects whose
+   pixels are mostly a dark nucleus stain (white cells). Those are listed, never scored or
+   counted.
+
+Each red cell is cropped to its box, its background blacked out as in the NIH crops, resized to
+the model's input and scored by the engine of ``malaria score`` (``--stain-norm`` first matches the
+field's colours to the NIH training cells'; off by default, see ``malaria check smear``). Cells
+cut by the field's edge are kept and marked ``edge``. Results go to the result store field by
+field, so ``--resume RUN_ID`` scores only the fields that are missing.
+
+Exit status as ``malaria score``: 0 all fields segmented and scored; 1 some fields gave error rows;
+2 bad arguments, inputs, weights, output or store, or no field usable; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
+from skimage.measure import regionprops
+from skimage.morphology import remove_small_holes, remove_small_objects
+from skimage.segmentation import watershed
+
+from core.data.images import ImageError
+from core.data.sources import ImageSource, read_image
+from core.inference.pipeline import upload_run
+from core.inference.store import ResultStore
+from core.schema.labels import predicted_class
+from core.schema.metrics import group_of, summary_from_counts
+from core.schema.results import SMEAR_COLUMNS
+
+RED_CELL = "red cell"
+# CIELAB (OpenCV 8-bit scale) mean and std of cell pixels in 3,000 NIH crops of the shipped
+# model's 70 training patients (background and a 2 px rim left out): the stain the model knows.
+NIH_LAB_MEAN = (169.4, 142.67, 126.14)
+NIH_LAB_STD = (14.12, 9.96, 10.96)
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Segmentation settings, chosen on the 20 development fields PA1717xx (never the others)."""
+
+    work_px: int = 640  # fields are segmented with their longer side at most this many px
+    hole: float = 0.25  # fill holes smaller than this share of a cell (the central pallor)
+    min_cell: float = 0.3  # objects below this share of a typical cell: platelets, debris
+    max_cell: float = 2.5  # above: white cells, clumps (an infected P. vivax cell is ~2x)
+    min_solidity: float = 0.8  # less convex than this: a clump or debris
+    marker_distance: float = 0.6  # min distance between two cells' markers, in cell radii
+    pallor_weight: float = 1.0  # how much the redder rim counts against the distance
+    nucleus_share: float = 0.3  # white cell: more than this share of pixels nucleus-dark
+    nucleus_dark: float = 45.0  # L* below the field's red-cell median by this much
+
+
+@dataclass(frozen=True)
+class FieldObject:
+    """One object found in a field; coordinates in the field's pixels."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+    area: int  # mask pixels at the field's resolution
+    edge: bool  # touches the field's border: cut by it
+    kind: str  # RED_CELL, or why it is not one
+    mask: np.ndarray = field(repr=False)  # bool (h, w): the object inside its box
+
+    @property
+    def is_cell(self) -> bool:
+        return self.kind == RED_CELL
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    objects: tuple[FieldObject, ...]
+    radius: float  # typical red-cell radius, field px
+    field_shape: tuple[int, int]  # (H, W)
+
+    @property
+    def cells(self) -> list[FieldObject]:
+        return [o for o in self.objects if o.is_cell]
+
+
+def _maxima(height: np.ndarray, *, min_distance: int, keep: np.ndarray) -> np.ndarray:
+    """(row, col) of the local maxima of ``height`` (float32 2-D) at least ``min_distance``
+    apart (a plateau gives one, at its middle) where ``keep`` (bool) is set: int (N, 2).
+    (skimage's peak_local_max spaces peaks in a Python loop: seconds per field here.)"""
+    size = 2 * min_distance + 1
+    top = cv2.dilate(height, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)))
+    plateaus, n = ndi.label((height >= top) & keep)
+    if n == 0:
+        return np.empty((0, 2), int)
+    centres = ndi.center_of_mass(np.ones_like(height), plateaus, np.arange(1, n + 1))
+    return np.round(np.array(centres)).astype(int).reshape(-1, 2)
+
+
+def _cell_radius(fg: np.ndarray) -> float:
+    """Typical cell radius (px) of a foreground mask: the median peak of the distance to the
+    background, once with every hole filled, then with holes below a cell filled."""
+    r = 1.0
+    for holes in (None, 0.4):
+        filled = (
+            ndi.binary_fill_holes(fg)
+            if holes is None
+            else remove_small_holes(fg, max_size=int(holes * math.pi * r * r))
+        )
+        dist = cv2.distanceTransform(filled.astype(np.uint8), cv2.DIST_L2, 5)
+        peaks = _maxima(
+            dist,
+            min_distance=max(2, int(0.5 * r)),
+            keep=dist >= (max(1.5, 0.3 * r) if holes else 1.5),
+        )
+        if len(peaks) == 0:
+            return r
+        r = float(np.median(dist[tuple(peaks.T)]))
+    return max(r, 2.0)
+
+
+def segment(image: np.ndarray, *, config: SegmentConfig = SegmentConfig()) -> Segmentation:
+    """Find the objects of an RGB uint8 field (H, W, 3) and tell red cells from the rest.
+
+    Raises ValueError for an image that is not RGB; a field without objects gives none.
+    """
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
+    H, W = image.shape[:2]
+    scale = min(1.0, config.work_px / max(H, W))
+    small = (
+        image
+        if scale == 1.0
+        else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    )
+    lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB).astype(np.float32)
+    red = lab[..., 1]
+    if float(red.max() - red.min()) < 4:  # a blank or grey field: nothing to find
+        return Segmentation((), 0.0, (H, W))
+    fg = red > threshold_otsu(red)
+    fg = cv2.morphologyEx(fg.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)) > 0
+    if not fg.any() or fg.all():
+        return Segmentation((), 0.0, (H, W))
+    r = _cell_radius(fg)
+    a0 = math.pi * r * r
+    fg = remove_small_holes(fg, max_size=int(config.hole * a0))
+    fg = remove_small_objects(fg, max_size=int(0.1 * a0))
+    dist = cv2.distanceTransform(fg.astype(np.uint8), cv2.DIST_L2, 5)
+    redness = np.asarray(
+        cv2.GaussianBlur(red - float(np.median(red[~fg])), (0, 0), 0.25 * r), dtype=np.float32
+    )
+    redness = redness / (float(np.percentile(redness[fg], 95)) + 1e-6)
+    height = dist / r - config.pallor_weight * redness
+    peaks = _maxima(
+        height, min_distance=max(1, int(config.marker_distance * r)), keep=dist >= 0.3 * r
+    )
+    markers = np.zeros(fg.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    labels = watershed(-height, markers, mask=fg)
+    cell_L = np.median(lab[..., 0][fg])
+    objects = [
+        _object(p, labels, lab[..., 0], cell_L, a0, scale, (H, W), config)
+        for p in regionprops(labels)
+    ]
+    return Segmentation(tuple(objects), r / scale, (H, W))
+
+
+def _object(
+    p,
+    labels: np.ndarray,
+    L: np.ndarray,
+    cell_L: float,
+    a0: float,
+    scale: float,
+    shape: tuple[int, int],
+    config: SegmentConfig,
+) -> FieldObject:
+    y0, x0, y1, x1 = p.bbox
+    region = p.image
+    dark = float((L[y0:y1, x0:x1][region] < cell_L - config.nucleus_dark).mean())
+    rel = p.area / a0
+    if rel < config.min_cell:
+        kind = "not a red cell: small (platelet or debris)"
+    elif rel > config.max_cell:
+        kind = "not a red cell: large (white cell, clump or debris)"
+    elif dark > config.nucleus_share:
+        kind = "not a red cell: dark nucleus stain (white cell)"
+    elif p.solidity < config.min_solidity:
+        kind = "not a red cell: irregular shape (clump or debris)"
+    else:
+        kind = RED_CELL
+    H, W = shape
+    fx0, fy0 = int(x0 / scale), int(y0 / scale)
+    fx1, fy1 = min(W, int(math.ceil(x1 / scale))), min(H, int(math.ceil(y1 / scale)))
+    mask = (
+        cv2.resize(region.astype(np.uint8), (fx1 - fx0, fy1 - fy0), interpolation=cv2.INTER_NEAREST)
+        > 0
+    )
+    edge = y0 == 0 or x0 == 0 or y1 >= labels.shape[0] or x1 >= labels.shape[1]
+    return FieldObject(fx0, fy0, fx1 - fx0, fy1 - fy0, int(mask.sum()), bool(edge), kind, mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crops as the model knows them
+# ---------------------------------------------------------------------------------------------
+
+
+def match_stain(image: np.ndarray, cells: Sequence[FieldObject]) -> np.ndarray:
+    """``image`` with its colours moved so that its red cells' CIELAB mean and std match the NIH
+    training cells' (Reinhard et al. 2001, per channel, over all red-cell pixels of the field):
+    a stain that is greyer or more magenta than the NIH slides looks like theirs to the model,
+    and a parasite stays as much darker than its cell as it was. RGB uint8 (H, W, 3) in and
+    out; an image without cells is returned as it is."""
+    if not cells:
+        return image
+    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
+    pixels = np.concatenate([lab[c.y : c.y + c.h, c.x : c.x + c.w][c.mask] for c in cells])
+    pixels = pixels.astype(np.float32)
+    mean, std = pixels.mean(0), pixels.std(0) + 1e-6
+    out = (lab.astype(np.float32) - mean) * (np.array(NIH_LAB_STD) / std) + np.array(NIH_LAB_MEAN)
+    return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+
+
+def crop_cells(image: np.ndarray, cells: Sequence[FieldObject], *, size: int) -> np.ndarray:
+    """Each cell cut to its box with everything outside its mask black, as in the NIH crops,
+    resized to (size, size) without keeping the aspect ratio: uint8 (N, size, size, 3)."""
+    out = np.empty((len(cells), size, size, 3), np.uint8)
+    for i, c in enumerate(cells):
+        crop = image[c.y : c.y + c.h, c.x : c.x + c.w] * c.mask[..., None]
+        out[i] = cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR)
+    return out
+
+
+@dataclass(frozen=True)
+class FieldResult:
+    """One field, segmented and scored."""
+
+    segmentation: Segmentation
+    prob: np.ndarray  # float32 (number of red cells,): P(Parasitized) of segmentation.cells
+    seconds: float  # segmentation, cropping and scoring (decoding excluded)
+
+    def rows(self, image: str, threshold: float) -> list[dict]:
+        """One SMEAR_COLUMNS row per object: red cells with their probabilities first."""
+        probs = iter(self.prob.tolist())
+        rows = []
+        for o in self.segmentation.objects:
+            p = next(probs) if o.is_cell else None
+            rows.append(
+                {
+                    "image": image,
+                    "x": o.x,
+                    "y": o.y,
+                    "w": o.w,
+                    "h": o.h,
+                    "area": o.area,
+                    "edge": o.edge,
+                    "object": o.kind,
+                    "prob_parasitized": p,
+                    "prediction": None if p is None else predicted_class(p, threshold),
+                    "error": None,
+                }
+            )
+        if not rows:
+            rows.append(error_row(image, "no cells found in this field"))
+        return rows
+
+
+def error_row(image: str, message: str) -> dict:
+    return {**dict.fromkeys(SMEAR_COLUMNS), "image": image, "error": message}
+
+
+def score_field(
+    image: np.ndarray, engine, *, stain_norm: bool = False, config: SegmentConfig = SegmentConfig()
+) -> FieldResult:
+    """Segment an RGB uint8 field (H, W, 3) and score its red cells with ``engine`` (a
+    ``core.inference.engines.Engine``)."""
+    start = time.perf_counter()
+    seg = segment(image, config=config)
+    cells = seg.cells
+    if cells:
+        source = match_stain(image, cells) if stain_norm else image
+        prob = np.asarray(
+            engine(crop_cells(source, cells, size=engine.contract.input_size)), np.float32
+        )
+    else:
+        prob = np.empty(0, np.float32)
+    return FieldResult(seg, prob, time.perf_counter() - start)
+
+
+def iter_fields(
+    sources: Iterable[ImageSource],
+    engine,
+    *,
+    threshold: float | None = None,
+    stain_norm: bool = False,
+) -> Iterator[tuple[ImageSource, FieldResult | None, list[dict]]]:
+    """(source, result or None, rows) per field; a field that cannot be read is one error row."""
+    threshold = engine.contract.threshold if threshold is None else threshold
+    for src in sources:
+        try:
+            image = read_image(src)
+        except ImageError as exc:
+            yield src, None, [error_row(src.path, str(exc))]
+            continue
+        result = score_field(image, engine, stain_norm=stain_norm)
+        yield src, result, result.rows(src.path, threshold)
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries
+# ---------------------------------------------------------------------------------------------
+
+SUMMARY_COLUMNS = (
+    "level",
+    "group",
+    "cells",
+    "other_objects",
+    "errors",
+    "parasitized",
+    "parasitemia",
+    "ci_low",
+    "ci_high",
+    "mean_prob",
+    "likely_infected",
+)
+
+
+def field_summary(
+    cells: pd.DataFrame, *, threshold: float | None = None, cutoff: float = 0.0
+) -> pd.DataFrame:
+    """Per field, then per folder (or zip): red cells found (``cells``), other objects, fields
+    that gave errors, called parasitized, parasitemia with its 95% Wilson interval, mean
+    P(Parasitized) and ``likely_infected`` (interval's lower bound above ``cutoff``).
+
+    ``cells`` holds SMEAR_COLUMNS rows; with ``threshold`` the predictions are re-made from the
+    probabilities (as the dashboard's slider does)."""
+    if cells.empty:
+        return pd.DataFrame(columns=list(SUMMARY_COLUMNS))
+    is_cell = (cells["object"] == RED_CELL) & cells["error"].isna()
+    pred = cells["prediction"]
+    if threshold is not None:
+        pred = cells["prob_parasitized"].map(
+            lambda p: None if pd.isna(p) else predicted_class(p, threshold)
+        )
+    rows = pd.DataFrame(
+        {
+            "field": cells["image"],
+            "folder": [group_of(p, "folder", "") for p in cells["image"]],
+            "cells": is_cell.astype(int) + cells["error"].notna().astype(int),
+            "errors": cells["error"].notna().astype(int),
+            "other": (~is_cell & cells["error"].isna()).astype(int),
+            "parasitized": (is_cell & (pred == "Parasitized")).astype(int),
+            "prob_sum": cells["prob_parasitized"].where(is_cell, 0.0).astype(float),
+        }
+    )
+    parts = []
+    for level in ("field", "folder"):
+        counts = rows.groupby(level, sort=True)[
+            ["cells", "errors", "parasitized", "prob_sum", "other"]
+        ].sum()
+        # no quality gate or review band here: the segmentation decides what a red cell is
+        s = summary_from_counts(counts.assign(not_counted=0, uncertain=0), cutoff=cutoff).drop(
+            columns=["not_counted", "uncertain"]
+        )
+        other = counts["other"].reindex(s["group"]).to_numpy()
+        parts.append(
+            s.assign(
+                level=level,
+                cells=s["scored"],
+                other_objects=other,
+                errors=(s["errors"] > 0).astype(int) if level == "field" else s["errors"],
+            )
+        )
+    out = pd.concat(parts, ignore_index=True)
+    return out[list(SUMMARY_COLUMNS)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Overlays
+# ---------------------------------------------------------------------------------------------
+
+
+def prob_colour(p: float | None) -> tuple[int, int, int]:
+    """RGB of an outline: blue (P=0) through white-ish to red (P=1); grey for non-cells."""
+    if p is None or p != p:
+        return (120, 120, 120)
+    p = float(np.clip(p, 0, 1))
+    return (int(40 + 215 * p), int(90 + 60 * (1 - abs(2 * p - 1))), int(255 - 215 * p))
+
+
+def draw_overlay(
+    image: np.ndarray,
+    segmentation: Segmentation,
+    prob: Sequence[float],
+    *,
+    highlight: int | None = None,
+) -> np.ndarray:
+    """The field with every object outlined: red cells coloured by P(Parasitized), the rest
+    grey and dashed-thin; ``highlight`` (index into ``segmentation.objects``) in a thick box.
+    RGB uint8 (H, W, 3)."""
+    out = image.copy()
+    thick = max(2, round(min(image.shape[:2]) / 400))
+    probs = iter(prob)
+    for i, o in enumerate(segmentation.objects):
+        p = next(probs) if o.is_cell else None
+        contours, _ = cv2.findContours(
+            o.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+        )
+        colour = prob_colour(p)
+        cv2.drawContours(out, contours, -1, colour, thick if o.is_cell else 1, offset=(o.x, o.y))
+        if i == highlight:
+            cv2.rectangle(
+                out, (o.x - 3, o.y - 3), (o.x + o.w + 3, o.y + o.h + 3), (255, 220, 0), thick + 1
+            )
+    return out
+
+
+def score_uploads(
+    items: Iterable[tuple[str, bytes]],
+    engine,
+    *,
+    store: ResultStore | None = None,
+    stain_norm: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[pd.DataFrame, dict[str, FieldResult], str | None]:
+    """Segment and score uploaded fields (name, bytes; zips are opened). Returns the cell rows
+    (SMEAR_COLUMNS), the FieldResult of each field that could be read, and the run id in
+    ``store``. Raises ValueError if the upload holds no image."""
+    sources, run_id = upload_run(items, engine, store, kind="smear-upload")
+    rows, results = [], {}
+    for i, (src, result, field_rows) in enumerate(
+        iter_fields(sources, engine, stain_norm=stain_norm)
+    ):
+        if store is not None and run_id is not None:
+            store.add_smear_rows(run_id, field_rows)
+        if result is not None:
+            results[src.path] = result
+        rows.extend(field_rows)
+        if progress:
+            progress(i + 1, len(sources))
+    if store is not None and run_id is not None:
+        store.finish(run_id)
+    return pd.DataFrame(rows, columns=list(SMEAR_COLUMNS)), results, run_id
