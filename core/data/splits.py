@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from core.data.sources import ImageSource, iter_sources
-from core.schema.labels import CLASSES, PARASITIZED, case_id, label_from_path
+from core.schema.labels import CLASSES, PARASITIZED_INDEX, case_id, label_from_path
 
 
 class DataError(ValueError):
@@ -112,7 +112,7 @@ def _infected_cases(samples: Sequence[Sample]) -> dict[str, bool]:
     """Case id -> whether any of its cells is labelled Parasitized (the case's kind)."""
     infected: dict[str, bool] = {}
     for s in samples:
-        infected[s.case_id] = infected.get(s.case_id, False) or CLASSES[s.label] == PARASITIZED
+        infected[s.case_id] = infected.get(s.case_id, False) or s.label == PARASITIZED_INDEX
     return infected
 
 

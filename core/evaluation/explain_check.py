@@ -42,7 +42,7 @@ from core.explain.locate import POINTING_TOLERANCE, Stain, locate
 from core.nets.model import LoadedModel, load_model
 from core.schema.contract import explain_check_paths, predictions_path
 from core.schema.files import invocation, write_json
-from core.schema.labels import CLASSES
+from core.schema.labels import CLASSES, PARASITIZED, UNINFECTED
 
 SPLITS = ("test", "val", "oof")
 
@@ -71,16 +71,16 @@ def check_cells(predictions: pd.DataFrame, *, limit: int | None = None) -> Check
         image = read_image(open_source(path))
         stain = locate(image)
         found[label].append(stain.found)
-        if label == CLASSES[0] and stain.found and (limit is None or len(images) < limit):
+        if label == PARASITIZED and stain.found and (limit is None or len(images) < limit):
             images.append(image)
             stains.append(stain)
     return CheckCells(
         images,
         stains,
-        float(np.mean(found[CLASSES[0]])),
-        float(np.mean(found[CLASSES[1]])),
-        len(found[CLASSES[0]]),
-        len(found[CLASSES[1]]),
+        float(np.mean(found[PARASITIZED])),
+        float(np.mean(found[UNINFECTED])),
+        len(found[PARASITIZED]),
+        len(found[UNINFECTED]),
     )
 
 

@@ -33,7 +33,7 @@ from core.inference.quantize import (
 )
 from core.schema.contract import CARD_FILE, read_card, sha256_file
 from core.schema.files import atomic_path, write_json
-from core.schema.labels import CLASSES, case_id, label_from_path
+from core.schema.labels import CLASSES, PARASITIZED_INDEX, case_id, label_from_path
 from core.schema.metrics import binary_metrics
 
 # The agreement rule (issue 12): int8 may be the default only this close to fp32 on test patients.
@@ -141,7 +141,7 @@ def check(folder: Path, data: Sequence[str | Path], *, part: str = "test") -> di
         raise ValueError(f"no cells of the model's {part} patients in {list(data)}")
     fp32_engine = load_engine(folder, "onnx")
     images = load_array([sources[s.path] for s in chosen], size=fp32_engine.contract.input_size)
-    labels = np.array([s.label == CLASSES.index("Parasitized") for s in chosen], dtype=int)
+    labels = np.array([s.label == PARASITIZED_INDEX for s in chosen], dtype=int)
     probs = {}
     for name in ("onnx", "onnx-int8"):
         engine = fp32_engine if name == "onnx" else load_engine(folder, name)

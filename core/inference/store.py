@@ -21,7 +21,7 @@ import pandas as pd
 
 from core.schema.export import write_csv
 from core.schema.files import REPO_ROOT
-from core.schema.labels import CLASSES
+from core.schema.labels import PARASITIZED, UNINFECTED
 from core.schema.results import RESULT_COLUMNS, SMEAR_COLUMNS, counted_sql
 
 DEFAULT_STORE = REPO_ROOT / "runs" / "results.sqlite"
@@ -283,7 +283,7 @@ class ResultStore:
             self._db.execute(
                 "UPDATE results SET prediction = CASE WHEN prob_parasitized >= ? THEN ? ELSE ? "
                 "END WHERE run_id = ? AND prob_parasitized IS NOT NULL",
-                (float(threshold), CLASSES[0], CLASSES[1], run_id),
+                (float(threshold), PARASITIZED, UNINFECTED, run_id),
             )
 
     @_locked
@@ -447,5 +447,5 @@ class ResultStore:
             "WHERE r.kind NOT LIKE 'smear%' "
             "GROUP BY r.run_id ORDER BY r.started DESC, r.run_id DESC",
             self._db,
-            params=(CLASSES[0],),
+            params=(PARASITIZED,),
         )

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from core.schema.files import REPO_ROOT, write_json
-from core.schema.labels import CLASSES
+from core.schema.labels import CLASSES, PARASITIZED
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
@@ -87,7 +87,7 @@ class ModelContract:
 
     @property
     def positive_index(self) -> int:
-        return self.classes.index("Parasitized")
+        return self.classes.index(PARASITIZED)
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -14,7 +14,8 @@ from pathlib import PurePosixPath
 import numpy as np
 
 CLASSES = ("Parasitized", "Uninfected")  # folder names of the NIH layout, index order of the model
-PARASITIZED = CLASSES[0]
+PARASITIZED, UNINFECTED = CLASSES  # the positive class, and the other: spelled only here
+PARASITIZED_INDEX = CLASSES.index(PARASITIZED)  # a sample's integer label when it is Parasitized
 ZIP_SEP = "!"  # "slides.zip!cell_images/Uninfected/x.png" names a zip member
 
 _CASE_RE = re.compile(r"^C(\d+)", re.IGNORECASE)

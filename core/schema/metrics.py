@@ -14,7 +14,7 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 
-from core.schema.labels import as_posix
+from core.schema.labels import PARASITIZED, UNINFECTED, as_posix
 from core.schema.results import UNCERTAIN, counted
 
 
@@ -145,7 +145,7 @@ def parasitemia_counts(results: pd.DataFrame, *, group_by: str = "case") -> pd.D
             "cells": 1,
             "errors": (~scored).astype(int),
             "not_counted": (scored & ~ok).astype(int),
-            "parasitized": (ok & (results["prediction"] == "Parasitized")).astype(int),
+            "parasitized": (ok & (results["prediction"] == PARASITIZED)).astype(int),
             "uncertain": (ok & (review == UNCERTAIN)).astype(int),
             "prob_sum": results["prob_parasitized"].where(ok, 0.0).astype(float),
         }
@@ -224,7 +224,7 @@ def screening_calibration(predictions: pd.DataFrame, *, threshold: float) -> dic
     parasitized among truly uninfected cells: the cutoff is the upper end of the 95% Wilson
     interval of the false-positive rate on the Uninfected cells.
     """
-    neg = predictions[predictions["label"] == "Uninfected"]
+    neg = predictions[predictions["label"] == UNINFECTED]
     fp = int((neg["prob_parasitized"] >= threshold).sum())
     lo, hi = wilson_interval(fp, len(neg))
     return {

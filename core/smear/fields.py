@@ -50,7 +50,7 @@ from core.data.images import ImageError
 from core.data.sources import ImageSource, read_image
 from core.inference.pipeline import upload_run
 from core.inference.store import ResultStore
-from core.schema.labels import predicted_class
+from core.schema.labels import PARASITIZED, predicted_class
 from core.schema.metrics import group_of, summary_from_counts
 from core.schema.results import SMEAR_COLUMNS
 
@@ -370,7 +370,7 @@ def field_summary(
             "cells": is_cell.astype(int) + cells["error"].notna().astype(int),
             "errors": cells["error"].notna().astype(int),
             "other": (~is_cell & cells["error"].isna()).astype(int),
-            "parasitized": (is_cell & (pred == "Parasitized")).astype(int),
+            "parasitized": (is_cell & (pred == PARASITIZED)).astype(int),
             "prob_sum": cells["prob_parasitized"].where(is_cell, 0.0).astype(float),
         }
     )

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from core.schema.export import restore, write_csv
-from core.schema.labels import CLASSES
+from core.schema.labels import CLASSES, PARASITIZED, UNINFECTED
 
 PREDICTION_COLUMNS = ("path", "case_id", "label", "prob_parasitized")
 AUDIT_COLUMNS = PREDICTION_COLUMNS + ("suggested_label", "score", "rank")
@@ -104,7 +104,7 @@ def check_predictions(df: pd.DataFrame, *, what: str = "the predictions") -> pd.
 def _class_probs(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """(probability of the given label, probability of the other class), each float64 (n,)."""
     p = df["prob_parasitized"].to_numpy(dtype=np.float64)
-    parasitized = (df["label"] == CLASSES[0]).to_numpy()
+    parasitized = (df["label"] == PARASITIZED).to_numpy()
     given = np.where(parasitized, p, 1.0 - p)
     return given, 1.0 - given
 
@@ -128,11 +128,11 @@ def find_suspects(predictions: pd.DataFrame) -> pd.DataFrame:
     t = class_thresholds(df)
     given, other = _class_probs(df)
     label = df["label"].to_numpy()
-    own_t = np.where(label == CLASSES[0], t[CLASSES[0]], t[CLASSES[1]])
-    other_t = np.where(label == CLASSES[0], t[CLASSES[1]], t[CLASSES[0]])
+    own_t = np.where(label == PARASITIZED, t[PARASITIZED], t[UNINFECTED])
+    other_t = np.where(label == PARASITIZED, t[UNINFECTED], t[PARASITIZED])
     suspect = (given < own_t) & (other >= other_t)
     out = df[suspect].assign(
-        suggested_label=np.where(label[suspect] == CLASSES[0], CLASSES[1], CLASSES[0]),
+        suggested_label=np.where(label[suspect] == PARASITIZED, UNINFECTED, PARASITIZED),
         score=other[suspect],
     )
     out = out.sort_values(["score", "path"], ascending=[False, True], kind="stable")

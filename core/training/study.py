@@ -39,7 +39,7 @@ from core.data.splits import DataError, Sample, Split, labelled_samples
 from core.nets.model import build_model, default_contract, features, load_model, normalize
 from core.schema.contract import DEFAULT_WEIGHTS, ModelContract
 from core.schema.files import cpu_count, write_json
-from core.schema.labels import CLASSES
+from core.schema.labels import PARASITIZED_INDEX, is_parasitized
 from core.schema.metrics import binary_metrics
 from core.training.recipe import TrainConfig, prepare_data
 from core.training.train import CHECKPOINT
@@ -156,7 +156,7 @@ def _summarise(fold_metrics: list[dict]) -> dict:
 
 
 def _labels(samples: Sequence[Sample]) -> np.ndarray:
-    return np.array([int(s.label == CLASSES.index("Parasitized")) for s in samples])
+    return np.array([int(s.label == PARASITIZED_INDEX) for s in samples])
 
 
 def study_layers(
@@ -222,7 +222,7 @@ def _model_row(name: str, folder: Path) -> dict:
     loaded = load_model(folder)
     preds = pd.read_csv(folder / "test_predictions.csv")
     m = binary_metrics(
-        (preds["label"] == CLASSES[0]).astype(int),
+        is_parasitized(preds["label"]),
         preds["prob_parasitized"],
         threshold=loaded.contract.threshold,
     )
