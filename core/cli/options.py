@@ -10,7 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from core.schema.contract import DEFAULT_WEIGHTS
+from core.inference.engines import Engine, load_engine
+from core.inference.store import RunInfo
+from core.schema.contract import DEFAULT_WEIGHTS, WeightsError
 from core.schema.export import OutputError, check_output
 from core.schema.results import REVIEW_BAND
 
@@ -98,3 +100,15 @@ def check_outputs(out: Path | None, summary: Path | None) -> None:
             check_output(path)
     if out and summary and out.resolve() == summary.resolve():
         raise OutputError("--out and --summary name the same file")
+
+
+def resumed(info: RunInfo, *, engine: str | None = None, threads: int | None = None) -> Engine:
+    """The engine a stored run goes on with: its own weights (and engine, unless ``engine``).
+    Raises WeightsError if the weights at that path are no longer those it was scored with."""
+    loaded = load_engine(info.weights, engine or info.engine, threads=threads)
+    if loaded.sha256 != info.weights_sha256:
+        raise WeightsError(
+            f"run {info.run_id} was scored with weights {info.weights_sha256[:12]}..., "
+            f"{info.weights} now holds {loaded.sha256[:12]}...; start a new run instead"
+        )
+    return loaded

@@ -42,6 +42,7 @@ from core.cli.options import (
     fail,
     interrupted,
     positive_int,
+    resumed,
 )
 from core.data.sources import iter_sources, unique_paths
 from core.inference import cluster
@@ -136,14 +137,8 @@ def _run(args: argparse.Namespace) -> int:
         try:
             if args.resume:
                 info = store.run(args.resume)
-                inputs, weights, threshold = list(info.inputs), Path(info.weights), info.threshold
-                engine = load_engine(weights, args.engine or info.engine)
-                if engine.sha256 != info.weights_sha256:
-                    raise WeightsError(
-                        f"run {info.run_id} was scored with weights "
-                        f"{info.weights_sha256[:12]}..., {weights} now holds "
-                        f"{engine.sha256[:12]}...; start a new run instead"
-                    )
+                inputs, threshold = list(info.inputs), info.threshold
+                engine = resumed(info, engine=args.engine)
                 run_id = info.run_id
             else:
                 if not args.inputs:

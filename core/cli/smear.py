@@ -29,6 +29,7 @@ from core.cli.options import (
     check_threshold,
     fail,
     interrupted,
+    resumed,
 )
 from core.data.sources import iter_sources, read_image, unique_paths
 from core.inference.engines import load_engine
@@ -91,12 +92,7 @@ def _run(args: argparse.Namespace) -> int:
                         f"run {info.run_id} is not a smear run; resume it with malaria score"
                     )
                 inputs, threshold = list(info.inputs), info.threshold
-                engine = load_engine(info.weights, threads=2)
-                if engine.sha256 != info.weights_sha256:
-                    raise WeightsError(
-                        f"run {info.run_id} was scored with other weights "
-                        f"({info.weights_sha256[:12]}...); start a new run"
-                    )
+                engine = resumed(info, threads=2)
                 run_id = info.run_id
             else:
                 if not args.inputs:

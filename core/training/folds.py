@@ -26,7 +26,14 @@ import pandas as pd
 from core.data.splits import Split, fold_splits, labelled_samples
 from core.evaluation.explain_check import default_pointing
 from core.nets.model import default_contract
-from core.schema.contract import FOLDS_FILE, OOF_FILE, WEIGHTS_FILE, explain_check_paths
+from core.schema.contract import (
+    CARD_FILE,
+    FOLDS_FILE,
+    OOF_FILE,
+    WEIGHTS_FILE,
+    explain_check_paths,
+    predictions_path,
+)
 from core.schema.files import write_json
 from core.schema.labels import is_parasitized, predicted_class
 from core.schema.metrics import (
@@ -60,7 +67,7 @@ def run_folds(
     contract = default_contract(cfg.arch)
     for k, split in enumerate(splits):
         run = fold_dir(args.out, k)
-        if (run / "card.json").is_file():
+        if (run / CARD_FILE).is_file():
             continue
         print(
             f"fold {k + 1}/{len(splits)}: train {len(split.train)}, val {len(split.val)}, "
@@ -95,8 +102,8 @@ def collect(out: Path, folds: int) -> tuple[pd.DataFrame, list[dict]]:
     frames, cards = [], []
     for k in range(folds):
         run = fold_dir(out, k)
-        frames.append(pd.read_csv(run / "test_predictions.csv").assign(fold=k))
-        card = json.loads((run / "card.json").read_text())
+        frames.append(pd.read_csv(predictions_path(run, "test")).assign(fold=k))
+        card = json.loads((run / CARD_FILE).read_text())
         check = explain_check_paths(run)[1]
         if check.is_file():
             card["explain_check"] = json.loads(check.read_text())

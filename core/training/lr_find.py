@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from core.nets.model import build_model, default_contract, freeze_features
+from core.schema.contract import LR_FIND_FILES
 from core.schema.files import invocation, write_json
 from core.training.recipe import TrainConfig, prepare_data, training_batches
 
@@ -39,10 +40,10 @@ class LRFindResult:
         (with the ``command`` that ran the test, when given)."""
         out.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"lr": self.lrs, "loss": self.losses, "smoothed_loss": self.smoothed}).to_csv(
-            out / "lr_find.csv", index=False
+            out / LR_FIND_FILES[0], index=False
         )
         write_json(
-            out / "lr_find.json",
+            out / LR_FIND_FILES[1],
             {
                 "suggested_lr": self.suggested_lr,
                 "diverged": self.diverged,

@@ -37,7 +37,13 @@ from tqdm import tqdm
 from core.data.sources import load_array
 from core.data.splits import DataError, Sample, Split, labelled_samples
 from core.nets.model import build_model, default_contract, features, load_model, normalize
-from core.schema.contract import DEFAULT_WEIGHTS, ModelContract
+from core.schema.contract import (
+    CARD_FILE,
+    DEFAULT_WEIGHTS,
+    WEIGHTS_FILE,
+    ModelContract,
+    predictions_path,
+)
 from core.schema.files import cpu_count, write_json
 from core.schema.labels import PARASITIZED_INDEX, is_parasitized
 from core.schema.metrics import binary_metrics
@@ -220,7 +226,7 @@ def _img_per_s(model: torch.nn.Module, contract: ModelContract, n: int = 512) ->
 
 def _model_row(name: str, folder: Path) -> dict:
     loaded = load_model(folder)
-    preds = pd.read_csv(folder / "test_predictions.csv")
+    preds = pd.read_csv(predictions_path(folder, "test"))
     m = binary_metrics(
         is_parasitized(preds["label"]),
         preds["prob_parasitized"],
@@ -229,7 +235,7 @@ def _model_row(name: str, folder: Path) -> dict:
     return {
         "model": name,
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
-        "mb_on_disk": (folder / "model.safetensors").stat().st_size / 2**20,
+        "mb_on_disk": (folder / WEIGHTS_FILE).stat().st_size / 2**20,
         "img_per_s": _img_per_s(loaded.model, loaded.contract),
         **{k: m[k] for k in METRICS},
         "test_cells": m["n"],
@@ -246,7 +252,7 @@ def study_models(
     progress: bool = True,
 ) -> pd.DataFrame:
     """Run the model comparison on the reference model's split; write ``models.csv/json``."""
-    card = json.loads((reference / "card.json").read_text())
+    card = json.loads((reference / CARD_FILE).read_text())
     split = Split.from_json(card["split"])
     samples, sources = labelled_samples(data)
     feats = extract_features(samples, sources, out / "cache", progress=progress)
@@ -284,7 +290,7 @@ def study_models(
         ("small_cnn", "small CNN (4 conv blocks) from scratch"),
     ):
         run = out / "runs" / arch
-        if not (run / "card.json").is_file():
+        if not (run / CARD_FILE).is_file():
             cfg = TrainConfig(arch=arch, epochs=epochs, lr=SCRATCH_LR, pretrained=False)
             contract = default_contract(arch)
             prepared = prepare_data(

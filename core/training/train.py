@@ -41,7 +41,7 @@ from core.nets.model import (
     predict_proba,
     save_model,
 )
-from core.schema.contract import ModelContract
+from core.schema.contract import HISTORY_FILE, SPLIT_FILE, ModelContract
 from core.schema.files import atomic_path, cpu_count, write_json
 from core.schema.labels import CLASSES
 from core.schema.metrics import binary_metrics, screening_calibration
@@ -194,7 +194,7 @@ def start(
         gen.set_state(ckpt["gen"])
         torch.set_rng_state(ckpt["torch_rng"])  # dropout draws from the global generator
         state.epoch = int(ckpt["epoch"])
-        state.history = pd.read_csv(out / "history.csv").to_dict("records")[: state.epoch]
+        state.history = pd.read_csv(out / HISTORY_FILE).to_dict("records")[: state.epoch]
         state.best_loss = float(ckpt["best_loss"])
         state.average, state.averaged = ckpt.get("average", {}), int(ckpt.get("averaged", 0))
         print(f"resuming after epoch {state.epoch}")
@@ -345,7 +345,7 @@ def fit(
         torch.set_num_threads(cpu_count())
     out.mkdir(parents=True, exist_ok=True)
     ckpt = torch.load(out / CHECKPOINT, weights_only=True) if resume else None
-    write_json(out / "split.json", data.split.to_json())
+    write_json(out / SPLIT_FILE, data.split.to_json())
     state, cfg = start(cfg, data, out, contract=contract, ckpt=ckpt, progress=progress)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     while state.epoch < cfg.epochs:
@@ -372,7 +372,7 @@ def fit(
             "train_img_per_s": fitted["train_img_per_s"],
         }
         state.history.append(row)
-        pd.DataFrame(state.history).to_csv(out / "history.csv", index=False)
+        pd.DataFrame(state.history).to_csv(out / HISTORY_FILE, index=False)
         if cfg.average_from and state.epoch >= cfg.average_from:
             update_average(state)
         keep = not len(data.val_y) or val_loss < state.best_loss
