@@ -1,8 +1,6 @@
 """Smear mode: whole microscope fields in, red cells found and scored, parasitemia out.
 
-    malaria smear INPUT... --out cells.csv [--summary fields.csv] [--overlays DIR]
-                         [--weights DIR] [--threshold T] [--no-stain-norm]
-                         [--resume RUN_ID] [--store results.sqlite] [--follow-links]
+    malaria smear INPUT... --out cells.csv [--summary fields.csv] [--overlays DIR] (core.cli.smear)
 
 A field of view (e.g. a 1280x960 camera JPEG of a Giemsa thin smear) is segmented with
 classical image processing, at half resolution for speed:
@@ -21,13 +19,10 @@ classical image processing, at half resolution for speed:
    counted.
 
 Each red cell is cropped to its box, its background blacked out as in the NIH crops, resized to
-the model's input and scored by the engine of ``malaria score`` (``--stain-norm`` first matches the
-field's colours to the NIH training cells'; off by default, see ``malaria check smear``). Cells
-cut by the field's edge are kept and marked ``edge``. Results go to the result store field by
-field, so ``--resume RUN_ID`` scores only the fields that are missing.
-
-Exit status as ``malaria score``: 0 all fields segmented and scored; 1 some fields gave error rows;
-2 bad arguments, inputs, weights, output or store, or no field usable; 130 interrupted.
+the model's input and scored by the engine of ``malaria score`` (``stain_norm`` first matches
+the field's colours to the NIH training cells'; off by default, see ``malaria check smear``).
+Cells cut by the field's edge are kept and marked ``edge``. Results go to the result store field
+by field, so a resumed run scores only the fields that are missing.
 """
 
 from __future__ import annotations
