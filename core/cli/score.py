@@ -2,8 +2,8 @@
 
     malaria score INPUT... --out results.csv [--summary summary.csv] [--weights DIR]
                   [--threshold T] [--engine onnx-int8|onnx|torch] [--group-by case|folder]
-                         [--resume RUN_ID] [--store results.sqlite] [--follow-links]
-                         [--ray [local|auto|HOST:PORT] [--ray-actors N]]
+                  [--resume RUN_ID] [--store results.sqlite] [--follow-links]
+                  [--ray [local|auto|HOST:PORT] [--ray-actors N]]
 
 INPUT is image files, folders (searched recursively) or zips (nested zips one level deep).
 Decoding runs in worker threads while the model runs on the previous batch; results are
