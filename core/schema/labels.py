@@ -14,7 +14,7 @@ from pathlib import PurePosixPath
 import numpy as np
 
 CLASSES = ("Parasitized", "Uninfected")  # folder names of the NIH layout, index order of the model
-PARASITIZED = CLASSES[0]
+PARASITIZED, UNINFECTED = CLASSES  # the positive class, and the other
 ZIP_SEP = "!"  # "slides.zip!cell_images/Uninfected/x.png" names a zip member
 
 _CASE_RE = re.compile(r"^C(\d+)", re.IGNORECASE)
@@ -52,7 +52,7 @@ def case_id(name: str) -> str:
 
 def predicted_class(prob: float, threshold: float) -> str:
     """The class called for P(Parasitized) = ``prob`` at ``threshold`` (ties go to Parasitized)."""
-    return PARASITIZED if prob >= threshold else CLASSES[1]
+    return PARASITIZED if prob >= threshold else UNINFECTED
 
 
 def label_from_path(path: str) -> str | None:
