@@ -4,10 +4,11 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard import ui
+from dashboard import resources, state, widgets
 
 st.set_page_config(page_title="Malaria cell screening", page_icon="🔬", layout="wide")
-ui.init_state()
+state.init_state()
+resources.memory_reaper()
 # Not "pages/": Streamlit would then run a page URL (a reload of /score) without this router.
 PAGES = Path(__file__).resolve().parent / "views"
 page = st.navigation(
@@ -23,5 +24,5 @@ page = st.navigation(
         st.Page(PAGES / "study.py", title="Study", icon=":material/science:"),
     ]
 )
-ui.model_sidebar()
+widgets.model_sidebar()
 page.run()

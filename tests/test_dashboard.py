@@ -28,9 +28,9 @@ PAGES = (
 @pytest.fixture
 def app(tmp_path, monkeypatch) -> AppTest:
     monkeypatch.setenv("MALARIA_STORE", str(tmp_path / "store.sqlite"))
-    import dashboard.ui
+    import dashboard.resources
 
-    dashboard.ui.store.clear()
+    dashboard.resources.store.clear()
     at = AppTest.from_file(APP, default_timeout=180)
     at.run()
     assert not at.exception
@@ -84,12 +84,12 @@ def test_scoring_fixture_cells_shows_results_and_parasitemia(app, cells_dir, mon
         for t in thumbs.drop("broken.png")
     )
     assert thumbs.isna()["broken.png"]
-    import dashboard.ui
+    import dashboard.images
 
     made = []
-    thumbnail = dashboard.ui.thumbnail
+    thumbnail = dashboard.images.thumbnail
     monkeypatch.setattr(
-        dashboard.ui, "thumbnail", lambda *a, **k: made.append(a) or thumbnail(*a, **k)
+        dashboard.images, "thumbnail", lambda *a, **k: made.append(a) or thumbnail(*a, **k)
     )
     # moving the threshold re-labels without rescoring, and without making thumbnails again
     app.slider[0].set_value(0.99).run()
@@ -147,7 +147,7 @@ def test_an_empty_upload_is_a_clear_error(app):
 def test_weights_failing_their_hash_are_a_clear_error(app, tiny_model, tmp_path, monkeypatch):
     import shutil
 
-    import dashboard.ui
+    import dashboard.widgets
     from core.schema.contract import DEFAULT_WEIGHTS
 
     tampered = tmp_path / "tampered"
@@ -157,7 +157,7 @@ def test_weights_failing_their_hash_are_a_clear_error(app, tiny_model, tmp_path,
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     monkeypatch.setattr(
-        dashboard.ui, "model_choices", lambda: [DEFAULT_WEIGHTS.resolve(), tampered.resolve()]
+        dashboard.widgets, "model_choices", lambda: [DEFAULT_WEIGHTS.resolve(), tampered.resolve()]
     )
     app.run()
     app.sidebar.selectbox[0].set_value(tampered.resolve()).run()
@@ -214,15 +214,15 @@ def test_a_corrupt_result_store_is_one_clear_error(tmp_path, monkeypatch):
     store = tmp_path / "store.sqlite"
     store.write_bytes(b"not SQLite" * 500)
     monkeypatch.setenv("MALARIA_STORE", str(store))
-    import dashboard.ui
+    import dashboard.resources
 
-    dashboard.ui.store.clear()
+    dashboard.resources.store.clear()
     at = AppTest.from_file(APP, default_timeout=180)
     at.run()
     at.switch_page("views/score.py").run()
     assert not at.exception
     assert any("corrupt" in e.value for e in at.error)
-    dashboard.ui.store.clear()
+    dashboard.resources.store.clear()
 
 
 def test_smear_page_finds_scores_and_explains_cells_of_a_field(app, cells_dir):
@@ -258,13 +258,13 @@ def own_model(app, tiny_model, tmp_path, monkeypatch) -> Path:
     """A copy of the tiny model folder, offered in the sidebar and selected."""
     import shutil
 
-    import dashboard.ui
+    import dashboard.widgets
     from core.schema.contract import DEFAULT_WEIGHTS
 
     folder = tmp_path / "audited"
     shutil.copytree(tiny_model, folder)
     monkeypatch.setattr(
-        dashboard.ui, "model_choices", lambda: [DEFAULT_WEIGHTS.resolve(), folder.resolve()]
+        dashboard.widgets, "model_choices", lambda: [DEFAULT_WEIGHTS.resolve(), folder.resolve()]
     )
     app.run()
     app.sidebar.selectbox[0].set_value(folder.resolve()).run()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -216,6 +217,24 @@ def predictions_path(folder: Path | str, part: str) -> Path:
 
 
 @dataclass(frozen=True)
+class Screening:
+    """The "likely infected" flag's cutoff on parasitemia and how it was chosen."""
+
+    cutoff: float
+    method: str
+
+
+@dataclass(frozen=True)
+class HeatmapEstimate:
+    """How often the default heatmap peaks on the stained parasite in cells of patients the
+    k-fold models never saw (``malaria folds`` with each fold's heatmap check)."""
+
+    pointing: float  # share of the checked cells, pooled over the folds
+    cells: int  # cells checked, over all folds
+    folds: int
+
+
+@dataclass(frozen=True)
 class ModelFolder:
     """A model folder read once and typed: its verified card, its contract, its weights' hash,
     and where its other files are. Pages and commands use this, never the card's raw JSON.
@@ -264,6 +283,93 @@ class ModelFolder:
     def screening_cutoff(self) -> float:
         """The parasitemia cutoff of the "likely infected" flag (0.0 if the card has none)."""
         return float(self.card.get("screening", {}).get("cutoff", 0.0))
+
+    @property
+    def screening(self) -> Screening | None:
+        """The flag's cutoff and how it was chosen; None if the card records no cutoff."""
+        saved = self.card.get("screening", {})
+        if "cutoff" not in saved:
+            return None
+        return Screening(float(saved["cutoff"]), str(saved.get("method", "")))
+
+    @property
+    def heatmap_estimate(self) -> HeatmapEstimate | None:
+        """The k-fold estimate of where the default heatmap points; None unless the card has
+        one (a model trained on every patient, each fold with its heatmap check)."""
+        saved = self.card.get("estimate", {}).get("heatmap")
+        if not saved:
+            return None
+        return HeatmapEstimate(
+            float(saved["pointing"]), int(saved["cells"]), len(saved["per_fold"])
+        )
+
+    def held_out(self, cases: Iterable[str]) -> bool:
+        """Whether every one of ``cases`` is a test patient of this model: never used for its
+        training or its selection."""
+        return set(cases) <= set(self.split["test"])
+
+    # --- how it was trained ---------------------------------------------------------------
+
+    @property
+    def created(self) -> str:
+        """When the card was written, ISO 8601 (``2026-11-26T23:43:52+00:00``); "" if unknown."""
+        return str(self.card.get("created", ""))
+
+    @property
+    def training_data(self) -> tuple[str, ...]:
+        """The data sets (files, folders, zips) it was trained on, as given to training."""
+        return tuple(str(d) for d in self.card.get("training_data", ()))
+
+    @property
+    def training_command(self) -> str | None:
+        """The command line that trained it, shell-quoted."""
+        command = self.card.get("training_command")
+        return None if command is None else str(command)
+
+    @property
+    def settings(self) -> dict[str, object]:
+        """The contract and the training configuration as the card records them, one flat
+        mapping (a training setting after the contract's value of the same name)."""
+        return {**self.card.get("contract", {}), **self.card.get("config", {})}
+
+    @property
+    def learning_rate(self) -> float | None:
+        """The (peak) learning rate it was trained at; None if not recorded."""
+        lr = self.card.get("config", {}).get("lr")
+        return float(lr) if lr else None
+
+    @property
+    def label_smoothing(self) -> float | None:
+        """The label smoothing of its training loss; None without any."""
+        eps = self.card.get("config", {}).get("label_smoothing")
+        return float(eps) if eps else None
+
+    @property
+    def best_epoch(self) -> int | None:
+        """The epoch whose weights were kept (the last one averaged, with ``averaged_from``)."""
+        best = self.card.get("best_epoch")
+        return None if best is None else int(best)
+
+    @property
+    def averaged_from(self) -> int | None:
+        """The first epoch of the weights averaged into the model (SWA); None: one epoch kept."""
+        first = self.card.get("config", {}).get("average_from")
+        return int(first) if first else None
+
+    @property
+    def selected_by(self) -> str:
+        """Why these weights were kept, in words (the lowest validation loss, where the card
+        does not say: what training chose before it said)."""
+        return str(self.card.get("selected_by", "lowest validation loss"))
+
+    @property
+    def kept_weights(self) -> str | None:
+        """Which weights training kept, in words: an epoch and why, or the mean of several
+        epochs; None if the card does not say."""
+        if self.averaged_from:
+            return self.selected_by
+        best = self.best_epoch
+        return f"epoch {best} ({self.selected_by})" if best else None
 
     @property
     def history(self) -> Path:

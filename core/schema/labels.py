@@ -53,7 +53,7 @@ def case_id(name: str) -> str:
 
 def predicted_class(prob: float, threshold: float) -> str:
     """The class called for P(Parasitized) = ``prob`` at ``threshold`` (ties go to Parasitized)."""
-    return PARASITIZED if prob >= threshold else CLASSES[1]
+    return PARASITIZED if prob >= threshold else UNINFECTED
 
 
 def label_from_path(path: str) -> str | None:

@@ -14,8 +14,8 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 
-from core.schema.labels import PARASITIZED, UNINFECTED, as_posix
-from core.schema.results import UNCERTAIN, counted
+from core.schema.labels import PARASITIZED, UNINFECTED, as_posix, is_parasitized
+from core.schema.results import UNCERTAIN, calls, counted
 
 
 def binary_metrics(
@@ -114,6 +114,11 @@ def group_of(path: str, group_by: str, case: str) -> str:
     return TOP_LEVEL if parent == "." else parent
 
 
+def group_names(results: pd.DataFrame, *, group_by: str = "case") -> list[str]:
+    """:func:`group_of` for each result row (``path``, ``case_id``), as the summaries name it."""
+    return [group_of(p, group_by, c) for p, c in zip(results["path"], results["case_id"])]
+
+
 def _natural_key(text: str) -> list:
     """C3 before C12: digit runs compare as numbers."""
     return [int(t) if i % 2 else t for i, t in enumerate(re.split(r"([0-9]+)", str(text)))]
@@ -139,9 +144,7 @@ def parasitemia_counts(results: pd.DataFrame, *, group_by: str = "case") -> pd.D
     review = results["review"] if "review" in results else pd.Series("", results.index)
     rows = pd.DataFrame(
         {
-            "group": [
-                group_of(p, group_by, c) for p, c in zip(results["path"], results["case_id"])
-            ],
+            "group": group_names(results, group_by=group_by),
             "cells": 1,
             "errors": (~scored).astype(int),
             "not_counted": (scored & ~ok).astype(int),
@@ -216,6 +219,41 @@ def parasitemia_summary(
     return summary_from_counts(counts, cutoff=cutoff)
 
 
+def confusion_cell(
+    predictions: pd.DataFrame, *, threshold: float, true: str, predicted: str
+) -> pd.DataFrame:
+    """The labelled predictions (label, prob_parasitized) of one cell of the confusion matrix at
+    ``threshold``: labelled ``true`` and called ``predicted``, the most confident first (the
+    added ``distance`` is |P(Parasitized) - threshold|)."""
+    called = calls(predictions["prob_parasitized"], threshold=threshold)
+    cell = predictions[(predictions["label"] == true) & (called == predicted)]
+    distance = (cell["prob_parasitized"] - threshold).abs()
+    return cell.assign(distance=distance).sort_values("distance", ascending=False)
+
+
+def per_case(predictions: pd.DataFrame, *, threshold: float) -> pd.DataFrame:
+    """Per patient of labelled predictions (case_id, label, prob_parasitized): cells, accuracy
+    at ``threshold``, true_parasitized, called_parasitized, mean_prob; the least accurate first."""
+    called = calls(predictions["prob_parasitized"], threshold=threshold)
+    return (
+        predictions.assign(
+            correct=called == predictions["label"],
+            called=called == PARASITIZED,
+            parasitized=is_parasitized(predictions["label"]),
+        )
+        .groupby("case_id")
+        .agg(
+            cells=("path", "size"),
+            accuracy=("correct", "mean"),
+            true_parasitized=("parasitized", "sum"),
+            called_parasitized=("called", "sum"),
+            mean_prob=("prob_parasitized", "mean"),
+        )
+        .reset_index()
+        .sort_values("accuracy")
+    )
+
+
 def screening_calibration(predictions: pd.DataFrame, *, threshold: float) -> dict:
     """Cutoff for the "likely infected" flag from held-out predictions (path, case_id, label,
     prob_parasitized), e.g. the validation split's.
@@ -253,3 +291,10 @@ def flag_performance(summary: pd.DataFrame, infected_cases: set[str]) -> dict:
         "missed": sorted(summary.loc[truth & ~flag, "group"]),
         "false_alarms": sorted(summary.loc[~truth & flag, "group"]),
     }
+
+
+def label_smoothing_floor(eps: float) -> float:
+    """The lowest training loss that label smoothing ``eps`` allows with two classes: the
+    entropy of the smoothed target (1 - eps/2, eps/2)."""
+    q = eps / 2
+    return -((1 - q) * math.log(1 - q) + q * math.log(q)) if q > 0 else 0.0

@@ -47,7 +47,7 @@ from core.inference.pipeline import upload_run
 from core.inference.store import ResultStore
 from core.schema.labels import PARASITIZED, predicted_class
 from core.schema.metrics import group_of, summary_from_counts
-from core.schema.results import SMEAR_COLUMNS
+from core.schema.results import SMEAR_COLUMNS, calls
 
 RED_CELL = "red cell"
 # CIELAB (OpenCV 8-bit scale) mean and std of cell pixels in 3,000 NIH crops of the shipped
@@ -341,6 +341,35 @@ SUMMARY_COLUMNS = (
 )
 
 
+def is_red_cell(cells: pd.DataFrame) -> pd.Series:
+    """Rows (SMEAR_COLUMNS) of red cells that were scored: the only objects that count."""
+    return (cells["object"] == RED_CELL) & cells["error"].isna()
+
+
+@dataclass(frozen=True)
+class SmearTotals:
+    """What a set of fields holds, over all of them (:func:`smear_totals`)."""
+
+    fields: int  # images, those that gave an error row too
+    red_cells: int
+    parasitized: int  # red cells called Parasitized
+
+    @property
+    def parasitemia(self) -> float | None:
+        """Parasitized red cells / red cells; None without red cells."""
+        return self.parasitized / self.red_cells if self.red_cells else None
+
+
+def smear_totals(cells: pd.DataFrame) -> SmearTotals:
+    """Totals of SMEAR_COLUMNS rows, by their ``prediction`` (re-made at the threshold in use)."""
+    red = is_red_cell(cells)
+    return SmearTotals(
+        fields=int(cells["image"].nunique()),
+        red_cells=int(red.sum()),
+        parasitized=int((red & (cells["prediction"] == PARASITIZED)).sum()),
+    )
+
+
 def field_summary(
     cells: pd.DataFrame, *, threshold: float | None = None, cutoff: float = 0.0
 ) -> pd.DataFrame:
@@ -352,12 +381,10 @@ def field_summary(
     probabilities (as the dashboard's slider does)."""
     if cells.empty:
         return pd.DataFrame(columns=list(SUMMARY_COLUMNS))
-    is_cell = (cells["object"] == RED_CELL) & cells["error"].isna()
+    is_cell = is_red_cell(cells)
     pred = cells["prediction"]
     if threshold is not None:
-        pred = cells["prob_parasitized"].map(
-            lambda p: None if pd.isna(p) else predicted_class(p, threshold)
-        )
+        pred = calls(cells["prob_parasitized"], threshold=threshold)
     rows = pd.DataFrame(
         {
             "field": cells["image"],
@@ -407,7 +434,7 @@ def prob_colour(p: float | None) -> tuple[int, int, int]:
 def draw_overlay(
     image: np.ndarray,
     segmentation: Segmentation,
-    prob: Sequence[float],
+    prob: Sequence[float] | np.ndarray,
     *,
     highlight: int | None = None,
 ) -> np.ndarray:

@@ -1,17 +1,22 @@
+"""Evaluate: the model on labelled cells (its out-of-fold or test predictions, or a labelled
+upload) at a threshold: a clickable confusion matrix with each cell's images and heatmaps,
+the metrics, ROC and precision-recall curves, and the accuracy per patient."""
+
+from dataclasses import dataclass, field
 from functools import partial
 
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
 from core.data.images import ImageError
-from core.data.sources import read_image
+from core.data.sources import ImageSource, read_image
 from core.explain.heatmap import DEFAULT_METHOD, for_display
 from core.inference.store import inputs_summary
-from core.schema.labels import CLASSES, file_name, predicted_class
-from core.schema.metrics import binary_metrics, curves
-from dashboard import ui
+from core.schema.contract import ModelFolder
+from core.schema.labels import CLASSES, file_name, is_parasitized
+from core.schema.metrics import binary_metrics, confusion_cell, curves, per_case
+from dashboard import images, resources, state, text, widgets
 
 MEANING = {  # what each metric says, for students
     "accuracy": "share of all cells called right",
@@ -26,11 +31,31 @@ MEANING = {  # what each metric says, for students
     "auc": "area under the ROC curve: the chance that a parasitized cell scores above an "
     "uninfected one (does not depend on the threshold)",
 }
+OOF = "Out-of-fold: all development patients"
+TEST = "The model's test split (unseen patients)"
+UPLOAD = "A labelled upload"
+SPLITS = {OOF: "oof", TEST: "test"}
+GALLERY = 12  # cells of a confusion-matrix cell shown, the most confident first
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """The labelled predictions on show (path, case_id, label, prob_parasitized), which data
+    they are (one of the Data choices), and the images of an upload by path (empty for a
+    predictions file, whose paths are read from the repository)."""
+
+    choice: str
+    predictions: pd.DataFrame
+    sources: dict[str, ImageSource] = field(default_factory=dict)
+    file: str = ""  # the predictions file's name, for a warning when its images are missing
+
+
+# --- callbacks, run before the page --------------------------------------------------------
 
 
 def _take_labelled() -> None:  # the upload is kept while other pages are shown
     st.session_state["evaluate_items"] = (
-        ui.uploaded_items(st.session_state.get("evaluate_upload")) or None
+        images.uploaded_items(st.session_state.get("evaluate_upload")) or None
     )
 
 
@@ -43,46 +68,34 @@ def _pick_matrix_cell(choice: str) -> None:
         st.session_state["cm_cell"] = (choice, points[0]["y"], points[0]["x"])
 
 
-st.title("Evaluate")
-model = ui.current_model()
-folder, sha = model.path, model.sha256
+# --- inputs ------------------------------------------------------------------------------
 
-OOF = "Out-of-fold: all development patients"
-TEST = "The model's test split (unseen patients)"
-SPLITS = {OOF: "oof", TEST: "test"}
-prediction_files = {
-    label: model.predictions(part)
-    for label, part in SPLITS.items()
-    if model.predictions(part).is_file()
-}
-DATA = [*prediction_files, "A labelled upload"]
-choice = ui.kept(
-    st.radio, "Data", DATA, horizontal=True, key="evaluate_data", default=DATA[0], allowed=DATA
-)
-sources = {}
-if choice in prediction_files:
-    preds = pd.read_csv(prediction_files[choice])
-    if choice == OOF:
-        folds = (
-            (f" (the one of the {preds['fold'].nunique()} fold models that held that patient out)")
-            if "fold" in preds
-            else ""
-        )
-        st.caption(
-            f"Out-of-fold: each of the {len(preds):,} development cells "
-            f"({preds['case_id'].nunique()} patients) predicted by a model that never saw "
-            f"its patient{folds}. The heatmaps below come from the selected model, which "
-            "may have trained on these patients."
-        )
-    else:
-        st.caption(
+
+def predictions_caption(preds: pd.DataFrame, *, oof: bool) -> str:
+    if not oof:
+        return (
             f"{len(preds):,} cells from {preds['case_id'].nunique()} patients that were "
             "never used for training or model selection."
         )
-else:
+    folds = (
+        f" (the one of the {preds['fold'].nunique()} fold models that held that patient out)"
+        if "fold" in preds
+        else ""
+    )
+    return (
+        f"Out-of-fold: each of the {len(preds):,} development cells "
+        f"({preds['case_id'].nunique()} patients) predicted by a model that never saw "
+        f"its patient{folds}. The heatmaps below come from the selected model, which "
+        "may have trained on these patients."
+    )
+
+
+def labelled_upload_ui(model: ModelFolder) -> tuple[pd.DataFrame, dict[str, ImageSource]]:
+    """(the scored labelled cells of an upload, their images); st.info or st.error and stop
+    when there is no usable upload."""
     st.file_uploader(
         "A zip (or files) with Parasitized/ and Uninfected/ folders",
-        type=ui.UPLOAD_TYPES,
+        type=images.UPLOAD_TYPES,
         accept_multiple_files=True,
         key="evaluate_upload",
         on_change=_take_labelled,
@@ -94,10 +107,11 @@ else:
     if not st.session_state.get("evaluate_upload"):
         kept = inputs_summary([n for n, _ in items])
         st.caption(
-            f"The labelled upload from before: {ui.plain(kept)}. Upload other files to replace it."
+            f"The labelled upload from before: {text.plain(kept)}. Upload other files to "
+            "replace it."
         )
     try:
-        scored, _ = ui.score(items)
+        scored, _ = resources.score(items, model)
     except ValueError as exc:
         st.error(str(exc))
         st.stop()
@@ -108,25 +122,49 @@ else:
             "Parasitized and Uninfected)."
         )
         st.stop()
-    sources = ui.sources_for(items)
+    return preds, images.sources_for(items)
 
-y = (preds["label"] == CLASSES[0]).to_numpy().astype(int)
-p = preds["prob_parasitized"].to_numpy()
-threshold = ui.kept(
-    st.slider,
-    "Decision threshold on P(Parasitized)",
-    0.0,
-    1.0,
-    step=0.01,
-    key=f"evaluate_threshold_{sha[:12]}",  # each model starts at its own
-    default=float(model.contract.threshold),
-)
-m = binary_metrics(y, p, threshold=threshold)
-pred_label = np.array([predicted_class(v, threshold) for v in p])
 
-left, right = st.columns([1, 1])
-with left:
-    st.subheader("Confusion matrix")
+def data_ui(model: ModelFolder) -> Labelled:
+    """Which labelled predictions to evaluate: the model folder's out-of-fold or test
+    predictions (whichever it has), or a labelled upload, scored here."""
+    files = {label: model.predictions(part) for label, part in SPLITS.items()}
+    files = {label: path for label, path in files.items() if path.is_file()}
+    choices = [*files, UPLOAD]
+    choice = state.kept(
+        st.radio,
+        "Data",
+        choices,
+        horizontal=True,
+        key="evaluate_data",
+        default=choices[0],
+        allowed=choices,
+    )
+    if choice in files:
+        preds = pd.read_csv(files[choice])
+        st.caption(predictions_caption(preds, oof=choice == OOF))
+        return Labelled(choice, preds, file=files[choice].name)
+    return Labelled(choice, *labelled_upload_ui(model))
+
+
+def threshold_ui(model: ModelFolder) -> float:
+    return state.kept(
+        st.slider,
+        "Decision threshold on P(Parasitized)",
+        0.0,
+        1.0,
+        step=0.01,
+        key=f"evaluate_threshold_{model.sha256[:12]}",  # each model starts at its own
+        default=float(model.contract.threshold),
+    )
+
+
+# --- drawing -----------------------------------------------------------------------------
+
+
+def confusion_matrix(m: dict, chosen: tuple[str, str] | None) -> go.Figure:
+    """The confusion counts of ``m`` (binary_metrics), clickable cell by cell; ``chosen``
+    (true class, predicted class) outlined."""
     counts = [[m["tp"], m["fn"]], [m["fp"], m["tn"]]]  # rows: true P, U; cols: pred P, U
     fig = go.Figure(
         go.Heatmap(
@@ -152,16 +190,15 @@ with left:
             hoverinfo="none",
         )
     )
-    chosen = st.session_state.get("cm_cell")
-    if chosen and chosen[0] == choice:
-        col, row = CLASSES.index(chosen[2]), CLASSES.index(chosen[1])
+    if chosen:
+        col, row = CLASSES.index(chosen[1]), CLASSES.index(chosen[0])
         fig.add_shape(
             type="rect",
             x0=col - 0.5,
             x1=col + 0.5,
             y0=row - 0.5,
             y1=row + 0.5,
-            line=dict(color=ui.BRAND, width=5),
+            line=dict(color=text.BRAND, width=5),
         )
     fig.update_layout(
         xaxis_title="predicted",
@@ -174,15 +211,11 @@ with left:
         hoverdistance=-1,
         dragmode=False,
     )
-    st.plotly_chart(
-        fig,
-        on_select=partial(_pick_matrix_cell, choice),
-        selection_mode="points",
-        key="cm",
-        width="stretch",
-        config={"displayModeBar": False},
-    )
-with right:
+    return fig
+
+
+def metrics_table(m: dict) -> None:
+    """The threshold's metrics, each with what it says."""
     st.subheader("Metrics")
     table = {
         k: m[k]
@@ -196,146 +229,185 @@ with right:
     )
     st.caption("  \n".join(f"**{k}**: {MEANING[k]}" for k in table))
 
-if chosen and chosen[0] == choice:
-    _, true_cls, pred_cls = chosen
-    mask = (preds["label"] == true_cls).to_numpy() & (pred_label == pred_cls)
-    cell = preds[mask].assign(distance=np.abs(p[mask] - threshold))
-    cell = cell.sort_values("distance", ascending=False).head(12)
-    st.subheader(f"True {true_cls}, predicted {pred_cls}: {int(mask.sum())} cells")
+
+def gallery_ui(
+    data: Labelled, chosen: tuple[str, str], threshold: float, model: ModelFolder
+) -> None:
+    """The most confident cells of the chosen confusion-matrix cell, each with the default map
+    for the predicted class; one of them large above, on request."""
+    true_cls, pred_cls = chosen
+    members = confusion_cell(
+        data.predictions, threshold=threshold, true=true_cls, predicted=pred_cls
+    )
+    cell = members.head(GALLERY)
+    st.subheader(f"True {true_cls}, predicted {pred_cls}: {len(members)} cells")
     st.caption(
         f"The {len(cell)} most confident, each with the Explain page's default map "
         f"({DEFAULT_METHOD} at {model.contract.target_layer}) for the predicted "
         "class; ✔/✘: its peak on/off the parasite located by the stain rule. Moving "
         "the threshold moves cells between the matrix's cells."
     )
-    missing = not sources and ui.images_missing(
-        cell["path"].tolist(), prediction_files[choice].name
-    )
-    images, names, probs = [], [], []
-    shown = [] if missing else list(zip(cell["path"], cell["prob_parasitized"]))
-    for path, prob in shown:
+    sources = data.sources
+    missing = not sources and images.images_missing(cell["path"].tolist(), data.file)
+    pictures, names, probs = [], [], []
+    for path, prob in [] if missing else zip(cell["path"], cell["prob_parasitized"]):
         try:
-            images.append(read_image(sources.get(path) or ui.repo_source(path)))
+            pictures.append(read_image(sources.get(path) or images.repo_source(path)))
             names.append(path)
             probs.append(prob)
         except (OSError, ImageError) as exc:
-            st.caption(ui.plain(f"{path.rsplit('/', 1)[-1]}: cannot show ({exc})"))
-    if images:
-        exps = ui.explain(str(folder), sha, images, faithfulness=False, target=pred_cls.lower())
-        viewer = st.container()  # the cell picked in the gallery, large, above it
-        cols = st.columns(6)
-        marks = {True: " · ✔", False: " · ✘", None: ""}
-        for i, (img, e, name, prob) in enumerate(zip(images, exps, names, probs)):
-            with cols[i % 6]:
-                st.image(for_display(img, width=192), width="stretch")
-                st.image(
-                    for_display(e.overlay, width=192),
-                    width="stretch",
-                    caption=f"{ui.plain(ui.short_name(file_name(name)))} · "
-                    f"p={prob:.3f}{marks[e.points_at_parasite]}",
-                )
-                if st.button("View large", key=f"view_{name}", icon=":material/zoom_in:"):
-                    st.session_state["evaluate_cell"] = name
-        picked = st.session_state["evaluate_cell"]
-        if picked in names:
-            e, prob = exps[names.index(picked)], probs[names.index(picked)]
-            with viewer:
-                ui.cell_view(
-                    picked,
-                    sources.get(picked) or ui.repo_source(picked),
-                    state_key="evaluate_cell",
-                    also=[(for_display(e.overlay), f"{DEFAULT_METHOD} for {pred_cls}")],
-                    link={"split": SPLITS[choice], "cell": picked} if not sources else None,
-                    details=f"true **{true_cls}**, predicted **{pred_cls}**  \n"
-                    f"P(Parasitized) {prob:.3f} at threshold "
-                    f"{threshold:.2f}  \ncase "
-                    + ui.plain(cell.set_index("path").at[picked, "case_id"]),
-                )
-else:
-    st.caption("Click a cell of the matrix to see its images with their heatmaps.")
+            st.caption(text.plain(f"{path.rsplit('/', 1)[-1]}: cannot show ({exc})"))
+    if not pictures:
+        return
+    exps = resources.explain(
+        str(model.path), model.sha256, pictures, faithfulness=False, target=pred_cls.lower()
+    )
+    viewer = st.container()  # the cell picked in the gallery, large, above it
+    cols = st.columns(6)
+    marks = {True: " · ✔", False: " · ✘", None: ""}
+    for i, (img, e, name, prob) in enumerate(zip(pictures, exps, names, probs)):
+        with cols[i % 6]:
+            st.image(for_display(img, width=192), width="stretch")
+            st.image(
+                for_display(e.overlay, width=192),
+                width="stretch",
+                caption=f"{text.plain(text.short_name(file_name(name)))} · "
+                f"p={prob:.3f}{marks[e.points_at_parasite]}",
+            )
+            if st.button("View large", key=f"view_{name}", icon=":material/zoom_in:"):
+                st.session_state["evaluate_cell"] = name
+    picked = st.session_state["evaluate_cell"]
+    if picked in names:
+        e, prob = exps[names.index(picked)], probs[names.index(picked)]
+        with viewer:
+            widgets.cell_view(
+                picked,
+                sources.get(picked) or images.repo_source(picked),
+                state_key="evaluate_cell",
+                also=[(for_display(e.overlay), f"{DEFAULT_METHOD} for {pred_cls}")],
+                link={"split": SPLITS[data.choice], "cell": picked} if not sources else None,
+                details=f"true **{true_cls}**, predicted **{pred_cls}**  \n"
+                f"P(Parasitized) {prob:.3f} at threshold "
+                f"{threshold:.2f}  \ncase "
+                + text.plain(cell.set_index("path").at[picked, "case_id"]),
+            )
 
-roc, pr = curves(y, p)
-c1, c2 = st.columns(2)
-op_fpr, op_tpr = 1 - m["specificity"], m["sensitivity"]
-fig = go.Figure(
-    go.Scatter(
-        x=roc["fpr"],
-        y=roc["tpr"],
-        mode="lines",
+
+def curve_figure(
+    curve: pd.DataFrame,
+    x: str,
+    y: str,
+    *,
+    name: str,
+    hover: str,
+    point: tuple[float, float],
+    title: str,
+    axes: tuple[str, str],
+) -> go.Figure:
+    """A curve over the thresholds (``curve``'s columns ``x``, ``y`` and ``threshold``, which
+    the hover shows) and the threshold in use, ``point``, as a marker on it."""
+    fig = go.Figure(
+        go.Scatter(
+            x=curve[x],
+            y=curve[y],
+            mode="lines",
+            name=name,
+            customdata=curve["threshold"],
+            hovertemplate=hover,
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[point[0]],
+            y=[point[1]],
+            mode="markers",
+            name="threshold",
+            marker=dict(size=12, color=text.BRAND),
+        )
+    )
+    fig.update_layout(
+        title=title,
+        xaxis_title=axes[0],
+        yaxis_title=axes[1],
+        height=360,
+        margin=dict(t=40, b=10),
+    )
+    return fig
+
+
+def curves_ui(y, p, m: dict) -> None:
+    """ROC and precision-recall curves, the threshold's point marked on each."""
+    roc, pr = curves(y, p)
+    c1, c2 = st.columns(2)
+    roc_fig = curve_figure(
+        roc,
+        "fpr",
+        "tpr",
         name="ROC",
-        customdata=roc["threshold"],
-        hovertemplate="FPR %{x:.3f}, TPR %{y:.3f}, t=%{customdata:.3f}",
+        hover="FPR %{x:.3f}, TPR %{y:.3f}, t=%{customdata:.3f}",
+        point=(1 - m["specificity"], m["sensitivity"]),
+        title=f"ROC (AUC {m['auc']:.4f})",
+        axes=("false positive rate", "sensitivity"),
     )
-)
-fig.add_trace(
-    go.Scatter(
-        x=[op_fpr],
-        y=[op_tpr],
-        mode="markers",
-        name="threshold",
-        marker=dict(size=12, color=ui.BRAND),
-    )
-)
-fig.update_layout(
-    title=f"ROC (AUC {m['auc']:.4f})",
-    xaxis_title="false positive rate",
-    yaxis_title="sensitivity",
-    height=360,
-    margin=dict(t=40, b=10),
-)
-c1.plotly_chart(fig, width="stretch")
-fig = go.Figure(
-    go.Scatter(
-        x=pr["recall"],
-        y=pr["precision"],
-        mode="lines",
+    c1.plotly_chart(roc_fig, width="stretch")
+    pr_fig = curve_figure(
+        pr,
+        "recall",
+        "precision",
         name="PR",
-        customdata=pr["threshold"],
-        hovertemplate="recall %{x:.3f}, precision %{y:.3f}, t=%{customdata:.3f}",
+        hover="recall %{x:.3f}, precision %{y:.3f}, t=%{customdata:.3f}",
+        point=(m["sensitivity"], m["ppv"]),
+        title="Precision-recall",
+        axes=("recall (sensitivity)", "precision (PPV)"),
     )
-)
-fig.add_trace(
-    go.Scatter(
-        x=[m["sensitivity"]],
-        y=[m["ppv"]],
-        mode="markers",
-        name="threshold",
-        marker=dict(size=12, color=ui.BRAND),
-    )
-)
-fig.update_layout(
-    title="Precision-recall",
-    xaxis_title="recall (sensitivity)",
-    yaxis_title="precision (PPV)",
-    height=360,
-    margin=dict(t=40, b=10),
-)
-c2.plotly_chart(fig, width="stretch")
+    c2.plotly_chart(pr_fig, width="stretch")
 
-st.subheader("Per patient")
-per_case = (
-    preds.assign(
-        correct=(pred_label == preds["label"]),
-        called=pred_label == CLASSES[0],
-        parasitized=preds["label"] == CLASSES[0],
+
+def per_case_table(preds: pd.DataFrame, threshold: float) -> None:
+    st.subheader("Per patient")
+    st.dataframe(
+        per_case(preds, threshold=threshold),
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "accuracy": st.column_config.NumberColumn(format="%.3f"),
+            "mean_prob": st.column_config.NumberColumn(format="%.3f"),
+        },
     )
-    .groupby("case_id")
-    .agg(
-        cells=("path", "size"),
-        accuracy=("correct", "mean"),
-        true_parasitized=("parasitized", "sum"),
-        called_parasitized=("called", "sum"),
-        mean_prob=("prob_parasitized", "mean"),
-    )
-    .reset_index()
-    .sort_values("accuracy")
-)
-st.dataframe(
-    per_case,
-    hide_index=True,
-    width="stretch",
-    column_config={
-        "accuracy": st.column_config.NumberColumn(format="%.3f"),
-        "mean_prob": st.column_config.NumberColumn(format="%.3f"),
-    },
-)
+
+
+def evaluate_page() -> None:
+    st.title("Evaluate")
+    model = state.current_model()
+    data = data_ui(model)
+    preds = data.predictions
+    y = is_parasitized(preds["label"])
+    p = preds["prob_parasitized"].to_numpy()
+    threshold = threshold_ui(model)
+    m = binary_metrics(y, p, threshold=threshold)
+
+    picked = st.session_state.get("cm_cell")
+    chosen = picked[1:] if picked and picked[0] == data.choice else None
+    left, right = st.columns([1, 1])
+    with left:
+        st.subheader("Confusion matrix")
+        st.plotly_chart(
+            confusion_matrix(m, chosen),
+            on_select=partial(_pick_matrix_cell, data.choice),
+            selection_mode="points",
+            key="cm",
+            width="stretch",
+            config={"displayModeBar": False},
+        )
+    with right:
+        metrics_table(m)
+    if chosen:
+        gallery_ui(data, chosen, threshold, model)
+    else:
+        st.caption("Click a cell of the matrix to see its images with their heatmaps.")
+
+    curves_ui(y, p, m)
+    per_case_table(preds, threshold)
+
+
+evaluate_page()

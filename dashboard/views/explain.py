@@ -1,10 +1,14 @@
-import hashlib
+"""Explain: one cell's heatmaps, several methods side by side at one stage of the network, each
+checked against where the stain rule finds the parasite, with ROAD and the gate's verdict."""
 
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
 import pandas as pd
 import streamlit as st
 
 from core.data.images import ImageError, decode_image
-from core.data.sources import open_source
 from core.explain.heatmap import (
     DEFAULT_METHOD,
     METHOD_NAMES,
@@ -15,50 +19,59 @@ from core.explain.heatmap import (
     overlay,
 )
 from core.explain.locate import locate
-from core.schema.results import OK
-from dashboard import ui
+from core.schema.contract import ModelContract, ModelFolder
+from core.schema.results import OK, is_counted
+from dashboard import images, resources, state, text
 
-st.title("Explain a prediction")
-model = ui.current_model()
-folder, sha, contract = model.path, model.sha256, model.contract
+HEATMAP_HELP = (
+    "A class activation map colours the parts of the image that most raised the score of "
+    "the chosen class at one stage of the network. Red means *the network's evidence came "
+    "from here*; it is **not** a segmentation of the parasite, and a confident map can "
+    "still point at the wrong thing. Two checks sit under every map:\n"
+    "- **Points at the parasite?** A colour rule that knows nothing of the network finds "
+    "the dark purple Giemsa-stained chromatin in the cell (outlined in white); the check "
+    "asks whether the map's hottest pixel falls on it.\n"
+    "- **ROAD** (higher is better) measures how much the model's confidence depends on the "
+    "highlighted pixels: it tells whether the model *uses* them, not what they are.\n\n"
+    "Late stages are coarse (4x4 cells at 128 px) and light whole quadrants. The default "
+    "method and stage were chosen by how often their peak lands on the parasite; the "
+    "**Heatmap check** page shows that rate for every method and stage on patients the "
+    "model never saw."
+)
+SOURCES = ["Sample or upload", "A cell from the scored results"]
+NO_SAMPLE = "—"
+PER_ROW = 4  # panels in a row: the original, then one per method
 
-with st.expander("What a heatmap shows, and what it does not", expanded=False):
-    st.markdown(
-        "A class activation map colours the parts of the image that most raised the score of "
-        "the chosen class at one stage of the network. Red means *the network's evidence came "
-        "from here*; it is **not** a segmentation of the parasite, and a confident map can "
-        "still point at the wrong thing. Two checks sit under every map:\n"
-        "- **Points at the parasite?** A colour rule that knows nothing of the network finds "
-        "the dark purple Giemsa-stained chromatin in the cell (outlined in white); the check "
-        "asks whether the map's hottest pixel falls on it.\n"
-        "- **ROAD** (higher is better) measures how much the model's confidence depends on the "
-        "highlighted pixels: it tells whether the model *uses* them, not what they are.\n\n"
-        "Late stages are coarse (4x4 cells at 128 px) and light whole quadrants. The default "
-        "method and stage were chosen by how often their peak lands on the parasite; the "
-        "**Heatmap check** page shows that rate for every method and stage on patients the "
-        "model never saw."
-    )
-SAMPLE_CELLS = dict(ui.sample_items())  # name -> bytes of the bundled sample cells
-if st.session_state.get("explain_item") is None and st.query_params:  # a reload, or a link
-    try:
-        st.session_state.update(
-            explain_item=ui.linked_cell(st.query_params.to_dict()),
-            explain_link=st.query_params.to_dict(),
-        )
-    except LookupError as exc:
-        st.warning(f"The cell in this page's link cannot be shown: {ui.plain(exc)}")
-if st.session_state.get("explain_item") is None and SAMPLE_CELLS:  # never an empty page
-    st.session_state["explain_item"] = next(iter(SAMPLE_CELLS.items()))
+Item = tuple[str, bytes]  # (name, bytes) of the image on show
 
 
-def _upload_item() -> tuple[str, bytes] | None:
+@dataclass(frozen=True)
+class MapOptions:
+    """What the maps show: which methods, for which class, at which stage, and how drawn."""
+
+    methods: list[str]
+    target: str
+    layer: str
+    opacity: float
+    outline: bool  # the stain rule's parasite outlined on every panel
+    road: bool  # ROAD under each map, after the maps
+
+
+# --- the image on show: callbacks, run before the page --------------------------------------
+
+
+def _sample_cells() -> dict[str, bytes]:
+    return dict(images.sample_items())
+
+
+def _upload_item() -> Item | None:
     up = st.session_state.get("explain_upload")
     return None if up is None else (up.name, up.getvalue())
 
 
 def _take_upload() -> None:  # a new upload is shown; removing it takes it off the page
     shown = st.session_state.get("explain_item")
-    sample_on_show = shown is not None and shown[0] in SAMPLE_CELLS
+    sample_on_show = shown is not None and shown[0] in _sample_cells()
     st.session_state["explain_item"] = _upload_item() or (shown if sample_on_show else None)
     st.session_state["explain_link"] = None
 
@@ -66,34 +79,61 @@ def _take_upload() -> None:  # a new upload is shown; removing it takes it off t
 def _take_sample() -> None:  # a picked sample is shown; "—" goes back to the upload, if any
     pick = st.session_state.get("explain_sample")
     st.session_state["explain_item"] = (
-        _upload_item() if pick in (None, "—") else (pick, SAMPLE_CELLS[pick])
+        _upload_item() if pick in (None, NO_SAMPLE) else (pick, _sample_cells()[pick])
     )
     st.session_state["explain_link"] = None
 
 
-SOURCES = ["Sample or upload", "A cell from the scored results"]
-source = ui.kept(
-    st.radio,
-    "Image",
-    SOURCES,
-    horizontal=True,
-    key="explain_source",
-    default=SOURCES[0],
-    allowed=SOURCES,
-)
-if source == "Sample or upload":  # whichever of the two was used last is shown
+def open_linked_item(samples: dict[str, bytes]) -> None:
+    """The cell the page's address names (a reload, or a link), else the first sample: the
+    page is never empty."""
+    if st.session_state.get("explain_item") is None and st.query_params:
+        try:
+            st.session_state.update(
+                explain_item=state.linked_cell(st.query_params.to_dict()),
+                explain_link=st.query_params.to_dict(),
+            )
+        except LookupError as exc:
+            st.warning(f"The cell in this page's link cannot be shown: {text.plain(exc)}")
+    if st.session_state.get("explain_item") is None and samples:
+        st.session_state["explain_item"] = next(iter(samples.items()))
+
+
+# --- inputs ------------------------------------------------------------------------------
+
+
+def source_ui() -> str:
+    return state.kept(
+        st.radio,
+        "Image",
+        SOURCES,
+        horizontal=True,
+        key="explain_source",
+        default=SOURCES[0],
+        allowed=SOURCES,
+    )
+
+
+def upload_or_sample_ui(samples: dict[str, bytes]) -> tuple[Item | None, dict | None]:
+    """(the uploaded or sample image on show, its link): whichever of the two was used last."""
     st.file_uploader(
         "Upload one cell image",
-        type=ui.UPLOAD_TYPES[:-1],
+        type=images.UPLOAD_TYPES[:-1],
         key="explain_upload",
         on_change=_take_upload,
     )
     item = st.session_state.get("explain_item")
-    link = st.session_state.get("explain_link")
-    names = list(SAMPLE_CELLS)
-    st.session_state["explain_sample"] = item[0] if item and item[0] in names else "—"
-    st.selectbox("…or a sample cell", ["—"] + names, key="explain_sample", on_change=_take_sample)
-else:
+    names = list(samples)
+    st.session_state["explain_sample"] = item[0] if item and item[0] in names else NO_SAMPLE
+    st.selectbox(
+        "…or a sample cell", [NO_SAMPLE] + names, key="explain_sample", on_change=_take_sample
+    )
+    return item, st.session_state.get("explain_link")
+
+
+def scored_cell_ui() -> tuple[Item, dict]:
+    """(a cell of the run on show, its link), picked in a list; st.info or st.error and stop
+    when there is none to show."""
     results = st.session_state["results"]
     if results is None:
         st.info("Score some cells first (Score page), then pick one here.")
@@ -102,27 +142,22 @@ else:
     if ok.empty:
         st.info("No cell of this run could be scored, so there is nothing to explain.")
         st.stop()
+    quality = ok["quality"] if "quality" in ok else pd.Series(None, ok.index, dtype=object)
+    review = quality.where(~is_counted(quality), "")  # why a cell is not counted, or ""
 
-    def _flag(p: str) -> str:
-        q = ok.at[p, "quality"] if "quality" in ok else None
-        return "" if q is None or pd.isna(q) or q == OK else f" · review: {q}"
-
-    link = {"run": st.session_state["run_id"]}
-    path = link["cell"] = st.selectbox(
-        "Cell",
-        ok.index,
-        format_func=lambda p: (
+    def describe(p: str) -> str:
+        return (
             f"{p.rsplit('/', 1)[-1]} · case {ok.at[p, 'case_id']} · "
             f"label {ok.at[p, 'label'] or '?'} · "
-            f"P(Parasitized) {ok.at[p, 'prob_parasitized']:.3f}{_flag(p)}"
-        ),
+            f"P(Parasitized) {ok.at[p, 'prob_parasitized']:.3f}"
+            + (f" · review: {review[p]}" if review[p] else "")
+        )
+
+    link = {"run": st.session_state["run_id"]}
+    path = link["cell"] = st.selectbox("Cell", ok.index, format_func=describe)
+    src = images.cell_source(
+        path, st.session_state["sources"], on_disk=st.session_state["run_on_disk"]
     )
-    src = st.session_state["sources"].get(path)
-    if src is None and st.session_state["run_on_disk"]:
-        try:
-            src = open_source(path)
-        except OSError:
-            src = None
     if src is None:
         st.warning(
             "This run's images are no longer available (an upload reopened from the "
@@ -130,92 +165,77 @@ else:
         )
         st.stop()
     try:
-        item = (path, src.read())
+        return (path, src.read()), link
     except (OSError, ImageError) as exc:
-        st.error(ui.plain(f"{path}: {exc}"))
+        st.error(text.plain(f"{path}: {exc}"))
         st.stop()
 
-if item is None:
-    st.query_params.clear()
-    st.info("Pick a sample cell or upload one.")
-    st.stop()
-# the address names the cell on show, so a reload or a shared link shows it again
-st.query_params.from_dict({"sample": item[0]} if item[0] in SAMPLE_CELLS else link or {})
-try:
-    image = decode_image(item[1])
-except ImageError as exc:
-    st.error(ui.plain(f"{item[0]}: {exc}"))
-    st.stop()
 
-layers = list(contract.cam_layers)
-c1, c2, c3 = st.columns([3, 1, 1])
-methods = ui.kept(
-    c1.multiselect,
-    "Methods",
-    list(METHOD_NAMES),
-    key="explain_methods",
-    default=[DEFAULT_METHOD, "layercam", "gradcam"],
-    allowed=METHOD_NAMES,
-    help=f"{DEFAULT_METHOD} is the default (see Heatmap check for how often each method "
-    "finds the parasite). scorecam and ablationcam perturb the image once per channel: "
-    "seconds per image.",
-)
-target = ui.kept(
-    c2.selectbox,
-    "Explain the class",
-    TARGETS,
-    key="explain_target",
-    default=TARGETS[0],
-    allowed=TARGETS,
-)
-layer = ui.kept(
-    c3.selectbox,
-    "Layer",
-    layers,
-    key="explain_layer",
-    default=contract.target_layer,
-    allowed=layers,
-    help="Later stages are coarser (down to 4x4) but more semantic.",
-)
-o1, o2, o3 = st.columns([2, 1, 1])
-opacity = ui.kept(
-    o1.slider, "Heatmap opacity", 0.0, 1.0, step=0.05, key="explain_opacity", default=0.5
-)
-show_outline = ui.kept(
-    o2.toggle,
-    "Outline the parasite",
-    key="explain_outline",
-    default=True,
-    help="Where the stain colour rule finds parasite chromatin",
-)
-with_road = ui.kept(
-    o3.toggle,
-    "ROAD",
-    key="explain_road",
-    default=True,
-    help="About half a second per map, after the maps",
-)
-if any(m in SLOW_METHODS for m in methods):
-    st.warning(
-        "ScoreCAM and AblationCAM run the network hundreds of times per image: "
-        "expect seconds to tens of seconds on a CPU at the last layer."
+def map_options_ui(contract: ModelContract) -> MapOptions:
+    layers = list(contract.cam_layers)
+    c1, c2, c3 = st.columns([3, 1, 1])
+    methods = state.kept(
+        c1.multiselect,
+        "Methods",
+        list(METHOD_NAMES),
+        key="explain_methods",
+        default=[DEFAULT_METHOD, "layercam", "gradcam"],
+        allowed=METHOD_NAMES,
+        help=f"{DEFAULT_METHOD} is the default (see Heatmap check for how often each method "
+        "finds the parasite). scorecam and ablationcam perturb the image once per channel: "
+        "seconds per image.",
     )
+    target = state.kept(
+        c2.selectbox,
+        "Explain the class",
+        TARGETS,
+        key="explain_target",
+        default=TARGETS[0],
+        allowed=TARGETS,
+    )
+    layer = state.kept(
+        c3.selectbox,
+        "Layer",
+        layers,
+        key="explain_layer",
+        default=contract.target_layer,
+        allowed=layers,
+        help="Later stages are coarser (down to 4x4) but more semantic.",
+    )
+    o1, o2, o3 = st.columns([2, 1, 1])
+    opacity = state.kept(
+        o1.slider, "Heatmap opacity", 0.0, 1.0, step=0.05, key="explain_opacity", default=0.5
+    )
+    outline = state.kept(
+        o2.toggle,
+        "Outline the parasite",
+        key="explain_outline",
+        default=True,
+        help="Where the stain colour rule finds parasite chromatin",
+    )
+    road = state.kept(
+        o3.toggle,
+        "ROAD",
+        key="explain_road",
+        default=True,
+        help="About half a second per map, after the maps",
+    )
+    return MapOptions(methods, target, layer, opacity, outline, road)
+
+
+# --- cached computations, keyed by the image's hash ----------------------------------------
+
+
+# A map's key: (image hash, method, target, layer, model folder, weights sha256).
+MapKey = tuple[str, str, str, str, str, str]
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def _map(
-    image_hash: str,
-    method: str,
-    target: str,
-    layer: str,
-    model: str,
-    model_sha: str,
-    _image,
-    _stain,
-):
-    return ui.explain(
-        model,
-        model_sha,
+def _map(key: MapKey, _image, _stain):
+    _, method, target, layer, folder, sha = key
+    return resources.explain(
+        folder,
+        sha,
         [_image],
         method=method,
         target=target,
@@ -226,27 +246,22 @@ def _map(
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def _road(
-    image_hash: str,
-    method: str,
-    target: str,
-    layer: str,
-    model: str,
-    model_sha: str,
-    _image,
-    _explanation,
-):
-    return ui.road(model, model_sha, _image, _explanation)  # from the map drawn: no second pass
+def _road(key: MapKey, _image, _explanation) -> float:
+    _, _, _, _, folder, sha = key
+    return resources.road(folder, sha, _image, _explanation)  # from the map drawn: no second pass
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def _quality(image_hash: str, model: str, model_sha: str, _image) -> str:
-    return ui.quality(model, model_sha, _image)
+    return resources.quality(model, model_sha, _image)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _stain(image_hash: str, _image):
     return locate(_image)
+
+
+# --- drawing -----------------------------------------------------------------------------
 
 
 def verdict(points: bool | None, mass: float) -> str:
@@ -259,74 +274,127 @@ def verdict(points: bool | None, mass: float) -> str:
     return f":red[**✘ peak misses the stained parasite**] · {on_cell}"
 
 
-key = hashlib.sha256(item[1]).hexdigest()
-name = ui.plain(item[0].rsplit("/", 1)[-1])  # captions render Markdown
-verdict_q = _quality(key, str(folder), sha, image)
-if verdict_q != OK:
-    st.warning(
-        f"**Review: {ui.plain(verdict_q)}.** This image does not look like a single "
-        "cell crop the model learnt from (quality gate); on Score it would be listed "
-        "for review and **not counted**. The maps below show what the network does "
-        "with it, not a finding."
+def maps_ui(
+    image: np.ndarray, key: str, name: str, stain, options: MapOptions, model: ModelFolder
+) -> tuple[dict, dict]:
+    """The original and one panel per method, PER_ROW to a row; (explanation per method, the
+    empty slot under each map where its ROAD goes)."""
+    outline = stain.parasite if options.outline else None
+    folder, sha = str(model.path), model.sha256
+    panels = [None, *options.methods]  # the original first, then one panel per method
+    road_slots, drawn = {}, {}
+    for start in range(0, len(panels), PER_ROW):
+        for col, method in zip(st.columns(PER_ROW), panels[start : start + PER_ROW]):
+            if method is None:
+                col.image(
+                    for_display(image, outline=outline),
+                    caption=f"original · {name}",
+                    width="stretch",
+                )
+                col.caption(
+                    "parasite located by the stain rule: outlined in white"
+                    if stain.found
+                    else "the stain rule finds no parasite in this cell"
+                )
+                continue
+            with col, st.spinner(f"{method}…"):
+                map_key = (key, method, options.target, options.layer, folder, sha)
+                e = drawn[method] = _map(map_key, image, stain)
+                col.image(
+                    for_display(
+                        overlay(image, e.heatmap, opacity=options.opacity), outline=outline
+                    ),
+                    caption=f"{method} · {options.layer} · {e.map_size[0]}x{e.map_size[1]} map · "
+                    f"{e.ms:,.0f} ms",
+                    width="stretch",
+                )
+                col.markdown(
+                    f"explains **{e.target}** · {verdict(e.points_at_parasite, e.mass_in_cell)}"
+                )
+                road_slots[method] = col.empty()
+                if options.road:
+                    road_slots[method].caption("ROAD: computing…")
+    return drawn, road_slots
+
+
+def probability_ui(e, image: np.ndarray, contract: ModelContract, gate: str) -> None:
+    """P(Parasitized) with the gate's verdict, the colour scale, and how to read the maps."""
+    left, right = st.columns([1, 3])
+    left.metric(
+        "P(Parasitized)",
+        f"{e.prob_parasitized:.3f}",
+        help=f"Decision threshold {contract.threshold:.2f}",
     )
-stain = _stain(key, image)
-outline = stain.parasite if show_outline else None
-if not methods:
-    st.image(for_display(image, outline=outline), caption=name, width=384)
-    st.info("Pick at least one method to see its heatmap and the probability.")
-    st.stop()
-PER_ROW = 4
-panels = [None] + methods  # the original first, then one panel per method
-road_slots, drawn = {}, {}
-for start in range(0, len(panels), PER_ROW):
-    for col, method in zip(st.columns(PER_ROW), panels[start : start + PER_ROW]):
-        if method is None:
-            col.image(
-                for_display(image, outline=outline), caption=f"original · {name}", width="stretch"
-            )
-            col.caption(
-                "parasite located by the stain rule: outlined in white"
-                if stain.found
-                else "the stain rule finds no parasite in this cell"
-            )
-            continue
-        with col, st.spinner(f"{method}…"):
-            e = drawn[method] = _map(key, method, target, layer, str(folder), sha, image, stain)
-            col.image(
-                for_display(overlay(image, e.heatmap, opacity=opacity), outline=outline),
-                caption=f"{method} · {layer} · {e.map_size[0]}x{e.map_size[1]} map · "
-                f"{e.ms:,.0f} ms",
-                width="stretch",
-            )
-            col.markdown(
-                f"explains **{e.target}** · {verdict(e.points_at_parasite, e.mass_in_cell)}"
-            )
-            road_slots[method] = col.empty()
-            if with_road:
-                road_slots[method].caption("ROAD: computing…")
-left, right = st.columns([1, 3])
-left.metric(
-    "P(Parasitized)",
-    f"{e.prob_parasitized:.3f}",
-    help=f"Decision threshold {contract.threshold:.2f}",
-)
-if verdict_q != OK:
-    left.caption(f"review: {ui.plain(verdict_q)} (not counted)")
-right.image(
-    colour_bar(width=384), caption="heatmap colour: low evidence (blue) → high (red)", width=384
-)
-st.caption(
-    f"Each map is computed at its stage's own resolution (its size is in the caption) "
-    f"and upsampled to the image's {image.shape[1]}x{image.shape[0]} px. ROAD: "
-    "confidence kept when the least relevant pixels are removed minus when the most "
-    "relevant are removed (higher = the model relies on what the map shows)."
-)
-st.page_link(
-    "views/methods.py",
-    label="Which methods find the parasite, over many cells: Heatmap check",
-    icon=":material/fact_check:",
-)
-if with_road:  # the slow extra arrives after every map is on screen
-    for method, slot in road_slots.items():
-        road = _road(key, method, target, layer, str(folder), sha, image, drawn[method])
-        slot.caption(f"ROAD {road:+.3f}")
+    if gate != OK:
+        left.caption(f"review: {text.plain(gate)} (not counted)")
+    right.image(
+        colour_bar(width=384), caption="heatmap colour: low evidence (blue) → high (red)", width=384
+    )
+    st.caption(
+        f"Each map is computed at its stage's own resolution (its size is in the caption) "
+        f"and upsampled to the image's {image.shape[1]}x{image.shape[0]} px. ROAD: "
+        "confidence kept when the least relevant pixels are removed minus when the most "
+        "relevant are removed (higher = the model relies on what the map shows)."
+    )
+    st.page_link(
+        "views/methods.py",
+        label="Which methods find the parasite, over many cells: Heatmap check",
+        icon=":material/fact_check:",
+    )
+
+
+def explain_page() -> None:
+    st.title("Explain a prediction")
+    model = state.current_model()
+    with st.expander("What a heatmap shows, and what it does not", expanded=False):
+        st.markdown(HEATMAP_HELP)
+    samples = _sample_cells()  # name -> bytes of the bundled sample cells
+    open_linked_item(samples)
+    if source_ui() == SOURCES[0]:
+        item, link = upload_or_sample_ui(samples)
+    else:
+        item, link = scored_cell_ui()
+    if item is None:
+        st.query_params.clear()
+        st.info("Pick a sample cell or upload one.")
+        st.stop()
+    # the address names the cell on show, so a reload or a shared link shows it again
+    st.query_params.from_dict({"sample": item[0]} if item[0] in samples else link or {})
+    try:
+        image = decode_image(item[1])
+    except ImageError as exc:
+        st.error(text.plain(f"{item[0]}: {exc}"))
+        st.stop()
+    options = map_options_ui(model.contract)
+    if any(m in SLOW_METHODS for m in options.methods):
+        st.warning(
+            "ScoreCAM and AblationCAM run the network hundreds of times per image: "
+            "expect seconds to tens of seconds on a CPU at the last layer."
+        )
+
+    key = hashlib.sha256(item[1]).hexdigest()
+    name = text.plain(item[0].rsplit("/", 1)[-1])  # captions render Markdown
+    gate = _quality(key, str(model.path), model.sha256, image)
+    if gate != OK:
+        st.warning(
+            f"**Review: {text.plain(gate)}.** This image does not look like a single "
+            "cell crop the model learnt from (quality gate); on Score it would be listed "
+            "for review and **not counted**. The maps below show what the network does "
+            "with it, not a finding."
+        )
+    stain = _stain(key, image)
+    if not options.methods:
+        outline = stain.parasite if options.outline else None
+        st.image(for_display(image, outline=outline), caption=name, width=384)
+        st.info("Pick at least one method to see its heatmap and the probability.")
+        st.stop()
+    drawn, road_slots = maps_ui(image, key, name, stain, options, model)
+    probability_ui(drawn[options.methods[-1]], image, model.contract, gate)
+    if options.road:  # the slow extra arrives after every map is on screen
+        for method, slot in road_slots.items():
+            map_key = (key, method, options.target, options.layer, str(model.path), model.sha256)
+            road = _road(map_key, image, drawn[method])
+            slot.caption(f"ROAD {road:+.3f}")
+
+
+explain_page()

@@ -1,29 +1,79 @@
+"""Score: upload cells (or reopen a stored run), call them at a threshold, filter and look at
+them, read the parasitemia per patient or folder, and download the results and a report."""
+
 import json
+from dataclasses import dataclass
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
 from core.evaluation.report import ReportInfo, render_report
-from core.inference.store import RUN_FIELDS, StoreError, inputs_summary
-from core.schema.export import to_csv_text
-from core.schema.labels import CLASSES, predicted_class
-from core.schema.metrics import group_of, parasitemia_summary
-from core.schema.results import REVIEW_BAND, UNCERTAIN, counted, review
-from dashboard import ui
+from core.inference.store import RUN_FIELDS, RunInfo, StoreError, inputs_summary
+from core.schema.contract import ModelFolder
+from core.schema.metrics import group_names, group_of, parasitemia_summary
+from core.schema.results import (
+    DUPLICATE_KIND,
+    ERROR_KIND,
+    NOT_COUNTED_KIND,
+    REVIEW_BAND,
+    ROW_KINDS,
+    RunCounts,
+    at_threshold,
+    row_kinds,
+    run_counts,
+)
+from dashboard import images, resources, state, text, widgets
 
-ERROR = "Error"  # the Prediction filter's name for rows that could not be scored
-DUPLICATE = "Duplicate"  # ... for files with the same bytes as another file of the run
-NOT_COUNTED = "Not counted"  # ... for rows that failed the quality gate
-UNCERTAIN_KIND = "Uncertain"  # ... for counted rows inside the review band
-FLAGGED, NOT_FLAGGED = ui.BRAND, "#9aa5b1"  # parasitemia bars: likely infected or not
+FLAGGED, NOT_FLAGGED = text.BRAND, "#9aa5b1"  # parasitemia bars: likely infected or not
+THUMBNAILS = 300  # rows of the results table given a thumbnail
+TABLE_COLUMNS = [
+    "path",
+    "prediction",
+    "prob_parasitized",
+    "review",
+    "error",
+    "duplicate_of",
+    "case_id",
+    "label",
+]
+RUNS_COLUMNS = [
+    "run_id",
+    "name",
+    "sample",
+    "operator",
+    "started",
+    "inputs",
+    "stored",
+    "parasitized",
+    "not_counted",
+    "errors",
+    "duplicates",
+    "threshold",
+    "model",
+    "weights_sha256",
+    "kind",
+]
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which result rows the table lists: rows of these kinds (ROW_KINDS) whose
+    P(Parasitized) lies in [low, high] (rows without one, errors and duplicates, pass)."""
+
+    kinds: list[str]
+    low: float
+    high: float
+
+
+# --- runs: open, delete (callbacks, run before the page) -----------------------------------
 
 
 def open_run(run_id: str, cell: str | None = None) -> None:
     """Put a stored run on show (its images too when it scored files of this machine)."""
-    info = ui.store().run(run_id)
+    info = resources.store().run(run_id)
     st.session_state.update(
-        results=ui.store().results(run_id),
+        results=resources.store().results(run_id),
         run_id=run_id,
         sources={},
         run_on_disk=info.kind == "files",
@@ -31,9 +81,143 @@ def open_run(run_id: str, cell: str | None = None) -> None:
     )
 
 
-def _delete_run(run_id: str) -> None:
-    ui.store().delete_run(run_id)
-    ui.forget_run(run_id)
+def delete_run(run_id: str) -> None:
+    resources.store().delete_run(run_id)
+    state.forget_run(run_id)
+
+
+def reopen_linked_run() -> None:
+    """The run (and cell) that the page's address names, after a reload or from a link."""
+    if st.session_state["results"] is None and "run" in st.query_params:
+        try:
+            open_run(st.query_params["run"], st.query_params.get("cell"))
+        except StoreError as exc:
+            st.warning(f"The run in this page's link cannot be opened: {text.plain(exc)}")
+
+
+# --- inputs ------------------------------------------------------------------------------
+
+
+def uploads_ui() -> tuple[list[tuple[str, bytes]], bool]:
+    """The files to score, as (name, bytes), and whether to score them now (Score pressed, or
+    samples handed over from the Home page)."""
+    st.caption(
+        "Upload cell images, a whole folder, or zips of them. Above about 1,000 files put "
+        "them in a zip first: the browser uploader fails with more files than that."
+    )
+    left, right = st.columns(2)
+    files = left.file_uploader(
+        "Images or zips", type=images.UPLOAD_TYPES, accept_multiple_files=True
+    )
+    folder_files = right.file_uploader("A whole folder", accept_multiple_files="directory")
+    items = images.uploaded_items(files) + images.uploaded_items(folder_files)
+    pending = st.session_state.pop("pending_items", None)
+    if pending and not items:
+        items = pending
+        st.info(f"{len(items)} sample cells from the Home page.")
+    pressed = st.button("Score", type="primary", disabled=not items)
+    return items, pressed or bool(pending and items == pending)
+
+
+def describe_ui(info: RunInfo) -> None:
+    """A form that names the run on show (name, sample, operator) in the store."""
+    with (
+        st.expander("Name this run: sample, operator"),
+        st.form(f"describe_{info.run_id}", border=False),
+    ):
+        fields = {
+            f: st.text_input(
+                f.capitalize(),
+                getattr(info, f) or "",
+                placeholder=(inputs_summary(info.inputs) if f == "name" else "free text"),
+            )
+            for f in RUN_FIELDS
+        }
+        if st.form_submit_button("Save"):
+            resources.store().describe_run(info.run_id, **fields)
+            st.rerun()
+
+
+def threshold_ui(info: RunInfo) -> tuple[float, float]:
+    """(decision threshold, review band half-width); the threshold is kept with the run."""
+    t1, t2 = st.columns([3, 1])
+    band = state.kept(
+        t2.number_input,
+        "Review band ±",
+        0.0,
+        0.5,
+        step=0.01,
+        key="score_review_band",
+        default=REVIEW_BAND,
+        help="Counted cells whose P(Parasitized) lies within this distance of the "
+        "threshold are marked uncertain and listed for a human. They still "
+        "count by their call.",
+    )
+    threshold = t1.slider(
+        "Decision threshold on P(Parasitized)",
+        0.0,
+        1.0,
+        float(info.threshold),
+        0.01,
+        key=f"threshold_{info.run_id}",
+        help="Kept with the run: it starts where this run was last left. "
+        "Cells at or above it are called Parasitized; moving it "
+        "re-labels every cell at once. The shaded strip below is the "
+        "review band.",
+    )
+    if threshold != info.threshold:  # reopened, reloaded or exported, the run keeps it
+        resources.store().set_threshold(info.run_id, threshold)
+    return threshold, band
+
+
+def filters_ui() -> Filters:
+    f1, f2 = st.columns(2)
+    kinds = list(ROW_KINDS)
+    picked = state.kept(
+        f1.multiselect, "Prediction", kinds, key="score_kinds", default=kinds, allowed=kinds
+    )
+    low, high = state.kept(
+        f2.slider,
+        "Confidence band: P(Parasitized)",
+        0.0,
+        1.0,
+        step=0.01,
+        key="score_band",
+        default=(0.0, 1.0),
+        help="Applies to scored cells; error rows have no probability.",
+    )
+    return Filters(picked, low, high)
+
+
+def group_by_ui() -> str:
+    return state.kept(
+        st.radio,
+        "Group by",
+        ["case", "folder"],
+        horizontal=True,
+        key="score_group_by",
+        default="case",
+        allowed=["case", "folder"],
+        help="Case: the patient id parsed from the file name (C100...); files "
+        "without one form the group '(no case id)'. Folder: the folder "
+        "each image came from.",
+    )
+
+
+# --- drawing -----------------------------------------------------------------------------
+
+
+def run_header(info: RunInfo, files: int) -> None:
+    st.subheader(f"Results · run `{info.run_id}`")
+    st.caption(
+        f"**{text.plain(info.title)}**"
+        + "".join(
+            f" · {f} {text.plain(getattr(info, f))}" for f in RUN_FIELDS[1:] if getattr(info, f)
+        )
+        + f" · scored {text.minutes(info.started)} UTC with "
+        f"{text.plain(text.model_label(info.weights))} (sha256 `{info.weights_sha256[:10]}`), "
+        f"{files:,} files."
+    )
 
 
 def band_strip(prob: pd.Series, threshold: float, band: float) -> go.Figure:
@@ -56,7 +240,7 @@ def band_strip(prob: pd.Series, threshold: float, band: float) -> go.Figure:
         annotation_text="review band",
         annotation_position="top left",
     )
-    fig.add_vline(x=threshold, line_color=ui.BRAND, annotation_text="threshold")
+    fig.add_vline(x=threshold, line_color=text.BRAND, annotation_text="threshold")
     fig.update_layout(
         height=130,
         margin=dict(t=20, b=10, l=10, r=10),
@@ -68,286 +252,88 @@ def band_strip(prob: pd.Series, threshold: float, band: float) -> go.Figure:
     return fig
 
 
-def report_ui(
-    shown: pd.DataFrame,
-    info,
-    summary: pd.DataFrame,
-    *,
-    threshold: float,
-    band: float,
-    cutoff: float,
-    group_by: str,
-    sources: dict,
-    on_disk: bool,
-) -> None:
-    """Pick patients and download their printable report (core.evaluation.report)."""
-    st.subheader("Report")
-    groups = list(summary["group"])
-    r1, r2 = st.columns([3, 1])
-    picked = r1.multiselect(
-        "Patients (or folders) in the report",
-        groups,
-        default=groups[:1] if len(groups) > 20 else groups,
-        help="One section per patient: counts, parasitemia with its "
-        "interval, the flag, the cells for review and a gallery of "
-        "the most suspicious cells with heatmaps.",
-    )
-    if r2.button("Make report", disabled=not picked):
-        same_model = info.weights_sha256 == sha
-        report = ReportInfo(
-            run_id=info.run_id,
-            model=ui.model_label(info.weights),
-            sha256=info.weights_sha256,
-            threshold=threshold,
-            cutoff=cutoff,
-            band=band,
-            group_by=group_by,
-            gate=ui.engine(str(folder), sha).gate.describe() if same_model else "",
-        )
-        with st.spinner("Drawing the heatmaps…"):
-            text = render_report(
-                shown,
-                report,
-                groups=picked,
-                read=lambda p: ui.image_of(p, sources, on_disk=on_disk),
-                heatmaps=ui.heatmaps(str(folder), sha) if same_model else None,
-            )
-        st.session_state["report"] = (info.run_id, text)
-    made = st.session_state.get("report")
-    if made and made[0] == info.run_id:
-        st.download_button(
-            "Download report (HTML)",
-            made[1],
-            f"report_{info.run_id}.html",
-            "text/html",
-            type="primary",
-            help="Self-contained: open it in a browser to print or save as PDF",
-        )
-
-
-st.title("Score cells")
-model = ui.current_model()
-folder, sha = model.path, model.sha256
-if st.session_state["results"] is None and "run" in st.query_params:  # a reload, or a link
-    try:
-        open_run(st.query_params["run"], st.query_params.get("cell"))
-    except StoreError as exc:
-        st.warning(f"The run in this page's link cannot be opened: {ui.plain(exc)}")
-st.caption(
-    "Upload cell images, a whole folder, or zips of them. Above about 1,000 files put "
-    "them in a zip first: the browser uploader fails with more files than that."
-)
-
-left, right = st.columns(2)
-files = left.file_uploader("Images or zips", type=ui.UPLOAD_TYPES, accept_multiple_files=True)
-folder_files = right.file_uploader("A whole folder", accept_multiple_files="directory")
-items = ui.uploaded_items(files) + ui.uploaded_items(folder_files)
-pending = st.session_state.pop("pending_items", None)
-if pending and not items:
-    items = pending
-    st.info(f"{len(items)} sample cells from the Home page.")
-
-if st.button("Score", type="primary", disabled=not items) or (pending and items == pending):
-    try:
-        df, run_id = ui.score(items)
-    except (ValueError, StoreError) as exc:  # no image in the upload; a store gone bad
-        st.error(ui.plain(exc))
-        st.stop()
-    st.session_state.update(
-        results=df, run_id=run_id, sources=ui.sources_for(items), run_on_disk=False, score_cell=None
-    )
-
-results: pd.DataFrame | None = st.session_state["results"]
-if results is None:
-    st.info("Nothing scored yet: upload files and press **Score**, or reopen a past run below.")
-else:
-    run_id = st.session_state["run_id"]
-    try:
-        info = ui.store().run(run_id)
-    except StoreError as exc:  # the store was moved or replaced under a running app
-        st.session_state.update(results=None, run_id=None)
-        st.error(f"The results on show are gone from the result store ({exc}); score again.")
-        st.stop()
-    st.query_params.update(run=run_id)
-    st.subheader(f"Results · run `{run_id}`")
-    st.caption(
-        f"**{ui.plain(info.title)}**"
-        + "".join(
-            f" · {f} {ui.plain(getattr(info, f))}" for f in RUN_FIELDS[1:] if getattr(info, f)
-        )
-        + f" · scored {info.started[:16].replace('T', ' ')} UTC with "
-        f"{ui.plain(ui.model_label(info.weights))} (sha256 `{info.weights_sha256[:10]}`), "
-        f"{len(results):,} files."
-    )
-    with (
-        st.expander("Name this run: sample, operator"),
-        st.form(f"describe_{run_id}", border=False),
-    ):
-        fields = {
-            f: st.text_input(
-                f.capitalize(),
-                getattr(info, f) or "",
-                placeholder=(inputs_summary(info.inputs) if f == "name" else "free text"),
-            )
-            for f in RUN_FIELDS
-        }
-        if st.form_submit_button("Save"):
-            ui.store().describe_run(run_id, **fields)
-            st.rerun()
-    if info.weights_sha256 != sha:
-        st.warning(
-            "These results come from another model than the one selected in the "
-            "sidebar; the threshold and screening cutoff below are the selected model's. "
-            "Upload the files again and press **Score** to rescore them with it."
-        )
-    t1, t2 = st.columns([3, 1])
-    band = ui.kept(
-        t2.number_input,
-        "Review band ±",
-        0.0,
-        0.5,
-        step=0.01,
-        key="score_review_band",
-        default=REVIEW_BAND,
-        help="Counted cells whose P(Parasitized) lies within this distance of the "
-        "threshold are marked uncertain and listed for a human. They still "
-        "count by their call.",
-    )
-    threshold = t1.slider(
-        "Decision threshold on P(Parasitized)",
-        0.0,
-        1.0,
-        float(info.threshold),
-        0.01,
-        key=f"threshold_{run_id}",
-        help="Kept with the run: it starts where this run was last left. "
-        "Cells at or above it are called Parasitized; moving it "
-        "re-labels every cell at once. The shaded strip below is the "
-        "review band.",
-    )
-    if threshold != info.threshold:  # reopened, reloaded or exported, the run keeps it
-        ui.store().set_threshold(run_id, threshold)
-    called = results.assign(
-        prediction=[
-            None if pd.isna(p) else predicted_class(p, threshold)
-            for p in results["prob_parasitized"]
-        ]
-    )
-    shown = called.assign(review=review(called, threshold=threshold, band=band))
-    st.plotly_chart(band_strip(shown["prob_parasitized"], threshold, band), width="stretch")
-    ok = counted(shown)
-    is_dup = shown["duplicate_of"].notna()
-    n_err = int(shown["error"].notna().sum())
-    n_dup = int(is_dup.sum())
-    n_out = int((shown["error"].isna() & ~ok & ~is_dup).sum())
-    n_unsure = int((shown["review"] == UNCERTAIN).sum())
-    n_par = int((ok & (shown["prediction"] == CLASSES[0])).sum())
+def counts_ui(counts: RunCounts, model: ModelFolder) -> None:
+    """The run's counts as metrics, and what its errors, duplicates and uncounted cells mean."""
     a, b, c, d, e = st.columns(5)
     a.metric(
         "Cells",
-        f"{len(shown) - n_dup:,}",
+        f"{counts.cells:,}",
         help="Files scored or given an error row; duplicates are counted once",
     )
-    b.metric("Called parasitized", f"{n_par:,}", help="Counted cells only")
+    b.metric("Called parasitized", f"{counts.parasitized:,}", help="Counted cells only")
     c.metric(
         "For review",
-        f"{n_out + n_unsure:,}",
-        help=f"{n_out:,} not counted by the quality gate (not a cell, blank, out of "
-        f"focus...) and {n_unsure:,} uncertain (inside the review band)",
+        f"{counts.for_review:,}",
+        help=f"{counts.not_counted:,} not counted by the quality gate (not a cell, blank, out "
+        f"of focus...) and {counts.uncertain:,} uncertain (inside the review band)",
     )
-    d.metric("Errors", f"{n_err:,}")
+    d.metric("Errors", f"{counts.errors:,}")
     e.metric(
         "Duplicates",
-        f"{n_dup:,}",
+        f"{counts.duplicates:,}",
         help="Files with the same bytes as another file of "
         "this run: scored and counted once, as that file",
     )
-    if n_err:
+    if counts.errors:
         st.warning(
-            f"{n_err} file(s) could not be scored; each is a row with its reason in the "
-            "error column (pick only **Error** under Prediction to list them). Every "
+            f"{counts.errors} file(s) could not be scored; each is a row with its reason in the "
+            f"error column (pick only **{ERROR_KIND}** under Prediction to list them). Every "
             "other file was scored."
         )
-    if n_dup:
+    if counts.duplicates:
         st.info(
-            f"{n_dup} file(s) have the same bytes as another file of this run: each was "
-            "scored and counted once, as the file named under *duplicate of* (pick only "
-            "**Duplicate** under Prediction to list them)."
+            f"{counts.duplicates} file(s) have the same bytes as another file of this run: each "
+            "was scored and counted once, as the file named under *duplicate of* (pick only "
+            f"**{DUPLICATE_KIND}** under Prediction to list them)."
         )
-
-    if n_out:
+    if counts.not_counted:
+        gate = resources.engine(str(model.path), model.sha256).gate.describe()
         st.warning(
-            f"{n_out:,} image(s) do not look like a single cell crop the model knows "
-            "(review column: the reason) and are **not counted** in parasitemia or "
-            f"flags; pick **{NOT_COUNTED}** under Prediction to list them. Quality gate: "
-            f"{ui.plain(ui.engine(str(folder), sha).gate.describe())}."
+            f"{counts.not_counted:,} image(s) do not look like a single cell crop the model "
+            "knows (review column: the reason) and are **not counted** in parasitemia or "
+            f"flags; pick **{NOT_COUNTED_KIND}** under Prediction to list them. Quality gate: "
+            f"{text.plain(gate)}."
         )
 
-    f1, f2 = st.columns(2)
-    kinds = list(CLASSES) + [UNCERTAIN_KIND, NOT_COUNTED, DUPLICATE, ERROR]
-    picked = ui.kept(
-        f1.multiselect, "Prediction", kinds, key="score_kinds", default=kinds, allowed=kinds
-    )
-    lo, hi = ui.kept(
-        f2.slider,
-        "Confidence band: P(Parasitized)",
-        0.0,
-        1.0,
-        step=0.01,
-        key="score_band",
-        default=(0.0, 1.0),
-        help="Applies to scored cells; error rows have no probability.",
-    )
-    row_kind = (
-        shown["prediction"]
-        .where(shown["review"] != UNCERTAIN, UNCERTAIN_KIND)
-        .where(ok | shown["error"].notna() | is_dup, NOT_COUNTED)
-        .where(~is_dup, DUPLICATE)
-        .fillna(ERROR)
-    )
+
+def matching(shown: pd.DataFrame, filters: Filters) -> pd.DataFrame:
+    """The rows of ``shown`` that ``filters`` let through, their case named as the
+    parasitemia summary names it."""
+    kinds = row_kinds(shown)
     view = shown[
-        row_kind.isin(picked)
-        & (shown["prob_parasitized"].between(lo, hi) | row_kind.isin([ERROR, DUPLICATE]))
+        kinds.isin(filters.kinds)
+        & (
+            shown["prob_parasitized"].between(filters.low, filters.high)
+            | kinds.isin([ERROR_KIND, DUPLICATE_KIND])
+        )
     ]
-    view = view.assign(
-        case_id=[
-            group_of(p, "case", c)  # as the parasitemia summary names it
-            for p, c in zip(view["path"], view["case_id"])
+    return view.assign(case_id=group_names(view, group_by="case"))
+
+
+def with_thumbnails(view: pd.DataFrame, run_id: str, sources: dict, on_disk: bool) -> pd.DataFrame:
+    """``view`` with a ``thumb`` column for its first THUMBNAILS scored rows. Made once per
+    run and session: a moved slider or filter reruns the page, and decoding and encoding 300
+    cells again took most of such a rerun."""
+    memo = st.session_state["score_thumbs"]
+    if memo is None or memo[0] != run_id or len(memo[1]) > 10 * THUMBNAILS:
+        memo = st.session_state["score_thumbs"] = (run_id, {})
+    thumbs = memo[1]
+
+    def thumb(path: str) -> str | None:
+        if path not in thumbs:
+            thumbs[path] = images.thumbnail(path, sources, on_disk=on_disk)
+        return thumbs[path]
+
+    return view.assign(
+        thumb=[
+            thumb(p) if i < THUMBNAILS and pd.isna(e) else None
+            for i, (p, e) in enumerate(zip(view["path"], view["error"]))
         ]
     )
-    sources = st.session_state["sources"]
-    on_disk = st.session_state["run_on_disk"]
-    columns = [
-        "path",
-        "prediction",
-        "prob_parasitized",
-        "review",
-        "error",
-        "duplicate_of",
-        "case_id",
-        "label",
-    ]
-    limit = 300
-    if sources or on_disk:
-        # made once per run and session: a moved slider or filter reruns the page, and
-        # decoding and encoding 300 cells again took most of such a rerun
-        memo = st.session_state["score_thumbs"]
-        if memo is None or memo[0] != run_id or len(memo[1]) > 10 * limit:
-            memo = st.session_state["score_thumbs"] = (run_id, {})
-        thumbs = memo[1]
 
-        def thumb(path: str) -> str | None:
-            if path not in thumbs:
-                thumbs[path] = ui.thumbnail(path, sources, on_disk=on_disk)
-            return thumbs[path]
 
-        view = view.assign(
-            thumb=[
-                thumb(p) if i < limit and pd.isna(e) else None
-                for i, (p, e) in enumerate(zip(view["path"], view["error"]))
-            ]
-        )
-        columns = ["thumb"] + columns
+def results_table(view: pd.DataFrame, columns: list[str]) -> str | None:
+    """The filtered rows as a table; the path of the row picked in it, if any."""
     table = st.dataframe(
         view[columns],
         hide_index=True,
@@ -373,77 +359,62 @@ else:
         },
     )
     rows = table.selection.rows
-    if rows:  # a row picked in the table: shown large below (the pick outlives a page switch)
-        st.session_state["score_cell"] = view["path"].iloc[rows[0]]
-    st.caption(
-        f"{len(view):,} rows match the filters; pick a row (the box at its left) to see "
-        "the cell large"
-        + (
-            f"; thumbnails for the first {limit}"
-            if "thumb" in columns and len(view) > limit
-            else ""
-        )
+    return view["path"].iloc[rows[0]] if rows else None
+
+
+def table_caption(rows: int, thumbnails: bool) -> str:
+    return (
+        f"{rows:,} rows match the filters; pick a row (the box at its left) to see the cell large"
+        + (f"; thumbnails for the first {THUMBNAILS}" if thumbnails and rows > THUMBNAILS else "")
         + (
             ""
-            if "thumb" in columns
+            if thumbnails
             else "; no thumbnails: a reopened upload keeps its results, not its images"
         )
     )
-    cell = st.session_state["score_cell"]
-    if cell in set(shown["path"]):
-        st.query_params.update(cell=cell)
-        row = shown.set_index("path").loc[cell]
-        facts = [f"**{row['prediction'] or 'not scored'}**"]
-        if pd.notna(row["prob_parasitized"]):
-            facts.append(
-                f"P(Parasitized) {row['prob_parasitized']:.3f} at threshold {threshold:.2f}"
-            )
-        facts += [f"case {ui.plain(group_of(cell, 'case', row['case_id']))}"]
-        facts += [
-            f"{k} {ui.plain(row[c])}"
-            for k, c in (
-                ("label", "label"),
-                ("review:", "review"),
-                ("error:", "error"),
-                ("duplicate of", "duplicate_of"),
-            )
-            if pd.notna(row[c]) and row[c] != ""
-        ]
-        ui.cell_view(
-            cell,
-            ui.cell_source(cell, sources, on_disk=on_disk),
-            details="  \n".join(facts),
-            state_key="score_cell",
-            link={"run": run_id, "cell": cell},
-        )
-    else:
-        st.query_params.pop("cell", None)
 
-    st.subheader("Parasitemia")
-    group_by = ui.kept(
-        st.radio,
-        "Group by",
-        ["case", "folder"],
-        horizontal=True,
-        key="score_group_by",
-        default="case",
-        allowed=["case", "folder"],
-        help="Case: the patient id parsed from the file name (C100...); files "
-        "without one form the group '(no case id)'. Folder: the folder "
-        "each image came from.",
+
+def cell_facts(cell: str, row: pd.Series, threshold: float) -> str:
+    """What the results say of one cell, as Markdown lines (names escaped)."""
+    facts = [f"**{row['prediction'] or 'not scored'}**"]
+    if pd.notna(row["prob_parasitized"]):
+        facts.append(f"P(Parasitized) {row['prob_parasitized']:.3f} at threshold {threshold:.2f}")
+    facts += [f"case {text.plain(group_of(cell, 'case', row['case_id']))}"]
+    facts += [
+        f"{k} {text.plain(row[c])}"
+        for k, c in (
+            ("label", "label"),
+            ("review:", "review"),
+            ("error:", "error"),
+            ("duplicate of", "duplicate_of"),
+        )
+        if pd.notna(row[c]) and row[c] != ""
+    ]
+    return "  \n".join(facts)
+
+
+def picked_cell_ui(shown: pd.DataFrame, run_id: str, threshold: float, sources, on_disk) -> None:
+    """The cell picked in the table, large, named in the page's address."""
+    cell = st.session_state["score_cell"]
+    if cell not in set(shown["path"]):
+        st.query_params.pop("cell", None)
+        return
+    st.query_params.update(cell=cell)
+    widgets.cell_view(
+        cell,
+        images.cell_source(cell, sources, on_disk=on_disk),
+        details=cell_facts(cell, shown.set_index("path").loc[cell], threshold),
+        state_key="score_cell",
+        link={"run": run_id, "cell": cell},
     )
-    cutoff = model.screening_cutoff
-    summary = parasitemia_summary(shown, group_by=group_by, cutoff=cutoff)
-    st.caption(
-        f"A group is flagged **likely infected** when the lower end of its 95% interval "
-        f"is above {cutoff:.1%}, the rate at which this model calls truly uninfected "
-        "cells parasitized (upper bound, validation patients). Only counted cells "
-        "(*scored*) enter it: *not_counted* failed the quality gate; *uncertain* are "
-        "counted cells inside the review band."
-    )
+
+
+def parasitemia_chart(summary: pd.DataFrame, cutoff: float) -> go.Figure:
+    """Parasitemia per group with its 95% interval, flagged groups in the brand colour, and
+    the screening cutoff."""
     fig = go.Figure(
         go.Bar(
-            x=ui.chart_text(summary["group"]),
+            x=text.chart_text(summary["group"]),
             y=summary["parasitemia"],
             showlegend=False,
             error_y=dict(
@@ -469,7 +440,10 @@ else:
         margin=dict(t=20, b=20),
         legend=dict(orientation="h", y=1.08, x=0),
     )
-    st.plotly_chart(fig, width="stretch")
+    return fig
+
+
+def summary_table(summary: pd.DataFrame) -> None:
     percent = ["parasitemia", "ci_low", "ci_high"]  # shown as 12.3%, as everywhere on the page
     st.dataframe(
         summary.assign(
@@ -491,76 +465,189 @@ else:
             ),
         },
     )
-    provenance = dict(
-        run_id=run_id,
-        threshold=threshold,
-        review_band=band,
-        scored_with=ui.model_label(info.weights),
-        scored_with_sha256=info.weights_sha256,
+
+
+def parasitemia_ui(shown: pd.DataFrame, cutoff: float) -> tuple[str, pd.DataFrame]:
+    """The parasitemia per group, chart and table; (group by, summary)."""
+    st.subheader("Parasitemia")
+    group_by = group_by_ui()
+    summary = parasitemia_summary(shown, group_by=group_by, cutoff=cutoff)
+    st.caption(
+        f"A group is flagged **likely infected** when the lower end of its 95% interval "
+        f"is above {cutoff:.1%}, the rate at which this model calls truly uninfected "
+        "cells parasitized (upper bound, validation patients). Only counted cells "
+        "(*scored*) enter it: *not_counted* failed the quality gate; *uncertain* are "
+        "counted cells inside the review band."
     )
-    d1, d2 = st.columns(2)
-    d1.download_button(
-        f"Download all {len(shown):,} cells (CSV)",
-        to_csv_text(shown.assign(**provenance)),
-        f"cells_{run_id}.csv",
-        "text/csv",
-        help="Every row of the run, whatever the filters; the prediction column "
-        "follows the threshold above. Each row records the run, that "
-        "threshold and the model that computed the probability.",
+    st.plotly_chart(parasitemia_chart(summary, cutoff), width="stretch")
+    summary_table(summary)
+    return group_by, summary
+
+
+def downloads_ui(
+    shown: pd.DataFrame,
+    summary: pd.DataFrame,
+    info: RunInfo,
+    *,
+    model: ModelFolder,
+    threshold: float,
+    band: float,
+    group_by: str,
+) -> None:
+    """Every row of the run and the summary as CSVs, each row saying how it was made."""
+    provenance = widgets.provenance(
+        info.run_id, threshold, info.weights, info.weights_sha256, review_band=band
     )
-    d2.download_button(
-        "Download summary (CSV)",
-        to_csv_text(
-            summary.assign(
-                screening_cutoff=cutoff, cutoff_from=ui.model_label(folder), **provenance
-            )
+    widgets.csv_downloads(
+        (
+            f"Download all {len(shown):,} cells (CSV)",
+            shown.assign(**provenance),
+            f"cells_{info.run_id}.csv",
+            "Every row of the run, whatever the filters; the prediction column follows the "
+            "threshold above. Each row records the run, that threshold and the model that "
+            "computed the probability.",
         ),
-        f"summary_{run_id}_{group_by}.csv",
-        "text/csv",
+        (
+            "Download summary (CSV)",
+            summary.assign(
+                screening_cutoff=model.screening_cutoff,
+                cutoff_from=text.model_label(model.path),
+                **provenance,
+            ),
+            f"summary_{info.run_id}_{group_by}.csv",
+            None,
+        ),
+    )
+
+
+def report_ui(
+    shown: pd.DataFrame,
+    info: RunInfo,
+    summary: pd.DataFrame,
+    *,
+    model: ModelFolder,
+    threshold: float,
+    band: float,
+    group_by: str,
+    sources: dict,
+    on_disk: bool,
+) -> None:
+    """Pick patients and download their printable report (core.evaluation.report); heatmaps
+    and the gate's description only when the run was scored with the selected ``model``."""
+    st.subheader("Report")
+    groups = list(summary["group"])
+    r1, r2 = st.columns([3, 1])
+    picked = r1.multiselect(
+        "Patients (or folders) in the report",
+        groups,
+        default=groups[:1] if len(groups) > 20 else groups,
+        help="One section per patient: counts, parasitemia with its "
+        "interval, the flag, the cells for review and a gallery of "
+        "the most suspicious cells with heatmaps.",
+    )
+    if r2.button("Make report", disabled=not picked):
+        folder, sha = str(model.path), model.sha256
+        same_model = info.weights_sha256 == sha
+        report = ReportInfo(
+            run_id=info.run_id,
+            model=text.model_label(info.weights),
+            sha256=info.weights_sha256,
+            threshold=threshold,
+            cutoff=model.screening_cutoff,
+            band=band,
+            group_by=group_by,
+            gate=resources.engine(folder, sha).gate.describe() if same_model else "",
+        )
+        with st.spinner("Drawing the heatmaps…"):
+            html = render_report(
+                shown,
+                report,
+                groups=picked,
+                read=lambda p: images.image_of(p, sources, on_disk=on_disk),
+                heatmaps=resources.heatmaps(folder, sha) if same_model else None,
+            )
+        st.session_state["report"] = (info.run_id, html)
+    made = st.session_state.get("report")
+    if made and made[0] == info.run_id:
+        st.download_button(
+            "Download report (HTML)",
+            made[1],
+            f"report_{info.run_id}.html",
+            "text/html",
+            type="primary",
+            help="Self-contained: open it in a browser to print or save as PDF",
+        )
+
+
+def results_ui(results: pd.DataFrame, model: ModelFolder) -> None:
+    """The run on show: its header, threshold, counts, table, picked cell, parasitemia,
+    downloads and report."""
+    run_id = st.session_state["run_id"]
+    try:
+        info = resources.store().run(run_id)
+    except StoreError as exc:  # the store was moved or replaced under a running app
+        st.session_state.update(results=None, run_id=None)
+        st.error(f"The results on show are gone from the result store ({exc}); score again.")
+        st.stop()
+    st.query_params.update(run=run_id)
+    run_header(info, len(results))
+    describe_ui(info)
+    if info.weights_sha256 != model.sha256:
+        st.warning(
+            "These results come from another model than the one selected in the "
+            "sidebar; the threshold and screening cutoff below are the selected model's. "
+            "Upload the files again and press **Score** to rescore them with it."
+        )
+    threshold, band = threshold_ui(info)
+    shown = at_threshold(results, threshold=threshold, band=band)
+    st.plotly_chart(band_strip(shown["prob_parasitized"], threshold, band), width="stretch")
+    counts_ui(run_counts(shown), model)
+
+    view = matching(shown, filters_ui())
+    sources = st.session_state["sources"]
+    on_disk = st.session_state["run_on_disk"]
+    columns = TABLE_COLUMNS
+    if sources or on_disk:
+        view = with_thumbnails(view, run_id, sources, on_disk)
+        columns = ["thumb", *TABLE_COLUMNS]
+    picked = results_table(view, columns)
+    if picked is not None:  # shown large below (the pick outlives a page switch)
+        st.session_state["score_cell"] = picked
+    st.caption(table_caption(len(view), "thumb" in columns))
+    picked_cell_ui(shown, run_id, threshold, sources, on_disk)
+
+    group_by, summary = parasitemia_ui(shown, model.screening_cutoff)
+    downloads_ui(
+        shown, summary, info, model=model, threshold=threshold, band=band, group_by=group_by
     )
     report_ui(
         shown,
         info,
         summary,
+        model=model,
         threshold=threshold,
         band=band,
-        cutoff=cutoff,
         group_by=group_by,
         sources=sources,
         on_disk=on_disk,
     )
 
-st.subheader("Past runs")
-runs = ui.store().list_runs()
-if runs.empty:
-    st.caption("No runs yet. Every scoring is saved here and survives reloads and restarts.")
-else:
+
+def past_runs_ui() -> None:
+    """Every stored run, to reopen or delete."""
+    st.subheader("Past runs")
+    runs = resources.store().list_runs()
+    if runs.empty:
+        st.caption("No runs yet. Every scoring is saved here and survives reloads and restarts.")
+        return
     runs = runs.assign(
         inputs=[inputs_summary(json.loads(i)) for i in runs["inputs"]],
-        model=[ui.model_label(w) for w in runs["weights"]],
+        model=[text.model_label(w) for w in runs["weights"]],
         weights_sha256=runs["weights_sha256"].str[:10],
-        started=runs["started"].str[:16].str.replace("T", " "),
+        started=[text.minutes(s) for s in runs["started"]],
     )
     st.dataframe(
-        runs[
-            [
-                "run_id",
-                "name",
-                "sample",
-                "operator",
-                "started",
-                "inputs",
-                "stored",
-                "parasitized",
-                "not_counted",
-                "errors",
-                "duplicates",
-                "threshold",
-                "model",
-                "weights_sha256",
-                "kind",
-            ]
-        ],
+        runs[RUNS_COLUMNS],
         hide_index=True,
         width="stretch",
         placeholder="",
@@ -580,4 +667,33 @@ else:
     # sidebar link clicked while it runs, and that click would be lost.
     o.button("Open run", on_click=open_run, args=(pick,))
     confirmed = sure.checkbox("Yes, delete this run and its results", key=f"sure_{pick}")
-    x.button("Delete run", disabled=not confirmed, on_click=_delete_run, args=(pick,))
+    x.button("Delete run", disabled=not confirmed, on_click=delete_run, args=(pick,))
+
+
+def score_page() -> None:
+    st.title("Score cells")
+    model = state.current_model()
+    reopen_linked_run()
+    items, start = uploads_ui()
+    if start:
+        try:
+            df, run_id = resources.score(items, model)
+        except (ValueError, StoreError) as exc:  # no image in the upload; a store gone bad
+            st.error(text.plain(exc))
+            st.stop()
+        st.session_state.update(
+            results=df,
+            run_id=run_id,
+            sources=images.sources_for(items),
+            run_on_disk=False,
+            score_cell=None,
+        )
+    results = st.session_state["results"]
+    if results is None:
+        st.info("Nothing scored yet: upload files and press **Score**, or reopen a past run below.")
+    else:
+        results_ui(results, model)
+    past_runs_ui()
+
+
+score_page()
