@@ -32,8 +32,9 @@ from core.schema.results import (
     UNLIKE_TRAINING,
     review,
 )
+from tests.helpers import SHARED_DATA
 
-SMEAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "smear_dev" / "images"
+SMEAR = SHARED_DATA / "smear_dev" / "images"
 
 
 def _cells(cells_dir) -> list[tuple[str, np.ndarray]]:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from core.evaluation.smear_check import box_iou, field_counts, match
 from core.schema.results import SMEAR_COLUMNS
@@ -21,31 +18,10 @@ from core.smear.fields import (
     score_field,
     segment,
 )
-
-BACKGROUND = (222, 232, 224)  # the light greenish grey of a thin smear's glass
-
-
-def _cell_images(cells_dir: Path, n: int) -> list[np.ndarray]:
-    """``n`` cells of one patient (one stain, as in a real field), repeated as needed. (The
-    palest fixture patients, C176 and C226, are barely redder than this background: their
-    cells are not found reliably, a known limit of the a* threshold.)"""
-    paths = sorted(cells_dir.rglob("C123P84*.png"))
-    return [
-        np.asarray(Image.open(paths[i % len(paths)]).convert("RGB").resize((90, 90)))
-        for i in range(n)
-    ]
-
-
-def _paste(field: np.ndarray, cell: np.ndarray, x: int, y: int) -> tuple[int, int, int, int]:
-    """Lay the cell (its black background left out) on the field; returns its true box."""
-    h, w = cell.shape[:2]
-    H, W = field.shape[:2]
-    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
-    part = cell[y0 - y : y1 - y, x0 - x : x1 - x]
-    mask = part.max(-1) > 40
-    field[y0:y1, x0:x1][mask] = part[mask]
-    ys, xs = np.nonzero(mask)
-    return x0 + xs.min(), y0 + ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+from tests.helpers import BACKGROUND
+from tests.helpers import cell_images as _cell_images
+from tests.helpers import paste as _paste
+from tests.helpers import png as _png
 
 
 def _disk(field: np.ndarray, cx: int, cy: int, r: int, colour: tuple[int, int, int]) -> None:
@@ -75,12 +51,6 @@ def composed(cells_dir):
     _disk(field, 600, 340, 7, (120, 60, 140))  # platelet
     _disk(field, 620, 460, 60, (90, 30, 110))  # white cell: far larger than a red cell, dark
     return field, np.array(boxes), edge_box
-
-
-def _png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def test_segment_finds_every_red_cell_splits_touching_ones_and_marks_the_edge(composed):

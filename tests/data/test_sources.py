@@ -14,7 +14,6 @@ import sqlite3
 import struct
 import tracemalloc
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -35,6 +34,7 @@ from core.inference.engines import load_engine
 from core.inference.store import ResultStore
 from core.nets.model import build_model, default_contract, load_model, save_model
 from core.schema.contract import ModelContract, WeightsError, read_card
+from tests.helpers import REPO
 
 # Names added by issue 15 are imported inside the tests that use them, so that this file also
 # runs against the code before the fix (each test then fails on its own assertion).
@@ -683,7 +683,7 @@ def test_case_ids_come_from_the_member_name_only(cells_dir, tiny_model, tmp_path
 
 
 def test_the_dashboard_accepts_only_localhost_names(monkeypatch):
-    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # where `make run` starts it
+    monkeypatch.chdir(REPO)  # where `make run` starts it
     try:
         config.get_config_options(force_reparse=True)
         assert not is_host_allowed("evil.example")
