@@ -8,9 +8,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
+from core import cli
+from core.data.images import decode_image
+from core.data.sources import iter_sources, unique_paths
+
+ROOT = Path(__file__).resolve().parent.parent
 # the data sets beside the repository (../shared/data), where this machine has them
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = ROOT.parent / "shared" / "data"
 
 # --- smear fields composed from the fixture cells ----------------------------------------------
 
@@ -44,3 +48,43 @@ def png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, "PNG")
     return buf.getvalue()
+
+
+# --- the score command ----------------------------------------------------------------------------
+
+
+def score_cli(*argv) -> int:
+    """`malaria score ARGV...` in this process, every argument as a string: the exit code."""
+    return cli.main(["score", *(str(a) for a in argv)])
+
+
+# --- images ---------------------------------------------------------------------------------------
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def decoded_cells(cells_dir) -> list[tuple[str, np.ndarray]]:
+    return [
+        (Path(s.path).stem, decode_image(s.read(), size=128)) for s in iter_sources([cells_dir])
+    ]
+
+
+# --- the quality gate's feature model -------------------------------------------------------------
+
+
+def gaussian_features(n: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    labels = rng.integers(0, 2, n)
+    f = rng.normal(0, 1, (n, 40)) * np.linspace(3, 0.1, 40) + labels[:, None] * 2.0
+    return f.astype(np.float32), labels
+
+
+# --- the Ray path ---------------------------------------------------------------------------------
+
+
+def listed_sources(root: Path):
+    # as malaria score lists them: absolute inputs, repeated paths renamed
+    return unique_paths(iter_sources([str(root.resolve()), str((root / "slides.zip").resolve())]))

@@ -1,30 +1,27 @@
+"""`malaria score` (core.cli.score): the files it writes, error rows, interruption and resume,
+and exit 2 for bad arguments, output paths and result stores."""
+
 from __future__ import annotations
 
 import io
 import os
-import re
 import shutil
-import subprocess
+import sqlite3
 import sys
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
+import core.cli.score
 import core.inference.engines
 import core.inference.pipeline
-from core import cli
-from core.data.images import decode_image
+import core.inference.store
 from core.data.sources import iter_sources
 from core.inference.store import ResultStore
-from core.schema.results import RESULT_COLUMNS
-
-
-def _cli(*argv) -> int:
-    return cli.main(["score", *(str(a) for a in argv)])
+from core.schema.results import BLANK, OK, RESULT_COLUMNS, UNCERTAIN
+from tests.helpers import score_cli as _cli
 
 
 def test_cli_writes_one_row_per_image_with_the_columns(cells_dir, tiny_model, tmp_path):
@@ -53,14 +50,6 @@ def test_cli_writes_one_row_per_image_with_the_columns(cells_dir, tiny_model, tm
     s = pd.read_csv(summary)
     assert set(s["group"]) == set(df["case_id"]) and s["scored"].sum() == len(df)
     assert {"parasitemia", "ci_low", "ci_high", "mean_prob", "likely_infected"} <= set(s.columns)
-
-
-def test_onnx_and_torch_agree_within_1e4(cells_dir, tiny_model):
-    images = np.stack([decode_image(s.read(), size=128) for s in iter_sources([cells_dir])])
-    onnx = core.inference.engines.load_engine(tiny_model, "onnx")(images)
-    torch_ = core.inference.engines.load_engine(tiny_model, "torch")(images)
-    assert onnx.shape == torch_.shape == (len(images),)
-    assert np.abs(onnx - torch_).max() < 1e-4
 
 
 def _bad_folder(cells_dir, root):
@@ -193,22 +182,166 @@ def test_missing_input_bad_weights_and_unknown_run_exit_2(tmp_path, tiny_model, 
         _cli(cells_dir, "--batch-size", "0")
 
 
-def test_zip_root_members_and_corrupt_members(cells_dir, tiny_model, tmp_path):
-    files = sorted(cells_dir.rglob("*.png"))[:3]
-    path = tmp_path / "flat.zip"
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-        for f in files:
-            z.write(f, f.name)  # at the zip's root, no folders
+# --- output paths (hostile input, issue 15) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["missing/r.csv", "a_folder"])
+def test_an_unwritable_output_fails_before_scoring(
+    cells_dir, tiny_model, tmp_path, monkeypatch, where
+):
+    (tmp_path / "a_folder").mkdir()
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scoring started before the output path was checked")
+
+    monkeypatch.setattr(core.cli.score, "score_sources", no_scoring)
+    rc = _cli(
+        cells_dir,
+        "--weights",
+        tiny_model,
+        "--out",
+        tmp_path / where,
+        "--store",
+        tmp_path / "st.sqlite",
+        "--no-progress",
+    )
+    assert rc == 2
+
+
+def test_a_read_only_output_folder_fails_before_scoring(cells_dir, tiny_model, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders; the missing-folder case covers the check")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        rc = _cli(
+            cells_dir,
+            "--weights",
+            tiny_model,
+            "--out",
+            ro / "r.csv",
+            "--store",
+            tmp_path / "st.sqlite",
+            "--no-progress",
+        )
+    finally:
+        ro.chmod(0o755)
+    assert rc == 2
+
+
+# --- 8. store faults (hostile input, issue 15) ----------------------------------------------------
+
+
+def _store_with_rows(path, n=3000):
+    with ResultStore(path) as store:
+        run = store.new_run(
+            inputs=["x"], weights="w", weights_sha256="0" * 64, threshold=0.5, engine="onnx"
+        )
+        store.add_results(
+            run,
+            [
+                {
+                    "path": f"cell_{i:05d}_{'x' * 60}.png",
+                    "case_id": "?x",
+                    "label": None,
+                    "prob_parasitized": 0.5,
+                    "prediction": "Parasitized",
+                    "error": None,
+                }
+                for i in range(n)
+            ],
+        )
+    return path
+
+
+def test_a_store_corrupted_mid_file_is_refused_with_one_line(
+    cells_dir, tiny_model, tmp_path, capsys
+):
+    path = _store_with_rows(tmp_path / "st.sqlite")
     data = bytearray(path.read_bytes())
-    # flip a byte inside the last member's compressed data: its CRC check must fail
-    with zipfile.ZipFile(path) as z:
-        info = z.infolist()[-1]
-        start = info.header_offset + 30 + len(info.filename) + len(info.extra)
-    data[start + info.compress_size // 2] ^= 0xFF
+    page = 4096
+    assert len(data) > 20 * page
+    data[10 * page : 12 * page] = b"\xa5" * (2 * page)  # two pages of the results table
     path.write_bytes(bytes(data))
+    rc = _cli(cells_dir, "--weights", tiny_model, "--store", path, "--no-progress")
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "corrupt" in err and "Traceback" not in err
+    with sqlite3.connect(path) as db:  # and it took no new run
+        assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
+
+
+def test_a_file_that_is_not_a_store_is_one_line_and_exit_2(cells_dir, tiny_model, tmp_path, capsys):
+    path = tmp_path / "st.sqlite"
+    path.write_bytes(b"this is not SQLite at all" * 200)
+    assert _cli(cells_dir, "--weights", tiny_model, "--store", path, "--no-progress") == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_a_locked_store_is_one_line_and_exit_2(
+    cells_dir, tiny_model, tmp_path, monkeypatch, capsys
+):
+    path = _store_with_rows(tmp_path / "st.sqlite", n=10)
+    monkeypatch.setattr(core.inference.store, "LOCK_TIMEOUT", 0.2, raising=False)  # old code: 30 s
+    holder = sqlite3.connect(path)
+    holder.execute("BEGIN EXCLUSIVE")  # another process writing, for longer than we wait
+    try:
+        rc = _cli(cells_dir, "--weights", tiny_model, "--store", path, "--no-progress")
+    finally:
+        holder.rollback()
+        holder.close()
+    assert rc == 2
+    assert "locked" in capsys.readouterr().err
+
+
+def test_a_full_disk_under_the_store_is_one_line_and_exit_2(
+    cells_dir, tiny_model, tmp_path, monkeypatch, capsys
+):
+
+    class FullStore(ResultStore):  # SQLite's own "database or disk is full", at its first write
+        def new_run(self, **kwargs):
+            n = self._db.execute("PRAGMA page_count").fetchone()[0]
+            self._db.execute(f"PRAGMA max_page_count = {n}")
+            return super().new_run(**kwargs)
+
+        def add_results(self, run_id, rows):
+            super().add_results(run_id, [dict(r, error="x" * 100_000) for r in rows])
+
+    monkeypatch.setattr(core.cli.score, "ResultStore", FullStore)
+    rc = _cli(
+        cells_dir, "--weights", tiny_model, "--store", tmp_path / "st.sqlite", "--no-progress"
+    )
+    assert rc == 2
+    assert "disk is full" in capsys.readouterr().err
+
+
+def test_a_read_only_store_is_one_line_and_exit_2(cells_dir, tiny_model, tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip(
+            "root writes into read-only files; the locked, corrupt and full cases "
+            "cover the same path"
+        )
+    path = _store_with_rows(tmp_path / "st.sqlite", n=10)
+    path.chmod(0o444)
+    tmp_path.chmod(0o555)
+    try:
+        rc = _cli(cells_dir, "--weights", tiny_model, "--store", path, "--no-progress")
+    finally:
+        tmp_path.chmod(0o755)
+    assert rc == 2
+    assert "read-only" in capsys.readouterr().err
+
+
+# --- 2. empty folders (hostile input, issue 15) ---------------------------------------------------
+
+
+def test_an_empty_folder_is_an_error_and_exit_2(tiny_model, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README.txt").write_text("no cells here")
     out = tmp_path / "r.csv"
     rc = _cli(
-        path,
+        tmp_path / "empty",
         "--weights",
         tiny_model,
         "--out",
@@ -217,79 +350,104 @@ def test_zip_root_members_and_corrupt_members(cells_dir, tiny_model, tmp_path):
         tmp_path / "s.sqlite",
         "--no-progress",
     )
+    assert rc == 2
     df = pd.read_csv(out)
-    assert rc == 1 and len(df) == 3
-    assert list(df["case_id"]) == [re.match(r"C\d+", f.name).group() for f in files]
-    assert df["error"].notna().sum() == 1 and df["prob_parasitized"].notna().sum() == 2
+    assert len(df) == 1 and "no images in this folder" in df["error"][0]
+    assert "no image could be scored" in capsys.readouterr().err
 
 
-def test_score_uploads_reports_progress_and_expands_zips(cells_dir, tiny_model, tmp_path):
-    files = sorted(cells_dir.rglob("*.png"))
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for f in files[:20]:
-            z.write(f, f"cell_images/{f.parent.name}/{f.name}")
-    items = [("cells.zip", buf.getvalue())] + [(f.name, f.read_bytes()) for f in files[20:]]
-    seen = []
-    with ResultStore(tmp_path / "s.sqlite") as store:
-        df, run_id = core.inference.pipeline.score_uploads(
-            items, weights=tiny_model, store=store, progress=lambda d, t: seen.append((d, t))
-        )
-        assert len(store.results(run_id)) == len(files)
-    assert len(df) == len(files) and seen[-1] == (len(files), len(files))
-    assert df["label"].iloc[:20].notna().all()  # labels from the zip's folders
-    with pytest.raises(ValueError, match="no images"):
-        core.inference.pipeline.score_uploads([("notes.zip", _empty_zip())], weights=tiny_model)
+# --- the quality gate, duplicates, --ray ----------------------------------------------------------
 
 
-def _empty_zip() -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("readme.txt", "nothing here")
-    return buf.getvalue()
+def test_cli_flags_non_cells_leaves_them_out_and_says_how_many(
+    cells_dir, tiny_model, tmp_path, capsys
+):
+    from PIL import Image
 
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
-@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux's /proc")
-def test_release_memory_gives_back_the_batch_buffers_and_scores_the_same(tiny_model):
-    """The arena keeps a big batch's buffers for the next one (faster); a server gives them
-    back after each job with release_memory()."""
-    from dashboard.reaper import trim_heap
-
-    engine = core.inference.engines.load_engine(tiny_model, "onnx")
-    images = np.random.default_rng(0).integers(0, 256, (256, 128, 128, 3), dtype=np.uint8)
-    before = _rss_mb()
-    expected = engine(images)
-    trim_heap()
-    grown = _rss_mb() - before
-    engine.release_memory()
-    trim_heap()
-    given_back = before + grown - _rss_mb()
-    assert grown > 100 and given_back > grown / 2, (grown, given_back)
-    np.testing.assert_array_equal(engine(images), expected)
-
-
-@pytest.mark.skipif(
-    not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2,
-    reason="needs CPU affinity and two cores to tell the machine's from the process's",
-)
-def test_cpu_count_is_the_cores_the_process_may_use():
-    # taskset or a container's cpuset: one core allowed means one scoring worker, not one per
-    # core of the machine (which oversubscribes the allowed core)
-    code = (
-        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-        "from core.schema.files import cpu_count; print(cpu_count())"
+    root = tmp_path / "in"
+    root.mkdir()
+    for p in sorted(cells_dir.rglob("*.png"))[:6]:
+        (root / p.name).write_bytes(p.read_bytes())
+    Image.new("RGB", (200, 150)).save(root / "black.png")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)).save(root / "C9_noise.png")
+    out, summary = tmp_path / "r.csv", tmp_path / "s.csv"
+    rc = _cli(
+        root,
+        "--weights",
+        tiny_model,
+        "--out",
+        out,
+        "--summary",
+        summary,
+        "--store",
+        tmp_path / "st.sqlite",
+        "--no-progress",
+        "--band",
+        "0.2",
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["1"]
+    assert rc == 0
+    df = pd.read_csv(out, keep_default_na=False).set_index("path")
+    assert df.loc[str(root / "black.png"), "quality"] == BLANK
+    assert df.loc[str(root / "C9_noise.png"), "review"].startswith("not a cell")
+    cells = df.drop(index=[str(root / "black.png"), str(root / "C9_noise.png")])
+    assert (cells["quality"] == OK).all()
+    band = (cells["prob_parasitized"] - 0.5).abs() < 0.2
+    assert ((cells["review"] == UNCERTAIN) == band).all()
+    s = pd.read_csv(summary).set_index("group")
+    assert s.loc["C9", "not_counted"] == 1 and s.loc["C9", "scored"] == 0
+    assert not s.loc["C9", "likely_infected"]
+    assert s["uncertain"].sum() == band.sum()
+    err = capsys.readouterr().err
+    assert "2 not counted (failed the quality gate)" in err
+    assert "image checks only" in err  # the tiny model has no calibration: said, not hidden
+    assert (
+        _cli(root, "--weights", tiny_model, "--band", "0.7", "--store", tmp_path / "st.sqlite") == 2
+    )
 
 
-def test_cpu_count_without_affinity_is_the_machines(monkeypatch):
-    from core.schema.files import cpu_count
+def test_cli_names_the_run_and_reports_duplicates(cells_dir, tiny_model, tmp_path, capsys):
+    folder = tmp_path / "cells"
+    shutil.copytree(cells_dir, folder)
+    first = sorted(folder.rglob("*.png"))[0]
+    shutil.copy(first, first.parent / "zz_copy.png")
+    out = tmp_path / "r.csv"
+    store = tmp_path / "s.sqlite"
+    rc = _cli(
+        folder,
+        "--weights",
+        tiny_model,
+        "--out",
+        out,
+        "--store",
+        store,
+        "--no-progress",
+        "--name",
+        "Ward 3 smears",
+        "--sample",
+        "patient 12",
+        "--operator",
+        "AB",
+    )
+    assert rc == 0
+    df = pd.read_csv(out)
+    assert df["duplicate_of"].notna().sum() == 1
+    assert df.set_index("path").loc[str(first.parent / "zz_copy.png"), "duplicate_of"] == str(first)
+    assert "1 duplicates" in capsys.readouterr().err
+    with ResultStore(store) as s:
+        info = s.run(s.list_runs().loc[0, "run_id"])
+    assert (info.name, info.sample, info.operator) == ("Ward 3 smears", "patient 12", "AB")
 
-    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
-    assert cpu_count() == (os.cpu_count() or 1)
+
+def test_without_ray_or_with_a_bad_address_the_cli_exits_2(
+    mixed_inputs, tiny_model, tmp_path, monkeypatch, capsys
+):
+    store = tmp_path / "s.sqlite"
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    assert _cli(mixed_inputs, "--weights", tiny_model, "--store", store, "--ray") == 2
+    err = capsys.readouterr().err
+    assert "pip install -r requirements-cluster.lock" in err
+    # `--ray cells/`: the input is taken for the address; say so rather than join "cells/"
+    assert _cli("--weights", tiny_model, "--store", store, "--ray", mixed_inputs) == 2
+    assert "put --ray after the inputs" in capsys.readouterr().err
+    assert not store.exists()  # refused before a run was recorded

@@ -45,12 +45,6 @@ def _errors(at: AppTest) -> list[str]:
     return [e.value for e in at.error] + [str(x.value) for x in at.exception]
 
 
-def test_no_pages_folder_beside_the_entrypoint():
-    # Streamlit would run a dashboard/pages/ folder as old-style pages: a first request for
-    # /score would then run views without the router (and without the repository on sys.path).
-    assert not (ROOT / "dashboard" / "pages").exists(), "pages live in dashboard/views/"
-
-
 def test_every_page_renders_without_exception(app):
     assert [s.label for s in app.selectbox][:1] == ["Model"]  # the sidebar's model picker
     assert "weights/study/runs/small_cnn" in app.sidebar.selectbox[0].options

@@ -152,18 +152,6 @@ def test_default_engine_is_int8_only_when_the_card_records_a_passed_check(int8_m
     )  # no cells
 
 
-def test_agreement_rule_on_a_hand_checked_case():
-    labels = np.array([1, 1, 0, 0])
-    fp32 = np.array([0.9, 0.6, 0.4, 0.1], dtype=np.float32)
-    same = core.evaluation.int8_check.agreement(fp32, fp32 + 0.01, labels, threshold=0.5)
-    assert same["passed"] and same["calls_differing"] == 0 and same["accuracy_diff"] == 0
-    flipped = core.evaluation.int8_check.agreement(
-        fp32, np.array([0.9, 0.45, 0.4, 0.1]), labels, threshold=0.5
-    )
-    assert flipped["calls_differing"] == 1 and flipped["accuracy_diff"] == pytest.approx(-0.25)
-    assert not flipped["passed"]
-
-
 def test_cli_scores_with_the_int8_engine_and_records_it(int8_model, cells_dir, tmp_path):
     out = tmp_path / "r.csv"
     rc = cli.main(

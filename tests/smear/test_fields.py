@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.evaluation.smear_check import box_iou, field_counts, match
+from core.evaluation.smear_check import match
 from core.schema.results import SMEAR_COLUMNS
 from core.smear.fields import (
     RED_CELL,
@@ -18,39 +18,6 @@ from core.smear.fields import (
     score_field,
     segment,
 )
-from tests.helpers import BACKGROUND
-from tests.helpers import cell_images as _cell_images
-from tests.helpers import paste as _paste
-from tests.helpers import png as _png
-
-
-def _disk(field: np.ndarray, cx: int, cy: int, r: int, colour: tuple[int, int, int]) -> None:
-    yy, xx = np.ogrid[: field.shape[0], : field.shape[1]]
-    field[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = colour
-
-
-@pytest.fixture(scope="module")
-def composed(cells_dir):
-    """A 720x540 field: 12 separate cells, 2 pairs of touching cells, one cell cut by the left
-    edge, a platelet-sized purple dot and a white-cell-sized dark purple disk."""
-    rng = np.random.default_rng(0)
-    field = np.empty((540, 720, 3), np.uint8)
-    field[:] = BACKGROUND
-    field = np.clip(field + rng.normal(0, 2, field.shape), 0, 255).astype(np.uint8)
-    cells = _cell_images(cells_dir, 17)
-    boxes = []
-    for i in range(12):
-        boxes.append(_paste(field, cells[i], 40 + (i % 6) * 110, 30 + (i // 6) * 120))
-    # two pairs of cells touching along a front of ~20 px
-    boxes.append(_paste(field, cells[12], 60, 300))
-    boxes.append(_paste(field, cells[13], 138, 300))
-    boxes.append(_paste(field, cells[14], 330, 300))
-    boxes.append(_paste(field, cells[15], 408, 310))
-    edge_box = _paste(field, cells[16], -30, 430)
-    boxes.append(edge_box)
-    _disk(field, 600, 340, 7, (120, 60, 140))  # platelet
-    _disk(field, 620, 460, 60, (90, 30, 110))  # white cell: far larger than a red cell, dark
-    return field, np.array(boxes), edge_box
 
 
 def test_segment_finds_every_red_cell_splits_touching_ones_and_marks_the_edge(composed):
@@ -154,97 +121,3 @@ def test_field_summary_counts_red_cells_only_with_wilson_intervals():
     # a threshold re-makes the predictions from the probabilities
     low = field_summary(pd.DataFrame(rows), threshold=0.15).set_index(["level", "group"])
     assert low.loc[("field", "slide/a.png"), "parasitized"] == 3
-
-
-def test_box_iou_and_matching_by_hand():
-    a = np.array([[0, 0, 10, 10], [100, 100, 10, 10]])
-    b = np.array([[5, 0, 10, 10], [0, 0, 10, 10], [300, 300, 5, 5]])
-    iou = box_iou(a, b)
-    assert iou[0, 0] == pytest.approx(50 / 150) and iou[0, 1] == 1.0 and iou[1].max() == 0
-    assert match(a, b) == {0: 1}
-    boxes = [
-        {"type": "ring", "bbox": {"x": "0", "y": "0", "w": "10", "h": "10"}},
-        {"type": "red blood cell", "bbox": {"x": "100", "y": "100", "w": "10", "h": "10"}},
-    ]
-    objects = [
-        {"x": 0, "y": 0, "w": 10, "h": 10, "is_cell": True},
-        {"x": 200, "y": 0, "w": 10, "h": 10, "is_cell": True},
-        {"x": 400, "y": 0, "w": 5, "h": 5, "is_cell": False},
-    ]
-    c = field_counts(objects, boxes, np.array([0.9, 0.8]), 0.5)
-    assert (c["annotated"], c["recalled"], c["infected"], c["infected_called"]) == (2, 1, 1, 1)
-    # the unboxed red cell called parasitized counts against us; the debris is not called
-    assert (c["not_infected_objects"], c["false_called"], c["boxed_cells"]) == (2, 1, 1)
-
-
-def test_cli_writes_cells_and_summary_keeps_a_broken_field_and_resumes(
-    composed, tiny_model, tmp_path, capsys
-):
-    from core import cli
-    from core.inference.store import ResultStore
-
-    field, truth, _ = composed
-    slide = tmp_path / "slide1"
-    slide.mkdir()
-    (slide / "field1.png").write_bytes(_png(field))
-    (slide / "field2.png").write_bytes(_png(field[:, ::-1].copy()))
-    (slide / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    out, summary, overlays = tmp_path / "cells.csv", tmp_path / "fields.csv", tmp_path / "ov"
-    store = tmp_path / "store.sqlite"
-    args = [
-        "smear",
-        str(slide),
-        "--out",
-        str(out),
-        "--summary",
-        str(summary),
-        "--overlays",
-        str(overlays),
-        "--weights",
-        str(tiny_model),
-        "--store",
-        str(store),
-        "--no-progress",
-    ]
-    assert cli.main(args) == 1  # one error row
-    cells = pd.read_csv(out)
-    assert list(cells.columns) == list(SMEAR_COLUMNS)
-    broken = cells[cells["image"].str.endswith("broken.jpg")]
-    assert len(broken) == 1 and broken["error"].iloc[0]
-    red = cells[cells["object"] == RED_CELL]
-    assert len(red) == 2 * len(truth)
-    assert red["prob_parasitized"].between(0, 1).all()
-    table = pd.read_csv(summary)
-    assert set(table["level"]) == {"field", "folder"}
-    folder = table[table["level"] == "folder"].iloc[0]
-    assert folder["cells"] == len(red) and folder["errors"] == 1
-    assert len(list(overlays.glob("*.png"))) == 2
-    with ResultStore(store) as s:
-        run_id = s.list_runs(smear=True)["run_id"].iloc[0]
-        before = s.smear_rows(run_id)
-        assert s.list_runs().empty  # smear runs are not listed among cell runs
-    capsys.readouterr()
-    assert (
-        cli.main(
-            ["smear", "--resume", run_id, "--store", str(store), "--out", str(out), "--no-progress"]
-        )
-        == 1
-    )
-    assert "0 to segment and score" in capsys.readouterr().err
-    with ResultStore(store) as s:
-        pd.testing.assert_frame_equal(s.smear_rows(run_id), before)
-
-
-def test_cli_refuses_bad_arguments(tmp_path, tiny_model):
-    from core import cli
-
-    def main(argv):
-        return cli.main(["smear", *argv])
-
-    parse = list
-    store = str(tmp_path / "s.sqlite")
-    assert main(parse([str(tmp_path / "missing"), "--store", store])) == 2
-    assert main(parse([str(tmp_path), "--threshold", "2", "--store", store])) == 2
-    assert (
-        main(parse([str(tmp_path), "--out", str(tmp_path / "no" / "x.csv"), "--store", store])) == 2
-    )
