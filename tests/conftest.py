@@ -8,7 +8,8 @@ row for an unreadable folder) lives with that module. Fixtures used by one folde
 folder's conftest.py; helpers shared by several modules in tests/helpers.py. Data: fixtures/.
 
 Tiers: `slow` marks the real browser, the Ray cluster, training (train, folds, lr-find,
-study) and Streamlit AppTest; `make test-fast` (-m "not slow") runs the rest.
+study), Streamlit AppTest and a few heavy checks (large memory, full ONNX exports and
+quantisation), each saying why; `make test-fast` (-m "not slow") runs the rest.
 """
 
 from __future__ import annotations

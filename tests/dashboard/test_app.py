@@ -14,6 +14,8 @@ from tests.helpers import cell_images as _cell_images
 from tests.helpers import paste as _paste
 from tests.helpers import png as _png
 
+pytestmark = pytest.mark.slow  # Streamlit AppTest: the whole app runs for each page
+
 ROOT = REPO_ROOT
 APP = str(ROOT / "dashboard" / "app.py")
 PAGES = (

@@ -104,6 +104,8 @@ def _rss_mb() -> float:
     raise RuntimeError("no VmRSS")
 
 
+# slow: 230 explanations to see the RSS stay flat (about 6 s, a tenth of the fast tier)
+@pytest.mark.slow
 def test_hooks_are_released_and_memory_stays_flat_over_200_explanations(tiny, cells):
     # A call that kept its hooks' activations would hold >= 130 kB (one 32-channel 32x32 map):
     # 26 MB over 200 calls, well above the allocator's noise.

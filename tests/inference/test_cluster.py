@@ -16,6 +16,8 @@ from core.schema.results import RESULT_COLUMNS
 from tests.helpers import listed_sources as _sources
 from tests.helpers import score_cli as _cli
 
+pytestmark = pytest.mark.slow  # every test here starts (or shares) a local Ray cluster
+
 
 @pytest.fixture(scope="session")
 def ray_cluster():

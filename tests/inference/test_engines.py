@@ -26,6 +26,8 @@ def _rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
+# slow: a 256-image batch grows the process by over 100 MB to see it given back (4 s)
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux's /proc")
 def test_release_memory_gives_back_the_batch_buffers_and_scores_the_same(tiny_model):
     """The arena keeps a big batch's buffers for the next one (faster); a server gives them

@@ -99,6 +99,8 @@ def test_int8_engine_scores_and_tracks_fp32_on_the_tiny_model(int8_model, fixtur
     assert np.abs(int8 - fp32).max() < 0.05
 
 
+# slow: a second full-size network exported, and the int8 graph quantised again (3 s)
+@pytest.mark.slow
 def test_a_replaced_int8_graph_is_quantised_again_not_run(int8_model, fixture_images, tmp_path):
     images = fixture_images[0][:8]
     genuine = load_engine(int8_model, "onnx-int8")
@@ -239,6 +241,8 @@ def test_the_int8_graph_takes_the_pixels_straight_into_its_first_convolution(int
     assert values[first.input[2]].dtype == np.uint8
 
 
+# slow: a full ONNX export of every architecture and of the shipped model (5 s)
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["mobilenet_v2", "mobilenet_v3_small", "small_cnn", "shipped"])
 def test_folding_the_normalisation_keeps_what_the_fp32_graph_computes(
     arch, fixture_images, tmp_path
