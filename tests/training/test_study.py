@@ -20,6 +20,7 @@ EXPECTED_DIMS = {
 }
 
 
+@pytest.mark.slow
 def test_features_have_the_expected_size_per_layer_and_resume_from_cache(
     cells_dir, tmp_path, monkeypatch
 ):
@@ -60,6 +61,7 @@ def test_grouped_folds_never_share_a_case(cells_dir, monkeypatch):
         assert not {groups[i] for i in train_rows} & {groups[i] for i in test_rows}
 
 
+@pytest.mark.slow
 def test_layer_table_has_every_column(cells_dir, tmp_path):
     table = study_layers([cells_dir], tmp_path, folds=3, progress=False)
     assert list(table["layer"]) == list(MOBILENET_V2_STAGES)

@@ -9,6 +9,12 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.schema.files import REPO_ROOT
+from tests.helpers import BACKGROUND
+from tests.helpers import cell_images as _cell_images
+from tests.helpers import paste as _paste
+from tests.helpers import png as _png
+
+pytestmark = pytest.mark.slow  # Streamlit AppTest: the whole app runs for each page
 
 ROOT = REPO_ROOT
 APP = str(ROOT / "dashboard" / "app.py")
@@ -39,12 +45,6 @@ def app(tmp_path, monkeypatch) -> AppTest:
 
 def _errors(at: AppTest) -> list[str]:
     return [e.value for e in at.error] + [str(x.value) for x in at.exception]
-
-
-def test_no_pages_folder_beside_the_entrypoint():
-    # Streamlit would run a dashboard/pages/ folder as old-style pages: a first request for
-    # /score would then run views without the router (and without the repository on sys.path).
-    assert not (ROOT / "dashboard" / "pages").exists(), "pages live in dashboard/views/"
 
 
 def test_every_page_renders_without_exception(app):
@@ -226,8 +226,6 @@ def test_a_corrupt_result_store_is_one_clear_error(tmp_path, monkeypatch):
 
 
 def test_smear_page_finds_scores_and_explains_cells_of_a_field(app, cells_dir):
-    from test_smear import BACKGROUND, _cell_images, _paste, _png
-
     field = np.empty((400, 600, 3), np.uint8)
     field[:] = BACKGROUND
     for i, cell in enumerate(_cell_images(cells_dir, 8)):
@@ -540,16 +538,6 @@ def test_an_evaluate_gallery_cell_opens_large_and_in_explain(app, evaluate_split
     assert not _errors(app), _errors(app)
     assert app.session_state["explain_item"][0] == picked
     assert app.session_state["explain_link"] == {"split": evaluate_split, "cell": picked}
-
-
-def _png(array) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def test_a_noise_image_is_listed_for_review_and_never_counted(app, cells_dir):

@@ -1,26 +1,21 @@
-"""The quality gate (core.inference.gate), the review band and the non-cell generator."""
+"""The quality gate (core.inference.gate): image checks, the feature verdict and its calibration per
+engine, on real cells, generated non-cells and smear fields; old stores gain the quality column."""
 
 from __future__ import annotations
 
 import io
 import sqlite3
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
-import torch
 
 import core.inference.engines
 import core.inference.pipeline
-from core import cli
 from core.data import noncells
-from core.data.images import decode_image, resize_rgb
-from core.data.sources import iter_sources
+from core.data.images import resize_rgb
 from core.evaluation.gate_check import fit_features
 from core.inference.gate import CALIBRATION_FILE, FeatureModel, Gate, image_reasons, image_stats
 from core.inference.store import ResultStore
-from core.nets.model import build_model, logits_and_features
 from core.schema.contract import DEFAULT_WEIGHTS, WeightsError, verified_weights
 from core.schema.metrics import parasitemia_summary
 from core.schema.results import (
@@ -28,18 +23,13 @@ from core.schema.results import (
     OK,
     OUT_OF_FOCUS,
     RESULT_COLUMNS,
-    UNCERTAIN,
     UNLIKE_TRAINING,
-    review,
 )
+from tests.helpers import SHARED_DATA
+from tests.helpers import decoded_cells as _cells
+from tests.helpers import gaussian_features as _gaussian_features
 
-SMEAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "smear_dev" / "images"
-
-
-def _cells(cells_dir) -> list[tuple[str, np.ndarray]]:
-    return [
-        (Path(s.path).stem, decode_image(s.read(), size=128)) for s in iter_sources([cells_dir])
-    ]
+SMEAR = SHARED_DATA / "smear_dev" / "images"
 
 
 def _batch(images) -> np.ndarray:
@@ -91,38 +81,6 @@ def test_whole_smear_fields_and_their_crops_fail_the_image_checks():
     assert all(r.startswith("not a cell") for r in image_reasons(image_stats(_batch(images))))
 
 
-def test_the_generator_is_seeded_and_makes_images_of_any_size(cells_dir):
-    a = noncells.non_cells(smear_folder=None, cells=_cells(cells_dir)[:4], seed=3)
-    b = noncells.non_cells(smear_folder=None, cells=_cells(cells_dir)[:4], seed=3)
-    assert set(a) == set(noncells.KINDS)
-    for kind in a:
-        assert [n for n, _ in a[kind]] == [n for n, _ in b[kind]]
-        for (_, x), (_, y) in zip(a[kind], b[kind]):
-            assert x.dtype == np.uint8 and x.ndim == 3 and x.shape[-1] == 3
-            assert np.array_equal(x, y)
-    sizes = {img.shape[:2] for _, img in a["noise"]}
-    assert len(sizes) > 5
-
-
-def _gaussian_features(n: int, rng) -> tuple[np.ndarray, np.ndarray]:
-    labels = rng.integers(0, 2, n)
-    f = rng.normal(0, 1, (n, 40)) * np.linspace(3, 0.1, 40) + labels[:, None] * 2.0
-    return f.astype(np.float32), labels
-
-
-def test_feature_distance_keeps_its_quantile_and_flags_far_points():
-    rng = np.random.default_rng(0)
-    fit, labels = _gaussian_features(4000, rng)
-    held, _ = _gaussian_features(4000, rng)
-    fm = fit_features(fit, labels, held, quantile=0.99, weights_sha256="abc", components=10)
-    assert fm.components.shape == (40, 10) and fm.means.shape == (2, 40)
-    fresh, _ = _gaussian_features(4000, rng)
-    share = float((fm.distance(fresh) > fm.limit).mean())
-    assert 0.003 < share < 0.03  # about 1% of new in-distribution points
-    far = fresh[:100] + rng.normal(0, 1, (100, 40)) * 3  # inflated along the small directions
-    assert (fm.distance(far) > fm.limit).mean() > 0.95
-
-
 def test_calibration_round_trips_and_is_tied_to_its_weights(tmp_path, cells_dir):
     rng = np.random.default_rng(0)
     f, labels = _gaussian_features(500, rng)
@@ -159,17 +117,6 @@ def test_the_gate_adds_the_feature_verdict_to_cells_that_pass_the_image_checks(c
     assert gate(noise, features[:1])[0].startswith("not a cell")  # the image reason first
 
 
-@pytest.mark.parametrize("arch", ["mobilenet_v2", "mobilenet_v3_small", "small_cnn"])
-def test_logits_and_features_are_the_models_own_forward(arch):
-    torch.manual_seed(0)
-    model = build_model(arch).eval()
-    x = torch.randn(3, 3, 64, 64)
-    with torch.no_grad():
-        logits, features = logits_and_features(model, x)
-        assert torch.allclose(logits, model(x), atol=1e-5)
-    assert features.shape[0] == 3 and features.ndim == 2
-
-
 def test_onnx_and_torch_features_agree(cells_dir, tiny_model):
     images = _batch(_cells(cells_dir))
     p1, f1 = core.inference.engines.load_engine(tiny_model, "onnx").score(images)
@@ -193,36 +140,6 @@ def test_the_shipped_model_passes_real_cells_and_flags_non_cells(cells_dir):
     )
     verdicts = engine.gate(odd, engine.score(odd)[1])
     assert OK not in verdicts and UNLIKE_TRAINING in verdicts
-
-
-def test_review_marks_gate_failures_and_the_band_and_leaves_the_rest():
-    df = pd.DataFrame(
-        {
-            "path": list("abcdef"),
-            "case_id": ["C1"] * 6,
-            "prob_parasitized": [0.9, 0.55, 0.36, 0.2, 0.5, None],
-            "prediction": [
-                "Parasitized",
-                "Parasitized",
-                "Uninfected",
-                "Uninfected",
-                "Parasitized",
-                None,
-            ],
-            "quality": [OK, OK, OK, OK, "blank", None],
-            "error": [None] * 5 + ["corrupt"],
-        }
-    )
-    assert list(review(df, threshold=0.5, band=0.15)) == ["", UNCERTAIN, UNCERTAIN, "", "blank", ""]
-    assert list(review(df, threshold=0.5, band=0.0)) == ["", "", "", "", "blank", ""]
-    old = df.drop(columns="quality")  # runs stored before the gate: everything counts
-    assert list(review(old, threshold=0.5, band=0.1)) == ["", UNCERTAIN, "", "", UNCERTAIN, ""]
-    with pytest.raises(ValueError, match="band"):
-        review(df, threshold=0.5, band=0.6)
-    s = parasitemia_summary(df.assign(review=review(df, threshold=0.5, band=0.15))).iloc[0]
-    assert (s["cells"], s["errors"], s["not_counted"], s["scored"]) == (6, 1, 1, 4)
-    assert (s["parasitized"], s["uncertain"]) == (2, 2)  # the blank image counts nowhere
-    assert s["parasitemia"] == 0.5
 
 
 def test_a_store_from_before_the_gate_is_migrated_and_keeps_its_rows(tmp_path):
@@ -265,57 +182,6 @@ def test_a_store_from_before_the_gate_is_migrated_and_keeps_its_rows(tmp_path):
     assert (s["scored"], s["not_counted"], s["parasitized"]) == (2, 1, 1)
     with ResultStore(path):  # opening again: nothing left to migrate
         pass
-
-
-def _cli(*argv) -> int:
-    return cli.main(["score", *(str(a) for a in argv)])
-
-
-def test_cli_flags_non_cells_leaves_them_out_and_says_how_many(
-    cells_dir, tiny_model, tmp_path, capsys
-):
-    from PIL import Image
-
-    root = tmp_path / "in"
-    root.mkdir()
-    for p in sorted(cells_dir.rglob("*.png"))[:6]:
-        (root / p.name).write_bytes(p.read_bytes())
-    Image.new("RGB", (200, 150)).save(root / "black.png")
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)).save(root / "C9_noise.png")
-    out, summary = tmp_path / "r.csv", tmp_path / "s.csv"
-    rc = _cli(
-        root,
-        "--weights",
-        tiny_model,
-        "--out",
-        out,
-        "--summary",
-        summary,
-        "--store",
-        tmp_path / "st.sqlite",
-        "--no-progress",
-        "--band",
-        "0.2",
-    )
-    assert rc == 0
-    df = pd.read_csv(out, keep_default_na=False).set_index("path")
-    assert df.loc[str(root / "black.png"), "quality"] == BLANK
-    assert df.loc[str(root / "C9_noise.png"), "review"].startswith("not a cell")
-    cells = df.drop(index=[str(root / "black.png"), str(root / "C9_noise.png")])
-    assert (cells["quality"] == OK).all()
-    band = (cells["prob_parasitized"] - 0.5).abs() < 0.2
-    assert ((cells["review"] == UNCERTAIN) == band).all()
-    s = pd.read_csv(summary).set_index("group")
-    assert s.loc["C9", "not_counted"] == 1 and s.loc["C9", "scored"] == 0
-    assert not s.loc["C9", "likely_infected"]
-    assert s["uncertain"].sum() == band.sum()
-    err = capsys.readouterr().err
-    assert "2 not counted (failed the quality gate)" in err
-    assert "image checks only" in err  # the tiny model has no calibration: said, not hidden
-    assert (
-        _cli(root, "--weights", tiny_model, "--band", "0.7", "--store", tmp_path / "st.sqlite") == 2
-    )
 
 
 def test_upload_of_a_noise_image_is_scored_not_counted(tiny_model):

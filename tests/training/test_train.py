@@ -52,6 +52,7 @@ def _interrupted_then_resumed(cells_dir, out, monkeypatch, *extra) -> None:
     train.run(_train_args(cells_dir, out, *extra, "--resume"))
 
 
+@pytest.mark.slow
 def test_one_tiny_epoch_writes_history_card_weights_and_predictions(cells_dir, tmp_path):
     out = tmp_path / "run"
     card = train.run(_train_args(cells_dir, out, "--epochs", "1"))
@@ -90,6 +91,7 @@ def test_one_tiny_epoch_writes_history_card_weights_and_predictions(cells_dir, t
     assert loaded.sha256 == card["sha256"]
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_where_it_stopped(cells_dir, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     train.run(_train_args(cells_dir, straight, "--epochs", "2"))
@@ -102,6 +104,7 @@ def test_interrupted_training_resumes_where_it_stopped(cells_dir, tmp_path, monk
         assert resumed[col].tolist() == pytest.approx(reference[col].tolist(), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_lr_range_test_leaves_weights_untouched(tmp_path):
     torch.manual_seed(0)
     model = build_model("mobilenet_v3_small")
@@ -136,6 +139,7 @@ def test_suggestion_is_the_steepest_descent():
     assert 3e-4 < lr_find.suggest_lr(lrs, loss) < 3e-3
 
 
+@pytest.mark.slow
 def test_lr_find_cli(cells_dir, tmp_path):
     args = cli.parse(
         [
@@ -155,6 +159,7 @@ def test_lr_find_cli(cells_dir, tmp_path):
     assert 2 <= len(curve) <= 12 and curve["lr"].iloc[0] == pytest.approx(1e-7)
 
 
+@pytest.mark.slow
 def test_folds_predict_every_cell_out_of_fold_then_train_the_final_model(cells_dir, tmp_path):
     """Two folds of one small-CNN epoch: each cell predicted once, by the fold that never saw
     its patient; the final model trains on every patient, its card carrying the estimate."""
@@ -267,6 +272,7 @@ def test_batch_norm_statistics_are_recomputed_over_the_given_images():
     assert bn.momentum == 0.1 and not model.training
 
 
+@pytest.mark.slow
 def test_averaged_run_keeps_the_mean_and_resumes_to_the_same_weights(
     cells_dir, tmp_path, monkeypatch
 ):
@@ -288,6 +294,7 @@ def test_averaged_run_keeps_the_mean_and_resumes_to_the_same_weights(
         assert torch.allclose(resumed[name].double(), value.double(), atol=1e-5), name
 
 
+@pytest.mark.slow
 def test_keep_last_keeps_the_last_epoch_also_when_resumed_after_the_end(cells_dir, tmp_path):
     """--keep-last (the rule of a model trained on every patient, for its fold models) keeps
     the last epoch's weights, not the lowest validation loss's; a finished run resumed (as

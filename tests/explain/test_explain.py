@@ -104,6 +104,8 @@ def _rss_mb() -> float:
     raise RuntimeError("no VmRSS")
 
 
+# slow: 230 explanations to see the RSS stay flat (about 6 s, a tenth of the fast tier)
+@pytest.mark.slow
 def test_hooks_are_released_and_memory_stays_flat_over_200_explanations(tiny, cells):
     # A call that kept its hooks' activations would hold >= 130 kB (one 32-channel 32x32 map):
     # 26 MB over 200 calls, well above the allocator's noise.
@@ -201,33 +203,6 @@ def test_cli_writes_pointing_and_mass_per_map(tiny_model, cells_dir, tmp_path):
     assert ok["points_at_parasite"].isin([True, False]).all()  # both cells hold a parasite
     assert ok["mass_in_cell"].between(0, 1).all() and ok["road"].isna().all()
     assert len(list((tmp_path / "out").glob("*.png"))) == 2
-
-
-def test_the_shipped_heatmap_check_is_current_and_meets_the_goal():
-    """The check of every method x stage on the shipped model's test patients (or, trained on
-    every patient, its development cells) was computed for these weights and this default, and
-    the default finds the parasite in >= 90 % of cells."""
-    import json
-
-    from core.schema.contract import ModelFolder
-
-    model = ModelFolder.open(DEFAULT_WEIGHTS)
-    table_path, summary_path = model.explain_check()
-    summary = json.loads(summary_path.read_text())
-    card, sha = model.card, model.sha256
-    assert summary["model_sha256"] == sha
-    assert summary["split"] == ("test" if model.split["test"] else "oof")
-    d = summary["default"]
-    assert (d["method"], d["layer"]) == (DEFAULT_METHOD, card["contract"]["target_layer"])
-    assert d["pointing"] >= 0.9 and summary["cells_checked"] >= 700
-    table = pd.read_csv(table_path).set_index(["method", "layer"])
-    assert len(table) == len(METHODS) * len(card["contract"]["cam_layers"])
-    assert table.loc[(DEFAULT_METHOD, d["layer"]), "cells"] == summary["cells_checked"]
-    assert table.loc[("gradcam", "features.18"), "pointing"] < 0.2  # the old default
-    if not model.split["test"]:  # cells it learnt: its recipe's fold models, on unseen patients
-        unseen = card["estimate"]["heatmap"]
-        assert unseen["pointing"] >= 0.9 and unseen["cells"] >= 1000
-        assert (unseen["method"], unseen["layer"]) == (d["method"], d["layer"])
 
 
 def test_road_of_a_drawn_map_equals_the_road_computed_with_it(tiny, cells):

@@ -99,6 +99,8 @@ def test_int8_engine_scores_and_tracks_fp32_on_the_tiny_model(int8_model, fixtur
     assert np.abs(int8 - fp32).max() < 0.05
 
 
+# slow: a second full-size network exported, and the int8 graph quantised again (3 s)
+@pytest.mark.slow
 def test_a_replaced_int8_graph_is_quantised_again_not_run(int8_model, fixture_images, tmp_path):
     images = fixture_images[0][:8]
     genuine = load_engine(int8_model, "onnx-int8")
@@ -150,18 +152,6 @@ def test_default_engine_is_int8_only_when_the_card_records_a_passed_check(int8_m
     assert (
         core.inference.quantize.default_engine({"int8": {"check": {"passed": True}}}) == "onnx"
     )  # no cells
-
-
-def test_agreement_rule_on_a_hand_checked_case():
-    labels = np.array([1, 1, 0, 0])
-    fp32 = np.array([0.9, 0.6, 0.4, 0.1], dtype=np.float32)
-    same = core.evaluation.int8_check.agreement(fp32, fp32 + 0.01, labels, threshold=0.5)
-    assert same["passed"] and same["calls_differing"] == 0 and same["accuracy_diff"] == 0
-    flipped = core.evaluation.int8_check.agreement(
-        fp32, np.array([0.9, 0.45, 0.4, 0.1]), labels, threshold=0.5
-    )
-    assert flipped["calls_differing"] == 1 and flipped["accuracy_diff"] == pytest.approx(-0.25)
-    assert not flipped["passed"]
 
 
 def test_cli_scores_with_the_int8_engine_and_records_it(int8_model, cells_dir, tmp_path):
@@ -251,6 +241,8 @@ def test_the_int8_graph_takes_the_pixels_straight_into_its_first_convolution(int
     assert values[first.input[2]].dtype == np.uint8
 
 
+# slow: a full ONNX export of every architecture and of the shipped model (5 s)
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["mobilenet_v2", "mobilenet_v3_small", "small_cnn", "shipped"])
 def test_folding_the_normalisation_keeps_what_the_fp32_graph_computes(
     arch, fixture_images, tmp_path

@@ -11,6 +11,7 @@ from core.nets.model import (
     build_model,
     default_contract,
     load_model,
+    logits_and_features,
     predict_proba,
     save_model,
     stage_layers,
@@ -102,3 +103,14 @@ def test_stage_layers_follow_resolution():
     assert ModelContract.from_json(c.to_json()) == c
     assert default_contract("mobilenet_v2", input_size=256).target_layer == "features.6"  # 32x32
     assert default_contract("small_cnn").target_layer == "features.2"  # 64, 32, 16, 8
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "mobilenet_v3_small", "small_cnn"])
+def test_logits_and_features_are_the_models_own_forward(arch):
+    torch.manual_seed(0)
+    model = build_model(arch).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        logits, features = logits_and_features(model, x)
+        assert torch.allclose(logits, model(x), atol=1e-5)
+    assert features.shape[0] == 3 and features.ndim == 2

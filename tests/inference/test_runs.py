@@ -3,15 +3,12 @@ summary, duplicate files counted once, and stores written before these columns e
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 
-import pandas as pd
 import pytest
 
 import core.inference.engines
 import core.inference.pipeline
-from core import cli
 from core.data.sources import ImageSource
 from core.inference.store import ResultStore, StoreError, inputs_summary
 from core.schema.labels import CLASSES, predicted_class
@@ -31,10 +28,6 @@ INSERT INTO runs VALUES ('old', '2026-11-01T10:00:00+00:00', NULL, '["/data/cell
 INSERT INTO results VALUES ('old', '/data/cells.zip!a.png', 'C1', NULL, 0.7, 'Parasitized', NULL);
 INSERT INTO results VALUES ('old', '/data/cells.zip!b.png', 'C1', NULL, NULL, NULL, 'corrupt');
 """
-
-
-def _cli(*argv) -> int:
-    return cli.main(["score", *(str(a) for a in argv)])
 
 
 def _run(store: ResultStore, probs: list[float | None], **fields) -> str:
@@ -164,36 +157,3 @@ def test_a_resumed_run_knows_the_files_it_stored_before(cells_dir, tiny_model, t
             run_id=run_id,
         )
     assert later["duplicate_of"].fillna("").tolist() == ["", "a.png"]
-
-
-def test_cli_names_the_run_and_reports_duplicates(cells_dir, tiny_model, tmp_path, capsys):
-    folder = tmp_path / "cells"
-    shutil.copytree(cells_dir, folder)
-    first = sorted(folder.rglob("*.png"))[0]
-    shutil.copy(first, first.parent / "zz_copy.png")
-    out = tmp_path / "r.csv"
-    store = tmp_path / "s.sqlite"
-    rc = _cli(
-        folder,
-        "--weights",
-        tiny_model,
-        "--out",
-        out,
-        "--store",
-        store,
-        "--no-progress",
-        "--name",
-        "Ward 3 smears",
-        "--sample",
-        "patient 12",
-        "--operator",
-        "AB",
-    )
-    assert rc == 0
-    df = pd.read_csv(out)
-    assert df["duplicate_of"].notna().sum() == 1
-    assert df.set_index("path").loc[str(first.parent / "zz_copy.png"), "duplicate_of"] == str(first)
-    assert "1 duplicates" in capsys.readouterr().err
-    with ResultStore(store) as s:
-        info = s.run(s.list_runs().loc[0, "run_id"])
-    assert (info.name, info.sample, info.operator) == ("Ward 3 smears", "patient 12", "AB")

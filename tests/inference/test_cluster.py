@@ -3,30 +3,20 @@ local cluster for the whole session, started only by the tests that need it."""
 
 from __future__ import annotations
 
-import io
 import logging
-import shutil
-import sys
-import zipfile
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 import core.inference.cluster
 import core.inference.engines
 import core.inference.pipeline
-from core import cli
-from core.data.images import ImageError
-from core.data.sources import from_record, iter_sources, read_bytes, to_record, unique_paths
 from core.inference.store import ResultStore
 from core.schema.results import RESULT_COLUMNS
+from tests.helpers import listed_sources as _sources
+from tests.helpers import score_cli as _cli
 
-
-def _cli(*argv) -> int:
-    return cli.main(["score", *(str(a) for a in argv)])
+pytestmark = pytest.mark.slow  # every test here starts (or shares) a local Ray cluster
 
 
 @pytest.fixture(scope="session")
@@ -38,71 +28,6 @@ def ray_cluster():
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def mixed_inputs(cells_dir, tmp_path_factory) -> Path:
-    """Cells in labelled folders, a broken file, a GIF, a large image, a copy of a cell under
-    another name, and a zip holding cells, a member with ``!`` in its name and a zip inside it."""
-    root = tmp_path_factory.mktemp("mixed")
-    shutil.copytree(cells_dir, root / "cells")
-    cells = sorted(cells_dir.rglob("*.png"))
-    (root / "cells" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
-    (root / "cells" / "anim.gif").write_bytes(b"GIF89a")
-    # slow to decode, in the first batch: its batch comes back last unless order is kept
-    noise = np.random.default_rng(0).integers(0, 256, (3500, 3500, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(root / "cells" / "A_large_field.png", compress_level=1)
-    shutil.copy(cells[3], root / "cells" / "copy_of_a_cell.png")
-    inner = io.BytesIO()
-    with zipfile.ZipFile(inner, "w") as z:
-        for f in cells[:3]:
-            z.write(f, f"Uninfected/{f.name}")
-    with zipfile.ZipFile(root / "slides.zip", "w", zipfile.ZIP_DEFLATED) as z:
-        for f in cells[10:17]:
-            z.write(f, f"Parasitized/{f.name}")
-        z.write(cells[20], "odd!name.png")
-        z.writestr("inner.zip", inner.getvalue())
-        z.writestr("empty.png", b"")
-    return root
-
-
-def _sources(root: Path):
-    # as malaria score lists them: absolute inputs, repeated paths renamed
-    return unique_paths(iter_sources([str(root.resolve()), str((root / "slides.zip").resolve())]))
-
-
-def test_a_source_rebuilt_from_its_record_reads_the_same_bytes_or_error(mixed_inputs):
-    sources = _sources(mixed_inputs)
-    assert any("#2" in s.path for s in sources)  # slides.zip listed twice: renamed
-    assert any(s.path.endswith("inner.zip!Uninfected/" + s.name) for s in sources)
-    for src in sources:
-        record = to_record(src)
-        assert record["data"] is None  # files and members are read where they are scored
-        again = from_record(record)
-        assert (again.path, again.name) == (src.path, src.name)
-        try:
-            expected: bytes | str = read_bytes(src)
-        except ImageError as exc:
-            expected = str(exc)
-        try:
-            got: bytes | str = read_bytes(again)
-        except ImageError as exc:
-            got = str(exc)
-        assert got == expected, src.path
-
-
-def test_without_ray_or_with_a_bad_address_the_cli_exits_2(
-    mixed_inputs, tiny_model, tmp_path, monkeypatch, capsys
-):
-    store = tmp_path / "s.sqlite"
-    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    assert _cli(mixed_inputs, "--weights", tiny_model, "--store", store, "--ray") == 2
-    err = capsys.readouterr().err
-    assert "pip install -r requirements-cluster.lock" in err
-    # `--ray cells/`: the input is taken for the address; say so rather than join "cells/"
-    assert _cli("--weights", tiny_model, "--store", store, "--ray", mixed_inputs) == 2
-    assert "put --ray after the inputs" in capsys.readouterr().err
-    assert not store.exists()  # refused before a run was recorded
 
 
 def _compare(local: pd.DataFrame, ray: pd.DataFrame) -> None:

@@ -12,6 +12,8 @@ import pytest
 from bench.serve import CHROMIUM_ARGS, DRAWN, IDLE, running_app, wait_for_rerun
 from core.schema.files import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # a server and Chromium, minutes
+
 ROOT = REPO_ROOT
 SHOTS = ROOT / "tests" / "screenshots"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

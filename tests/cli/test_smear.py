@@ -1,0 +1,82 @@
+"""`malaria smear` (core.cli.smear): the files it writes, a broken field, resume, bad arguments."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from core.schema.results import SMEAR_COLUMNS
+from core.smear.fields import RED_CELL
+from tests.helpers import png as _png
+
+
+def test_cli_writes_cells_and_summary_keeps_a_broken_field_and_resumes(
+    composed, tiny_model, tmp_path, capsys
+):
+    from core import cli
+    from core.inference.store import ResultStore
+
+    field, truth, _ = composed
+    slide = tmp_path / "slide1"
+    slide.mkdir()
+    (slide / "field1.png").write_bytes(_png(field))
+    (slide / "field2.png").write_bytes(_png(field[:, ::-1].copy()))
+    (slide / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    out, summary, overlays = tmp_path / "cells.csv", tmp_path / "fields.csv", tmp_path / "ov"
+    store = tmp_path / "store.sqlite"
+    args = [
+        "smear",
+        str(slide),
+        "--out",
+        str(out),
+        "--summary",
+        str(summary),
+        "--overlays",
+        str(overlays),
+        "--weights",
+        str(tiny_model),
+        "--store",
+        str(store),
+        "--no-progress",
+    ]
+    assert cli.main(args) == 1  # one error row
+    cells = pd.read_csv(out)
+    assert list(cells.columns) == list(SMEAR_COLUMNS)
+    broken = cells[cells["image"].str.endswith("broken.jpg")]
+    assert len(broken) == 1 and broken["error"].iloc[0]
+    red = cells[cells["object"] == RED_CELL]
+    assert len(red) == 2 * len(truth)
+    assert red["prob_parasitized"].between(0, 1).all()
+    table = pd.read_csv(summary)
+    assert set(table["level"]) == {"field", "folder"}
+    folder = table[table["level"] == "folder"].iloc[0]
+    assert folder["cells"] == len(red) and folder["errors"] == 1
+    assert len(list(overlays.glob("*.png"))) == 2
+    with ResultStore(store) as s:
+        run_id = s.list_runs(smear=True)["run_id"].iloc[0]
+        before = s.smear_rows(run_id)
+        assert s.list_runs().empty  # smear runs are not listed among cell runs
+    capsys.readouterr()
+    assert (
+        cli.main(
+            ["smear", "--resume", run_id, "--store", str(store), "--out", str(out), "--no-progress"]
+        )
+        == 1
+    )
+    assert "0 to segment and score" in capsys.readouterr().err
+    with ResultStore(store) as s:
+        pd.testing.assert_frame_equal(s.smear_rows(run_id), before)
+
+
+def test_cli_refuses_bad_arguments(tmp_path, tiny_model):
+    from core import cli
+
+    def main(argv):
+        return cli.main(["smear", *argv])
+
+    parse = list
+    store = str(tmp_path / "s.sqlite")
+    assert main(parse([str(tmp_path / "missing"), "--store", store])) == 2
+    assert main(parse([str(tmp_path), "--threshold", "2", "--store", store])) == 2
+    assert (
+        main(parse([str(tmp_path), "--out", str(tmp_path / "no" / "x.csv"), "--store", store])) == 2
+    )

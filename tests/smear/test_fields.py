@@ -1,0 +1,123 @@
+"""Smear mode on fields composed from the public-domain NIH fixture cells on a light background."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core.evaluation.smear_check import match
+from core.schema.results import SMEAR_COLUMNS
+from core.smear.fields import (
+    RED_CELL,
+    crop_cells,
+    draw_overlay,
+    field_summary,
+    score_field,
+    segment,
+)
+
+
+def test_segment_finds_every_red_cell_splits_touching_ones_and_marks_the_edge(composed):
+    field, truth, edge_box = composed
+    seg = segment(field)
+    cells = seg.cells
+    found = np.array([[c.x, c.y, c.w, c.h] for c in cells])
+    matched = match(truth, found)
+    assert len(matched) == len(truth), (len(matched), len(truth))  # touching pairs split
+    assert len(cells) == len(truth)  # and nothing else taken for a red cell
+    edge = cells[matched[len(truth) - 1]]
+    assert edge.edge and edge.x == 0
+    assert sum(c.edge for c in cells) == 1
+    assert 35 < seg.radius < 50  # 90 px cells
+    for c in cells:
+        assert c.mask.shape == (c.h, c.w) and c.mask.dtype == bool
+        assert c.area == int(c.mask.sum()) and 0.5 * math.pi * 35**2 < c.area < 90 * 90
+
+
+def test_platelets_and_white_cells_are_objects_but_not_red_cells(composed):
+    field, _, _ = composed
+    others = [o for o in segment(field).objects if not o.is_cell]
+    centres = [(o.x + o.w / 2, o.y + o.h / 2) for o in others]
+    assert any(abs(x - 620) < 15 and abs(y - 460) < 15 for x, y in centres), centres
+    kinds = {o.kind for o in others}
+    assert all(k.startswith("not a red cell") for k in kinds)
+
+
+def test_segment_rejects_non_rgb_and_finds_nothing_in_a_blank_field():
+    with pytest.raises(ValueError, match="RGB"):
+        segment(np.zeros((50, 50), np.uint8))
+    assert segment(np.full((200, 300, 3), 230, np.uint8)).objects == ()
+
+
+def test_crops_are_black_outside_the_cell_at_the_model_size(composed):
+    field, _, _ = composed
+    cells = segment(field).cells
+    crops = crop_cells(field, cells, size=128)
+    assert crops.shape == (len(cells), 128, 128, 3) and crops.dtype == np.uint8
+    corners = crops[:, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners.max(-1) == 0).mean() > 0.9  # the round cell leaves its box's corners black
+    assert (crops[:, 54:74, 54:74].max(-1) > 40).all()  # the middle is cell
+
+
+def test_score_field_gives_a_probability_per_red_cell(composed, tiny_model):
+    from core.inference.engines import load_engine
+
+    field, truth, _ = composed
+    engine = load_engine(tiny_model, "onnx")
+    result = score_field(field, engine)
+    assert result.prob.shape == (len(result.segmentation.cells),)
+    assert np.all((result.prob >= 0) & (result.prob <= 1))
+    rows = result.rows("f.png", 0.5)
+    assert len(rows) == len(result.segmentation.objects)
+    assert set(rows[0]) == set(SMEAR_COLUMNS)
+    red = [r for r in rows if r["object"] == RED_CELL]
+    assert all(r["prediction"] in ("Parasitized", "Uninfected") for r in red)
+    assert all(r["prob_parasitized"] is None for r in rows if r["object"] != RED_CELL)
+    image = draw_overlay(field, result.segmentation, result.prob, highlight=0)
+    assert image.shape == field.shape and (image != field).any()
+
+
+def test_field_summary_counts_red_cells_only_with_wilson_intervals():
+    rows = [
+        {
+            "image": "slide/a.png",
+            "object": RED_CELL,
+            "prob_parasitized": p,
+            "prediction": "Parasitized" if p >= 0.5 else "Uninfected",
+            "error": None,
+        }
+        for p in (0.9, 0.1, 0.2, 0.3)
+    ]
+    rows.append(
+        {
+            "image": "slide/a.png",
+            "object": "not a red cell: small (platelet or debris)",
+            "prob_parasitized": None,
+            "prediction": None,
+            "error": None,
+        }
+    )
+    rows.append(
+        {
+            "image": "slide/b.png",
+            "object": None,
+            "prob_parasitized": None,
+            "prediction": None,
+            "error": "not a readable image",
+        }
+    )
+    summary = field_summary(pd.DataFrame(rows)).set_index(["level", "group"])
+    a = summary.loc[("field", "slide/a.png")]
+    assert (a["cells"], a["other_objects"], a["parasitized"]) == (4, 1, 1)
+    assert a["parasitemia"] == 0.25
+    assert a["ci_low"] == pytest.approx(0.0456, abs=1e-3)  # Wilson 1/4
+    assert a["ci_high"] == pytest.approx(0.6994, abs=1e-3)
+    assert summary.loc[("field", "slide/b.png"), "errors"] == 1
+    folder = summary.loc[("folder", "slide")]
+    assert (folder["cells"], folder["errors"], folder["parasitized"]) == (4, 1, 1)
+    # a threshold re-makes the predictions from the probabilities
+    low = field_summary(pd.DataFrame(rows), threshold=0.15).set_index(["level", "group"])
+    assert low.loc[("field", "slide/a.png"), "parasitized"] == 3
