@@ -46,6 +46,9 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "training", "layer and model studies, patients kept apart", "add_study", "run_study"
     ),
     "audit": Command("audit", "rank the cells whose label is most likely wrong"),
+    "adapt": Command(
+        "adapt", "fine-tune a model on a lab's annotated fields, checked block by block"
+    ),
     "calibrate": {
         "int8": Command(
             "int8", "store a model's int8 calibration cells", "add_calibrate", "calibrate"

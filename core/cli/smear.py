@@ -36,7 +36,14 @@ from core.inference.engines import load_engine
 from core.inference.store import ResultStore, StoreError
 from core.schema.contract import WeightsError
 from core.schema.export import write_csv
-from core.smear.fields import RED_CELL, draw_overlay, field_summary, iter_fields
+from core.smear.fields import (
+    REVIEW_UNKNOWN,
+    counted_cells,
+    draw_overlay,
+    field_summary,
+    is_red_cell,
+    iter_fields,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -133,9 +140,10 @@ def _run(args: argparse.Namespace) -> int:
                 seconds.append(result.seconds)
                 if args.overlays:
                     image = read_image(src)
-                    Image.fromarray(draw_overlay(image, result.segmentation, result.prob)).save(
-                        args.overlays / _overlay_name(src.path)
+                    overlay = draw_overlay(
+                        image, result.segmentation, result.prob, quality=result.quality
                     )
+                    Image.fromarray(overlay).save(args.overlays / _overlay_name(src.path))
         except KeyboardInterrupt:
             return interrupted(store.path, run_id)
         store.finish(run_id)
@@ -157,11 +165,16 @@ def _run(args: argparse.Namespace) -> int:
             folders.drop(columns="level").to_string(index=False, float_format=lambda v: f"{v:.3f}")
         )
     n_err = int(cells["error"].notna().sum())
-    n_cells = int(((cells["object"] == RED_CELL) & cells["error"].isna()).sum())
+    n_cells = int(is_red_cell(cells).sum())
+    n_counted = int(counted_cells(cells).sum())
+    n_review = int(((summary["level"] == "field") & (summary["review"] != "")).sum())
     per_field = f"; {1000 * np.mean(seconds):.0f} ms per field" if seconds else ""
     print(
-        f"{n_cells} red cells in {cells['image'].nunique()} fields, {n_err} error rows; "
-        f"run {run_id}{per_field}",
+        f"{n_cells} red cells in {cells['image'].nunique()} fields, {n_counted} counted (the "
+        f"others cut by the edge, fragments, clumps or unlike the model's cells: see the "
+        f"quality column), {n_err} error rows"
+        + (f"; {n_review} fields for review: {REVIEW_UNKNOWN}" if n_review else "")
+        + f"; run {run_id}{per_field}",
         file=sys.stderr,
     )
     if not n_cells:

@@ -1,33 +1,45 @@
-"""``malaria check smear --data DIR``: smear mode measured on annotated fields
-(core.evaluation.smear_check), with and without stain matching."""
+"""``malaria check smear --data DIR``: smear mode measured on annotated fields, block of shots by
+block (core.evaluation.smear_check), with and without stain matching."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from core.data.images import decode_image
-from core.evaluation.smear_check import IOU, field_counts, figures
+from core.cli.options import add_weights, fail
+from core.data.annotations import AnnotationError, read_annotations
+from core.evaluation.smear_check import IOU, by_block, check_field
 from core.inference.engines import load_engine
-from core.schema.contract import DEFAULT_WEIGHTS
+from core.schema.contract import WeightsError
 from core.schema.files import write_json
-from core.smear.fields import crop_cells, match_stain, segment
+
+SHOWN = (
+    "fields",
+    "reported_share",
+    "recall_iou50",
+    "not_counted_share",
+    "infected_sensitivity",
+    "false_positive_share_counted",
+    "parasitemia_mae",
+    "parasitemia_mean",
+    "parasitemia_boxes_mean",
+    "seconds_per_field",
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data", type=Path, required=True, help="folder with images/ and annotations.json"
     )
-    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="model folder")
+    add_weights(p)
     p.add_argument(
-        "--tune",
-        default="PA1717",
-        help="file-name prefix of the fields the segmentation was tuned on",
+        "--blocks",
+        type=int,
+        default=6,
+        help="characters of a field's name that name its block of shots (figures per block)",
     )
     p.add_argument(
         "--out",
@@ -39,91 +51,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        annotations = json.loads((args.data / "annotations.json").read_text())
-    except (OSError, ValueError) as exc:
-        print(f"error: cannot read {args.data / 'annotations.json'}: {exc}", file=sys.stderr)
-        return 2
-    engine = load_engine(args.weights, threads=args.threads)
+        fields = read_annotations(args.data / "images", args.data / "annotations.json")
+        engine = load_engine(args.weights, threads=args.threads)
+    except (AnnotationError, WeightsError) as exc:
+        return fail(str(exc))
     threshold = engine.contract.threshold
     variants = {"own_colours": False, "stain_matched": True}  # the default first
-    rows: dict[str, list[tuple[str, dict]]] = {v: [] for v in variants}
-    seconds: dict[str, list[float]] = {v: [] for v in variants}
-    decoded: dict[str, list[float]] = {v: [] for v in variants}
     engine(np.zeros((1, engine.contract.input_size, engine.contract.input_size, 3), np.uint8))
-    for entry in sorted(annotations, key=lambda e: e["image_name"]):
-        name = entry["image_name"]
-        t0 = time.perf_counter()
-        image = decode_image((args.data / "images" / name).read_bytes())
-        t_decode = time.perf_counter() - t0
-        for variant, norm in variants.items():
-            t1 = time.perf_counter()
-            seg = segment(image)
-            cells = seg.cells
-            source = match_stain(image, cells) if norm else image
-            prob = (
-                engine(crop_cells(source, cells, size=engine.contract.input_size))
-                if cells
-                else np.empty(0)
-            )
-            dt = time.perf_counter() - t1
-            seconds[variant].append(dt)
-            decoded[variant].append(dt + t_decode)
-            objects = [
-                {"x": o.x, "y": o.y, "w": o.w, "h": o.h, "is_cell": o.is_cell} for o in seg.objects
-            ]
-            rows[variant].append((name, field_counts(objects, entry["objects"], prob, threshold)))
-        c = rows["own_colours"][-1][1]
-        print(
-            f"{name}: {c['recalled']}/{c['annotated']} boxes found, {c['red_cells']} red "
-            f"cells, {c['objects'] - c['red_cells']} other objects, infected "
-            f"{c['infected_called']}/{c['infected']} called, "
-            f"{c['false_called']} others called",
-            file=sys.stderr,
-        )
     report: dict = {
         "data": str(args.data),
         "weights_sha256": engine.sha256,
         "threshold": threshold,
         "iou": IOU,
-        "tune_prefix": args.tune,
+        "block_prefix": args.blocks,
         "machine_note": "seconds measured on the machine at hand; compare ratios",
     }
-    for variant in variants:
-        parts = {
-            "all": rows[variant],
-            "tune": [r for r in rows[variant] if r[0].startswith(args.tune)],
-            "held_out": [r for r in rows[variant] if not r[0].startswith(args.tune)],
-        }
-        report[variant] = {}
-        for part, picked in parts.items():
-            if not picked:
-                continue
-            idx = [i for i, r in enumerate(rows[variant]) if r in picked]
-            report[variant][part] = figures(
-                [r[1] for r in picked],
-                [seconds[variant][i] for i in idx],
-                [decoded[variant][i] for i in idx],
-            )
+    for variant, norm in variants.items():
+        rows = []
+        for field in fields:
+            rows.append(check_field(field, engine, threshold=threshold, stain_norm=norm))
+            if not norm:
+                c = rows[-1]
+                print(
+                    f"{field.name}: {c['recalled']}/{c['annotated']} boxes found, "
+                    f"{c['counted_cells']} of {c['red_cells']} red cells counted, infected "
+                    f"{c['infected_called']}/{c['infected']} called, {c['false_called']} others "
+                    f"called" + (" (review: unlike the model's cells)" if c["review"] else ""),
+                    file=sys.stderr,
+                )
+        report[variant] = {"blocks": by_block(rows, prefix=args.blocks), "fields": rows}
     out = args.out or Path(engine.folder) / "smear_check.json"
     write_json(out, report)
-    keys = (
-        "fields",
-        "recall_iou50",
-        "infected_sensitivity",
-        "false_positive_share_all_objects",
-        "false_positive_share_red_cells",
-        "precision_vs_boxes",
-        "seconds_per_field",
-        "seconds_per_field_with_decoding",
-    )
     for variant in variants:
-        print(f"\n{variant.replace('_', ' ')} (threshold {threshold:.2f})")
-        print(f"{'':34}" + "".join(f"{p:>10}" for p in report[variant]))
-        for k in keys:
-            vals = [report[variant][p][k] for p in report[variant]]
+        blocks = report[variant]["blocks"]
+        print(f"\n{variant.replace('_', ' ')} (threshold {threshold:.2f}; on the fields reported)")
+        print(f"{'':30}" + "".join(f"{b:>9}" for b in blocks))
+        for k in SHOWN:
+            vals = [blocks[b][k] for b in blocks]
             print(
-                f"{k:34}"
-                + "".join(f"{v:>10}" if isinstance(v, int) else f"{v:>10.3f}" for v in vals)
+                f"{k:30}" + "".join(f"{v:>9}" if isinstance(v, int) else f"{v:>9.3f}" for v in vals)
             )
     print(f"\nwritten to {out}")
     return 0

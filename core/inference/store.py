@@ -75,6 +75,8 @@ _ADDED_COLUMNS = {
     # duplicate_of: the path of the file with the same bytes scored first in the run (this row
     # has no probability of its own and is counted once); sha256: of the file's bytes
     "results": {"quality": "TEXT", "duplicate_of": "TEXT", "sha256": "TEXT"},
+    # quality: OK, or why the object is not counted (NULL in smear runs stored before it)
+    "smear_cells": {"quality": "TEXT"},
 }
 RUN_FIELDS = ("name", "sample", "operator")  # free text an analyst gives a run
 

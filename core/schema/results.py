@@ -53,6 +53,7 @@ SMEAR_COLUMNS = (
     "area",
     "edge",
     "object",
+    "quality",  # as in RESULT_COLUMNS: OK, or why the object is not counted
     "prob_parasitized",
     "prediction",
     "error",

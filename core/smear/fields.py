@@ -47,9 +47,18 @@ from core.inference.pipeline import upload_run
 from core.inference.store import ResultStore
 from core.schema.labels import PARASITIZED, predicted_class
 from core.schema.metrics import group_of, summary_from_counts
-from core.schema.results import SMEAR_COLUMNS, calls
+from core.schema.results import OK, SMEAR_COLUMNS, UNLIKE_TRAINING, calls, is_counted
 
 RED_CELL = "red cell"
+# Why a red cell found in a field is not counted (its ``quality``), beside the quality gate's
+# UNLIKE_TRAINING: counted cells are whole, single red cells the model knows.
+CUT_BY_EDGE = "cut by the field's edge"
+FRAGMENT = "fragment (part of a cell)"
+CLUMP = "clump of two or more cells"
+# A field (or a run) most of whose whole red cells lie farther from the cells the model knows
+# than its gate allows gets no parasitemia: the model does not know that slide.
+UNKNOWN_SHARE = 0.5
+REVIEW_UNKNOWN = "review: unlike the cells this model was trained or adapted on"
 # CIELAB (OpenCV 8-bit scale) mean and std of cell pixels in 3,000 NIH crops of the shipped
 # model's 70 training patients (background and a 2 px rim left out): the stain the model knows.
 NIH_LAB_MEAN = (169.4, 142.67, 126.14)
@@ -69,6 +78,11 @@ class SegmentConfig:
     pallor_weight: float = 1.0  # how much the redder rim counts against the distance
     nucleus_share: float = 0.3  # white cell: more than this share of pixels nucleus-dark
     nucleus_dark: float = 45.0  # L* below the field's red-cell median by this much
+    # Red cells counted only whole and single (chosen on the PA1717 block's boxed cells: 5.5% of
+    # its whole boxed cells and none of its infected ones fall outside, by size or the edge)
+    min_whole: float = 0.7  # below this share of a typical cell: a fragment
+    clump_size: float = 1.8  # above this share of a typical cell and less solid than
+    clump_solidity: float = 0.9  # this: two or more cells merged (an infected cell is round)
 
 
 @dataclass(frozen=True)
@@ -83,6 +97,7 @@ class FieldObject:
     edge: bool  # touches the field's border: cut by it
     kind: str  # RED_CELL, or why it is not one
     mask: np.ndarray = field(repr=False)  # bool (h, w): the object inside its box
+    quality: str = OK  # OK, or why it is not counted (its kind, if not a red cell)
 
     @property
     def is_cell(self) -> bool:
@@ -213,7 +228,19 @@ def _object(
         > 0
     )
     edge = y0 == 0 or x0 == 0 or y1 >= labels.shape[0] or x1 >= labels.shape[1]
-    return FieldObject(fx0, fy0, fx1 - fx0, fy1 - fy0, int(mask.sum()), bool(edge), kind, mask)
+    if kind != RED_CELL:
+        quality = kind
+    elif edge:
+        quality = CUT_BY_EDGE
+    elif rel < config.min_whole:
+        quality = FRAGMENT
+    elif rel > config.clump_size and p.solidity < config.clump_solidity:
+        quality = CLUMP
+    else:
+        quality = OK
+    return FieldObject(
+        fx0, fy0, fx1 - fx0, fy1 - fy0, int(mask.sum()), bool(edge), kind, mask, quality
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,13 +281,28 @@ class FieldResult:
     segmentation: Segmentation
     prob: np.ndarray  # float32 (number of red cells,): P(Parasitized) of segmentation.cells
     seconds: float  # segmentation, cropping and scoring (decoding excluded)
+    # bool (number of red cells,): features beyond the quality gate's limit (all False for a
+    # model without a feature calibration)
+    unlike: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+
+    @property
+    def quality(self) -> list[str]:
+        """``quality`` of each red cell: its own (whole, single, inside the field), then the
+        gate's UNLIKE_TRAINING for a whole cell the model does not know."""
+        unlike = iter(self.unlike.tolist() if len(self.unlike) else [False] * len(self.prob))
+        return [
+            (UNLIKE_TRAINING if next(unlike) and c.quality == OK else c.quality)
+            for c in self.segmentation.cells
+        ]
 
     def rows(self, image: str, threshold: float) -> list[dict]:
         """One SMEAR_COLUMNS row per object: red cells with their probabilities first."""
         probs = iter(self.prob.tolist())
+        qualities = iter(self.quality)
         rows = []
         for o in self.segmentation.objects:
             p = next(probs) if o.is_cell else None
+            q = next(qualities) if o.is_cell else o.quality
             rows.append(
                 {
                     "image": image,
@@ -271,6 +313,7 @@ class FieldResult:
                     "area": o.area,
                     "edge": o.edge,
                     "object": o.kind,
+                    "quality": q,
                     "prob_parasitized": p,
                     "prediction": None if p is None else predicted_class(p, threshold),
                     "error": None,
@@ -293,14 +336,18 @@ def score_field(
     start = time.perf_counter()
     seg = segment(image, config=config)
     cells = seg.cells
+    prob, unlike = np.empty(0, np.float32), np.zeros(0, bool)
     if cells:
         source = match_stain(image, cells) if stain_norm else image
-        prob = np.asarray(
-            engine(crop_cells(source, cells, size=engine.contract.input_size)), np.float32
+        prob, features = engine.score(crop_cells(source, cells, size=engine.contract.input_size))
+        prob = np.asarray(prob, np.float32)
+        known = engine.gate.features
+        unlike = (
+            known.distance(features) > known.limit
+            if known is not None
+            else np.zeros(len(cells), bool)
         )
-    else:
-        prob = np.empty(0, np.float32)
-    return FieldResult(seg, prob, time.perf_counter() - start)
+    return FieldResult(seg, prob, time.perf_counter() - start, unlike)
 
 
 def iter_fields(
@@ -330,6 +377,7 @@ SUMMARY_COLUMNS = (
     "level",
     "group",
     "cells",
+    "not_counted",
     "other_objects",
     "errors",
     "parasitized",
@@ -338,12 +386,28 @@ SUMMARY_COLUMNS = (
     "ci_high",
     "mean_prob",
     "likely_infected",
+    "unknown_share",
+    "review",
 )
 
 
 def is_red_cell(cells: pd.DataFrame) -> pd.Series:
-    """Rows (SMEAR_COLUMNS) of red cells that were scored: the only objects that count."""
+    """Rows (SMEAR_COLUMNS) of red cells that were scored, counted or not."""
     return (cells["object"] == RED_CELL) & cells["error"].isna()
+
+
+def counted_cells(cells: pd.DataFrame) -> pd.Series:
+    """Rows of red cells that count in parasitemia: scored, whole, single, inside the field and
+    like the cells the model knows (``quality`` OK; unknown in runs stored before it)."""
+    quality = cells["quality"] if "quality" in cells else pd.Series(None, cells.index)
+    return is_red_cell(cells) & is_counted(quality)
+
+
+def _unknown(cells: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """(whole single red cells, those of them the gate finds unlike the training cells)."""
+    quality = cells["quality"] if "quality" in cells else pd.Series(None, cells.index)
+    whole = is_red_cell(cells) & (is_counted(quality) | (quality == UNLIKE_TRAINING))
+    return whole, whole & (quality == UNLIKE_TRAINING)
 
 
 @dataclass(frozen=True)
@@ -351,37 +415,50 @@ class SmearTotals:
     """What a set of fields holds, over all of them (:func:`smear_totals`)."""
 
     fields: int  # images, those that gave an error row too
-    red_cells: int
-    parasitized: int  # red cells called Parasitized
+    red_cells: int  # counted red cells
+    parasitized: int  # counted red cells called Parasitized
+    unknown_share: float  # of the whole red cells, those unlike the cells the model knows
+
+    @property
+    def review(self) -> bool:
+        """Most whole red cells are unlike the model's: no parasitemia is given."""
+        return self.unknown_share > UNKNOWN_SHARE
 
     @property
     def parasitemia(self) -> float | None:
-        """Parasitized red cells / red cells; None without red cells."""
-        return self.parasitized / self.red_cells if self.red_cells else None
+        """Parasitized red cells / counted red cells; None without them or under review."""
+        return self.parasitized / self.red_cells if self.red_cells and not self.review else None
 
 
 def smear_totals(cells: pd.DataFrame) -> SmearTotals:
     """Totals of SMEAR_COLUMNS rows, by their ``prediction`` (re-made at the threshold in use)."""
-    red = is_red_cell(cells)
+    ok = counted_cells(cells)
+    whole, unknown = _unknown(cells)
     return SmearTotals(
         fields=int(cells["image"].nunique()),
-        red_cells=int(red.sum()),
-        parasitized=int((red & (cells["prediction"] == PARASITIZED)).sum()),
+        red_cells=int(ok.sum()),
+        parasitized=int((ok & (cells["prediction"] == PARASITIZED)).sum()),
+        unknown_share=float(unknown.sum() / whole.sum()) if whole.any() else 0.0,
     )
 
 
 def field_summary(
     cells: pd.DataFrame, *, threshold: float | None = None, cutoff: float = 0.0
 ) -> pd.DataFrame:
-    """Per field, then per folder (or zip): red cells found (``cells``), other objects, fields
-    that gave errors, called parasitized, parasitemia with its 95% Wilson interval, mean
-    P(Parasitized) and ``likely_infected`` (interval's lower bound above ``cutoff``).
+    """Per field, then per folder (or zip): counted red cells (``cells``), red cells not counted
+    (cut by the edge, fragments, clumps, unlike the training cells), other objects, fields that
+    gave errors, called parasitized, parasitemia with its 95% Wilson interval, mean
+    P(Parasitized), ``likely_infected`` (interval's lower bound above ``cutoff``),
+    ``unknown_share`` (of the whole red cells, those unlike the cells the model knows) and
+    ``review``: a field or folder where that share is above UNKNOWN_SHARE gets no parasitemia,
+    interval or flag, only REVIEW_UNKNOWN; a folder pools the fields that are not under review.
 
     ``cells`` holds SMEAR_COLUMNS rows; with ``threshold`` the predictions are re-made from the
     probabilities (as the dashboard's slider does)."""
     if cells.empty:
         return pd.DataFrame(columns=list(SUMMARY_COLUMNS))
-    is_cell = is_red_cell(cells)
+    is_cell, ok = is_red_cell(cells), counted_cells(cells)
+    whole, unknown = _unknown(cells)
     pred = cells["prediction"]
     if threshold is not None:
         pred = calls(cells["prob_parasitized"], threshold=threshold)
@@ -391,29 +468,46 @@ def field_summary(
             "folder": [group_of(p, "folder", "") for p in cells["image"]],
             "cells": is_cell.astype(int) + cells["error"].notna().astype(int),
             "errors": cells["error"].notna().astype(int),
+            "not_counted": (is_cell & ~ok).astype(int),
+            "uncertain": 0,  # no review band for smear cells
             "other": (~is_cell & cells["error"].isna()).astype(int),
-            "parasitized": (is_cell & (pred == PARASITIZED)).astype(int),
-            "prob_sum": cells["prob_parasitized"].where(is_cell, 0.0).astype(float),
+            "parasitized": (ok & (pred == PARASITIZED)).astype(int),
+            "prob_sum": cells["prob_parasitized"].where(ok, 0.0).astype(float),
+            "whole": whole.astype(int),
+            "unknown": unknown.astype(int),
         }
     )
+    sums = ["cells", "errors", "not_counted", "uncertain", "parasitized", "prob_sum", "other"]
+    per_field = rows.groupby("field")[["whole", "unknown"]].sum()
+    field_review = per_field["unknown"] > UNKNOWN_SHARE * per_field["whole"]
+    reported = ~rows["field"].map(field_review).astype(bool)
     parts = []
     for level in ("field", "folder"):
-        counts = rows.groupby(level, sort=True)[
-            ["cells", "errors", "parasitized", "prob_sum", "other"]
-        ].sum()
-        # no quality gate or review band here: the segmentation decides what a red cell is
-        s = summary_from_counts(counts.assign(not_counted=0, uncertain=0), cutoff=cutoff).drop(
-            columns=["not_counted", "uncertain"]
+        picked = rows if level == "field" else rows[reported]
+        counts = picked.groupby(level, sort=True)[sums].sum()
+        # a folder whose every field is under review still gets a row
+        groups = rows.groupby(level, sort=True)[["whole", "unknown", "errors", "other"]].sum()
+        counts = counts.reindex(groups.index, fill_value=0)
+        s = summary_from_counts(counts, cutoff=cutoff)
+        g = groups.reindex(s["group"])
+        share = (g["unknown"] / g["whole"].where(g["whole"] > 0)).fillna(0.0).to_numpy()
+        review = share > UNKNOWN_SHARE
+        if level == "folder":  # also when each of its fields is under review
+            review |= (s["scored"] == 0).to_numpy() & (g["whole"] > 0).to_numpy()
+        s = s.assign(
+            level=level,
+            cells=s["scored"],
+            other_objects=g["other"].to_numpy(),
+            errors=(g["errors"] > 0).astype(int).to_numpy()
+            if level == "field"
+            else g["errors"].to_numpy(),
+            unknown_share=share,
+            review=np.where(review, REVIEW_UNKNOWN, ""),
         )
-        other = counts["other"].reindex(s["group"]).to_numpy()
-        parts.append(
-            s.assign(
-                level=level,
-                cells=s["scored"],
-                other_objects=other,
-                errors=(s["errors"] > 0).astype(int) if level == "field" else s["errors"],
-            )
-        )
+        for column in ("parasitemia", "ci_low", "ci_high", "mean_prob"):
+            s[column] = s[column].where(~review)
+        s["likely_infected"] = s["likely_infected"] & ~review
+        parts.append(s)
     out = pd.concat(parts, ignore_index=True)
     return out[list(SUMMARY_COLUMNS)]
 
@@ -436,21 +530,25 @@ def draw_overlay(
     segmentation: Segmentation,
     prob: Sequence[float] | np.ndarray,
     *,
+    quality: Sequence[str] | None = None,
     highlight: int | None = None,
 ) -> np.ndarray:
-    """The field with every object outlined: red cells coloured by P(Parasitized), the rest
-    grey and dashed-thin; ``highlight`` (index into ``segmentation.objects``) in a thick box.
-    RGB uint8 (H, W, 3)."""
+    """The field with every object outlined: counted red cells coloured by P(Parasitized),
+    thick; the rest (other objects, red cells not counted) grey and thin; ``quality`` of each
+    red cell (default: the segmentation's, e.g. FieldResult.quality for the gate's too);
+    ``highlight`` (index into ``segmentation.objects``) in a thick box. RGB uint8 (H, W, 3)."""
     out = image.copy()
     thick = max(2, round(min(image.shape[:2]) / 400))
     probs = iter(prob)
+    cells = iter(quality if quality is not None else [c.quality for c in segmentation.cells])
     for i, o in enumerate(segmentation.objects):
         p = next(probs) if o.is_cell else None
+        counted = o.is_cell and next(cells) == OK
         contours, _ = cv2.findContours(
             o.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
         )
-        colour = prob_colour(p)
-        cv2.drawContours(out, contours, -1, colour, thick if o.is_cell else 1, offset=(o.x, o.y))
+        colour = prob_colour(p if counted else None)
+        cv2.drawContours(out, contours, -1, colour, thick if counted else 1, offset=(o.x, o.y))
         if i == highlight:
             cv2.rectangle(
                 out, (o.x - 3, o.y - 3), (o.x + o.w + 3, o.y + o.h + 3), (255, 220, 0), thick + 1

@@ -16,6 +16,7 @@ from core.inference.store import StoreError
 from core.schema.contract import ModelFolder
 from core.schema.results import calls
 from core.smear.fields import (
+    REVIEW_UNKNOWN,
     FieldObject,
     FieldResult,
     crop_cells,
@@ -88,9 +89,21 @@ def totals_ui(cells: pd.DataFrame) -> None:
     totals = smear_totals(cells)
     a, b, c, d = st.columns(4)
     a.metric("Fields", f"{totals.fields:,}")
-    b.metric("Red cells", f"{totals.red_cells:,}")
+    b.metric("Red cells", f"{totals.red_cells:,}", help="counted: whole, single, known cells")
     c.metric("Called parasitized", f"{totals.parasitized:,}")
     d.metric("Parasitemia", "–" if totals.parasitemia is None else f"{totals.parasitemia:.2%}")
+    if totals.review:
+        st.error(
+            f"{REVIEW_UNKNOWN.capitalize()}: {totals.unknown_share:.0%} of the whole red cells "
+            "lie farther from the cells this model knows than its quality gate allows, so no "
+            "parasitemia is given. Adapt the model to this lab (`malaria adapt`) first."
+        )
+    st.caption(
+        "Counted: whole, single red cells inside the field that the model knows; the rest "
+        "(cut by the edge, fragments, clumps, unlike the training cells) are drawn grey and "
+        "listed with their reason in the quality column. A model not adapted to your lab "
+        "learnt from the NIH cells alone: expect it to know your cells less well."
+    )
     errors = cells[cells["error"].notna()]
     if not errors.empty:
         st.warning(f"{len(errors)} field(s) gave no cells; each is a row with its reason:")
@@ -212,7 +225,9 @@ def field_ui(
     choices = [k for k in range(len(red)) if not suspects_only or prob[k] >= threshold]
     picked = st.session_state.get("smear_cell")
     highlight = cell_index[picked] if picked is not None and picked < len(red) else None
-    view = draw_overlay(image, result.segmentation, prob, highlight=highlight)
+    view = draw_overlay(
+        image, result.segmentation, prob, quality=result.quality, highlight=highlight
+    )
     centres = [(o.x + o.w / 2, o.y + o.h / 2) for o in red]
     field_key = f"field_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
     st.plotly_chart(

@@ -9,14 +9,18 @@ import pandas as pd
 import pytest
 
 from core.evaluation.smear_check import match
-from core.schema.results import SMEAR_COLUMNS
+from core.schema.labels import PARASITIZED, UNINFECTED
+from core.schema.results import OK, SMEAR_COLUMNS, UNLIKE_TRAINING
 from core.smear.fields import (
+    CUT_BY_EDGE,
     RED_CELL,
+    REVIEW_UNKNOWN,
     crop_cells,
     draw_overlay,
     field_summary,
     score_field,
     segment,
+    smear_totals,
 )
 
 
@@ -121,3 +125,48 @@ def test_field_summary_counts_red_cells_only_with_wilson_intervals():
     # a threshold re-makes the predictions from the probabilities
     low = field_summary(pd.DataFrame(rows), threshold=0.15).set_index(["level", "group"])
     assert low.loc[("field", "slide/a.png"), "parasitized"] == 3
+
+
+def test_only_whole_single_red_cells_inside_the_field_are_counted(composed, tiny_model):
+    from core.inference.engines import load_engine
+
+    field, _, _ = composed
+    seg = segment(field)
+    edge = [c for c in seg.cells if c.edge]
+    assert len(edge) == 1 and edge[0].quality == CUT_BY_EDGE
+    assert all(c.quality == OK for c in seg.cells if not c.edge)  # whole, single, inside
+    assert all(o.quality == o.kind != OK for o in seg.objects if not o.is_cell)
+    result = score_field(field, load_engine(tiny_model, "onnx"))
+    rows = pd.DataFrame(result.rows("slide/f.png", 0.5))
+    assert list(rows.columns) == list(SMEAR_COLUMNS)
+    assert (rows.loc[rows["object"] == RED_CELL, "quality"] == OK).sum() == len(seg.cells) - 1
+    f = field_summary(rows).iloc[0]
+    assert (f["cells"], f["not_counted"], f["review"]) == (len(seg.cells) - 1, 1, "")
+
+
+def _cells(image: str, qualities: list[str], parasitized: int) -> list[dict]:
+    rows = []
+    for i, q in enumerate(qualities):
+        call = PARASITIZED if i < parasitized else UNINFECTED
+        rows.append(
+            dict.fromkeys(SMEAR_COLUMNS)
+            | {"image": image, "object": RED_CELL, "quality": q, "prediction": call}
+            | {"prob_parasitized": 0.9 if call == PARASITIZED else 0.1}
+        )
+    return rows
+
+
+def test_a_field_whose_cells_the_model_does_not_know_gets_no_parasitemia():
+    unknown = _cells("slide/a.png", [OK] * 3 + [UNLIKE_TRAINING] * 7, parasitized=1)
+    known = _cells("slide/b.png", [OK] * 10 + [CUT_BY_EDGE], parasitized=2)
+    s = field_summary(pd.DataFrame(unknown + known)).set_index("group")
+    a, b, slide = s.loc["slide/a.png"], s.loc["slide/b.png"], s.loc["slide"]
+    assert a["review"] == REVIEW_UNKNOWN and a["unknown_share"] == pytest.approx(0.7)
+    assert np.isnan(a["parasitemia"]) and np.isnan(a["ci_low"]) and not a["likely_infected"]
+    assert b["review"] == "" and b["parasitemia"] == pytest.approx(0.2) and b["not_counted"] == 1
+    # the slide pools the fields it reports: b's cells only
+    assert slide["review"] == "" and slide["cells"] == 10 and slide["parasitemia"] == 0.2
+    assert smear_totals(pd.DataFrame(unknown)).parasitemia is None
+    assert smear_totals(pd.DataFrame(unknown)).review
+    every = field_summary(pd.DataFrame(unknown)).set_index("group").loc["slide"]
+    assert every["review"] == REVIEW_UNKNOWN and np.isnan(every["parasitemia"])

@@ -1,0 +1,382 @@
+"""Adapting a model to a lab: fine-tune a model folder on a few annotated fields of that lab.
+
+    malaria adapt FIELDS_DIR --annotations FILE --out weights/mylab [--weights weights/default]
+
+What it learns from: every red cell that smear mode finds and counts in the annotated fields
+(whole, single, inside the field), cut as smear mode cuts it, labelled by the box it matches
+(IoU >= 0.5): Parasitized for an infected stage, left out for ``difficult``, Uninfected for a
+red-cell box or no box at all (such annotations box every infected cell); and every infected
+box that no such cell matches, cut from its box with the inscribed ellipse kept.
+
+How: the last blocks and the classifier are fine-tuned (the first ``freeze`` blocks and every
+batch-norm statistic stay as the base model has them: re-estimating those on a lab's cells made
+its calls worse), on class-balanced batches with the training augmentation (flips, rotations,
+colour jitter, blur). Then, on the same cells, the threshold (the lowest that calls at most
+``max_false_share`` of their uninfected cells) and the quality gate's feature model (the cells
+the model knows now: these and the base model's own) are set for the lab.
+
+The check is honest: one block of shots is left out at a time (fields named alike were shot in
+one run), the model is fitted on the other blocks and smear mode measured on the left-out one
+with that fit's threshold and gate (core.evaluation.smear_check); the figures go into the card.
+The model folder written is then fitted on every field. The base model folder is never changed,
+and a run that fails or is interrupted leaves no model folder behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from core.data.annotations import DIFFICULT, AnnotatedField, block_of
+from core.data.images import decode_image
+from core.evaluation.gate_check import COMPONENTS, fit_features
+from core.evaluation.smear_check import box_iou, by_block, check_field, match
+from core.inference.engines import load_engine
+from core.inference.gate import FeatureModel, calibration_file
+from core.inference.quantize import calibration_images, required_calibration
+from core.nets.model import (
+    LoadedModel,
+    freeze_features,
+    load_model,
+    logits_and_features,
+    normalize,
+    save_model,
+)
+from core.schema.contract import ModelFolder, WeightsError
+from core.schema.files import cpu_count
+from core.schema.labels import CLASSES, PARASITIZED_INDEX
+from core.schema.results import OK
+from core.smear.fields import crop_cells, segment
+from core.training.recipe import TrainingError, augment
+
+UNINFECTED_INDEX = 1 - PARASITIZED_INDEX
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    freeze: int = 14  # leading feature blocks of MobileNetV2 (of 19) kept as the base has them
+    positive_share: float = 0.3  # of each batch: infected cells, drawn again as often as needed
+    negatives_per_epoch: int = 1500  # uninfected cells drawn (without replacement) per epoch
+    colour_jitter: float = 0.2
+    blur: float = 0.2
+    max_false_share: float = 0.01  # the threshold calls at most this share of the lab's uninfected
+    quantile: float = 0.995  # the gate's limit: this quantile of the known cells' distances
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LabCells:
+    """A lab's labelled cells: uint8 (N, S, S, 3), class index (N,), field name (N,)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    field: np.ndarray
+
+    def where(self, keep: np.ndarray) -> LabCells:
+        return LabCells(self.x[keep], self.y[keep], self.field[keep])
+
+    def describe(self) -> str:
+        pos = int((self.y == PARASITIZED_INDEX).sum())
+        return f"{len(self.y):,} cells of {len(set(self.field.tolist()))} fields, {pos} infected"
+
+
+def _ellipse_crop(image: np.ndarray, box: tuple[float, float, float, float], size: int):
+    x, y, w, h = (int(round(v)) for v in box)
+    x0, y0 = max(0, x), max(0, y)
+    x1, y1 = min(image.shape[1], x + w), min(image.shape[0], y + h)
+    crop = image[y0:y1, x0:x1].copy()
+    mask = np.zeros(crop.shape[:2], np.uint8)
+    centre = ((x + w / 2) - x0, (y + h / 2) - y0)
+    cv2.ellipse(mask, (round(centre[0]), round(centre[1])), (w // 2, h // 2), 0, 0, 360, 1, -1)
+    return cv2.resize(crop * mask[..., None], (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def field_cells(field: AnnotatedField, *, size: int) -> LabCells:
+    """The labelled cells of one annotated field (see the module's docstring)."""
+    image = decode_image(field.path.read_bytes())
+    seg = segment(image)
+    cells = [c for c in seg.cells if c.quality == OK]
+    truth = np.array([b.xywh for b in field.boxes], float).reshape(-1, 4)
+    found = np.array([[c.x, c.y, c.w, c.h] for c in cells], float).reshape(-1, 4)
+    matched = match(truth, found)  # box -> cell
+    label = np.full(len(cells), UNINFECTED_INDEX)
+    for i, j in matched.items():
+        b = field.boxes[i]
+        label[j] = PARASITIZED_INDEX if b.infected else (-1 if b.kind == DIFFICULT else label[j])
+    # a cell overlapping an infected or difficult box it was not matched to is left out too:
+    # its label is not known
+    if len(truth) and len(found):
+        iou = box_iou(truth, found)
+        unsure = np.array([b.infected or b.kind == DIFFICULT for b in field.boxes])
+        near = (iou[unsure] >= 0.1).any(0) if unsure.any() else np.zeros(len(cells), bool)
+        label[near & (label == UNINFECTED_INDEX)] = -1
+    keep = label >= 0
+    x = [crop_cells(image, [c for c, k in zip(cells, keep) if k], size=size)]
+    y = [label[keep]]
+    missed = [b for i, b in enumerate(field.boxes) if b.infected and i not in matched]
+    if missed:
+        x.append(np.stack([_ellipse_crop(image, b.xywh, size) for b in missed]))
+        y.append(np.full(len(missed), PARASITIZED_INDEX))
+    xs, ys = np.concatenate(x), np.concatenate(y)
+    return LabCells(xs, ys, np.full(len(ys), field.name))
+
+
+def lab_cells(
+    fields: Sequence[AnnotatedField], *, size: int, progress: Callable[[str], None] | None = None
+) -> LabCells:
+    parts = []
+    for f in fields:
+        parts.append(field_cells(f, size=size))
+        if progress:
+            progress(f.name)
+    return LabCells(
+        np.concatenate([p.x for p in parts]),
+        np.concatenate([p.y for p in parts]),
+        np.concatenate([p.field for p in parts]),
+    )
+
+
+def _batches(cells: LabCells, cfg: AdaptConfig, gen: torch.Generator):
+    pos = np.flatnonzero(cells.y == PARASITIZED_INDEX)
+    neg = np.flatnonzero(cells.y == UNINFECTED_INDEX)
+    if not len(pos) or not len(neg):
+        raise TrainingError(
+            "the annotated fields need both infected and uninfected cells to adapt on; found "
+            f"{len(pos)} infected and {len(neg)} uninfected"
+        )
+    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    n_neg = min(len(neg), cfg.negatives_per_epoch)
+    n_pos = max(1, round(n_neg * cfg.positive_share / (1 - cfg.positive_share)))
+    order = np.concatenate([rng.choice(neg, n_neg, replace=False), rng.choice(pos, n_pos)])
+    rng.shuffle(order)
+    for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
+        idx = order[i : i + cfg.batch_size]
+        x = augment(
+            torch.from_numpy(cells.x[idx]), jitter=cfg.colour_jitter, generator=gen, blur=cfg.blur
+        )
+        yield x, torch.from_numpy(cells.y[idx]).long()
+
+
+def fine_tune(
+    base: nn.Module, contract, cells: LabCells, cfg: AdaptConfig, *, log: Callable[[str], None]
+) -> nn.Module:
+    """A copy of ``base`` fine-tuned on ``cells`` (batch-norm statistics kept as they are)."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = copy.deepcopy(base)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    freeze_features(model, cfg.freeze)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(cfg.epochs):
+        model.train()
+        for m in model.modules():  # the base model's statistics: see the module's docstring
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        t0, seen, total = time.perf_counter(), 0, 0.0
+        for x, y in _batches(cells, cfg, gen):
+            loss = loss_fn(model(normalize(x, contract)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(y)
+            total += loss.item() * len(y)
+        log(
+            f"  epoch {epoch + 1}/{cfg.epochs}: loss {total / max(seen, 1):.4f}, "
+            f"{seen / (time.perf_counter() - t0):.0f} img/s"
+        )
+    return model.eval()
+
+
+@torch.no_grad()
+def _score(model: nn.Module, contract, x: np.ndarray, batch: int = 256):
+    probs, feats = [], []
+    for i in range(0, len(x), batch):
+        logits, f = logits_and_features(
+            model, normalize(torch.from_numpy(x[i : i + batch]), contract)
+        )
+        probs.append(logits.softmax(1)[:, contract.positive_index].numpy())
+        feats.append(f.numpy())
+    return np.concatenate(probs), np.concatenate(feats)
+
+
+def lab_threshold(prob: np.ndarray, y: np.ndarray, *, max_false_share: float) -> float:
+    """The lowest threshold that calls at most ``max_false_share`` of the uninfected cells
+    (never below 0.5: a lab's few infected cells must not pull it down to noise)."""
+    neg = np.sort(prob[y == UNINFECTED_INDEX])
+    if not len(neg):
+        return 0.5
+    k = int(math.floor(max_false_share * len(neg)))
+    t = float(neg[-(k + 1)]) + 1e-6 if k < len(neg) else 0.5
+    return float(min(max(t, 0.5), 0.999))
+
+
+def lab_gate(
+    feats: np.ndarray,
+    y: np.ndarray,
+    known: np.ndarray,
+    known_y: np.ndarray,
+    *,
+    quantile: float,
+    weights_sha256: str,
+) -> FeatureModel:
+    """The feature model of the cells the adapted model knows: the lab's and the base model's
+    own (``known``), its limit the ``quantile`` of their distances."""
+    all_f = np.concatenate([feats, known])
+    all_y = np.concatenate([y, known_y])
+    return replace(
+        fit_features(
+            all_f,
+            all_y,
+            all_f,
+            quantile=quantile,
+            weights_sha256=weights_sha256,
+            components=COMPONENTS,
+        ),
+        held_out="the lab's adaptation cells and the base model's calibration cells",
+    )
+
+
+def adapt(
+    fields: Sequence[AnnotatedField],
+    *,
+    base: Path,
+    out: Path,
+    cfg: AdaptConfig = AdaptConfig(),
+    prefix: int = 6,
+    check: bool = True,
+    command: str = "",
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Adapt the model in ``base`` to ``fields`` into the new model folder ``out`` (which must
+    not exist); with ``check`` first measure the recipe leaving one block of shots out at a time.
+    Returns the card written. Raises TrainingError, WeightsError."""
+    if out.exists():
+        raise TrainingError(f"{out} exists: adapt writes a new model folder, give another --out")
+    if "OMP_NUM_THREADS" not in os.environ:  # a user's thread cap wins
+        torch.set_num_threads(cpu_count())
+    loaded = load_model(base)
+    contract = loaded.contract
+    size = contract.input_size
+    log(f"cutting the cells of {len(fields)} fields")
+    cells = lab_cells(fields, size=size)
+    log(f"adapting on {cells.describe()}")
+    known = _known_cells(ModelFolder.open(base), size)
+    blocks = sorted({block_of(f.name, prefix) for f in fields})
+    record: dict = {
+        "adapted_from": {"weights": str(base), "sha256": loaded.sha256},
+        "fields": len(fields),
+        "blocks": blocks,
+        "cells": int(len(cells.y)),
+        "infected_cells": int((cells.y == PARASITIZED_INDEX).sum()),
+        "config": asdict(cfg),
+    }
+    with tempfile.TemporaryDirectory(prefix="adapt-") as tmp:
+        if check and len(blocks) > 1:
+            rows = []
+            for b in blocks:
+                held = [f for f in fields if block_of(f.name, prefix) == b]
+                fit_on = ~np.isin(cells.field, [f.name for f in held])
+                log(f"block {b}: fitting on the other {len(blocks) - 1} blocks")
+                folder = Path(tmp) / f"without_{b}"
+                _fit_and_write(loaded, cells.where(fit_on), known, cfg, folder, {}, log)
+                engine = load_engine(folder, "onnx")
+                for f in held:
+                    rows.append(check_field(f, engine, threshold=engine.contract.threshold))
+                shutil.rmtree(folder)
+            record["check"] = {
+                "method": "leave one block of shots out: fitted on the other blocks, smear mode "
+                "measured on the left-out block with that fit's threshold and gate",
+                "block_prefix": prefix,
+                "blocks": by_block(rows, prefix=prefix),
+            }
+        staging = Path(tmp) / "final"
+        card = _fit_and_write(
+            loaded,
+            cells,
+            known,
+            cfg,
+            staging,
+            {"adaptation": record, "training_command": command},
+            log,
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.parent / f".{out.name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(staging, partial)
+        os.replace(partial, out)  # whole, or not at all
+    return card
+
+
+def _known_cells(model: ModelFolder, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The base model's int8 calibration cells (its own training patients' cells, kept in its
+    folder) with their labels: what it knew before the lab, kept known after."""
+    try:
+        images, _ = calibration_images(model.path, model.card, size=size)
+    except WeightsError:  # a model with no calibration cells: the lab's cells alone
+        return np.empty((0, size, size, 3), np.uint8), np.empty(0, int)
+    with zipfile.ZipFile(model.path / required_calibration(model.path, model.card).file) as zf:
+        names = sorted(n for n in zf.namelist() if not n.endswith("/"))
+    labels = np.array([CLASSES.index(n.split("/")[0]) for n in names])
+    return images, labels
+
+
+def _fit_and_write(
+    loaded: LoadedModel,
+    cells: LabCells,
+    known: tuple[np.ndarray, np.ndarray],
+    cfg: AdaptConfig,
+    folder: Path,
+    card: dict,
+    log: Callable[[str], None],
+) -> dict:
+    """Fine-tune ``loaded`` on ``cells``, set the lab's threshold and gate, and write the model
+    folder ``folder`` (its card: the base's split and screening, and ``card``)."""
+    contract = loaded.contract
+    model = fine_tune(loaded.model, contract, cells, cfg, log=log)
+    prob, feats = _score(model, contract, cells.x)
+    threshold = lab_threshold(prob, cells.y, max_false_share=cfg.max_false_share)
+    known_feats = (
+        _score(model, contract, known[0])[1] if len(known[0]) else np.empty((0, feats.shape[1]))
+    )
+    written = save_model(
+        folder,
+        model,
+        replace(contract, threshold=threshold),
+        {
+            **{
+                k: v for k, v in loaded.card.items() if k in ("split", "screening", "training_data")
+            },
+            **card,
+        },
+    )
+    gate = lab_gate(
+        feats,
+        cells.y,
+        known_feats,
+        known[1],
+        quantile=cfg.quantile,
+        weights_sha256=written["sha256"],
+    )
+    gate.save(folder / calibration_file("onnx"))
+    log(f"  threshold {threshold:.3f}; gate limit {gate.limit:.1f}")
+    return written
