@@ -290,27 +290,48 @@ def adapt(
         "infected_cells": int((cells.y == PARASITIZED_INDEX).sum()),
         "config": asdict(cfg),
     }
+    ratio = 1.0  # without other blocks, nothing says how much farther a new block lies
     with tempfile.TemporaryDirectory(prefix="adapt-") as tmp:
         if check and len(blocks) > 1:
-            rows = []
+            # 1. one fit per left-out block, and how much farther that block's cells lie than
+            # the cells it was fitted on (the gate's limit is set on those: too tight for a
+            # new block, as for a model trained on every NIH patient)
+            folds, ratios = {}, {}
             for b in blocks:
-                held = [f for f in fields if block_of(f.name, prefix) == b]
-                fit_on = ~np.isin(cells.field, [f.name for f in held])
+                held = np.isin(
+                    cells.field, [f.name for f in fields if block_of(f.name, prefix) == b]
+                )
                 log(f"block {b}: fitting on the other {len(blocks) - 1} blocks")
                 folder = Path(tmp) / f"without_{b}"
-                _fit_and_write(loaded, cells.where(fit_on), known, cfg, folder, {}, log)
+                model, gate = _fit_and_write(
+                    loaded, cells.where(~held), known, cfg, folder, {}, log
+                )
+                unseen = gate.distance(_score(model, contract, cells.x[held])[1])
+                ratios[b] = float(np.quantile(unseen, cfg.quantile) / gate.limit)
+                folds[b] = (folder, gate)
+            # 2. each left-out block measured with the ratio of the other blocks only
+            rows = []
+            for b, (folder, gate) in folds.items():
+                others = float(np.median([r for k, r in ratios.items() if k != b]))
+                replace(gate, limit=gate.limit * others).save(folder / calibration_file("onnx"))
                 engine = load_engine(folder, "onnx")
-                for f in held:
-                    rows.append(check_field(f, engine, threshold=engine.contract.threshold))
+                for f in fields:
+                    if block_of(f.name, prefix) == b:
+                        rows.append(check_field(f, engine, threshold=engine.contract.threshold))
                 shutil.rmtree(folder)
+            ratio = float(np.median(list(ratios.values())))
             record["check"] = {
                 "method": "leave one block of shots out: fitted on the other blocks, smear mode "
-                "measured on the left-out block with that fit's threshold and gate",
+                "measured on the left-out block with that fit's threshold and its gate's limit "
+                "times the median ratio of the other blocks (how much farther a left-out "
+                "block's cells lie than those fitted)",
                 "block_prefix": prefix,
+                "gate_ratios": ratios,
                 "blocks": by_block(rows, prefix=prefix),
             }
+        record["gate_ratio"] = ratio
         staging = Path(tmp) / "final"
-        card = _fit_and_write(
+        _fit_and_write(
             loaded,
             cells,
             known,
@@ -318,7 +339,9 @@ def adapt(
             staging,
             {"adaptation": record, "training_command": command},
             log,
+            limit_ratio=ratio,
         )
+        card = ModelFolder.open(staging).card
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.parent / f".{out.name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
@@ -348,9 +371,13 @@ def _fit_and_write(
     folder: Path,
     card: dict,
     log: Callable[[str], None],
-) -> dict:
-    """Fine-tune ``loaded`` on ``cells``, set the lab's threshold and gate, and write the model
-    folder ``folder`` (its card: the base's split and screening, and ``card``)."""
+    *,
+    limit_ratio: float = 1.0,
+) -> tuple[nn.Module, FeatureModel]:
+    """Fine-tune ``loaded`` on ``cells``, set the lab's threshold and gate (its limit the
+    ``quantile`` of the known cells' distances times ``limit_ratio``), and write the model
+    folder ``folder`` (its card: the base's split and screening, and ``card``). Returns the
+    model and its gate as fitted (before ``limit_ratio``)."""
     contract = loaded.contract
     model = fine_tune(loaded.model, contract, cells, cfg, log=log)
     prob, feats = _score(model, contract, cells.x)
@@ -377,6 +404,10 @@ def _fit_and_write(
         quantile=cfg.quantile,
         weights_sha256=written["sha256"],
     )
-    gate.save(folder / calibration_file("onnx"))
-    log(f"  threshold {threshold:.3f}; gate limit {gate.limit:.1f}")
-    return written
+    replace(
+        gate,
+        limit=gate.limit * limit_ratio,
+        held_out=f"{gate.held_out} x {limit_ratio:.3f} (how much farther a new block lies)",
+    ).save(folder / calibration_file("onnx"))
+    log(f"  threshold {threshold:.3f}; gate limit {gate.limit * limit_ratio:.1f}")
+    return model, gate
