@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from core.cli.options import INTERRUPTED, add_weights, fail
+from core.cli.options import INTERRUPTED, add_weights, fail, print_table
 from core.data.annotations import AnnotationError, read_annotations
 from core.schema.contract import WeightsError
 from core.schema.files import invocation
@@ -70,12 +70,6 @@ def run(args: argparse.Namespace) -> int:
         return INTERRUPTED
     check = card["adaptation"].get("check")
     if check:
-        blocks = check["blocks"]
-        print("left-out block:       " + "".join(f"{b:>9}" for b in blocks))
-        for k in SHOWN:
-            vals = [blocks[b][k] for b in blocks]
-            print(
-                f"{k:22}" + "".join(f"{v:>9}" if isinstance(v, int) else f"{v:>9.3f}" for v in vals)
-            )
+        print_table(check["blocks"], SHOWN, head="left-out block")
     print(f"adapted model written to {args.out} (threshold {card['contract']['threshold']:.3f})")
     return 0

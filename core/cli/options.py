@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from core.inference.engines import Engine, load_engine
@@ -112,3 +113,16 @@ def resumed(info: RunInfo, *, engine: str | None = None, threads: int | None = N
             f"{info.weights} now holds {loaded.sha256[:12]}...; start a new run instead"
         )
     return loaded
+
+
+def print_table(columns: dict[str, dict], keys: Sequence[str], *, head: str = "") -> None:
+    """Figures as a table on stdout: one row per key, one column per entry of ``columns``
+    (e.g. a block of shots), integers as they are and the rest with 3 decimals."""
+    width = max(len(k) for k in keys) + 2
+    print(f"{head:{width}}" + "".join(f"{c:>9}" for c in columns))
+    for k in keys:
+        vals = [columns[c][k] for c in columns]
+        print(
+            f"{k:{width}}"
+            + "".join(f"{v:>9}" if isinstance(v, int) else f"{v:>9.3f}" for v in vals)
+        )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.cli.options import add_weights, fail
+from core.cli.options import add_weights, fail, print_table
 from core.data.annotations import AnnotationError, read_annotations
 from core.evaluation.smear_check import IOU, by_block, check_field
 from core.inference.engines import load_engine
@@ -85,11 +85,6 @@ def run(args: argparse.Namespace) -> int:
     for variant in variants:
         blocks = report[variant]["blocks"]
         print(f"\n{variant.replace('_', ' ')} (threshold {threshold:.2f}; on the fields reported)")
-        print(f"{'':30}" + "".join(f"{b:>9}" for b in blocks))
-        for k in SHOWN:
-            vals = [blocks[b][k] for b in blocks]
-            print(
-                f"{k:30}" + "".join(f"{v:>9}" if isinstance(v, int) else f"{v:>9.3f}" for v in vals)
-            )
+        print_table(blocks, SHOWN)
     print(f"\nwritten to {out}")
     return 0
