@@ -16,6 +16,7 @@ import numpy as np
 CLASSES = ("Parasitized", "Uninfected")  # folder names of the NIH layout, index order of the model
 PARASITIZED, UNINFECTED = CLASSES  # the positive class, and the other: spelled only here
 PARASITIZED_INDEX = CLASSES.index(PARASITIZED)  # a sample's integer label when it is Parasitized
+UNINFECTED_INDEX = CLASSES.index(UNINFECTED)
 ZIP_SEP = "!"  # "slides.zip!cell_images/Uninfected/x.png" names a zip member
 
 _CASE_RE = re.compile(r"^C(\d+)", re.IGNORECASE)

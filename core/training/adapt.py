@@ -57,12 +57,10 @@ from core.nets.model import (
 )
 from core.schema.contract import ModelFolder, WeightsError
 from core.schema.files import cpu_count
-from core.schema.labels import CLASSES, PARASITIZED_INDEX
+from core.schema.labels import CLASSES, PARASITIZED_INDEX, UNINFECTED_INDEX
 from core.schema.results import OK
 from core.smear.fields import crop_cells, segment
 from core.training.recipe import TrainingError, augment
-
-UNINFECTED_INDEX = 1 - PARASITIZED_INDEX
 
 
 @dataclass(frozen=True)
