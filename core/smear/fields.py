@@ -410,19 +410,26 @@ def _unknown(cells: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     return whole, whole & (quality == UNLIKE_TRAINING)
 
 
+def under_review(cells: pd.DataFrame) -> pd.Series:
+    """Rows of the fields whose whole red cells mostly (over UNKNOWN_SHARE) lie beyond the
+    quality gate's limit: the model does not know those fields, and reports none of them."""
+    whole, unknown = _unknown(cells)
+    per_field = pd.DataFrame({"field": cells["image"], "whole": whole, "unknown": unknown})
+    sums = per_field.groupby("field")[["whole", "unknown"]].sum()
+    review = sums["unknown"] > UNKNOWN_SHARE * sums["whole"]
+    return cells["image"].map(review).fillna(False).astype(bool)
+
+
 @dataclass(frozen=True)
 class SmearTotals:
     """What a set of fields holds, over all of them (:func:`smear_totals`)."""
 
     fields: int  # images, those that gave an error row too
-    red_cells: int  # counted red cells
-    parasitized: int  # counted red cells called Parasitized
-    unknown_share: float  # of the whole red cells, those unlike the cells the model knows
-
-    @property
-    def review(self) -> bool:
-        """Most whole red cells are unlike the model's: no parasitemia is given."""
-        return self.unknown_share > UNKNOWN_SHARE
+    red_cells: int  # counted red cells of the fields reported
+    parasitized: int  # of them, called Parasitized
+    unknown_share: float  # of all whole red cells, those unlike the cells the model knows
+    fields_review: int  # fields under review (:func:`under_review`), left out of the counts
+    review: bool  # every field with red cells is under review: no parasitemia at all
 
     @property
     def parasitemia(self) -> float | None:
@@ -432,13 +439,16 @@ class SmearTotals:
 
 def smear_totals(cells: pd.DataFrame) -> SmearTotals:
     """Totals of SMEAR_COLUMNS rows, by their ``prediction`` (re-made at the threshold in use)."""
-    ok = counted_cells(cells)
+    review = under_review(cells)
+    ok = counted_cells(cells) & ~review
     whole, unknown = _unknown(cells)
     return SmearTotals(
         fields=int(cells["image"].nunique()),
         red_cells=int(ok.sum()),
         parasitized=int((ok & (cells["prediction"] == PARASITIZED)).sum()),
         unknown_share=float(unknown.sum() / whole.sum()) if whole.any() else 0.0,
+        fields_review=int(cells.loc[review, "image"].nunique()),
+        review=bool(whole.any() and review[whole].all()),
     )
 
 
@@ -478,9 +488,7 @@ def field_summary(
         }
     )
     sums = ["cells", "errors", "not_counted", "uncertain", "parasitized", "prob_sum", "other"]
-    per_field = rows.groupby("field")[["whole", "unknown"]].sum()
-    field_review = per_field["unknown"] > UNKNOWN_SHARE * per_field["whole"]
-    reported = ~rows["field"].map(field_review).astype(bool)
+    reported = ~under_review(cells)
     parts = []
     for level in ("field", "folder"):
         picked = rows if level == "field" else rows[reported]
@@ -491,9 +499,11 @@ def field_summary(
         s = summary_from_counts(counts, cutoff=cutoff)
         g = groups.reindex(s["group"])
         share = (g["unknown"] / g["whole"].where(g["whole"] > 0)).fillna(0.0).to_numpy()
-        review = share > UNKNOWN_SHARE
-        if level == "folder":  # also when each of its fields is under review
-            review |= (s["scored"] == 0).to_numpy() & (g["whole"] > 0).to_numpy()
+        if level == "field":
+            review = share > UNKNOWN_SHARE
+        else:  # under review when each of its fields with red cells is
+            known = picked.groupby("folder")["whole"].sum().reindex(s["group"], fill_value=0)
+            review = (known == 0).to_numpy() & (g["whole"] > 0).to_numpy()
         s = s.assign(
             level=level,
             cells=s["scored"],
@@ -504,7 +514,7 @@ def field_summary(
             unknown_share=share,
             review=np.where(review, REVIEW_UNKNOWN, ""),
         )
-        for column in ("parasitemia", "ci_low", "ci_high", "mean_prob"):
+        for column in ("parasitized", "parasitemia", "ci_low", "ci_high", "mean_prob"):
             s[column] = s[column].where(~review)
         s["likely_infected"] = s["likely_infected"] & ~review
         parts.append(s)

@@ -98,6 +98,12 @@ def totals_ui(cells: pd.DataFrame) -> None:
             "lie farther from the cells this model knows than its quality gate allows, so no "
             "parasitemia is given. Adapt the model to this lab (`malaria adapt`) first."
         )
+    elif totals.fields_review:
+        st.warning(
+            f"{totals.fields_review} field(s) for {REVIEW_UNKNOWN}: most of their whole red "
+            "cells lie farther from the cells this model knows than its quality gate allows. "
+            "They get no parasitemia and are left out of the counts above."
+        )
     st.caption(
         "Counted: whole, single red cells inside the field that the model knows; the rest "
         "(cut by the edge, fragments, clumps, unlike the training cells) are drawn grey and "
