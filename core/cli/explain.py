@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from core.cli.options import add_weights
 from core.data.images import ImageError
 from core.data.sources import iter_sources, read_image
 from core.explain.cams import METHODS, explain, explainable, grid
@@ -17,7 +18,6 @@ from core.explain.heatmap import (
     TARGETS,
 )
 from core.nets.model import load_model
-from core.schema.contract import DEFAULT_WEIGHTS
 from core.schema.export import write_csv
 from core.schema.labels import as_posix
 
@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the model's target layer)",
     )
     p.add_argument("--target", default="predicted", choices=TARGETS)
-    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    add_weights(p)
     p.add_argument("--out", type=Path, required=True, help="folder for PNGs and scores.csv")
     p.add_argument("--no-faithfulness", action="store_true", help="skip ROAD (about 0.5 s per map)")
 

@@ -4,16 +4,16 @@ parasite on a model's test (or validation) patients (core.evaluation.explain_che
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from core.cli.options import add_weights
 from core.evaluation.explain_check import SPLITS, check_model
 from core.explain.cams import METHODS
-from core.schema.contract import DEFAULT_WEIGHTS, explain_check_paths
+from core.schema.contract import explain_check_paths
 from core.schema.files import atomic_path, write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="model folder")
+    add_weights(p)
     p.add_argument(
         "--split",
         choices=SPLITS,

@@ -7,25 +7,23 @@ import argparse
 import sys
 from pathlib import Path
 
+from core.cli.options import add_band, add_group_by, add_store, add_threshold
 from core.evaluation.report import ReportInfo, disk_reader, model_heatmaps, render_report
 from core.inference.gate import Gate
 from core.inference.store import ResultStore, StoreError
 from core.schema.contract import ModelFolder, WeightsError
 from core.schema.export import OutputError, check_output
 from core.schema.files import atomic_path
-from core.schema.results import REVIEW_BAND
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_id", help="a run in the result store (malaria score prints it)")
     p.add_argument("--out", type=Path, required=True, help="HTML file to write")
     p.add_argument("--case", nargs="+", dest="groups", help="only these patients (or folders)")
-    p.add_argument(
-        "--store", type=Path, help="result store; default $MALARIA_STORE or runs/results.sqlite"
-    )
-    p.add_argument("--threshold", type=float, help="default: the run's")
-    p.add_argument("--band", type=float, default=REVIEW_BAND, help="review band half-width")
-    p.add_argument("--group-by", choices=("case", "folder"), default="case")
+    add_store(p)
+    add_threshold(p, help="decision threshold on P(Parasitized); default: the run's")
+    add_band(p)
+    add_group_by(p)
     p.add_argument("--gallery", type=int, default=8, help="most suspicious cells per patient")
     p.add_argument("--no-heatmaps", action="store_true", help="cells only (faster)")
 

@@ -27,13 +27,12 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
-from core.data.annotations import INFECTED_STAGES, AnnotatedField, block_of
+from core.data.annotations import DIFFICULT, INFECTED_STAGES, AnnotatedField, block_of
 from core.data.images import decode_image
 from core.inference.engines import Engine
 from core.schema.results import OK
 from core.smear.fields import score_field, smear_totals
 
-INFECTED = INFECTED_STAGES
 IOU = 0.5
 
 
@@ -73,12 +72,12 @@ def field_counts(
     kinds = [b["type"] for b in boxes]
     found = np.array([[c[k] for k in "xywh"] for c in cells], float).reshape(-1, 4)
     matched = match(truth, found)  # annotation -> red cell
-    annotated = [i for i, k in enumerate(kinds) if k != "difficult"]
-    infected = [i for i, k in enumerate(kinds) if k in INFECTED]
+    annotated = [i for i, k in enumerate(kinds) if k != DIFFICULT]
+    infected = [i for i, k in enumerate(kinds) if k in INFECTED_STAGES]
     excluded = {
         matched[i]
         for i, k in enumerate(kinds)
-        if i in matched and (k in INFECTED or k == "difficult")
+        if i in matched and (k in INFECTED_STAGES or k == DIFFICULT)
     }
     other_cells = [j for j in range(len(cells)) if j not in excluded]
     n_other = len(objects) - len(excluded)

@@ -241,10 +241,17 @@ class Gate:
         out = image_reasons(
             image_stats(images, background_max=self.limits.background_max), self.limits
         )
-        if self.features is not None and features is not None and len(features):
-            far = self.features.distance(features) > self.features.limit
+        if features is not None and len(features):
+            far = self.unlike(features)
             out = [UNLIKE_TRAINING if r == OK and f else r for r, f in zip(out, far)]
         return out
+
+    def unlike(self, features: np.ndarray) -> np.ndarray:
+        """bool (N,): pooled features (N, C) farther from the training cells than the limit;
+        all False without a feature calibration."""
+        if self.features is None:
+            return np.zeros(len(features), bool)
+        return self.features.distance(features) > self.features.limit
 
     def describe(self) -> str:
         if self.features is None:

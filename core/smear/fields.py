@@ -340,13 +340,7 @@ def score_field(
     if cells:
         source = match_stain(image, cells) if stain_norm else image
         prob, features = engine.score(crop_cells(source, cells, size=engine.contract.input_size))
-        prob = np.asarray(prob, np.float32)
-        known = engine.gate.features
-        unlike = (
-            known.distance(features) > known.limit
-            if known is not None
-            else np.zeros(len(cells), bool)
-        )
+        prob, unlike = np.asarray(prob, np.float32), engine.gate.unlike(features)
     return FieldResult(seg, prob, time.perf_counter() - start, unlike)
 
 

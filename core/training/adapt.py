@@ -42,7 +42,7 @@ from torch import nn
 
 from core.data.annotations import DIFFICULT, AnnotatedField, block_of
 from core.data.images import decode_image
-from core.evaluation.gate_check import COMPONENTS, fit_features
+from core.evaluation.gate_check import fit_features
 from core.evaluation.smear_check import box_iou, by_block, check_field, match
 from core.inference.engines import load_engine
 from core.inference.gate import FeatureModel, calibration_file
@@ -136,14 +136,8 @@ def field_cells(field: AnnotatedField, *, size: int) -> LabCells:
     return LabCells(xs, ys, np.full(len(ys), field.name))
 
 
-def lab_cells(
-    fields: Sequence[AnnotatedField], *, size: int, progress: Callable[[str], None] | None = None
-) -> LabCells:
-    parts = []
-    for f in fields:
-        parts.append(field_cells(f, size=size))
-        if progress:
-            progress(f.name)
+def lab_cells(fields: Sequence[AnnotatedField], *, size: int) -> LabCells:
+    parts = [field_cells(f, size=size) for f in fields]
     return LabCells(
         np.concatenate([p.x for p in parts]),
         np.concatenate([p.y for p in parts]),
@@ -242,14 +236,7 @@ def lab_gate(
     all_f = np.concatenate([feats, known])
     all_y = np.concatenate([y, known_y])
     return replace(
-        fit_features(
-            all_f,
-            all_y,
-            all_f,
-            quantile=quantile,
-            weights_sha256=weights_sha256,
-            components=COMPONENTS,
-        ),
+        fit_features(all_f, all_y, all_f, quantile=quantile, weights_sha256=weights_sha256),
         held_out="the lab's adaptation cells and the base model's calibration cells",
     )
 
