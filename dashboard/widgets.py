@@ -58,7 +58,13 @@ def show_card(model: ModelFolder) -> None:
         if any(split.values())
         else None,
         "training data": ", ".join(model.training_data),
-        "screening cutoff": f"{screening.cutoff:.1%} ({screening.method})" if screening else None,
+        "screening flag": f"flagged when {screening.describe()} ({screening.method})"
+        if screening.method
+        else None,
+        "temperature": f"{model.contract.temperature:.3f} (probabilities calibrated on "
+        "out-of-fold cells)"
+        if model.contract.temperature != 1.0
+        else None,
         "training command": model.training_command,
     }
     facts = pd.DataFrame({"": list(about), "value": [str(v) for v in about.values()]})

@@ -54,6 +54,9 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
             "int8", "store a model's int8 calibration cells", "add_calibrate", "calibrate"
         ),
         "gate": Command("gate", "fit a model's quality gate", "add_calibrate", "calibrate"),
+        "probabilities": Command(
+            "calibrate", "fit a model's temperature and screening flag on out-of-fold cells"
+        ),
     },
     "check": {
         "int8": Command("int8", "int8 against fp32 on the test patients", "add_check", "check"),

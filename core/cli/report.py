@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             run.weights,
             model.sha256,
             run.threshold if args.threshold is None else args.threshold,
-            model.screening_cutoff,
+            model.screening,
             args.band,
             args.group_by,
             Gate.for_model(model.path, model.sha256, run.engine).describe(),

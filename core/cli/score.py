@@ -206,7 +206,7 @@ def _run(args: argparse.Namespace) -> int:
                     f"{store.path}: export them again with --resume {run_id} --out FILE"
                 )
         summary = parasitemia_summary(
-            reviewed(), group_by=args.group_by, cutoff=engine.weights.screening_cutoff
+            reviewed(), group_by=args.group_by, screening=engine.weights.screening
         )
         n_dup = sum(int(c["duplicate_of"].notna().sum()) for c in store.iter_results(run_id))
     with pd.option_context("display.max_rows", 200, "display.width", 140):

@@ -151,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.out:
             write_csv(args.out, cells)
-        summary = field_summary(cells, cutoff=engine.weights.screening_cutoff)
+        summary = field_summary(cells, screening=engine.weights.screening)
         if args.summary:
             write_csv(args.summary, summary)
     except OSError as exc:

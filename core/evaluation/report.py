@@ -6,7 +6,7 @@
 
 For each patient (or folder) of a scored run: cells, errors, cells not counted by the quality
 gate (with their reasons), cells in the review band, parasitemia with its 95% Wilson interval,
-the screening flag and its cutoff, the model and its sha256, the run and the date; then a
+the screening flag and its rule, the model and its sha256, the run and the date; then a
 gallery of the most suspicious counted cells (highest P(Parasitized)) with their heatmaps
 (the Explain page's default map), and the cells listed for review. Images are embedded as
 PNG data, so the file can be mailed or archived alone; every name is HTML-escaped. A run of
@@ -32,6 +32,7 @@ from core.data.sources import open_source, read_image
 from core.schema.labels import file_name, predicted_class
 from core.schema.metrics import group_of, parasitemia_summary
 from core.schema.results import REVIEW_BAND, UNCERTAIN, counted, review
+from core.schema.screening import Screening
 
 ImageReader = Callable[[str], "np.ndarray | None"]  # result path -> RGB uint8 (H, W, 3)
 Heatmaps = Callable[[list[np.ndarray]], list[np.ndarray]]  # images -> overlays, same sizes
@@ -48,7 +49,7 @@ class ReportInfo:
     model: str  # the model folder, as the dashboard names it
     sha256: str  # of the model's weights
     threshold: float
-    cutoff: float  # the screening flag's parasitemia cutoff
+    screening: Screening  # the "likely infected" flag's rule
     band: float = REVIEW_BAND
     group_by: str = "case"
     gate: str = ""  # what the quality gate checked (core.inference.gate.Gate.describe)
@@ -180,10 +181,12 @@ def _section(
         ),
         (
             "Screening flag",
-            f"{flag}: flagged when the interval's lower end is above the "
-            f"cutoff {info.cutoff:.2%}, the rate at which this model calls "
-            "truly uninfected cells parasitized (upper bound, validation "
-            "patients)",
+            f"{flag}: flagged when {html.escape(info.screening.describe())}"
+            + (
+                f"; here {s['confident']:,} such calls, p = {s['flag_p']:.2g}"
+                if info.screening.rule == "calls"
+                else ""
+            ),
         ),
         ("Model", f"{html.escape(info.model)} · weights sha256 <code>{info.sha256}</code>"),
         (
@@ -219,7 +222,7 @@ def render_report(
     in the summary's order). ``read(path)`` gives a row's image or None; ``heatmaps(images)``
     their overlays. Raises ValueError naming groups that are not in the results."""
     rows = _with_calls(results, info)
-    summary = parasitemia_summary(rows, group_by=info.group_by, cutoff=info.cutoff)
+    summary = parasitemia_summary(rows, group_by=info.group_by, screening=info.screening)
     summary = summary.set_index("group")
     wanted = list(summary.index) if groups is None else list(groups)
     missing = [g for g in wanted if g not in summary.index]

@@ -58,7 +58,8 @@ from core.explain.heatmap import (
     overlay,
 )
 from core.explain.locate import Stain, locate, mass_inside, points_at
-from core.nets.model import LoadedModel, normalize
+from core.nets.model import LoadedModel, normalize, positive_probability
+from core.schema.contract import ModelContract
 from core.schema.labels import predicted_class
 
 METHODS = dict(
@@ -74,12 +75,13 @@ class _PredictedTarget:
     """The logit of the class the model calls at ``threshold``, decided from the same forward
     pass the CAM differentiates (no extra pass to find the prediction first)."""
 
-    def __init__(self, positive: int, threshold: float) -> None:
-        self.positive, self.threshold = positive, threshold
+    def __init__(self, contract: ModelContract) -> None:
+        self.contract = contract
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        p = float(logits.detach().softmax(-1)[self.positive])
-        return logits[self.positive if p >= self.threshold else 1 - self.positive]
+        positive = self.contract.positive_index
+        p = float(positive_probability(logits.detach(), self.contract))
+        return logits[positive if p >= self.contract.threshold else 1 - positive]
 
 
 def explainable(loaded: LoadedModel) -> nn.Module:
@@ -156,12 +158,12 @@ def explain(
             idx = [c.classes.index(target.capitalize())] * len(chunk)
         elif method in SLOW_METHODS:  # their targets score perturbed images: fix the class first
             with torch.no_grad():
-                pos = net(x).softmax(1)[:, c.positive_index].tolist()
+                pos = positive_probability(net(x), c).tolist()
             idx = [c.classes.index(predicted_class(p, c.threshold)) for p in pos]
         targets = (
             [ClassifierOutputTarget(i) for i in idx]
             if idx is not None
-            else [_PredictedTarget(c.positive_index, c.threshold)] * len(chunk)
+            else [_PredictedTarget(c)] * len(chunk)
         )
         # Not `with cam:` here: BaseCAM.__exit__ swallows IndexError, which would hide a failed
         # map; the hooks are released in `finally` all the same.
@@ -171,11 +173,11 @@ def explain(
                 cam.batch_size = 64
             with torch.enable_grad():
                 maps = cam(input_tensor=x.clone().requires_grad_(True), targets=targets)
-            probs = cam.outputs.detach().softmax(1)  # the unperturbed forward pass's output
+            # the unperturbed forward pass's output
+            pos = positive_probability(cam.outputs.detach(), c).tolist()
             map_size = max(tuple(a.shape[-2:]) for a in cam.activations_and_grads.activations)
         finally:
             cam.activations_and_grads.release()
-        pos = probs[:, c.positive_index].tolist()
         if idx is None:  # "predicted" follows the decision threshold, as the scoring does
             idx = [c.classes.index(predicted_class(p, c.threshold)) for p in pos]
         ms = (time.perf_counter() - t0) * 1000 / len(chunk)

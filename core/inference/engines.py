@@ -166,13 +166,13 @@ class TorchEngine(Engine):
     def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch  # loaded already by __init__ (a sys.modules lookup)
 
-        from core.nets.model import logits_and_features, normalize
+        from core.nets.model import logits_and_features, normalize, positive_probability
 
         with torch.no_grad():
             logits, features = logits_and_features(
                 self.model, normalize(torch.from_numpy(images), self.contract)
             )
-        return (logits.softmax(1)[:, self.contract.positive_index].numpy(), features.numpy())
+        return positive_probability(logits, self.contract).numpy(), features.numpy()
 
 
 def load_engine(

@@ -105,7 +105,8 @@ def signed_cache(path: Path, build: Callable[[Path], object]) -> bytes:
 
 
 def export_onnx(folder: Path, out: Path) -> Path:
-    """Export the model in ``folder`` to ONNX, normalisation and softmax included.
+    """Export the model in ``folder`` to ONNX, normalisation and the calibrated
+    softmax included.
 
     The graph takes uint8 NHWC images at the contract size and returns P(Parasitized) (N,)
     and the pooled features (N, C) the quality gate reads, from the same forward pass.
@@ -113,7 +114,7 @@ def export_onnx(folder: Path, out: Path) -> Path:
     # PyTorch only to export, once per weights: scoring from the cache never loads it
     import torch
 
-    from core.nets.model import load_model, logits_and_features, normalize
+    from core.nets.model import load_model, logits_and_features, normalize, positive_probability
 
     loaded = load_model(folder)
 
@@ -124,7 +125,7 @@ def export_onnx(folder: Path, out: Path) -> Path:
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             logits, features = logits_and_features(self.model, normalize(x, loaded.contract))
-            return logits.softmax(1)[:, loaded.contract.positive_index], features
+            return positive_probability(logits, loaded.contract), features
 
     size = loaded.contract.input_size
     with atomic_path(out) as tmp, warnings.catch_warnings():

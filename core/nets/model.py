@@ -228,6 +228,12 @@ def logits_and_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     return model.get_submodule("classifier")(pooled), pooled
 
 
+def positive_probability(logits: torch.Tensor, contract: ModelContract) -> torch.Tensor:
+    """Calibrated P(Parasitized) (N,) of logits (N, 2): the softmax at the contract's
+    temperature. Every engine and explanation turns logits into probabilities here."""
+    return (logits / contract.temperature).softmax(-1)[..., contract.positive_index]
+
+
 @torch.no_grad()
 def predict_proba(
     model: nn.Module, images: torch.Tensor, contract: ModelContract, *, batch_size: int = 64
@@ -237,5 +243,5 @@ def predict_proba(
     out = []
     for i in range(0, len(images), batch_size):
         logits = model(normalize(images[i : i + batch_size], contract))
-        out.append(logits.softmax(1)[:, contract.positive_index])
+        out.append(positive_probability(logits, contract))
     return torch.cat(out) if out else torch.zeros(0)

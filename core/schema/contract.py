@@ -14,6 +14,7 @@ from pathlib import Path
 
 from core.schema.files import REPO_ROOT, write_json
 from core.schema.labels import CLASSES, PARASITIZED
+from core.schema.screening import Screening
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
@@ -62,6 +63,8 @@ def contract_problems(c: ModelContract) -> list[str]:
         problems.append(f"std must be positive, got {list(c.std)}")
     if not (_is_number(c.threshold) and 0 <= c.threshold <= 1):
         problems.append(f"threshold must be a probability in [0, 1], got {c.threshold!r}")
+    if not (_is_number(c.temperature) and c.temperature > 0):
+        problems.append(f"temperature must be a positive number, got {c.temperature!r}")
     if c.target_layer and c.target_layer not in c.cam_layers:
         problems.append(f"target_layer {c.target_layer!r} is not one of cam_layers")
     return problems
@@ -79,7 +82,10 @@ class ModelContract:
     # Named stages for Grad-CAM, fine to coarse; the target is the explanations' default stage.
     cam_layers: tuple[str, ...] = ()
     target_layer: str = ""
-    threshold: float = 0.5  # on P(Parasitized)
+    threshold: float = 0.5  # on P(Parasitized), calibrated
+    # The logits are divided by it before the softmax (core.schema.calibration): fitted on
+    # out-of-fold predictions so that P(Parasitized) means what it says; 1 = as trained.
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         problems = contract_problems(self)
@@ -91,7 +97,10 @@ class ModelContract:
         return self.classes.index(PARASITIZED)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["temperature"] == 1.0:  # an uncalibrated model's card (and its hash) as before
+            del d["temperature"]
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> ModelContract:
@@ -217,14 +226,6 @@ def predictions_path(folder: Path | str, part: str) -> Path:
 
 
 @dataclass(frozen=True)
-class Screening:
-    """The "likely infected" flag's cutoff on parasitemia and how it was chosen."""
-
-    cutoff: float
-    method: str
-
-
-@dataclass(frozen=True)
 class HeatmapEstimate:
     """How often the default heatmap peaks on the stained parasite in cells of patients the
     k-fold models never saw (``malaria folds`` with each fold's heatmap check)."""
@@ -280,17 +281,10 @@ class ModelFolder:
         )
 
     @property
-    def screening_cutoff(self) -> float:
-        """The parasitemia cutoff of the "likely infected" flag (0.0 if the card has none)."""
-        return float(self.card.get("screening", {}).get("cutoff", 0.0))
-
-    @property
-    def screening(self) -> Screening | None:
-        """The flag's cutoff and how it was chosen; None if the card records no cutoff."""
-        saved = self.card.get("screening", {})
-        if "cutoff" not in saved:
-            return None
-        return Screening(float(saved["cutoff"]), str(saved.get("method", "")))
+    def screening(self) -> Screening:
+        """The "likely infected" flag's rule (core.schema.screening); the interval rule at
+        cutoff 0 if the card records none. Raises ScreeningError for an unusable record."""
+        return Screening.from_card(self.card.get("screening", {}))
 
     @property
     def heatmap_estimate(self) -> HeatmapEstimate | None:

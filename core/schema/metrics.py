@@ -16,6 +16,7 @@ import pandas as pd
 
 from core.schema.labels import PARASITIZED, UNINFECTED, as_posix, is_parasitized
 from core.schema.results import UNCERTAIN, calls, counted
+from core.schema.screening import Screening
 
 
 def binary_metrics(
@@ -124,13 +125,17 @@ def _natural_key(text: str) -> list:
     return [int(t) if i % 2 else t for i, t in enumerate(re.split(r"([0-9]+)", str(text)))]
 
 
-_COUNTS = ["cells", "errors", "not_counted", "parasitized", "uncertain", "prob_sum"]
+_COUNTS = ["cells", "errors", "not_counted", "parasitized", "confident", "uncertain", "prob_sum"]
+NO_SCREENING = Screening()  # the interval rule at cutoff 0: any parasitemia clearly above zero
 
 
-def parasitemia_counts(results: pd.DataFrame, *, group_by: str = "case") -> pd.DataFrame:
+def parasitemia_counts(
+    results: pd.DataFrame, *, group_by: str = "case", confident_at: float = 1.0
+) -> pd.DataFrame:
     """Per-group counts of result rows (path, case_id, prediction, prob, error, and where
     present quality and review: ``core.inference.gate``; rows with a ``duplicate_of`` are left out),
     indexed by group: cells, errors, not_counted (failed the quality gate), parasitized,
+    confident (counted with P(Parasitized) >= ``confident_at``: the screening flag's calls),
     uncertain (in the review band), prob_sum. Counts of chunks add up, so a run of any size can
     be summarised chunk by chunk. Raises ValueError for an unknown ``group_by``."""
     if group_by not in ("case", "folder"):
@@ -149,6 +154,7 @@ def parasitemia_counts(results: pd.DataFrame, *, group_by: str = "case") -> pd.D
             "errors": (~scored).astype(int),
             "not_counted": (scored & ~ok).astype(int),
             "parasitized": (ok & (results["prediction"] == PARASITIZED)).astype(int),
+            "confident": (ok & (results["prob_parasitized"] >= confident_at)).astype(int),
             "uncertain": (ok & (review == UNCERTAIN)).astype(int),
             "prob_sum": results["prob_parasitized"].where(ok, 0.0).astype(float),
         }
@@ -156,14 +162,19 @@ def parasitemia_counts(results: pd.DataFrame, *, group_by: str = "case") -> pd.D
     return rows.groupby("group", sort=True)[_COUNTS].sum()
 
 
-def summary_from_counts(counts: pd.DataFrame, *, cutoff: float = 0.0) -> pd.DataFrame:
-    """Parasitemia per group from :func:`parasitemia_counts` (summed over chunks).
+def summary_from_counts(
+    counts: pd.DataFrame, *, screening: Screening = NO_SCREENING
+) -> pd.DataFrame:
+    """Parasitemia per group from :func:`parasitemia_counts` (summed over chunks, counted
+    ``confident_at=screening.confident_at``).
 
     Columns: group, cells (rows), errors, not_counted (failed the quality gate: listed for
     review, left out of everything after), scored (the cells counted), parasitized, uncertain
     (counted, but in the review band), parasitemia (parasitized / scored), ci_low/ci_high (95%
-    Wilson), mean_prob, likely_infected (ci_low > cutoff; never for the ``(no case id)``
-    group, which pools files of unknown patients).
+    Wilson), mean_prob, confident (the flag's calls), flag_p (the flag's binomial p-value; NaN
+    under the ``interval`` rule), likely_infected (``screening`` judges the group; never the
+    ``(no case id)`` group, which pools files of unknown patients), flag_rule (the rule in
+    words).
     """
     cols = [
         "group",
@@ -177,13 +188,19 @@ def summary_from_counts(counts: pd.DataFrame, *, cutoff: float = 0.0) -> pd.Data
         "ci_low",
         "ci_high",
         "mean_prob",
+        "confident",
+        "flag_p",
         "likely_infected",
+        "flag_rule",
     ]
+    rule = screening.describe()
     rows = []
     for group, c in counts.sort_index(key=lambda idx: idx.map(_natural_key)).iterrows():
         n = int(c["cells"] - c["errors"] - c["not_counted"])
         k = int(c["parasitized"])
         lo, hi = wilson_interval(k, n)
+        confident = int(c["confident"])
+        flagged, evidence = screening.judge(cells=n, confident=confident, ci_low=lo)
         rows.append(
             {
                 "group": group,
@@ -197,26 +214,33 @@ def summary_from_counts(counts: pd.DataFrame, *, cutoff: float = 0.0) -> pd.Data
                 "ci_low": lo,
                 "ci_high": hi,
                 "mean_prob": c["prob_sum"] / n if n else math.nan,
-                "likely_infected": bool(n and lo > cutoff and group != NO_CASE),
+                "confident": confident,
+                "flag_p": evidence if screening.rule == "calls" else math.nan,
+                "likely_infected": flagged and group != NO_CASE,
+                "flag_rule": rule,
             }
         )
     return pd.DataFrame(rows, columns=cols)
 
 
 def parasitemia_summary(
-    results: pd.DataFrame | Iterable[pd.DataFrame], *, group_by: str = "case", cutoff: float = 0.0
+    results: pd.DataFrame | Iterable[pd.DataFrame],
+    *,
+    group_by: str = "case",
+    screening: Screening = NO_SCREENING,
 ) -> pd.DataFrame:
     """Per-group parasitemia of result rows, given as one frame or as chunks of one run (only
     per-group counts are kept between chunks); see :func:`summary_from_counts`."""
     chunks = [results] if isinstance(results, pd.DataFrame) else results
-    parts = [parasitemia_counts(chunk, group_by=group_by) for chunk in chunks]
+    at = screening.confident_at
+    parts = [parasitemia_counts(chunk, group_by=group_by, confident_at=at) for chunk in chunks]
     parts = [p for p in parts if not p.empty]
     counts = (
         pd.concat(parts).groupby(level=0).sum()
         if parts
         else parasitemia_counts(pd.DataFrame(), group_by=group_by)
     )
-    return summary_from_counts(counts, cutoff=cutoff)
+    return summary_from_counts(counts, screening=screening)
 
 
 def confusion_cell(

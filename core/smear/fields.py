@@ -46,8 +46,9 @@ from core.data.sources import ImageSource, read_image
 from core.inference.pipeline import upload_run
 from core.inference.store import ResultStore
 from core.schema.labels import PARASITIZED, predicted_class
-from core.schema.metrics import group_of, summary_from_counts
+from core.schema.metrics import NO_SCREENING, group_of, summary_from_counts
 from core.schema.results import OK, SMEAR_COLUMNS, UNLIKE_TRAINING, calls, is_counted
+from core.schema.screening import Screening
 
 RED_CELL = "red cell"
 # Why a red cell found in a field is not counted (its ``quality``), beside the quality gate's
@@ -379,7 +380,10 @@ SUMMARY_COLUMNS = (
     "ci_low",
     "ci_high",
     "mean_prob",
+    "confident",
+    "flag_p",
     "likely_infected",
+    "flag_rule",
     "unknown_share",
     "review",
 )
@@ -447,12 +451,12 @@ def smear_totals(cells: pd.DataFrame) -> SmearTotals:
 
 
 def field_summary(
-    cells: pd.DataFrame, *, threshold: float | None = None, cutoff: float = 0.0
+    cells: pd.DataFrame, *, threshold: float | None = None, screening: Screening = NO_SCREENING
 ) -> pd.DataFrame:
     """Per field, then per folder (or zip): counted red cells (``cells``), red cells not counted
     (cut by the edge, fragments, clumps, unlike the training cells), other objects, fields that
     gave errors, called parasitized, parasitemia with its 95% Wilson interval, mean
-    P(Parasitized), ``likely_infected`` (interval's lower bound above ``cutoff``),
+    P(Parasitized), ``likely_infected`` (``screening``'s rule: core.schema.screening),
     ``unknown_share`` (of the whole red cells, those unlike the cells the model knows) and
     ``review``: a field or folder where that share is above UNKNOWN_SHARE gets no parasitemia,
     interval or flag, only REVIEW_UNKNOWN; a folder pools the fields that are not under review.
@@ -476,12 +480,22 @@ def field_summary(
             "uncertain": 0,  # no review band for smear cells
             "other": (~is_cell & cells["error"].isna()).astype(int),
             "parasitized": (ok & (pred == PARASITIZED)).astype(int),
+            "confident": (ok & (cells["prob_parasitized"] >= screening.confident_at)).astype(int),
             "prob_sum": cells["prob_parasitized"].where(ok, 0.0).astype(float),
             "whole": whole.astype(int),
             "unknown": unknown.astype(int),
         }
     )
-    sums = ["cells", "errors", "not_counted", "uncertain", "parasitized", "prob_sum", "other"]
+    sums = [
+        "cells",
+        "errors",
+        "not_counted",
+        "uncertain",
+        "parasitized",
+        "confident",
+        "prob_sum",
+        "other",
+    ]
     reported = ~under_review(cells)
     parts = []
     for level in ("field", "folder"):
@@ -490,7 +504,7 @@ def field_summary(
         # a folder whose every field is under review still gets a row
         groups = rows.groupby(level, sort=True)[["whole", "unknown", "errors", "other"]].sum()
         counts = counts.reindex(groups.index, fill_value=0)
-        s = summary_from_counts(counts, cutoff=cutoff)
+        s = summary_from_counts(counts, screening=screening)
         g = groups.reindex(s["group"])
         share = (g["unknown"] / g["whole"].where(g["whole"] > 0)).fillna(0.0).to_numpy()
         if level == "field":
@@ -508,7 +522,8 @@ def field_summary(
             unknown_share=share,
             review=np.where(review, REVIEW_UNKNOWN, ""),
         )
-        for column in ("parasitized", "parasitemia", "ci_low", "ci_high", "mean_prob"):
+        hidden = ("parasitized", "parasitemia", "ci_low", "ci_high", "mean_prob", "flag_p")
+        for column in hidden:
             s[column] = s[column].where(~review)
         s["likely_infected"] = s["likely_infected"] & ~review
         parts.append(s)

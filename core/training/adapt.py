@@ -53,6 +53,7 @@ from core.nets.model import (
     load_model,
     logits_and_features,
     normalize,
+    positive_probability,
     save_model,
 )
 from core.schema.contract import ModelFolder, WeightsError
@@ -206,7 +207,7 @@ def _score(model: nn.Module, contract, x: np.ndarray, batch: int = 256):
         logits, f = logits_and_features(
             model, normalize(torch.from_numpy(x[i : i + batch]), contract)
         )
-        probs.append(logits.softmax(1)[:, contract.positive_index].numpy())
+        probs.append(positive_probability(logits, contract).numpy())
         feats.append(f.numpy())
     return np.concatenate(probs), np.concatenate(feats)
 

@@ -8,9 +8,10 @@ estimate of a recipe on patients its models never saw, and (``--final``) the mod
 patients); ``OUT/oof_predictions.csv`` (path, case_id, label, prob_parasitized, fold) holds
 each cell predicted by the fold model that never saw its patient; ``OUT/folds.json`` the
 5-fold estimate: pooled cell metrics, their spread over folds, and the per-patient screening
-flag with each fold model's own cutoff. With ``--final`` the same recipe is then trained on
-every patient into ``OUT`` itself, its card's metrics taken from that estimate (the only one
-left: no patient is held out) and its flag cutoff from the out-of-fold Uninfected cells.
+flag, each fold's patients judged by the temperature and flag rule chosen on the other folds.
+With ``--final`` the same recipe is then trained on every patient into ``OUT`` itself, its
+card's metrics taken from that estimate (the only one left: no patient is held out), its
+temperature and flag rule fitted on every out-of-fold prediction (core.training.calibrate).
 Interrupted runs go on with ``--resume``: finished folds are kept, a started one resumes.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +37,10 @@ from core.schema.contract import (
     predictions_path,
 )
 from core.schema.files import write_json
-from core.schema.labels import is_parasitized, predicted_class
-from core.schema.metrics import (
-    binary_metrics,
-    flag_performance,
-    parasitemia_summary,
-    screening_calibration,
-)
+from core.schema.labels import is_parasitized
+from core.schema.metrics import binary_metrics, flag_performance
+from core.schema.screening import out_of_fold_flags
+from core.training.calibrate import calibrate
 from core.training.recipe import (
     TrainConfig,
     command,
@@ -141,14 +140,9 @@ def estimate(oof: pd.DataFrame, cards: list[dict], threshold: float) -> dict:
         for _, f in oof.groupby("fold")
     ]
     spread = {m: float(np.nanstd([f[m] for f in per_fold])) for m in SPREAD}
-    flags = []
-    for k, fold in oof.groupby("fold"):
-        results = fold.assign(
-            prediction=[predicted_class(p, threshold) for p in fold["prob_parasitized"]], error=None
-        )
-        cutoff = float(cards[int(k)].get("screening", {}).get("cutoff", 0.0))
-        flags.append(parasitemia_summary(results, cutoff=cutoff))
-    infected = set(oof.loc[is_parasitized(oof["label"]) == 1, "case_id"])
+    honest = out_of_fold_flags(oof)
+    flags = pd.DataFrame({"group": honest["case_id"], "likely_infected": honest["flagged"]})
+    infected = set(honest.loc[honest["infected"], "case_id"])
     return {
         "cells": int(len(oof)),
         "patients": int(oof["case_id"].nunique()),
@@ -156,7 +150,7 @@ def estimate(oof: pd.DataFrame, cards: list[dict], threshold: float) -> dict:
         "pooled": pooled,
         "per_fold_std": spread,
         "per_fold": per_fold,
-        "screening": flag_performance(pd.concat(flags, ignore_index=True), infected),
+        "screening": flag_performance(flags, infected),
         "best_epochs": [int(c["best_epoch"]) for c in cards],
         "heatmap": pointing(cards),
     }
@@ -186,6 +180,8 @@ def run(args: argparse.Namespace) -> dict:
         h = result["heatmap"]
         print(f"default heatmap on the parasite in {h['pointing']:.1%} of {h['cells']} cells")
     if args.final:
+        calibration = calibrate(oof)
+        contract = replace(contract, temperature=calibration.temperature)
         cases = tuple(sorted({smp.case_id for smp in samples}))
         data = data_from_args(args, cfg, Split(cases, (), (), cfg.seed))
         card = fit(
@@ -206,13 +202,8 @@ def run(args: argparse.Namespace) -> dict:
                     "--final",
                 ),
                 "training_data": [str(d) for d in args.data],
-                "screening": {
-                    **screening_calibration(oof, threshold=contract.threshold),
-                    "method": "upper 95% Wilson bound of the out-of-fold "
-                    "false-positive rate on all Uninfected cells; "
-                    "flag = parasitemia interval's lower bound "
-                    "above it",
-                },
+                "screening": calibration.screening.to_json(),
+                "calibration": calibration.record,
                 "estimate": {
                     "source": f"{args.folds}-fold out-of-fold predictions "
                     f"({OOF_FILE}): every cell predicted by a "

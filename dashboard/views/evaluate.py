@@ -5,6 +5,7 @@ the metrics, ROC and precision-recall curves, and the accuracy per patient."""
 from dataclasses import dataclass, field
 from functools import partial
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
@@ -13,6 +14,13 @@ from core.data.images import ImageError
 from core.data.sources import ImageSource, read_image
 from core.explain.heatmap import DEFAULT_METHOD, for_display
 from core.inference.store import inputs_summary
+from core.schema.calibration import (
+    ECE_BINS,
+    cross_fitted,
+    expected_calibration_error,
+    reliability,
+    rescale,
+)
 from core.schema.contract import ModelFolder
 from core.schema.labels import CLASSES, file_name, is_parasitized
 from core.schema.metrics import binary_metrics, confusion_cell, curves, per_case
@@ -141,7 +149,9 @@ def data_ui(model: ModelFolder) -> Labelled:
         allowed=choices,
     )
     if choice in files:
+        # saved as the networks said (temperature 1): shown on the model's calibrated scale
         preds = pd.read_csv(files[choice])
+        preds["prob_parasitized"] = rescale(preds["prob_parasitized"], model.contract.temperature)
         st.caption(predictions_caption(preds, oof=choice == OOF))
         return Labelled(choice, preds, file=files[choice].name)
     return Labelled(choice, *labelled_upload_ui(model))
@@ -363,6 +373,71 @@ def curves_ui(y, p, m: dict) -> None:
     c2.plotly_chart(pr_fig, width="stretch")
 
 
+def reliability_figure(curves: dict[str, tuple[list[dict], float]]) -> go.Figure:
+    """Reliability diagram: per bin of P(Parasitized), the share truly parasitized against
+    the mean predicted, one trace per name ((bins, ECE) from core.schema.calibration), the
+    diagonal where they agree."""
+    fig = go.Figure(
+        go.Scatter(
+            x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="grey"), name="perfect"
+        )
+    )
+    for (name, (rows, ece)), color in zip(curves.items(), ("#1f77b4", text.BRAND)):
+        fig.add_trace(
+            go.Scatter(
+                x=[r["predicted"] for r in rows],
+                y=[r["observed"] for r in rows],
+                customdata=[r["cells"] for r in rows],
+                mode="lines+markers",
+                name=f"{name}: ECE {ece:.3f}",
+                marker=dict(color=color, size=9),
+                line=dict(color=color),
+                hovertemplate="says %{x:.3f}, is %{y:.3f} (%{customdata:,} cells)<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        xaxis_title="mean P(Parasitized) the model says",
+        yaxis_title="share truly parasitized",
+        xaxis_range=[0, 1],
+        yaxis_range=[0, 1],
+        height=420,
+        margin=dict(t=20, b=10),
+        legend=dict(orientation="h", y=1.1, x=0),
+    )
+    return fig
+
+
+def calibration_ui(preds: pd.DataFrame, model: ModelFolder) -> None:
+    """Does P(Parasitized) mean what it says? The reliability diagram and the expected
+    calibration error at temperature 1 (as the network says) and at the model's temperature."""
+    st.subheader("Calibration")
+    t = model.contract.temperature
+    y = np.asarray(is_parasitized(preds["label"]))
+    calibrated = preds["prob_parasitized"].to_numpy()
+    raw = rescale(calibrated, 1 / t)
+    after, note = calibrated, f"at the model's temperature {t:.3f}"
+    if t != 1.0 and "fold" in preds:  # out of fold: each fold at the others' temperature
+        after = cross_fitted(raw, y, preds["fold"].to_numpy())
+        note = "each fold at the temperature fitted on the other folds (the honest figure)"
+    shown = {"as the network says (temperature 1)": raw}
+    if t != 1.0:
+        shown["calibrated"] = after
+    figure = reliability_figure(
+        {k: (reliability(q, y), expected_calibration_error(q, y)) for k, q in shown.items()}
+    )
+    st.plotly_chart(figure, width="stretch")
+    st.caption(
+        f"Each point: the cells whose P(Parasitized) falls in one of {ECE_BINS} bins; on the "
+        "dotted line, a cell given 0.8 is parasitized 80% of the time. The expected "
+        "calibration error (ECE) is the cells' mean distance from it. "
+        + (
+            f"Calibrated: {note}; the threshold and review band apply on this scale."
+            if t != 1.0
+            else "This model is not calibrated (`malaria calibrate probabilities`)."
+        )
+    )
+
+
 def per_case_table(preds: pd.DataFrame, threshold: float) -> None:
     st.subheader("Per patient")
     st.dataframe(
@@ -407,6 +482,7 @@ def evaluate_page() -> None:
         st.caption("Click a cell of the matrix to see its images with their heatmaps.")
 
     curves_ui(y, p, m)
+    calibration_ui(preds, model)
     per_case_table(preds, threshold)
 
 

@@ -23,6 +23,7 @@ from core.schema.results import (
     row_kinds,
     run_counts,
 )
+from core.schema.screening import Screening
 from dashboard import images, resources, state, text, widgets
 
 FLAGGED, NOT_FLAGGED = text.BRAND, "#9aa5b1"  # parasitemia bars: likely infected or not
@@ -409,9 +410,9 @@ def picked_cell_ui(shown: pd.DataFrame, run_id: str, threshold: float, sources, 
     )
 
 
-def parasitemia_chart(summary: pd.DataFrame, cutoff: float) -> go.Figure:
+def parasitemia_chart(summary: pd.DataFrame, screening: Screening) -> go.Figure:
     """Parasitemia per group with its 95% interval, flagged groups in the brand colour, and
-    the screening cutoff."""
+    the screening cutoff where the flag's rule has one."""
     fig = go.Figure(
         go.Bar(
             x=text.chart_text(summary["group"]),
@@ -429,7 +430,9 @@ def parasitemia_chart(summary: pd.DataFrame, cutoff: float) -> go.Figure:
     )
     for color, name in ((FLAGGED, "likely infected"), (NOT_FLAGGED, "not flagged")):  # legend
         fig.add_trace(go.Bar(x=[None], y=[None], marker_color=color, name=name))
-    fig.add_hline(y=cutoff, line_dash="dot", annotation_text="screening cutoff")
+    cutoff = screening.cutoff if screening.rule == "interval" else 0.0
+    if cutoff:
+        fig.add_hline(y=cutoff, line_dash="dot", annotation_text="screening cutoff")
     top = summary["ci_high"].max()
     fig.update_layout(
         yaxis_title="parasitemia (parasitized / scored)",
@@ -459,27 +462,33 @@ def summary_table(summary: pd.DataFrame) -> None:
             "ci_low": st.column_config.NumberColumn("95% CI low", format="%.1f%%"),
             "ci_high": st.column_config.NumberColumn("95% CI high", format="%.1f%%"),
             "mean_prob": st.column_config.NumberColumn(format="%.3f"),
-            "likely_infected": st.column_config.TextColumn(
-                "Flag",
-                help="Likely infected: the 95% interval's lower end is above the screening cutoff",
+            "confident": st.column_config.NumberColumn(
+                "confident calls", help="counted cells at the flag's call threshold or above"
             ),
+            "flag_p": st.column_config.NumberColumn(
+                "flag p-value",
+                format="%.2g",
+                help="how often a healthy patient's cells give this many confident calls",
+            ),
+            "likely_infected": st.column_config.TextColumn(
+                "Flag", help="Likely infected: see the rule above the table"
+            ),
+            "flag_rule": None,
         },
     )
 
 
-def parasitemia_ui(shown: pd.DataFrame, cutoff: float) -> tuple[str, pd.DataFrame]:
+def parasitemia_ui(shown: pd.DataFrame, screening: Screening) -> tuple[str, pd.DataFrame]:
     """The parasitemia per group, chart and table; (group by, summary)."""
     st.subheader("Parasitemia")
     group_by = group_by_ui()
-    summary = parasitemia_summary(shown, group_by=group_by, cutoff=cutoff)
+    summary = parasitemia_summary(shown, group_by=group_by, screening=screening)
     st.caption(
-        f"A group is flagged **likely infected** when the lower end of its 95% interval "
-        f"is above {cutoff:.1%}, the rate at which this model calls truly uninfected "
-        "cells parasitized (upper bound, validation patients). Only counted cells "
-        "(*scored*) enter it: *not_counted* failed the quality gate; *uncertain* are "
-        "counted cells inside the review band."
+        f"A group is flagged **likely infected** when {screening.describe()}. "
+        "Only counted cells (*scored*) enter it: *not_counted* failed the quality gate; "
+        "*uncertain* are counted cells inside the review band."
     )
-    st.plotly_chart(parasitemia_chart(summary, cutoff), width="stretch")
+    st.plotly_chart(parasitemia_chart(summary, screening), width="stretch")
     summary_table(summary)
     return group_by, summary
 
@@ -510,8 +519,7 @@ def downloads_ui(
         (
             "Download summary (CSV)",
             summary.assign(
-                screening_cutoff=model.screening_cutoff,
-                cutoff_from=text.model_label(model.path),
+                flag_from=text.model_label(model.path),
                 **provenance,
             ),
             f"summary_{info.run_id}_{group_by}.csv",
@@ -553,7 +561,7 @@ def report_ui(
             model=text.model_label(info.weights),
             sha256=info.weights_sha256,
             threshold=threshold,
-            cutoff=model.screening_cutoff,
+            screening=model.screening,
             band=band,
             group_by=group_by,
             gate=resources.engine(folder, sha).gate.describe() if same_model else "",
@@ -595,7 +603,7 @@ def results_ui(results: pd.DataFrame, model: ModelFolder) -> None:
     if info.weights_sha256 != model.sha256:
         st.warning(
             "These results come from another model than the one selected in the "
-            "sidebar; the threshold and screening cutoff below are the selected model's. "
+            "sidebar; the threshold and screening flag below are the selected model's. "
             "Upload the files again and press **Score** to rescore them with it."
         )
     threshold, band = threshold_ui(info)
@@ -616,7 +624,7 @@ def results_ui(results: pd.DataFrame, model: ModelFolder) -> None:
     st.caption(table_caption(len(view), "thumb" in columns))
     picked_cell_ui(shown, run_id, threshold, sources, on_disk)
 
-    group_by, summary = parasitemia_ui(shown, model.screening_cutoff)
+    group_by, summary = parasitemia_ui(shown, model.screening)
     downloads_ui(
         shown, summary, info, model=model, threshold=threshold, band=band, group_by=group_by
     )

@@ -118,8 +118,7 @@ def totals_ui(cells: pd.DataFrame) -> None:
 
 def summary_ui(cells: pd.DataFrame, run_id: str, *, model: ModelFolder, threshold: float) -> None:
     """Parasitemia per field and per folder, and both tables as CSVs."""
-    cutoff = model.screening_cutoff
-    summary = field_summary(cells, cutoff=cutoff)
+    summary = field_summary(cells, screening=model.screening)
     st.subheader("Parasitemia per field and per folder")
     st.dataframe(
         summary,
@@ -130,8 +129,11 @@ def summary_ui(cells: pd.DataFrame, run_id: str, *, model: ModelFolder, threshol
             "ci_low": st.column_config.NumberColumn("95% CI low", format="percent"),
             "ci_high": st.column_config.NumberColumn("95% CI high", format="percent"),
             "mean_prob": st.column_config.NumberColumn(format="%.3f"),
+            "flag_p": st.column_config.NumberColumn("flag p-value", format="%.2g"),
+            "flag_rule": None,
         },
     )
+    st.caption(f"A field or folder is flagged likely infected when {model.screening.describe()}.")
     provenance = widgets.provenance(run_id, threshold, model.path, model.sha256)
     widgets.csv_downloads(
         (
@@ -142,7 +144,7 @@ def summary_ui(cells: pd.DataFrame, run_id: str, *, model: ModelFolder, threshol
         ),
         (
             "Download the summary (CSV)",
-            summary.assign(screening_cutoff=cutoff, **provenance),
+            summary.assign(**provenance),
             f"smear_summary_{run_id}.csv",
             None,
         ),

@@ -588,3 +588,23 @@ def test_explain_says_when_the_gate_would_not_count_the_image(app):
     app.session_state["explain_item"] = (sample.name, sample.read_bytes())
     app.run()
     assert not any("Review:" in w.value for w in app.warning)
+
+
+def test_evaluate_shows_the_calibration_before_and_after(app, evaluate_split):
+    import json
+
+    from core.schema.contract import ModelFolder
+
+    card = ModelFolder.open().card
+    app.switch_page("views/evaluate.py").run()
+    assert not _errors(app), _errors(app)
+    assert "Calibration" in [s.value for s in app.subheader]
+    specs = [json.loads(c.proto.spec) for c in app.get("plotly_chart")]
+    [diagram] = [s for s in specs if "share truly parasitized" in json.dumps(s["layout"])]
+    legend = [t.get("name", "") for t in diagram["data"]]
+    before, after = card["calibration"]["ece_before"], card["calibration"]["ece_after"]
+    assert f"as the network says (temperature 1): ECE {before:.3f}" in legend
+    assert f"calibrated: ECE {after:.3f}" in legend  # out of fold: the card's honest figure
+    assert any(
+        "each fold at the temperature fitted on the other folds" in c.value for c in app.caption
+    )

@@ -14,13 +14,14 @@ from core import cli
 from core.evaluation import report
 from core.inference.store import ResultStore
 from core.schema.results import OK
+from core.schema.screening import Screening
 
 INFO = report.ReportInfo(
     run_id="r1",
     model="weights/default",
     sha256="ab" * 32,
     threshold=0.5,
-    cutoff=0.05,
+    screening=Screening(cutoff=0.05),
     band=0.15,
     gate="image checks",
 )
@@ -78,7 +79,7 @@ def test_the_report_states_every_figure_per_patient():
     assert "<b>66.67%</b> (2 of 3 counted cells called Parasitized)" in c1
     assert re.search(r"95% Wilson interval 20\.77% to 93\.85%", c1)  # scipy's Wilson for 2/3
     assert "1 counted cells with P(Parasitized) within 0.15 of the threshold 0.5" in c1
-    assert "likely infected" in c1 and "cutoff 5.00%" in c1
+    assert "likely infected" in c1 and "wholly above 5.00%" in c1
     assert INFO.sha256 in c1 and "weights/default" in c1 and "2026-11-26 12:00 UTC" in c1
     assert "The 2 most suspicious counted cells" in c1
     assert c1.index("C1_a.png") < c1.index("C1_b.png")  # highest P first

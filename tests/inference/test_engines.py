@@ -45,3 +45,27 @@ def test_release_memory_gives_back_the_batch_buffers_and_scores_the_same(tiny_mo
     given_back = before + grown - _rss_mb()
     assert grown > 100 and given_back > grown / 2, (grown, given_back)
     np.testing.assert_array_equal(engine(images), expected)
+
+
+def test_every_engine_applies_the_contracts_temperature(cells_dir, tiny_model, tmp_path):
+    import json
+    import shutil
+
+    from core.schema.calibration import rescale
+    from core.schema.contract import contract_sha256, read_card
+
+    hot = tmp_path / "calibrated"
+    shutil.copytree(tiny_model, hot)
+    card = read_card(hot)
+    card["contract"]["temperature"] = 0.25
+    contract = core.inference.engines.ModelContract.from_json(card["contract"])
+    card["contract_sha256"] = contract_sha256(contract, card["sha256"])
+    (hot / "card.json").write_text(json.dumps(card))
+
+    images = np.stack([decode_image(s.read(), size=128) for s in iter_sources([cells_dir])])
+    raw = core.inference.engines.load_engine(tiny_model, "torch")(images)
+    expected = rescale(raw, 0.25)
+    assert np.abs(expected - raw).max() > 0.01  # the temperature makes a visible difference
+    for engine in ("torch", "onnx"):
+        got = core.inference.engines.load_engine(hot, engine)(images)
+        np.testing.assert_allclose(got, expected, atol=1e-4)

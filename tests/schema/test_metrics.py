@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from core.schema.metrics import binary_metrics, parasitemia_summary, wilson_interval
+from core.schema.screening import Screening
 
 
 def test_metrics_on_a_hand_checked_case():
@@ -58,7 +59,7 @@ def test_parasitemia_summary_groups_and_flags():
         rows.append((f"b/C2_{i}.png", "C2", "Uninfected", 0.1, None))
     rows.append(("b/C2_bad.png", "C2", None, None, "corrupt"))
     df = pd.DataFrame(rows, columns=["path", "case_id", "prediction", "prob_parasitized", "error"])
-    s = parasitemia_summary(df, cutoff=0.02).set_index("group")
+    s = parasitemia_summary(df, screening=Screening(cutoff=0.02)).set_index("group")
     assert s.loc["C1", "parasitemia"] == 0.5 and s.loc["C1", "likely_infected"]
     assert s.loc["C2", "scored"] == 30 and s.loc["C2", "errors"] == 1
     assert not s.loc["C2", "likely_infected"] and s.loc["C2", "parasitemia"] == 0
@@ -71,9 +72,10 @@ def test_parasitemia_summary_groups_and_flags():
     # a run read back in chunks gives the same summary as the whole run at once
     chunks = [df.iloc[i : i + 7] for i in range(0, len(df), 7)]
     pd.testing.assert_frame_equal(
-        parasitemia_summary(iter(chunks), cutoff=0.02), parasitemia_summary(df, cutoff=0.02)
+        parasitemia_summary(iter(chunks), screening=Screening(cutoff=0.02)),
+        parasitemia_summary(df, screening=Screening(cutoff=0.02)),
     )
-    assert parasitemia_summary(iter([]), cutoff=0.02).empty
+    assert parasitemia_summary(iter([]), screening=Screening(cutoff=0.02)).empty
 
 
 def test_parasitemia_groups_sort_naturally_and_name_the_ungrouped():
@@ -89,7 +91,7 @@ def test_parasitemia_groups_sort_naturally_and_name_the_ungrouped():
     summary = parasitemia_summary(df)
     assert list(summary["group"]) == ["(no case id)", "C3", "C12", "C100"]
     df.loc[2] = ["slide_1.png", "?slide_1", "Parasitized", 0.99, None]
-    pooled = parasitemia_summary(df, cutoff=0.0).set_index("group").loc["(no case id)"]
+    pooled = parasitemia_summary(df, screening=Screening()).set_index("group").loc["(no case id)"]
     assert pooled["parasitemia"] == 1 and not pooled["likely_infected"]  # not a patient
     odd = df.assign(path=["x3²/a.png", "x12/b.png", "x3/c.png", "x3²/d.png"])
     assert list(parasitemia_summary(odd, group_by="folder")["group"]) == ["x3", "x3²", "x12"]

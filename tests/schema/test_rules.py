@@ -108,7 +108,8 @@ def test_the_shipped_model_card_reads_as_typed_values():
     model = ModelFolder.open(DEFAULT_WEIGHTS)
     assert model.training_data and all(isinstance(d, str) for d in model.training_data)
     assert model.training_command and model.created.startswith("20")
-    assert model.screening is not None and model.screening.cutoff == model.screening_cutoff
+    assert model.screening.rule == "calls" and 0 < model.screening.rate < 0.05
+    assert model.contract.temperature != 1.0  # calibrated on its out-of-fold predictions
     assert model.best_epoch is not None and model.kept_weights
     assert model.settings["classes"] == list(model.contract.classes)  # as the card records it
     estimate = model.heatmap_estimate
