@@ -63,6 +63,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "gate": Command("gate", "measure a model's quality gate", "add_check", "check"),
         "heatmaps": Command("heatmaps", "where each CAM method and stage points"),
         "smear": Command("smear_check", "smear mode on annotated fields"),
+        "boxes": Command("box_check", "another lab's annotated cells, cut from their boxes"),
     },
     "seal": Command("seal", "accept the contract of an older model card"),
 }

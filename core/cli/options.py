@@ -46,6 +46,21 @@ def add_weights(p: argparse.ArgumentParser, *, help: str = "model folder") -> No
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help=help)
 
 
+def add_annotated_fields(p: argparse.ArgumentParser) -> None:
+    """--data (a folder in smear_dev's layout), --weights and --blocks, for the checks on
+    annotated fields."""
+    p.add_argument(
+        "--data", type=Path, required=True, help="folder with images/ and annotations.json"
+    )
+    add_weights(p)
+    p.add_argument(
+        "--blocks",
+        type=int,
+        default=6,
+        help="characters of a field's name that name its block of shots (figures per block)",
+    )
+
+
 def add_threshold(p: argparse.ArgumentParser, *, help: str | None = None) -> None:
     p.add_argument(
         "--threshold",

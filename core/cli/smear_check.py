@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.cli.options import add_weights, fail, print_table
+from core.cli.options import add_annotated_fields, fail, print_table
 from core.data.annotations import AnnotationError, read_annotations
 from core.evaluation.smear_check import IOU, by_block, check_field
 from core.inference.engines import load_engine
@@ -31,16 +31,7 @@ SHOWN = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--data", type=Path, required=True, help="folder with images/ and annotations.json"
-    )
-    add_weights(p)
-    p.add_argument(
-        "--blocks",
-        type=int,
-        default=6,
-        help="characters of a field's name that name its block of shots (figures per block)",
-    )
+    add_annotated_fields(p)
     p.add_argument(
         "--out",
         type=Path,

@@ -45,6 +45,9 @@ class TrainConfig:
     # layers hold generic edge/colour filters and cost half of each backward pass on a CPU.
     freeze: int = 4
     blur: float = 0.0  # share of images blurred a little (Gaussian, sigma up to 1 px): focus varies
+    # Stain jitter in haematoxylin-eosin-DAB space (Tellez et al. 2018): each stain's optical
+    # density scaled by 1 +- stain and shifted by +- stain, per image; another lab's stain.
+    stain: float = 0.0
     # From this epoch on the weights after each epoch are averaged into the model kept (SWA:
     # an ensemble of the last epochs that scores as one network); 0 keeps one epoch instead.
     average_from: int = 0
@@ -107,10 +110,35 @@ def prepare_data(
     return PreparedData(split=split, samples=parts, **arrays)
 
 
+# Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, DAB), as scikit-image's
+# rgb_from_hed: optical density in RGB = stain amounts @ this matrix.
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+RGB_FROM_HED = RGB_FROM_HED / RGB_FROM_HED.norm(dim=1, keepdim=True)
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+
+
+def stain_jitter(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Per image, each stain's amount a -> a * U(1 - s, 1 + s) + U(-s, s) in HED optical-density
+    space. ``x``: float (N, 3, H, W) in [0, 1] -> the same, clamped; black stays black."""
+    n = x.shape[0]
+    od = -torch.log(x.clamp(min=1 / 255)).permute(0, 2, 3, 1)  # (N, H, W, 3)
+    hed = od @ HED_FROM_RGB
+    scale = 1 + (torch.rand(n, 1, 1, 3, generator=generator) * 2 - 1) * strength
+    shift = (torch.rand(n, 1, 1, 3, generator=generator) * 2 - 1) * strength
+    od = (hed * scale + shift) @ RGB_FROM_HED
+    return torch.exp(-od).permute(0, 3, 1, 2).clamp_(0, 1).contiguous()
+
+
 def augment(
-    x: torch.Tensor, *, jitter: float, generator: torch.Generator, blur: float = 0.0
+    x: torch.Tensor,
+    *,
+    jitter: float,
+    generator: torch.Generator,
+    blur: float = 0.0,
+    stain: float = 0.0,
 ) -> torch.Tensor:
-    """Random dihedral transform, colour jitter and (with probability ``blur``) defocus per image.
+    """Random dihedral transform, stain jitter (``stain_jitter``), colour jitter and (with
+    probability ``blur``) defocus per image.
 
     ``x``: uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [0, 1]. Cells have no up or
     orientation, so all 8 flips/rotations are label-preserving.
@@ -122,6 +150,8 @@ def augment(
     x = torch.stack(
         [torch.rot90(img.flip(-1) if f else img, int(r), (1, 2)) for img, r, f in zip(x, k, flip)]
     )
+    if stain > 0:
+        x = stain_jitter(x, stain, generator)
     if jitter > 0:
 
         def factor(*shape: int) -> torch.Tensor:
@@ -154,7 +184,9 @@ def training_batches(
         0, len(order) - cfg.batch_size + 1 if len(order) >= cfg.batch_size else 1, cfg.batch_size
     ):
         idx = order[i : i + cfg.batch_size]
-        batch = augment(x[idx], jitter=cfg.colour_jitter, generator=generator, blur=cfg.blur)
+        batch = augment(
+            x[idx], jitter=cfg.colour_jitter, generator=generator, blur=cfg.blur, stain=cfg.stain
+        )
         yield normalize(batch, contract), y[idx]
 
 
@@ -211,6 +243,12 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=TrainConfig.blur,
         help="share of training images given a slight Gaussian blur",
+    )
+    p.add_argument(
+        "--stain",
+        type=float,
+        default=TrainConfig.stain,
+        help="strength of the per-image stain jitter in HED space (0.05: light, 0.2: strong)",
     )
     p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
     p.add_argument(
@@ -270,6 +308,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         colour_jitter=args.colour_jitter,
         freeze=args.freeze,
         blur=args.blur,
+        stain=args.stain,
         weight_decay=args.weight_decay,
         average_from=args.average_from,
         keep_last=args.keep_last,
@@ -301,6 +340,8 @@ def recipe_argv(args: argparse.Namespace) -> list[str]:
         "--freeze",
         str(args.freeze),
     ]
+    if args.stain:
+        argv += ["--stain", str(args.stain)]
     if args.average_from:
         argv += ["--average-from", str(args.average_from)]
     for flag in ("keep_last", "no_pretrained", "follow_links"):

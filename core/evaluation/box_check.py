@@ -1,0 +1,90 @@
+"""Another lab's cells cut straight from their annotation boxes: how the model calls them when
+segmentation is out of the way.
+
+    malaria check boxes --data ../shared/data/smear_dev [--weights DIR]
+
+Each box that is not ``difficult`` is cut from its field, the ellipse inscribed in it kept and
+the rest black (as the NIH crops), resized to the contract size and scored. Per block of shots
+and over all: infected cells called parasitized (sensitivity), uninfected cells called
+parasitized, and the share the quality gate finds unlike the training cells. This separates
+what the classifier knows of a lab from what its segmentation finds (``malaria check smear``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import cv2
+import numpy as np
+
+from core.data.annotations import DIFFICULT, AnnotatedField, block_of
+from core.data.images import decode_image
+from core.inference.engines import Engine
+
+
+def box_crops(
+    field: AnnotatedField, image: np.ndarray, *, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(crops uint8 (N, size, size, 3), infected bool (N,)) of the field's boxes that are not
+    ``difficult`` and hold at least 4x4 pixels inside ``image`` (RGB uint8 (H, W, 3))."""
+    crops, infected = [], []
+    height, width = image.shape[:2]
+    for box in field.boxes:
+        if box.kind == DIFFICULT:
+            continue
+        x0, y0 = max(0, round(box.x)), max(0, round(box.y))
+        x1, y1 = min(width, round(box.x + box.w)), min(height, round(box.y + box.h))
+        if x1 - x0 < 4 or y1 - y0 < 4:
+            continue
+        crop = image[y0:y1, x0:x1]
+        mask = np.zeros(crop.shape[:2], np.uint8)
+        h, w = mask.shape
+        cv2.ellipse(mask, (w // 2, h // 2), (w // 2, h // 2), 0, 0, 360, 1, thickness=-1)
+        crops.append(
+            cv2.resize(crop * mask[..., None], (size, size), interpolation=cv2.INTER_LINEAR)
+        )
+        infected.append(box.infected)
+    empty = np.zeros((0, size, size, 3), np.uint8)
+    return (np.stack(crops) if crops else empty), np.array(infected, bool)
+
+
+def _figures(prob: np.ndarray, infected: np.ndarray, unlike: np.ndarray, threshold: float) -> dict:
+    called = prob >= threshold
+
+    def share(x: np.ndarray) -> float:
+        return float(x.mean()) if len(x) else float("nan")
+
+    return {
+        "infected": int(infected.sum()),
+        "uninfected": int((~infected).sum()),
+        "sensitivity": share(called[infected]),
+        "uninfected_called": share(called[~infected]),
+        "unlike_share": share(unlike),
+        "unlike_share_infected": share(unlike[infected]),
+    }
+
+
+def check_boxes(
+    fields: Iterable[AnnotatedField], engine: Engine, *, prefix: int = 6
+) -> dict[str, dict]:
+    """Figures (see the module docstring) per block of shots (``prefix`` characters of a field's
+    name) and over ``all``, at the engine's threshold."""
+    size, threshold = engine.contract.input_size, engine.contract.threshold
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    for field in fields:
+        image = decode_image(field.path.read_bytes(), size=None)
+        crops, infected = box_crops(field, image, size=size)
+        if not len(crops):
+            continue
+        prob, features = engine.score(crops)
+        parts.setdefault(block_of(field.name, prefix), []).append(
+            (prob, infected, engine.gate.unlike(features))
+        )
+    out = {}
+    for block in [*sorted(parts), "all"]:
+        chosen = [p for b in sorted(parts) for p in parts[b]] if block == "all" else parts[block]
+        if not chosen:
+            continue
+        prob, infected, unlike = (np.concatenate(x) for x in zip(*chosen))
+        out[block] = _figures(prob, infected, unlike, threshold)
+    return out
