@@ -16,6 +16,7 @@ page = st.navigation(
         st.Page(PAGES / "home.py", title="Home", icon=":material/home:", default=True),
         st.Page(PAGES / "score.py", title="Score", icon=":material/biotech:"),
         st.Page(PAGES / "smear.py", title="Smear", icon=":material/blur_on:"),
+        st.Page(PAGES / "adapt.py", title="Adapt to your lab", icon=":material/tune:"),
         st.Page(PAGES / "explain.py", title="Explain", icon=":material/visibility:"),
         st.Page(PAGES / "methods.py", title="Heatmap check", icon=":material/fact_check:"),
         st.Page(PAGES / "evaluate.py", title="Evaluate", icon=":material/grid_on:"),

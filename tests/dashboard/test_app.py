@@ -22,6 +22,7 @@ PAGES = (
     "views/home.py",
     "views/score.py",
     "views/smear.py",
+    "views/adapt.py",
     "views/explain.py",
     "views/methods.py",
     "views/evaluate.py",
