@@ -18,6 +18,7 @@ SHOWN = (
     "uninfected",
     "sensitivity",
     "uninfected_called",
+    "auc",
     "unlike_share",
     "unlike_share_infected",
 )

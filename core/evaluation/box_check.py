@@ -6,7 +6,7 @@ segmentation is out of the way.
 Each box that is not ``difficult`` is cut from its field, the ellipse inscribed in it kept and
 the rest black (as the NIH crops), resized to the contract size and scored. Per block of shots
 and over all: infected cells called parasitized (sensitivity), uninfected cells called
-parasitized, and the share the quality gate finds unlike the training cells. This separates
+parasitized, the AUC of infected against uninfected, and the share the quality gate finds unlike the training cells. This separates
 what the classifier knows of a lab from what its segmentation finds (``malaria check smear``).
 """
 
@@ -54,11 +54,16 @@ def _figures(prob: np.ndarray, infected: np.ndarray, unlike: np.ndarray, thresho
     def share(x: np.ndarray) -> float:
         return float(x.mean()) if len(x) else float("nan")
 
+    from sklearn.metrics import roc_auc_score
+
+    both = 0 < infected.sum() < len(infected)
     return {
         "infected": int(infected.sum()),
         "uninfected": int((~infected).sum()),
         "sensitivity": share(called[infected]),
         "uninfected_called": share(called[~infected]),
+        # the ranking, whatever the threshold: does the model know this lab's parasites?
+        "auc": float(roc_auc_score(infected, prob)) if both else float("nan"),
         "unlike_share": share(unlike),
         "unlike_share_infected": share(unlike[infected]),
     }
