@@ -6,8 +6,10 @@ segmentation is out of the way.
 Each box that is not ``difficult`` is cut from its field, the ellipse inscribed in it kept and
 the rest black (as the NIH crops), resized to the contract size and scored. Per block of shots
 and over all: infected cells called parasitized (sensitivity), uninfected cells called
-parasitized, the AUC of infected against uninfected, and the share the quality gate finds unlike the training cells. This separates
-what the classifier knows of a lab from what its segmentation finds (``malaria check smear``).
+parasitized, the AUC of infected against uninfected, and the share the quality gate finds
+unlike the training cells. This separates what the classifier knows of a lab from what its
+segmentation finds (``malaria check smear``); ``malaria adapt`` measures it on each left-out
+block too.
 """
 
 from __future__ import annotations
@@ -48,48 +50,56 @@ def box_crops(
     return (np.stack(crops) if crops else empty), np.array(infected, bool)
 
 
-def _figures(prob: np.ndarray, infected: np.ndarray, unlike: np.ndarray, threshold: float) -> dict:
-    called = prob >= threshold
-
-    def share(x: np.ndarray) -> float:
-        return float(x.mean()) if len(x) else float("nan")
-
-    from sklearn.metrics import roc_auc_score
-
-    both = 0 < infected.sum() < len(infected)
-    return {
-        "infected": int(infected.sum()),
-        "uninfected": int((~infected).sum()),
-        "sensitivity": share(called[infected]),
-        "uninfected_called": share(called[~infected]),
-        # the ranking, whatever the threshold: does the model know this lab's parasites?
-        "auc": float(roc_auc_score(infected, prob)) if both else float("nan"),
-        "unlike_share": share(unlike),
-        "unlike_share_infected": share(unlike[infected]),
-    }
+Scored = dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]]
 
 
-def check_boxes(
-    fields: Iterable[AnnotatedField], engine: Engine, *, prefix: int = 6
-) -> dict[str, dict]:
-    """Figures (see the module docstring) per block of shots (``prefix`` characters of a field's
-    name) and over ``all``, at the engine's threshold."""
+def score_boxes(fields: Iterable[AnnotatedField], engine: Engine, *, prefix: int = 6) -> Scored:
+    """Per block of shots (``prefix`` characters of a field's name), per field: (called at the
+    engine's threshold, P(Parasitized), infected, unlike the training cells) of its boxes."""
     size, threshold = engine.contract.input_size, engine.contract.threshold
-    parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    scored: Scored = {}
     for field in fields:
         image = decode_image(field.path.read_bytes(), size=None)
         crops, infected = box_crops(field, image, size=size)
         if not len(crops):
             continue
         prob, features = engine.score(crops)
-        parts.setdefault(block_of(field.name, prefix), []).append(
-            (prob, infected, engine.gate.unlike(features))
+        scored.setdefault(block_of(field.name, prefix), []).append(
+            (prob >= threshold, prob, infected, engine.gate.unlike(features))
         )
+    return scored
+
+
+def box_figures(scored: Scored) -> dict[str, dict]:
+    """Figures (see the module docstring) per block of ``scored`` and over ``all``."""
+    from sklearn.metrics import roc_auc_score
+
+    def share(x: np.ndarray) -> float:
+        return float(x.mean()) if len(x) else float("nan")
+
     out = {}
-    for block in [*sorted(parts), "all"]:
-        chosen = [p for b in sorted(parts) for p in parts[b]] if block == "all" else parts[block]
-        if not chosen:
+    for block in [*sorted(scored), "all"]:
+        parts = [p for b in sorted(scored) for p in scored[b]] if block == "all" else scored[block]
+        if not parts:
             continue
-        prob, infected, unlike = (np.concatenate(x) for x in zip(*chosen))
-        out[block] = _figures(prob, infected, unlike, threshold)
+        called, prob, infected, unlike = (np.concatenate(x) for x in zip(*parts))
+        both = 0 < infected.sum() < len(infected)
+        out[block] = {
+            "infected": int(infected.sum()),
+            "uninfected": int((~infected).sum()),
+            "sensitivity": share(called[infected]),
+            "uninfected_called": share(called[~infected]),
+            # the ranking, whatever the threshold: does the model know this lab's parasites?
+            "auc": float(roc_auc_score(infected, prob)) if both else float("nan"),
+            "unlike_share": share(unlike),
+            "unlike_share_infected": share(unlike[infected]),
+        }
     return out
+
+
+def check_boxes(
+    fields: Iterable[AnnotatedField], engine: Engine, *, prefix: int = 6
+) -> dict[str, dict]:
+    """Figures (see the module docstring) per block of shots and over ``all``, at the engine's
+    threshold."""
+    return box_figures(score_boxes(fields, engine, prefix=prefix))

@@ -42,6 +42,7 @@ from torch import nn
 
 from core.data.annotations import DIFFICULT, AnnotatedField, block_of
 from core.data.images import decode_image
+from core.evaluation.box_check import box_figures, score_boxes
 from core.evaluation.gate_check import fit_features
 from core.evaluation.smear_check import box_iou, by_block, check_field, match
 from core.inference.engines import load_engine
@@ -296,14 +297,15 @@ def adapt(
                 ratios[b] = float(np.quantile(unseen, cfg.quantile) / gate.limit)
                 folds[b] = (folder, gate)
             # 2. each left-out block measured with the ratio of the other blocks only
-            rows = []
+            rows, boxes = [], {}
             for b, (folder, gate) in folds.items():
                 others = float(np.median([r for k, r in ratios.items() if k != b]))
                 replace(gate, limit=gate.limit * others).save(folder / calibration_file("onnx"))
                 engine = load_engine(folder, "onnx")
-                for f in fields:
-                    if block_of(f.name, prefix) == b:
-                        rows.append(check_field(f, engine, threshold=engine.contract.threshold))
+                left_out = [f for f in fields if block_of(f.name, prefix) == b]
+                for f in left_out:
+                    rows.append(check_field(f, engine, threshold=engine.contract.threshold))
+                boxes.update(score_boxes(left_out, engine, prefix=prefix))
                 shutil.rmtree(folder)
             ratio = float(np.median(list(ratios.values())))
             record["check"] = {
@@ -314,6 +316,8 @@ def adapt(
                 "block_prefix": prefix,
                 "gate_ratios": ratios,
                 "blocks": by_block(rows, prefix=prefix),
+                # the same fits on the left-out block's cells cut from their boxes
+                "boxes": box_figures(boxes),
             }
         record["gate_ratio"] = ratio
         staging = Path(tmp) / "final"

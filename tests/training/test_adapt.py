@@ -25,6 +25,8 @@ def test_adapt_writes_a_checked_model_folder_and_leaves_the_base_alone(lab, tiny
     assert record["infected_cells"] == 8
     check = record["check"]["blocks"]
     assert set(check) == {"AA", "BB", "all"} and check["all"]["fields"] == 4
+    boxes = record["check"]["boxes"]  # the left-out blocks' cells cut from their boxes
+    assert set(boxes) == {"AA", "BB", "all"} and boxes["all"]["infected"] == 8
     assert 0.5 <= model.contract.threshold < 1
     assert (out / "quality.npz").is_file()
     assert "malaria adapt" in model.card["training_command"]
