@@ -72,6 +72,19 @@ class ImageLimits:
     min_sharpness: float = 0.9  # steepest 1% of brightness steps / cell brightness; 1.1-2.1
 
 
+def channel_span(images: np.ndarray) -> np.ndarray:
+    """Brightest minus darkest channel of each pixel of RGB uint8 images (..., 3): uint8."""
+    return images.max(-1) - images.min(-1)
+
+
+def no_colour(image: np.ndarray, limits: ImageLimits = ImageLimits()) -> bool:
+    """Whether an RGB uint8 image (H, W, 3) has no colour to speak of (R = G = B, a
+    single-channel file): its mean channel span below ``limits.min_chroma``. Read from a copy
+    of about STATS_SIDE px a side, as the image checks are."""
+    step = max(1, min(image.shape[:2]) // STATS_SIDE)
+    return float(channel_span(image[::step, ::step]).mean()) < limits.min_chroma
+
+
 def image_stats(
     images: np.ndarray, *, background_max: int = ImageLimits.background_max
 ) -> dict[str, np.ndarray]:
@@ -105,8 +118,7 @@ def image_stats(
     rgb = (flat @ x.reshape(n, -1, 3).astype(np.float32))[:, 0] / m[:, None]
     vf = v.astype(np.float32)
     brightness = (flat[:, 0] * vf.reshape(n, -1)).sum(1) / m
-    span = vf - np.minimum(np.minimum(x[..., 0], x[..., 1]), x[..., 2])
-    chroma = (flat[:, 0] * span.reshape(n, -1)).sum(1) / m
+    chroma = (flat[:, 0] * channel_span(x).reshape(n, -1)).sum(1) / m
     steps = (
         np.abs(vf[:, 1:, :-1] - vf[:, :-1, :-1]) + np.abs(vf[:, :-1, 1:] - vf[:, :-1, :-1])
     ).reshape(n, -1)
