@@ -34,7 +34,7 @@ import numpy as np
 
 from core.schema.contract import WeightsError
 from core.schema.files import atomic_path
-from core.schema.results import BLANK, NOT_A_CELL, OK, OUT_OF_FOCUS, UNLIKE_TRAINING
+from core.schema.results import BLANK, NO_COLOUR, NOT_A_CELL, OK, OUT_OF_FOCUS, UNLIKE_TRAINING
 
 CALIBRATION_FILE = "quality.npz"
 
@@ -59,6 +59,9 @@ class ImageLimits:
 
     background_max: int = 30  # brightest channel at most this: background (as core.explain.locate)
     min_spread: float = 12.0  # brightness std across the image; cells 56-112: below is blank
+    # mean (brightest - darkest channel) over the cell; 2.8 and above in 3,502 NIH cells (every
+    # 4th of the development set), 0 for a grey image (R = G = B, a single-channel file)
+    min_chroma: float = 1.5
     min_dark_corners: float = 0.5  # share of the four corner patches that is background; 0.61-1
     min_area: float = 0.3  # share of the image that is bright; 0.37-0.85
     max_area: float = 0.92
@@ -69,12 +72,25 @@ class ImageLimits:
     min_sharpness: float = 0.9  # steepest 1% of brightness steps / cell brightness; 1.1-2.1
 
 
+def channel_span(images: np.ndarray) -> np.ndarray:
+    """Brightest minus darkest channel of each pixel of RGB uint8 images (..., 3): uint8."""
+    return images.max(-1) - images.min(-1)
+
+
+def no_colour(image: np.ndarray, limits: ImageLimits = ImageLimits()) -> bool:
+    """Whether an RGB uint8 image (H, W, 3) has no colour to speak of (R = G = B, a
+    single-channel file): its mean channel span below ``limits.min_chroma``. Read from a copy
+    of about STATS_SIDE px a side, as the image checks are."""
+    step = max(1, min(image.shape[:2]) // STATS_SIDE)
+    return float(channel_span(image[::step, ::step]).mean()) < limits.min_chroma
+
+
 def image_stats(
     images: np.ndarray, *, background_max: int = ImageLimits.background_max
 ) -> dict[str, np.ndarray]:
     """Statistics of a batch of RGB uint8 images (N, H, W, 3), each a float32 array (N,):
-    ``spread``, ``dark_corners``, ``area``, ``fill``, ``brightness``, ``red_green``,
-    ``blue_green``, ``sharpness`` (see ImageLimits). Vectorised over the batch."""
+    ``spread``, ``chroma``, ``dark_corners``, ``area``, ``fill``, ``brightness``,
+    ``red_green``, ``blue_green``, ``sharpness`` (see ImageLimits). Vectorised over the batch."""
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected RGB images (N, H, W, 3), got shape {images.shape}")
     n = len(images)
@@ -102,6 +118,7 @@ def image_stats(
     rgb = (flat @ x.reshape(n, -1, 3).astype(np.float32))[:, 0] / m[:, None]
     vf = v.astype(np.float32)
     brightness = (flat[:, 0] * vf.reshape(n, -1)).sum(1) / m
+    chroma = (flat[:, 0] * channel_span(x).reshape(n, -1)).sum(1) / m
     steps = (
         np.abs(vf[:, 1:, :-1] - vf[:, :-1, :-1]) + np.abs(vf[:, :-1, 1:] - vf[:, :-1, :-1])
     ).reshape(n, -1)
@@ -109,6 +126,7 @@ def image_stats(
     sharpness = np.partition(steps, -top, axis=1)[:, -top:].mean(1) / np.maximum(brightness, 1)
     return {
         "spread": vf.reshape(n, -1).std(1),
+        "chroma": chroma,
         "dark_corners": 1 - corners / (4 * k * k),
         "area": m / (h * w),
         "fill": fill,
@@ -124,6 +142,7 @@ def image_reasons(stats: dict[str, np.ndarray], limits: ImageLimits = ImageLimit
     lim = limits
     rules = (  # in order: the first that fails is the reason given
         (BLANK, stats["spread"] < lim.min_spread),
+        (NO_COLOUR, stats["chroma"] < lim.min_chroma),
         (f"{NOT_A_CELL} (no dark background)", stats["dark_corners"] < lim.min_dark_corners),
         (f"{NOT_A_CELL} (size)", (stats["area"] < lim.min_area) | (stats["area"] > lim.max_area)),
         (f"{NOT_A_CELL} (not one round cell)", stats["fill"] < lim.min_fill),

@@ -6,6 +6,7 @@ everything scored so far and can be resumed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -108,6 +109,15 @@ def _fault(path: Path, exc: Exception) -> StoreError:
     return StoreError(f"result store {path} {why}")
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file ``path`` names now; None if it names none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 @dataclass(frozen=True)
 class RunInfo:
     run_id: str
@@ -166,6 +176,20 @@ def _locked(method):
     return wrapper
 
 
+def _writes(method):
+    """A method that commits: :func:`_locked`, and first the check that the store's path still
+    names the file opened (:meth:`ResultStore.check_file`), so that nothing is written to a
+    store deleted, moved or replaced under it (its ``-wal`` would be applied to the new file)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            self.check_file()
+            return method(self, *args, **kwargs)
+
+    return _locked(wrapper)
+
+
 class ResultStore:
     """A SQLite result store; safe to open from several processes (WAL journal) and to share
     between threads (one lock around the connection, as the dashboard's sessions do)."""
@@ -176,12 +200,20 @@ class ResultStore:
         Raises StoreError if it is locked, corrupt, read-only or on a full disk."""
         self.path = Path(path) if path else default_store_path()
         self._lock = threading.RLock()
+        before = _identity(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT, check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
             raise _fault(self.path, exc) from None
         self._open()
+        # The file SQLite opened: named by the path both before and after it was opened (the
+        # connection's own descriptor is not reachable from Python, and a second descriptor of
+        # ours would, when closed, drop SQLite's POSIX locks on the file).
+        self._file = _identity(self.path)
+        if before is not None and before != self._file:
+            self._db.close()
+            raise StoreError(f"result store {self.path} was replaced while it was being opened")
 
     @_locked
     def _open(self) -> None:
@@ -209,6 +241,26 @@ class ResultStore:
                     if column not in have:
                         self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
+    def check_file(self) -> None:
+        """Raises StoreError if the store's path no longer names the file this store opened:
+        it was deleted, moved or replaced (a backup restored over it) while open. Nothing is
+        written then; the message says how to go on."""
+        now = _identity(self.path)
+        if now == self._file:
+            return
+        what = "deleted or moved" if now is None else "replaced by another file"
+        # Into the file opened (moved: where it is now), so that the -wal left at the path is
+        # empty: SQLite neither checkpoints nor deletes the -wal of a moved file on close, and
+        # whoever opens the path next would apply it to the file there. It fails only where
+        # another process reads that -wal already.
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        raise StoreError(
+            f"result store {self.path} was {what} while this process had it open; nothing more "
+            "is written to it (move or restore a store only with nothing open, together with its "
+            "-wal and -shm files: docs/scoring.md)"
+        )
+
     @_locked
     def close(self) -> None:
         self._db.close()
@@ -219,7 +271,7 @@ class ResultStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @_locked
+    @_writes
     def new_run(
         self,
         *,
@@ -252,7 +304,7 @@ class ResultStore:
         self.describe_run(run_id, name=name, sample=sample, operator=operator)
         return run_id
 
-    @_locked
+    @_writes
     def describe_run(
         self,
         run_id: str,
@@ -269,7 +321,7 @@ class ResultStore:
                 (*values, run_id),
             )
 
-    @_locked
+    @_writes
     def set_threshold(self, run_id: str, threshold: float) -> None:
         """Make ``threshold`` the run's decision threshold and re-label its stored results with
         it (ties go to Parasitized, as ``core.schema.labels.predicted_class``), in one transaction.
@@ -288,7 +340,7 @@ class ResultStore:
                 (float(threshold), PARASITIZED, UNINFECTED, run_id),
             )
 
-    @_locked
+    @_writes
     def delete_run(self, run_id: str) -> None:
         """Delete a run and all its results. Raises StoreError for an unknown run."""
         self.run(run_id)
@@ -308,19 +360,19 @@ class ResultStore:
             raise StoreError(f"no run {run_id!r} in {self.path}")
         return RunInfo(row[0], row[1], row[2], tuple(json.loads(row[3])), *row[4:])
 
-    @_locked
+    @_writes
     def set_total(self, run_id: str, total: int) -> None:
         with self._db:
             self._db.execute(
                 "UPDATE runs SET total = ?, finished = NULL WHERE run_id = ?", (total, run_id)
             )
 
-    @_locked
+    @_writes
     def finish(self, run_id: str) -> None:
         with self._db:
             self._db.execute("UPDATE runs SET finished = ? WHERE run_id = ?", (_now(), run_id))
 
-    @_locked
+    @_writes
     def add_results(self, run_id: str, rows: Iterable[dict]) -> None:
         """Insert (or replace) result rows with the RESULT_COLUMNS keys (``duplicate_of``
         and ``sha256`` may be absent), in one transaction."""
@@ -344,7 +396,7 @@ class ResultStore:
             )
         )
 
-    @_locked
+    @_writes
     def add_smear_rows(self, run_id: str, rows: Sequence[dict]) -> None:
         """Store one field's rows (SMEAR_COLUMNS keys) in one transaction, so a field is
         either wholly stored or missing (and scored again on resume)."""

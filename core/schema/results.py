@@ -20,6 +20,9 @@ BLANK = "blank"
 OUT_OF_FOCUS = "out of focus"
 NOT_A_CELL = "not a cell"
 UNLIKE_TRAINING = "unlike the training cells"
+# R = G = B (a greyscale or single-channel file): the model reads the Giemsa stain's colour, and
+# a grey copy of an infected cell passes every other check yet is mostly called Uninfected
+NO_COLOUR = "no colour (the stain is needed)"
 UNCERTAIN = "uncertain"  # the review band's mark; never a quality value
 # Half-width of the review band around the threshold. Chosen on the shipped model's validation
 # patients: 2.3% of their cells fall inside, where its accuracy is 0.47 against 0.97 outside.

@@ -43,11 +43,19 @@ from skimage.segmentation import watershed
 
 from core.data.images import ImageError
 from core.data.sources import ImageSource, read_image
+from core.inference.gate import no_colour
 from core.inference.pipeline import upload_run
 from core.inference.store import ResultStore
 from core.schema.labels import PARASITIZED, predicted_class
 from core.schema.metrics import NO_SCREENING, group_of, summary_from_counts
-from core.schema.results import OK, SMEAR_COLUMNS, UNLIKE_TRAINING, calls, is_counted
+from core.schema.results import (
+    NO_COLOUR,
+    OK,
+    SMEAR_COLUMNS,
+    UNLIKE_TRAINING,
+    calls,
+    is_counted,
+)
 from core.schema.screening import Screening
 
 RED_CELL = "red cell"
@@ -84,6 +92,15 @@ class SegmentConfig:
     min_whole: float = 0.7  # below this share of a typical cell: a fragment
     clump_size: float = 1.8  # above this share of a typical cell and less solid than
     clump_solidity: float = 0.9  # this: two or more cells merged (an infected cell is round)
+    # A typical cell's radius is at most this share of the field's shorter side (0.03-0.04 in
+    # the development fields): one blob over much of the field (a red disc, a half-red field)
+    # then measures as "large", not as a field of one giant cell.
+    max_radius: float = 0.1
+    min_side: int = 32  # px of the field's shorter side at the working scale: a few cells
+
+
+class FieldError(ValueError):
+    """A field that cannot be segmented (too small, no colour); the message is for the user."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +156,8 @@ def _cell_radius(fg: np.ndarray) -> float:
             if holes is None
             else remove_small_holes(fg, max_size=int(holes * math.pi * r * r))
         )
+        if filled.all():  # no background left: the distance to it is undefined (OpenCV: 8e37)
+            break
         dist = cv2.distanceTransform(filled.astype(np.uint8), cv2.DIST_L2, 5)
         peaks = _maxima(
             dist,
@@ -154,12 +173,21 @@ def _cell_radius(fg: np.ndarray) -> float:
 def segment(image: np.ndarray, *, config: SegmentConfig = SegmentConfig()) -> Segmentation:
     """Find the objects of an RGB uint8 field (H, W, 3) and tell red cells from the rest.
 
-    Raises ValueError for an image that is not RGB; a field without objects gives none.
+    Raises ValueError for an image that is not RGB, FieldError for a field too small to hold
+    cells (``config.min_side``) or without colour (the stain is what is segmented); a field
+    without objects gives none.
     """
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
     H, W = image.shape[:2]
     scale = min(1.0, config.work_px / max(H, W))
+    if min(H, W) * scale < config.min_side:
+        raise FieldError(
+            f"a field of {W}x{H} px is too small to segment: its shorter side must be at least "
+            f"{math.ceil(config.min_side / scale)} px"
+        )
+    if no_colour(image):
+        raise FieldError(f"not counted: {NO_COLOUR}")
     small = (
         image
         if scale == 1.0
@@ -173,7 +201,7 @@ def segment(image: np.ndarray, *, config: SegmentConfig = SegmentConfig()) -> Se
     fg = cv2.morphologyEx(fg.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)) > 0
     if not fg.any() or fg.all():
         return Segmentation((), 0.0, (H, W))
-    r = _cell_radius(fg)
+    r = min(_cell_radius(fg), config.max_radius * min(fg.shape))
     a0 = math.pi * r * r
     fg = remove_small_holes(fg, max_size=int(config.hole * a0))
     fg = remove_small_objects(fg, max_size=int(0.1 * a0))
@@ -360,7 +388,15 @@ def iter_fields(
         except ImageError as exc:
             yield src, None, [error_row(src.path, str(exc))]
             continue
-        result = score_field(image, engine, stain_norm=stain_norm)
+        try:
+            result = score_field(image, engine, stain_norm=stain_norm)
+        except FieldError as exc:
+            yield src, None, [error_row(src.path, str(exc))]
+            continue
+        except Exception as exc:  # OpenCV, scikit-image: it costs this field, not the run
+            why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}"
+            yield src, None, [error_row(src.path, f"cannot segment this field ({why})")]
+            continue
         yield src, result, result.rows(src.path, threshold)
 
 

@@ -451,3 +451,28 @@ def test_without_ray_or_with_a_bad_address_the_cli_exits_2(
     assert _cli("--weights", tiny_model, "--store", store, "--ray", mixed_inputs) == 2
     assert "put --ray after the inputs" in capsys.readouterr().err
     assert not store.exists()  # refused before a run was recorded
+
+
+def test_a_store_deleted_during_a_run_stops_it_with_exit_2_and_keeps_the_csv(
+    cells_dir, tiny_model, tmp_path, monkeypatch, capsys
+):
+    store_path, out = tmp_path / "st.sqlite", tmp_path / "r.csv"
+    out.write_text("the CSV of an earlier run\n")
+    real = core.inference.pipeline._decode_batch
+    batches = []
+
+    def decode_then_delete(sources, size):
+        batches.append(1)
+        if len(batches) == 2:  # the first batch is being stored: the store goes
+            store_path.unlink()
+        return real(sources, size)
+
+    monkeypatch.setattr(core.inference.pipeline, "_decode_batch", decode_then_delete)
+    rc = _cli(
+        cells_dir, "--weights", tiny_model, "--store", store_path, "--out", out,
+        "--no-progress", "--batch-size", "8",
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert "was deleted or moved" in err[-1] and err[-1].startswith("error: ")
+    assert out.read_text() == "the CSV of an earlier run\n"

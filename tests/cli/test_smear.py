@@ -82,3 +82,40 @@ def test_cli_refuses_bad_arguments(tmp_path, tiny_model):
     assert (
         main(parse([str(tmp_path), "--out", str(tmp_path / "no" / "x.csv"), "--store", store])) == 2
     )
+
+
+def test_fields_that_cannot_be_segmented_are_error_rows_and_resume_finds_them_done(
+    composed, tiny_model, tmp_path, capsys
+):
+    import numpy as np
+
+    from core import cli
+    from core.inference.store import ResultStore
+
+    field, truth, _ = composed
+    slide = tmp_path / "slide"
+    slide.mkdir()
+    for name, image in {
+        "good.png": field,
+        "tiny.png": np.full((3, 3, 3), 200, np.uint8),
+        "long.png": np.zeros((3, 10000, 3), np.uint8),
+        "crop.png": field[100:111, 200:221].copy(),
+    }.items():
+        (slide / name).write_bytes(_png(image))
+    store, out = str(tmp_path / "s.sqlite"), tmp_path / "cells.csv"
+    common = ["--store", store, "--out", str(out), "--no-progress"]
+    assert cli.main(["smear", str(slide), "--weights", str(tiny_model), *common]) == 1
+    cells = pd.read_csv(out)
+    errors = cells[cells["error"].notna()]
+    assert sorted(errors["image"].map(lambda p: p.rsplit("/", 1)[-1])) == [
+        "crop.png",
+        "long.png",
+        "tiny.png",
+    ]
+    assert errors["error"].str.contains("too small").all()
+    assert (cells["object"] == RED_CELL).sum() == len(truth)
+    capsys.readouterr()
+    with ResultStore(store) as s:
+        run_id = s.list_runs(smear=True)["run_id"].iloc[0]
+    assert cli.main(["smear", "--resume", run_id, *common]) == 1
+    assert "0 to segment and score" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from core.schema.contract import DEFAULT_WEIGHTS, WeightsError, verified_weights
 from core.schema.metrics import parasitemia_summary
 from core.schema.results import (
     BLANK,
+    NO_COLOUR,
     OK,
     OUT_OF_FOCUS,
     RESULT_COLUMNS,
@@ -41,6 +42,7 @@ def test_image_stats_are_one_value_per_image_in_range(cells_dir):
     stats = image_stats(images)
     assert set(stats) == {
         "spread",
+        "chroma",
         "dark_corners",
         "area",
         "fill",
@@ -59,6 +61,13 @@ def test_image_stats_are_one_value_per_image_in_range(cells_dir):
 
 def test_real_cells_pass_the_image_checks(cells_dir):
     assert image_reasons(image_stats(_batch(_cells(cells_dir)))) == [OK] * 44
+
+
+def test_a_grey_copy_of_a_cell_is_not_counted_for_want_of_colour(cells_dir):
+    images = _batch(_cells(cells_dir))
+    grey = np.repeat(images.mean(-1, keepdims=True).round().astype(np.uint8), 3, -1)
+    assert image_reasons(image_stats(grey)) == [NO_COLOUR] * len(grey)
+    assert image_reasons(image_stats(images)) == [OK] * len(images)  # colour kept: counted
 
 
 @pytest.mark.parametrize("kind", ["noise", "blank", "gradient", "blurred cell"])

@@ -157,3 +157,29 @@ def test_a_resumed_run_knows_the_files_it_stored_before(cells_dir, tiny_model, t
             run_id=run_id,
         )
     assert later["duplicate_of"].fillna("").tolist() == ["", "a.png"]
+
+
+@pytest.mark.parametrize("how", ["deleted", "moved", "replaced"])
+def test_a_store_deleted_moved_or_replaced_under_it_takes_no_more_writes(tmp_path, how):
+    path = tmp_path / "s.sqlite"
+    store = ResultStore(path)
+    run_id = _run(store, [0.9])
+    if how == "deleted":
+        path.unlink()
+    elif how == "moved":
+        path.rename(tmp_path / "elsewhere.sqlite")
+    else:  # a backup restored over it while it is open
+        with ResultStore(tmp_path / "backup.sqlite"):
+            pass
+        (tmp_path / "backup.sqlite").replace(path)
+    with pytest.raises(StoreError, match="deleted or moved|replaced by another file"):
+        store.add_results(run_id, [])
+    with pytest.raises(StoreError, match="-wal and -shm"):
+        store.finish(run_id)
+    store.close()
+    if how == "replaced":  # the restored backup is left as it was: no run of the other file
+        with ResultStore(path) as restored:
+            assert restored.list_runs().empty
+    if how == "moved":  # the moved store holds the run, whose rows were in the -wal at the path
+        with ResultStore(tmp_path / "elsewhere.sqlite") as moved:
+            assert len(moved.results(run_id)) == 1

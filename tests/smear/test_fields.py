@@ -8,20 +8,26 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.data.sources import ImageSource
 from core.evaluation.smear_check import match
+from core.inference.engines import load_engine
 from core.schema.labels import PARASITIZED, UNINFECTED
-from core.schema.results import OK, SMEAR_COLUMNS, UNLIKE_TRAINING
+from core.schema.results import NO_COLOUR, OK, SMEAR_COLUMNS, UNLIKE_TRAINING
 from core.smear.fields import (
     CUT_BY_EDGE,
     RED_CELL,
     REVIEW_UNKNOWN,
+    FieldError,
     crop_cells,
     draw_overlay,
     field_summary,
+    iter_fields,
     score_field,
     segment,
     smear_totals,
 )
+from tests.helpers import BACKGROUND
+from tests.helpers import png as _png
 
 
 def test_segment_finds_every_red_cell_splits_touching_ones_and_marks_the_edge(composed):
@@ -53,7 +59,70 @@ def test_platelets_and_white_cells_are_objects_but_not_red_cells(composed):
 def test_segment_rejects_non_rgb_and_finds_nothing_in_a_blank_field():
     with pytest.raises(ValueError, match="RGB"):
         segment(np.zeros((50, 50), np.uint8))
-    assert segment(np.full((200, 300, 3), 230, np.uint8)).objects == ()
+    assert segment(np.full((200, 300, 3), BACKGROUND, np.uint8)).objects == ()
+    with pytest.raises(FieldError, match="no colour"):  # a grey field: no stain to segment
+        segment(np.full((200, 300, 3), 230, np.uint8))
+
+
+def _sources(fields: dict[str, np.ndarray]) -> list[ImageSource]:
+    return [ImageSource(name, (lambda b: lambda: b)(_png(img))) for name, img in fields.items()]
+
+
+def test_no_field_crashes_the_run_each_failing_one_is_one_error_row(composed, tiny_model):
+    field, _, _ = composed
+    rng = np.random.default_rng(0)
+    bad = {
+        "long.png": rng.integers(0, 256, (3, 10000, 3), dtype=np.uint8),
+        "noise.png": rng.integers(0, 256, (3, 3, 3), dtype=np.uint8),
+        "grey.png": np.repeat(field.mean(-1, keepdims=True).astype(np.uint8), 3, -1),
+    }
+    for k in range(40):  # 21x11 crops: OpenCV raised on a cell radius of ~8.5e37 in some
+        y, x = rng.integers(0, 540 - 11), rng.integers(0, 720 - 21)
+        bad[f"crop{k}.png"] = field[y : y + 11, x : x + 21].copy()
+    engine = load_engine(tiny_model, "onnx")
+    out = list(iter_fields(_sources({**bad, "good.png": field}), engine))
+    assert [src.path for src, _, _ in out] == [*bad, "good.png"]
+    for src, result, rows in out[:-1]:
+        assert result is None and len(rows) == 1 and rows[0]["error"], src.path
+    errors = {src.path: rows[0]["error"] for src, _, rows in out}
+    assert "too small" in errors["noise.png"] and "too small" in errors["long.png"]
+    assert errors["grey.png"] == f"not counted: {NO_COLOUR}"
+    assert out[-1][1] is not None and len(out[-1][1].segmentation.cells) > 10
+
+
+def test_an_unforeseen_failure_in_one_field_is_its_error_row(composed, tiny_model, monkeypatch):
+    import cv2
+
+    import core.smear.fields
+
+    field, _, _ = composed
+    real = core.smear.fields.segment
+
+    def fails_on_the_first(image, **kw):
+        if image.shape[0] == 540 and image[0, 0, 0] == 0:
+            raise cv2.error("OpenCV(5.0.0) resize.cpp:4223: error: (-215:Assertion failed)")
+        return real(image, **kw)
+
+    monkeypatch.setattr(core.smear.fields, "segment", fails_on_the_first)
+    first = field.copy()
+    first[0, 0] = 0
+    out = list(iter_fields(_sources({"a.png": first, "b.png": field}), load_engine(tiny_model)))
+    assert out[0][1] is None and "cannot segment this field (error: " in out[0][2][0]["error"]
+    assert out[1][1] is not None
+
+
+@pytest.mark.parametrize("blob", ["disc", "half"])
+def test_one_giant_red_blob_is_not_a_red_cell(blob):
+    field = np.empty((960, 1280, 3), np.uint8)
+    field[:] = BACKGROUND
+    if blob == "disc":  # a 900x900 red disc
+        yy, xx = np.mgrid[:960, :1280]
+        field[(yy - 480) ** 2 + (xx - 640) ** 2 < 450**2] = (200, 80, 120)
+    else:
+        field[:, :640] = (200, 80, 120)
+    seg = segment(field)
+    assert seg.objects and not seg.cells
+    assert all("large" in o.kind for o in seg.objects)
 
 
 def test_crops_are_black_outside_the_cell_at_the_model_size(composed):
