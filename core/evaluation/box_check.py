@@ -40,7 +40,7 @@ def box_crops(
             continue
         crop = image[y0:y1, x0:x1]
         mask = np.zeros(crop.shape[:2], np.uint8)
-        h, w = mask.shape
+        h, w = crop.shape[0], crop.shape[1]
         cv2.ellipse(mask, (w // 2, h // 2), (w // 2, h // 2), 0, 0, 360, 1, thickness=-1)
         crops.append(
             cv2.resize(crop * mask[..., None], (size, size), interpolation=cv2.INTER_LINEAR)
