@@ -149,7 +149,8 @@ def choose(predictions: pd.DataFrame) -> tuple[Screening, dict]:
 
     def outcome(t: float, alpha: float) -> tuple:
         k = int((healthy_cells["prob_parasitized"] >= t).sum())
-        rate = _wilson_high(k, len(healthy_cells))
+        # a tiny healthy sample can bound the rate at 1: keep it a rate a test can use
+        rate = min(_wilson_high(k, len(healthy_cells)), 1 - 1e-6)
         flagged = _flags(predictions, t, rate, alpha)
         tp, fp = int(flagged[infected].sum()), int(flagged[~infected].sum())
         return (tp - FALSE_ALARM_COST * fp, -alpha), t, rate, alpha, tp, fp
