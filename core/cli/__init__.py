@@ -61,7 +61,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "heatmaps": Command("heatmaps", "where each CAM method and stage points"),
         "smear": Command("smear_check", "smear mode on annotated fields"),
     },
-    "seal": Command("seal", "accept the contract of an older model card"),
+    "seal": Command("seal", "accept a model card as it is: seal its values and files"),
 }
 
 EPILOG = (

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             model.screening_cutoff,
             args.band,
             args.group_by,
-            Gate.for_model(model.path, model.sha256, run.engine).describe(),
+            Gate.for_model(model, run.engine).describe(),
         )
         read = disk_reader if run.kind == "files" else (lambda path: None)
         heat = None if args.no_heatmaps else model_heatmaps(run.weights)

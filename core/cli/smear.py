@@ -30,6 +30,7 @@ from core.cli.options import (
     fail,
     interrupted,
     resumed,
+    start_run,
 )
 from core.data.sources import iter_sources, read_image, unique_paths
 from core.inference.engines import load_engine
@@ -107,17 +108,13 @@ def _run(args: argparse.Namespace) -> int:
                 inputs = [str(Path(i).resolve()) for i in args.inputs]
                 engine = load_engine(args.weights, threads=2)
                 threshold = engine.contract.threshold if args.threshold is None else args.threshold
-                run_id = store.new_run(
-                    inputs=inputs,
-                    weights=str(engine.folder.resolve()),
-                    weights_sha256=engine.sha256,
-                    threshold=threshold,
-                    engine=engine.name,
-                    kind="smear",
-                )
+                run_id = None
+            cutoff = engine.weights.screening_cutoff  # before any work: a card without one fails
             sources = unique_paths(iter_sources(inputs, follow_links=args.follow_links))
         except (FileNotFoundError, WeightsError, ValueError) as exc:
             return fail(str(exc))
+        if run_id is None:
+            run_id = start_run(store, engine, inputs=inputs, threshold=threshold, kind="smear")
         store.set_total(run_id, len(sources))
         done = store.smear_done(run_id)
         todo = [s for s in sources if s.path not in done]
@@ -151,7 +148,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.out:
             write_csv(args.out, cells)
-        summary = field_summary(cells, cutoff=engine.weights.screening_cutoff)
+        summary = field_summary(cells, cutoff=cutoff)
         if args.summary:
             write_csv(args.summary, summary)
     except OSError as exc:

@@ -55,7 +55,7 @@ from core.nets.model import (
     normalize,
     save_model,
 )
-from core.schema.contract import ModelFolder, WeightsError
+from core.schema.contract import ModelFolder, WeightsError, reseal
 from core.schema.files import cpu_count
 from core.schema.labels import CLASSES, PARASITIZED_INDEX, UNINFECTED_INDEX
 from core.schema.results import OK
@@ -299,6 +299,7 @@ def adapt(
             for b, (folder, gate) in folds.items():
                 others = float(np.median([r for k, r in ratios.items() if k != b]))
                 replace(gate, limit=gate.limit * others).save(folder / calibration_file("onnx"))
+                reseal(folder)
                 engine = load_engine(folder, "onnx")
                 for f in fields:
                     if block_of(f.name, prefix) == b:
@@ -394,5 +395,6 @@ def _fit_and_write(
         limit=gate.limit * limit_ratio,
         held_out=f"{gate.held_out} x {limit_ratio:.3f} (how much farther a new block lies)",
     ).save(folder / calibration_file("onnx"))
+    reseal(folder)
     log(f"  threshold {threshold:.3f}; gate limit {gate.limit * limit_ratio:.1f}")
     return model, gate
