@@ -35,11 +35,18 @@ def interrupted(store_path: Path, run_id: str) -> int:
     return INTERRUPTED
 
 
-def positive_int(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+def _at_least(low: int):
+    def parse(value: str) -> int:
+        n = int(value)
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
+        return n
+
+    return parse
+
+
+positive_int = _at_least(1)
+count = _at_least(0)  # how many of something, none allowed
 
 
 def add_weights(p: argparse.ArgumentParser, *, help: str = "model folder") -> None:

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from core.cli.options import add_band, add_group_by, add_store, add_threshold
+from core.cli.options import add_band, add_group_by, add_store, add_threshold, count
 from core.evaluation.report import ReportInfo, disk_reader, model_heatmaps, render_report
 from core.inference.gate import Gate
 from core.inference.store import ResultStore, StoreError
@@ -24,7 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_threshold(p, help="decision threshold on P(Parasitized); default: the run's")
     add_band(p)
     add_group_by(p)
-    p.add_argument("--gallery", type=int, default=8, help="most suspicious cells per patient")
+    p.add_argument(
+        "--gallery", type=count, default=8, help="most suspicious cells per patient (0: none)"
+    )
     p.add_argument("--no-heatmaps", action="store_true", help="cells only (faster)")
 
 

@@ -217,7 +217,10 @@ def render_report(
 ) -> str:
     """The HTML report of result rows (RESULT_COLUMNS) for ``groups`` (default: every group,
     in the summary's order). ``read(path)`` gives a row's image or None; ``heatmaps(images)``
-    their overlays. Raises ValueError naming groups that are not in the results."""
+    their overlays. Raises ValueError naming groups that are not in the results, or for a
+    ``gallery`` below 0."""
+    if gallery < 0:
+        raise ValueError(f"the gallery must hold 0 or more cells, got {gallery}")
     rows = _with_calls(results, info)
     summary = parasitemia_summary(rows, group_by=info.group_by, cutoff=info.cutoff)
     summary = summary.set_index("group")

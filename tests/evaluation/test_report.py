@@ -131,3 +131,11 @@ def test_cli_writes_a_report_of_a_scored_run(cells_dir, tiny_model, tmp_path):
     assert "image checks only" in text  # the tiny model has no calibration
     bad = cli.parse(["report", "no-such-run", "--out", str(out), "--store", str(store_path)])
     assert bad.run(bad) == 2
+
+
+def test_a_negative_gallery_is_refused(tmp_path, capsys):
+    with pytest.raises(ValueError, match="0 or more"):
+        report.render_report(_results(), INFO, gallery=-3)
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse(["report", "r1", "--out", str(tmp_path / "r.html"), "--gallery", "-3"])
+    assert exit_.value.code == 2 and "at least 0" in capsys.readouterr().err
