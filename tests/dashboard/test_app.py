@@ -588,3 +588,29 @@ def test_explain_says_when_the_gate_would_not_count_the_image(app):
     app.session_state["explain_item"] = (sample.name, sample.read_bytes())
     app.run()
     assert not any("Review:" in w.value for w in app.warning)
+
+
+def test_the_report_of_a_reopened_run_uses_the_runs_model_not_the_sidebars(app, cells_dir):
+    """A run scored with weights/holdout (cutoff 4.78%) reopened while weights/default (2.93%)
+    is selected: the report's cutoff, flag and model are the run's."""
+    from core import cli
+    from core.inference.store import ResultStore
+    from core.schema.contract import ModelFolder
+
+    holdout = ROOT / "weights" / "holdout"
+    argv = [str(cells_dir), "--weights", str(holdout), "--engine", "onnx", "--no-progress"]
+    assert cli.main(["score", *argv, "--name", "ward 5", "--sample", "slide 12"]) == 0
+    with ResultStore() as store:
+        run_id = store.list_runs().loc[0, "run_id"]
+    app.query_params.update(run=run_id)
+    app.switch_page("views/score.py").run()
+    assert not _errors(app), _errors(app)
+    assert app.session_state["model_folder"].endswith("weights/default")
+    next(b for b in app.button if b.label == "Make report").click().run()
+    assert not _errors(app), _errors(app)
+    _, text = app.session_state["report"]
+    cutoff = ModelFolder.open(holdout).screening_cutoff
+    assert f"cutoff {cutoff:.2%}" in text and "weights/holdout" in text
+    default = ModelFolder.open(ROOT / "weights" / "default").screening_cutoff
+    assert f"cutoff {default:.2%}" not in text
+    assert "ward 5" in text and "slide 12" in text
