@@ -9,6 +9,7 @@ nothing scored; 130 interrupted (use --resume).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
@@ -79,8 +80,11 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(exc))
 
 
-def _overlay_name(image: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in image.strip("/")) + ".png"
+def overlay_name(image: str) -> str:
+    """The overlay's file name for a field's path: readable, and never the same for two paths
+    (``x_y.JPG`` and ``x/y.JPG`` differ by the hash of the whole path)."""
+    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in image.strip("/"))
+    return f"{readable[-120:]}-{hashlib.sha256(image.encode()).hexdigest()[:10]}.png"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -140,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
                     overlay = draw_overlay(
                         image, result.segmentation, result.prob, quality=result.quality
                     )
-                    Image.fromarray(overlay).save(args.overlays / _overlay_name(src.path))
+                    Image.fromarray(overlay).save(args.overlays / overlay_name(src.path))
         except KeyboardInterrupt:
             return interrupted(store.path, run_id)
         store.finish(run_id)

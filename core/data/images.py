@@ -94,6 +94,10 @@ def _too_large(size: str = "") -> str:
     return f"image {size}is above the {MAX_PIXELS:,} px limit (a cell crop is ~200x200 px)"
 
 
+# What Pillow may find in a file, whatever its name says (MPO: a camera's JPEG with a preview)
+ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "TIFF", "BMP", "WEBP"})
+
+
 def decode_image(data: bytes, *, size: int | None = None) -> np.ndarray:
     """Decode image bytes to RGB ``uint8`` of shape (H, W, 3), resized to (size, size) if given.
 
@@ -111,6 +115,17 @@ def decode_image(data: bytes, *, size: int | None = None) -> np.ndarray:
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise ImageError(_too_large(f"{w}x{h} px "))
+            if img.format not in ACCEPTED_FORMATS:  # sniffed from the bytes, not the name
+                raise ImageError(
+                    f"unsupported format {img.format} (read from the file's content, whatever "
+                    f"its name); accepted: {', '.join(sorted(ACCEPTED_FORMATS - {'MPO'}))}"
+                )
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1 and img.format != "MPO":  # page 1 alone could hide a cell on page 2
+                raise ImageError(
+                    f"a {img.format} of {frames} pages or frames: only single images are "
+                    "scored; save each page as its own file"
+                )
             if size and img.format == "JPEG":
                 img.draft("RGB", (size, size))  # decode JPEG at reduced scale: much faster
             if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
