@@ -22,7 +22,7 @@ from core.schema.labels import ZIP_SEP
 from dashboard.text import plain
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
-UPLOAD_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "bmp", "webp", "zip"]
+UPLOAD_TYPES = ["png", "jpg", "jpeg", "jpe", "jfif", "tif", "tiff", "bmp", "webp", "zip"]
 
 
 def items_key(items: Sequence[tuple[str, bytes]]) -> str:

@@ -65,7 +65,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "smear": Command("smear_check", "smear mode on annotated fields"),
         "boxes": Command("box_check", "another lab's annotated cells, cut from their boxes"),
     },
-    "seal": Command("seal", "accept the contract of an older model card"),
+    "seal": Command("seal", "accept a model card as it is: seal its values and files"),
 }
 
 EPILOG = (

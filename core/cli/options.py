@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from core.inference.engines import Engine, load_engine
-from core.inference.store import RunInfo
+from core.inference.store import ResultStore, RunInfo
 from core.schema.contract import DEFAULT_WEIGHTS, WeightsError
 from core.schema.export import OutputError, check_output
 from core.schema.results import REVIEW_BAND
@@ -35,11 +35,18 @@ def interrupted(store_path: Path, run_id: str) -> int:
     return INTERRUPTED
 
 
-def positive_int(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+def _at_least(low: int):
+    def parse(value: str) -> int:
+        n = int(value)
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
+        return n
+
+    return parse
+
+
+positive_int = _at_least(1)
+count = _at_least(0)  # how many of something, none allowed
 
 
 def add_weights(p: argparse.ArgumentParser, *, help: str = "model folder") -> None:
@@ -128,6 +135,28 @@ def resumed(info: RunInfo, *, engine: str | None = None, threads: int | None = N
             f"{info.weights} now holds {loaded.sha256[:12]}...; start a new run instead"
         )
     return loaded
+
+
+def start_run(
+    store: ResultStore,
+    engine: Engine,
+    *,
+    inputs: Sequence[str],
+    threshold: float,
+    kind: str,
+    **fields: str | None,
+) -> str:
+    """A new run of ``kind`` in ``store`` for ``inputs`` scored with ``engine`` at ``threshold``
+    (``fields``: its name, sample and operator); its run id."""
+    return store.new_run(
+        inputs=inputs,
+        weights=str(engine.folder.resolve()),
+        weights_sha256=engine.sha256,
+        threshold=threshold,
+        engine=engine.name,
+        kind=kind,
+        **fields,
+    )
 
 
 def print_table(columns: dict[str, dict], keys: Sequence[str], *, head: str = "") -> None:

@@ -7,11 +7,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from core.cli.options import add_band, add_group_by, add_store, add_threshold
-from core.evaluation.report import ReportInfo, disk_reader, model_heatmaps, render_report
-from core.inference.gate import Gate
+from core.cli.options import add_band, add_group_by, add_store, add_threshold, count
+from core.evaluation.report import disk_reader, model_heatmaps, render_report, report_info
 from core.inference.store import ResultStore, StoreError
-from core.schema.contract import ModelFolder, WeightsError
+from core.schema.contract import WeightsError
 from core.schema.export import OutputError, check_output
 from core.schema.files import atomic_path
 
@@ -24,7 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_threshold(p, help="decision threshold on P(Parasitized); default: the run's")
     add_band(p)
     add_group_by(p)
-    p.add_argument("--gallery", type=int, default=8, help="most suspicious cells per patient")
+    p.add_argument(
+        "--gallery", type=count, default=8, help="most suspicious cells per patient (0: none)"
+    )
     p.add_argument("--no-heatmaps", action="store_true", help="cells only (faster)")
 
 
@@ -36,22 +37,7 @@ def run(args: argparse.Namespace) -> int:
         with ResultStore(args.store) as store:
             run = store.run(args.run_id)
             results = store.results(args.run_id)
-        model = ModelFolder.open(run.weights)
-        if model.sha256 != run.weights_sha256:
-            raise WeightsError(
-                f"{run.weights} no longer holds the weights run {run.run_id} "
-                "was scored with; the report would name the wrong model"
-            )
-        info = ReportInfo(
-            run.run_id,
-            run.weights,
-            model.sha256,
-            run.threshold if args.threshold is None else args.threshold,
-            model.screening,
-            args.band,
-            args.group_by,
-            Gate.for_model(model.path, model.sha256, run.engine).describe(),
-        )
+        info = report_info(run, threshold=args.threshold, band=args.band, group_by=args.group_by)
         read = disk_reader if run.kind == "files" else (lambda path: None)
         heat = None if args.no_heatmaps else model_heatmaps(run.weights)
         text = render_report(

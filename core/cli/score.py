@@ -43,6 +43,7 @@ from core.cli.options import (
     interrupted,
     positive_int,
     resumed,
+    start_run,
 )
 from core.data.sources import iter_sources, unique_paths
 from core.inference import cluster
@@ -147,16 +148,16 @@ def _run(args: argparse.Namespace) -> int:
                 engine = load_engine(args.weights, args.engine)
                 threshold = engine.contract.threshold if args.threshold is None else args.threshold
                 run_id = None
+            screening = engine.weights.screening  # before any work: a card without one fails
             sources = unique_paths(iter_sources(inputs, follow_links=args.follow_links))
         except (FileNotFoundError, WeightsError, ValueError, StoreError) as exc:
             return fail(str(exc))
         if run_id is None:
-            run_id = store.new_run(
+            run_id = start_run(
+                store,
+                engine,
                 inputs=inputs,
-                weights=str(engine.folder.resolve()),
-                weights_sha256=engine.sha256,
                 threshold=threshold,
-                engine=engine.name,
                 kind="files",
                 name=args.name,
                 sample=args.sample,
@@ -205,9 +206,7 @@ def _run(args: argparse.Namespace) -> int:
                     f"cannot write {args.out} ({exc}); the results are kept in "
                     f"{store.path}: export them again with --resume {run_id} --out FILE"
                 )
-        summary = parasitemia_summary(
-            reviewed(), group_by=args.group_by, screening=engine.weights.screening
-        )
+        summary = parasitemia_summary(reviewed(), group_by=args.group_by, screening=screening)
         n_dup = sum(int(c["duplicate_of"].notna().sum()) for c in store.iter_results(run_id))
     with pd.option_context("display.max_rows", 200, "display.width", 140):
         print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

@@ -1,6 +1,9 @@
-"""``malaria seal FOLDER...``: accept the contract of model cards written before contracts were
-hashed. Validates each and records its contract_sha256. Read the contract first (classes,
-threshold, input size): sealing says it is right."""
+"""``malaria seal FOLDER... [--force]``: accept a model card as it is. Validates each (its
+contract, screening cutoff and weights' sha256), records the sha256 of its quality-gate files
+and its contract_sha256 over every value that changes a result
+(core.schema.contract.SEALED_KEYS). Read those values first (classes, threshold, input size,
+screening cutoff, int8 record): sealing says they are right. A card sealed already is refused
+without ``--force``."""
 
 from __future__ import annotations
 
@@ -13,12 +16,17 @@ from core.schema.contract import WeightsError, seal_card
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("folders", nargs="+", type=Path, help="model folders (holding card.json)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="seal cards that are sealed already (after a value or a gate file was checked)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     for folder in args.folders:
         try:
-            digest = seal_card(folder)
+            digest = seal_card(folder, force=args.force)
         except WeightsError as exc:
             return fail(str(exc))
         print(f"{folder}: contract_sha256 {digest}")

@@ -9,6 +9,7 @@ nothing scored; 130 interrupted (use --resume).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from core.cli.options import (
     fail,
     interrupted,
     resumed,
+    start_run,
 )
 from core.data.sources import iter_sources, read_image, unique_paths
 from core.inference.engines import load_engine
@@ -78,8 +80,11 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(exc))
 
 
-def _overlay_name(image: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in image.strip("/")) + ".png"
+def overlay_name(image: str) -> str:
+    """The overlay's file name for a field's path: readable, and never the same for two paths
+    (``x_y.JPG`` and ``x/y.JPG`` differ by the hash of the whole path)."""
+    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in image.strip("/"))
+    return f"{readable[-120:]}-{hashlib.sha256(image.encode()).hexdigest()[:10]}.png"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -107,17 +112,13 @@ def _run(args: argparse.Namespace) -> int:
                 inputs = [str(Path(i).resolve()) for i in args.inputs]
                 engine = load_engine(args.weights, threads=2)
                 threshold = engine.contract.threshold if args.threshold is None else args.threshold
-                run_id = store.new_run(
-                    inputs=inputs,
-                    weights=str(engine.folder.resolve()),
-                    weights_sha256=engine.sha256,
-                    threshold=threshold,
-                    engine=engine.name,
-                    kind="smear",
-                )
+                run_id = None
+            screening = engine.weights.screening  # before any work: a card without one fails
             sources = unique_paths(iter_sources(inputs, follow_links=args.follow_links))
         except (FileNotFoundError, WeightsError, ValueError) as exc:
             return fail(str(exc))
+        if run_id is None:
+            run_id = start_run(store, engine, inputs=inputs, threshold=threshold, kind="smear")
         store.set_total(run_id, len(sources))
         done = store.smear_done(run_id)
         todo = [s for s in sources if s.path not in done]
@@ -143,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
                     overlay = draw_overlay(
                         image, result.segmentation, result.prob, quality=result.quality
                     )
-                    Image.fromarray(overlay).save(args.overlays / _overlay_name(src.path))
+                    Image.fromarray(overlay).save(args.overlays / overlay_name(src.path))
         except KeyboardInterrupt:
             return interrupted(store.path, run_id)
         store.finish(run_id)
@@ -151,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.out:
             write_csv(args.out, cells)
-        summary = field_summary(cells, screening=engine.weights.screening)
+        summary = field_summary(cells, screening=screening)
         if args.summary:
             write_csv(args.summary, summary)
     except OSError as exc:

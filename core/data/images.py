@@ -7,6 +7,7 @@ is meant for the user; callers turn it into an error row.
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps
@@ -17,6 +18,10 @@ MAX_PIXELS = 40_000_000
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error row, not a grey cell
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# Pillow only warns between MAX_IMAGE_PIXELS and twice that, and refuses above it naming twice the
+# limit (80,000,000): one limit, MAX_PIXELS, refused before decoding with one message. Set once
+# for the process: warnings.catch_warnings() is not thread-safe, and images decode in threads.
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
 class ImageError(ValueError):
@@ -85,6 +90,14 @@ def _decode_plain_png(data: bytes) -> np.ndarray | None:
     return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+def _too_large(size: str = "") -> str:
+    return f"image {size}is above the {MAX_PIXELS:,} px limit (a cell crop is ~200x200 px)"
+
+
+# What Pillow may find in a file, whatever its name says (MPO: a camera's JPEG with a preview)
+ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "TIFF", "BMP", "WEBP"})
+
+
 def decode_image(data: bytes, *, size: int | None = None) -> np.ndarray:
     """Decode image bytes to RGB ``uint8`` of shape (H, W, 3), resized to (size, size) if given.
 
@@ -101,7 +114,18 @@ def decode_image(data: bytes, *, size: int | None = None) -> np.ndarray:
             img: Image.Image = opened
             w, h = img.size
             if w * h > MAX_PIXELS:
-                raise ImageError(f"image is {w}x{h} px, above the {MAX_PIXELS:,} px limit")
+                raise ImageError(_too_large(f"{w}x{h} px "))
+            if img.format not in ACCEPTED_FORMATS:  # sniffed from the bytes, not the name
+                raise ImageError(
+                    f"unsupported format {img.format} (read from the file's content, whatever "
+                    f"its name); accepted: {', '.join(sorted(ACCEPTED_FORMATS - {'MPO'}))}"
+                )
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1 and img.format != "MPO":  # page 1 alone could hide a cell on page 2
+                raise ImageError(
+                    f"a {img.format} of {frames} pages or frames: only single images are "
+                    "scored; save each page as its own file"
+                )
             if size and img.format == "JPEG":
                 img.draft("RGB", (size, size))  # decode JPEG at reduced scale: much faster
             if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
@@ -112,8 +136,8 @@ def decode_image(data: bytes, *, size: int | None = None) -> np.ndarray:
             return np.asarray(rgb, dtype=np.uint8)
     except ImageError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"image too large (decompression bomb guard): {exc}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(_too_large()) from None
     except Image.UnidentifiedImageError:
         raise ImageError("not a readable image (unknown or unsupported format)") from None
     except Exception as exc:  # PIL plugins raise OSError, SyntaxError, struct.error, ...

@@ -24,7 +24,12 @@ from core.data.images import ImageError, decode_image
 from core.schema.files import cpu_count
 from core.schema.labels import ZIP_SEP, as_posix, file_name
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".tif", ".tiff", ".bmp", ".webp"}
+)
+# The first bytes of image files: a file with another suffix (or none) that starts so is an
+# image all the same, scored by its content (core.data.images reads the format from the bytes)
+_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM", b"GIF8", b"RIFF")
 # Image files we recognise but do not accept: they get an error row instead of being skipped.
 UNSUPPORTED_SUFFIXES = frozenset(
     {".gif", ".heic", ".heif", ".svg", ".jp2", ".ico", ".psd", ".dng", ".raw", ".avif"}
@@ -57,6 +62,28 @@ def _is_hidden(parts: Sequence[str]) -> bool:
 def _safe_member(name: str) -> bool:
     p = PurePosixPath(name.replace("\\", "/"))
     return not p.is_absolute() and ".." not in p.parts and not re.match(r"^[A-Za-z]:", name)
+
+
+def looks_like_image(head: bytes) -> bool:
+    """Whether a file's first bytes (at least 12) are those of an image format (GIF too: it is
+    then refused by name, not skipped)."""
+    return head.startswith(_MAGIC) and (not head.startswith(b"RIFF") or head[8:12] == b"WEBP")
+
+
+def _file_head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(12)
+    except OSError:
+        return b""
+
+
+def _member_head(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    try:
+        with zf.open(info) as f:
+            return f.read(12)
+    except Exception:  # a corrupt member is read (and reported) only if it is an image
+        return b""
 
 
 def _error_source(path: str, message: str, name: str = "") -> ImageSource:
@@ -146,14 +173,14 @@ def _zip_sources(
 ) -> Iterator[ImageSource]:
     """Members of an open zip, sorted. Nested zips are opened one level down at most."""
     for info in sorted(zf.infolist(), key=lambda i: i.filename):
-        name = info.filename
+        name = info.filename.replace("\\", "/")  # Windows tools' separators; "/" by the format
         if info.is_dir() or not _safe_member(name):
             continue
         if _is_hidden(PurePosixPath(name).parts):
             continue
         path = f"{prefix}{ZIP_SEP}{name}"
         member = file_name(name)
-        at = (*origin, name) if origin else ()
+        at = (*origin, info.filename) if origin else ()
         suffix = PurePosixPath(name).suffix.lower()
         if suffix == ".zip" and depth < 1:
             try:
@@ -166,7 +193,9 @@ def _zip_sources(
             yield _error_source(
                 path, "a zip inside a zip inside a zip: only one level of nesting is opened", member
             )
-        elif suffix in IMAGE_SUFFIXES:
+        elif suffix in IMAGE_SUFFIXES or (
+            suffix not in UNSUPPORTED_SUFFIXES and looks_like_image(_member_head(zf, info))
+        ):
             yield ImageSource(path, _member_reader(zf, info), member, at)
         elif suffix in UNSUPPORTED_SUFFIXES:
             yield _unsupported(path, member)
@@ -250,7 +279,9 @@ def _folder_sources(root: Path, *, follow_links: bool) -> Iterator[ImageSource]:
         elif suffix == ".zip":
             found = True
             yield from _zip_or_note(path, str(path), origin=(str(path),))
-        elif suffix in IMAGE_SUFFIXES:
+        elif suffix in IMAGE_SUFFIXES or (
+            suffix not in UNSUPPORTED_SUFFIXES and looks_like_image(_file_head(path))
+        ):
             found = True
             yield ImageSource(str(path), _file_reader(path), origin=(str(path),))
         elif suffix in UNSUPPORTED_SUFFIXES:
@@ -312,7 +343,9 @@ def sources_from_uploads(items: Iterable[tuple[str, bytes]]) -> list[ImageSource
             out.extend(found)
             if not found:
                 empty_zips.append(_no_images(name))
-        elif suffix in IMAGE_SUFFIXES:
+        elif suffix in IMAGE_SUFFIXES or (
+            suffix not in UNSUPPORTED_SUFFIXES and looks_like_image(data[:12])
+        ):
             out.append(ImageSource(name, _bytes_reader(data)))
         elif len(parts) == 1 or suffix in UNSUPPORTED_SUFFIXES:
             out.append(_unsupported(name))

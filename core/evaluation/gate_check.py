@@ -27,7 +27,7 @@ from core.data.splits import labelled_samples
 from core.inference.engines import load_engine
 from core.inference.gate import FeatureModel, ImageLimits, calibration_file, image_stats
 from core.inference.pipeline import score_uploads
-from core.schema.contract import WEIGHTS_FILE, ModelFolder, fold_runs
+from core.schema.contract import WEIGHTS_FILE, ModelFolder, fold_runs, reseal
 from core.schema.files import cpu_count, write_json
 from core.schema.results import OK, REVIEW_BAND, is_counted
 
@@ -198,6 +198,7 @@ def calibrate(
         )
         basis = f"its {len(feats):,} training cells x {unseen.ratio:.3f}"
     fm.save(Path(weights) / name)
+    reseal(weights)
     stats = image_stats(images)
     print(
         f"{name} ({engine_name}): fitted on {train.sum():,} cells of {len(split['train'])} "

@@ -31,8 +31,8 @@ from core.inference.quantize import (
     CalibrationSet,
     required_calibration,
 )
-from core.schema.contract import CARD_FILE, read_card, sha256_file
-from core.schema.files import atomic_path, write_json
+from core.schema.contract import read_card, sha256_file, write_card
+from core.schema.files import atomic_path
 from core.schema.labels import CLASSES, PARASITIZED_INDEX, case_id, label_from_path
 from core.schema.metrics import binary_metrics
 
@@ -92,7 +92,7 @@ def write_calibration(
         "calibration": {**asdict(rec), "cases": list(cases), "float_blocks": list(float_blocks)},
         "method": METHOD,
     }
-    write_json(folder / CARD_FILE, card)
+    write_card(folder, card)
     return rec
 
 
@@ -165,5 +165,5 @@ def check(folder: Path, data: Sequence[str | Path], *, part: str = "test") -> di
     card.setdefault(CARD_KEY, {}).update(
         {"method": METHOD, "check" if decides else f"check_{part}": rec}
     )
-    write_json(folder / CARD_FILE, card)
+    write_card(folder, card)
     return rec

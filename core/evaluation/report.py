@@ -29,6 +29,9 @@ from PIL import Image
 
 from core.data.images import ImageError
 from core.data.sources import open_source, read_image
+from core.inference.gate import Gate
+from core.inference.store import RunInfo
+from core.schema.contract import ModelFolder, WeightsError
 from core.schema.labels import file_name, predicted_class
 from core.schema.metrics import group_of, parasitemia_summary
 from core.schema.results import REVIEW_BAND, UNCERTAIN, counted, review
@@ -53,6 +56,43 @@ class ReportInfo:
     band: float = REVIEW_BAND
     group_by: str = "case"
     gate: str = ""  # what the quality gate checked (core.inference.gate.Gate.describe)
+    name: str | None = None  # the run's name, sample and operator, as the analyst gave them
+    sample: str | None = None
+    operator: str | None = None
+
+
+def report_info(
+    run: RunInfo,
+    *,
+    threshold: float | None = None,
+    band: float = REVIEW_BAND,
+    group_by: str = "case",
+) -> ReportInfo:
+    """What a report of ``run`` says, every number from the run's own model: its threshold
+    unless ``threshold``, its screening rule, its gate (``model`` and ``sha256`` name the
+    model, for its heatmaps). Raises WeightsError
+    if the model folder the run names no longer holds the weights it was scored with (the
+    report would mix two models), or cannot flag (no screening rule)."""
+    model = ModelFolder.open(run.weights)
+    if model.sha256 != run.weights_sha256:
+        raise WeightsError(
+            f"{run.weights} no longer holds the weights run {run.run_id} was scored with "
+            f"({run.weights_sha256[:12]}..., now {model.sha256[:12]}...); a report would mix "
+            "two models"
+        )
+    return ReportInfo(
+        run.run_id,
+        run.weights,
+        model.sha256,
+        run.threshold if threshold is None else threshold,
+        model.screening,
+        band,
+        group_by,
+        Gate.for_model(model, run.engine).describe(),
+        run.name,
+        run.sample,
+        run.operator,
+    )
 
 
 def _png(image: np.ndarray, *, side: int = 160) -> str:
@@ -73,6 +113,10 @@ table.facts td:first-child { color: #555; }
 .flag { font-weight: bold; color: #8e244d; } .noflag { font-weight: bold; color: #2b6a3b; }
 .gallery { display: flex; flex-wrap: wrap; gap: 12px; }
 figure { margin: 0; width: 330px; font-size: 12px; }
+figcaption { overflow-wrap: anywhere; }  /* long file names wrap inside the figure */
+table.cover { border-collapse: collapse; margin-bottom: 2em; }
+table.cover td, table.cover th { border-bottom: 1px solid #ddd; padding: 3px 10px; }
+table.cover th { text-align: left; } table.cover td.n { text-align: right; }
 figure img { width: 160px; height: 160px; image-rendering: auto; }
 table.review { border-collapse: collapse; font-size: 12px; }
 table.review td, table.review th { border-bottom: 1px solid #ddd; padding: 2px 8px; }
@@ -112,11 +156,51 @@ def _gallery(rows: pd.DataFrame, read: ImageReader, heatmaps: Heatmaps | None) -
             pics += f' <img src="{_png(heat)}" alt="heatmap">'
         mark = f" · review: {html.escape(r.review)}" if r.review else ""
         figures.append(
-            f"<figure>{pics}<figcaption>{html.escape(file_name(r.path))}<br>"
+            f"<figure>{pics}<figcaption>{_breakable(file_name(r.path))}<br>"
             f"P(Parasitized) {r.prob_parasitized:.3f} · {r.prediction}{mark}"
             "</figcaption></figure>"
         )
     return '<div class="gallery">' + "".join(figures) + "</div>"
+
+
+def _breakable(name: str) -> str:
+    """``name`` escaped, with places to wrap after its separators (``_``, ``-``): a long
+    cell name wraps at its parts, not in the middle of a number."""
+    escaped = html.escape(name)
+    for sep in ("_", "-"):
+        escaped = escaped.replace(sep, f"{sep}<wbr>")
+    return escaped
+
+
+def _cover(summary: pd.DataFrame, info: ReportInfo) -> str:
+    """One row per patient (or folder) of the run: counts, parasitemia and the flag."""
+    body = "".join(
+        f"<tr><td>{html.escape(str(g))}</td><td class=n>{s['cells']:,}</td>"
+        f"<td class=n>{s['scored']:,}</td><td class=n>{s['not_counted']:,}</td>"
+        f"<td class=n>{s['errors']:,}</td><td class=n>{s['parasitized']:,}</td>"
+        f"<td class=n>{_pct(s['parasitemia'])}</td>"
+        f"<td>{_pct(s['ci_low'])} to {_pct(s['ci_high'])}</td><td>{_flag(s)}</td></tr>"
+        for g, s in summary.iterrows()
+    )
+    who = "Patient" if info.group_by == "case" else "Folder"
+    return (
+        f"<h2>Every {who.lower()} of the run ({len(summary):,})</h2><table class=cover><tr>"
+        f"<th>{who}</th><th>images</th><th>counted</th><th>not counted</th><th>errors</th>"
+        "<th>parasitized</th><th>parasitemia</th><th>95% interval</th><th>flag</th></tr>"
+        f"{body}</table>"
+    )
+
+
+def _flag(s: pd.Series) -> str:
+    if s["likely_infected"]:
+        return "<span class=flag>likely infected</span>"
+    return "<span class=noflag>not flagged</span>"
+
+
+def _run_facts(info: ReportInfo) -> str:
+    """The run's name, sample and operator, those it has, as one line."""
+    given = [(k, getattr(info, k)) for k in ("name", "sample", "operator")]
+    return " · ".join(f"{k} {html.escape(str(v))}" for k, v in given if v)
 
 
 def _review_table(rows: pd.DataFrame) -> str:
@@ -148,12 +232,7 @@ def _section(
     heatmaps: Heatmaps | None,
     gallery: int,
 ) -> str:
-    flagged = bool(s["likely_infected"])
-    flag = (
-        "<span class=flag>likely infected</span>"
-        if flagged
-        else "<span class=noflag>not flagged</span>"
-    )
+    flag = _flag(s)
     top = rows[counted(rows)].sort_values("prob_parasitized", ascending=False).head(gallery)
     for_review = rows[rows["review"] != ""].sort_values(["review", "path"])
     reasons = rows.loc[
@@ -191,7 +270,9 @@ def _section(
         ("Model", f"{html.escape(info.model)} · weights sha256 <code>{info.sha256}</code>"),
         (
             "Run",
-            f"{html.escape(info.run_id)} · threshold {info.threshold:g} · review band "
+            f"{html.escape(info.run_id)}"
+            + (f" · {_run_facts(info)}" if _run_facts(info) else "")
+            + f" · threshold {info.threshold:g} · review band "
             f"±{info.band:g}" + (f" · quality gate: {html.escape(info.gate)}" if info.gate else ""),
         ),
         ("Report made", date),
@@ -220,7 +301,10 @@ def render_report(
 ) -> str:
     """The HTML report of result rows (RESULT_COLUMNS) for ``groups`` (default: every group,
     in the summary's order). ``read(path)`` gives a row's image or None; ``heatmaps(images)``
-    their overlays. Raises ValueError naming groups that are not in the results."""
+    their overlays. Raises ValueError naming groups that are not in the results, or for a
+    ``gallery`` below 0."""
+    if gallery < 0:
+        raise ValueError(f"the gallery must hold 0 or more cells, got {gallery}")
     rows = _with_calls(results, info)
     summary = parasitemia_summary(rows, group_by=info.group_by, screening=info.screening)
     summary = summary.set_index("group")
@@ -236,13 +320,18 @@ def render_report(
         _section(g, summary.loc[g], rows[rows["group"] == g], info, date, read, heatmaps, gallery)
         for g in wanted
     ]
-    title = f"Malaria screening report · run {html.escape(info.run_id)}"
+    title = f"Malaria screening report · run {html.escape(info.name or info.run_id)}"
+    facts = _run_facts(info)
     return (
         f"<!doctype html><html><head><meta charset=utf-8><title>{title}</title>"
-        f"<style>{_CSS}</style></head><body><h1>{title}</h1>"
+        f"<style>{_CSS}</style></head><body><section><h1>{title}</h1>"
+        f"<p>Run {html.escape(info.run_id)}{' · ' + facts if facts else ''} · model "
+        f"{html.escape(info.model)} · flagged when {html.escape(info.screening.describe())} · "
+        f"{date}</p>"
         "<p class=muted>Single-cell calls of a MobileNetV2 on thin-smear crops. A screening "
         "aid, not a diagnosis: cells for review need a human; the flag is a statistical "
-        "statement about the counted cells.</p>" + "".join(sections) + "</body></html>"
+        "statement about the counted cells.</p>"
+        f"{_cover(summary, info)}</section>" + "".join(sections) + "</body></html>"
     )
 
 

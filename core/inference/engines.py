@@ -70,7 +70,7 @@ class OnnxEngine(Engine):
         self.graph = self._graph()
         self._threads = threads or 1
         self.session = self._session()
-        self.gate = Gate.for_model(self.folder, self.sha256, self.name)
+        self.gate = Gate.for_model(self.weights, self.name)
 
     def _session(self) -> Any:  # onnxruntime.InferenceSession
         import onnxruntime as ort
@@ -161,7 +161,7 @@ class TorchEngine(Engine):
         loaded = load_model(folder)
         self.model = loaded.model.to(memory_format=torch.channels_last)
         self.weights = ModelFolder(Path(loaded.folder), loaded.card, loaded.contract, loaded.sha256)
-        self.gate = Gate.for_model(self.folder, self.sha256, self.name)
+        self.gate = Gate.for_model(self.weights, self.name)
 
     def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch  # loaded already by __init__ (a sys.modules lookup)

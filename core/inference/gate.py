@@ -27,21 +27,20 @@ core.schema.results.
 
 from __future__ import annotations
 
+import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from core.schema.contract import WeightsError
+from core.schema.contract import FILES_KEY, GATE_FILES, ModelFolder, WeightsError
 from core.schema.files import atomic_path
 from core.schema.results import BLANK, NO_COLOUR, NOT_A_CELL, OK, OUT_OF_FOCUS, UNLIKE_TRAINING
 
-CALIBRATION_FILE = "quality.npz"
-
-
 # The int8 engine's features are not the fp32 graph's (quantisation moves them by more than the
 # spread of the training cells in some directions): it gets a calibration of its own.
-INT8_CALIBRATION_FILE = "quality_int8.npz"
+CALIBRATION_FILE, INT8_CALIBRATION_FILE = GATE_FILES
 
 
 def calibration_file(engine: str) -> str:
@@ -179,6 +178,18 @@ class FeatureModel:
     weights_sha256: str
     held_out: str = "validation patients' cells"  # whose distances set ``limit``
 
+    def check(self) -> None:
+        """Raises ValueError for values with which the gate would check nothing: an inf or NaN
+        limit (or variance) passes every cell."""
+        for name in ("limit", "residual"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value > 0):
+                raise ValueError(f"its {name} must be finite and above 0, got {value}")
+        if not (np.isfinite(self.variances).all() and (self.variances > 0).all()):
+            raise ValueError("its variances must be finite and above 0")
+        if not (np.isfinite(self.means).all() and np.isfinite(self.components).all()):
+            raise ValueError("its means and components must be finite")
+
     def distance(self, features: np.ndarray) -> np.ndarray:
         """Mahalanobis distance (N,) float32 of features (N, C) to the nearest class mean."""
         f = np.asarray(features, np.float32)
@@ -205,11 +216,19 @@ class FeatureModel:
             )
 
     @classmethod
-    def load(cls, path: Path) -> FeatureModel:
-        """Raises WeightsError for a file that is not a calibration (pickles are refused)."""
+    def load(cls, path: Path, *, sha256: str | None = None) -> FeatureModel:
+        """The calibration in ``path``; ``sha256``: what its bytes must hash to (the card's).
+        Raises WeightsError for another file, or one that is not a calibration (pickles are
+        refused) or whose limits are not finite and positive."""
         try:
-            with np.load(path, allow_pickle=False) as z:
-                return cls(
+            data = Path(path).read_bytes()
+            if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+                raise WeightsError(
+                    f"{path} does not match the sha256 its model card records: the file was "
+                    "changed or replaced; refusing it (rebuild it with malaria calibrate gate)"
+                )
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                fm = cls(
                     z["means"].astype(np.float32),
                     z["components"].astype(np.float32),
                     z["variances"].astype(np.float32),
@@ -219,6 +238,8 @@ class FeatureModel:
                     str(z["weights_sha256"]),
                     *([str(z["held_out"])] if "held_out" in z.files else []),
                 )
+            fm.check()
+            return fm
         except (OSError, ValueError, KeyError) as exc:
             raise WeightsError(
                 f"{path} is not a quality calibration ({exc}); rebuild it with "
@@ -235,19 +256,31 @@ class Gate:
     note: str = ""  # why there is no model-side check, when there is none
 
     @classmethod
-    def for_model(cls, folder: Path | str, sha256: str, engine: str = "onnx") -> Gate:
-        """The gate of the model in ``folder`` whose weights hash to ``sha256``, scored by
-        ``engine``: with its calibration when that engine's file (``quality.npz``, or
-        ``quality_int8.npz`` for onnx-int8) is there and was made for these weights."""
+    def for_model(cls, model: ModelFolder, engine: str = "onnx") -> Gate:
+        """The gate of ``model`` scored by ``engine``: with its calibration when that engine's
+        file (``quality.npz``, or ``quality_int8.npz`` for onnx-int8) is there and was made for
+        these weights. Raises WeightsError if the file differs from the sha256 the card seals
+        (or the card records one that is missing, or does not record one that is there)."""
         name = calibration_file(engine)
-        path = Path(folder) / name
+        path = model.path / name
+        recorded = model.card.get(FILES_KEY, {}).get(name)
         if not path.is_file():
+            if recorded is not None:
+                raise WeightsError(
+                    f"{path} is missing, but the model card records it: without it the gate "
+                    "would check image statistics only; restore it"
+                )
             return cls(
                 note=f"no {name} in this model folder: image checks only "
                 "(malaria calibrate gate --weights FOLDER)"
             )
-        fm = FeatureModel.load(path)
-        if fm.weights_sha256 != sha256:
+        if recorded is None:
+            raise WeightsError(
+                f"{path} is not recorded in the model card: check it, then "
+                f"`malaria seal --force {model.path}`"
+            )
+        fm = FeatureModel.load(path, sha256=recorded)
+        if fm.weights_sha256 != model.sha256:
             return cls(
                 note=f"{path} was made for other weights: image checks only; rebuild "
                 "it with malaria calibrate gate"

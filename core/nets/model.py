@@ -8,7 +8,6 @@ the weights file. Loading checks the hash before reading a single tensor.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -23,14 +22,13 @@ from torchvision import models as tvm
 
 from core.schema.contract import (
     ARCHS,
-    CARD_FILE,
     DEFAULT_WEIGHTS,
     WEIGHTS_FILE,
     ModelContract,
     WeightsError,
-    contract_sha256,
     sha256_file,
     verified_weights,
+    write_card,
 )
 from core.schema.labels import CLASSES
 
@@ -176,12 +174,10 @@ def save_model(folder: Path, model: nn.Module, contract: ModelContract, card: di
         **card,
         "arch": contract.arch,
         "contract": contract.to_json(),
-        "contract_sha256": contract_sha256(contract, digest),
         "weights_file": WEIGHTS_FILE,
         "sha256": digest,
     }
-    (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
-    return card
+    return write_card(folder, card)
 
 
 def load_model(folder: Path | str = DEFAULT_WEIGHTS) -> LoadedModel:

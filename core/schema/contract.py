@@ -14,7 +14,7 @@ from pathlib import Path
 
 from core.schema.files import REPO_ROOT, write_json
 from core.schema.labels import CLASSES, PARASITIZED
-from core.schema.screening import Screening
+from core.schema.screening import Screening, ScreeningError
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
@@ -112,16 +112,36 @@ class ModelContract:
         return cls(**d)
 
 
-def contract_sha256(contract: ModelContract, weights_sha256: str) -> str:
-    """The hash a card records over its contract and the weights it belongs to: changing a
-    single value of the contract (a swapped class, another threshold), or moving the contract to
-    other weights, no longer matches it."""
+# The quality gate's feature calibrations (core.inference.gate), one per engine kind: files
+# beside the card that change which cells count, hashed into its FILES_KEY.
+GATE_FILES = ("quality.npz", "quality_int8.npz")
+FILES_KEY = "files_sha256"
+# Every key of a card that changes a result, sealed by its contract_sha256: the contract, the
+# weights' hash, the screening cutoff, the int8 record (with its calibration file's sha256)
+# and the hashes of the gate's files. A new such key is one more name here.
+SEALED_KEYS = ("contract", "sha256", "screening", "int8", FILES_KEY)
+
+
+def contract_sha256(card: dict) -> str:
+    """The hash a card records over its SEALED_KEYS: changing a single value of one (a swapped
+    class, another threshold or cutoff, a calibration file's hash), or moving them to other
+    weights, no longer matches it."""
     payload = json.dumps(
-        {"contract": contract.to_json(), "weights_sha256": weights_sha256},
-        sort_keys=True,
-        separators=(",", ":"),
+        {key: card.get(key) for key in SEALED_KEYS}, sort_keys=True, separators=(",", ":")
     )
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def card_problems(card: dict) -> list[str]:
+    """What is wrong with the card's values beyond its contract (its screening rule), in
+    words; empty when it is usable."""
+    if "screening" not in card:
+        return []
+    try:
+        Screening.from_card(card["screening"])
+    except ScreeningError as exc:
+        return [str(exc)]
+    return []
 
 
 def explain_check_paths(folder: Path | str, split: str = "test") -> tuple[Path, Path]:
@@ -145,6 +165,9 @@ def sha256_file(path: Path) -> str:
 def _parse_card(path: Path) -> tuple[dict, ModelContract]:
     try:
         card = json.loads(path.read_text())
+        problems = card_problems(card)
+        if problems:
+            raise ContractError("; ".join(problems))
         return card, ModelContract.from_json(card["contract"])
     except ContractError as exc:
         raise WeightsError(f"{path}: {exc}; refusing this model") from None
@@ -171,11 +194,12 @@ def read_card(folder: Path | str) -> dict:
             "hashed); check its contract, then run "
             f"`malaria seal {folder}` to accept it"
         )
-    if recorded != contract_sha256(contract, str(card.get("sha256"))):
+    if recorded != contract_sha256(card):
         raise WeightsError(
-            f"the model contract in {path} does not match its contract_sha256: "
-            "classes, threshold or another value were changed after the model "
-            "was saved; refusing this model"
+            f"the model card {path} does not match its contract_sha256: the contract, "
+            "screening cutoff, int8 record or a file hash was changed after the model was "
+            f"sealed ({', '.join(SEALED_KEYS)} are); refusing this model (a card sealed before "
+            f"all of these were: check them, then `malaria seal --force {folder}`)"
         )
     return card
 
@@ -282,9 +306,14 @@ class ModelFolder:
 
     @property
     def screening(self) -> Screening:
-        """The "likely infected" flag's rule (core.schema.screening); the interval rule at
-        cutoff 0 if the card records none. Raises ScreeningError for an unusable record."""
-        return Screening.from_card(self.card.get("screening", {}))
+        """The "likely infected" flag's rule (core.schema.screening), checked by read_card.
+        Raises WeightsError if the card records none: no patient can be flagged with it."""
+        if "screening" not in self.card:
+            raise WeightsError(
+                f"{self.path / CARD_FILE} records no screening rule (a model trained without "
+                "validation patients): it cannot flag patients"
+            )
+        return Screening.from_card(self.card["screening"])
 
     @property
     def heatmap_estimate(self) -> HeatmapEstimate | None:
@@ -413,21 +442,46 @@ def find_models(*roots: Path) -> list[Path]:
     return sorted(found)
 
 
-def seal_card(folder: Path | str) -> str:
-    """Record ``contract_sha256`` in the card of ``folder`` after validating its contract and
-    its weights' sha256 (for cards written before contracts were hashed); returns the hash.
+def write_card(folder: Path | str, card: dict) -> dict:
+    """Write ``card`` as the card of ``folder``, sealed: the sha256 of the gate's files there
+    (GATE_FILES) in its FILES_KEY, then its ``contract_sha256``. What every writer of a card
+    (training, ``malaria calibrate``, ``malaria seal``) calls once its values are right;
+    returns the card written."""
+    folder = Path(folder)
+    files = {name: sha256_file(folder / name) for name in GATE_FILES if (folder / name).is_file()}
+    card = {**card, FILES_KEY: files}
+    card["contract_sha256"] = contract_sha256(card)
+    write_json(folder / CARD_FILE, card)
+    return card
 
-    Raises WeightsError if the contract is invalid or the weights do not match the card.
+
+def reseal(folder: Path | str) -> dict:
+    """Seal the card of ``folder`` again after one of its files was rewritten by a command
+    that owns it (``malaria calibrate gate``, ``malaria adapt``): the card must be intact
+    (read_card), so a changed value is never laundered. Returns the card written."""
+    return write_card(folder, read_card(folder))
+
+
+def seal_card(folder: Path | str, *, force: bool = False) -> str:
+    """Seal the card of ``folder`` as it is (``malaria seal``): validate its contract, its
+    screening cutoff and its weights' sha256, record the hashes of its gate files and its
+    ``contract_sha256``; returns the hash.
+
+    Raises WeightsError if the card is already sealed (unless ``force``: sealing says that
+    every value was checked), its values are invalid, or the weights do not match it.
     """
     path = Path(folder) / CARD_FILE
     if not path.is_file():
         raise WeightsError(f"no {CARD_FILE} in {folder}: not a model folder")
-    card, contract = _parse_card(path)
+    card, _ = _parse_card(path)
+    if "contract_sha256" in card and not force:
+        raise WeightsError(
+            f"{path} is sealed already; sealing it again accepts every value in it as it is "
+            f"now ({', '.join(SEALED_KEYS)}): check them, then `malaria seal --force {folder}`"
+        )
     weights = Path(folder) / card.get("weights_file", WEIGHTS_FILE)
     if not weights.is_file() or sha256_file(weights) != card.get("sha256"):
         raise WeightsError(
             f"{weights} is missing or does not match the card's sha256; not sealing it"
         )
-    card["contract_sha256"] = contract_sha256(contract, card["sha256"])
-    write_json(path, card)
-    return card["contract_sha256"]
+    return write_card(folder, card)["contract_sha256"]

@@ -28,14 +28,16 @@ def is_parasitized(labels) -> np.ndarray:
 
 
 def as_posix(key: str) -> PurePosixPath:
-    """A source key as one POSIX path: zip separators and backslashes become ``/``."""
-    return PurePosixPath(key.replace("\\", "/").replace(ZIP_SEP, "/"))
+    """A source key as one POSIX path: zip separators become ``/``. A backslash is part of a
+    name (a Linux file may hold one), never a separator: zip members written with Windows
+    separators are given ``/`` where they are found (core.data.sources)."""
+    return PurePosixPath(key.replace(ZIP_SEP, "/"))
 
 
 def file_name(path: str) -> str:
-    """The last component of a file path or zip member name (``/`` or ``\\`` separated; a
-    ``!`` is part of the name: it only separates zip members in source keys)."""
-    return PurePosixPath(path.replace("\\", "/")).name
+    """The last component of a file path or zip member name (``/`` separated; a ``\\`` or a
+    ``!`` is part of the name: ``!`` only separates zip members in source keys)."""
+    return PurePosixPath(path).name
 
 
 def case_id(name: str) -> str:

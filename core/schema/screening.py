@@ -77,9 +77,19 @@ class Screening:
             raise ScreeningError("invalid screening rule: " + "; ".join(problems))
 
     @classmethod
-    def from_card(cls, saved: dict) -> Screening:
+    def from_card(cls, saved: object) -> Screening:
         """The rule a card's ``screening`` record describes; a record without ``rule`` is an
-        ``interval`` one. Raises ScreeningError."""
+        ``interval`` one. Each rule's own values are required (a record that lost its cutoff
+        must not flag at 0). Raises ScreeningError."""
+        if not isinstance(saved, dict):
+            raise ScreeningError(f"invalid screening record: {saved!r} is not a mapping")
+        rule = saved.get("rule", "interval")
+        needed = ("cutoff",) if rule == "interval" else ("call_threshold", "rate", "alpha")
+        missing = [k for k in needed if k not in saved]
+        if missing:
+            raise ScreeningError(
+                f"invalid screening record: the {rule} rule needs {', '.join(missing)}"
+            )
         fields = ("rule", "cutoff", "call_threshold", "rate", "alpha", "method")
         try:
             return cls(**{k: saved[k] for k in fields if k in saved})

@@ -57,7 +57,7 @@ from core.nets.model import (
     positive_probability,
     save_model,
 )
-from core.schema.contract import ModelFolder, WeightsError
+from core.schema.contract import ModelFolder, WeightsError, reseal
 from core.schema.files import cpu_count
 from core.schema.labels import CLASSES, PARASITIZED_INDEX, UNINFECTED_INDEX
 from core.schema.results import OK
@@ -301,6 +301,7 @@ def adapt(
             for b, (folder, gate) in folds.items():
                 others = float(np.median([r for k, r in ratios.items() if k != b]))
                 replace(gate, limit=gate.limit * others).save(folder / calibration_file("onnx"))
+                reseal(folder)
                 engine = load_engine(folder, "onnx")
                 left_out = [f for f in fields if block_of(f.name, prefix) == b]
                 for f in left_out:
@@ -399,5 +400,6 @@ def _fit_and_write(
         limit=gate.limit * limit_ratio,
         held_out=f"{gate.held_out} x {limit_ratio:.3f} (how much farther a new block lies)",
     ).save(folder / calibration_file("onnx"))
+    reseal(folder)
     log(f"  threshold {threshold:.3f}; gate limit {gate.limit * limit_ratio:.1f}")
     return model, gate

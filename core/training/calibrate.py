@@ -26,15 +26,7 @@ from core.schema.calibration import (
     fit_temperature,
     rescale,
 )
-from core.schema.contract import (
-    CARD_FILE,
-    OOF_FILE,
-    ModelContract,
-    WeightsError,
-    contract_sha256,
-    read_card,
-)
-from core.schema.files import write_json
+from core.schema.contract import OOF_FILE, ModelContract, WeightsError, read_card, write_card
 from core.schema.labels import PARASITIZED
 from core.schema.metrics import flag_performance
 from core.schema.screening import Screening, choose, out_of_fold_flags
@@ -78,8 +70,8 @@ def calibrate(oof: pd.DataFrame) -> Calibration:
 
 
 def calibrated_card(card: dict, calibration: Calibration) -> dict:
-    """``card`` with the calibration's temperature in its contract (resealed), its screening
-    rule and its record."""
+    """``card`` with the calibration's temperature in its contract, its screening rule and its
+    record; sealed when written (write_card)."""
     contract = replace(
         ModelContract.from_json(card["contract"]), temperature=calibration.temperature
     )
@@ -94,7 +86,6 @@ def calibrated_card(card: dict, calibration: Calibration) -> dict:
             **out["estimate"],
             "screening": calibration.record["screening_out_of_fold"],
         }
-    out["contract_sha256"] = contract_sha256(contract, str(card["sha256"]))
     return out
 
 
@@ -108,5 +99,5 @@ def calibrate_folder(folder: Path | str) -> Calibration:
             f"{folder} has no {OOF_FILE}: calibrate a model trained by `malaria folds --final`"
         )
     calibration = calibrate(pd.read_csv(folder / OOF_FILE))
-    write_json(folder / CARD_FILE, calibrated_card(card, calibration))
+    write_card(folder, calibrated_card(card, calibration))
     return calibration

@@ -9,10 +9,11 @@ architecture, epochs, learning rate, augmentation and which leading layers stay 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
@@ -22,7 +23,8 @@ from core.data.splits import DataError, Sample, Split, labelled_samples, split_b
 from core.nets.model import default_contract, normalize
 from core.schema.contract import ModelContract
 from core.schema.files import invocation
-from core.training.audit import read_decisions
+from core.schema.labels import CLASSES
+from core.training.audit import read_decisions_table
 
 
 class TrainingError(ValueError):
@@ -79,19 +81,20 @@ def prepare_data(
     split: Split | None = None,
     progress: bool = True,
     follow_links: bool = False,
-    decisions: Mapping[str, str] | None = None,
+    decisions: pd.DataFrame | None = None,
 ) -> PreparedData:
     """Find labelled images, split them by case (or use ``split``), decode every part.
 
     ``follow_links``: read images that symbolic links in a data folder point to outside it.
-    ``decisions``: path -> ``keep``/``relabel``/``exclude`` from a label audit, applied to the
-    training and validation patients only: the test patients' labels are never touched.
+    ``decisions``: a label audit's decisions (``core.training.audit.read_decisions_table``),
+    applied to the training and validation patients only: the test patients' labels are never
+    touched.
     """
     samples, sources = labelled_samples(data, follow_links=follow_links)
     split = split or split_by_case(
         samples, val_frac=cfg.val_frac, test_frac=cfg.test_frac, seed=cfg.seed
     )
-    if decisions:
+    if decisions is not None and len(decisions):
         samples = apply_decisions(samples, decisions, split)
     parts: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
     for s in samples:
@@ -191,20 +194,32 @@ def training_batches(
 
 
 def apply_decisions(
-    samples: Sequence[Sample], decisions: Mapping[str, str], split: Split | None
+    samples: Sequence[Sample], table: pd.DataFrame, split: Split | None
 ) -> list[Sample]:
-    """``samples`` with audited labels flipped (``relabel``) or dropped (``exclude``).
+    """``samples`` with audited labels flipped (``relabel``) or dropped (``exclude``), as the
+    decisions ``table`` (DECISION_COLUMNS, checked: ``read_decisions_table``) says.
 
     Cells of the split's test patients keep their labels whatever the file says. Raises
-    DataError if a decision names a cell that is not in the data (a file for other data).
+    DataError if a decision names a cell that is not in the data, or gives it another label or
+    case id than the data does (a file made for other data, or for other labels: relabelling
+    such a cell would flip the wrong label).
     """
-    known = {s.path for s in samples}
-    unknown = [p for p in decisions if p not in known]
+    known = {s.path: s for s in samples}
+    unknown = [p for p in table["path"] if p not in known]
     if unknown:
         raise DataError(
             f"{len(unknown)} cells in the decisions file are not in the data, "
             f"e.g. {unknown[0]}: was it made for other data?"
         )
+    for row in table.itertuples():
+        s = known[row.path]
+        if (row.label, str(row.case_id)) != (CLASSES[s.label], s.case_id):
+            raise DataError(
+                f"the decisions file gives {row.path} label {row.label!r} and case "
+                f"{row.case_id!r}, the data {CLASSES[s.label]!r} and {s.case_id!r}: was it made "
+                "for other labels or data?"
+            )
+    decisions = dict(zip(table["path"], table["decision"]))
     test = set(split.test) if split else set()
     out = []
     for s in samples:
@@ -362,7 +377,7 @@ def data_from_args(args: argparse.Namespace, cfg: TrainConfig, split: Split | No
     ``--no-progress``, and the label decisions of ``--relabel``)."""
     decisions = None
     if args.relabel:
-        decisions = read_decisions(args.relabel)
+        decisions = read_decisions_table(args.relabel)
     return prepare_data(
         args.data,
         contract=default_contract(cfg.arch),

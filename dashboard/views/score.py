@@ -2,15 +2,15 @@
 them, read the parasitemia per patient or folder, and download the results and a report."""
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.evaluation.report import ReportInfo, render_report
+from core.evaluation.report import render_report, report_info
 from core.inference.store import RUN_FIELDS, RunInfo, StoreError, inputs_summary
-from core.schema.contract import ModelFolder
+from core.schema.contract import ModelFolder, WeightsError
 from core.schema.metrics import group_names, group_of, parasitemia_summary
 from core.schema.results import (
     DUPLICATE_KIND,
@@ -533,16 +533,21 @@ def report_ui(
     info: RunInfo,
     summary: pd.DataFrame,
     *,
-    model: ModelFolder,
     threshold: float,
     band: float,
     group_by: str,
     sources: dict,
     on_disk: bool,
 ) -> None:
-    """Pick patients and download their printable report (core.evaluation.report); heatmaps
-    and the gate's description only when the run was scored with the selected ``model``."""
+    """Pick patients and download their printable report (core.evaluation.report): every number
+    and heatmap from the run's own model, whichever is selected in the sidebar; refused, with
+    the reason, when that model is no longer what the run was scored with."""
     st.subheader("Report")
+    try:
+        report = report_info(info, threshold=threshold, band=band, group_by=group_by)
+    except WeightsError as exc:
+        st.warning(f"No report of this run: {text.plain(exc)}")
+        return
     groups = list(summary["group"])
     r1, r2 = st.columns([3, 1])
     picked = r1.multiselect(
@@ -554,25 +559,13 @@ def report_ui(
         "the most suspicious cells with heatmaps.",
     )
     if r2.button("Make report", disabled=not picked):
-        folder, sha = str(model.path), model.sha256
-        same_model = info.weights_sha256 == sha
-        report = ReportInfo(
-            run_id=info.run_id,
-            model=text.model_label(info.weights),
-            sha256=info.weights_sha256,
-            threshold=threshold,
-            screening=model.screening,
-            band=band,
-            group_by=group_by,
-            gate=resources.engine(folder, sha).gate.describe() if same_model else "",
-        )
         with st.spinner("Drawing the heatmaps…"):
             html = render_report(
                 shown,
-                report,
+                replace(report, model=text.model_label(info.weights)),
                 groups=picked,
                 read=lambda p: images.image_of(p, sources, on_disk=on_disk),
-                heatmaps=resources.heatmaps(folder, sha) if same_model else None,
+                heatmaps=resources.heatmaps(info.weights, info.weights_sha256),
             )
         st.session_state["report"] = (info.run_id, html)
     made = st.session_state.get("report")
@@ -632,7 +625,6 @@ def results_ui(results: pd.DataFrame, model: ModelFolder) -> None:
         shown,
         info,
         summary,
-        model=model,
         threshold=threshold,
         band=band,
         group_by=group_by,

@@ -119,3 +119,10 @@ def test_fields_that_cannot_be_segmented_are_error_rows_and_resume_finds_them_do
         run_id = s.list_runs(smear=True)["run_id"].iloc[0]
     assert cli.main(["smear", "--resume", run_id, *common]) == 1
     assert "0 to segment and score" in capsys.readouterr().err
+
+
+def test_overlay_names_never_collide():
+    from core.cli.smear import overlay_name
+
+    names = {overlay_name(p) for p in ("/d/x_y.JPG", "/d/x/y.JPG", "/d/x y.JPG", "/d/x_y.JPG#2")}
+    assert len(names) == 4 and all(n.endswith(".png") and "/" not in n for n in names)

@@ -609,3 +609,33 @@ def test_evaluate_shows_the_calibration_before_and_after(app, evaluate_split):
     assert any(
         "each fold at the temperature fitted on the other folds" in c.value for c in app.caption
     )
+
+
+def test_the_report_of_a_reopened_run_uses_the_runs_model_not_the_sidebars(app, cells_dir):
+    """A run scored with weights/holdout (interval rule, cutoff 4.78%) reopened while
+    weights/default (the calls rule) is selected: the report's rule, flag and model are the
+    run's."""
+    import html
+
+    from core import cli
+    from core.inference.store import ResultStore
+    from core.schema.contract import ModelFolder
+
+    holdout = ROOT / "weights" / "holdout"
+    argv = [str(cells_dir), "--weights", str(holdout), "--engine", "onnx", "--no-progress"]
+    assert cli.main(["score", *argv, "--name", "ward 5", "--sample", "slide 12"]) == 0
+    with ResultStore() as store:
+        run_id = store.list_runs().loc[0, "run_id"]
+    app.query_params.update(run=run_id)
+    app.switch_page("views/score.py").run()
+    assert not _errors(app), _errors(app)
+    assert app.session_state["model_folder"].endswith("weights/default")
+    next(b for b in app.button if b.label == "Make report").click().run()
+    assert not _errors(app), _errors(app)
+    _, text = app.session_state["report"]
+    own = ModelFolder.open(holdout).screening
+    assert own.rule == "interval" and html.escape(own.describe()) in text
+    assert "weights/holdout" in text
+    default = ModelFolder.open(ROOT / "weights" / "default").screening
+    assert html.escape(default.describe()) not in text
+    assert "ward 5" in text and "slide 12" in text

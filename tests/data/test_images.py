@@ -110,12 +110,20 @@ def test_plain_pngs_take_opencv_with_pillows_pixels_and_errors(monkeypatch):
         assert not images._plain_png(other)
 
 
-def test_decompression_bomb_refused_before_decoding():
-    side = int(MAX_PIXELS**0.5) + 100
+@pytest.mark.parametrize("times", [1.2, 2.5])  # Pillow warns up to twice its limit, then refuses
+def test_decompression_bomb_refused_before_decoding_at_one_limit(times):
+    side = int((times * MAX_PIXELS) ** 0.5)
     bomb = _encode(Image.new("1", (side, side)), "PNG")  # tiny file, huge canvas
-    assert len(bomb) < 200_000
-    with pytest.raises(ImageError, match="limit|too large"):
+    assert len(bomb) < 400_000
+    with pytest.raises(ImageError, match=f"above the {MAX_PIXELS:,} px limit") as info:
         decode_image(bomb)
+    assert "80,000,000" not in str(info.value)
+
+
+def test_the_readme_states_the_pixel_limit_of_the_code():
+    from tests.helpers import ROOT
+
+    assert f"above {MAX_PIXELS // 1_000_000} megapixels" in (ROOT / "README.md").read_text()
 
 
 # --- 10. EXIF orientation (hostile input, issue 15) -----------------------------------------------

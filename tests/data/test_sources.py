@@ -402,3 +402,60 @@ def test_a_lying_zip_member_is_inflated_in_bounded_memory(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < 8 * 2**20, f"reading one member peaked at {peak / 2**20:.0f} MiB"
+
+
+# --- nothing silently skipped or reinterpreted (issue 28) -----------------------------------------
+
+
+def test_jfif_jpe_and_extensionless_images_get_a_row_and_text_files_none(tmp_path, cells_dir):
+    cell = Image.open(next(cells_dir.rglob("*.png"))).convert("RGB")
+    jpeg = _encode(cell, "JPEG")
+    for name in ("a.jfif", "b.jpe", "c_no_suffix", "d.dat"):
+        (tmp_path / name).write_bytes(jpeg)
+    (tmp_path / "e_png_no_suffix").write_bytes(_encode(cell, "PNG"))
+    (tmp_path / "README").write_text("notes about the slide")
+    rows = {os.path.basename(s.path): s for s in iter_sources([tmp_path])}
+    assert set(rows) == {"a.jfif", "b.jpe", "c_no_suffix", "d.dat", "e_png_no_suffix"}
+    for src in rows.values():
+        assert decode_image(read_bytes(src), size=128).shape == (128, 128, 3)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("cells/x_no_suffix", jpeg)
+        zf.writestr("cells/notes.txt", "text")
+    assert [s.name for s in sources_from_uploads([("z.zip", buf.getvalue())])] == ["x_no_suffix"]
+    assert [s.name for s in sources_from_uploads([("y", jpeg), ("f/n.txt", b"x")])] == ["y"]
+
+
+def test_the_format_is_read_from_the_content_not_the_name(tmp_path, cells_dir):
+    cell = Image.open(next(cells_dir.rglob("*.png"))).convert("RGB")
+    as_png = tmp_path / "gif_named.png"
+    as_png.write_bytes(_encode(cell, "GIF"))
+    (tmp_path / "jpeg_named.png").write_bytes(_encode(cell, "JPEG"))
+    (tmp_path / "gif_no_suffix").write_bytes(_encode(cell, "GIF"))
+    by_name = {os.path.basename(s.path): s for s in iter_sources([tmp_path])}
+    assert set(by_name) == {"gif_named.png", "jpeg_named.png", "gif_no_suffix"}
+    for name in ("gif_named.png", "gif_no_suffix"):
+        with pytest.raises(ImageError, match="unsupported format GIF"):
+            decode_image(read_bytes(by_name[name]))
+    assert decode_image(read_bytes(by_name["jpeg_named.png"])).shape[-1] == 3  # by content
+
+
+def test_a_multi_page_tiff_is_an_explicit_error_not_its_first_page(cells_dir):
+    blank = Image.new("RGB", (64, 64))
+    cell = Image.open(next(cells_dir.rglob("*.png"))).convert("RGB")
+    tiff = _encode(blank, "TIFF", save_all=True, append_images=[cell])
+    with pytest.raises(ImageError, match="of 2 pages"):
+        decode_image(tiff)
+    assert decode_image(_encode(cell, "TIFF")).shape[-1] == 3  # one page: scored
+
+
+def test_a_backslash_in_a_linux_file_name_is_part_of_the_name(tmp_path, cells_dir):
+    from core.schema.metrics import group_of
+
+    folder = tmp_path / "ward 3"
+    folder.mkdir()
+    name = "C96\\slide\\cell.png"  # one file whose name holds backslashes
+    shutil.copy(next(cells_dir.rglob("*.png")), folder / name)
+    [src] = iter_sources([folder])
+    assert src.name == name and src.path == str(folder / name)
+    assert group_of(src.path, "folder", "C96") == str(folder)

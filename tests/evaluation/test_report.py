@@ -82,7 +82,7 @@ def test_the_report_states_every_figure_per_patient():
     assert "likely infected" in c1 and "wholly above 5.00%" in c1
     assert INFO.sha256 in c1 and "weights/default" in c1 and "2026-11-26 12:00 UTC" in c1
     assert "The 2 most suspicious counted cells" in c1
-    assert c1.index("C1_a.png") < c1.index("C1_b.png")  # highest P first
+    assert c1.index("C1_<wbr>a.png") < c1.index("C1_<wbr>b.png")  # highest P first
     assert "Cells for review (2)" in c1  # the blank one and the uncertain one
     assert seen == [2, 1]  # heatmaps drawn for each gallery: 2 for C1, 1 for C2
     assert text.count("data:image/png;base64,") == 2 * 3
@@ -132,3 +132,61 @@ def test_cli_writes_a_report_of_a_scored_run(cells_dir, tiny_model, tmp_path):
     assert "image checks only" in text  # the tiny model has no calibration
     bad = cli.parse(["report", "no-such-run", "--out", str(out), "--store", str(store_path)])
     assert bad.run(bad) == 2
+
+
+def test_a_negative_gallery_is_refused(tmp_path, capsys):
+    with pytest.raises(ValueError, match="0 or more"):
+        report.render_report(_results(), INFO, gallery=-3)
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse(["report", "r1", "--out", str(tmp_path / "r.html"), "--gallery", "-3"])
+    assert exit_.value.code == 2 and "at least 0" in capsys.readouterr().err
+
+
+def _model_with_cutoff(tiny_model, folder, cutoff: float):
+    import json
+    import shutil
+
+    from core.schema.contract import seal_card
+
+    shutil.copytree(tiny_model, folder)
+    card = json.loads((folder / "card.json").read_text())
+    card["screening"]["cutoff"] = cutoff
+    (folder / "card.json").write_text(json.dumps(card))
+    seal_card(folder, force=True)
+    return folder
+
+
+def test_the_report_of_a_run_takes_every_number_from_the_runs_own_model(
+    cells_dir, tiny_model, tmp_path
+):
+    from core.schema.contract import WeightsError
+
+    other = _model_with_cutoff(tiny_model, tmp_path / "other", 0.4783)
+    store_path = tmp_path / "st.sqlite"
+    argv = ["score", str(cells_dir), "--weights", str(other), "--store", str(store_path)]
+    assert cli.main([*argv, "--no-progress", "--name", "ward 3", "--operator", "A. N."]) == 0
+    with ResultStore(store_path) as store:
+        run = store.run(store.list_runs().iloc[0]["run_id"])
+        results = store.results(run.run_id)
+    info = report.report_info(run)
+    assert info.screening.cutoff == 0.4783 and info.sha256 == run.weights_sha256
+    assert (info.name, info.sample, info.operator) == ("ward 3", None, "A. N.")
+    text = report.render_report(results, info)
+    head, *pages = text.split("<section>")[1:]  # the cover, then one page per patient
+    assert "ward 3" in head and "A. N." in head and "above 47.83%" in head
+    cover = head[head.index("<table class=cover>") :]
+    assert cover.count("<tr>") == 1 + results["case_id"].nunique()  # every patient of the run
+    assert len(pages) == results["case_id"].nunique()
+    assert all("above 47.83%" in page and "ward 3" in page for page in pages)
+    # the model folder now holds other weights: refused, not reported with them
+    (other / "model.safetensors").write_bytes((tiny_model / "model.safetensors").read_bytes()[::-1])
+    with pytest.raises(WeightsError):
+        report.report_info(run)
+
+
+def test_long_gallery_names_can_wrap_at_their_parts():
+    long = "C100P61ThinF_IMG_20150918_144104_cell_162.png"
+    rows = _results().assign(path=lambda d: d["path"].where(d["path"] != "C1_a.png", long))
+    text = report.render_report(rows, INFO, read=_pixels, gallery=1)
+    assert "C100P61ThinF_<wbr>IMG_<wbr>20150918_<wbr>" in text
+    assert "overflow-wrap: anywhere" in text

@@ -48,19 +48,16 @@ def test_release_memory_gives_back_the_batch_buffers_and_scores_the_same(tiny_mo
 
 
 def test_every_engine_applies_the_contracts_temperature(cells_dir, tiny_model, tmp_path):
-    import json
     import shutil
 
     from core.schema.calibration import rescale
-    from core.schema.contract import contract_sha256, read_card
+    from core.schema.contract import read_card, write_card
 
     hot = tmp_path / "calibrated"
     shutil.copytree(tiny_model, hot)
     card = read_card(hot)
     card["contract"]["temperature"] = 0.25
-    contract = core.inference.engines.ModelContract.from_json(card["contract"])
-    card["contract_sha256"] = contract_sha256(contract, card["sha256"])
-    (hot / "card.json").write_text(json.dumps(card))
+    write_card(hot, card)
 
     images = np.stack([decode_image(s.read(), size=128) for s in iter_sources([cells_dir])])
     raw = core.inference.engines.load_engine(tiny_model, "torch")(images)

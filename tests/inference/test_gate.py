@@ -16,7 +16,16 @@ from core.data.images import resize_rgb
 from core.evaluation.gate_check import fit_features
 from core.inference.gate import CALIBRATION_FILE, FeatureModel, Gate, image_reasons, image_stats
 from core.inference.store import ResultStore
-from core.schema.contract import DEFAULT_WEIGHTS, WeightsError, verified_weights
+from core.schema.contract import (
+    DEFAULT_WEIGHTS,
+    FILES_KEY,
+    GATE_FILES,
+    ModelContract,
+    ModelFolder,
+    WeightsError,
+    sha256_file,
+    verified_weights,
+)
 from core.schema.metrics import parasitemia_summary
 from core.schema.results import (
     BLANK,
@@ -97,14 +106,20 @@ def test_calibration_round_trips_and_is_tied_to_its_weights(tmp_path, cells_dir)
     fm.save(tmp_path / CALIBRATION_FILE)
     back = FeatureModel.load(tmp_path / CALIBRATION_FILE)
     assert np.array_equal(back.distance(f), fm.distance(f)) and back.limit == fm.limit
-    assert Gate.for_model(tmp_path, "abc").features is not None
-    other = Gate.for_model(tmp_path, "not-these-weights")
+    assert Gate.for_model(_folder(tmp_path, "abc")).features is not None
+    other = Gate.for_model(_folder(tmp_path, "not-these-weights"))
     assert other.features is None and "other weights" in other.note
-    assert Gate.for_model(tmp_path / "nowhere", "abc").features is None
+    assert Gate.for_model(_folder(tmp_path / "nowhere", "abc")).features is None
     # a pickled object array is refused, never unpickled
     np.savez(tmp_path / CALIBRATION_FILE, means=np.array([object()], dtype=object))
     with pytest.raises(WeightsError, match="not a quality calibration"):
-        Gate.for_model(tmp_path, "abc")
+        Gate.for_model(_folder(tmp_path, "abc"))
+
+
+def _folder(path, sha256: str) -> ModelFolder:
+    """A model folder at ``path`` whose card records the gate files there as they are."""
+    files = {n: sha256_file(path / n) for n in GATE_FILES if (path / n).is_file()}
+    return ModelFolder(path, {FILES_KEY: files}, ModelContract(), sha256)
 
 
 def test_the_gate_adds_the_feature_verdict_to_cells_that_pass_the_image_checks(cells_dir):
@@ -219,5 +234,5 @@ def test_each_engine_reads_its_own_feature_calibration(tmp_path):
         weights_sha256="abc",
     )
     fm.save(tmp_path / CALIBRATION_FILE)
-    assert Gate.for_model(tmp_path, "abc", "onnx").features is not None
-    assert Gate.for_model(tmp_path, "abc", "onnx-int8").features is None  # none of its own
+    assert Gate.for_model(_folder(tmp_path, "abc"), "onnx").features is not None
+    assert Gate.for_model(_folder(tmp_path, "abc"), "onnx-int8").features is None  # none of its own

@@ -45,8 +45,11 @@ def test_a_few_confident_calls_flag_a_patient_one_does_not():
         ({"rule": "votes"}, "rule"),
         ({"cutoff": float("nan")}, "cutoff"),
         ({"cutoff": 1.5}, "cutoff"),
-        ({"rule": "calls", "rate": 0.0}, "rate"),
-        ({"rule": "calls", "rate": 0.01, "alpha": -1}, "alpha"),
+        ({"rule": "calls", "call_threshold": 0.9, "rate": 0.0, "alpha": 0.05}, "rate"),
+        ({"rule": "calls", "call_threshold": 0.9, "rate": 0.01, "alpha": -1}, "alpha"),
+        ({"rule": "calls", "rate": 0.01, "alpha": 0.05}, "needs call_threshold"),
+        ({"method": "Wilson"}, "needs cutoff"),  # a record that lost its cutoff flags nobody at 0
+        ([0.1], "not a mapping"),
         ({"cutoff": 0.1, "colour": "red"}, None),  # unknown keys are other records' business
     ],
 )

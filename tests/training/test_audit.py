@@ -233,3 +233,27 @@ def test_concurrent_saves_keep_every_cell(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(save, range(16)))
     assert read_decisions(path) == {f"cell_{i}.png": "exclude" for i in range(16)}
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        (("a.png", "C1", U, "relabel"), "label 'Uninfected' and case 'C1', the data 'Parasitized'"),
+        (("a.png", "C9", P, "exclude"), "case 'C9'"),
+        (("gone.png", "C1", P, "keep"), "not in the data"),
+    ],
+)
+def test_a_decision_that_disagrees_with_the_data_is_refused(row, message):
+    from core.data.splits import DataError, Sample
+    from core.training.audit import check_decisions
+    from core.training.recipe import apply_decisions
+
+    samples = [Sample("a.png", "C1", 0), Sample("b.png", "C1", 1)]  # 0: Parasitized
+    good = check_decisions(pd.DataFrame([("a.png", "C1", P, "relabel")], columns=_COLUMNS))
+    assert [s.label for s in apply_decisions(samples, good, None)] == [1, 1]
+    table = check_decisions(pd.DataFrame([row], columns=_COLUMNS))
+    with pytest.raises(DataError, match=message):
+        apply_decisions(samples, table, None)
+
+
+_COLUMNS = ["path", "case_id", "label", "decision"]

@@ -24,7 +24,7 @@ def uncalibrated(tmp_path):
     card["contract"].pop("temperature", None)
     card["screening"] = {"cutoff": 0.029, "method": "Wilson"}
     (folder / "card.json").write_text(json.dumps(card))
-    cli.main(["seal", str(folder)])
+    assert cli.main(["seal", "--force", str(folder)]) == 0  # a card edited by hand
     return folder
 
 
