@@ -20,6 +20,7 @@ measured in the same run, is `malaria score` on the same 1,000 cells as PNG file
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -48,6 +49,54 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
     return (
         int(next(line.split()[1] for line in status.splitlines() if line.startswith(field))) / 1024
     )
+
+
+def reset_peak(pid: int) -> bool:
+    """Start the process's peak RSS (VmHWM) again from its RSS now (Linux; False if refused)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def noise_zip(out: Path, mb: int) -> Path:
+    """A zip of ``mb`` MiB of random bytes (stored: it cannot be compressed), one member."""
+    with (
+        zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf,
+        zf.open("noise.bin", "w", force_zip64=True) as f,
+    ):
+        for _ in range(mb):
+            f.write(os.urandom(2**20))
+    return out
+
+
+def upload_memory(page, url: str, pid: int, upload: Path, *, timeout_s: float = 600) -> dict:
+    """The server's RSS around one upload to the Score page, before Score is pressed: before
+    it (MB), its peak while the file arrived and is kept, and what is held once the page is
+    idle again, the last two also as a ratio to the file's size."""
+    from playwright.sync_api import expect
+
+    ms = timeout_s * 1000
+    page.goto(f"{url}/score")
+    page.get_by_text("Score cells").first.wait_for(timeout=ms)
+    page.wait_for_function(IDLE, timeout=ms)
+    time.sleep(2)  # the page's last messages out
+    before = rss_mb(pid)
+    exact = reset_peak(pid)
+    page.locator("input[type=file]:not([webkitdirectory])").first.set_input_files(str(upload))
+    expect(page.get_by_role("button", name="Score", exact=True)).to_be_enabled(timeout=ms)
+    page.wait_for_function(IDLE, timeout=ms)
+    time.sleep(2)
+    size = upload.stat().st_size / 2**20
+    peak, held = rss_mb(pid, "VmHWM"), rss_mb(pid)
+    return {
+        "size_mb": size,
+        "before_mb": before,
+        "peak_x": (peak - before) / size,
+        "held_x": (held - before) / size,
+        "peak_exact": exact,
+    }
 
 
 def upload_and_score(
@@ -132,6 +181,13 @@ def main() -> None:
     p.add_argument("--skip-all", action="store_true", help="only the 1,000-cell upload")
     p.add_argument("--explain-only", action="store_true", help="only the Explain page")
     p.add_argument("--score-only", action="store_true", help="only the Score page")
+    p.add_argument(
+        "--upload-mb",
+        type=int,
+        default=512,
+        help="size of the random zip whose upload's memory is measured",
+    )
+    p.add_argument("--memory-only", action="store_true", help="only the upload's memory")
     args = p.parse_args()
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
     try:
@@ -143,6 +199,8 @@ def main() -> None:
         print("bench.ui skipped: Debian's chromium is not installed (apt-get install chromium)")
         return
 
+    if args.memory_only:
+        return memory_page(args, chromium)
     if args.score_only:
         return score_page(args, chromium)
     with tempfile.TemporaryDirectory() as tmp_s:
@@ -160,6 +218,31 @@ def main() -> None:
         print(f"{label:40s} {t_maps:10.1f}s {t_all:9.1f}s")
     if not args.explain_only:
         score_page(args, chromium)
+        memory_page(args, chromium)
+
+
+def memory_page(args: argparse.Namespace, chromium: str) -> None:
+    """The server's memory around an upload of ``--upload-mb`` MiB of random bytes, on a fresh
+    server, before Score is pressed (nothing can be scored in it)."""
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        upload = noise_zip(tmp / "noise.zip", args.upload_mb)
+        env = {"MALARIA_STORE": str(tmp / "ui.sqlite")}
+        with running_app(env, tmp / "memory.log") as (url, pid), sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            r = upload_memory(browser.new_page(), url, pid, upload)
+            browser.close()
+    print(
+        f"\n## Score page: server RSS around one upload of {r['size_mb']:,.0f} MB (random zip, "
+        f"before Score), as a ratio to the file's size"
+    )
+    print(
+        f"RSS before {r['before_mb']:,.0f} MB; while it arrived: peak +{r['peak_x']:.2f}x"
+        f"{'' if r['peak_exact'] else ' (the process peak: VmHWM could not be reset)'}; held "
+        f"once the page is idle: +{r['held_x']:.2f}x"
+    )
 
 
 def score_page(args: argparse.Namespace, chromium: str) -> None:

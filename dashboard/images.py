@@ -16,7 +16,13 @@ import streamlit as st
 from PIL import Image
 
 from core.data.images import ImageError
-from core.data.sources import ImageSource, open_source, read_image, sources_from_uploads
+from core.data.sources import (
+    ImageSource,
+    Upload,
+    open_source,
+    read_image,
+    sources_from_uploads,
+)
 from core.schema.files import REPO_ROOT
 from core.schema.labels import ZIP_SEP
 from dashboard.text import plain
@@ -25,12 +31,17 @@ SAMPLES = Path(__file__).resolve().parent / "samples"
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "jpe", "jfif", "tif", "tiff", "bmp", "webp", "zip"]
 
 
-def items_key(items: Sequence[tuple[str, bytes]]) -> str:
-    """One hash of (name, bytes) items: the same upload gives the same key."""
+def items_key(items: Sequence[Upload]) -> str:
+    """One hash of uploads (name, and bytes or the file holding them): the same upload gives
+    the same key, wherever it is kept."""
     h = hashlib.sha256()
     for name, data in items:
         h.update(name.encode())
-        h.update(hashlib.sha256(data).digest())
+        if isinstance(data, Path):
+            with open(data, "rb") as f:
+                h.update(hashlib.file_digest(f, "sha256").digest())
+        else:
+            h.update(hashlib.sha256(data).digest())
     return h.hexdigest()
 
 
@@ -48,7 +59,7 @@ def sample_items() -> list[tuple[str, bytes]]:
     ]
 
 
-def sources_for(items: Sequence[tuple[str, bytes]]) -> dict[str, ImageSource]:
+def sources_for(items: Sequence[Upload]) -> dict[str, ImageSource]:
     """The images of an upload (zips opened), by the path its results name them with."""
     return {s.path: s for s in sources_from_uploads(items)}
 

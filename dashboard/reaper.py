@@ -5,9 +5,9 @@ uploaded files and its session state (the scored sources, which hold the uploade
 drops it from that store lazily without shutting it down, so its uploads stay in the
 uploaded-file manager for the life of the server; a closed session can stay referenced by
 Streamlit's event loop too. Each ``interval_s`` this closes every session that has owned
-uploads and been disconnected for ``grace_s``, removes its files, empties its state, and
-returns the freed heap to the system (glibc keeps the decoding threads' freed memory
-otherwise).
+uploads (in Streamlit's manager, or written to disk by dashboard.spool) and been disconnected
+for ``grace_s``, removes its files, empties its state, and returns the freed heap to the
+system (glibc keeps the decoding threads' freed memory otherwise).
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 _LOG = logging.getLogger(__name__)
 GRACE_S = 60.0  # a reconnect after a network blip comes within seconds; a closed tab never
@@ -37,14 +39,22 @@ def trim_heap() -> bool:
 
 
 def release_departed(
-    runtime, departed_since: dict[str, float], *, now: float, grace_s: float = GRACE_S
+    runtime,
+    departed_since: dict[str, float],
+    *,
+    now: float,
+    grace_s: float = GRACE_S,
+    spool: Path | None = None,
 ) -> list[str]:
     """Close the sessions with uploads that have been disconnected for ``grace_s`` seconds
     (``departed_since``: session id -> when it was first seen disconnected, updated here);
     returns their ids. ``runtime``: streamlit's Runtime (uploaded_file_mgr, is_active_session,
-    close_session, and its session manager's get_session_info)."""
+    close_session, and its session manager's get_session_info). ``spool``: the server's folder
+    of uploads on disk, one folder per session id, removed with its session."""
     files = runtime.uploaded_file_mgr
     owners = set(getattr(files, "file_storage", {}))
+    on_disk = {p.name: p for p in spool.iterdir() if p.is_dir()} if spool and spool.is_dir() else {}
+    owners |= set(on_disk)
     for sid in list(departed_since):
         if sid not in owners or runtime.is_active_session(sid):
             del departed_since[sid]  # reconnected, or its files are gone already
@@ -61,6 +71,8 @@ def release_departed(
             info = manager.get_session_info(sid) if manager is not None else None
             runtime.close_session(sid)  # shuts it down when it is still stored for reconnect
             files.remove_session_files(sid)  # and when the store had dropped it already
+            if sid in on_disk:
+                shutil.rmtree(on_disk[sid], ignore_errors=True)
             if info is not None:
                 forget_state(info.session.session_state)
             del departed_since[sid]
@@ -85,10 +97,12 @@ def start(
     *,
     interval_s: float = INTERVAL_S,
     grace_s: float = GRACE_S,
+    spool: Path | None = None,
 ) -> threading.Thread:
     """A daemon thread running ``release_departed`` every ``interval_s`` seconds and trimming
     the heap after a session was closed. ``get_runtime`` returns None where there is no
-    server (Streamlit's AppTest): the thread then does nothing."""
+    server (Streamlit's AppTest): the thread then does nothing. ``spool``: as for
+    ``release_departed``."""
 
     def loop() -> None:
         departed: dict[str, float] = {}
@@ -97,7 +111,9 @@ def start(
             runtime = get_runtime()
             if runtime is None:
                 continue
-            closed = release_departed(runtime, departed, now=time.monotonic(), grace_s=grace_s)
+            closed = release_departed(
+                runtime, departed, now=time.monotonic(), grace_s=grace_s, spool=spool
+            )
             if closed:
                 trim_heap()
                 _LOG.info(

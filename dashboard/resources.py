@@ -19,12 +19,13 @@ import streamlit as st
 from streamlit.runtime import Runtime
 
 from core.data.images import resize_rgb
+from core.data.sources import Upload
 from core.evaluation.report import HEATMAP_TARGET
 from core.inference.engines import load_engine
 from core.inference.pipeline import score_uploads
 from core.inference.store import ResultStore, StoreError
 from core.schema.contract import ModelFolder
-from dashboard import reaper
+from dashboard import reaper, spool
 from dashboard.images import items_key
 from dashboard.text import plain
 
@@ -32,7 +33,9 @@ from dashboard.text import plain
 @st.cache_resource
 def memory_reaper() -> threading.Thread:
     """One thread per server giving back the uploads of sessions whose browser has gone."""
-    return reaper.start(lambda: Runtime.instance() if Runtime.exists() else None)
+    return reaper.start(
+        lambda: Runtime.instance() if Runtime.exists() else None, spool=spool.server_folder()
+    )
 
 
 @st.cache_resource
@@ -112,7 +115,7 @@ def heatmaps(folder: str, sha256: str) -> Callable[[list[np.ndarray]], list[np.n
     return run
 
 
-def _score_now(items: Sequence[tuple[str, bytes]], model: ModelFolder) -> tuple[pd.DataFrame, str]:
+def _score_now(items: Sequence[Upload], model: ModelFolder) -> tuple[pd.DataFrame, str]:
     bar = st.progress(0.0, text="Scoring…")
 
     def progress(done: int, total: int) -> None:
@@ -125,7 +128,7 @@ def _score_now(items: Sequence[tuple[str, bytes]], model: ModelFolder) -> tuple[
     return df, run_id
 
 
-def score(items: Sequence[tuple[str, bytes]], model: ModelFolder) -> tuple[pd.DataFrame, str]:
+def score(items: Sequence[Upload], model: ModelFolder) -> tuple[pd.DataFrame, str]:
     """Score uploads with ``model`` once per (content, model) in this session: a rerun or a
     return to the page shows the same run without scoring again. Each scoring is one run in the
     store (a side effect, so it is kept out of st.cache_data); the session holds only its latest

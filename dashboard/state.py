@@ -26,6 +26,9 @@ def init_state() -> None:
         "run_on_disk": False,  # its paths are files of this machine (a CLI run)
         "sources": {},  # path -> ImageSource for thumbnails and Explain
         "pending_items": None,  # (name, bytes) handed over from Home to Score
+        "score_uploads": [],  # (name, file on disk) uploaded on Score, waiting to be scored
+        "score_uploader": 0,  # a new number: Score's uploaders drawn empty, under new keys
+        "score_spooled": [],  # the files on disk behind the run on show on Score
         "explain_item": None,  # (name, bytes) handed over to Explain
         "cm_cell": None,  # (data source, true class, predicted class) chosen on Evaluate
         "smear": None,  # Smear page: (objects DataFrame, FieldResults, run id, sources)

@@ -35,6 +35,9 @@ UNSUPPORTED_SUFFIXES = frozenset(
     {".gif", ".heic", ".heif", ".svg", ".jp2", ".ico", ".psd", ".dng", ".raw", ".avif"}
 )
 MAX_MEMBER_BYTES = 64 * 2**20  # a cell image is ~15 kB; a nested zip is read into memory
+# One uploaded file: its name (a folder upload's with its folder) and its bytes, or the file on
+# this machine that they were written to (a server keeps big uploads on disk, not in memory).
+Upload = tuple[str, bytes | Path]
 
 
 @dataclass(frozen=True)
@@ -322,8 +325,10 @@ def iter_sources(
             yield ImageSource(str(root), _file_reader(root), origin=(str(root),))
 
 
-def sources_from_uploads(items: Iterable[tuple[str, bytes]]) -> list[ImageSource]:
-    """Sources for uploaded (name, bytes) pairs: zips are opened, any other file is an image.
+def sources_from_uploads(items: Iterable[Upload]) -> list[ImageSource]:
+    """Sources for uploads (:data:`Upload`: name, and bytes or the file holding them): zips
+    are opened, any other file is an image. A file is read when its source is, so an upload
+    kept on disk is never held in memory whole; the sources are named by the upload's name.
 
     Hidden files and ``__MACOSX`` entries are skipped, as are files without an image-like
     suffix inside folders (READMEs); a lone upload of an unsupported type, or a zip without
@@ -339,14 +344,16 @@ def sources_from_uploads(items: Iterable[tuple[str, bytes]]) -> list[ImageSource
             continue
         suffix = PurePosixPath(name).suffix.lower()
         if suffix == ".zip":
-            found = list(_open_zip(io.BytesIO(data), name))
+            found = list(_open_zip(data if isinstance(data, Path) else io.BytesIO(data), name))
             out.extend(found)
             if not found:
                 empty_zips.append(_no_images(name))
         elif suffix in IMAGE_SUFFIXES or (
-            suffix not in UNSUPPORTED_SUFFIXES and looks_like_image(data[:12])
+            suffix not in UNSUPPORTED_SUFFIXES
+            and looks_like_image(_file_head(data) if isinstance(data, Path) else data[:12])
         ):
-            out.append(ImageSource(name, _bytes_reader(data)))
+            read = _file_reader(data) if isinstance(data, Path) else _bytes_reader(data)
+            out.append(ImageSource(name, read))
         elif len(parts) == 1 or suffix in UNSUPPORTED_SUFFIXES:
             out.append(_unsupported(name))
     return unique_paths(out + empty_zips) if out else []

@@ -23,6 +23,7 @@ from threadpoolctl import threadpool_limits
 from core.data.images import ImageError, decode_image
 from core.data.sources import (
     ImageSource,
+    Upload,
     read_bytes,
     sources_from_uploads,
 )
@@ -196,7 +197,7 @@ def score_sources(
 
 
 def upload_run(
-    items: Iterable[tuple[str, bytes]],
+    items: Iterable[Upload],
     engine: Engine,
     store: ResultStore | None,
     *,
@@ -225,7 +226,7 @@ def upload_run(
 
 
 def score_uploads(
-    items: Iterable[tuple[str, bytes]],
+    items: Iterable[Upload],
     *,
     weights: Path | str = DEFAULT_WEIGHTS,
     engine: Engine | None = None,
@@ -233,7 +234,8 @@ def score_uploads(
     threshold: float | None = None,
     progress: Progress | None = None,
 ) -> tuple[pd.DataFrame, str | None]:
-    """Score uploaded files given as (name, bytes); zips are opened and their images scored.
+    """Score uploaded files given as (name, bytes or the file holding them); zips are opened
+    and their images scored.
 
     Returns (results DataFrame, run id in ``store`` or None). Raises ValueError if the upload
     holds no image.

@@ -3,11 +3,13 @@ them, read the parasitemia per patient or folder, and download the results and a
 
 import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from core.data.sources import Upload
 from core.evaluation.report import render_report, report_info
 from core.inference.store import RUN_FIELDS, RunInfo, StoreError, inputs_summary
 from core.schema.contract import ModelFolder, WeightsError
@@ -24,7 +26,7 @@ from core.schema.results import (
     run_counts,
 )
 from core.schema.screening import Screening
-from dashboard import images, resources, state, text, widgets
+from dashboard import images, resources, spool, state, text, widgets
 
 FLAGGED, NOT_FLAGGED = text.BRAND, "#9aa5b1"  # parasitemia bars: likely infected or not
 THUMBNAILS = 300  # rows of the results table given a thumbnail
@@ -79,7 +81,9 @@ def open_run(run_id: str, cell: str | None = None) -> None:
         sources={},
         run_on_disk=info.kind == "files",
         score_cell=cell,
+        score_spooled=[],
     )
+    spool.prune(p for _, p in st.session_state["score_uploads"])
 
 
 def delete_run(run_id: str) -> None:
@@ -99,25 +103,58 @@ def reopen_linked_run() -> None:
 # --- inputs ------------------------------------------------------------------------------
 
 
-def uploads_ui() -> tuple[list[tuple[str, bytes]], bool]:
-    """The files to score, as (name, bytes), and whether to score them now (Score pressed, or
-    samples handed over from the Home page)."""
+def uploads_ui() -> tuple[list[Upload], bool]:
+    """The files to score, as (name, bytes or the file on disk holding them), and whether to
+    score them now (Score pressed, or samples handed over from the Home page). What the
+    uploaders deliver is written to disk at once and they are drawn empty again."""
+    limit = st.get_option("server.maxUploadSize")
     st.caption(
-        "Upload cell images, a whole folder, or zips of them. Above about 1,000 files put "
-        "them in a zip first: the browser uploader fails with more files than that."
+        f"Upload cell images, a whole folder, or zips of them, up to {limit:,} MB a file. "
+        "Above a few hundred files put them in a zip first: the folder uploader sends each "
+        "file on its own, and fails with more than about 1,000."
     )
+    generation = st.session_state["score_uploader"]
     left, right = st.columns(2)
     files = left.file_uploader(
-        "Images or zips", type=images.UPLOAD_TYPES, accept_multiple_files=True
+        "Images or zips",
+        type=images.UPLOAD_TYPES,
+        accept_multiple_files=True,
+        key=f"score_files_{generation}",
     )
-    folder_files = right.file_uploader("A whole folder", accept_multiple_files="directory")
-    items = images.uploaded_items(files) + images.uploaded_items(folder_files)
+    folder_files = right.file_uploader(
+        "A whole folder", accept_multiple_files="directory", key=f"score_folder_{generation}"
+    )
+    arrived = [*(files or []), *(folder_files or [])]
+    if arrived:  # kept on disk, out of the server's memory; the uploaders forget them
+        st.session_state["score_uploads"] = [
+            *st.session_state["score_uploads"],
+            *spool.keep(arrived),
+        ]
+        st.session_state["score_uploader"] = generation + 1
+        st.rerun()
+    items = list(st.session_state["score_uploads"])
+    if items:
+        u1, u2 = st.columns([4, 1], vertical_alignment="center")
+        u1.caption(f"Ready to score: {upload_summary(items)}.")
+        u2.button("Clear uploads", on_click=clear_uploads)
     pending = st.session_state.pop("pending_items", None)
     if pending and not items:
         items = pending
         st.info(f"{len(items)} sample cells from the Home page.")
     pressed = st.button("Score", type="primary", disabled=not items)
     return items, pressed or bool(pending and items == pending)
+
+
+def upload_summary(items: list[Upload]) -> str:
+    """How many files, how big, and the first names, for the line above Score."""
+    names = sorted({name.split("/")[0] for name, _ in items})
+    shown = ", ".join(text.plain(n) for n in names[:3]) + (" …" if len(names) > 3 else "")
+    return f"{len(items):,} file(s), {spool.size(items) / 2**20:,.1f} MB ({shown})"
+
+
+def clear_uploads() -> None:
+    st.session_state["score_uploads"] = []
+    spool.prune(st.session_state["score_spooled"])
 
 
 def describe_ui(info: RunInfo) -> None:
@@ -681,13 +718,16 @@ def score_page() -> None:
         except (ValueError, StoreError) as exc:  # no image in the upload; a store gone bad
             st.error(text.plain(exc))
             st.stop()
+        on_disk = [p for _, p in items if isinstance(p, Path)]
         st.session_state.update(
             results=df,
             run_id=run_id,
             sources=images.sources_for(items),
             run_on_disk=False,
             score_cell=None,
+            score_spooled=on_disk,
         )
+        spool.prune([*on_disk, *(p for _, p in st.session_state["score_uploads"])])
     results = st.session_state["results"]
     if results is None:
         st.info("Nothing scored yet: upload files and press **Score**, or reopen a past run below.")

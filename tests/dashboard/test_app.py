@@ -639,3 +639,62 @@ def test_the_report_of_a_reopened_run_uses_the_runs_model_not_the_sidebars(app, 
     default = ModelFolder.open(ROOT / "weights" / "default").screening
     assert html.escape(default.describe()) not in text
     assert "ward 5" in text and "slide 12" in text
+
+
+def _zip_of(items: list[tuple[str, bytes]]) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in items:
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_an_upload_is_kept_on_disk_not_in_the_servers_memory(app, cells_dir, tmp_path, monkeypatch):
+    """What the uploader delivers is written to the session's folder and Streamlit's copy is
+    dropped; scoring and the thumbnails read the files from disk, and a file goes once it is
+    neither waiting to be scored nor behind the run on show."""
+    from streamlit.runtime.memory_uploaded_file_manager import MemoryUploadedFileManager
+
+    import dashboard.spool
+
+    folder = tmp_path / "spool"
+    monkeypatch.setattr(dashboard.spool, "session_folder", lambda: folder)
+    dropped = []
+    remove = MemoryUploadedFileManager.remove_file
+    monkeypatch.setattr(
+        MemoryUploadedFileManager,
+        "remove_file",
+        lambda self, session_id, file_id: (
+            dropped.append(file_id) or remove(self, session_id, file_id)
+        ),
+    )
+    items = _fixture_items(cells_dir)
+    app.switch_page("views/score.py").run()
+    assert any("up to 1,024 MB a file" in c.value for c in app.caption)  # the server's cap
+    app.file_uploader[0].set_value(("cells.zip", _zip_of(items), "application/zip")).run()
+    assert not _errors(app), _errors(app)
+    [(name, path)] = app.session_state["score_uploads"]
+    assert name == "cells.zip" and path.parent == folder and path.is_file()
+    assert len(dropped) == 1  # Streamlit's copy
+    assert all(not u.value for u in app.file_uploader)  # drawn empty, under new keys
+    assert any("Ready to score: 1 file(s)" in c.value and "cells" in c.value for c in app.caption)
+    _button(app, "Score").click().run()
+    assert not _errors(app), _errors(app)
+    results = app.session_state["results"]
+    assert len(results) == len(items) and results["error"].isna().all()
+    assert results["path"].str.startswith("cells.zip!").all()  # named by the upload
+    assert app.dataframe[0].value["thumb"].str.startswith("data:image/jpeg;base64,").all()
+    # a second upload waits beside the first; clearing keeps only what the run on show reads
+    app.file_uploader[0].set_value(("more.png", items[0][1], "image/png")).run()
+    second = app.session_state["score_uploads"][1][1]
+    assert second.is_file() and any("2 file(s)" in c.value for c in app.caption)
+    _button(app, "Clear uploads").click().run()
+    assert not _errors(app), _errors(app)
+    assert app.session_state["score_uploads"] == [] and path.is_file() and not second.exists()
+    assert app.dataframe[0].value["thumb"].str.startswith("data:image/jpeg").all()
+    _button(app, "Open run").click().run()  # a stored run reopened: no upload behind it
+    assert not _errors(app), _errors(app)
+    assert not path.exists()

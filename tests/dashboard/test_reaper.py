@@ -104,3 +104,28 @@ def test_forgetting_a_session_drops_what_its_widgets_callbacks_hold():
     reaper.forget_state(state)
     gc.collect()
     assert alive() is None and not state._new_widget_state.widget_metadata
+
+
+def test_uploads_kept_on_disk_go_with_their_session(tmp_path):
+    """A session whose uploads were written to disk (dashboard.spool) owns no Streamlit
+    upload any more: its folder alone makes it one to close, and the folder goes with it."""
+    rt = FakeRuntime({}, active={"open"})
+    rt._session_mgr = FakeManager(["open", "gone"])
+    for sid in ("open", "gone"):
+        (tmp_path / sid).mkdir()
+        (tmp_path / sid / "upload.zip").write_bytes(b"PK")
+    seen: dict[str, float] = {}
+    assert reaper.release_departed(rt, seen, now=0.0, grace_s=60, spool=tmp_path) == []
+    assert reaper.release_departed(rt, seen, now=61.0, grace_s=60, spool=tmp_path) == ["gone"]
+    assert not (tmp_path / "gone").exists() and (tmp_path / "open" / "upload.zip").is_file()
+    assert rt._session_mgr.sessions["gone"].session_state == {}
+
+
+def test_a_server_folder_of_a_stopped_process_is_removed(tmp_path):
+    from dashboard import spool
+
+    (tmp_path / "999999999").mkdir()  # no such process
+    (tmp_path / "1").mkdir()  # init: alive
+    mine = spool.server_folder.__wrapped__(tmp_path)
+    assert mine.is_dir() and mine.name == str(__import__("os").getpid())
+    assert not (tmp_path / "999999999").exists() and (tmp_path / "1").is_dir()

@@ -459,3 +459,18 @@ def test_a_backslash_in_a_linux_file_name_is_part_of_the_name(tmp_path, cells_di
     [src] = iter_sources([folder])
     assert src.name == name and src.path == str(folder / name)
     assert group_of(src.path, "folder", "C96") == str(folder)
+
+
+def test_uploads_kept_on_disk_are_read_from_there_under_their_upload_names(tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("Parasitized/C3_x.png", _png())
+    (tmp_path / "tmp1").write_bytes(buf.getvalue())
+    (tmp_path / "tmp2").write_bytes(_png())
+    (tmp_path / "tmp3").write_bytes(b"hello")
+    items = [("b.zip", tmp_path / "tmp1"), ("dir/cell", tmp_path / "tmp2")]
+    sources = sources_from_uploads([*items, ("dir/notes.txt", tmp_path / "tmp3")])
+    assert [s.path for s in sources] == ["b.zip!Parasitized/C3_x.png", "dir/cell"]
+    assert [decode_image(s.read()).shape for s in sources] == [(16, 16, 3)] * 2
+    in_memory = sources_from_uploads([(n, p.read_bytes()) for n, p in items])
+    assert [s.read() for s in in_memory] == [s.read() for s in sources]
