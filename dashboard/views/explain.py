@@ -14,12 +14,14 @@ from core.explain.heatmap import (
     METHOD_NAMES,
     SLOW_METHODS,
     TARGETS,
+    Explanation,
     colour_bar,
     for_display,
     overlay,
 )
 from core.explain.locate import locate
 from core.schema.contract import ModelContract, ModelFolder
+from core.schema.labels import PARASITIZED
 from core.schema.results import OK, is_counted
 from dashboard import images, resources, state, text
 
@@ -30,7 +32,9 @@ HEATMAP_HELP = (
     "still point at the wrong thing. Two checks sit under every map:\n"
     "- **Points at the parasite?** A colour rule that knows nothing of the network finds "
     "the dark purple Giemsa-stained chromatin in the cell (outlined in white); the check "
-    "asks whether the map's hottest pixel falls on it.\n"
+    "asks whether the map's hottest pixel falls on it. Only the map for *Parasitized* is "
+    "judged (✔ or ✘): evidence for *Uninfected* has no place it must be, so its map is "
+    "described (on the dot or away from it) without a mark.\n"
     "- **ROAD** (higher is better) measures how much the model's confidence depends on the "
     "highlighted pixels: it tells whether the model *uses* them, not what they are.\n\n"
     "Late stages are coarse (4x4 cells at 128 px) and light whole quadrants. The default "
@@ -264,12 +268,22 @@ def _stain(image_hash: str, _image):
 # --- drawing -----------------------------------------------------------------------------
 
 
-def verdict(points: bool | None, mass: float) -> str:
-    """One line a student can read about where a map points."""
-    on_cell = "a flat map" if mass != mass else f"{mass:.0%} of the map on the cell"  # NaN
-    if points is None:
+def verdict(e: Explanation) -> str:
+    """One line a student can read about where a map points. Only the Parasitized map is
+    judged (✔ or ✘): evidence for Uninfected has no place it must be."""
+    on_cell = (
+        "a flat map"
+        if e.mass_in_cell != e.mass_in_cell
+        else f"{e.mass_in_cell:.0%} of the map on the cell"
+    )  # NaN: a flat map
+    if e.target != PARASITIZED:
+        if e.peak_on_stain is None:
+            return f"no stained dot in this cell · {on_cell}"
+        where = "on the stained dot" if e.peak_on_stain else "away from the stained dot"
+        return f"peak {where} · {on_cell} · :gray[not judged for {e.target}]"
+    if e.points_at_parasite is None:
         return f"no stained parasite found in this cell to point at · {on_cell}"
-    if points:
+    if e.points_at_parasite:
         return f":green[**✔ peak on the stained parasite**] · {on_cell}"
     return f":red[**✘ peak misses the stained parasite**] · {on_cell}"
 
@@ -308,9 +322,7 @@ def maps_ui(
                     f"{e.ms:,.0f} ms",
                     width="stretch",
                 )
-                col.markdown(
-                    f"explains **{e.target}** · {verdict(e.points_at_parasite, e.mass_in_cell)}"
-                )
+                col.markdown(f"explains **{e.target}** · {verdict(e)}")
                 road_slots[method] = col.empty()
                 if options.road:
                     road_slots[method].caption("ROAD: computing…")

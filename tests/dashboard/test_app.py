@@ -128,6 +128,20 @@ def test_explain_opens_on_a_sample_with_pointing_and_road(app):
     assert sum("ROAD" in c.value for c in app.caption) >= 3
 
 
+def test_explain_judges_pointing_only_for_the_parasitized_map(app):
+    app.switch_page("views/explain.py").run()  # a Parasitized sample: a stained dot is located
+    assert any("outlined in white" in c.value for c in app.caption)
+    app.selectbox(key="explain_target").set_value("uninfected").run()
+    assert not _errors(app), _errors(app)
+    verdicts = [m.value for m in app.markdown if m.value.startswith("explains ")]
+    assert len(verdicts) == 3 and all("**Uninfected**" in v for v in verdicts)
+    assert not any("✘" in v or "✔" in v for v in verdicts)  # no mark: nothing is judged
+    assert all("stained dot" in v and "not judged" in v for v in verdicts)
+    app.selectbox(key="explain_target").set_value("parasitized").run()
+    verdicts = [m.value for m in app.markdown if m.value.startswith("explains ")]
+    assert all("✘" in v or "✔" in v for v in verdicts)  # the Parasitized map is judged
+
+
 def test_heatmap_check_page_reads_the_models_table(app):
     app.switch_page("views/methods.py").run()
     assert not _errors(app), _errors(app)
