@@ -2,7 +2,7 @@
 checked against where the stain rule finds the parasite, with ROAD and the gate's verdict."""
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -21,7 +21,7 @@ from core.explain.heatmap import (
 )
 from core.explain.locate import locate
 from core.schema.contract import ModelContract, ModelFolder
-from core.schema.labels import PARASITIZED
+from core.schema.labels import PARASITIZED, predicted_class
 from core.schema.results import OK, is_counted
 from dashboard import images, resources, state, text
 
@@ -148,17 +148,18 @@ def scored_cell_ui() -> tuple[Item, dict]:
         st.stop()
     quality = ok["quality"] if "quality" in ok else pd.Series(None, ok.index, dtype=object)
     review = quality.where(~is_counted(quality), "")  # why a cell is not counted, or ""
+    engine = resources.store().run(st.session_state["run_id"]).engine
 
     def describe(p: str) -> str:
         return (
             f"{p.rsplit('/', 1)[-1]} · case {ok.at[p, 'case_id']} · "
             f"label {ok.at[p, 'label'] or '?'} · "
-            f"P(Parasitized) {ok.at[p, 'prob_parasitized']:.3f}"
+            f"P(Parasitized) {ok.at[p, 'prob_parasitized']:.3f} ({engine})"
             + (f" · review: {review[p]}" if review[p] else "")
         )
 
     link = {"run": st.session_state["run_id"]}
-    path = link["cell"] = st.selectbox("Cell", ok.index, format_func=describe)
+    path = link["cell"] = st.selectbox("Cell", ok.index, format_func=describe, key="explain_cell")
     src = images.cell_source(
         path, st.session_state["sources"], on_disk=st.session_state["run_on_disk"]
     )
@@ -256,8 +257,8 @@ def _road(key: MapKey, _image, _explanation) -> float:
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def _quality(image_hash: str, model: str, model_sha: str, _image) -> str:
-    return resources.quality(model, model_sha, _image)
+def _scored(image_hash: str, model: str, model_sha: str, _item: Item) -> tuple[float, str, str]:
+    return resources.score_one(model, model_sha, *_item)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -329,13 +330,25 @@ def maps_ui(
     return drawn, road_slots
 
 
-def probability_ui(e, image: np.ndarray, contract: ModelContract, gate: str) -> None:
-    """P(Parasitized) with the gate's verdict, the colour scale, and how to read the maps."""
+def probability_ui(
+    scored: tuple[float, str, str], e: Explanation, image: np.ndarray, contract: ModelContract
+) -> None:
+    """P(Parasitized) by the scoring engine (the one Score gives) with the gate's verdict, the
+    PyTorch model's beside it (the maps' own), the colour scale, and how to read the maps."""
+    prob, gate, engine = scored
     left, right = st.columns([1, 3])
     left.metric(
         "P(Parasitized)",
-        f"{e.prob_parasitized:.3f}",
+        f"{prob:.3f}",
         help=f"Decision threshold {contract.threshold:.2f}",
+    )
+    left.caption(
+        f"by the **{engine}** engine, as Score and its CSV give it"
+        + (
+            f"; the maps come from the PyTorch model (fp32), which gives {e.prob_parasitized:.3f}"
+            if engine != "torch"
+            else ""
+        )
     )
     if gate != OK:
         left.caption(f"review: {text.plain(gate)} (not counted)")
@@ -386,7 +399,16 @@ def explain_page() -> None:
 
     key = hashlib.sha256(item[1]).hexdigest()
     name = text.plain(item[0].rsplit("/", 1)[-1])  # captions render Markdown
-    gate = _quality(key, str(model.path), model.sha256, image)
+    try:
+        scored = _scored(key, str(model.path), model.sha256, item)
+    except ImageError as exc:
+        st.error(text.plain(f"{item[0]}: {exc}"))
+        st.stop()
+    gate = scored[1]
+    if options.target == "predicted":  # the class the headline probability calls
+        options = replace(
+            options, target=predicted_class(scored[0], model.contract.threshold).lower()
+        )
     if gate != OK:
         st.warning(
             f"**Review: {text.plain(gate)}.** This image does not look like a single "
@@ -401,7 +423,7 @@ def explain_page() -> None:
         st.info("Pick at least one method to see its heatmap and the probability.")
         st.stop()
     drawn, road_slots = maps_ui(image, key, name, stain, options, model)
-    probability_ui(drawn[options.methods[-1]], image, model.contract, gate)
+    probability_ui(scored, drawn[options.methods[-1]], image, model.contract)
     if options.road:  # the slow extra arrives after every map is on screen
         for method, slot in road_slots.items():
             map_key = (key, method, options.target, options.layer, str(model.path), model.sha256)

@@ -142,6 +142,26 @@ def test_explain_judges_pointing_only_for_the_parasitized_map(app):
     assert all("✘" in v or "✔" in v for v in verdicts)  # the Parasitized map is judged
 
 
+def test_explain_shows_the_probability_score_gave_and_names_the_engines(app, cells_dir):
+    items = [
+        (f"{p.parent.name}/{p.name}", p.read_bytes()) for p in sorted(cells_dir.rglob("*.png"))
+    ]
+    app.session_state["pending_items"] = items
+    app.switch_page("views/score.py").run()
+    results = app.session_state["results"].set_index("path")["prob_parasitized"]
+    assert any("onnx-int8" in c.value for c in app.caption)  # Score names its engine
+    app.switch_page("views/explain.py").run()
+    app.radio(key="explain_source").set_value("A cell from the scored results").run()
+    # cells where int8 and the PyTorch model differ in the third decimal (0.842 vs 0.915)
+    for cell in ("Uninfected/C176P137NThinF_IMG_20151201_121808_cell_24.png", items[0][0]):
+        app.selectbox(key="explain_cell").set_value(cell).run()
+        assert not _errors(app), _errors(app)
+        headline = next(m for m in app.metric if m.label == "P(Parasitized)")
+        assert headline.value == f"{results[cell]:.3f}", cell
+        engines = next(c.value for c in app.caption if c.value.startswith("by the "))
+        assert "**onnx-int8** engine" in engines and "PyTorch model" in engines
+
+
 def test_heatmap_check_page_reads_the_models_table(app):
     app.switch_page("views/methods.py").run()
     assert not _errors(app), _errors(app)
@@ -259,6 +279,12 @@ def test_smear_page_finds_scores_and_explains_cells_of_a_field(app, cells_dir):
     assert cells["error"].notna().sum() == 1  # the broken field is one error row
     captions = [i.caption for e in app.get("image") for i in e.proto.imgs]
     assert any("explains" in c for c in captions), captions  # the picked cell's heatmap
+    # one probability per cell: the heatmap's caption gives the one the cell was scored with
+    pick = next(s for s in app.selectbox if s.label == "Cell")
+    prob = results["slide/field.png"].prob[pick.value]
+    heat = next(c for c in captions if "explains" in c)
+    assert f"P(Parasitized) {prob:.3f} by the onnx-int8 engine" in heat, heat
+    assert pick.options[pick.index].startswith(f"P(Parasitized) {prob:.3f} (onnx-int8)")
     assert len(app.get("plotly_chart")) == 1  # the field, cells outlined, clickable
     assert len(app.get("download_button")) == 2
 
