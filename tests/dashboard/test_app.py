@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,22 @@ def test_heatmap_check_page_reads_the_models_table(app):
     table = app.dataframe[0].value
     assert {"method", "layer", "pointing", "road", "ms_per_image"} <= set(table.columns)
     assert table["default"].sum() == 1
+    # every figure with its count and its Wilson interval; one on a few cells is never first
+    from core.schema.metrics import wilson_interval
+
+    assert table["cells"].min() < 50  # the shipped check holds ScoreCAM on 4 cells
+    row = table.iloc[0]
+    assert row["cells"] >= 50 and table["cells"].lt(50).is_monotonic_increasing  # few: last
+    k = round(row["pointing"] * row["cells"])
+    assert (row["pointing_low"], row["pointing_high"]) == wilson_interval(k, row["cells"])
+    figure = json.loads(app.get("plotly_chart")[0].proto.spec)
+    main, grey = figure["data"]
+    assert main["y"][0] == row["method"]  # the grid ranks as the table does
+    labels = [t for trace in (main, grey) for r in trace["text"] for t in r if t]
+    assert len(labels) == len(table) and all("n = " in t and "–" in t for t in labels)
+    few = set(table.loc[table["cells"] < 50, "method"])
+    assert set(main["y"][-len(few) :]) == few  # the methods measured on few cells: last, grey
+    assert all(t for m, r in zip(grey["y"], grey["text"]) if m in few for t in r)
 
 
 def test_an_empty_upload_is_a_clear_error(app):
