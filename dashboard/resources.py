@@ -18,11 +18,11 @@ import pandas as pd
 import streamlit as st
 from streamlit.runtime import Runtime
 
-from core.data.images import resize_rgb
-from core.data.sources import Upload
+from core.data.images import ImageError, resize_rgb
+from core.data.sources import ImageSource, Upload
 from core.evaluation.report import HEATMAP_TARGET
 from core.inference.engines import load_engine
-from core.inference.pipeline import score_uploads
+from core.inference.pipeline import score_batch, score_uploads
 from core.inference.store import ResultStore, StoreError
 from core.schema.contract import ModelFolder
 from dashboard import reaper, spool
@@ -69,12 +69,15 @@ def scoring_engine(folder: str, sha256: str) -> Iterator:
         reaper.trim_heap()
 
 
-def quality(folder: str, sha256: str, image: np.ndarray) -> str:
-    """The quality gate's verdict on one RGB uint8 image (H, W, 3), any size: ``ok`` or why
-    it would not be counted (core.inference.gate), from the cached scoring engine."""
+def score_one(folder: str, sha256: str, name: str, data: bytes) -> tuple[float, str, str]:
+    """(P(Parasitized), the quality gate's verdict, the engine's name) of one image's bytes, by
+    the model's scoring engine, decoded and resized exactly as Score does: the probability
+    every page shows for a cell. Raises ImageError for bytes that are no usable image."""
     eng = engine(folder, sha256)
-    batch = resize_rgb(image, eng.contract.input_size)[None]
-    return eng.gate(batch, eng.score(batch)[1])[0]
+    row = score_batch([ImageSource(name, lambda: data)], eng, eng.contract.threshold)[0]
+    if row["error"] is not None:
+        raise ImageError(row["error"])
+    return row["prob_parasitized"], row["quality"], eng.name
 
 
 @st.cache_resource(show_spinner="Preparing the explainer…", max_entries=2)

@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
                 "target": e.target,
                 "prob_parasitized": e.prob_parasitized,
                 "points_at_parasite": e.points_at_parasite,
+                "peak_on_stain": e.peak_on_stain,
                 "mass_in_cell": e.mass_in_cell,
                 "road": e.road,
                 "ms": e.ms,

@@ -203,7 +203,9 @@ def check_model(
             "method": DEFAULT_METHOD,
             "layer": c.target_layer,
             "target": "predicted",
-            "pointing": _mean([e.points_at_parasite for e in default]),
+            # the peak on the stain whichever class is predicted: a missed parasitized cell's
+            # map for Uninfected counts as not pointing unless it lands on the parasite
+            "pointing": _mean([e.peak_on_stain for e in default]),
         },
     }
     return table, summary

@@ -11,8 +11,9 @@ every method x stage; the README has the tables). The 4x4 last stage, Grad-CAM's
 almost never finds it.
 
 Per map:
-- ``points_at_parasite``: whether the map's peak falls on the parasite that the stain-based
+- ``peak_on_stain``: whether the map's peak falls on the parasite that the stain-based
   locator (``core.explain.locate``) finds in the cell; None when the locator finds none.
+  ``points_at_parasite``, the check, judges it for the Parasitized class's map only.
 - ``mass_in_cell``: share of the map's mass on the cell rather than the black background.
 - ``road``: ROAD combined score, in units of the target class's softmax probability: mean
   confidence change when the least relevant pixels are removed minus when the most relevant

@@ -13,6 +13,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from core.schema.labels import PARASITIZED
+
 # The CAM methods of pytorch-grad-cam that ``core.explain`` offers, by name.
 METHOD_NAMES = (
     "gradcam",
@@ -42,11 +44,18 @@ class Explanation:
     heatmap: np.ndarray  # float32 (H, W) in [0, 1]
     map_size: tuple[int, int]  # the layer's own resolution, before upsampling
     overlay: np.ndarray  # uint8 (H, W, 3), heatmap over the image at 50 % opacity
-    prob_parasitized: float
-    points_at_parasite: bool | None  # None: no parasite located, or a flat map
+    prob_parasitized: float  # from the PyTorch forward pass the map differentiates
+    peak_on_stain: bool | None  # the peak on the stained dot; None: no dot located, or a flat map
     mass_in_cell: float  # share of the map's mass on the cell, in [0, 1]; NaN for a flat map
     road: float  # NaN when faithfulness was not asked for
     ms: float  # wall time per image of the map itself (faithfulness not included)
+
+    @property
+    def points_at_parasite(self) -> bool | None:
+        """The pointing check, judged only for the Parasitized explanation: evidence for
+        Parasitized should sit on the parasite, while evidence for Uninfected has no place it
+        must be (on a stained dot or away from it, neither is a failure). None otherwise."""
+        return self.peak_on_stain if self.target == PARASITIZED else None
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, *, opacity: float = 0.5) -> np.ndarray:

@@ -2,7 +2,7 @@
 checked against where the stain rule finds the parasite, with ROAD and the gate's verdict."""
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -14,12 +14,14 @@ from core.explain.heatmap import (
     METHOD_NAMES,
     SLOW_METHODS,
     TARGETS,
+    Explanation,
     colour_bar,
     for_display,
     overlay,
 )
 from core.explain.locate import locate
 from core.schema.contract import ModelContract, ModelFolder
+from core.schema.labels import PARASITIZED, predicted_class
 from core.schema.results import OK, is_counted
 from dashboard import images, resources, state, text
 
@@ -30,7 +32,9 @@ HEATMAP_HELP = (
     "still point at the wrong thing. Two checks sit under every map:\n"
     "- **Points at the parasite?** A colour rule that knows nothing of the network finds "
     "the dark purple Giemsa-stained chromatin in the cell (outlined in white); the check "
-    "asks whether the map's hottest pixel falls on it.\n"
+    "asks whether the map's hottest pixel falls on it. Only the map for *Parasitized* is "
+    "judged (✔ or ✘): evidence for *Uninfected* has no place it must be, so its map is "
+    "described (on the dot or away from it) without a mark.\n"
     "- **ROAD** (higher is better) measures how much the model's confidence depends on the "
     "highlighted pixels: it tells whether the model *uses* them, not what they are.\n\n"
     "Late stages are coarse (4x4 cells at 128 px) and light whole quadrants. The default "
@@ -144,17 +148,18 @@ def scored_cell_ui() -> tuple[Item, dict]:
         st.stop()
     quality = ok["quality"] if "quality" in ok else pd.Series(None, ok.index, dtype=object)
     review = quality.where(~is_counted(quality), "")  # why a cell is not counted, or ""
+    engine = resources.store().run(st.session_state["run_id"]).engine
 
     def describe(p: str) -> str:
         return (
             f"{p.rsplit('/', 1)[-1]} · case {ok.at[p, 'case_id']} · "
             f"label {ok.at[p, 'label'] or '?'} · "
-            f"P(Parasitized) {ok.at[p, 'prob_parasitized']:.3f}"
+            f"P(Parasitized) {ok.at[p, 'prob_parasitized']:.3f} ({engine})"
             + (f" · review: {review[p]}" if review[p] else "")
         )
 
     link = {"run": st.session_state["run_id"]}
-    path = link["cell"] = st.selectbox("Cell", ok.index, format_func=describe)
+    path = link["cell"] = st.selectbox("Cell", ok.index, format_func=describe, key="explain_cell")
     src = images.cell_source(
         path, st.session_state["sources"], on_disk=st.session_state["run_on_disk"]
     )
@@ -252,8 +257,8 @@ def _road(key: MapKey, _image, _explanation) -> float:
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def _quality(image_hash: str, model: str, model_sha: str, _image) -> str:
-    return resources.quality(model, model_sha, _image)
+def _scored(image_hash: str, model: str, model_sha: str, _item: Item) -> tuple[float, str, str]:
+    return resources.score_one(model, model_sha, *_item)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -264,12 +269,22 @@ def _stain(image_hash: str, _image):
 # --- drawing -----------------------------------------------------------------------------
 
 
-def verdict(points: bool | None, mass: float) -> str:
-    """One line a student can read about where a map points."""
-    on_cell = "a flat map" if mass != mass else f"{mass:.0%} of the map on the cell"  # NaN
-    if points is None:
+def verdict(e: Explanation) -> str:
+    """One line a student can read about where a map points. Only the Parasitized map is
+    judged (✔ or ✘): evidence for Uninfected has no place it must be."""
+    on_cell = (
+        "a flat map"
+        if e.mass_in_cell != e.mass_in_cell
+        else f"{e.mass_in_cell:.0%} of the map on the cell"
+    )  # NaN: a flat map
+    if e.target != PARASITIZED:
+        if e.peak_on_stain is None:
+            return f"no stained dot in this cell · {on_cell}"
+        where = "on the stained dot" if e.peak_on_stain else "away from the stained dot"
+        return f"peak {where} · {on_cell} · :gray[not judged for {e.target}]"
+    if e.points_at_parasite is None:
         return f"no stained parasite found in this cell to point at · {on_cell}"
-    if points:
+    if e.points_at_parasite:
         return f":green[**✔ peak on the stained parasite**] · {on_cell}"
     return f":red[**✘ peak misses the stained parasite**] · {on_cell}"
 
@@ -308,22 +323,32 @@ def maps_ui(
                     f"{e.ms:,.0f} ms",
                     width="stretch",
                 )
-                col.markdown(
-                    f"explains **{e.target}** · {verdict(e.points_at_parasite, e.mass_in_cell)}"
-                )
+                col.markdown(f"explains **{e.target}** · {verdict(e)}")
                 road_slots[method] = col.empty()
                 if options.road:
                     road_slots[method].caption("ROAD: computing…")
     return drawn, road_slots
 
 
-def probability_ui(e, image: np.ndarray, contract: ModelContract, gate: str) -> None:
-    """P(Parasitized) with the gate's verdict, the colour scale, and how to read the maps."""
+def probability_ui(
+    scored: tuple[float, str, str], e: Explanation, image: np.ndarray, contract: ModelContract
+) -> None:
+    """P(Parasitized) by the scoring engine (the one Score gives) with the gate's verdict, the
+    PyTorch model's beside it (the maps' own), the colour scale, and how to read the maps."""
+    prob, gate, engine = scored
     left, right = st.columns([1, 3])
     left.metric(
         "P(Parasitized)",
-        f"{e.prob_parasitized:.3f}",
+        f"{prob:.3f}",
         help=f"Decision threshold {contract.threshold:.2f}",
+    )
+    left.caption(
+        f"by the **{engine}** engine, as Score and its CSV give it"
+        + (
+            f"; the maps come from the PyTorch model (fp32), which gives {e.prob_parasitized:.3f}"
+            if engine != "torch"
+            else ""
+        )
     )
     if gate != OK:
         left.caption(f"review: {text.plain(gate)} (not counted)")
@@ -374,7 +399,16 @@ def explain_page() -> None:
 
     key = hashlib.sha256(item[1]).hexdigest()
     name = text.plain(item[0].rsplit("/", 1)[-1])  # captions render Markdown
-    gate = _quality(key, str(model.path), model.sha256, image)
+    try:
+        scored = _scored(key, str(model.path), model.sha256, item)
+    except ImageError as exc:
+        st.error(text.plain(f"{item[0]}: {exc}"))
+        st.stop()
+    gate = scored[1]
+    if options.target == "predicted":  # the class the headline probability calls
+        options = replace(
+            options, target=predicted_class(scored[0], model.contract.threshold).lower()
+        )
     if gate != OK:
         st.warning(
             f"**Review: {text.plain(gate)}.** This image does not look like a single "
@@ -389,7 +423,7 @@ def explain_page() -> None:
         st.info("Pick at least one method to see its heatmap and the probability.")
         st.stop()
     drawn, road_slots = maps_ui(image, key, name, stain, options, model)
-    probability_ui(drawn[options.methods[-1]], image, model.contract, gate)
+    probability_ui(scored, drawn[options.methods[-1]], image, model.contract)
     if options.road:  # the slow extra arrives after every map is on screen
         for method, slot in road_slots.items():
             map_key = (key, method, options.target, options.layer, str(model.path), model.sha256)

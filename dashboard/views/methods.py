@@ -3,12 +3,18 @@ the stain rule locates (``malaria check heatmaps``), the Explain page's default 
 
 import json
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
 from core.schema.contract import ModelFolder
+from core.schema.metrics import wilson_interval
 from dashboard import state, text
+
+MIN_CELLS = 50  # a pointing on fewer cells is too uncertain to rank (4 of 4 is 51-100%)
+GREY = "#ececec"  # the background of those figures
+SHARE = ("pointing", "pointing_low", "pointing_high", "cells")  # share_text's arguments
 
 
 def check_command(model: ModelFolder) -> str:
@@ -68,26 +74,88 @@ def cells_text(summary: dict, model: ModelFolder) -> str:
     )
 
 
+def with_intervals(table: pd.DataFrame) -> pd.DataFrame:
+    """The check's table with each pointing's 95% Wilson interval (``pointing_low``,
+    ``pointing_high``) and ``few``: measured on fewer than MIN_CELLS cells, so shown greyed
+    and never ranked first. The table keeps shares, so the count of hits is rounded from one."""
+    hits = (table["pointing"] * table["cells"]).round()
+    nan = (float("nan"), float("nan"))
+    ci = [wilson_interval(int(k), int(n)) if k == k else nan for k, n in zip(hits, table["cells"])]
+    return table.assign(
+        pointing_low=[lo for lo, _ in ci],
+        pointing_high=[hi for _, hi in ci],
+        few=table["cells"] < MIN_CELLS,
+    )
+
+
+def ranked(table: pd.DataFrame) -> pd.DataFrame:
+    """Best pointing first, among the figures on enough cells; the few-cell ones after."""
+    return table.sort_values(["few", "pointing"], ascending=[True, False], na_position="last")
+
+
+def share_text(pointing: float, low: float, high: float, n: int) -> str:
+    """``63.1% (59.6–66.5%) of 750``: a share with its interval and count, never "nan"."""
+    if pointing != pointing:
+        return f"none (every map flat) of {n:,}"
+    return f"{pointing:.1%} ({100 * low:.1f}–{high:.1%}) of {n:,}"
+
+
 def pointing_grid(table: pd.DataFrame, method: str, layer: str) -> go.Figure:
-    """Pointing per method (best first) and stage (fine to coarse), the default outlined."""
+    """Pointing per method (best first) and stage (fine to coarse), each cell with its interval
+    and count; figures on too few cells in grey, ranked after the others; the default outlined."""
     layers = list(dict.fromkeys(table["layer"]))
-    methods = table.groupby("method")["pointing"].max().sort_values(ascending=False).index.tolist()
-    grid = table.pivot(index="method", columns="layer", values="pointing").loc[methods, layers]
+    best = table["pointing"].where(~table["few"]).groupby(table["method"]).max()
+    methods = best.sort_values(ascending=False, na_position="last").index.tolist()
+
+    def grid(column: str) -> pd.DataFrame:
+        return table.pivot(index="method", columns="layer", values=column).loc[methods, layers]
+
+    share, few = grid("pointing"), grid("few").astype(bool)
+    low, high, cells = grid("pointing_low"), grid("pointing_high"), grid("cells")
+    at = [
+        [(share.at[m, x], low.at[m, x], high.at[m, x], cells.at[m, x]) for x in layers]
+        for m in methods
+    ]
+    labels = [
+        [
+            f"flat maps<br>n = {n:,}"
+            if p != p
+            else f"<b>{p:.0%}</b><br>{lo:.0%}–{hi:.0%}<br>n = {n:,}"
+            for p, lo, hi, n in row
+        ]
+        for row in at
+    ]
+    hover = [[share_text(*cell) for cell in row] for row in at]
     sizes = table.drop_duplicates("layer").set_index("layer")["map_size"]
+    common = dict(
+        x=[f"{name}<br>{sizes[name]}" for name in layers],
+        y=methods,
+        texttemplate="%{text}",
+        customdata=hover,
+        hovertemplate="%{y} at %{x}: peak on the parasite in %{customdata} cells<extra></extra>",
+        hoverongaps=False,
+    )
     fig = go.Figure(
-        go.Heatmap(
-            z=grid.to_numpy(),
-            x=[f"{name}<br>{sizes[name]}" for name in layers],
-            y=methods,
-            zmin=0,
-            zmax=1,
-            colorscale="Blues",
-            text=grid.map(lambda v: f"{v:.0%}").to_numpy(),
-            texttemplate="%{text}",
-            textfont_size=15,
-            colorbar=dict(title="pointing"),
-            hovertemplate="%{y} at %{x}: peak on the parasite in %{z:.1%} of cells<extra></extra>",
-        )
+        [
+            go.Heatmap(
+                z=share.where(~few).to_numpy(dtype=float),
+                zmin=0,
+                zmax=1,
+                colorscale="Blues",
+                textfont_size=12,
+                colorbar=dict(title="pointing"),
+                text=np.where(few, "", labels),
+                **common,
+            ),
+            go.Heatmap(  # too few cells: grey, whatever the share
+                z=few.where(few).to_numpy(dtype=float),
+                colorscale=[[0, GREY], [1, GREY]],
+                showscale=False,
+                textfont=dict(size=12, color="#8a8a8a"),
+                text=np.where(few, labels, ""),
+                **common,
+            ),
+        ]
     )
     if method in methods and layer in layers:
         fig.add_shape(
@@ -101,26 +169,31 @@ def pointing_grid(table: pd.DataFrame, method: str, layer: str) -> go.Figure:
     fig.update_layout(
         xaxis_title="network stage (fine → coarse) and its map size",
         yaxis_title="method",
-        height=420,
+        yaxis_autorange="reversed",  # the best method on top
+        height=620,
         margin=dict(t=10, b=10),
     )
     return fig
 
 
-def reading_text(table: pd.DataFrame, default: dict) -> str:
-    """What the grid says: the default's pointing, against Grad-CAM at the last stage."""
+def reading_text(table: pd.DataFrame, summary: dict) -> str:
+    """What the grid says: the default's pointing, against Grad-CAM at the last stage, each
+    with its 95% interval and count."""
+    default, n = summary["default"], summary["cells_checked"]
     last_layer = list(dict.fromkeys(table["layer"]))[-1]
     last = table[(table["method"] == "gradcam") & (table["layer"] == last_layer)]
+    ci = wilson_interval(round(default["pointing"] * n), n)
     return (
         "**Reading.** The outlined cell is what the Explain page shows first: "
         f"**{default['method']} at {default['layer']}**. Explaining the class the model "
         "*predicts* (so a missed parasite gets a map for 'Uninfected'), its peak lands on the "
-        f"parasite in **{default['pointing']:.1%}** of the checked cells."
+        f"parasite in **{share_text(default['pointing'], *ci, n)}** checked cells."
         + (
             ""
             if last.empty
             else f" Grad-CAM at the last stage ({last.iloc[0]['map_size']}), the usual choice, "
-            f"does in {last.iloc[0]['pointing']:.1%} with a ROAD of {last.iloc[0]['road']:+.2f}: "
+            f"does in {share_text(*last.iloc[0][list(SHARE)])}"
+            f" with a ROAD of {last.iloc[0]['road']:+.2f}: "
             "ROAD tells whether the model uses the highlighted pixels, not whether they are the "
             "parasite."
         )
@@ -128,17 +201,42 @@ def reading_text(table: pd.DataFrame, default: dict) -> str:
 
 
 def check_table(table: pd.DataFrame) -> None:
+    """The table, ranked as the grid is; rows on too few cells in grey."""
+    shown = ranked(table)
+    grey = shown.style.apply(
+        lambda row: [f"color: #8a8a8a; background-color: {GREY}" if row["few"] else ""] * len(row),
+        axis=1,
+    )
+    percent = dict(format="percent", min_value=0, max_value=1)
     st.dataframe(
-        table.sort_values("pointing", ascending=False),
+        grey,
         hide_index=True,
         width="stretch",
+        column_order=[
+            "method",
+            "layer",
+            "map_size",
+            "pointing",
+            "pointing_low",
+            "pointing_high",
+            "cells",
+            "few",
+            "mass_in_cell",
+            "road",
+            "road_cells",
+            "ms_per_image",
+            "default",
+        ],
         column_config={
-            "pointing": st.column_config.ProgressColumn(
-                "pointing", format="percent", min_value=0, max_value=1
+            "pointing": st.column_config.ProgressColumn("pointing", **percent),
+            "pointing_low": st.column_config.NumberColumn("95% CI low", format="percent"),
+            "pointing_high": st.column_config.NumberColumn("95% CI high", format="percent"),
+            "cells": st.column_config.NumberColumn("cells (pointing)"),
+            "few": st.column_config.CheckboxColumn(
+                f"under {MIN_CELLS} cells", help="Too few cells to rank: shown greyed, ranked last"
             ),
             "mass_in_cell": st.column_config.NumberColumn("map on the cell", format="percent"),
             "road": st.column_config.NumberColumn("ROAD", format="%+.3f"),
-            "cells": st.column_config.NumberColumn("cells (pointing)"),
             "road_cells": st.column_config.NumberColumn("cells (ROAD)"),
             "ms_per_image": st.column_config.NumberColumn("ms / image", format="%.0f"),
             "default": st.column_config.CheckboxColumn("Explain's default"),
@@ -150,6 +248,7 @@ def methods_page() -> None:
     st.title("Heatmap check: which explanations find the parasite")
     model = state.current_model()
     table, summary = read_check(model)
+    table = with_intervals(table)
     # the method is code's (core.explain); the stage is the model's
     method, layer = summary["default"]["method"], model.contract.target_layer
     table["default"] = (table["method"] == method) & (table["layer"] == layer)
@@ -164,12 +263,14 @@ def methods_page() -> None:
         f"(within {summary['pointing_tolerance_px_at_128']} px at 128 px)."
     )
     st.plotly_chart(pointing_grid(table, method, layer), width="stretch")
-    st.markdown(reading_text(table, summary["default"]))
+    st.markdown(reading_text(table, summary))
     check_table(table)
     st.caption(
-        f"Recompute with `{summary['command']}`. ROAD costs about half a second a map, so "
+        f"Recompute with `{check_command(model)}`. ROAD costs about half a second a map, so "
         "it is averaged over fewer cells; maps slower than 0.1 s an image (ScoreCAM, "
-        "AblationCAM) are measured on fewer cells too: each row says how many."
+        "AblationCAM) are measured on fewer cells too: each row says how many. Intervals are "
+        f"95% Wilson intervals; a figure on fewer than {MIN_CELLS} cells is greyed and ranked "
+        "after every other, whatever its share."
     )
 
 

@@ -253,8 +253,8 @@ def run_header(info: RunInfo, files: int) -> None:
             f" · {f} {text.plain(getattr(info, f))}" for f in RUN_FIELDS[1:] if getattr(info, f)
         )
         + f" · scored {text.minutes(info.started)} UTC with "
-        f"{text.plain(text.model_label(info.weights))} (sha256 `{info.weights_sha256[:10]}`), "
-        f"{files:,} files."
+        f"{text.plain(text.model_label(info.weights))} (sha256 `{info.weights_sha256[:10]}`) "
+        f"on the **{info.engine}** engine, {files:,} files."
     )
 
 

@@ -178,24 +178,30 @@ def field_figure(
     return fig
 
 
-def cell_label(k: int, prob, red: list[FieldObject]) -> str:
-    return f"P(Parasitized) {prob[k]:.3f} · at x={red[k].x}, y={red[k].y}" + (
+def cell_label(k: int, prob, red: list[FieldObject], engine: str) -> str:
+    return f"P(Parasitized) {prob[k]:.3f} ({engine}) · at x={red[k].x}, y={red[k].y}" + (
         " · cut by the edge" if red[k].edge else ""
     )
 
 
 def cell_ui(
-    image: np.ndarray, red: list[FieldObject], choices: list[int], prob, model: ModelFolder
+    image: np.ndarray,
+    red: list[FieldObject],
+    choices: list[int],
+    prob,
+    model: ModelFolder,
+    engine: str,
 ) -> None:
     """Pick one of the listed red cells (the clicked one first): the cell as the model sees
-    it, and its heatmap."""
+    it, and its heatmap. ``prob`` is the scoring engine's (named ``engine``), the map's model
+    is PyTorch's."""
     picked = st.session_state.get("smear_cell")
     order = sorted(choices, key=lambda k: -prob[k])
     k = st.selectbox(
         "Cell",
         order,
         index=order.index(picked) if picked in order else 0,
-        format_func=lambda k: cell_label(k, prob, red),
+        format_func=lambda k: cell_label(k, prob, red, engine),
     )
     st.session_state["smear_cell"] = k
     crop = crop_cells(image, [red[k]], size=model.contract.input_size)[0]
@@ -207,12 +213,18 @@ def cell_ui(
     right.image(
         for_display(overlay(crop, e.heatmap)),
         width=320,
-        caption=f"{DEFAULT_METHOD} · explains {e.target} · P(Parasitized) {e.prob_parasitized:.3f}",
+        caption=f"{DEFAULT_METHOD} · explains {e.target} · P(Parasitized) {prob[k]:.3f} by "
+        f"the {engine} engine (the map's PyTorch model: {e.prob_parasitized:.3f})",
     )
 
 
 def field_ui(
-    results: dict[str, FieldResult], sources: dict, *, model: ModelFolder, threshold: float
+    results: dict[str, FieldResult],
+    sources: dict,
+    *,
+    model: ModelFolder,
+    threshold: float,
+    engine: str,
 ) -> None:
     """One field, picked by name: drawn with its cells clickable, then the picked cell."""
     st.subheader("A field")
@@ -253,7 +265,7 @@ def field_ui(
     if not choices:
         st.info("No cell of this field is at or above the threshold.")
         st.stop()
-    cell_ui(image, red, choices, prob, model)
+    cell_ui(image, red, choices, prob, model, engine)
 
 
 def smear_page() -> None:
@@ -279,7 +291,8 @@ def smear_page() -> None:
     cells = cells.assign(prediction=calls(cells["prob_parasitized"], threshold=threshold))
     totals_ui(cells)
     summary_ui(cells, run_id, model=model, threshold=threshold)
-    field_ui(results, sources, model=model, threshold=threshold)
+    engine = resources.store().run(run_id).engine  # the engine that gave every P on the page
+    field_ui(results, sources, model=model, threshold=threshold, engine=engine)
 
 
 smear_page()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,40 @@ def test_explain_opens_on_a_sample_with_pointing_and_road(app):
     assert sum("ROAD" in c.value for c in app.caption) >= 3
 
 
+def test_explain_judges_pointing_only_for_the_parasitized_map(app):
+    app.switch_page("views/explain.py").run()  # a Parasitized sample: a stained dot is located
+    assert any("outlined in white" in c.value for c in app.caption)
+    app.selectbox(key="explain_target").set_value("uninfected").run()
+    assert not _errors(app), _errors(app)
+    verdicts = [m.value for m in app.markdown if m.value.startswith("explains ")]
+    assert len(verdicts) == 3 and all("**Uninfected**" in v for v in verdicts)
+    assert not any("✘" in v or "✔" in v for v in verdicts)  # no mark: nothing is judged
+    assert all("stained dot" in v and "not judged" in v for v in verdicts)
+    app.selectbox(key="explain_target").set_value("parasitized").run()
+    verdicts = [m.value for m in app.markdown if m.value.startswith("explains ")]
+    assert all("✘" in v or "✔" in v for v in verdicts)  # the Parasitized map is judged
+
+
+def test_explain_shows_the_probability_score_gave_and_names_the_engines(app, cells_dir):
+    items = [
+        (f"{p.parent.name}/{p.name}", p.read_bytes()) for p in sorted(cells_dir.rglob("*.png"))
+    ]
+    app.session_state["pending_items"] = items
+    app.switch_page("views/score.py").run()
+    results = app.session_state["results"].set_index("path")["prob_parasitized"]
+    assert any("onnx-int8" in c.value for c in app.caption)  # Score names its engine
+    app.switch_page("views/explain.py").run()
+    app.radio(key="explain_source").set_value("A cell from the scored results").run()
+    # cells where int8 and the PyTorch model differ in the third decimal (0.842 vs 0.915)
+    for cell in ("Uninfected/C176P137NThinF_IMG_20151201_121808_cell_24.png", items[0][0]):
+        app.selectbox(key="explain_cell").set_value(cell).run()
+        assert not _errors(app), _errors(app)
+        headline = next(m for m in app.metric if m.label == "P(Parasitized)")
+        assert headline.value == f"{results[cell]:.3f}", cell
+        engines = next(c.value for c in app.caption if c.value.startswith("by the "))
+        assert "**onnx-int8** engine" in engines and "PyTorch model" in engines
+
+
 def test_heatmap_check_page_reads_the_models_table(app):
     app.switch_page("views/methods.py").run()
     assert not _errors(app), _errors(app)
@@ -136,6 +171,22 @@ def test_heatmap_check_page_reads_the_models_table(app):
     table = app.dataframe[0].value
     assert {"method", "layer", "pointing", "road", "ms_per_image"} <= set(table.columns)
     assert table["default"].sum() == 1
+    # every figure with its count and its Wilson interval; one on a few cells is never first
+    from core.schema.metrics import wilson_interval
+
+    assert table["cells"].min() < 50  # the shipped check holds ScoreCAM on 4 cells
+    row = table.iloc[0]
+    assert row["cells"] >= 50 and table["cells"].lt(50).is_monotonic_increasing  # few: last
+    k = round(row["pointing"] * row["cells"])
+    assert (row["pointing_low"], row["pointing_high"]) == wilson_interval(k, row["cells"])
+    figure = json.loads(app.get("plotly_chart")[0].proto.spec)
+    main, grey = figure["data"]
+    assert main["y"][0] == row["method"]  # the grid ranks as the table does
+    labels = [t for trace in (main, grey) for r in trace["text"] for t in r if t]
+    assert len(labels) == len(table) and all("n = " in t and "–" in t for t in labels)
+    few = set(table.loc[table["cells"] < 50, "method"])
+    assert set(main["y"][-len(few) :]) == few  # the methods measured on few cells: last, grey
+    assert all(t for m, r in zip(grey["y"], grey["text"]) if m in few for t in r)
 
 
 def test_an_empty_upload_is_a_clear_error(app):
@@ -245,6 +296,12 @@ def test_smear_page_finds_scores_and_explains_cells_of_a_field(app, cells_dir):
     assert cells["error"].notna().sum() == 1  # the broken field is one error row
     captions = [i.caption for e in app.get("image") for i in e.proto.imgs]
     assert any("explains" in c for c in captions), captions  # the picked cell's heatmap
+    # one probability per cell: the heatmap's caption gives the one the cell was scored with
+    pick = next(s for s in app.selectbox if s.label == "Cell")
+    prob = results["slide/field.png"].prob[pick.value]
+    heat = next(c for c in captions if "explains" in c)
+    assert f"P(Parasitized) {prob:.3f} by the onnx-int8 engine" in heat, heat
+    assert pick.options[pick.index].startswith(f"P(Parasitized) {prob:.3f} (onnx-int8)")
     assert len(app.get("plotly_chart")) == 1  # the field, cells outlined, clickable
     assert len(app.get("download_button")) == 2
 

@@ -39,9 +39,9 @@ def test_every_method_gives_a_map_in_range_at_the_image_size(tiny, cells, method
         assert e.overlay.shape == im.shape and e.overlay.dtype == np.uint8
         assert 0 <= e.prob_parasitized <= 1 and e.ms > 0
         assert e.map_size == (8, 8)
-        assert 0 <= e.mass_in_cell <= 1 and e.points_at_parasite in (True, False, None)
+        assert 0 <= e.mass_in_cell <= 1 and e.peak_on_stain in (True, False, None)
     assert np.isfinite(exps[0].road) and np.isnan(exps[1].road)
-    assert exps[0].points_at_parasite is not None  # a Parasitized fixture: a parasite is located
+    assert exps[0].peak_on_stain is not None  # a Parasitized fixture: a parasite is located
 
 
 def test_target_class_changes_the_map(tiny, cells):
@@ -51,6 +51,14 @@ def test_target_class_changes_the_map(tiny, cells):
     b = explain(loaded, [image], method="gradcam", target="uninfected", net=net)[0]
     assert (a.target, b.target) == ("Parasitized", "Uninfected")
     assert not np.allclose(a.heatmap, b.heatmap, atol=1e-3)
+
+
+def test_only_the_parasitized_map_is_judged_on_the_stained_dot(tiny, cells):
+    loaded, net = tiny
+    image = next(iter(cells.values()))  # a Parasitized fixture: a stained dot is located
+    a, b = (explain(loaded, [image], target=t, net=net)[0] for t in ("parasitized", "uninfected"))
+    assert a.peak_on_stain is not None and b.peak_on_stain is not None
+    assert a.points_at_parasite == a.peak_on_stain and b.points_at_parasite is None
 
 
 def test_layer_choice_changes_the_resolution(tiny, cells):
@@ -200,7 +208,10 @@ def test_cli_writes_pointing_and_mass_per_map(tiny_model, cells_dir, tmp_path):
     assert len(scores) == 3 and scores["error"].notna().sum() == 1
     ok = scores[scores["error"].isna()]
     assert (ok["method"] == DEFAULT_METHOD).all() and (ok["layer"] == "features.6").all()
-    assert ok["points_at_parasite"].isin([True, False]).all()  # both cells hold a parasite
+    assert ok["peak_on_stain"].isin([True, False]).all()  # both cells hold a parasite
+    judged = ok["target"] == "Parasitized"  # the map of the predicted class: judged if Parasitized
+    assert ok["points_at_parasite"][judged].eq(ok["peak_on_stain"][judged]).all()
+    assert ok["points_at_parasite"][~judged].isna().all()
     assert ok["mass_in_cell"].between(0, 1).all() and ok["road"].isna().all()
     assert len(list((tmp_path / "out").glob("*.png"))) == 2
 
