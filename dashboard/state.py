@@ -18,7 +18,7 @@ from dashboard.text import plain
 
 
 def init_state() -> None:
-    """Every session-state key the pages use, with its default, in one place."""
+    """Every session-state key the pages use, with its default, in one place; counts the run."""
     defaults: dict[str, object] = {
         "model_folder": str(DEFAULT_WEIGHTS),
         "results": None,  # DataFrame of the scoring on show
@@ -42,21 +42,28 @@ def init_state() -> None:
         "evaluate_cell": None,  # path of the cell shown large on Evaluate
         "evaluate_items": None,  # the labelled upload on Evaluate, (name, bytes) pairs
         "kept": {},  # widget key -> value, kept while the widget's page is not shown
+        "drawn": {},  # widget key -> the last run that drew it (see kept)
+        "run": 0,  # full runs of this session (fragment reruns are not counted)
         "report": None,  # (run id, HTML) of the last report made on Score
         "scored": {},  # (upload hash, weights sha256) -> (results, run id): the latest scoring
     }
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
+    st.session_state["run"] += 1
 
 
 def kept(widget, label: str, *args, key: str, default, allowed=None, **kwargs) -> Any:
     """``widget(label, *args, key=key, **kwargs)`` (a Streamlit input) whose value survives
-    switching to another page and back: Streamlit deletes the state of widgets that a run
-    does not draw, so the value is also kept under ``kept`` and given back to the widget when
-    its page is drawn again. ``default`` is the first value; a kept value that is not in
-    ``allowed`` (for a list: its members that are) falls back to it (another model's layers)."""
-    saved = st.session_state["kept"]
-    if key not in st.session_state:
+    switching to another page and back, and runs that stop before drawing it: Streamlit
+    drops the browser's state of a widget that a run does not draw, yet can keep its value
+    under the key, so the next run that draws it would show its first value (a slider's min)
+    while the page reads the kept one, and apply the shown one on the run after. The value
+    is kept under ``kept`` and given back to the widget whenever the last run did not draw it
+    (a change made in the browser meanwhile says it did). ``default`` is the first value; a
+    kept value that is not in ``allowed`` (for a list: its members that are) falls back to it
+    (another model's layers). Not for widgets inside fragments, whose reruns are not counted."""
+    saved, drawn, run = st.session_state["kept"], st.session_state["drawn"], st.session_state["run"]
+    if key not in st.session_state or drawn.get(key) != run - 1:
         value = saved.get(key, default)
         if allowed is not None:
             if isinstance(value, list):
@@ -64,8 +71,16 @@ def kept(widget, label: str, *args, key: str, default, allowed=None, **kwargs) -
             elif value not in allowed:
                 value = default
         st.session_state[key] = value
-    saved[key] = value = widget(label, *args, key=key, **kwargs)
+    saved[key] = value = widget(label, *args, key=key, on_change=_changed, args=(key,), **kwargs)
+    drawn[key] = run
     return value
+
+
+def _changed(key: str) -> None:
+    """A kept widget changed in the browser, before the run (so before it is counted): the
+    browser shows it, and its new value is the one to keep."""
+    st.session_state["drawn"][key] = st.session_state["run"]
+    st.session_state["kept"][key] = st.session_state[key]
 
 
 def preset(key: str, value: object) -> None:

@@ -204,11 +204,14 @@ def _run_facts(info: ReportInfo) -> str:
 
 
 def _review_table(rows: pd.DataFrame) -> str:
+    """The rows for review: uncertain ones with their call, the others not counted (their
+    call would count for nothing)."""
     if rows.empty:
         return "<p class=muted>No cell of this patient needs review.</p>"
     body = "".join(
         f"<tr><td>{html.escape(file_name(r.path))}</td><td>{html.escape(r.review)}</td>"
-        f"<td>{r.prob_parasitized:.3f}</td><td>{r.prediction}</td></tr>"
+        f"<td>{r.prob_parasitized:.3f}</td>"
+        f"<td>{r.prediction if r.review == UNCERTAIN else 'not counted'}</td></tr>"
         for r in rows.head(REVIEW_ROWS).itertuples()
     )
     more = (

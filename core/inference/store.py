@@ -477,29 +477,28 @@ class ResultStore:
     @_locked
     def list_runs(self, *, smear: bool = False) -> pd.DataFrame:
         """One row per run, newest first: ids, dates, name, sample, operator, inputs, counts
-        and weights. Cell runs (``stored`` rows, errors, duplicates, parasitized), or with
-        ``smear`` the smear runs (``stored`` fields)."""
-        if smear:
-            return pd.read_sql_query(
-                "SELECT r.run_id, r.started, r.finished, r.name, r.sample, r.operator, r.inputs, "
-                "r.weights, r.weights_sha256, r.threshold, r.engine, r.kind, r.total, "
-                "COUNT(DISTINCT x.image) AS stored, "
-                "SUM(x.error IS NOT NULL) AS errors, SUM(x.prediction = 'Parasitized') AS "
-                "parasitized FROM runs r LEFT JOIN smear_cells x ON x.run_id = r.run_id "
-                "WHERE r.kind LIKE 'smear%' "
-                "GROUP BY r.run_id ORDER BY r.started DESC, r.run_id DESC",
-                self._db,
-            )
-        return pd.read_sql_query(
+        and weights; a text that a run lacks is None (never NaN). Cell runs (``stored`` rows,
+        errors, duplicates, parasitized), or with ``smear`` the smear runs (``stored``
+        fields)."""
+        runs = pd.read_sql_query(
             "SELECT r.run_id, r.started, r.finished, r.name, r.sample, r.operator, r.inputs, "
             "r.weights, r.weights_sha256, r.threshold, r.engine, r.kind, r.total, "
-            "COUNT(x.path) AS stored, SUM(x.error IS NOT NULL) AS errors, "
-            "SUM(x.duplicate_of IS NOT NULL) AS duplicates, "
-            f"SUM(x.prediction = ? AND {counted_sql('x.quality')}) AS parasitized, "
-            f"SUM(NOT {counted_sql('x.quality')}) AS not_counted "
-            "FROM runs r LEFT JOIN results x ON x.run_id = r.run_id "
-            "WHERE r.kind NOT LIKE 'smear%' "
-            "GROUP BY r.run_id ORDER BY r.started DESC, r.run_id DESC",
+            + (
+                "COUNT(DISTINCT x.image) AS stored, "
+                "SUM(x.error IS NOT NULL) AS errors, SUM(x.prediction = ?) AS parasitized "
+                "FROM runs r LEFT JOIN smear_cells x ON x.run_id = r.run_id "
+                "WHERE r.kind LIKE 'smear%' "
+                if smear
+                else "COUNT(x.path) AS stored, SUM(x.error IS NOT NULL) AS errors, "
+                "SUM(x.duplicate_of IS NOT NULL) AS duplicates, "
+                f"SUM(x.prediction = ? AND {counted_sql('x.quality')}) AS parasitized, "
+                f"SUM(NOT {counted_sql('x.quality')}) AS not_counted "
+                "FROM runs r LEFT JOIN results x ON x.run_id = r.run_id "
+                "WHERE r.kind NOT LIKE 'smear%' "
+            )
+            + "GROUP BY r.run_id ORDER BY r.started DESC, r.run_id DESC",
             self._db,
             params=(PARASITIZED,),
         )
+        text = ["finished", "name", "sample", "operator"]
+        return runs.assign(**{c: runs[c].astype(object).where(runs[c].notna(), None) for c in text})

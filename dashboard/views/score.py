@@ -20,6 +20,7 @@ from core.schema.results import (
     NOT_COUNTED_KIND,
     REVIEW_BAND,
     ROW_KINDS,
+    UNCERTAIN_KIND,
     RunCounts,
     at_threshold,
     row_kinds,
@@ -412,9 +413,13 @@ def table_caption(rows: int, thumbnails: bool) -> str:
     )
 
 
-def cell_facts(cell: str, row: pd.Series, threshold: float) -> str:
-    """What the results say of one cell, as Markdown lines (names escaped)."""
-    facts = [f"**{row['prediction'] or 'not scored'}**"]
+def cell_facts(cell: str, rows: pd.DataFrame, threshold: float) -> str:
+    """What the results say of one cell (its row of ``rows``, as :func:`at_threshold` gives
+    them), as Markdown lines (names escaped), headed by its kind: its call, or why it has
+    none (not counted, error, duplicate)."""
+    row = rows.iloc[0]
+    kind = row_kinds(rows).iloc[0]
+    facts = [f"**{row['prediction'] if kind == UNCERTAIN_KIND else kind}**"]
     if pd.notna(row["prob_parasitized"]):
         facts.append(f"P(Parasitized) {row['prob_parasitized']:.3f} at threshold {threshold:.2f}")
     facts += [f"case {text.plain(group_of(cell, 'case', row['case_id']))}"]
@@ -434,14 +439,15 @@ def cell_facts(cell: str, row: pd.Series, threshold: float) -> str:
 def picked_cell_ui(shown: pd.DataFrame, run_id: str, threshold: float, sources, on_disk) -> None:
     """The cell picked in the table, large, named in the page's address."""
     cell = st.session_state["score_cell"]
-    if cell not in set(shown["path"]):
+    rows = shown[shown["path"] == cell]
+    if rows.empty:
         st.query_params.pop("cell", None)
         return
     st.query_params.update(cell=cell)
     widgets.cell_view(
         cell,
         images.cell_source(cell, sources, on_disk=on_disk),
-        details=cell_facts(cell, shown.set_index("path").loc[cell], threshold),
+        details=cell_facts(cell, rows, threshold),
         state_key="score_cell",
         link={"run": run_id, "cell": cell},
     )
@@ -485,6 +491,8 @@ def parasitemia_chart(summary: pd.DataFrame, screening: Screening) -> go.Figure:
 
 def summary_table(summary: pd.DataFrame) -> None:
     percent = ["parasitemia", "ci_low", "ci_high"]  # shown as 12.3%, as everywhere on the page
+    flag_first = ["group", "likely_infected"]  # the flag in view beside its group, not last
+    summary = summary[flag_first + [c for c in summary if c not in flag_first]]
     st.dataframe(
         summary.assign(
             **{c: summary[c] * 100 for c in percent},
@@ -698,7 +706,9 @@ def past_runs_ui() -> None:
         r.run_id: f"{r.name or r.inputs} · {r.started} · {r.stored:,} files · {r.run_id}"
         for r in runs.itertuples()
     }
-    pick = st.selectbox("Reopen or delete a run", list(labels), format_func=lambda k: labels[k])
+    pick = st.selectbox(
+        "Reopen or delete a run", list(labels), format_func=lambda k: labels[k], key="past_run"
+    )
     o, x, sure = st.columns([1, 1, 3], vertical_alignment="center")
     # Callbacks, run before the page: a st.rerun() from the page itself would win over a
     # sidebar link clicked while it runs, and that click would be lost.

@@ -755,3 +755,39 @@ def test_an_upload_is_kept_on_disk_not_in_the_servers_memory(app, cells_dir, tmp
     _button(app, "Open run").click().run()  # a stored run reopened: no upload behind it
     assert not _errors(app), _errors(app)
     assert not path.exists()
+
+
+def test_no_nan_in_past_runs_and_the_cell_on_show_says_what_it_is(app, cells_dir):
+    """Past runs of named and unnamed runs, an error row and an image the gate does not
+    count (a smear field) shown large: each says what it is, never "nan"; the Flag column
+    stands beside the group."""
+    field = np.full((400, 600, 3), BACKGROUND, np.uint8)
+    for i, cell in enumerate(_cell_images(cells_dir, 6)):
+        _paste(field, cell, 40 + 180 * (i % 3), 40 + 180 * (i // 3))
+    items = _fixture_items(cells_dir, 8)
+    app.session_state["pending_items"] = items[:4]
+    app.switch_page("views/score.py").run()
+    next(t for t in app.text_input if t.label == "Name").input("Slide 7")
+    next(b for b in app.button if b.label == "Save").click().run()
+    odd = ("field.png", _png(field))
+    app.session_state["pending_items"] = items[4:8] + [("broken.png", b"not an image"), odd]
+    app.run()
+    assert not _errors(app), _errors(app)
+    summary = app.dataframe[1].value
+    assert list(summary.columns[:2]) == ["group", "likely_infected"]
+    runs = app.selectbox(key="past_run")
+    assert len(runs.options) == 2 and not any("nan" in o for o in runs.options)
+    assert runs.options[1].startswith("Slide 7 · ")
+    assert runs.options[0].startswith("Parasitized/ (4 files), broken.png")  # what it scored
+
+    def facts() -> str:
+        app.run()
+        assert not _errors(app), _errors(app)
+        return next(m.value for m in app.markdown if "case" in m.value)
+
+    app.session_state["score_cell"] = "broken.png"
+    assert facts().startswith("**Error**") and "nan" not in facts()
+    app.session_state["score_cell"] = odd[0]
+    assert facts().startswith("**Not counted**") and "nan" not in facts()
+    app.session_state["score_cell"] = items[4][0]
+    assert facts().split("**")[1] in ("Parasitized", "Uninfected")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -302,4 +303,58 @@ def test_a_cell_clicked_in_a_smear_field_is_shown_large_and_a_link_clicked_next_
     page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     page.get_by_test_id("stSidebarNavLink").filter(has_text="Evaluate").click()
     page.get_by_text("Confusion matrix").wait_for(timeout=120_000)
+    assert page.get_by_text("Traceback").count() == 0
+
+
+def _matrix(page) -> list[int]:
+    """The confusion matrix's counts as drawn: TP, FN, FP, TN."""
+    texts = page.locator(".js-plotly-plot").first.locator("text").all_text_contents()
+    return [int(t) for t in texts if t.isdigit()]
+
+
+def test_the_evaluate_threshold_survives_an_upload_and_a_switch_of_data(
+    server, page, cells_dir, tmp_path
+):
+    """The threshold the user set stays on the slider and in the matrix through a labelled
+    upload (whose first run stops before the slider is drawn), a rerun, and back."""
+    labelled = tmp_path / "labelled.zip"
+    cells = sorted(cells_dir.rglob("*.png"))
+    with zipfile.ZipFile(labelled, "w") as z:
+        for p in cells:
+            z.write(p, f"{p.parent.name}/{p.name}")
+    page.goto(f"{server}/evaluate")
+    page.get_by_text("Confusion matrix").wait_for()
+    page.wait_for_function(IDLE)
+    value = page.get_by_test_id("stSliderThumbValue").first
+    assert value.inner_text() == "0.50"  # the model's threshold
+    for _ in range(30):
+        if value.inner_text() == "0.60":
+            break
+        page.get_by_role("slider").first.focus()
+        page.keyboard.press("ArrowRight")
+        wait_for_rerun(page, 60_000)
+    playwright.expect(value).to_have_text("0.60")
+    oof = _matrix(page)
+
+    data = page.get_by_test_id("stRadio").filter(has_text="Data")
+    data.get_by_text("A labelled upload").click()
+    page.get_by_text("Upload a labelled set").wait_for()
+    page.wait_for_function(IDLE)
+    page.locator("input[type=file]").first.set_input_files(str(labelled))
+    page.get_by_text("Confusion matrix").wait_for()
+    page.wait_for_function(IDLE)
+    playwright.expect(value).to_have_text("0.60")
+    uploaded = _matrix(page)
+    assert sum(uploaded) == len(cells)
+    box = page.locator(".js-plotly-plot .nsewdrag").first.bounding_box()  # a rerun
+    page.mouse.click(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.6)
+    page.get_by_text("True Uninfected, predicted Uninfected").wait_for()
+    page.wait_for_function(IDLE)
+    playwright.expect(value).to_have_text("0.60")
+    assert _matrix(page) == uploaded
+
+    data.get_by_text(re.compile("^(Out-of-fold|The model's test split)")).click()  # back
+    wait_for_rerun(page, 120_000)
+    playwright.expect(value).to_have_text("0.60")
+    assert _matrix(page) == oof
     assert page.get_by_text("Traceback").count() == 0

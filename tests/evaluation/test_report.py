@@ -84,6 +84,8 @@ def test_the_report_states_every_figure_per_patient():
     assert "The 2 most suspicious counted cells" in c1
     assert c1.index("C1_<wbr>a.png") < c1.index("C1_<wbr>b.png")  # highest P first
     assert "Cells for review (2)" in c1  # the blank one and the uncertain one
+    assert "<td>blank</td><td>0.300</td><td>not counted</td>" in c1  # not called Uninfected
+    assert "<td>uncertain</td><td>0.600</td><td>Parasitized</td>" in c1
     assert seen == [2, 1]  # heatmaps drawn for each gallery: 2 for C1, 1 for C2
     assert text.count("data:image/png;base64,") == 2 * 3
     data = re.search(r'src="data:image/png;base64,([^"]+)"', text).group(1)
