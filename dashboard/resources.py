@@ -18,7 +18,7 @@ import pandas as pd
 import streamlit as st
 from streamlit.runtime import Runtime
 
-from core.data.images import ImageError, resize_rgb
+from core.data.images import ImageError
 from core.data.sources import ImageSource, Upload
 from core.evaluation.report import HEATMAP_TARGET
 from core.inference.engines import load_engine
