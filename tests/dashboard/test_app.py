@@ -174,6 +174,36 @@ def test_explain_shows_the_probability_score_gave_and_names_the_engines(app, cel
         assert "**onnx-int8** engine" in engines and "PyTorch model" in engines
 
 
+def test_home_says_which_model_saw_the_sample_patients(app):
+    caption = next(c.value for c in app.caption if c.value.startswith("Development cells"))
+    # the shipped model trained on all 100 development patients; holdout tested on these six
+    assert "trained on all 100 development patients" in caption and "no test" in caption
+    assert "weights/holdout" in caption and "15 test patients" in caption
+    readme = (ROOT / "README.md").read_text()
+    assert "the shipped model trained on them" in readme and "held-out patients" not in readme
+    app.sidebar.selectbox[0].set_value(ROOT / "weights/holdout").run()
+    assert any(c.value.startswith("Cells of this model's test patients") for c in app.caption)
+
+
+def test_study_names_the_model_its_figures_are_of_and_fits_its_tables(app):
+    import pandas as pd
+
+    from core.schema.labels import is_parasitized
+    from core.schema.metrics import binary_metrics
+
+    app.switch_page("views/study.py").run()
+    assert not _errors(app), _errors(app)
+    layers, models = (d.value for d in app.main.dataframe)
+    assert len(layers.columns) <= 9 and "accuracy_std" not in layers.columns  # mean ± std
+    assert layers["accuracy"].str.fullmatch(r"0\.\d{3} ± 0\.\d{3}").all()
+    assert len(models.columns) <= 10 and not models["model"].str.contains("shipped").any()
+    row = models.set_index("model").loc["MobileNetV2 fine-tuned from ImageNet (weights/holdout)"]
+    test = pd.read_csv(ROOT / "weights/holdout/test_predictions.csv")
+    m = binary_metrics(is_parasitized(test["label"]), test["prob_parasitized"], threshold=0.5)
+    assert row["accuracy"] == pytest.approx(m["accuracy"]) and row["auc"] == pytest.approx(m["auc"])
+    assert any("weights/holdout's" in c.value for c in app.caption)
+
+
 def test_heatmap_check_page_reads_the_models_table(app):
     app.switch_page("views/methods.py").run()
     assert not _errors(app), _errors(app)
