@@ -207,7 +207,6 @@ def check_table(table: pd.DataFrame) -> None:
         lambda row: [f"color: #8a8a8a; background-color: {GREY}" if row["few"] else ""] * len(row),
         axis=1,
     )
-    percent = dict(format="percent", min_value=0, max_value=1)
     st.dataframe(
         grey,
         hide_index=True,
@@ -228,7 +227,9 @@ def check_table(table: pd.DataFrame) -> None:
             "default",
         ],
         column_config={
-            "pointing": st.column_config.ProgressColumn("pointing", **percent),
+            "pointing": st.column_config.ProgressColumn(
+                "pointing", format="percent", min_value=0, max_value=1
+            ),
             "pointing_low": st.column_config.NumberColumn("95% CI low", format="percent"),
             "pointing_high": st.column_config.NumberColumn("95% CI high", format="percent"),
             "cells": st.column_config.NumberColumn("cells (pointing)"),
