@@ -12,7 +12,7 @@ import string
 from collections.abc import Iterable
 from pathlib import Path
 
-from core.schema.files import REPO_ROOT
+from core.schema.files import repo_relative
 
 BRAND = "#8e244d"  # the product's colour: Parasitized, the default, the chosen
 PALETTE = (BRAND, "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd")  # one colour per compared run
@@ -58,11 +58,7 @@ def chart_text(values: Iterable[object]) -> list[str]:
 
 def model_label(folder: Path | str) -> str:
     """A model folder as the sidebar names it: relative to the repository where it can be."""
-    folder = Path(folder).resolve()
-    try:
-        return str(folder.relative_to(REPO_ROOT))
-    except ValueError:
-        return str(folder)
+    return repo_relative(folder)
 
 
 def minutes(iso: str) -> str:

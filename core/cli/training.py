@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from core.cli.options import INTERRUPTED, fail
-from core.schema.contract import DEFAULT_WEIGHTS, WeightsError
+from core.schema.contract import HOLDOUT_WEIGHTS, WeightsError
 from core.training import folds, lr_find, study, train
 from core.training.recipe import add_recipe_arguments
 
@@ -94,8 +94,9 @@ def add_study(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--reference",
         type=Path,
-        default=DEFAULT_WEIGHTS,
-        help="model folder whose split and test predictions the models study uses",
+        default=HOLDOUT_WEIGHTS,
+        help="model folder with test patients whose split and test predictions the models "
+        "study uses (default: weights/holdout; the shipped model has no test patients)",
     )
     p.add_argument("--no-progress", action="store_true")
 

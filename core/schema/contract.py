@@ -19,6 +19,8 @@ from core.schema.screening import Screening, ScreeningError
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
 DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "default"
+# the model with test patients no choice touched (70 / 15 / 15); the shipped one has none
+HOLDOUT_WEIGHTS = REPO_ROOT / "weights" / "holdout"
 ARCHS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "small_cnn")
 INPUT_SIZES = range(32, 1025)  # below 32 px the MobileNets' five stride-2 stages leave nothing
 

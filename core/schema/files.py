@@ -32,6 +32,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def repo_relative(path: Path | str) -> str:
+    """A path as tables and pages name it: relative to the repository where it can be."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
 def cpu_count() -> int:
     """The cores this process may run on: its CPU affinity (taskset, a container's cpuset), not
     every core of the machine as ``os.cpu_count()`` says."""

@@ -9,7 +9,8 @@ in chunks, so an interrupted run resumes without recomputing), a standardised lo
 regression per layer, patient-grouped 5-fold cross-validation (StratifiedGroupKFold by case),
 and the same for the best layer with a random cell-level split, to show the leakage.
 
-``models``: one fixed patient split (the shipped model's, from its card), comparing the best
+``models``: one fixed patient split (the reference model's, from its card: by default
+``weights/holdout``, the shipped model having no test patients), comparing the best
 linear probe, the fine-tuned MobileNetV2, MobileNetV3-small and a small CNN trained from
 scratch: parameters, MB on disk, CPU images/s and test metrics.
 """
@@ -39,12 +40,12 @@ from core.data.splits import DataError, Sample, Split, labelled_samples
 from core.nets.model import build_model, default_contract, features, load_model, normalize
 from core.schema.contract import (
     CARD_FILE,
-    DEFAULT_WEIGHTS,
+    HOLDOUT_WEIGHTS,
     WEIGHTS_FILE,
     ModelContract,
     predictions_path,
 )
-from core.schema.files import cpu_count, write_json
+from core.schema.files import cpu_count, repo_relative, write_json
 from core.schema.labels import PARASITIZED_INDEX, is_parasitized
 from core.schema.metrics import binary_metrics
 from core.training.recipe import TrainConfig, prepare_data
@@ -247,13 +248,18 @@ def study_models(
     data: Sequence[str | Path],
     out: Path,
     *,
-    reference: Path = DEFAULT_WEIGHTS,
+    reference: Path = HOLDOUT_WEIGHTS,
     epochs: int = 8,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Run the model comparison on the reference model's split; write ``models.csv/json``."""
     card = json.loads((reference / CARD_FILE).read_text())
     split = Split.from_json(card["split"])
+    if not split.test:
+        raise DataError(
+            f"{reference} has no test patients (trained on all of them): the models study "
+            "compares on a reference model's test patients; pass --reference weights/holdout"
+        )
     samples, sources = labelled_samples(data)
     feats = extract_features(samples, sources, out / "cache", progress=progress)
     layers = out / "layers.json"
@@ -284,7 +290,9 @@ def study_models(
             "folder": "",
         }
     ]
-    rows.append(_model_row("MobileNetV2 fine-tuned from ImageNet (shipped)", reference))
+    rows.append(
+        _model_row(f"MobileNetV2 fine-tuned from ImageNet ({repo_relative(reference)})", reference)
+    )
     for arch, name in (
         ("mobilenet_v3_small", "MobileNetV3-small from scratch"),
         ("small_cnn", "small CNN (4 conv blocks) from scratch"),
@@ -315,7 +323,7 @@ def study_models(
     write_json(
         out / "models.json",
         {
-            "protocol": "one fixed patient split (the shipped model's): "
+            "protocol": f"one fixed patient split ({repo_relative(reference)}'s): "
             f"{len(split.train)} train / {len(split.val)} validation / "
             f"{len(split.test)} test patients; the linear probe is fitted on train + "
             "validation patients; networks pick their epoch on validation; all are "

@@ -2,13 +2,15 @@
 
 import streamlit as st
 
+from core.schema.contract import HOLDOUT_WEIGHTS, ModelFolder, WeightsError
 from core.schema.labels import case_id, file_name
 from dashboard import images, state
 
 INTRO = (
     "This tool looks at single red-blood-cell images and says whether each is **Parasitized** "
-    "or **Uninfected**, using a MobileNetV2 fine-tuned on the NIH malaria cell images and "
-    "judged on patients it never saw in training.\n\n"
+    "or **Uninfected**, using a MobileNetV2 fine-tuned on the NIH malaria cell images, its "
+    "accuracy measured on patients unseen in training (for the shipped model, by five fold "
+    "models of its recipe).\n\n"
     "- **Analysts**: score folders or zips of thousands of cells, read the infection rate "
     "(parasitemia) per patient or slide, export CSVs — on the **Score** page.\n"
     "- **Educators**: show *why* the network decides with several heatmap methods side by side "
@@ -19,12 +21,40 @@ INTRO = (
 
 
 def samples_caption(samples: list[tuple[str, bytes]]) -> str:
-    """Whether the selected model never saw the samples' patients, in words."""
-    if state.current_model().held_out(case_id(file_name(name)) for name, _ in samples):
-        return "Cells from patients held out of training: explain one, or score them all."
+    """Whether the selected model ever saw the samples' patients, in words, and which model
+    never did where this one has."""
+    model = state.current_model()
+    cases = {case_id(file_name(name)) for name, _ in samples}
+    if model.held_out(cases):
+        return (
+            "Cells of this model's test patients, which it never saw in training or in any "
+            "choice: explain one, or score them all."
+        )
+    split = model.split
+    if not any(split.values()):
+        return (
+            "Development cells; this model's card does not say which patients it trained on. "
+            "Explain one, or score them all."
+        )
+    trained = (
+        f"this model trained on all {len(split['train'])} development patients, theirs among them"
+        if not split["val"] and not split["test"]
+        else "this model trained on their patients or chose its epoch on them"
+    )
+    other = ""
+    if HOLDOUT_WEIGHTS.is_dir() and model.path.resolve() != HOLDOUT_WEIGHTS.resolve():
+        try:
+            holdout = ModelFolder.open(HOLDOUT_WEIGHTS)
+            if holdout.held_out(cases):
+                other = (
+                    " `weights/holdout` (sidebar) never saw them: their patients are among its "
+                    f"{len(holdout.split['test'])} test patients."
+                )
+        except WeightsError:
+            pass  # no second model to point to
     return (
-        "Cells from the development patients, which this model trained on (pick `holdout` in "
-        "the sidebar for a model that never saw them): explain one, or score them all."
+        f"Development cells: {trained}, so its calls here are no test.{other} Explain one, or "
+        "score them all."
     )
 
 

@@ -13,6 +13,14 @@ from dashboard import state, text
 STUDY = REPO_ROOT / "weights" / "study"  # where `malaria study` writes by default
 LAYERS_CSV, LAYERS_JSON = STUDY / "layers.csv", STUDY / "layers.json"
 MODELS_CSV, MODELS_JSON = STUDY / "models.csv", STUDY / "models.json"
+METRIC_DIGITS = (  # the study's metrics, with the decimals that tell them apart
+    ("accuracy", 3),
+    ("auc", 4),
+    ("sensitivity", 3),
+    ("specificity", 3),
+    ("f1", 3),
+    ("mcc", 3),
+)
 
 
 def layers_figure(layers: pd.DataFrame, best_row: int) -> go.Figure:
@@ -64,6 +72,25 @@ def explain_link_ui(module: str) -> None:
         st.switch_page("views/explain.py")
 
 
+def metric_name(metric: str) -> str:
+    """``auc`` -> ``AUC``, ``accuracy`` stays: a column's heading."""
+    return metric.upper() if len(metric) <= 3 else metric
+
+
+def layers_table(layers: pd.DataFrame) -> pd.DataFrame:
+    """The layer study as a table narrow enough for the page: each metric as mean ± std over
+    the folds (AUC to 4 decimals, the others to 3), one column each."""
+    table = layers[["layer", "module", "features"]].rename(
+        columns={"module": "stage", "features": "channels"}
+    )
+    for metric, digits in METRIC_DIGITS:
+        table[metric_name(metric)] = [
+            f"{m:.{digits}f} ± {sd:.{digits}f}"
+            for m, sd in zip(layers[metric], layers[f"{metric}_std"])
+        ]
+    return table
+
+
 def layers_reading(best: pd.Series, last: pd.Series, cell: dict) -> str:
     """What the layer study says, against a split at random that mixes patients."""
     return (
@@ -88,11 +115,12 @@ def layers_ui() -> None:
     best_row = layers["accuracy"].idxmax()
     best = layers.loc[best_row]
     st.plotly_chart(layers_figure(layers, best_row), width="stretch")
+    table = layers_table(layers)
     st.dataframe(
-        layers.style.apply(
+        table.style.apply(
             lambda r: ["background-color: #f6e3ea" if r.name == best_row else "" for _ in r],
             axis=1,
-        ).format(precision=4),
+        ),
         hide_index=True,
         width="stretch",
     )
@@ -109,12 +137,18 @@ def models_ui() -> None:
         st.stop()
     models = pd.read_csv(MODELS_CSV)
     st.dataframe(
-        models.drop(columns=["folder"], errors="ignore"),
+        models.drop(columns=["folder", "test_cells"], errors="ignore"),
         hide_index=True,
         width="stretch",
         column_config={
-            "mb_on_disk": st.column_config.NumberColumn("MB", format="%.2f"),
-            "img_per_s": st.column_config.NumberColumn("CPU img/s", format="%.0f"),
+            "model": st.column_config.TextColumn("model", width="large"),
+            "parameters": st.column_config.NumberColumn("params", format="compact"),
+            "mb_on_disk": st.column_config.NumberColumn("MB", format="%.1f"),
+            "img_per_s": st.column_config.NumberColumn("img/s", format="%.0f"),
+            **{
+                m: st.column_config.NumberColumn(metric_name(m), format=f"%.{d}f")
+                for m, d in METRIC_DIGITS
+            },
         },
     )
     top = models.loc[models["accuracy"].idxmax()]
@@ -123,7 +157,10 @@ def models_ui() -> None:
         f"({top['accuracy']:.3f}, AUC {top['auc']:.4f}). Compare size and speed before "
         "choosing: a smaller model may be accurate enough for screening."
     )
-    st.caption(json.loads(MODELS_JSON.read_text())["protocol"])
+    cells = (
+        f"{int(models['test_cells'].iloc[0]):,} test cells of " if "test_cells" in models else ""
+    )
+    st.caption(cells + json.loads(MODELS_JSON.read_text())["protocol"])
 
 
 def study_page() -> None:

@@ -45,6 +45,17 @@ def app(tmp_path, monkeypatch) -> AppTest:
     return at
 
 
+def _values(trace: dict, axis: str = "y") -> list[float]:
+    """A Plotly trace's finite values along ``axis``: a list in the chart's JSON, or a typed
+    array (``{"dtype", "bdata"}``, base64) where the figure was given NumPy data."""
+    import base64
+
+    data = trace.get(axis, [])
+    if isinstance(data, dict):
+        data = np.frombuffer(base64.b64decode(data["bdata"]), dtype=data["dtype"]).tolist()
+    return [float(v) for v in data if v is not None and np.isfinite(float(v))]
+
+
 def _errors(at: AppTest) -> list[str]:
     return [e.value for e in at.error] + [str(x.value) for x in at.exception]
 
@@ -161,6 +172,36 @@ def test_explain_shows_the_probability_score_gave_and_names_the_engines(app, cel
         assert headline.value == f"{results[cell]:.3f}", cell
         engines = next(c.value for c in app.caption if c.value.startswith("by the "))
         assert "**onnx-int8** engine" in engines and "PyTorch model" in engines
+
+
+def test_home_says_which_model_saw_the_sample_patients(app):
+    caption = next(c.value for c in app.caption if c.value.startswith("Development cells"))
+    # the shipped model trained on all 100 development patients; holdout tested on these six
+    assert "trained on all 100 development patients" in caption and "no test" in caption
+    assert "weights/holdout" in caption and "15 test patients" in caption
+    readme = (ROOT / "README.md").read_text()
+    assert "the shipped model trained on them" in readme and "held-out patients" not in readme
+    app.sidebar.selectbox[0].set_value(ROOT / "weights/holdout").run()
+    assert any(c.value.startswith("Cells of this model's test patients") for c in app.caption)
+
+
+def test_study_names_the_model_its_figures_are_of_and_fits_its_tables(app):
+    import pandas as pd
+
+    from core.schema.labels import is_parasitized
+    from core.schema.metrics import binary_metrics
+
+    app.switch_page("views/study.py").run()
+    assert not _errors(app), _errors(app)
+    layers, models = (d.value for d in app.main.dataframe)
+    assert len(layers.columns) <= 9 and "accuracy_std" not in layers.columns  # mean ± std
+    assert layers["accuracy"].str.fullmatch(r"0\.\d{3} ± 0\.\d{3}").all()
+    assert len(models.columns) <= 10 and not models["model"].str.contains("shipped").any()
+    row = models.set_index("model").loc["MobileNetV2 fine-tuned from ImageNet (weights/holdout)"]
+    test = pd.read_csv(ROOT / "weights/holdout/test_predictions.csv")
+    m = binary_metrics(is_parasitized(test["label"]), test["prob_parasitized"], threshold=0.5)
+    assert row["accuracy"] == pytest.approx(m["accuracy"]) and row["auc"] == pytest.approx(m["auc"])
+    assert any("weights/holdout's" in c.value for c in app.caption)
 
 
 def test_heatmap_check_page_reads_the_models_table(app):
@@ -454,23 +495,58 @@ def test_evaluate_shows_the_out_of_fold_predictions_first(app, own_model, cells_
 
 
 def test_training_page_draws_the_fold_runs_beside_the_final_run(app, own_model):
-    import json
     import shutil
 
-    history = ROOT / "weights/default/history.csv"
-    shutil.copy(history, own_model)
+    # the final run trained on every patient (no validation curve), its folds with one
+    shutil.copy(ROOT / "weights/default/history.csv", own_model)
     for k in range(3):
         (own_model / "folds" / f"fold{k}").mkdir(parents=True)
-        shutil.copy(history, own_model / "folds" / f"fold{k}" / "history.csv")
+        shutil.copy(
+            ROOT / f"weights/default/folds/fold{k}/history.csv",
+            own_model / "folds" / f"fold{k}" / "history.csv",
+        )
     app.switch_page("views/training.py").run()
     assert not _errors(app), _errors(app)
-    traces = json.loads(app.get("plotly_chart")[0].proto.spec)["data"]
-    names = [t["name"] for t in traces]
-    assert sum("fold2 · validation" in n for n in names) == 3  # loss, accuracy, AUC
-    assert any(n.endswith("3 fold runs") for n in names)
-    final = [t for t in traces if t["name"].endswith("audited · validation")]
-    folds = [t for t in traces if "· fold" in t["name"] and "fold runs" not in t["name"]]
+    figure = json.loads(app.get("plotly_chart")[0].proto.spec)
+    traces = figure["data"]
+
+    # every legend entry stands for a line that is drawn
+    for t in (t for t in traces if t.get("showlegend", True)):
+        assert any(_values(u) for u in traces if u["name"] == t["name"]), t["name"]
+    assert not any(t["name"].endswith("audited · validation") for t in traces)
+    folds = [t for t in traces if "· fold" in t["name"]]
+    assert sum(t["name"].endswith("fold2") and bool(_values(t)) for t in folds) == 6  # 6 curves
+    colours = {t["name"]: t["line"]["color"] for t in folds}
+    assert len(set(colours.values())) == 3  # each fold its own colour
+    entries = [t["name"] for t in folds if t.get("showlegend", True)]
+    assert [e.rsplit("/", 1)[-1] for e in sorted(entries)] == [
+        f"audited · fold{k}" for k in range(3)
+    ]
+    final = [t for t in traces if t["name"].endswith("audited · train")]
     assert final and all(t["line"]["width"] > f["line"]["width"] for t in final for f in folds)
+    axes = [v for k, v in figure["layout"].items() if k.startswith("xaxis")]
+    assert axes and all(a.get("dtick") == 1 for a in axes)  # whole epochs, no 1.5
+
+
+def test_training_page_fits_the_range_test_to_its_smoothed_loss(app):
+    import pandas as pd
+
+    app.switch_page("views/training.py").run()  # the shipped model, whose test has a spike
+    assert not _errors(app), _errors(app)
+    curve = pd.read_csv(ROOT / "weights/default/lr_find.csv")
+    suggested = json.loads((ROOT / "weights/default/lr_find.json").read_text())["suggested_lr"]
+    assert curve["loss"].max() > 10 * curve["smoothed_loss"].max()  # the spike
+    curves = json.loads(app.get("plotly_chart")[0].proto.spec)["data"]
+    star = next(t for t in curves if t["name"] == "weights/default · saved epoch 3")
+    assert _values(star)  # on the training loss, as there is no validation loss
+    figure = json.loads(app.get("plotly_chart")[1].proto.spec)
+    low, high = figure["layout"]["yaxis"]["range"]
+    assert low <= curve["smoothed_loss"].min() and curve["smoothed_loss"].max() <= high < 3
+    marks = {t["name"].split(":")[0]: t for t in figure["data"] if "diamond" in str(t)}
+    assert _values(marks["suggested"], "x") == [suggested] and _values(marks["used"], "x") == [1e-3]
+    assert all(low <= _values(t)[0] <= high for t in marks.values())  # on the curve, in view
+    why = next(i.value for i in app.info if i.value.startswith("**Why 1e-3"))
+    assert "0.130" in why and "0.136" in why and "does not isolate the rate" in why
 
 
 def _fixture_items(cells_dir, n: int | None = None) -> list[tuple[str, bytes]]:

@@ -87,3 +87,17 @@ def test_layer_table_has_every_column(cells_dir, tmp_path):
     assert info["best_layer"] in MOBILENET_V2_STAGES
     assert 0 <= info["cell_level_split"]["accuracy"] <= 1
     assert info["best_accuracy"] == pytest.approx(table["accuracy"].max())
+
+
+def test_the_models_study_refuses_a_reference_without_test_patients(cells_dir, tmp_path):
+    from core.data.splits import DataError
+    from core.schema.contract import DEFAULT_WEIGHTS, HOLDOUT_WEIGHTS
+    from core.training.study import study_models
+
+    # the shipped model trained on every patient: its "test" row would be another model's
+    with pytest.raises(DataError, match="no test patients.*--reference weights/holdout"):
+        study_models([cells_dir], tmp_path, reference=DEFAULT_WEIGHTS, progress=False)
+    assert not list(tmp_path.iterdir())  # refused before any work
+    import inspect
+
+    assert inspect.signature(study_models).parameters["reference"].default == HOLDOUT_WEIGHTS
