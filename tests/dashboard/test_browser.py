@@ -388,8 +388,8 @@ def test_a_reload_keeps_the_model_and_the_smear_run_on_show(server, page):
     page.reload()
     page.get_by_text(f"Results · run {run_id}").wait_for(timeout=120_000)
     playwright.expect(page.get_by_test_id("stMetricValue").nth(1)).to_have_text(cells)
-    sidebar = page.get_by_test_id("stSidebar").get_by_test_id("stSelectbox")
-    playwright.expect(sidebar).to_contain_text("weights/holdout")
+    model = page.get_by_role("combobox", name="Model")
+    playwright.expect(model).to_have_value("weights/holdout")
     page.get_by_text("keeps its results, not its images").wait_for()  # an upload's fields
     page.get_by_text("Past runs").wait_for()
     assert page.get_by_text("Traceback").count() == 0
