@@ -23,7 +23,7 @@ from core.data.sources import ImageSource, Upload
 from core.evaluation.report import HEATMAP_TARGET
 from core.inference.engines import load_engine
 from core.inference.pipeline import score_batch, score_uploads
-from core.inference.store import ResultStore, StoreError
+from core.inference.store import SCORE, ResultStore, StoreError
 from core.schema.contract import ModelFolder
 from dashboard import reaper, spool
 from dashboard.images import items_key
@@ -118,27 +118,32 @@ def heatmaps(folder: str, sha256: str) -> Callable[[list[np.ndarray]], list[np.n
     return run
 
 
-def _score_now(items: Sequence[Upload], model: ModelFolder) -> tuple[pd.DataFrame, str]:
+def _score_now(items: Sequence[Upload], model: ModelFolder, page: str) -> tuple[pd.DataFrame, str]:
     bar = st.progress(0.0, text="Scoring…")
 
     def progress(done: int, total: int) -> None:
         bar.progress(done / total, text=f"Scored {done:,} of {total:,} images")
 
     with scoring_engine(str(model.path), model.sha256) as scorer:
-        df, run_id = score_uploads(items, engine=scorer, store=store(), progress=progress)
+        df, run_id = score_uploads(
+            items, engine=scorer, store=store(), progress=progress, page=page
+        )
     bar.empty()
     assert run_id is not None  # a store was given
     return df, run_id
 
 
-def score(items: Sequence[Upload], model: ModelFolder) -> tuple[pd.DataFrame, str]:
-    """Score uploads with ``model`` once per (content, model) in this session: a rerun or a
-    return to the page shows the same run without scoring again. Each scoring is one run in the
-    store (a side effect, so it is kept out of st.cache_data); the session holds only its latest
-    result."""
-    key = (items_key(items), model.sha256)
+def score(
+    items: Sequence[Upload], model: ModelFolder, *, page: str = SCORE
+) -> tuple[pd.DataFrame, str]:
+    """Score uploads with ``model`` once per (content, model, page) in this session: a rerun
+    or a return to the page shows the same run without scoring again. Each scoring is one run
+    in the store, listed by ``page`` (a side effect, so it is kept out of st.cache_data); the
+    session holds each page's latest result."""
+    key = (items_key(items), model.sha256, page)
     scored = st.session_state["scored"]
     if key not in scored:
-        scored.clear()
-        scored[key] = _score_now(items, model)
+        for old in [k for k in scored if k[2] == page]:
+            del scored[old]
+        scored[key] = _score_now(items, model, page)
     return scored[key]

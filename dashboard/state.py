@@ -45,7 +45,7 @@ def init_state() -> None:
         "drawn": {},  # widget key -> the last run that drew it (see kept)
         "run": 0,  # full runs of this session (fragment reruns are not counted)
         "report": None,  # (run id, HTML) of the last report made on Score
-        "scored": {},  # (upload hash, weights sha256) -> (results, run id): the latest scoring
+        "scored": {},  # (upload hash, weights sha256, page) -> (results, run id): latest per page
     }
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
@@ -87,6 +87,37 @@ def preset(key: str, value: object) -> None:
     """Give the ``kept`` widget ``key`` the value ``value`` the next time its page draws it."""
     st.session_state["kept"][key] = value
     st.session_state.pop(key, None)
+
+
+MODEL_PARAM = "model"  # the query parameter naming the sidebar's model, on every page
+
+
+def page_params() -> dict[str, str]:
+    """The page's query parameters but the model's: what the page's own address names."""
+    return {k: v for k, v in st.query_params.to_dict().items() if k != MODEL_PARAM}
+
+
+def set_page_params(params: dict[str, str]) -> None:
+    """Make ``params`` the page's query parameters, the model's kept."""
+    model = st.query_params.get(MODEL_PARAM)
+    st.query_params.from_dict({**params, **({MODEL_PARAM: model} if model else {})})
+
+
+def linked_model(labels: dict[str, str]) -> None:
+    """On a session's first run (a reload, a shared link), select the model that the address
+    names (``?model=``, as the sidebar labels it) when it is one of ``labels`` (label -> model
+    folder, the folders the app lists); st.warning in one line for any other. Afterwards the
+    sidebar's choice writes it."""
+    name = st.query_params.get(MODEL_PARAM)
+    if st.session_state["run"] != 1 or name is None:
+        return
+    if name in labels:
+        st.session_state["model_folder"] = labels[name]
+    else:
+        st.warning(
+            f"The model in this page's link ({plain(name[:120])}) is not one of the model "
+            "folders this app lists; the default is selected."
+        )
 
 
 def current_model() -> ModelFolder:
@@ -143,7 +174,7 @@ def forget_run(run_id: str) -> None:
     session's scorings (whose entries name their runs)."""
     if st.session_state["run_id"] == run_id:
         st.session_state.update(results=None, run_id=None, score_cell=None, score_thumbs=None)
-        st.query_params.clear()
+        set_page_params({})
     scored = st.session_state["scored"]
     for key in [k for k, (_, run) in scored.items() if run == run_id]:
         del scored[key]

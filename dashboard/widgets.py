@@ -4,7 +4,8 @@ shown large, and tables offered as CSV downloads.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +15,32 @@ import streamlit as st
 from core.data.images import ImageError, decode_image
 from core.data.sources import ImageSource, read_bytes
 from core.explain.heatmap import for_display
+from core.inference.store import SMEAR, RunInfo, StoreError, inputs_summary
 from core.schema.contract import DEFAULT_WEIGHTS, ModelFolder, WeightsError, find_models
 from core.schema.export import to_csv_text
 from core.schema.files import REPO_ROOT
 from core.schema.labels import file_name
-from dashboard.state import open_in_explain
+from dashboard import resources
+from dashboard.state import MODEL_PARAM, linked_model, open_in_explain
 from dashboard.text import minutes, model_label, plain
 
+RUNS_COLUMNS = [  # the Past runs table; those a page's runs have (smear runs: no duplicates)
+    "run_id",
+    "name",
+    "sample",
+    "operator",
+    "started",
+    "inputs",
+    "stored",
+    "parasitized",
+    "not_counted",
+    "errors",
+    "duplicates",
+    "threshold",
+    "model",
+    "weights_sha256",
+    "kind",
+]
 CARD_METRICS = (
     "n",
     "cases",
@@ -96,9 +116,10 @@ def show_card(model: ModelFolder) -> None:
 def model_sidebar() -> None:
     """Sidebar: pick a model folder and show its card."""
     choices = model_choices()
-    current = Path(st.session_state["model_folder"]).resolve()
-    index = choices.index(current) if current in choices else 0
     with st.sidebar:
+        linked_model({model_label(c): str(c) for c in choices})
+        current = Path(st.session_state["model_folder"]).resolve()
+        index = choices.index(current) if current in choices else 0
         folder = st.selectbox(
             "Model",
             choices,
@@ -107,6 +128,8 @@ def model_sidebar() -> None:
             help="The shipped default, or any trained run folder under weights/ or runs/",
         )
         st.session_state["model_folder"] = str(folder)
+        if st.query_params.get(MODEL_PARAM) != model_label(folder):  # a reload keeps it
+            st.query_params[MODEL_PARAM] = model_label(folder)
         try:
             model = ModelFolder.open(folder)
         except WeightsError as exc:
@@ -199,3 +222,70 @@ def provenance(
         scored_with=model_label(weights),
         scored_with_sha256=sha256,
     )
+
+
+def other_model_warning(info: RunInfo, model: ModelFolder, *, again: str) -> None:
+    """st.warning when the run on show was scored with another model than ``model`` (the
+    sidebar's); ``again`` names the button that scores with it."""
+    if info.weights_sha256 != model.sha256:
+        st.warning(
+            "These results come from another model than the one selected in the "
+            "sidebar; the threshold and screening flag below are the selected model's. "
+            f"Upload the files again and press **{again}** to rescore them with it."
+        )
+
+
+def reopen_linked_run(open_run: Callable[[str], None]) -> None:
+    """``open_run`` the run that the page's address names (``?run=``), after a reload or
+    from a link; st.warning in one line if it cannot be opened."""
+    if "run" in st.query_params:
+        try:
+            open_run(st.query_params["run"])
+        except StoreError as exc:
+            st.warning(f"The run in this page's link cannot be opened: {plain(exc)}")
+
+
+def past_runs_ui(
+    page: str, *, open_run: Callable[[str], None], delete_run: Callable[[str], None]
+) -> None:
+    """Every stored run that ``page`` made, to reopen or delete."""
+    st.subheader("Past runs")
+    runs = resources.store().list_runs(page=page)
+    if runs.empty:
+        st.caption("No runs yet. Every scoring is saved here and survives reloads and restarts.")
+        return
+    runs = runs.assign(
+        inputs=[inputs_summary(json.loads(i)) for i in runs["inputs"]],
+        model=[model_label(w) for w in runs["weights"]],
+        weights_sha256=runs["weights_sha256"].str[:10],
+        started=[minutes(s) for s in runs["started"]],
+    )
+    st.dataframe(
+        runs[[c for c in RUNS_COLUMNS if c in runs]],
+        hide_index=True,
+        width="stretch",
+        placeholder="",
+        column_config={
+            "inputs": st.column_config.TextColumn(width="medium"),
+            "started": st.column_config.TextColumn("started (UTC)"),
+            "stored": st.column_config.NumberColumn("fields" if page == SMEAR else "stored"),
+            "threshold": st.column_config.NumberColumn(format="%.2f"),
+        },
+    )
+    unit = "fields" if page == SMEAR else "files"
+    labels = {
+        r.run_id: f"{r.name or r.inputs} · {r.started} · {r.stored:,} {unit} · {r.run_id}"
+        for r in runs.itertuples()
+    }
+    pick = st.selectbox(
+        "Reopen or delete a run",
+        list(labels),
+        format_func=lambda k: labels[k],
+        key=f"past_run_{page}",
+    )
+    o, x, sure = st.columns([1, 1, 3], vertical_alignment="center")
+    # Callbacks, run before the page: a st.rerun() from the page itself would win over a
+    # sidebar link clicked while it runs, and that click would be lost.
+    o.button("Open run", on_click=open_run, args=(pick,))
+    confirmed = sure.checkbox("Yes, delete this run and its results", key=f"sure_{pick}")
+    x.button("Delete run", disabled=not confirmed, on_click=delete_run, args=(pick,))

@@ -203,9 +203,10 @@ def upload_run(
     *,
     threshold: float | None = None,
     kind: str,
+    page: str | None = None,
 ) -> tuple[list[ImageSource], str | None]:
-    """The sources of an upload and, with a ``store``, the new run (of ``kind``) they go to.
-    Raises ValueError if the upload holds no image."""
+    """The sources of an upload and, with a ``store``, the new run (of ``kind``, listed by
+    ``page``: ResultStore.new_run) they go to. Raises ValueError if the upload holds no image."""
     sources = sources_from_uploads(items)
     if not sources:
         raise ValueError(
@@ -220,6 +221,7 @@ def upload_run(
             threshold=engine.contract.threshold if threshold is None else threshold,
             engine=engine.name,
             kind=kind,
+            page=page,
         )
         store.set_total(run_id, len(sources))
     return sources, run_id
@@ -233,15 +235,19 @@ def score_uploads(
     store: ResultStore | None = None,
     threshold: float | None = None,
     progress: Progress | None = None,
+    page: str | None = None,
 ) -> tuple[pd.DataFrame, str | None]:
     """Score uploaded files given as (name, bytes or the file holding them); zips are opened
-    and their images scored.
+    and their images scored. The run in ``store`` is listed by ``page`` (default: the Score
+    page's; ResultStore.new_run).
 
     Returns (results DataFrame, run id in ``store`` or None). Raises ValueError if the upload
     holds no image.
     """
     engine = engine or load_engine(weights)
-    sources, run_id = upload_run(items, engine, store, threshold=threshold, kind="upload")
+    sources, run_id = upload_run(
+        items, engine, store, threshold=threshold, kind="upload", page=page
+    )
     df = score_sources(
         sources, engine, store=store, run_id=run_id, threshold=threshold, progress=progress
     )

@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS smear_cells (
 # Columns added after the tables above were first released, with their SQL types: a store
 # written before them gets them when it is opened (its rows keep NULL there).
 _ADDED_COLUMNS = {
-    "runs": {"name": "TEXT", "sample": "TEXT", "operator": "TEXT"},
+    # page: the dashboard page whose runs list it (PAGES); NULL in runs stored before it
+    "runs": {"name": "TEXT", "sample": "TEXT", "operator": "TEXT", "page": "TEXT"},
     # duplicate_of: the path of the file with the same bytes scored first in the run (this row
     # has no probability of its own and is counted once); sha256: of the file's bytes
     "results": {"quality": "TEXT", "duplicate_of": "TEXT", "sha256": "TEXT"},
@@ -80,6 +81,17 @@ _ADDED_COLUMNS = {
     "smear_cells": {"quality": "TEXT"},
 }
 RUN_FIELDS = ("name", "sample", "operator")  # free text an analyst gives a run
+SCORE, EVALUATE, SMEAR = PAGES = ("score", "evaluate", "smear")  # the pages that make runs
+
+
+def _page_sql(table: str = "") -> str:
+    """A run's page in SQL (``table``: the runs table's alias with its dot): as stored, or
+    for a run stored before pages were (NULL) its kind's page: a smear run the Smear page's,
+    any other the Score page's (as the command line's runs)."""
+    return (
+        f"COALESCE({table}page, "
+        f"CASE WHEN {table}kind LIKE 'smear%' THEN '{SMEAR}' ELSE '{SCORE}' END)"
+    )
 
 
 LOCK_TIMEOUT = 30.0  # seconds to wait for another process's write before giving up
@@ -133,6 +145,7 @@ class RunInfo:
     name: str | None = None
     sample: str | None = None
     operator: str | None = None
+    page: str = SCORE  # the page that made it and lists it (PAGES)
 
     @property
     def title(self) -> str:
@@ -284,12 +297,18 @@ class ResultStore:
         name: str | None = None,
         sample: str | None = None,
         operator: str | None = None,
+        page: str | None = None,
     ) -> str:
+        """A new run; its id. ``page`` (one of PAGES) lists it: by default the Smear page
+        for a smear ``kind``, else the Score page. Raises ValueError for another page."""
+        page = page or (SMEAR if kind.startswith("smear") else SCORE)
+        if page not in PAGES:
+            raise ValueError(f"a run's page is one of {', '.join(PAGES)}, not {page!r}")
         run_id = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         with self._db:
             self._db.execute(
                 "INSERT INTO runs (run_id, started, inputs, weights, weights_sha256, threshold, "
-                "engine, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "engine, kind, page) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id,
                     _now(),
@@ -299,6 +318,7 @@ class ResultStore:
                     float(threshold),
                     engine,
                     kind,
+                    page,
                 ),
             )
         self.describe_run(run_id, name=name, sample=sample, operator=operator)
@@ -349,16 +369,23 @@ class ResultStore:
             self._db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
 
     @_locked
-    def run(self, run_id: str) -> RunInfo:
+    def run(self, run_id: str, *, page: str | None = None) -> RunInfo:
+        """The run ``run_id``. Raises StoreError if there is none, or, with ``page``, if
+        another page made it (that page opens it)."""
         row = self._db.execute(
             "SELECT run_id, started, finished, inputs, weights, weights_sha256,"
-            " threshold, engine, kind, total, name, sample, operator "
+            f" threshold, engine, kind, total, name, sample, operator, {_page_sql()} "
             "FROM runs WHERE run_id = ?",
             (run_id,),
         ).fetchone()
         if row is None:
             raise StoreError(f"no run {run_id!r} in {self.path}")
-        return RunInfo(row[0], row[1], row[2], tuple(json.loads(row[3])), *row[4:])
+        info = RunInfo(row[0], row[1], row[2], tuple(json.loads(row[3])), *row[4:])
+        if page is not None and info.page != page:
+            raise StoreError(
+                f"run {run_id} was made on the {info.page.capitalize()} page; open it there"
+            )
+        return info
 
     @_writes
     def set_total(self, run_id: str, total: int) -> None:
@@ -475,11 +502,11 @@ class ResultStore:
         return write_csv(out, self.iter_results(run_id), columns=RESULT_COLUMNS)
 
     @_locked
-    def list_runs(self, *, smear: bool = False) -> pd.DataFrame:
-        """One row per run, newest first: ids, dates, name, sample, operator, inputs, counts
-        and weights; a text that a run lacks is None (never NaN). Cell runs (``stored`` rows,
-        errors, duplicates, parasitized), or with ``smear`` the smear runs (``stored``
-        fields)."""
+    def list_runs(self, *, page: str = SCORE) -> pd.DataFrame:
+        """One row per run that ``page`` (one of PAGES) made, newest first: ids, dates, name,
+        sample, operator, inputs, counts and weights; a text that a run lacks is None (never
+        NaN). Cell runs count their ``stored`` rows, errors, duplicates, parasitized and
+        not counted; smear runs their ``stored`` fields, errors and parasitized."""
         runs = pd.read_sql_query(
             "SELECT r.run_id, r.started, r.finished, r.name, r.sample, r.operator, r.inputs, "
             "r.weights, r.weights_sha256, r.threshold, r.engine, r.kind, r.total, "
@@ -487,18 +514,17 @@ class ResultStore:
                 "COUNT(DISTINCT x.image) AS stored, "
                 "SUM(x.error IS NOT NULL) AS errors, SUM(x.prediction = ?) AS parasitized "
                 "FROM runs r LEFT JOIN smear_cells x ON x.run_id = r.run_id "
-                "WHERE r.kind LIKE 'smear%' "
-                if smear
+                if page == SMEAR
                 else "COUNT(x.path) AS stored, SUM(x.error IS NOT NULL) AS errors, "
                 "SUM(x.duplicate_of IS NOT NULL) AS duplicates, "
                 f"SUM(x.prediction = ? AND {counted_sql('x.quality')}) AS parasitized, "
                 f"SUM(NOT {counted_sql('x.quality')}) AS not_counted "
                 "FROM runs r LEFT JOIN results x ON x.run_id = r.run_id "
-                "WHERE r.kind NOT LIKE 'smear%' "
             )
-            + "GROUP BY r.run_id ORDER BY r.started DESC, r.run_id DESC",
+            + f"WHERE {_page_sql('r.')} = ? "
+            "GROUP BY r.run_id ORDER BY r.started DESC, r.run_id DESC",
             self._db,
-            params=(PARASITIZED,),
+            params=(PARASITIZED, page),
         )
         text = ["finished", "name", "sample", "operator"]
         return runs.assign(**{c: runs[c].astype(object).where(runs[c].notna(), None) for c in text})

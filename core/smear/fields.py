@@ -373,6 +373,20 @@ def score_field(
     return FieldResult(seg, prob, time.perf_counter() - start, unlike)
 
 
+def restored_field(image: np.ndarray, rows: pd.DataFrame) -> FieldResult:
+    """A stored field again, to draw: the RGB uint8 field ``image`` (H, W, 3) segmented anew
+    (segmentation is deterministic and needs no model) with the probabilities and quality of
+    its stored ``rows`` (SMEAR_COLUMNS, in object order); ``seconds`` is 0. Raises FieldError
+    when the objects found are not the stored ones (the file changed since it was scored)."""
+    seg = segment(image)
+    found = [(o.x, o.y, o.w, o.h) for o in seg.objects]
+    if found != list(zip(rows["x"], rows["y"], rows["w"], rows["h"])):
+        raise FieldError("this field's image is not the one the run scored (it changed since)")
+    red = rows[rows["object"] == RED_CELL]
+    unlike = (red["quality"] == UNLIKE_TRAINING).to_numpy()
+    return FieldResult(seg, red["prob_parasitized"].to_numpy(np.float32), 0.0, unlike)
+
+
 def iter_fields(
     sources: Iterable[ImageSource],
     engine,

@@ -13,7 +13,7 @@ import streamlit as st
 from core.data.images import ImageError
 from core.data.sources import ImageSource, read_image
 from core.explain.heatmap import DEFAULT_METHOD, for_display
-from core.inference.store import inputs_summary
+from core.inference.store import EVALUATE, inputs_summary
 from core.schema.calibration import (
     ECE_BINS,
     cross_fitted,
@@ -119,7 +119,7 @@ def labelled_upload_ui(model: ModelFolder) -> tuple[pd.DataFrame, dict[str, Imag
             "replace it."
         )
     try:
-        scored, _ = resources.score(items, model)
+        scored, _ = resources.score(items, model, page=EVALUATE)
     except ValueError as exc:
         st.error(str(exc))
         st.stop()

@@ -91,12 +91,10 @@ def _take_sample() -> None:  # a picked sample is shown; "—" goes back to the 
 def open_linked_item(samples: dict[str, bytes]) -> None:
     """The cell the page's address names (a reload, or a link), else the first sample: the
     page is never empty."""
-    if st.session_state.get("explain_item") is None and st.query_params:
+    params = state.page_params()
+    if st.session_state.get("explain_item") is None and params:
         try:
-            st.session_state.update(
-                explain_item=state.linked_cell(st.query_params.to_dict()),
-                explain_link=st.query_params.to_dict(),
-            )
+            st.session_state.update(explain_item=state.linked_cell(params), explain_link=params)
         except LookupError as exc:
             st.warning(f"The cell in this page's link cannot be shown: {text.plain(exc)}")
     if st.session_state.get("explain_item") is None and samples:
@@ -380,11 +378,11 @@ def explain_page() -> None:
     else:
         item, link = scored_cell_ui()
     if item is None:
-        st.query_params.clear()
+        state.set_page_params({})
         st.info("Pick a sample cell or upload one.")
         st.stop()
     # the address names the cell on show, so a reload or a shared link shows it again
-    st.query_params.from_dict({"sample": item[0]} if item[0] in samples else link or {})
+    state.set_page_params({"sample": item[0]} if item[0] in samples else link or {})
     try:
         image = decode_image(item[1])
     except ImageError as exc:

@@ -1,7 +1,6 @@
 """Score: upload cells (or reopen a stored run), call them at a threshold, filter and look at
 them, read the parasitemia per patient or folder, and download the results and a report."""
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import streamlit as st
 
 from core.data.sources import Upload
 from core.evaluation.report import render_report, report_info
-from core.inference.store import RUN_FIELDS, RunInfo, StoreError, inputs_summary
+from core.inference.store import RUN_FIELDS, SCORE, RunInfo, StoreError, inputs_summary
 from core.schema.contract import ModelFolder, WeightsError
 from core.schema.metrics import group_names, group_of, parasitemia_summary
 from core.schema.results import (
@@ -41,23 +40,6 @@ TABLE_COLUMNS = [
     "case_id",
     "label",
 ]
-RUNS_COLUMNS = [
-    "run_id",
-    "name",
-    "sample",
-    "operator",
-    "started",
-    "inputs",
-    "stored",
-    "parasitized",
-    "not_counted",
-    "errors",
-    "duplicates",
-    "threshold",
-    "model",
-    "weights_sha256",
-    "kind",
-]
 
 
 @dataclass(frozen=True)
@@ -74,8 +56,9 @@ class Filters:
 
 
 def open_run(run_id: str, cell: str | None = None) -> None:
-    """Put a stored run on show (its images too when it scored files of this machine)."""
-    info = resources.store().run(run_id)
+    """Put a stored run of this page on show (its images too when it scored files of this
+    machine). Raises StoreError if there is no such run, or another page made it."""
+    info = resources.store().run(run_id, page=SCORE)
     st.session_state.update(
         results=resources.store().results(run_id),
         run_id=run_id,
@@ -90,15 +73,6 @@ def open_run(run_id: str, cell: str | None = None) -> None:
 def delete_run(run_id: str) -> None:
     resources.store().delete_run(run_id)
     state.forget_run(run_id)
-
-
-def reopen_linked_run() -> None:
-    """The run (and cell) that the page's address names, after a reload or from a link."""
-    if st.session_state["results"] is None and "run" in st.query_params:
-        try:
-            open_run(st.query_params["run"], st.query_params.get("cell"))
-        except StoreError as exc:
-            st.warning(f"The run in this page's link cannot be opened: {text.plain(exc)}")
 
 
 # --- inputs ------------------------------------------------------------------------------
@@ -638,12 +612,7 @@ def results_ui(results: pd.DataFrame, model: ModelFolder) -> None:
     st.query_params.update(run=run_id)
     run_header(info, len(results))
     describe_ui(info)
-    if info.weights_sha256 != model.sha256:
-        st.warning(
-            "These results come from another model than the one selected in the "
-            "sidebar; the threshold and screening flag below are the selected model's. "
-            "Upload the files again and press **Score** to rescore them with it."
-        )
+    widgets.other_model_warning(info, model, again="Score")
     threshold, band = threshold_ui(info)
     shown = at_threshold(results, threshold=threshold, band=band)
     st.plotly_chart(band_strip(shown["prob_parasitized"], threshold, band), width="stretch")
@@ -678,49 +647,11 @@ def results_ui(results: pd.DataFrame, model: ModelFolder) -> None:
     )
 
 
-def past_runs_ui() -> None:
-    """Every stored run, to reopen or delete."""
-    st.subheader("Past runs")
-    runs = resources.store().list_runs()
-    if runs.empty:
-        st.caption("No runs yet. Every scoring is saved here and survives reloads and restarts.")
-        return
-    runs = runs.assign(
-        inputs=[inputs_summary(json.loads(i)) for i in runs["inputs"]],
-        model=[text.model_label(w) for w in runs["weights"]],
-        weights_sha256=runs["weights_sha256"].str[:10],
-        started=[text.minutes(s) for s in runs["started"]],
-    )
-    st.dataframe(
-        runs[RUNS_COLUMNS],
-        hide_index=True,
-        width="stretch",
-        placeholder="",
-        column_config={
-            "inputs": st.column_config.TextColumn(width="medium"),
-            "started": st.column_config.TextColumn("started (UTC)"),
-            "threshold": st.column_config.NumberColumn(format="%.2f"),
-        },
-    )
-    labels = {
-        r.run_id: f"{r.name or r.inputs} · {r.started} · {r.stored:,} files · {r.run_id}"
-        for r in runs.itertuples()
-    }
-    pick = st.selectbox(
-        "Reopen or delete a run", list(labels), format_func=lambda k: labels[k], key="past_run"
-    )
-    o, x, sure = st.columns([1, 1, 3], vertical_alignment="center")
-    # Callbacks, run before the page: a st.rerun() from the page itself would win over a
-    # sidebar link clicked while it runs, and that click would be lost.
-    o.button("Open run", on_click=open_run, args=(pick,))
-    confirmed = sure.checkbox("Yes, delete this run and its results", key=f"sure_{pick}")
-    x.button("Delete run", disabled=not confirmed, on_click=delete_run, args=(pick,))
-
-
 def score_page() -> None:
     st.title("Score cells")
     model = state.current_model()
-    reopen_linked_run()
+    if st.session_state["results"] is None:  # after a reload, or from a link
+        widgets.reopen_linked_run(lambda run: open_run(run, st.query_params.get("cell")))
     items, start = uploads_ui()
     if start:
         try:
@@ -743,7 +674,7 @@ def score_page() -> None:
         st.info("Nothing scored yet: upload files and press **Score**, or reopen a past run below.")
     else:
         results_ui(results, model)
-    past_runs_ui()
+    widgets.past_runs_ui(SCORE, open_run=open_run, delete_run=delete_run)
 
 
 score_page()

@@ -1,6 +1,7 @@
 """Smear: whole fields of view, every red cell found, scored and counted; one field drawn with
 its cells clickable, the picked cell with its heatmap."""
 
+import contextlib
 import hashlib
 from functools import partial
 
@@ -10,18 +11,20 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.data.images import ImageError
-from core.data.sources import read_image
+from core.data.sources import open_source, read_image
 from core.explain.heatmap import DEFAULT_METHOD, for_display, overlay
-from core.inference.store import StoreError
+from core.inference.store import SMEAR, StoreError
 from core.schema.contract import ModelFolder
 from core.schema.results import calls
 from core.smear.fields import (
     REVIEW_UNKNOWN,
+    FieldError,
     FieldObject,
     FieldResult,
     crop_cells,
     draw_overlay,
     field_summary,
+    restored_field,
     score_uploads,
     smear_totals,
 )
@@ -49,6 +52,31 @@ def _segment_and_score(key: str, folder: str, sha256: str, _items):
         )
     bar.empty()
     return df, results, run_id
+
+
+# --- runs: open, delete (callbacks, run before the page) -----------------------------------
+
+
+def open_run(run_id: str) -> None:
+    """Put a stored smear run on show: its objects from the store, and for a run of fields on
+    this machine (``malaria smear``) the fields' images, to draw them again. Raises
+    StoreError if there is no such run, or another page made it."""
+    info = resources.store().run(run_id, page=SMEAR)
+    cells = resources.store().smear_rows(run_id)
+    sources = {}
+    if info.kind == "smear":  # files of this machine; an upload keeps its rows, not its images
+        for name in cells["image"].unique():
+            with contextlib.suppress(OSError):  # moved since: its rows stay, its drawing goes
+                sources[name] = open_source(name)
+    st.session_state.update(smear=(cells, {}, run_id, sources), smear_cell=None)
+
+
+def delete_run(run_id: str) -> None:
+    resources.store().delete_run(run_id)
+    shown = st.session_state["smear"]
+    if shown is not None and shown[2] == run_id:
+        st.session_state.update(smear=None, smear_cell=None)
+        st.query_params.pop("run", None)
 
 
 # --- inputs ------------------------------------------------------------------------------
@@ -218,7 +246,30 @@ def cell_ui(
     )
 
 
+def field_result(
+    name: str, cells: pd.DataFrame, results: dict[str, FieldResult], sources: dict
+) -> tuple[np.ndarray, FieldResult] | None:
+    """The field ``name`` (RGB array) and its result: as scored in this session, or, for a
+    reopened run, found again in its image (kept in ``results``); None, said with st.info or
+    st.error, when its image is not at hand or changed."""
+    if name not in sources:
+        st.info(
+            "This run's fields are not drawn: a reopened upload keeps its results, not its "
+            "images (or the file moved). Its counts and tables above are complete."
+        )
+        return None
+    try:
+        image = read_image(sources[name])
+        if name not in results:
+            results[name] = restored_field(image, cells[cells["image"] == name])
+    except (ImageError, FieldError, OSError) as exc:
+        st.error(text.plain(f"{name}: {exc}"))
+        return None
+    return image, results[name]
+
+
 def field_ui(
+    cells: pd.DataFrame,
     results: dict[str, FieldResult],
     sources: dict,
     *,
@@ -228,15 +279,14 @@ def field_ui(
 ) -> None:
     """One field, picked by name: drawn with its cells clickable, then the picked cell."""
     st.subheader("A field")
-    if not results:
-        st.stop()
-    name = st.selectbox("Field", list(results))  # widget labels are plain text
-    result = results[name]
-    try:
-        image = read_image(sources[name])
-    except (KeyError, ImageError) as exc:
-        st.error(text.plain(f"{name}: {exc}"))
-        st.stop()
+    fields = list(cells.loc[cells["error"].isna(), "image"].unique())
+    if not fields:
+        return
+    name = st.selectbox("Field", fields)  # widget labels are plain text
+    found = field_result(name, cells, results, sources)
+    if found is None:
+        return
+    image, result = found
     objects = list(result.segmentation.objects)
     cell_index = [i for i, o in enumerate(objects) if o.is_cell]  # red cell k -> object index
     red = [objects[i] for i in cell_index]
@@ -257,20 +307,22 @@ def field_ui(
         selection_mode="points",
         key=field_key,
     )
+    timing = f"; {1000 * result.seconds:.0f} ms to find and score" if result.seconds else ""
     st.caption(
         f"{len(red)} red cells (outline blue → red with P(Parasitized)), "
-        f"{len(objects) - len(red)} other objects in grey; "
-        f"{1000 * result.seconds:.0f} ms to find and score. Click a cell to see it large."
+        f"{len(objects) - len(red)} other objects in grey{timing}. Click a cell to see it large."
     )
     if not choices:
         st.info("No cell of this field is at or above the threshold.")
-        st.stop()
+        return
     cell_ui(image, red, choices, prob, model, engine)
 
 
 def smear_page() -> None:
     st.title("Smear fields")
     model = state.current_model()
+    if st.session_state["smear"] is None:  # after a reload, or from a link
+        widgets.reopen_linked_run(open_run)
     items = fields_ui()
     if st.button("Find and score cells", type="primary", disabled=not items):
         try:
@@ -283,16 +335,38 @@ def smear_page() -> None:
         st.session_state.update(
             smear=(df, results, run_id, images.sources_for(items)), smear_cell=None
         )
-    if st.session_state.get("smear") is None:
-        st.info("Nothing scored yet: upload fields and press **Find and score cells**.")
-        st.stop()
+    if st.session_state["smear"] is None:
+        st.info(
+            "Nothing scored yet: upload fields and press **Find and score cells**, or reopen "
+            "a past run below."
+        )
+    else:
+        run_ui(model)
+    widgets.past_runs_ui(SMEAR, open_run=open_run, delete_run=delete_run)
+
+
+def run_ui(model: ModelFolder) -> None:
+    """The smear run on show: totals, summaries and one field with its cells."""
     cells, results, run_id, sources = st.session_state["smear"]
+    try:
+        info = resources.store().run(run_id)
+    except StoreError as exc:  # the store was moved or replaced under a running app
+        st.session_state["smear"] = None
+        st.error(f"The results on show are gone from the result store ({exc}); score again.")
+        st.stop()
+    st.query_params.update(run=run_id)
+    st.subheader(f"Results · run `{run_id}`")
+    st.caption(
+        f"**{text.plain(info.title)}** · scored {text.minutes(info.started)} UTC with "
+        f"{text.plain(text.model_label(info.weights))}"
+    )
+    widgets.other_model_warning(info, model, again="Find and score cells")
     threshold = threshold_ui(model)
     cells = cells.assign(prediction=calls(cells["prob_parasitized"], threshold=threshold))
     totals_ui(cells)
     summary_ui(cells, run_id, model=model, threshold=threshold)
     engine = resources.store().run(run_id).engine  # the engine that gave every P on the page
-    field_ui(results, sources, model=model, threshold=threshold, engine=engine)
+    field_ui(cells, results, sources, model=model, threshold=threshold, engine=engine)
 
 
 smear_page()

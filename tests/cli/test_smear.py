@@ -54,7 +54,7 @@ def test_cli_writes_cells_and_summary_keeps_a_broken_field_and_resumes(
     assert folder["errors"] == 1
     assert len(list(overlays.glob("*.png"))) == 2
     with ResultStore(store) as s:
-        run_id = s.list_runs(smear=True)["run_id"].iloc[0]
+        run_id = s.list_runs(page="smear")["run_id"].iloc[0]
         before = s.smear_rows(run_id)
         assert s.list_runs().empty  # smear runs are not listed among cell runs
     capsys.readouterr()
@@ -116,7 +116,7 @@ def test_fields_that_cannot_be_segmented_are_error_rows_and_resume_finds_them_do
     assert (cells["object"] == RED_CELL).sum() == len(truth)
     capsys.readouterr()
     with ResultStore(store) as s:
-        run_id = s.list_runs(smear=True)["run_id"].iloc[0]
+        run_id = s.list_runs(page="smear")["run_id"].iloc[0]
     assert cli.main(["smear", "--resume", run_id, *common]) == 1
     assert "0 to segment and score" in capsys.readouterr().err
 

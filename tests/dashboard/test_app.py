@@ -851,7 +851,7 @@ def test_no_nan_in_past_runs_and_the_cell_on_show_says_what_it_is(app, cells_dir
     assert not _errors(app), _errors(app)
     summary = app.dataframe[1].value
     assert list(summary.columns[:2]) == ["group", "likely_infected"]
-    runs = app.selectbox(key="past_run")
+    runs = app.selectbox(key="past_run_score")
     assert len(runs.options) == 2 and not any("nan" in o for o in runs.options)
     assert runs.options[1].startswith("Slide 7 · ")
     assert runs.options[0].startswith("Parasitized/ (4 files), broken.png")  # what it scored
@@ -867,3 +867,82 @@ def test_no_nan_in_past_runs_and_the_cell_on_show_says_what_it_is(app, cells_dir
     assert facts().startswith("**Not counted**") and "nan" not in facts()
     app.session_state["score_cell"] = items[4][0]
     assert facts().split("**")[1] in ("Parasitized", "Uninfected")
+
+
+def test_each_page_lists_its_own_runs_and_a_smear_run_reopens_from_its_link(app, cells_dir):
+    """A labelled upload on Evaluate is not a Score run; a smear run is listed on the Smear
+    page, and a reload (its ?run= link) shows it again; a Score link to it says where it
+    opens."""
+    app.switch_page("views/evaluate.py").run()
+    app.session_state["evaluate_items"] = _fixture_items(cells_dir)
+    app.radio(key="evaluate_data").set_value("A labelled upload").run()
+    assert any(h.value == "Metrics" for h in app.subheader)
+    app.switch_page("views/score.py").run()
+    assert any("No runs yet" in c.value for c in app.caption)  # not the Evaluate upload
+
+    field = np.full((400, 600, 3), BACKGROUND, np.uint8)
+    for i, cell in enumerate(_cell_images(cells_dir, 8)):
+        _paste(field, cell, 30 + (i % 4) * 140, 40 + (i // 4) * 170)
+    app.session_state["smear_items"] = [("slide/field.png", _png(field))]
+    app.switch_page("views/smear.py").run()
+    _button(app, "Find and score cells").click().run()
+    assert not _errors(app), _errors(app)
+    run_id = app.session_state["smear"][2]
+    assert app.selectbox(key="past_run_smear").options[0].endswith(f"1 fields · {run_id}")
+
+    reloaded = AppTest.from_file(APP, default_timeout=180)
+    reloaded.query_params.update(run=run_id)
+    reloaded.switch_page("views/smear.py").run()
+    assert not _errors(reloaded), _errors(reloaded)
+    assert reloaded.session_state["smear"][2] == run_id
+    assert next(m for m in reloaded.metric if m.label == "Red cells").value == "8"
+    assert any("keeps its results, not its images" in i.value for i in reloaded.info)
+    score = AppTest.from_file(APP, default_timeout=180)
+    score.query_params.update(run=run_id)
+    score.switch_page("views/score.py").run()
+    assert not score.exception and score.session_state["results"] is None
+    warned = [w.value.replace("\\", "") for w in score.warning]
+    assert any("made on the Smear page; open it there" in w for w in warned), warned
+
+
+def test_a_smear_run_of_files_on_this_machine_reopens_with_its_fields_drawn(
+    app, cells_dir, tmp_path
+):
+    from core import cli
+    from core.inference.store import ResultStore
+
+    field = np.full((400, 600, 3), BACKGROUND, np.uint8)
+    for i, cell in enumerate(_cell_images(cells_dir, 8)):
+        _paste(field, cell, 30 + (i % 4) * 140, 40 + (i // 4) * 170)
+    (tmp_path / "field.png").write_bytes(_png(field))
+    assert cli.main(["smear", str(tmp_path / "field.png"), "--no-progress"]) == 0
+    with ResultStore() as store:
+        run_id = store.list_runs(page="smear").loc[0, "run_id"]
+    app.switch_page("views/smear.py").run()
+    app.selectbox(key="past_run_smear").set_value(run_id)
+    _button(app, "Open run").click().run()
+    assert not _errors(app), _errors(app)
+    assert next(m for m in app.metric if m.label == "Red cells").value == "8"
+    assert len(app.get("plotly_chart")) == 1  # the field, found again in its file
+    captions = [i.caption for e in app.get("image") for i in e.proto.imgs]
+    assert any("explains" in c for c in captions), captions  # the picked cell's heatmap
+
+
+def test_the_model_is_in_the_address_and_a_reload_keeps_it(app):
+    app.sidebar.selectbox[0].set_value(ROOT / "weights/holdout").run()
+    assert app.query_params["model"] == "weights/holdout"
+    reloaded = AppTest.from_file(APP, default_timeout=180)
+    reloaded.query_params.update(model="weights/holdout")
+    reloaded.switch_page("views/score.py").run()
+    assert not _errors(reloaded), _errors(reloaded)
+    assert reloaded.session_state["model_folder"].endswith("weights/holdout")
+    assert reloaded.sidebar.selectbox[0].value.name == "holdout"
+    for hostile in ("../../etc", "/etc/passwd", "weights/holdout/../default\n[x](http://a)"):
+        other = AppTest.from_file(APP, default_timeout=180)
+        other.query_params.update(model=hostile)
+        other.run()
+        assert not other.exception
+        assert other.session_state["model_folder"].endswith("weights/default")
+        [warning] = [w.value for w in other.warning]
+        assert "is not one of the model folders this app lists" in warning
+        assert "\n" not in warning and "](" not in warning

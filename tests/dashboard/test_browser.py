@@ -358,3 +358,38 @@ def test_the_evaluate_threshold_survives_an_upload_and_a_switch_of_data(
     playwright.expect(value).to_have_text("0.60")
     assert _matrix(page) == oof
     assert page.get_by_text("Traceback").count() == 0
+
+
+@pytest.mark.skipif(not SMEAR_FIELD.is_file(), reason="the smear_dev fields are not at hand")
+def test_a_reload_keeps_the_model_and_the_smear_run_on_show(server, page):
+    """The sidebar's model is in the address through page switches; a reload of the Smear
+    page shows its run again, with that model selected."""
+    page.goto(f"{server}/smear")
+    page.get_by_text("Smear fields").first.wait_for()
+    page.wait_for_function(IDLE)
+    page.get_by_test_id("stSidebar").get_by_test_id("stSelectbox").click()
+    page.get_by_role("option", name="weights/holdout").click()
+    page.wait_for_url(re.compile(r"model=weights%2Fholdout"))
+    wait_for_rerun(page, 60_000)
+    page.get_by_test_id("stSidebarNavLink").filter(has_text="Evaluate").click()
+    page.get_by_text("Confusion matrix").wait_for()
+    page.wait_for_url(re.compile(r"/evaluate\?.*model=weights%2Fholdout"))
+    page.get_by_test_id("stSidebarNavLink").filter(has_text="Smear").click()
+    page.get_by_text("Smear fields").first.wait_for()
+    page.locator("input[type=file]").first.set_input_files(str(SMEAR_FIELD))
+    find = page.get_by_role("button", name="Find and score cells")
+    playwright.expect(find).to_be_enabled(timeout=60_000)
+    find.click()
+    page.get_by_text("A field", exact=True).wait_for(timeout=180_000)
+    page.wait_for_url(re.compile(r"run=.*model=|model=.*run="))
+    run_id = re.search(r"run=([\w-]+)", page.url).group(1)
+    cells = page.get_by_test_id("stMetricValue").nth(1).inner_text()  # Red cells
+
+    page.reload()
+    page.get_by_text(f"Results · run {run_id}").wait_for(timeout=120_000)
+    playwright.expect(page.get_by_test_id("stMetricValue").nth(1)).to_have_text(cells)
+    model = page.get_by_role("combobox", name="Model")
+    playwright.expect(model).to_have_value("weights/holdout")
+    page.get_by_text("keeps its results, not its images").wait_for()  # an upload's fields
+    page.get_by_text("Past runs").wait_for()
+    assert page.get_by_text("Traceback").count() == 0

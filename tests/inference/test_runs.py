@@ -27,6 +27,8 @@ INSERT INTO runs VALUES ('old', '2026-11-01T10:00:00+00:00', NULL, '["/data/cell
     'abc', 0.5, 'onnx', 'files', 2);
 INSERT INTO results VALUES ('old', '/data/cells.zip!a.png', 'C1', NULL, 0.7, 'Parasitized', NULL);
 INSERT INTO results VALUES ('old', '/data/cells.zip!b.png', 'C1', NULL, NULL, NULL, 'corrupt');
+INSERT INTO runs VALUES ('old-smear', '2026-11-01T11:00:00+00:00', NULL, '["/data/f.jpg"]', 'w',
+    'abc', 0.5, 'onnx', 'smear', 1);
 """
 
 
@@ -65,6 +67,11 @@ def test_a_store_from_before_gets_the_new_columns_and_keeps_its_runs(tmp_path):
         runs = store.list_runs()
         counts = runs.loc[0, ["stored", "errors", "duplicates", "parasitized"]]
         assert counts.tolist() == [2, 1, 0, 1]
+        # runs stored before pages were: a cell run is the Score page's, a smear run the Smear's
+        assert runs["run_id"].tolist() == ["old"] and info.page == "score"
+        assert store.run("old-smear").page == "smear"
+        assert store.list_runs(page="smear")["run_id"].tolist() == ["old-smear"]
+        assert store.list_runs(page="evaluate").empty
         store.describe_run("old", name="Slide 4", sample="patient 17", operator="AB")
     with ResultStore(path) as store:  # opening it again migrates nothing twice
         info = store.run("old")
@@ -74,6 +81,17 @@ def test_a_store_from_before_gets_the_new_columns_and_keeps_its_runs(tmp_path):
             "AB",
             "Slide 4",
         )
+
+
+def test_a_run_is_listed_by_the_page_that_made_it(tmp_path):
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        score = _run(store, [0.9])
+        evaluate = _run(store, [0.2], page="evaluate")
+        assert store.run(evaluate).page == "evaluate" and store.run(score).page == "score"
+        assert store.list_runs()["run_id"].tolist() == [score]
+        assert store.list_runs(page="evaluate")["run_id"].tolist() == [evaluate]
+        with pytest.raises(ValueError, match="a run's page is one of"):
+            _run(store, [0.2], page="audit")
 
 
 def test_names_notes_threshold_and_delete(tmp_path):

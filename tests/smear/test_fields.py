@@ -22,6 +22,7 @@ from core.smear.fields import (
     draw_overlay,
     field_summary,
     iter_fields,
+    restored_field,
     score_field,
     segment,
     smear_totals,
@@ -151,6 +152,23 @@ def test_score_field_gives_a_probability_per_red_cell(composed, tiny_model):
     assert all(r["prob_parasitized"] is None for r in rows if r["object"] != RED_CELL)
     image = draw_overlay(field, result.segmentation, result.prob, highlight=0)
     assert image.shape == field.shape and (image != field).any()
+
+
+def test_a_stored_field_is_restored_as_it_was_scored_and_a_changed_one_refused(
+    composed, tiny_model
+):
+    field, _, _ = composed
+    result = score_field(field, load_engine(tiny_model, "onnx"))
+    rows = pd.DataFrame(result.rows("f.png", 0.5), columns=list(SMEAR_COLUMNS))
+    again = restored_field(field, rows)
+    assert all(
+        (a.x, a.y, a.w, a.h, a.kind) == (b.x, b.y, b.w, b.h, b.kind) and (a.mask == b.mask).all()
+        for a, b in zip(again.segmentation.objects, result.segmentation.objects, strict=True)
+    )
+    np.testing.assert_allclose(again.prob, result.prob, rtol=1e-6)
+    assert again.quality == result.quality
+    with pytest.raises(FieldError, match="not the one the run scored"):
+        restored_field(field[:, ::-1].copy(), rows)
 
 
 def test_field_summary_counts_red_cells_only_with_wilson_intervals():
