@@ -73,7 +73,10 @@ class ImageLimits:
 
 def channel_span(images: np.ndarray) -> np.ndarray:
     """Brightest minus darkest channel of each pixel of RGB uint8 images (..., 3): uint8."""
-    return images.max(-1) - images.min(-1)
+    r, g, b = images[..., 0], images[..., 1], images[..., 2]
+    # elementwise over the three planes: max(-1) reduces along a 3-wide axis, 25x slower here
+    # (30 ms against 1.2 ms a batch of 64), most of the quality gate's cost
+    return np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
 
 
 def no_colour(image: np.ndarray, limits: ImageLimits = ImageLimits()) -> bool:

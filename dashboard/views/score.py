@@ -30,6 +30,7 @@ from dashboard import images, resources, spool, state, text, widgets
 
 FLAGGED, NOT_FLAGGED = text.BRAND, "#9aa5b1"  # parasitemia bars: likely infected or not
 THUMBNAILS = 300  # rows of the results table given a thumbnail
+ZIP_IT = "Zip a folder of more than a few hundred files first"
 TABLE_COLUMNS = [
     "path",
     "prediction",
@@ -85,8 +86,8 @@ def uploads_ui() -> tuple[list[Upload], bool]:
     limit = st.get_option("server.maxUploadSize")
     st.caption(
         f"Upload cell images, a whole folder, or zips of them, up to {limit:,} MB a file. "
-        "Above a few hundred files put them in a zip first: the folder uploader sends each "
-        "file on its own, and fails with more than about 1,000."
+        f"**{ZIP_IT}**: the folder uploader sends each file on its own (a thousand files take "
+        "about a minute, as one zip a second or two) and fails above about 1,000."
     )
     generation = st.session_state["score_uploader"]
     left, right = st.columns(2)
@@ -97,7 +98,10 @@ def uploads_ui() -> tuple[list[Upload], bool]:
         key=f"score_files_{generation}",
     )
     folder_files = right.file_uploader(
-        "A whole folder", accept_multiple_files="directory", key=f"score_folder_{generation}"
+        "A whole folder",
+        accept_multiple_files="directory",
+        key=f"score_folder_{generation}",
+        help=f"{ZIP_IT}: a zip arrives in one piece, a folder file by file.",
     )
     arrived = [*(files or []), *(folder_files or [])]
     if arrived:  # kept on disk, out of the server's memory; the uploaders forget them

@@ -828,6 +828,14 @@ def test_an_upload_is_kept_on_disk_not_in_the_servers_memory(app, cells_dir, tmp
     assert not _errors(app), _errors(app)
     assert app.session_state["score_uploads"] == [] and path.is_file() and not second.exists()
     assert app.dataframe[0].value["thumb"].str.startswith("data:image/jpeg").all()
+    # a folder: counted once it has arrived; the page asks for a zip before a big one starts
+    assert any(
+        "Zip a folder of more than a few hundred files first" in c.value for c in app.caption
+    )
+    folder_files = [(f"ward/{n}", data, "image/png") for n, data in items[:3]]
+    app.file_uploader[1].set_value(folder_files).run()
+    assert any("Ready to score: 3 file(s)" in c.value and "ward" in c.value for c in app.caption)
+    _button(app, "Clear uploads").click().run()
     _button(app, "Open run").click().run()  # a stored run reopened: no upload behind it
     assert not _errors(app), _errors(app)
     assert not path.exists()

@@ -14,7 +14,14 @@ import core.inference.pipeline
 from core.data import noncells
 from core.data.images import resize_rgb
 from core.evaluation.gate_check import fit_features
-from core.inference.gate import CALIBRATION_FILE, FeatureModel, Gate, image_reasons, image_stats
+from core.inference.gate import (
+    CALIBRATION_FILE,
+    FeatureModel,
+    Gate,
+    channel_span,
+    image_reasons,
+    image_stats,
+)
 from core.inference.store import ResultStore
 from core.schema.contract import (
     DEFAULT_WEIGHTS,
@@ -236,3 +243,11 @@ def test_each_engine_reads_its_own_feature_calibration(tmp_path):
     fm.save(tmp_path / CALIBRATION_FILE)
     assert Gate.for_model(_folder(tmp_path, "abc"), "onnx").features is not None
     assert Gate.for_model(_folder(tmp_path, "abc"), "onnx-int8").features is None  # none of its own
+
+
+def test_channel_span_is_the_brightest_minus_the_darkest_channel():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 7, 9, 3), dtype=np.uint8)
+    span = channel_span(images)
+    assert span.dtype == np.uint8 and span.shape == (5, 7, 9)
+    assert np.array_equal(span, images.max(-1) - images.min(-1))
