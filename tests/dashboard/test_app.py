@@ -247,6 +247,24 @@ def test_smear_page_finds_scores_and_explains_cells_of_a_field(app, cells_dir):
     assert any("explains" in c for c in captions), captions  # the picked cell's heatmap
     assert len(app.get("plotly_chart")) == 1  # the field, cells outlined, clickable
     assert len(app.get("download_button")) == 2
+    # at the top, before any count: these fields are another lab's than the model's cells
+    shown = list(_in_order(app.main))
+    note = next(i for i, e in enumerate(shown) if "learnt from the NIH cells alone" in _text(e))
+    assert "P\\. falciparum" in _text(shown[note]) and shown[note].type == "info"
+    assert note < min(i for i, e in enumerate(shown) if e.type == "metric")
+    summary = next(d.value for d in app.dataframe if "level" in d.value)
+    assert list(summary.columns[:4]) == ["level", "group", "review", "likely_infected"]
+
+
+def _in_order(node):
+    """The elements under ``node`` as the page draws them, top to bottom."""
+    for child in getattr(node, "children", {}).values():
+        yield child
+        yield from _in_order(child)
+
+
+def _text(element) -> str:
+    return str(getattr(element, "value", "") or "")
 
 
 # --- the label audit, out-of-fold predictions and fold runs ----------------------------------
