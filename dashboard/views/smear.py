@@ -73,6 +73,7 @@ def open_run(run_id: str) -> None:
 
 def delete_run(run_id: str) -> None:
     resources.store().delete_run(run_id)
+    _segment_and_score.clear()  # its entries name their runs: none may name a deleted one
     shown = st.session_state["smear"]
     if shown is not None and shown[2] == run_id:
         st.session_state.update(smear=None, smear_cell=None)

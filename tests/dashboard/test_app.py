@@ -730,6 +730,13 @@ def test_each_page_lists_its_own_runs_and_a_smear_run_reopens_from_its_link(app,
     warned = [w.value.replace("\\", "") for w in score.warning]
     assert any("made on the Smear page; open it there" in w for w in warned), warned
 
+    app.checkbox(key=f"sure_{run_id}").check().run()  # deleted, then the same fields again
+    _button(app, "Delete run").click().run()
+    assert app.session_state["smear"] is None
+    _button(app, "Find and score cells").click().run()
+    assert not _errors(app), _errors(app)
+    assert app.session_state["smear"][2] != run_id
+
 
 def test_a_smear_run_of_files_on_this_machine_reopens_with_its_fields_drawn(
     app, cells_dir, tmp_path
