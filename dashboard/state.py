@@ -11,6 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from core.data.sources import open_source
+from core.inference.store import SCORE
 from core.schema.contract import DEFAULT_WEIGHTS, ModelFolder, WeightsError
 from dashboard import resources
 from dashboard.images import repo_source, sample_items
@@ -145,7 +146,7 @@ def linked_cell(params: dict[str, str]) -> tuple[str, bytes]:
             raise LookupError(f"no sample cell {params['sample']!r}")
         return params["sample"], samples[params["sample"]]
     if "run" in params:
-        info = resources.store().run(params["run"])
+        info = resources.store().run(params["run"], page=SCORE)
         if info.kind != "files":
             raise LookupError(f"run {info.run_id} scored uploads, whose images are not kept")
         listed = set(resources.store().results(info.run_id)["path"])

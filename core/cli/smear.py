@@ -41,10 +41,12 @@ from core.schema.export import write_csv
 from core.smear.fields import (
     REVIEW_UNKNOWN,
     counted_cells,
+    domain_note,
     draw_overlay,
     field_summary,
     is_red_cell,
     iter_fields,
+    smear_totals,
 )
 
 
@@ -160,6 +162,9 @@ def _run(args: argparse.Namespace) -> int:
             f"cannot write the CSV ({exc}); the results are kept in the store: "
             f"export them again with --resume {run_id} --out FILE"
         )
+    note = domain_note(smear_totals(cells), adapted=engine.weights.adapted)
+    if note is not None:  # first: whether these fields are another lab's than the model's
+        print(note[1], file=sys.stderr)
     folders = summary[summary["level"] == "folder"]
     with pd.option_context("display.max_rows", 200, "display.width", 140):
         print(

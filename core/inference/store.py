@@ -506,13 +506,13 @@ class ResultStore:
         """One row per run that ``page`` (one of PAGES) made, newest first: ids, dates, name,
         sample, operator, inputs, counts and weights; a text that a run lacks is None (never
         NaN). Cell runs count their ``stored`` rows, errors, duplicates, parasitized and
-        not counted; smear runs their ``stored`` fields, errors and parasitized."""
+        not counted; smear runs their ``stored`` fields and errors."""
         runs = pd.read_sql_query(
             "SELECT r.run_id, r.started, r.finished, r.name, r.sample, r.operator, r.inputs, "
             "r.weights, r.weights_sha256, r.threshold, r.engine, r.kind, r.total, "
             + (
-                "COUNT(DISTINCT x.image) AS stored, "
-                "SUM(x.error IS NOT NULL) AS errors, SUM(x.prediction = ?) AS parasitized "
+                # no parasitized count: the fields under review leave the store's sums wrong
+                "COUNT(DISTINCT x.image) AS stored, SUM(x.error IS NOT NULL) AS errors "
                 "FROM runs r LEFT JOIN smear_cells x ON x.run_id = r.run_id "
                 if page == SMEAR
                 else "COUNT(x.path) AS stored, SUM(x.error IS NOT NULL) AS errors, "
@@ -524,7 +524,7 @@ class ResultStore:
             + f"WHERE {_page_sql('r.')} = ? "
             "GROUP BY r.run_id ORDER BY r.started DESC, r.run_id DESC",
             self._db,
-            params=(PARASITIZED, page),
+            params=(page,) if page == SMEAR else (PARASITIZED, page),
         )
         text = ["finished", "name", "sample", "operator"]
         return runs.assign(**{c: runs[c].astype(object).where(runs[c].notna(), None) for c in text})

@@ -346,6 +346,12 @@ class ModelFolder:
         return tuple(str(d) for d in self.card.get("training_data", ()))
 
     @property
+    def adapted(self) -> bool:
+        """Whether it was adapted to a lab's smear fields (``malaria adapt``: the card's
+        ``adaptation``); if not, it learnt from the NIH cell crops alone."""
+        return "adaptation" in self.card
+
+    @property
     def training_command(self) -> str | None:
         """The command line that trained it, shell-quoted."""
         command = self.card.get("training_command")

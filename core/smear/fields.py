@@ -67,7 +67,8 @@ CLUMP = "clump of two or more cells"
 # A field (or a run) most of whose whole red cells lie farther from the cells the model knows
 # than its gate allows gets no parasitemia: the model does not know that slide.
 UNKNOWN_SHARE = 0.5
-REVIEW_UNKNOWN = "review: unlike the cells this model was trained or adapted on"
+UNLIKE_MODEL = "unlike the cells this model was trained or adapted on"
+REVIEW_UNKNOWN = f"review: {UNLIKE_MODEL}"
 # CIELAB (OpenCV 8-bit scale) mean and std of cell pixels in 3,000 NIH crops of the shipped
 # model's 70 training patients (background and a 2 px rim left out): the stain the model knows.
 NIH_LAB_MEAN = (169.4, 142.67, 126.14)
@@ -483,6 +484,36 @@ class SmearTotals:
     def parasitemia(self) -> float | None:
         """Parasitized red cells / counted red cells; None without them or under review."""
         return self.parasitized / self.red_cells if self.red_cells and not self.review else None
+
+
+# What a model that was never adapted (malaria adapt) knows: every smear field is another lab's
+NIH_ONLY = (
+    "This model learnt from the NIH cells alone (P. falciparum, thin-smear crops from one lab) "
+    "and was not adapted to your lab (malaria adapt): these fields come from another lab than "
+    "its training cells, so read its parasitemia as out of its domain."
+)
+ADAPTED_ELSEWHERE = (
+    "This model was adapted to a lab's fields (malaria adapt), but these look like another "
+    "lab's: adapt it to theirs."
+)
+
+
+def domain_note(totals: SmearTotals, *, adapted: bool) -> tuple[str, str] | None:
+    """(level: "error", "warning" or "info"; plain sentences) saying whether the fields come
+    from another lab than the cells the model learnt from: an error when every field is under
+    review (REVIEW_UNKNOWN: no parasitemia at all), a warning when some are, each with what
+    the model learnt from; NIH_ONLY alone for a model that was not ``adapted`` (no field of
+    the NIH set is a whole field); None for an adapted model that knows the fields."""
+    unlike = f"{totals.unknown_share:.0%} of the whole red cells are {UNLIKE_MODEL}"
+    lab = ADAPTED_ELSEWHERE if adapted else NIH_ONLY
+    if totals.review:
+        return "error", f"Another lab's fields: {unlike}, so no parasitemia is given. {lab}"
+    if totals.fields_review:
+        return "warning", (
+            f"{totals.fields_review} of {totals.fields} fields look like another lab's "
+            f"({unlike}): they get no parasitemia and are left out of the counts. {lab}"
+        )
+    return None if adapted else ("info", NIH_ONLY)
 
 
 def smear_totals(cells: pd.DataFrame) -> SmearTotals:

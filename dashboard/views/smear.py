@@ -13,15 +13,15 @@ import streamlit as st
 from core.data.images import ImageError
 from core.data.sources import open_source, read_image
 from core.explain.heatmap import DEFAULT_METHOD, for_display, overlay
-from core.inference.store import SMEAR, StoreError
-from core.schema.contract import ModelFolder
+from core.inference.store import SMEAR, RunInfo, StoreError
+from core.schema.contract import ModelFolder, WeightsError
 from core.schema.results import calls
 from core.smear.fields import (
-    REVIEW_UNKNOWN,
     FieldError,
     FieldObject,
     FieldResult,
     crop_cells,
+    domain_note,
     draw_overlay,
     field_summary,
     restored_field,
@@ -73,6 +73,7 @@ def open_run(run_id: str) -> None:
 
 def delete_run(run_id: str) -> None:
     resources.store().delete_run(run_id)
+    _segment_and_score.clear()  # its entries name their runs: none may name a deleted one
     shown = st.session_state["smear"]
     if shown is not None and shown[2] == run_id:
         st.session_state.update(smear=None, smear_cell=None)
@@ -111,6 +112,21 @@ def suspects_ui() -> bool:
 # --- drawing -----------------------------------------------------------------------------
 
 
+def domain_ui(cells: pd.DataFrame, info: RunInfo, model: ModelFolder) -> None:
+    """At the top: whether these fields come from another lab than the cells that the run's
+    model (else the sidebar's, ``model``) learnt from (core.smear.fields.domain_note), in
+    red when no parasitemia is given."""
+    if info.weights_sha256 != model.sha256:
+        with contextlib.suppress(WeightsError):  # moved or changed since: the sidebar's
+            model = ModelFolder.open(info.weights)
+    note = domain_note(smear_totals(cells), adapted=model.adapted)
+    if note is not None:
+        level, words = note
+        {"error": st.error, "warning": st.warning, "info": st.info}[level](
+            text.plain(words), icon=":material/public:"
+        )
+
+
 def totals_ui(cells: pd.DataFrame) -> None:
     """Fields, red cells, parasitized and parasitemia over every field; the fields that gave
     no cells, with why."""
@@ -120,23 +136,10 @@ def totals_ui(cells: pd.DataFrame) -> None:
     b.metric("Red cells", f"{totals.red_cells:,}", help="counted: whole, single, known cells")
     c.metric("Called parasitized", f"{totals.parasitized:,}")
     d.metric("Parasitemia", "–" if totals.parasitemia is None else f"{totals.parasitemia:.2%}")
-    if totals.review:
-        st.error(
-            f"{REVIEW_UNKNOWN.capitalize()}: {totals.unknown_share:.0%} of the whole red cells "
-            "lie farther from the cells this model knows than its quality gate allows, so no "
-            "parasitemia is given. Adapt the model to this lab (`malaria adapt`) first."
-        )
-    elif totals.fields_review:
-        st.warning(
-            f"{totals.fields_review} field(s) for {REVIEW_UNKNOWN}: most of their whole red "
-            "cells lie farther from the cells this model knows than its quality gate allows. "
-            "They get no parasitemia and are left out of the counts above."
-        )
     st.caption(
         "Counted: whole, single red cells inside the field that the model knows; the rest "
         "(cut by the edge, fragments, clumps, unlike the training cells) are drawn grey and "
-        "listed with their reason in the quality column. A model not adapted to your lab "
-        "learnt from the NIH cells alone: expect it to know your cells less well."
+        "listed with their reason in the quality column."
     )
     errors = cells[cells["error"].notna()]
     if not errors.empty:
@@ -148,11 +151,17 @@ def summary_ui(cells: pd.DataFrame, run_id: str, *, model: ModelFolder, threshol
     """Parasitemia per field and per folder, and both tables as CSVs."""
     summary = field_summary(cells, screening=model.screening)
     st.subheader("Parasitemia per field and per folder")
+    first = ["level", "group", "review", "likely_infected"]  # in view beside the group
     st.dataframe(
-        summary,
+        summary[first + [c for c in summary if c not in first]],
         hide_index=True,
         width="stretch",
+        placeholder="",
         column_config={
+            "review": st.column_config.TextColumn(
+                width="medium", help="Why a field or folder gets no parasitemia"
+            ),
+            "likely_infected": st.column_config.CheckboxColumn("Flag"),
             "parasitemia": st.column_config.NumberColumn(format="percent"),
             "ci_low": st.column_config.NumberColumn("95% CI low", format="percent"),
             "ci_high": st.column_config.NumberColumn("95% CI high", format="percent"),
@@ -360,6 +369,7 @@ def run_ui(model: ModelFolder) -> None:
         f"**{text.plain(info.title)}** · scored {text.minutes(info.started)} UTC with "
         f"{text.plain(text.model_label(info.weights))}"
     )
+    domain_ui(cells, info, model)
     widgets.other_model_warning(info, model, again="Find and score cells")
     threshold = threshold_ui(model)
     cells = cells.assign(prediction=calls(cells["prob_parasitized"], threshold=threshold))

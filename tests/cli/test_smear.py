@@ -39,6 +39,11 @@ def test_cli_writes_cells_and_summary_keeps_a_broken_field_and_resumes(
         "--no-progress",
     ]
     assert cli.main(args) == 1  # one error row
+    # the report opens with the fields' lab: the tiny model was never adapted to a lab
+    printed = capsys.readouterr()
+    report = printed.err.splitlines()
+    assert report[1].startswith("This model learnt from the NIH cells alone (P. falciparum")
+    assert "red cells in 3 fields" in report[-1] and printed.out  # the table, then the totals
     cells = pd.read_csv(out)
     assert list(cells.columns) == list(SMEAR_COLUMNS)
     broken = cells[cells["image"].str.endswith("broken.jpg")]

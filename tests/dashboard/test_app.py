@@ -345,6 +345,24 @@ def test_smear_page_finds_scores_and_explains_cells_of_a_field(app, cells_dir):
     assert pick.options[pick.index].startswith(f"P(Parasitized) {prob:.3f} (onnx-int8)")
     assert len(app.get("plotly_chart")) == 1  # the field, cells outlined, clickable
     assert len(app.get("download_button")) == 2
+    # at the top, before any count: these fields are another lab's than the model's cells
+    shown = list(_in_order(app.main))
+    note = next(i for i, e in enumerate(shown) if "learnt from the NIH cells alone" in _text(e))
+    assert "P\\. falciparum" in _text(shown[note]) and shown[note].type == "info"
+    assert note < min(i for i, e in enumerate(shown) if e.type == "metric")
+    summary = next(d.value for d in app.dataframe if "level" in d.value)
+    assert list(summary.columns[:4]) == ["level", "group", "review", "likely_infected"]
+
+
+def _in_order(node):
+    """The elements under ``node`` as the page draws them, top to bottom."""
+    for child in getattr(node, "children", {}).values():
+        yield child
+        yield from _in_order(child)
+
+
+def _text(element) -> str:
+    return str(getattr(element, "value", "") or "")
 
 
 # --- the label audit, out-of-fold predictions and fold runs ----------------------------------
@@ -911,6 +929,13 @@ def test_each_page_lists_its_own_runs_and_a_smear_run_reopens_from_its_link(app,
     assert not score.exception and score.session_state["results"] is None
     warned = [w.value.replace("\\", "") for w in score.warning]
     assert any("made on the Smear page; open it there" in w for w in warned), warned
+
+    app.checkbox(key=f"sure_{run_id}").check().run()  # deleted, then the same fields again
+    _button(app, "Delete run").click().run()
+    assert app.session_state["smear"] is None
+    _button(app, "Find and score cells").click().run()
+    assert not _errors(app), _errors(app)
+    assert app.session_state["smear"][2] != run_id
 
 
 def test_a_smear_run_of_files_on_this_machine_reopens_with_its_fields_drawn(

@@ -213,3 +213,12 @@ def test_the_sealed_keys_are_one_declared_list():
     for key in SEALED_KEYS:  # each changes the hash; a key outside the list does not
         assert contract_sha256({**card, key: {"v": 2}}) != base, key
     assert contract_sha256({**card, "created": "later"}) == base
+
+
+def test_a_model_is_adapted_when_its_card_records_the_adaptation(tiny_model, tmp_path):
+    from core.schema.contract import DEFAULT_WEIGHTS, ModelFolder, write_card
+
+    assert not ModelFolder.open(DEFAULT_WEIGHTS).adapted  # the NIH cells alone
+    folder = _copy_model(tiny_model, tmp_path / "m")
+    write_card(folder, {**read_card(folder), "adaptation": {"fields": 80}})
+    assert ModelFolder.open(folder).adapted

@@ -15,10 +15,13 @@ from core.schema.labels import PARASITIZED, UNINFECTED
 from core.schema.results import NO_COLOUR, OK, SMEAR_COLUMNS, UNLIKE_TRAINING
 from core.smear.fields import (
     CUT_BY_EDGE,
+    NIH_ONLY,
     RED_CELL,
     REVIEW_UNKNOWN,
     FieldError,
+    SmearTotals,
     crop_cells,
+    domain_note,
     draw_overlay,
     field_summary,
     iter_fields,
@@ -257,3 +260,26 @@ def test_a_field_whose_cells_the_model_does_not_know_gets_no_parasitemia():
     assert smear_totals(pd.DataFrame(unknown)).review
     every = field_summary(pd.DataFrame(unknown)).set_index("group").loc["slide"]
     assert every["review"] == REVIEW_UNKNOWN and np.isnan(every["parasitemia"])
+
+
+@pytest.mark.parametrize(
+    ("review", "fields_review", "adapted", "level", "says"),
+    [
+        (True, 4, False, "error", ["Another lab's fields: 70% of", "no parasitemia", NIH_ONLY]),
+        (False, 1, False, "warning", ["1 of 4 fields look like another lab's (70%", NIH_ONLY]),
+        (False, 1, True, "warning", ["1 of 4 fields", "adapted to a lab's fields"]),
+        (False, 0, False, "info", [NIH_ONLY]),
+    ],
+)
+def test_the_domain_note_says_when_fields_are_another_labs(
+    review, fields_review, adapted, level, says
+):
+    totals = SmearTotals(4, 100, 3, 0.7, fields_review, review)
+    got, words = domain_note(totals, adapted=adapted)
+    assert got == level and all(s in words for s in says), words
+    assert "unlike the cells this model was trained or adapted on" in words or level == "info"
+    assert "P. falciparum" in NIH_ONLY and "nan" not in words
+
+
+def test_an_adapted_model_that_knows_the_fields_has_no_domain_note():
+    assert domain_note(SmearTotals(4, 100, 3, 0.01, 0, False), adapted=True) is None
