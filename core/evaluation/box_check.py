@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import cv2
 import numpy as np
 
 from core.data.annotations import DIFFICULT, AnnotatedField, block_of
 from core.data.images import decode_image
 from core.inference.engines import Engine
+from core.smear.fields import ellipse_crop
 
 
 def box_crops(
@@ -34,17 +34,10 @@ def box_crops(
     for box in field.boxes:
         if box.kind == DIFFICULT:
             continue
-        x0, y0 = max(0, round(box.x)), max(0, round(box.y))
-        x1, y1 = min(width, round(box.x + box.w)), min(height, round(box.y + box.h))
-        if x1 - x0 < 4 or y1 - y0 < 4:
+        x, y, w, h = box.xywh
+        if min(x + w, width) - max(0, x) < 4 or min(y + h, height) - max(0, y) < 4:
             continue
-        crop = image[y0:y1, x0:x1]
-        mask = np.zeros(crop.shape[:2], np.uint8)
-        h, w = crop.shape[0], crop.shape[1]
-        cv2.ellipse(mask, (w // 2, h // 2), (w // 2, h // 2), 0, 0, 360, 1, thickness=-1)
-        crops.append(
-            cv2.resize(crop * mask[..., None], (size, size), interpolation=cv2.INTER_LINEAR)
-        )
+        crops.append(ellipse_crop(image, box.xywh, size=size))
         infected.append(box.infected)
     empty = np.zeros((0, size, size, 3), np.uint8)
     return (np.stack(crops) if crops else empty), np.array(infected, bool)

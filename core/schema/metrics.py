@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
 
 from core.schema.labels import PARASITIZED, UNINFECTED, as_posix, is_parasitized
+from core.schema.proportions import wilson_interval
 from core.schema.results import UNCERTAIN, calls, counted
 from core.schema.screening import Screening
 
@@ -84,21 +84,6 @@ def curves(
     roc = pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(roc_t, 1.0)})
     pr = pd.DataFrame({"recall": recall, "precision": precision, "threshold": np.append(pr_t, 1.0)})
     return roc, pr
-
-
-def wilson_interval(k: int, n: int, *, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for k successes out of n; (nan, nan) when n == 0.
-
-    The closed form scipy's ``binomtest(k, n).proportion_ci(method="wilson")`` computes
-    (tests/test_metrics.py checks they agree), without importing scipy.stats at start-up.
-    """
-    if n == 0:
-        return math.nan, math.nan
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    p, z2n = k / n, z * z / n
-    center = (p + z2n / 2) / (1 + z2n)
-    half = z / (1 + z2n) * math.sqrt(p * (1 - p) / n + z2n / (4 * n))
-    return max(0.0, center - half), min(1.0, center + half)
 
 
 NO_CASE = "(no case id)"

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from core.schema.labels import PARASITIZED
+from core.schema.proportions import binomial_p, wilson_interval
 
 RULES = ("calls", "interval")
 CALL_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98)  # the candidates ``choose`` compares
@@ -32,20 +33,6 @@ FALSE_ALARM_COST = 10  # ``choose`` trades one healthy patient flagged for ten i
 
 class ScreeningError(ValueError):
     """A card's screening record that cannot be used (unknown rule, a value out of range)."""
-
-
-def binomial_p(calls: int, cells: int, rate: float) -> float:
-    """P(X >= calls) for X ~ Binomial(cells, rate): how surprising ``calls`` would be in a
-    healthy patient; 1.0 for no calls, NaN for no cells."""
-    if cells <= 0:
-        return math.nan
-    if calls <= 0:
-        return 1.0
-    # why: scipy.special loads in a fifth of scipy.stats' second, which the first summary of
-    # a server paid (1.8 s of the Score page's first 1,000 cells on a loaded machine)
-    from scipy.special import bdtrc
-
-    return float(bdtrc(calls - 1, cells, rate))  # = scipy.stats.binom.sf(calls - 1, ...)
 
 
 @dataclass(frozen=True)
@@ -130,12 +117,6 @@ class Screening:
         return bool(p < self.alpha), p
 
 
-def _wilson_high(k: int, n: int) -> float:
-    from core.schema.metrics import wilson_interval
-
-    return wilson_interval(k, n)[1]
-
-
 def _flags(
     predictions: pd.DataFrame, call_threshold: float, rate: float, alpha: float
 ) -> pd.Series:
@@ -162,7 +143,7 @@ def choose(predictions: pd.DataFrame) -> tuple[Screening, dict]:
     def outcome(t: float, alpha: float) -> tuple:
         k = int((healthy_cells["prob_parasitized"] >= t).sum())
         # a tiny healthy sample can bound the rate at 1: keep it a rate a test can use
-        rate = min(_wilson_high(k, len(healthy_cells)), 1 - 1e-6)
+        rate = min(wilson_interval(k, len(healthy_cells))[1], 1 - 1e-6)
         flagged = _flags(predictions, t, rate, alpha)
         tp, fp = int(flagged[infected].sum()), int(flagged[~infected].sum())
         return (tp - FALSE_ALARM_COST * fp, -alpha), t, rate, alpha, tp, fp

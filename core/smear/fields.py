@@ -294,13 +294,34 @@ def match_stain(image: np.ndarray, cells: Sequence[FieldObject]) -> np.ndarray:
     return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
 
 
+def masked_crop(image: np.ndarray, x: int, y: int, mask: np.ndarray, *, size: int) -> np.ndarray:
+    """The cell whose ``mask`` (uint8 0/1, (h, w)) lies at (``x``, ``y``) in ``image``, cut to
+    the mask's box with everything outside the mask black, as in the NIH crops, and resized to
+    (size, size) without keeping the aspect ratio: uint8 (size, size, 3)."""
+    h, w = mask.shape
+    crop = image[y : y + h, x : x + w] * mask[..., None]
+    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def ellipse_crop(
+    image: np.ndarray, box: tuple[float, float, float, float], *, size: int
+) -> np.ndarray:
+    """An annotated cell: the ellipse inscribed in ``box`` (x, y, w, h; it may reach past the
+    image's edge, which then cuts the ellipse) as ``masked_crop`` cuts a segmented one."""
+    x, y, w, h = (round(v) for v in box)
+    x0, y0 = max(0, x), max(0, y)
+    x1, y1 = min(image.shape[1], x + w), min(image.shape[0], y + h)
+    mask = np.zeros((max(0, y1 - y0), max(0, x1 - x0)), np.uint8)
+    centre = (round(x + w / 2) - x0, round(y + h / 2) - y0)
+    cv2.ellipse(mask, centre, (w // 2, h // 2), 0, 0, 360, 1, thickness=-1)
+    return masked_crop(image, x0, y0, mask, size=size)
+
+
 def crop_cells(image: np.ndarray, cells: Sequence[FieldObject], *, size: int) -> np.ndarray:
-    """Each cell cut to its box with everything outside its mask black, as in the NIH crops,
-    resized to (size, size) without keeping the aspect ratio: uint8 (N, size, size, 3)."""
+    """``masked_crop`` of each cell: uint8 (N, size, size, 3)."""
     out = np.empty((len(cells), size, size, 3), np.uint8)
     for i, c in enumerate(cells):
-        crop = image[c.y : c.y + c.h, c.x : c.x + c.w] * c.mask[..., None]
-        out[i] = cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR)
+        out[i] = masked_crop(image, c.x, c.y, c.mask, size=size)
     return out
 
 

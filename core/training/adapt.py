@@ -35,7 +35,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -61,7 +60,7 @@ from core.schema.contract import ModelFolder, WeightsError, reseal
 from core.schema.files import cpu_count
 from core.schema.labels import CLASSES, PARASITIZED_INDEX, UNINFECTED_INDEX
 from core.schema.results import OK
-from core.smear.fields import crop_cells, segment
+from core.smear.fields import crop_cells, ellipse_crop, segment
 from core.training.recipe import TrainingError, augment
 
 
@@ -97,17 +96,6 @@ class LabCells:
         return f"{len(self.y):,} cells of {len(set(self.field.tolist()))} fields, {pos} infected"
 
 
-def _ellipse_crop(image: np.ndarray, box: tuple[float, float, float, float], size: int):
-    x, y, w, h = (int(round(v)) for v in box)
-    x0, y0 = max(0, x), max(0, y)
-    x1, y1 = min(image.shape[1], x + w), min(image.shape[0], y + h)
-    crop = image[y0:y1, x0:x1].copy()
-    mask = np.zeros(crop.shape[:2], np.uint8)
-    centre = ((x + w / 2) - x0, (y + h / 2) - y0)
-    cv2.ellipse(mask, (round(centre[0]), round(centre[1])), (w // 2, h // 2), 0, 0, 360, 1, -1)
-    return cv2.resize(crop * mask[..., None], (size, size), interpolation=cv2.INTER_LINEAR)
-
-
 def field_cells(field: AnnotatedField, *, size: int) -> LabCells:
     """The labelled cells of one annotated field (see the module's docstring)."""
     image = decode_image(field.path.read_bytes())
@@ -132,7 +120,7 @@ def field_cells(field: AnnotatedField, *, size: int) -> LabCells:
     y = [label[keep]]
     missed = [b for i, b in enumerate(field.boxes) if b.infected and i not in matched]
     if missed:
-        x.append(np.stack([_ellipse_crop(image, b.xywh, size) for b in missed]))
+        x.append(np.stack([ellipse_crop(image, b.xywh, size=size) for b in missed]))
         y.append(np.full(len(missed), PARASITIZED_INDEX))
     xs, ys = np.concatenate(x), np.concatenate(y)
     return LabCells(xs, ys, np.full(len(ys), field.name))

@@ -27,7 +27,6 @@ import pandas as pd
 
 from core.data.splits import Split, fold_splits, labelled_samples
 from core.evaluation.explain_check import default_pointing
-from core.nets.model import default_contract
 from core.schema.contract import (
     CARD_FILE,
     FOLDS_FILE,
@@ -46,6 +45,7 @@ from core.training.recipe import (
     command,
     config_from_args,
     data_from_args,
+    recipe_contract,
 )
 from core.training.train import CHECKPOINT, fit
 
@@ -63,7 +63,7 @@ def run_folds(
 ) -> None:
     """Train every fold not finished yet (a fold with a card is done; one with a checkpoint
     resumes)."""
-    contract = default_contract(cfg.arch)
+    contract = recipe_contract(cfg)
     for k, split in enumerate(splits):
         run = fold_dir(args.out, k)
         if (run / CARD_FILE).is_file():
@@ -158,7 +158,7 @@ def estimate(oof: pd.DataFrame, cards: list[dict], threshold: float) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     cfg = config_from_args(args)
-    contract = default_contract(cfg.arch)
+    contract = recipe_contract(cfg)
     samples, _ = labelled_samples(args.data, follow_links=args.follow_links)
     splits = fold_splits(samples, folds=args.folds, seed=cfg.seed)
     run_folds(args, cfg, splits)

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from core.nets.model import build_model, default_contract, freeze_features
+from core.nets.model import build_model, freeze_features
 from core.schema.contract import LR_FIND_FILES
 from core.schema.files import invocation, write_json
-from core.training.recipe import TrainConfig, prepare_data, training_batches
+from core.training.recipe import TrainConfig, prepare_data, recipe_contract, training_batches
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> LRFindResult:
         seed=args.seed,
         pretrained=not args.no_pretrained and args.arch == "mobilenet_v2",
     )
-    contract = default_contract(cfg.arch)
+    contract = recipe_contract(cfg)
     data = prepare_data(args.data, contract=contract, cfg=cfg, follow_links=args.follow_links)
     model = build_model(cfg.arch, pretrained=cfg.pretrained).to(memory_format=torch.channels_last)
     freeze_features(model, cfg.freeze if cfg.pretrained else 0)

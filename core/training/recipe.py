@@ -21,7 +21,7 @@ from tqdm import tqdm
 from core.data.sources import load_array
 from core.data.splits import DataError, Sample, Split, labelled_samples, split_by_case
 from core.nets.model import default_contract, normalize
-from core.schema.contract import ModelContract
+from core.schema.contract import INPUT_SIZES, ModelContract
 from core.schema.files import invocation
 from core.schema.labels import CLASSES
 from core.training.audit import read_decisions_table
@@ -46,6 +46,10 @@ class TrainConfig:
     # Leading feature modules kept at their ImageNet values (pretrained only): the 64- and 32-px
     # layers hold generic edge/colour filters and cost half of each backward pass on a CPU.
     freeze: int = 4
+    # The side the cells are resized to (the NIH crops are about 100-200 px, stored at 128):
+    # a larger input upsamples them, which ImageNet-trained filters may read better, at
+    # about (size / 128)^2 the cost.
+    input_size: int = 128
     blur: float = 0.0  # share of images blurred a little (Gaussian, sigma up to 1 px): focus varies
     # Stain jitter in haematoxylin-eosin-DAB space (Tellez et al. 2018): each stain's optical
     # density scaled by 1 +- stain and shifted by +- stain, per image; another lab's stain.
@@ -166,10 +170,12 @@ def augment(
         grey = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
         x = (x - grey) * factor(1, 1, 1) + grey  # saturation
         x = x.clamp_(0, 1)
-    if blur > 0:
+    if blur > 0:  # the same defocus on the cell whatever size it was resized to
+        scale = x.shape[-1] / 128
+        kernel = 2 * round(2 * scale) + 1
         for i in torch.nonzero(torch.rand(n, generator=generator) < blur).flatten().tolist():
             sigma = 0.3 + 0.7 * float(torch.rand(1, generator=generator))
-            x[i] = TF.gaussian_blur(x[i], kernel_size=5, sigma=sigma)
+            x[i] = TF.gaussian_blur(x[i], kernel_size=kernel, sigma=sigma * scale)
     return x
 
 
@@ -230,6 +236,17 @@ def apply_decisions(
     return out
 
 
+def recipe_contract(cfg: TrainConfig) -> ModelContract:
+    """The contract a model trained with ``cfg`` is scored under (its architecture and input
+    size; the other fields at their defaults until training fills them in)."""
+    if cfg.input_size not in INPUT_SIZES:
+        raise TrainingError(
+            f"--input-size must be in [{INPUT_SIZES.start}, {INPUT_SIZES.stop - 1}], "
+            f"got {cfg.input_size}"
+        )
+    return default_contract(cfg.arch, input_size=cfg.input_size)
+
+
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     """The command-line options of a recipe, shared by ``malaria train`` and ``malaria folds``."""
     p.add_argument("--data", required=True, nargs="+", help="labelled folder(s) or zip(s)")
@@ -266,6 +283,13 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
         help="strength of the per-image stain jitter in HED space (0.05: light, 0.2: strong)",
     )
     p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
+    p.add_argument(
+        "--input-size",
+        type=int,
+        default=TrainConfig.input_size,
+        help="side in pixels the cells are resized to (128: as stored; 160, 224: upsampled, "
+        "about (size/128)^2 the time)",
+    )
     p.add_argument(
         "--freeze",
         type=int,
@@ -322,6 +346,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         seed=args.seed,
         colour_jitter=args.colour_jitter,
         freeze=args.freeze,
+        input_size=args.input_size,
         blur=args.blur,
         stain=args.stain,
         weight_decay=args.weight_decay,
@@ -355,6 +380,8 @@ def recipe_argv(args: argparse.Namespace) -> list[str]:
         "--freeze",
         str(args.freeze),
     ]
+    if args.input_size != TrainConfig.input_size:
+        argv += ["--input-size", str(args.input_size)]
     if args.stain:
         argv += ["--stain", str(args.stain)]
     if args.average_from:
@@ -380,7 +407,7 @@ def data_from_args(args: argparse.Namespace, cfg: TrainConfig, split: Split | No
         decisions = read_decisions_table(args.relabel)
     return prepare_data(
         args.data,
-        contract=default_contract(cfg.arch),
+        contract=recipe_contract(cfg),
         cfg=cfg,
         split=split,
         progress=not args.no_progress,

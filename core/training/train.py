@@ -35,7 +35,6 @@ from tqdm import tqdm
 from core.data.splits import Sample, Split, labelled_samples
 from core.nets.model import (
     build_model,
-    default_contract,
     freeze_features,
     normalize,
     predict_proba,
@@ -53,6 +52,7 @@ from core.training.recipe import (
     command,
     config_from_args,
     data_from_args,
+    recipe_contract,
     training_batches,
 )
 
@@ -433,7 +433,7 @@ def run(args: argparse.Namespace) -> dict:
         cfg, split = TrainConfig(**ckpt["config"]), Split.from_json(ckpt["split"])
     elif args.all_patients:
         split = all_patients(args.data, seed=cfg.seed, follow_links=args.follow_links)
-    contract = default_contract(cfg.arch)
+    contract = recipe_contract(cfg)
     data = data_from_args(args, cfg, split)
     print(
         f"cases: train {len(data.split.train)}, val {len(data.split.val)}, "

@@ -213,7 +213,7 @@ def test_heatmap_check_page_reads_the_models_table(app):
     assert {"method", "layer", "pointing", "road", "ms_per_image"} <= set(table.columns)
     assert table["default"].sum() == 1
     # every figure with its count and its Wilson interval; one on a few cells is never first
-    from core.schema.metrics import wilson_interval
+    from core.schema.proportions import wilson_interval
 
     assert table["cells"].min() < 50  # the shipped check holds ScoreCAM on 4 cells
     row = table.iloc[0]

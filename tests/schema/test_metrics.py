@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from core.schema.metrics import binary_metrics, parasitemia_summary, wilson_interval
+from core.schema.metrics import binary_metrics, parasitemia_summary
 from core.schema.screening import Screening
 
 
@@ -30,25 +30,6 @@ def test_metrics_on_a_hand_checked_case():
 def test_undefined_metrics_are_nan_not_invented():
     m = binary_metrics([0, 0, 0], [0.1, 0.2, 0.3])
     assert math.isnan(m["auc"]) and math.isnan(m["sensitivity"]) and m["specificity"] == 1
-
-
-def test_wilson_interval_known_values():
-    lo, hi = wilson_interval(5, 10)
-    assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
-    lo, hi = wilson_interval(0, 50)
-    assert lo == 0 and hi == pytest.approx(0.0713, abs=1e-3)
-    assert all(math.isnan(v) for v in wilson_interval(0, 0))
-
-
-@pytest.mark.parametrize("k, n", [(0, 1), (1, 1), (3, 7), (50, 100), (1, 5000), (4999, 5000)])
-@pytest.mark.parametrize("confidence", [0.9, 0.95, 0.99])
-def test_wilson_interval_is_scipys(k, n, confidence):
-    from scipy.stats import binomtest
-
-    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
-    assert wilson_interval(k, n, confidence=confidence) == pytest.approx(
-        (ci.low, ci.high), abs=1e-12
-    )
 
 
 def test_parasitemia_summary_groups_and_flags():

@@ -7,26 +7,17 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.stats import binom
 
 from core.schema.metrics import parasitemia_summary
+from core.schema.proportions import binomial_p
 from core.schema.screening import (
     Screening,
     ScreeningError,
-    binomial_p,
     choose,
     out_of_fold_flags,
 )
 
 CALLS = Screening(rule="calls", call_threshold=0.9, rate=0.005, alpha=0.01)
-
-
-def test_the_binomial_p_value_is_the_upper_tail():
-    assert binomial_p(3, 70, 0.01) == pytest.approx(
-        sum(binom.pmf(k, 70, 0.01) for k in range(3, 71))
-    )
-    assert binomial_p(0, 70, 0.01) == 1.0
-    assert math.isnan(binomial_p(0, 0, 0.01))
 
 
 def test_a_few_confident_calls_flag_a_patient_one_does_not():

@@ -11,8 +11,10 @@ import core.evaluation.gate_check
 import core.inference.gate
 import core.training.train
 from core import cli
+from core.inference.engines import load_engine
 from core.nets.model import build_model, load_model
 from core.training import lr_find, train
+from core.training.recipe import TrainingError
 
 
 def _train_args(cells_dir, out, *extra):
@@ -89,6 +91,21 @@ def test_one_tiny_epoch_writes_history_card_weights_and_predictions(cells_dir, t
     assert preds["prob_parasitized"].between(0, 1).all()
     loaded = load_model(out)
     assert loaded.sha256 == card["sha256"]
+
+
+@pytest.mark.slow
+def test_a_model_trained_at_another_input_size_is_scored_at_that_size(cells_dir, tmp_path):
+    out = tmp_path / "run"
+    card = train.run(_train_args(cells_dir, out, "--epochs", "1", "--input-size", "64"))
+    assert "--input-size 64" in card["training_command"]
+    loaded = load_model(out)
+    assert loaded.contract.input_size == 64
+    assert load_engine(out, "torch")(np.zeros((3, 64, 64, 3), np.uint8)).shape == (3,)
+
+
+def test_an_input_size_the_networks_cannot_take_is_refused_in_one_line(cells_dir, tmp_path):
+    with pytest.raises(TrainingError, match="--input-size must be in"):
+        train.run(_train_args(cells_dir, tmp_path / "run", "--input-size", "16"))
 
 
 @pytest.mark.slow
