@@ -39,7 +39,6 @@ from core.inference.store import ResultStore, StoreError
 from core.schema.contract import WeightsError
 from core.schema.export import write_csv
 from core.smear.fields import (
-    REVIEW_UNKNOWN,
     counted_cells,
     domain_note,
     draw_overlay,
@@ -154,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.out:
             write_csv(args.out, cells)
-        summary = field_summary(cells, screening=screening)
+        summary = field_summary(cells, adapted=engine.weights.adapted, screening=screening)
         if args.summary:
             write_csv(args.summary, summary)
     except OSError as exc:
@@ -162,7 +161,8 @@ def _run(args: argparse.Namespace) -> int:
             f"cannot write the CSV ({exc}); the results are kept in the store: "
             f"export them again with --resume {run_id} --out FILE"
         )
-    note = domain_note(smear_totals(cells), adapted=engine.weights.adapted)
+    adapted = engine.weights.adapted
+    note = domain_note(smear_totals(cells, adapted=adapted), adapted=adapted)
     if note is not None:  # first: whether these fields are another lab's than the model's
         print(note[1], file=sys.stderr)
     folders = summary[summary["level"] == "folder"]
@@ -173,13 +173,13 @@ def _run(args: argparse.Namespace) -> int:
     n_err = int(cells["error"].notna().sum())
     n_cells = int(is_red_cell(cells).sum())
     n_counted = int(counted_cells(cells).sum())
-    n_review = int(((summary["level"] == "field") & (summary["review"] != "")).sum())
+    reviewed = summary.loc[(summary["level"] == "field") & (summary["review"] != ""), "review"]
     per_field = f"; {1000 * np.mean(seconds):.0f} ms per field" if seconds else ""
     print(
         f"{n_cells} red cells in {cells['image'].nunique()} fields, {n_counted} counted (the "
         f"others cut by the edge, fragments, clumps or unlike the model's cells: see the "
         f"quality column), {n_err} error rows"
-        + (f"; {n_review} fields for review: {REVIEW_UNKNOWN}" if n_review else "")
+        + "".join(f"; {n} fields for {why}" for why, n in reviewed.value_counts().items())
         + f"; run {run_id}{per_field}",
         file=sys.stderr,
     )

@@ -56,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
         "iou": IOU,
         "block_prefix": args.blocks,
         "machine_note": "seconds measured on the machine at hand; compare ratios",
+        # a model not adapted to a lab's fields gives none a parasitemia (REVIEW_NOT_ADAPTED):
+        # the figures are what it reads, which its pages and CSVs withhold
+        "withheld": not engine.weights.adapted,
     }
     for variant, norm in variants.items():
         rows = []
@@ -77,5 +80,10 @@ def run(args: argparse.Namespace) -> int:
         blocks = report[variant]["blocks"]
         print(f"\n{variant.replace('_', ' ')} (threshold {threshold:.2f}; on the fields reported)")
         print_table(blocks, SHOWN)
+    if report["withheld"]:
+        print(
+            "\nThis model was not adapted to a lab's fields: the smear page and malaria smear "
+            "give none of these fields a parasitemia (review); the figures are what it reads."
+        )
     print(f"\nwritten to {out}")
     return 0

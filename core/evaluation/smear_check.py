@@ -120,7 +120,9 @@ def check_field(
     ]
     boxes = [{"type": b.kind, "bbox": dict(zip("xywh", b.xywh, strict=True))} for b in field.boxes]
     c = field_counts(objects, boxes, result.prob, threshold)
-    totals = smear_totals(pd.DataFrame(result.rows(field.name, threshold)))
+    # what the model reads, also where it withholds it (a model not adapted reports no field):
+    # the check measures the reading, and the review the gate alone would give
+    totals = smear_totals(pd.DataFrame(result.rows(field.name, threshold)), adapted=True)
     return {
         "field": field.name,
         **c,

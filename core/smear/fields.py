@@ -69,6 +69,10 @@ CLUMP = "clump of two or more cells"
 UNKNOWN_SHARE = 0.5
 UNLIKE_MODEL = "unlike the cells this model was trained or adapted on"
 REVIEW_UNKNOWN = f"review: {UNLIKE_MODEL}"
+# A model never adapted to a lab's fields (malaria adapt) gives no field a parasitemia: it
+# learnt from NIH crops, and on another lab's fields it read about three times the boxes'
+# parasitemia (docs/smear.md); its cell calls are still listed, for review.
+REVIEW_NOT_ADAPTED = "review: the model was not adapted to a lab's fields (malaria adapt)"
 # CIELAB (OpenCV 8-bit scale) mean and std of cell pixels in 3,000 NIH crops of the shipped
 # model's 70 training patients (background and a 2 px rim left out): the stain the model knows.
 NIH_LAB_MEAN = (169.4, 142.67, 126.14)
@@ -480,13 +484,16 @@ def _unknown(cells: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     return whole, whole & (quality == UNLIKE_TRAINING)
 
 
-def under_review(cells: pd.DataFrame) -> pd.Series:
-    """Rows of the fields whose whole red cells mostly (over UNKNOWN_SHARE) lie beyond the
-    quality gate's limit: the model does not know those fields, and reports none of them."""
+def under_review(cells: pd.DataFrame, *, adapted: bool) -> pd.Series:
+    """Rows of the fields the model reports none of: those whose whole red cells mostly (over
+    UNKNOWN_SHARE) lie beyond the quality gate's limit (the model does not know those fields),
+    and for a model not ``adapted`` to a lab's fields, every field with a whole red cell."""
     whole, unknown = _unknown(cells)
     per_field = pd.DataFrame({"field": cells["image"], "whole": whole, "unknown": unknown})
     sums = per_field.groupby("field")[["whole", "unknown"]].sum()
     review = sums["unknown"] > UNKNOWN_SHARE * sums["whole"]
+    if not adapted:
+        review = sums["whole"] > 0
     return cells["image"].map(review).fillna(False).astype(bool)
 
 
@@ -495,7 +502,7 @@ class SmearTotals:
     """What a set of fields holds, over all of them (:func:`smear_totals`)."""
 
     fields: int  # images, those that gave an error row too
-    red_cells: int  # counted red cells of the fields reported
+    red_cells: int  # counted red cells of the fields reported (not adapted: of all fields)
     parasitized: int  # of them, called Parasitized
     unknown_share: float  # of all whole red cells, those unlike the cells the model knows
     fields_review: int  # fields under review (:func:`under_review`), left out of the counts
@@ -511,7 +518,13 @@ class SmearTotals:
 NIH_ONLY = (
     "This model learnt from the NIH cells alone (P. falciparum, thin-smear crops from one lab) "
     "and was not adapted to your lab (malaria adapt): these fields come from another lab than "
-    "its training cells, so read its parasitemia as out of its domain."
+    "its training cells."
+)
+NOT_ADAPTED = (
+    "No parasitemia is given: on another lab's fields a model that was not adapted read about "
+    "three times the true parasitemia. Adapt it to your lab with a few annotated fields "
+    "(the Adapt to your lab page, or malaria adapt); until then its cell calls are listed "
+    "for review, not as a count."
 )
 ADAPTED_ELSEWHERE = (
     "This model was adapted to a lab's fields (malaria adapt), but these look like another "
@@ -521,12 +534,15 @@ ADAPTED_ELSEWHERE = (
 
 def domain_note(totals: SmearTotals, *, adapted: bool) -> tuple[str, str] | None:
     """(level: "error", "warning" or "info"; plain sentences) saying whether the fields come
-    from another lab than the cells the model learnt from: an error when every field is under
-    review (REVIEW_UNKNOWN: no parasitemia at all), a warning when some are, each with what
-    the model learnt from; NIH_ONLY alone for a model that was not ``adapted`` (no field of
-    the NIH set is a whole field); None for an adapted model that knows the fields."""
+    from another lab than the cells the model learnt from. A model not ``adapted``: a warning
+    saying why no parasitemia is given (NOT_ADAPTED) when a field has whole red cells, else
+    NIH_ONLY (no field of the NIH set is a whole field). An adapted one: an error when every
+    field is under review (REVIEW_UNKNOWN: no parasitemia at all), a warning when some are,
+    None when it knows the fields."""
+    if not adapted:
+        return ("warning", f"{NIH_ONLY} {NOT_ADAPTED}") if totals.review else ("info", NIH_ONLY)
     unlike = f"{totals.unknown_share:.0%} of the whole red cells are {UNLIKE_MODEL}"
-    lab = ADAPTED_ELSEWHERE if adapted else NIH_ONLY
+    lab = ADAPTED_ELSEWHERE
     if totals.review:
         return "error", f"Another lab's fields: {unlike}, so no parasitemia is given. {lab}"
     if totals.fields_review:
@@ -534,13 +550,16 @@ def domain_note(totals: SmearTotals, *, adapted: bool) -> tuple[str, str] | None
             f"{totals.fields_review} of {totals.fields} fields look like another lab's "
             f"({unlike}): they get no parasitemia and are left out of the counts. {lab}"
         )
-    return None if adapted else ("info", NIH_ONLY)
+    return None
 
 
-def smear_totals(cells: pd.DataFrame) -> SmearTotals:
-    """Totals of SMEAR_COLUMNS rows, by their ``prediction`` (re-made at the threshold in use)."""
-    review = under_review(cells)
-    ok = counted_cells(cells) & ~review
+def smear_totals(cells: pd.DataFrame, *, adapted: bool) -> SmearTotals:
+    """Totals of SMEAR_COLUMNS rows, by their ``prediction`` (re-made at the threshold in use),
+    of the fields a model ``adapted`` or not reports (:func:`under_review`)."""
+    review = under_review(cells, adapted=adapted)
+    ok = counted_cells(cells)
+    if adapted:  # fields it does not know are left out; not adapted, it counts all, reports none
+        ok &= ~review
     whole, unknown = _unknown(cells)
     return SmearTotals(
         fields=int(cells["image"].nunique()),
@@ -553,7 +572,11 @@ def smear_totals(cells: pd.DataFrame) -> SmearTotals:
 
 
 def field_summary(
-    cells: pd.DataFrame, *, threshold: float | None = None, screening: Screening = NO_SCREENING
+    cells: pd.DataFrame,
+    *,
+    adapted: bool,
+    threshold: float | None = None,
+    screening: Screening = NO_SCREENING,
 ) -> pd.DataFrame:
     """Per field, then per folder (or zip): counted red cells (``cells``), red cells not counted
     (cut by the edge, fragments, clumps, unlike the training cells), other objects, fields that
@@ -561,7 +584,9 @@ def field_summary(
     P(Parasitized), ``likely_infected`` (``screening``'s rule: core.schema.screening),
     ``unknown_share`` (of the whole red cells, those unlike the cells the model knows) and
     ``review``: a field or folder where that share is above UNKNOWN_SHARE gets no parasitemia,
-    interval or flag, only REVIEW_UNKNOWN; a folder pools the fields that are not under review.
+    interval or flag, only REVIEW_UNKNOWN; for a model not ``adapted`` to a lab's fields no
+    field with a whole red cell gets them (REVIEW_NOT_ADAPTED). A folder pools the fields that
+    are not under review.
 
     ``cells`` holds SMEAR_COLUMNS rows; with ``threshold`` the predictions are re-made from the
     probabilities (as the dashboard's slider does)."""
@@ -598,10 +623,11 @@ def field_summary(
         "prob_sum",
         "other",
     ]
-    reported = ~under_review(cells)
+    reported = ~under_review(cells, adapted=adapted)
     parts = []
     for level in ("field", "folder"):
-        picked = rows if level == "field" else rows[reported]
+        # a folder pools the fields it reports; not adapted, it reports none but counts all
+        picked = rows if level == "field" or not adapted else rows[reported]
         counts = picked.groupby(level, sort=True)[sums].sum()
         # a folder whose every field is under review still gets a row
         groups = rows.groupby(level, sort=True)[["whole", "unknown", "errors", "other"]].sum()
@@ -609,7 +635,9 @@ def field_summary(
         s = summary_from_counts(counts, screening=screening)
         g = groups.reindex(s["group"])
         share = (g["unknown"] / g["whole"].where(g["whole"] > 0)).fillna(0.0).to_numpy()
-        if level == "field":
+        if not adapted:
+            review = (g["whole"] > 0).to_numpy()
+        elif level == "field":
             review = share > UNKNOWN_SHARE
         else:  # under review when each of its fields with red cells is
             known = picked.groupby("folder")["whole"].sum().reindex(s["group"], fill_value=0)
@@ -622,9 +650,19 @@ def field_summary(
             if level == "field"
             else g["errors"].to_numpy(),
             unknown_share=share,
-            review=np.where(review, REVIEW_UNKNOWN, ""),
+            review=np.where(
+                review, np.where(share > UNKNOWN_SHARE, REVIEW_UNKNOWN, REVIEW_NOT_ADAPTED), ""
+            ),
         )
-        hidden = ("parasitized", "parasitemia", "ci_low", "ci_high", "mean_prob", "flag_p")
+        hidden = (
+            "parasitized",
+            "parasitemia",
+            "ci_low",
+            "ci_high",
+            "mean_prob",
+            "confident",
+            "flag_p",
+        )
         for column in hidden:
             s[column] = s[column].where(~review)
         s["likely_infected"] = s["likely_infected"] & ~review

@@ -112,14 +112,19 @@ def suspects_ui() -> bool:
 # --- drawing -----------------------------------------------------------------------------
 
 
-def domain_ui(cells: pd.DataFrame, info: RunInfo, model: ModelFolder) -> None:
-    """At the top: whether these fields come from another lab than the cells that the run's
-    model (else the sidebar's, ``model``) learnt from (core.smear.fields.domain_note), in
-    red when no parasitemia is given."""
+def run_model(info: RunInfo, model: ModelFolder) -> ModelFolder:
+    """The model that scored the run, else (moved or changed since) the sidebar's ``model``."""
     if info.weights_sha256 != model.sha256:
-        with contextlib.suppress(WeightsError):  # moved or changed since: the sidebar's
-            model = ModelFolder.open(info.weights)
-    note = domain_note(smear_totals(cells), adapted=model.adapted)
+        with contextlib.suppress(WeightsError):
+            return ModelFolder.open(info.weights)
+    return model
+
+
+def domain_ui(cells: pd.DataFrame, *, adapted: bool) -> None:
+    """At the top: whether these fields come from another lab than the cells that the run's
+    model, ``adapted`` or not, learnt from (core.smear.fields.domain_note), in red when no
+    parasitemia is given."""
+    note = domain_note(smear_totals(cells, adapted=adapted), adapted=adapted)
     if note is not None:
         level, words = note
         {"error": st.error, "warning": st.warning, "info": st.info}[level](
@@ -127,10 +132,10 @@ def domain_ui(cells: pd.DataFrame, info: RunInfo, model: ModelFolder) -> None:
         )
 
 
-def totals_ui(cells: pd.DataFrame) -> None:
-    """Fields, red cells, parasitized and parasitemia over every field; the fields that gave
-    no cells, with why."""
-    totals = smear_totals(cells)
+def totals_ui(cells: pd.DataFrame, *, adapted: bool) -> None:
+    """Fields, red cells, parasitized and parasitemia over the fields a model ``adapted`` or
+    not reports; the fields that gave no cells, with why."""
+    totals = smear_totals(cells, adapted=adapted)
     a, b, c, d = st.columns(4)
     a.metric("Fields", f"{totals.fields:,}")
     b.metric("Red cells", f"{totals.red_cells:,}", help="counted: whole, single, known cells")
@@ -147,9 +152,12 @@ def totals_ui(cells: pd.DataFrame) -> None:
         st.dataframe(errors[["image", "error"]], hide_index=True, width="stretch")
 
 
-def summary_ui(cells: pd.DataFrame, run_id: str, *, model: ModelFolder, threshold: float) -> None:
-    """Parasitemia per field and per folder, and both tables as CSVs."""
-    summary = field_summary(cells, screening=model.screening)
+def summary_ui(
+    cells: pd.DataFrame, run_id: str, *, model: ModelFolder, threshold: float, adapted: bool
+) -> None:
+    """Parasitemia per field and per folder (of the fields a model ``adapted`` or not
+    reports), and both tables as CSVs."""
+    summary = field_summary(cells, adapted=adapted, screening=model.screening)
     st.subheader("Parasitemia per field and per folder")
     first = ["level", "group", "review", "likely_infected"]  # in view beside the group
     st.dataframe(
@@ -369,12 +377,13 @@ def run_ui(model: ModelFolder) -> None:
         f"**{text.plain(info.title)}** · scored {text.minutes(info.started)} UTC with "
         f"{text.plain(text.model_label(info.weights))}"
     )
-    domain_ui(cells, info, model)
+    adapted = run_model(info, model).adapted
+    domain_ui(cells, adapted=adapted)
     widgets.other_model_warning(info, model, again="Find and score cells")
     threshold = threshold_ui(model)
     cells = cells.assign(prediction=calls(cells["prob_parasitized"], threshold=threshold))
-    totals_ui(cells)
-    summary_ui(cells, run_id, model=model, threshold=threshold)
+    totals_ui(cells, adapted=adapted)
+    summary_ui(cells, run_id, model=model, threshold=threshold, adapted=adapted)
     engine = resources.store().run(run_id).engine  # the engine that gave every P on the page
     field_ui(cells, results, sources, model=model, threshold=threshold, engine=engine)
 

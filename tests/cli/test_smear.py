@@ -57,6 +57,10 @@ def test_cli_writes_cells_and_summary_keeps_a_broken_field_and_resumes(
     # every red cell is counted or listed as not counted: here the two cut by the left edge
     assert folder["cells"] + folder["not_counted"] == len(red) and folder["not_counted"] == 2
     assert folder["errors"] == 1
+    # not adapted to a lab: every field's cells counted and listed, no parasitemia given
+    assert folder["review"].startswith("review: the model was not adapted")
+    assert folder["parasitemia"] != folder["parasitemia"] and not folder["likely_infected"]
+    assert "No parasitemia is given" in printed.err
     assert len(list(overlays.glob("*.png"))) == 2
     with ResultStore(store) as s:
         run_id = s.list_runs(page="smear")["run_id"].iloc[0]

@@ -334,6 +334,9 @@ def test_smear_page_finds_scores_and_explains_cells_of_a_field(app, cells_dir):
     cells, results, run_id, _ = app.session_state["smear"]
     assert run_id and list(results) == ["slide/field.png"]
     assert int(next(m for m in app.metric if m.label == "Red cells").value) == 8
+    # the tiny model was never adapted to a lab's fields: its cells are counted, no parasitemia
+    assert next(m for m in app.metric if m.label == "Parasitemia").value == "–"
+    assert any("No parasitemia is given" in w.value for w in app.warning), app.warning
     assert cells["error"].notna().sum() == 1  # the broken field is one error row
     captions = [i.caption for e in app.get("image") for i in e.proto.imgs]
     assert any("explains" in c for c in captions), captions  # the picked cell's heatmap
@@ -348,7 +351,7 @@ def test_smear_page_finds_scores_and_explains_cells_of_a_field(app, cells_dir):
     # at the top, before any count: these fields are another lab's than the model's cells
     shown = list(_in_order(app.main))
     note = next(i for i, e in enumerate(shown) if "learnt from the NIH cells alone" in _text(e))
-    assert "P\\. falciparum" in _text(shown[note]) and shown[note].type == "info"
+    assert "P\\. falciparum" in _text(shown[note]) and shown[note].type == "warning"
     assert note < min(i for i, e in enumerate(shown) if e.type == "metric")
     summary = next(d.value for d in app.dataframe if "level" in d.value)
     assert list(summary.columns[:4]) == ["level", "group", "review", "likely_infected"]

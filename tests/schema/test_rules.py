@@ -91,10 +91,10 @@ def test_smear_totals_count_red_cells_only():
             "error": [None, None, None, "no cells found in this field"],
         }
     )
-    totals = smear_totals(cells)
+    totals = smear_totals(cells, adapted=True)
     assert (totals.fields, totals.red_cells, totals.parasitized) == (2, 2, 1)
     assert totals.parasitemia == 0.5
-    assert smear_totals(cells.iloc[2:]).parasitemia is None
+    assert smear_totals(cells.iloc[2:], adapted=True).parasitemia is None
 
 
 def test_label_smoothing_floor_is_the_entropy_of_the_smoothed_target():

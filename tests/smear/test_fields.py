@@ -15,8 +15,10 @@ from core.schema.labels import PARASITIZED, UNINFECTED
 from core.schema.results import NO_COLOUR, OK, SMEAR_COLUMNS, UNLIKE_TRAINING
 from core.smear.fields import (
     CUT_BY_EDGE,
+    FRAGMENT,
     NIH_ONLY,
     RED_CELL,
+    REVIEW_NOT_ADAPTED,
     REVIEW_UNKNOWN,
     FieldError,
     SmearTotals,
@@ -204,7 +206,7 @@ def test_field_summary_counts_red_cells_only_with_wilson_intervals():
             "error": "not a readable image",
         }
     )
-    summary = field_summary(pd.DataFrame(rows)).set_index(["level", "group"])
+    summary = field_summary(pd.DataFrame(rows), adapted=True).set_index(["level", "group"])
     a = summary.loc[("field", "slide/a.png")]
     assert (a["cells"], a["other_objects"], a["parasitized"]) == (4, 1, 1)
     assert a["parasitemia"] == 0.25
@@ -214,7 +216,9 @@ def test_field_summary_counts_red_cells_only_with_wilson_intervals():
     folder = summary.loc[("folder", "slide")]
     assert (folder["cells"], folder["errors"], folder["parasitized"]) == (4, 1, 1)
     # a threshold re-makes the predictions from the probabilities
-    low = field_summary(pd.DataFrame(rows), threshold=0.15).set_index(["level", "group"])
+    low = field_summary(pd.DataFrame(rows), adapted=True, threshold=0.15).set_index(
+        ["level", "group"]
+    )
     assert low.loc[("field", "slide/a.png"), "parasitized"] == 3
 
 
@@ -231,7 +235,7 @@ def test_only_whole_single_red_cells_inside_the_field_are_counted(composed, tiny
     rows = pd.DataFrame(result.rows("slide/f.png", 0.5))
     assert list(rows.columns) == list(SMEAR_COLUMNS)
     assert (rows.loc[rows["object"] == RED_CELL, "quality"] == OK).sum() == len(seg.cells) - 1
-    f = field_summary(rows).iloc[0]
+    f = field_summary(rows, adapted=True).iloc[0]
     assert (f["cells"], f["not_counted"], f["review"]) == (len(seg.cells) - 1, 1, "")
 
 
@@ -250,26 +254,40 @@ def _cells(image: str, qualities: list[str], parasitized: int) -> list[dict]:
 def test_a_field_whose_cells_the_model_does_not_know_gets_no_parasitemia():
     unknown = _cells("slide/a.png", [OK] * 3 + [UNLIKE_TRAINING] * 7, parasitized=1)
     known = _cells("slide/b.png", [OK] * 10 + [CUT_BY_EDGE], parasitized=2)
-    s = field_summary(pd.DataFrame(unknown + known)).set_index("group")
+    s = field_summary(pd.DataFrame(unknown + known), adapted=True).set_index("group")
     a, b, slide = s.loc["slide/a.png"], s.loc["slide/b.png"], s.loc["slide"]
     assert a["review"] == REVIEW_UNKNOWN and a["unknown_share"] == pytest.approx(0.7)
     assert np.isnan(a["parasitemia"]) and np.isnan(a["ci_low"]) and not a["likely_infected"]
     assert b["review"] == "" and b["parasitemia"] == pytest.approx(0.2) and b["not_counted"] == 1
     # the slide pools the fields it reports: b's cells only
     assert slide["review"] == "" and slide["cells"] == 10 and slide["parasitemia"] == 0.2
-    assert smear_totals(pd.DataFrame(unknown)).parasitemia is None
-    assert smear_totals(pd.DataFrame(unknown)).review
-    every = field_summary(pd.DataFrame(unknown)).set_index("group").loc["slide"]
+    assert smear_totals(pd.DataFrame(unknown), adapted=True).parasitemia is None
+    assert smear_totals(pd.DataFrame(unknown), adapted=True).review
+    every = field_summary(pd.DataFrame(unknown), adapted=True).set_index("group").loc["slide"]
     assert every["review"] == REVIEW_UNKNOWN and np.isnan(every["parasitemia"])
+
+
+def test_a_model_not_adapted_to_a_lab_gives_no_field_a_parasitemia():
+    known = _cells("slide/b.png", [OK] * 10 + [CUT_BY_EDGE], parasitized=2)
+    only_fragments = _cells("slide/c.png", [FRAGMENT] * 2, parasitized=0)
+    s = field_summary(pd.DataFrame(known + only_fragments), adapted=False).set_index("group")
+    b, c, slide = s.loc["slide/b.png"], s.loc["slide/c.png"], s.loc["slide"]
+    assert b["review"] == REVIEW_NOT_ADAPTED and np.isnan(b["parasitemia"])
+    assert b["cells"] == 10 and np.isnan(b["parasitized"]) and not b["likely_infected"]
+    assert c["review"] == ""  # no whole red cell: nothing withheld, nothing to report
+    assert slide["review"] == REVIEW_NOT_ADAPTED and np.isnan(slide["parasitemia"])
+    totals = smear_totals(pd.DataFrame(known), adapted=False)
+    assert totals.review and totals.parasitemia is None
+    assert smear_totals(pd.DataFrame(known), adapted=True).parasitemia == pytest.approx(0.2)
 
 
 @pytest.mark.parametrize(
     ("review", "fields_review", "adapted", "level", "says"),
     [
-        (True, 4, False, "error", ["Another lab's fields: 70% of", "no parasitemia", NIH_ONLY]),
-        (False, 1, False, "warning", ["1 of 4 fields look like another lab's (70%", NIH_ONLY]),
-        (False, 1, True, "warning", ["1 of 4 fields", "adapted to a lab's fields"]),
+        (True, 4, False, "warning", [NIH_ONLY, "No parasitemia is given", "Adapt it to your lab"]),
         (False, 0, False, "info", [NIH_ONLY]),
+        (True, 4, True, "error", ["Another lab's fields: 70% of", "no parasitemia"]),
+        (False, 1, True, "warning", ["1 of 4 fields look like another lab's (70%", "adapted"]),
     ],
 )
 def test_the_domain_note_says_when_fields_are_another_labs(
@@ -278,7 +296,7 @@ def test_the_domain_note_says_when_fields_are_another_labs(
     totals = SmearTotals(4, 100, 3, 0.7, fields_review, review)
     got, words = domain_note(totals, adapted=adapted)
     assert got == level and all(s in words for s in says), words
-    assert "unlike the cells this model was trained or adapted on" in words or level == "info"
+    assert "unlike the cells this model was trained or adapted on" in words or not adapted
     assert "P. falciparum" in NIH_ONLY and "nan" not in words
 
 
