@@ -310,14 +310,15 @@ def masked_crop(image: np.ndarray, x: int, y: int, mask: np.ndarray, *, size: in
 def ellipse_crop(
     image: np.ndarray, box: tuple[float, float, float, float], *, size: int
 ) -> np.ndarray:
-    """An annotated cell: the ellipse inscribed in ``box`` (x, y, w, h; it may reach past the
-    image's edge, which then cuts the ellipse) as ``masked_crop`` cuts a segmented one."""
-    x, y, w, h = (round(v) for v in box)
-    x0, y0 = max(0, x), max(0, y)
-    x1, y1 = min(image.shape[1], x + w), min(image.shape[0], y + h)
-    mask = np.zeros((max(0, y1 - y0), max(0, x1 - x0)), np.uint8)
-    centre = (round(x + w / 2) - x0, round(y + h / 2) - y0)
-    cv2.ellipse(mask, centre, (w // 2, h // 2), 0, 0, 360, 1, thickness=-1)
+    """An annotated cell as ``masked_crop`` cuts a segmented one, the ellipse inscribed in its
+    ``box`` (x, y, w, h) standing for its outline; a box past the image's edge is first cut to
+    the image (the ellipse then fills what is left of it)."""
+    x0, y0 = max(0, round(box[0])), max(0, round(box[1]))
+    x1 = min(image.shape[1], round(box[0] + box[2]))
+    y1 = min(image.shape[0], round(box[1] + box[3]))
+    w, h = max(0, x1 - x0), max(0, y1 - y0)
+    mask = np.zeros((h, w), np.uint8)
+    cv2.ellipse(mask, (w // 2, h // 2), (w // 2, h // 2), 0, 0, 360, 1, thickness=-1)
     return masked_crop(image, x0, y0, mask, size=size)
 
 

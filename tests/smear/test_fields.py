@@ -304,13 +304,12 @@ def test_an_adapted_model_that_knows_the_fields_has_no_domain_note():
     assert domain_note(SmearTotals(4, 100, 3, 0.01, 0, False), adapted=True) is None
 
 
-def test_an_annotated_cell_is_the_ellipse_of_its_box_even_where_the_edge_cuts_it():
+def test_an_annotated_cell_is_the_ellipse_of_its_box_cut_to_the_image():
     image = np.full((40, 60, 3), 200, np.uint8)
     inside = ellipse_crop(image, (10, 10, 20, 20), size=20)
     assert inside[10, 10].tolist() == [200] * 3  # the centre is kept
     assert inside[0, 0].tolist() == [0] * 3  # the corners are black
-    # a box half past the left edge: the ellipse stays centred on the box, so the crop's
-    # left column (the box's centre line) is kept, its far corners black
+    # a box half past the left edge: the ellipse fills the part inside the image
     cut = ellipse_crop(image, (-10, 10, 20, 20), size=10)
-    assert cut[5, 0].tolist() == [200] * 3
-    assert cut[0, 9].tolist() == [0] * 3 and cut[9, 9].tolist() == [0] * 3
+    assert cut[5, 5].tolist() == [200] * 3 and cut[5, 0].tolist() == [200] * 3
+    assert cut[0, 0].tolist() == [0] * 3 and cut[9, 9].tolist() == [0] * 3
