@@ -17,7 +17,7 @@ from core.explain.locate import locate
 from core.schema.contract import AUDIT_FILE, HISTORY_FILE, OOF_FILE, ModelFolder
 from core.schema.labels import PARASITIZED, UNINFECTED, case_id, file_name, is_parasitized
 from core.schema.metrics import binary_metrics, confusion_cell, label_smoothing_floor
-from core.training.audit import AuditError, read_audit
+from core.training.audit import AuditError, patient_shares, read_audit
 from dashboard import images, resources, state, stored, text
 
 PREVIEW = 4  # cells shown in a step's preview
@@ -36,22 +36,22 @@ def step(number: int, title: str) -> None:
     st.subheader(f"{number}. {title}", divider="gray")
 
 
-def cells_row(cells: list[tuple[np.ndarray, str]]) -> None:
+def cells_row(cells: list[tuple[np.ndarray, str, str]]) -> None:
     """Small images side by side, each with its caption (plain text)."""
-    for col, (image, caption) in zip(st.columns(max(len(cells), PREVIEW)), cells):
+    for col, (image, caption, _) in zip(st.columns(PREVIEW + 2), cells):
         col.image(for_display(image, width=192), caption=text.plain(caption), width="stretch")
 
 
-def repo_cells(rows: pd.DataFrame, what: str, caption) -> list[tuple[np.ndarray, str]]:
-    """The images of the first PREVIEW ``rows`` (a predictions file ``what``'s paths), each
-    with ``caption(row)``; none, with one warning, when they are not on this machine."""
+def repo_cells(rows: pd.DataFrame, what: str, caption) -> list[tuple[np.ndarray, str, str]]:
+    """(image, ``caption(row)``, path) of the first PREVIEW ``rows`` (a predictions file
+    ``what``'s paths); none, with one warning, when they are not on this machine."""
     rows = rows.head(PREVIEW)
     if images.images_missing(rows["path"].tolist(), what):
         return []
     shown = []
     for row in rows.itertuples():
         try:
-            shown.append((read_image(images.repo_source(row.path)), caption(row)))
+            shown.append((read_image(images.repo_source(row.path)), caption(row), row.path))
         except (OSError, ImageError):
             continue  # the preview shows the others; the linked page says why
     return shown
@@ -143,12 +143,16 @@ def sees_step(model: ModelFolder, check: tuple[pd.DataFrame, dict] | None) -> No
 
 
 def pointing_chart(rows: pd.DataFrame) -> go.Figure:
-    """Pointing per method (best on top), each with its 95% interval and count."""
+    """Pointing per method (best on top), each with its 95% interval, its share and count
+    beside its name."""
     rows = rows.sort_values("pointing")
     fig = go.Figure(
         go.Bar(
             x=rows["pointing"],
-            y=rows["method"],
+            y=[
+                f"{m}  {p:.1%} of {n:,}"
+                for m, p, n in zip(rows["method"], rows["pointing"], rows["cells"])
+            ],
             orientation="h",
             marker_color=[text.BRAND if d else "#1f77b4" for d in rows["default"]],
             error_x=dict(
@@ -157,16 +161,13 @@ def pointing_chart(rows: pd.DataFrame) -> go.Figure:
                 array=rows["pointing_high"] - rows["pointing"],
                 arrayminus=rows["pointing"] - rows["pointing_low"],
             ),
-            text=[f"{p:.0%} of {n:,}" for p, n in zip(rows["pointing"], rows["cells"])],
-            textposition="outside",
-            cliponaxis=False,
             hoverinfo="skip",
         )
     )
     fig.update_layout(
         height=60 + 28 * len(rows),
-        margin=dict(t=10, b=10, r=90),
-        xaxis=dict(range=[0, 1], tickformat=".0%", title="peak on the parasite"),
+        margin=dict(t=10, b=10),
+        xaxis=dict(range=[0, 1.02], tickformat=".0%", title="peak on the parasite (95% interval)"),
     )
     return fig
 
@@ -219,16 +220,17 @@ def methods_step(model: ModelFolder, check: tuple[pd.DataFrame, dict] | None) ->
 # --- 3. where it fails --------------------------------------------------------------------
 
 
-def errors_step(model: ModelFolder, part: str | None) -> set[str]:
-    """The step; the paths of the cells called wrong."""
+def errors_step(model: ModelFolder, part: str | None, preds: pd.DataFrame) -> tuple[set, list]:
+    """The step on ``preds``, the model folder's ``part`` predictions; (the paths of the cells
+    called wrong, those of the missed cells shown)."""
     step(3, "Where it fails")
     if part is None:
         st.info(
             f"This model folder has no labelled predictions ({OOF_FILE} or "
             "test_predictions.csv), so this step has no figures."
         )
-        return set()
-    preds, threshold = stored.predictions(model, part), model.contract.threshold
+        return set(), []
+    threshold = model.contract.threshold
     m = binary_metrics(
         is_parasitized(preds["label"]), preds["prob_parasitized"], threshold=threshold
     )
@@ -255,10 +257,12 @@ def errors_step(model: ModelFolder, part: str | None) -> set[str]:
             else "."
         )
     )
-    what = model.predictions(part).name
-    cells_row(
-        repo_cells(missed, what, lambda r: f"{file_name(r.path)} · p={r.prob_parasitized:.3f}")
+    shown = repo_cells(
+        missed,
+        model.predictions(part).name,
+        lambda r: f"labelled {r.label} · p={r.prob_parasitized:.3f}",
     )
+    cells_row(shown)
     left, right = st.columns(2)
     for col, (true, predicted, label) in zip(
         (left, right),
@@ -273,15 +277,17 @@ def errors_step(model: ModelFolder, part: str | None) -> set[str]:
             query_params={"data": part, "true": true, "predicted": predicted},
             icon=":material/grid_on:",
         )
-    return set(missed["path"]) | set(alarms["path"])
+    return set(missed["path"]) | set(alarms["path"]), [path for _, _, path in shown]
 
 
 # --- 4. why: the labels -------------------------------------------------------------------
 
 
-def noise_step(model: ModelFolder, errors: set[str]) -> None:
+def noise_step(model: ModelFolder, preds: pd.DataFrame | None, errors: set, shown: list) -> None:
+    """The step; ``preds`` the out-of-fold predictions (None without), ``errors`` and
+    ``shown`` as errors_step gives them on those."""
     step(4, "Why: some labels are wrong")
-    if not model.predictions("oof").is_file() or not model.audit.is_file():
+    if preds is None or not model.audit.is_file():
         st.info(
             f"This model folder has no label audit ({AUDIT_FILE}, made from {OOF_FILE} by "
             "`malaria audit`), so this step has no figures."
@@ -292,25 +298,39 @@ def noise_step(model: ModelFolder, errors: set[str]) -> None:
     except AuditError as exc:
         st.warning(f"The label audit cannot be read: {text.plain(exc)}")
         return
-    given = audit["label"].value_counts()
-    among = len(errors & set(audit["path"]))
-    top = audit.iloc[0] if len(audit) else None
+    if audit.empty:
+        st.markdown("The label audit finds no cell whose label the fold models doubt.")
+        return
+    given, rank = audit["label"].value_counts(), dict(zip(audit["path"], audit["rank"]))
+    ranks = [f"#{rank[p]}" for p in shown if p in rank]
+    shares = patient_shares(preds, audit)
+    top, among = shares.iloc[0], len(errors & set(audit["path"]))
     st.markdown(
         "Not every error is the network's. People labelled these cells, and people make "
         "mistakes. A label audit (confident learning) lists the cells whose label the fold "
         f"models doubt most: **{len(audit):,} suspects**, {given.get(PARASITIZED, 0):,} "
-        f"labelled {PARASITIZED} and {given.get(UNINFECTED, 0):,} labelled {UNINFECTED}"
-        + (f"; they are {among:,} of the {len(errors):,} errors of step 3" if errors else "")
+        f"labelled {PARASITIZED} and {given.get(UNINFECTED, 0):,} labelled {UNINFECTED}. "
+        f"{among:,} of them are among the {len(errors):,} errors of step 3"
+        + (f" (the missed cells shown there are suspects {', '.join(ranks)})" if ranks else "")
+        + f". They are not spread evenly: {(shares['suspects'] > 0).sum()} of the "
+        f"{len(shares)} patients have any, and patient {text.plain(top['case_id'])} has "
+        f"{top['suspects']} of its {top['cells']} cells among them. "
         + (
-            f". The first, labelled {top['label']}, was given P({PARASITIZED}) = "
-            f"{top['prob_parasitized']:.3f} by a model that never saw its patient"
-            if top is not None
+            f"Below, the first suspects labelled {UNINFECTED}: look for the purple dot. "
+            if given.get(UNINFECTED, 0)
             else ""
         )
-        + ". Look at them and judge, as the Audit page lets you: is the model wrong, or the "
-        "label? A relabelled cell trains the next model."
+        + "Is the model wrong, or the label? On the Audit page a class can decide, cell by "
+        "cell, and a relabelled cell trains the next model."
     )
-    cells_row(repo_cells(audit, AUDIT_FILE, lambda r: f"#{r.rank} · labelled {r.label}"))
+    labelled_uninfected = audit[audit["label"] == UNINFECTED]
+    cells_row(
+        repo_cells(
+            labelled_uninfected,
+            AUDIT_FILE,
+            lambda r: f"suspect #{r.rank} · labelled {r.label}",
+        )
+    )
     st.page_link("views/audit.py", label="Open the Audit: every suspect", icon=":material/rule:")
 
 
@@ -367,8 +387,9 @@ def lesson_page() -> None:
     part = next((p for p in ("oof", "test") if model.predictions(p).is_file()), None)
     sees_step(model, check)
     methods_step(model, check)
-    errors = errors_step(model, part)
-    noise_step(model, errors if part == "oof" else set())  # the audit's cells are out of fold
+    preds = stored.predictions(model, part) if part else pd.DataFrame()
+    errors, shown = errors_step(model, part, preds)
+    noise_step(model, preds if part == "oof" else None, errors, shown)  # the audit is out of fold
     training_step(model)
 
 
