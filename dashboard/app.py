@@ -14,6 +14,7 @@ PAGES = Path(__file__).resolve().parent / "views"
 page = st.navigation(
     [
         st.Page(PAGES / "home.py", title="Home", icon=":material/home:", default=True),
+        st.Page(PAGES / "lesson.py", title="Lesson", icon=":material/school:"),
         st.Page(PAGES / "score.py", title="Score", icon=":material/biotech:"),
         st.Page(PAGES / "smear.py", title="Smear", icon=":material/blur_on:"),
         st.Page(PAGES / "adapt.py", title="Adapt to your lab", icon=":material/tune:"),

@@ -38,6 +38,7 @@ def init_state() -> None:
         "audit_decisions": {},  # path -> {case_id, label, decision} made on Audit, this session
         "audit_note": None,  # what the last save of those decisions said
         "explain_link": None,  # query parameters that reopen the explain_item (run, cell)
+        "addresses": {},  # page -> the query parameters it wrote last (show_address)
         "score_cell": None,  # path of the cell shown large on Score
         "score_thumbs": None,  # (run id, {path: thumbnail data URL}) made for the Score table
         "evaluate_cell": None,  # path of the cell shown large on Evaluate
@@ -104,6 +105,21 @@ def set_page_params(params: dict[str, str]) -> None:
     st.query_params.from_dict({**params, **({MODEL_PARAM: model} if model else {})})
 
 
+def followed_link(page: str) -> dict[str, str]:
+    """The query parameters of a link that brought this run to ``page`` (a lesson step, a
+    shared address, a reload): its own parameters when there are any and they are not the
+    ones it wrote last with show_address; {} otherwise (the sidebar, or a rerun)."""
+    params = page_params()
+    return params if params and params != st.session_state["addresses"].get(page) else {}
+
+
+def show_address(page: str, params: dict[str, str]) -> None:
+    """Make ``params`` ``page``'s query parameters, naming what it shows, and its own: only a
+    link that names something else is followed."""
+    st.session_state["addresses"][page] = params
+    set_page_params(params)
+
+
 def linked_model(labels: dict[str, str]) -> None:
     """On a session's first run (a reload, a shared link), select the model that the address
     names (``?model=``, as the sidebar labels it) when it is one of ``labels`` (label -> model
@@ -167,6 +183,7 @@ def open_in_explain(name: str, data: bytes, link: dict[str, str] | None = None) 
     """Show the image ``data`` on the Explain page; ``link`` (query parameters: run and cell)
     lets a reload or a shared link find it again."""
     st.session_state.update(explain_item=(name, data), explain_link=link)
+    st.session_state["addresses"]["explain"] = link or {}  # handed over: not a link to follow
     st.switch_page("views/explain.py", query_params=link)
 
 

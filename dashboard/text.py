@@ -25,6 +25,12 @@ LOG_AXIS = dict(
     minor=dict(dtick="D2", ticks="outside", showgrid=True, gridcolor="#f0f0f0"),
 )
 
+POINTING = {  # a Parasitized map's pointing check (Explanation.points_at_parasite), in short
+    True: "✔ peak on the parasite",
+    False: "✘ peak off the parasite",
+    None: "no parasite located",
+}
+
 # every ASCII punctuation mark but "/", which Markdown gives no meaning alone (paths stay readable)
 _MARKDOWN_SPECIAL = re.compile("([" + re.escape(string.punctuation.replace("/", "")) + "])")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -64,3 +70,11 @@ def model_label(folder: Path | str) -> str:
 def minutes(iso: str) -> str:
     """An ISO 8601 time (``2026-11-26T23:43:52+00:00``) to the minute: ``2026-11-26 23:43``."""
     return iso[:16].replace("T", " ")
+
+
+def share_text(share: float, low: float, high: float, n: int) -> str:
+    """``63.1% (59.6–66.5%) of 750``: a share with its 95% interval and count, never "nan"
+    (a share of none: every map flat)."""
+    if share != share:
+        return f"none (every map flat) of {n:,}"
+    return f"{share:.1%} ({100 * low:.1f}–{high:.1%}) of {n:,}"

@@ -32,11 +32,6 @@ from dashboard import images, resources, state, text
 PER_PAGE = 12
 PER_ROW = 4  # suspects side by side, each with its heatmap
 ALL = "All"
-MARKS = {
-    True: "✔ peak on the parasite",
-    False: "✘ peak off the parasite",
-    None: "no parasite located",
-}
 
 
 @dataclass(frozen=True)
@@ -297,7 +292,7 @@ def gallery_ui(shown: pd.DataFrame, decision_of: dict, model: ModelFolder) -> No
                 text.plain(
                     f"#{row.rank} · {row.case_id} · given {row.label}, suggested "
                     f"{row.suggested_label} · P({PARASITIZED}) {row.prob_parasitized:.3f} · "
-                    f"score {row.score:.3f} · {MARKS[e.points_at_parasite]}"
+                    f"score {row.score:.3f} · {text.POINTING[e.points_at_parasite]}"
                 )
             )
             decision_ui(row, decision_of.get(row.path))

@@ -24,7 +24,7 @@ from core.schema.calibration import (
 from core.schema.contract import ModelFolder
 from core.schema.labels import CLASSES, file_name, is_parasitized
 from core.schema.metrics import binary_metrics, confusion_cell, curves, per_case
-from dashboard import images, resources, state, text, widgets
+from dashboard import images, resources, state, stored, text, widgets
 
 MEANING = {  # what each metric says, for students
     "accuracy": "share of all cells called right",
@@ -43,6 +43,7 @@ OOF = "Out-of-fold: all development patients"
 TEST = "The model's test split (unseen patients)"
 UPLOAD = "A labelled upload"
 SPLITS = {OOF: "oof", TEST: "test"}
+PAGE = "evaluate"  # its address: state.show_address
 GALLERY = 12  # cells of a confusion-matrix cell shown, the most confident first
 
 
@@ -133,11 +134,39 @@ def labelled_upload_ui(model: ModelFolder) -> tuple[pd.DataFrame, dict[str, Imag
     return preds, images.sources_for(items)
 
 
+def follow_link(parts: list[str]) -> None:
+    """The data and matrix cell that a link to the page names (``?data=oof&true=Parasitized
+    &predicted=Uninfected``: the missed parasites of the out-of-fold predictions), among
+    ``parts``, the model folder's predictions; a bad link is one warning."""
+    params = state.followed_link(PAGE)
+    if not params:
+        return
+    part, true, predicted = (params.get(k) for k in ("data", "true", "predicted"))
+    if part not in parts:
+        st.warning(
+            f"The data in this page's link ({text.plain(str(part)[:60])}) is not one of this "
+            f"model's predictions ({', '.join(parts) or 'none'})."
+        )
+        return
+    choice = next(label for label, p in SPLITS.items() if p == part)
+    state.preset("evaluate_data", choice)
+    if true is None and predicted is None:
+        st.session_state["cm_cell"] = None
+    elif true in CLASSES and predicted in CLASSES:
+        st.session_state.update(cm_cell=(choice, true, predicted), evaluate_cell=None)
+    else:
+        st.warning(
+            "The matrix cell in this page's link must be given as true= and predicted=, each "
+            f"one of {', '.join(CLASSES)}."
+        )
+
+
 def data_ui(model: ModelFolder) -> Labelled:
     """Which labelled predictions to evaluate: the model folder's out-of-fold or test
     predictions (whichever it has), or a labelled upload, scored here."""
     files = {label: model.predictions(part) for label, part in SPLITS.items()}
     files = {label: path for label, path in files.items() if path.is_file()}
+    follow_link([SPLITS[label] for label in files])
     choices = [*files, UPLOAD]
     choice = state.kept(
         st.radio,
@@ -149,9 +178,7 @@ def data_ui(model: ModelFolder) -> Labelled:
         allowed=choices,
     )
     if choice in files:
-        # saved as the networks said (temperature 1): shown on the model's calibrated scale
-        preds = pd.read_csv(files[choice])
-        preds["prob_parasitized"] = rescale(preds["prob_parasitized"], model.contract.temperature)
+        preds = stored.predictions(model, SPLITS[choice])
         st.caption(predictions_caption(preds, oof=choice == OOF))
         return Labelled(choice, preds, file=files[choice].name)
     return Labelled(choice, *labelled_upload_ui(model))
@@ -463,6 +490,9 @@ def evaluate_page() -> None:
 
     picked = st.session_state.get("cm_cell")
     chosen = picked[1:] if picked and picked[0] == data.choice else None
+    # the address names the data and matrix cell on show (an upload's cannot be named)
+    named = {"data": SPLITS.get(data.choice, ""), **dict(zip(("true", "predicted"), chosen or ()))}
+    state.show_address(PAGE, named if data.choice in SPLITS else {})
     left, right = st.columns([1, 1])
     with left:
         st.subheader("Confusion matrix")

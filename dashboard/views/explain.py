@@ -45,6 +45,7 @@ HEATMAP_HELP = (
 SOURCES = ["Sample or upload", "A cell from the scored results"]
 NO_SAMPLE = "—"
 PER_ROW = 4  # panels in a row: the original, then one per method
+PAGE = "explain"  # its address: state.show_address
 
 Item = tuple[str, bytes]  # (name, bytes) of the image on show
 
@@ -88,13 +89,23 @@ def _take_sample() -> None:  # a picked sample is shown; "—" goes back to the 
     st.session_state["explain_link"] = None
 
 
-def open_linked_item(samples: dict[str, bytes]) -> None:
-    """The cell the page's address names (a reload, or a link), else the first sample: the
-    page is never empty."""
-    params = state.page_params()
-    if st.session_state.get("explain_item") is None and params:
+def open_linked_item(samples: dict[str, bytes], model: ModelFolder) -> None:
+    """The cell and stage that a link to the page names (``?sample=NAME&layer=features.6``, a
+    run's or a split's cell: state.linked_cell), else the cell on show, else the first
+    sample: the page is never empty. A bad link is one warning."""
+    params = state.followed_link(PAGE)
+    layer, layers = params.pop("layer", None), model.contract.cam_layers
+    if layer is not None and layer not in layers:
+        st.warning(
+            f"The layer in this page's link ({text.plain(layer[:60])}) is not a stage of this "
+            f"model ({', '.join(layers)}): the layer is left as it was."
+        )
+    elif layer is not None:
+        state.preset("explain_layer", layer)
+    if params:
         try:
             st.session_state.update(explain_item=state.linked_cell(params), explain_link=params)
+            state.preset("explain_source", SOURCES[0])
         except LookupError as exc:
             st.warning(f"The cell in this page's link cannot be shown: {text.plain(exc)}")
     if st.session_state.get("explain_item") is None and samples:
@@ -372,23 +383,24 @@ def explain_page() -> None:
     with st.expander("What a heatmap shows, and what it does not", expanded=False):
         st.markdown(HEATMAP_HELP)
     samples = _sample_cells()  # name -> bytes of the bundled sample cells
-    open_linked_item(samples)
+    open_linked_item(samples, model)
     if source_ui() == SOURCES[0]:
         item, link = upload_or_sample_ui(samples)
     else:
         item, link = scored_cell_ui()
     if item is None:
-        state.set_page_params({})
+        state.show_address(PAGE, {})
         st.info("Pick a sample cell or upload one.")
         st.stop()
-    # the address names the cell on show, so a reload or a shared link shows it again
-    state.set_page_params({"sample": item[0]} if item[0] in samples else link or {})
+    options = map_options_ui(model.contract)
+    # the address names the cell and stage on show, so a reload or a shared link shows them
+    cell = {"sample": item[0]} if item[0] in samples else link
+    state.show_address(PAGE, {**cell, "layer": options.layer} if cell else {})
     try:
         image = decode_image(item[1])
     except ImageError as exc:
         st.error(text.plain(f"{item[0]}: {exc}"))
         st.stop()
-    options = map_options_ui(model.contract)
     if any(m in SLOW_METHODS for m in options.methods):
         st.warning(
             "ScoreCAM and AblationCAM run the network hundreds of times per image: "

@@ -13,9 +13,10 @@ INTRO = (
     "models of its recipe).\n\n"
     "- **Analysts**: score folders or zips of thousands of cells, read the infection rate "
     "(parasitemia) per patient or slide, export CSVs — on the **Score** page.\n"
-    "- **Educators**: show *why* the network decides with several heatmap methods side by side "
-    "on **Explain**; walk through errors on the clickable confusion matrix of **Evaluate**; "
-    "show the learning curves on **Training**.\n\n"
+    "- **Educators**: follow the **Lesson** page's five steps with a class, or show *why* the "
+    "network decides with several heatmap methods side by side on **Explain**; walk through "
+    "errors on the clickable confusion matrix of **Evaluate**; show the learning curves on "
+    "**Training**.\n\n"
     "Everything runs on this computer; no image leaves it."
 )
 

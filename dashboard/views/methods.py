@@ -1,8 +1,6 @@
 """Heatmap check: how often each method, at each stage of the network, peaks on the parasite
 the stain rule locates (``malaria check heatmaps``), the Explain page's default outlined."""
 
-import json
-
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -10,30 +8,22 @@ import streamlit as st
 
 from core.schema.contract import ModelFolder
 from core.schema.proportions import wilson_interval
-from dashboard import state, text
+from dashboard import state, stored, text
 
-MIN_CELLS = 50  # a pointing on fewer cells is too uncertain to rank (4 of 4 is 51-100%)
-GREY = "#ececec"  # the background of those figures
+GREY = "#ececec"  # the background of figures on too few cells
 SHARE = ("pointing", "pointing_low", "pointing_high", "cells")  # share_text's arguments
-
-
-def check_command(model: ModelFolder) -> str:
-    """The command that (re)computes the model's heatmap check."""
-    return f"malaria check heatmaps --weights {text.model_label(model.path)}" + (
-        "" if model.split["test"] else " --split oof"
-    )
 
 
 def read_check(model: ModelFolder) -> tuple[pd.DataFrame, dict]:
     """(one row per method and stage, the check's summary); st.info and stop without one."""
-    table_path, summary_path = model.explain_check()
-    if not table_path.is_file() or not summary_path.is_file():
+    check = stored.heatmap_check(model)
+    if check is None:
         st.info(
             f"This model has no heatmap check yet. Compute it (tens of minutes on a CPU) with "
-            f"`{check_command(model)}`"
+            f"`{stored.check_command(model)}`"
         )
         st.stop()
-    return pd.read_csv(table_path), json.loads(summary_path.read_text())
+    return check
 
 
 def stale_ui(summary: dict, model: ModelFolder) -> None:
@@ -42,62 +32,18 @@ def stale_ui(summary: dict, model: ModelFolder) -> None:
     if made_at != layer:
         st.warning(
             f"This check was computed when the model's default stage was {made_at}; it "
-            f"is {layer} now: recompute it with `{check_command(model)}`."
+            f"is {layer} now: recompute it with `{stored.check_command(model)}`."
         )
     if summary.get("model_sha256") != model.sha256:
         st.warning(
             "This check was computed for other weights than the model's current ones: "
-            f"recompute it with `{check_command(model)}`."
+            f"recompute it with `{stored.check_command(model)}`."
         )
-
-
-def cells_text(summary: dict, model: ModelFolder) -> str:
-    """Which cells the check ran on, and (for a model trained on every patient) where the
-    default map points on the patients its fold models never saw."""
-    if summary["split"] != "oof":
-        return (
-            f"**{summary['parasitized_cells']:,} Parasitized cells of {summary['cases']} test "
-            "patients** the model never saw in training"
-        )
-    unseen = model.heatmap_estimate
-    return (
-        f"**{summary['parasitized_cells']:,} Parasitized development cells of "
-        f"{summary['cases']} patients**: this model was trained on every patient, so these are "
-        "cells it learnt"
-        + (
-            f" (the same recipe's {unseen.folds} fold models, each on the patients it never "
-            f"saw: the default map peaks on the parasite in **{unseen.pointing:.1%}** of "
-            f"{unseen.cells:,} cells)"
-            if unseen
-            else ""
-        )
-    )
-
-
-def with_intervals(table: pd.DataFrame) -> pd.DataFrame:
-    """The check's table with each pointing's 95% Wilson interval (``pointing_low``,
-    ``pointing_high``) and ``few``: measured on fewer than MIN_CELLS cells, so shown greyed
-    and never ranked first. The table keeps shares, so the count of hits is rounded from one."""
-    hits = (table["pointing"] * table["cells"]).round()
-    nan = (float("nan"), float("nan"))
-    ci = [wilson_interval(int(k), int(n)) if k == k else nan for k, n in zip(hits, table["cells"])]
-    return table.assign(
-        pointing_low=[lo for lo, _ in ci],
-        pointing_high=[hi for _, hi in ci],
-        few=table["cells"] < MIN_CELLS,
-    )
 
 
 def ranked(table: pd.DataFrame) -> pd.DataFrame:
     """Best pointing first, among the figures on enough cells; the few-cell ones after."""
     return table.sort_values(["few", "pointing"], ascending=[True, False], na_position="last")
-
-
-def share_text(pointing: float, low: float, high: float, n: int) -> str:
-    """``63.1% (59.6–66.5%) of 750``: a share with its interval and count, never "nan"."""
-    if pointing != pointing:
-        return f"none (every map flat) of {n:,}"
-    return f"{pointing:.1%} ({100 * low:.1f}–{high:.1%}) of {n:,}"
 
 
 def pointing_grid(table: pd.DataFrame, method: str, layer: str) -> go.Figure:
@@ -125,7 +71,7 @@ def pointing_grid(table: pd.DataFrame, method: str, layer: str) -> go.Figure:
         ]
         for row in at
     ]
-    hover = [[share_text(*cell) for cell in row] for row in at]
+    hover = [[text.share_text(*cell) for cell in row] for row in at]
     sizes = table.drop_duplicates("layer").set_index("layer")["map_size"]
     common = dict(
         x=[f"{name}<br>{sizes[name]}" for name in layers],
@@ -187,12 +133,12 @@ def reading_text(table: pd.DataFrame, summary: dict) -> str:
         "**Reading.** The outlined cell is what the Explain page shows first: "
         f"**{default['method']} at {default['layer']}**. Explaining the class the model "
         "*predicts* (so a missed parasite gets a map for 'Uninfected'), its peak lands on the "
-        f"parasite in **{share_text(default['pointing'], *ci, n)}** checked cells."
+        f"parasite in **{text.share_text(default['pointing'], *ci, n)}** checked cells."
         + (
             ""
             if last.empty
             else f" Grad-CAM at the last stage ({last.iloc[0]['map_size']}), the usual choice, "
-            f"does in {share_text(*last.iloc[0][list(SHARE)])}"
+            f"does in {text.share_text(*last.iloc[0][list(SHARE)])}"
             f" with a ROAD of {last.iloc[0]['road']:+.2f}: "
             "ROAD tells whether the model uses the highlighted pixels, not whether they are the "
             "parasite."
@@ -234,7 +180,8 @@ def check_table(table: pd.DataFrame) -> None:
             "pointing_high": st.column_config.NumberColumn("95% CI high", format="percent"),
             "cells": st.column_config.NumberColumn("cells (pointing)"),
             "few": st.column_config.CheckboxColumn(
-                f"under {MIN_CELLS} cells", help="Too few cells to rank: shown greyed, ranked last"
+                f"under {stored.MIN_CELLS} cells",
+                help="Too few cells to rank: shown greyed, ranked last",
             ),
             "mass_in_cell": st.column_config.NumberColumn("map on the cell", format="percent"),
             "road": st.column_config.NumberColumn("ROAD", format="%+.3f"),
@@ -249,14 +196,12 @@ def methods_page() -> None:
     st.title("Heatmap check: which explanations find the parasite")
     model = state.current_model()
     table, summary = read_check(model)
-    table = with_intervals(table)
-    # the method is code's (core.explain); the stage is the model's
     method, layer = summary["default"]["method"], model.contract.target_layer
-    table["default"] = (table["method"] == method) & (table["layer"] == layer)
     stale_ui(summary, model)
     st.markdown(
-        f"Every method at every stage of the network, on the {cells_text(summary, model)}. A "
-        "colour rule that knows nothing of the network locates the stained parasite "
+        "Every method at every stage of the network, on the "
+        f"{stored.cells_text(summary, model)}. A colour rule that knows nothing of the "
+        "network locates the stained parasite "
         f"(it finds one in {summary['locator_found_parasitized']:.0%} of Parasitized and "
         f"{summary['locator_found_uninfected']:.0%} of Uninfected cells); the "
         f"{summary['cells_checked']:,} cells where it does are the ones checked. **Pointing** is "
@@ -267,11 +212,11 @@ def methods_page() -> None:
     st.markdown(reading_text(table, summary))
     check_table(table)
     st.caption(
-        f"Recompute with `{check_command(model)}`. ROAD costs about half a second a map, so "
+        f"Recompute with `{stored.check_command(model)}`. ROAD costs about half a second a map, so "
         "it is averaged over fewer cells; maps slower than 0.1 s an image (ScoreCAM, "
         "AblationCAM) are measured on fewer cells too: each row says how many. Intervals are "
-        f"95% Wilson intervals; a figure on fewer than {MIN_CELLS} cells is greyed and ranked "
-        "after every other, whatever its share."
+        f"95% Wilson intervals; a figure on fewer than {stored.MIN_CELLS} cells is greyed and "
+        "ranked after every other, whatever its share."
     )
 
 

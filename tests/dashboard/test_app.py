@@ -21,6 +21,7 @@ ROOT = REPO_ROOT
 APP = str(ROOT / "dashboard" / "app.py")
 PAGES = (
     "views/home.py",
+    "views/lesson.py",
     "views/score.py",
     "views/smear.py",
     "views/adapt.py",
@@ -982,3 +983,153 @@ def test_the_model_is_in_the_address_and_a_reload_keeps_it(app):
         [warning] = [w.value for w in other.warning]
         assert "is not one of the model folders this app lists" in warning
         assert "\n" not in warning and "](" not in warning
+
+
+# --- the lesson ------------------------------------------------------------------------------
+
+
+def _lesson_links(at: AppTest) -> dict[str, tuple[str, dict[str, str]]]:
+    """The lesson's links: label -> (page file, query parameters)."""
+    from urllib.parse import parse_qsl
+
+    return {
+        link.proto.label: (f"views/{link.proto.page}.py", dict(parse_qsl(link.proto.query_string)))
+        for link in at.get("page_link")
+    }
+
+
+def _follow(at: AppTest, page: str, params: dict[str, str]) -> AppTest:
+    """Open ``page`` as a link with ``params`` does, in the same session."""
+    at.query_params.clear()
+    at.query_params.update(params)
+    return at.switch_page(page).run()
+
+
+def test_the_lesson_tells_each_step_with_the_model_folders_figures(app):
+    import pandas as pd
+
+    from core.schema.calibration import rescale
+    from core.schema.contract import DEFAULT_WEIGHTS, ModelFolder
+    from core.schema.labels import is_parasitized
+    from core.schema.metrics import binary_metrics
+
+    app.switch_page("views/lesson.py").run()
+    assert not _errors(app), _errors(app)
+    assert not app.info and not app.warning  # the shipped model has every file
+    steps = [h.value for h in app.subheader]
+    assert steps == [
+        "1. What the network sees",
+        "2. Which heatmaps find the parasite",
+        "3. Where it fails",
+        "4. Why: some labels are wrong",
+        "5. How it learnt",
+    ]
+    said = " ".join(m.value for m in app.markdown)
+    model = ModelFolder.open(DEFAULT_WEIGHTS)
+    check = pd.read_csv(model.explain_check()[0]).set_index(["method", "layer"])
+    for layer in ("features.18", "features.6"):  # the last stage against the default
+        row = check.loc[("hirescam", layer)]
+        assert f"**{row['pointing']:.1%} (" in said and f"of {row['cells']:,}** " in said
+    oof = pd.read_csv(model.predictions("oof"))
+    p = rescale(oof["prob_parasitized"], model.contract.temperature)
+    m = binary_metrics(is_parasitized(oof["label"]), p, threshold=model.contract.threshold)
+    assert f"**{m['fn']:,}** parasitized cells and raises **{m['fp']:,}** false alarms" in said
+    assert f"each of the {len(oof):,} development cells" in said
+    audit = pd.read_csv(model.audit)
+    assert f"**{len(audit):,} suspects**" in said
+    history = pd.read_csv(model.history)
+    assert f"Over its {len(history)} epochs" in said
+    assert f"went from {history['train_loss'].iloc[0]:.3f}" in said
+    assert "nan" not in said.lower().replace("nant", "")  # never a missing value as "nan"
+    captions = [i.caption for e in app.get("image") for i in e.proto.imgs]
+    assert sum("hirescam at features" in c for c in captions) == 2  # the two maps
+    assert sum("labelled Parasitized" in c for c in captions) == 4  # missed, from the zip
+    assert sum(c.startswith("suspect \\#") for c in captions) == 4  # labelled Uninfected
+    assert set(_lesson_links(app)) >= {
+        "Open in Explain at features.18",
+        "Open in Explain at features.6",
+        "Open the Heatmap check: every method at every stage",
+        "Open the missed parasites in Evaluate",
+        "Open the Audit: every suspect",
+        "Open the Training curves and the range test",
+    }
+
+
+def test_a_lesson_on_a_model_folder_without_its_files_says_so_step_by_step(app, own_model):
+    app.switch_page("views/lesson.py").run()
+    assert not _errors(app), _errors(app)
+    assert len(app.subheader) == 5
+    said = [i.value for i in app.info]
+    assert len(said) == 4 and all("so this step has no figures" in s for s in said), said
+    assert any("malaria check heatmaps --weights" in s for s in said)
+    # the maps of step 1 need no file: they are drawn for the model on show
+    assert sum("at features" in i.caption for e in app.get("image") for i in e.proto.imgs) == 2
+
+
+def test_each_lesson_link_opens_its_view_set_up(app):
+    from core.schema.labels import PARASITIZED, UNINFECTED
+
+    app.switch_page("views/lesson.py").run()
+    links = _lesson_links(app)
+    page, params = links["Open in Explain at features.6"]
+    assert page == "views/explain.py" and params["layer"] == "features.6"
+    app.switch_page("views/explain.py").run()  # the Explain page, set to another stage
+    app.selectbox(key="explain_layer").set_value("features.13").run()
+    app.selectbox(key="explain_sample").set_value(
+        next(o for o in app.selectbox(key="explain_sample").options if "Uninfected" in o)
+    ).run()
+    _follow(app, *links["Open in Explain at features.6"])
+    assert not _errors(app), _errors(app)
+    assert app.selectbox(key="explain_layer").value == "features.6"
+    assert app.session_state["explain_item"][0] == params["sample"]
+    captions = [i.caption for e in app.get("image") for i in e.proto.imgs]
+    assert sum("features.6 · 16x16 map" in c for c in captions) == 3
+    assert app.query_params["layer"] == "features.6"  # the address names what is on show
+    _follow(app, *links["Open in Explain at features.18"])
+    assert app.selectbox(key="explain_layer").value == "features.18"
+    app.switch_page("views/home.py").run()  # and back by the sidebar: kept, not re-followed
+    app.query_params.clear()
+    app.switch_page("views/explain.py").run()
+    assert app.selectbox(key="explain_layer").value == "features.18"
+
+    page, params = links["Open the missed parasites in Evaluate"]
+    _follow(app, page, params)
+    assert not _errors(app), _errors(app)
+    assert app.radio(key="evaluate_data").value.startswith("Out-of-fold")
+    assert app.session_state["cm_cell"][1:] == (PARASITIZED, UNINFECTED)
+    assert any(
+        h.value.startswith("True Parasitized, predicted Uninfected: ") for h in app.subheader
+    )
+    _follow(app, *links["Open the false alarms in Evaluate"])
+    assert app.session_state["cm_cell"][1:] == (UNINFECTED, PARASITIZED)
+    for label, view in (
+        ("Open the Heatmap check: every method at every stage", "Heatmap check"),
+        ("Open the Audit: every suspect", "Label audit"),
+    ):
+        _follow(app, *links[label])
+        assert not _errors(app), _errors(app)
+        assert app.title[0].value.startswith(view)
+
+
+def test_a_bad_link_to_explain_or_evaluate_is_one_line(app):
+    def opened(page: str, params: dict[str, str], said: str) -> AppTest:
+        at = AppTest.from_file(APP, default_timeout=180)
+        at.query_params.update(params)
+        at.switch_page(page).run()
+        assert not _errors(at), _errors(at)
+        [warning] = [w.value for w in at.warning]
+        assert said in warning and "\n" not in warning, warning
+        return at
+
+    sample = "samples/Uninfected/C46P7ThinF_IMG_20151130_210843_cell_59.png"
+    at = opened("views/explain.py", {"sample": sample, "layer": "features.99"}, "not a stage")
+    assert at.selectbox(key="explain_layer").value == "features.6"  # the model's default
+    assert at.session_state["explain_item"][0] == sample  # the cell is followed
+    at = opened("views/explain.py", {"sample": "x.png", "layer": "features.1"}, "no sample cell")
+    assert at.selectbox(key="explain_layer").value == "features.1"  # the stage is followed
+    at = opened("views/evaluate.py", {"data": "train"}, "not one of this model's predictions")
+    assert at.session_state["cm_cell"] is None
+    bad_cell = {"data": "oof", "true": "Sick", "predicted": "Uninfected"}
+    at = opened("views/evaluate.py", bad_cell, "true=")
+    assert at.session_state["cm_cell"] is None  # the matrix cell refused, the data followed
+    assert at.radio(key="evaluate_data").value.startswith("Out-of-fold")

@@ -393,3 +393,24 @@ def test_a_reload_keeps_the_model_and_the_smear_run_on_show(server, page):
     page.get_by_text("keeps its results, not its images").wait_for()  # an upload's fields
     page.get_by_text("Past runs").wait_for()
     assert page.get_by_text("Traceback").count() == 0
+
+
+def test_a_lesson_link_opens_explain_at_the_stage_it_names(server, page):
+    """The Lesson page as a teacher shows it; its first link opens Explain at the network's
+    last stage, over a layer the Explain page was showing before."""
+    page.goto(f"{server}/explain")
+    layer = page.get_by_role("combobox", name="Layer")
+    playwright.expect(layer).to_have_value("features.6", timeout=120_000)
+    page.wait_for_function(IDLE, timeout=300_000)
+    page.get_by_test_id("stSidebarNavLink").filter(has_text="Lesson").click()
+    page.get_by_text("5. How it learnt").wait_for(timeout=120_000)
+    page.wait_for_function(DRAWN, timeout=120_000)
+    page.set_viewport_size({"width": 1400, "height": 3400})  # every step in one picture
+    page.screenshot(path=str(SHOTS / "lesson.png"), full_page=True)
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    page.get_by_role("link", name="Open in Explain at features.18").click()
+    page.get_by_text("Explain a prediction").wait_for()
+    playwright.expect(layer).to_have_value("features.18", timeout=120_000)
+    page.get_by_text("features.18 · 4x4 map").first.wait_for(timeout=300_000)
+    assert "layer=features.18" in page.url and "sample=" in page.url
+    assert page.get_by_text("Traceback").count() == 0
