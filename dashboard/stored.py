@@ -9,7 +9,7 @@ import pandas as pd
 
 from core.schema.calibration import rescale
 from core.schema.contract import ModelFolder
-from core.schema.metrics import wilson_interval
+from core.schema.proportions import wilson_interval
 from dashboard import text
 
 MIN_CELLS = 50  # a pointing on fewer cells is too uncertain to rank (4 of 4 is 51-100%)

@@ -1015,7 +1015,10 @@ def test_the_lesson_tells_each_step_with_the_model_folders_figures(app):
 
     app.switch_page("views/lesson.py").run()
     assert not _errors(app), _errors(app)
-    assert not app.info and not app.warning  # the shipped model has every file
+    from tests.helpers import SHARED_DATA
+
+    cells_here = (SHARED_DATA / "nih_cells_dev.zip").is_file()  # the previews read the zip
+    assert not app.info and (not app.warning or not cells_here)  # the model has every file
     steps = [h.value for h in app.subheader]
     assert steps == [
         "1. What the network sees",
@@ -1043,8 +1046,9 @@ def test_the_lesson_tells_each_step_with_the_model_folders_figures(app):
     assert "nan" not in said.lower().replace("nant", "")  # never a missing value as "nan"
     captions = [i.caption for e in app.get("image") for i in e.proto.imgs]
     assert sum("hirescam at features" in c for c in captions) == 2  # the two maps
-    assert sum("labelled Parasitized" in c for c in captions) == 4  # missed, from the zip
-    assert sum(c.startswith("suspect \\#") for c in captions) == 4  # labelled Uninfected
+    if cells_here:
+        assert sum("labelled Parasitized" in c for c in captions) == 4  # missed, from the zip
+        assert sum(c.startswith("suspect \\#") for c in captions) == 4  # labelled Uninfected
     assert set(_lesson_links(app)) >= {
         "Open in Explain at features.18",
         "Open in Explain at features.6",
