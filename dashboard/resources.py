@@ -175,9 +175,9 @@ def score_one(folder: str, sha256: str, name: str, data: bytes) -> tuple[float, 
 
 @st.cache_resource(show_spinner="Preparing the explainer…", max_entries=2)
 def _explainer(folder: str, sha256: str):
-    from core.explain.cams import explainable  # why: PyTorch and Grad-CAM only for heatmaps
     import torch  # why: PyTorch only for heatmaps
 
+    from core.explain.cams import explainable  # why: PyTorch and Grad-CAM only for heatmaps
     from core.nets.model import load_model  # why: PyTorch only for heatmaps
 
     # One thread for the maps, as TorchEngine scores: on a 2-core machine busy with another
