@@ -216,7 +216,7 @@ def main() -> None:
         return memory_page(args, chromium)
     if args.score_only:
         return score_page(args, chromium)
-    explain_rows = []
+    explain_rows: list[tuple[str, float, float]] = []
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         env = {"MALARIA_STORE": str(tmp / "ui.sqlite"), "MALARIA_CACHE": str(tmp / "cache")}

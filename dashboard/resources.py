@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -55,12 +54,12 @@ class Loading:
     steps: tuple[str, ...] = (ENGINE, EXPLAINER)
     done: int = 0
     started: float = field(default_factory=time.monotonic)
-    thread: threading.Thread | None = field(default=None, repr=False)
+    thread: threading.Thread = field(default_factory=threading.Thread, repr=False)  # unstarted
 
     def waiting_for(self, steps: int) -> bool:
         """Whether the first ``steps`` steps are still loading (False once the thread ended,
         loaded or failed)."""
-        return self.done < steps and self.thread is not None and self.thread.is_alive()
+        return self.done < steps and self.thread.is_alive()
 
 
 def _load_steps(folder: str, sha256: str) -> tuple[Callable[[], object], ...]:
@@ -90,14 +89,15 @@ def loading(folder: str, sha256: str) -> Loading:
     return load
 
 
-def load_in_background(folder: Path) -> None:
-    """Start loading the model in ``folder`` (see ``loading``); nothing for weights that
-    cannot be opened (the pages that need them say why)."""
+@st.cache_resource(show_spinner=False)
+def load_in_background(folder: str) -> Loading | None:
+    """Once per server: start loading the model in ``folder`` (see ``loading``); None for
+    weights that cannot be opened (the pages that need them say why)."""
     try:
         model = ModelFolder.open(folder)
     except WeightsError:
-        return
-    loading(str(model.path), model.sha256)
+        return None
+    return loading(str(model.path), model.sha256)
 
 
 POLL_S = 0.25  # how often the loading progress is redrawn
@@ -114,13 +114,14 @@ def wait_for_model(model: ModelFolder, *, explainer: bool = True) -> None:
     if load.waiting_for(steps):
         bar = st.progress(0.0)
         while load.waiting_for(steps):
+            done = min(load.done, steps - 1)  # the thread moves on meanwhile
             bar.progress(
-                load.done / steps,
-                text=f"Loading the model… {load.steps[load.done]}, step {load.done + 1} of "
-                f"{steps} ({time.monotonic() - load.started:.0f} s; the first start after "
-                "installing also builds its ONNX graphs)",
+                done / steps,
+                text=f"Loading the model… {load.steps[done]}, step {done + 1} of {steps} "
+                f"({time.monotonic() - load.started:.0f} s; a model's first start also builds "
+                "its ONNX graphs, once)",
             )
-            load.thread.join(POLL_S)  # type: ignore[union-attr]  # waiting_for: a thread
+            load.thread.join(POLL_S)
         bar.empty()
     try:  # loaded: cache hits; after a failure in the background, this page tries again
         for step in _load_steps(folder, sha)[:steps]:

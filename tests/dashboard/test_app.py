@@ -988,7 +988,13 @@ def cold(tmp_path, monkeypatch):
     import dashboard.resources as resources
 
     monkeypatch.setenv("MALARIA_STORE", str(tmp_path / "store.sqlite"))
-    caches = (resources.store, resources.loading, resources.engine, resources._explainer)
+    caches = (
+        resources.store,
+        resources.load_in_background,
+        resources.loading,
+        resources.engine,
+        resources._explainer,
+    )
     for cache in caches:
         cache.clear()
     yield resources
@@ -1018,7 +1024,8 @@ def test_the_router_loads_the_default_model_once_in_the_background(cold, monkeyp
     at.run()  # Home: needs no model, so it does not wait for one
     assert not _errors(at), _errors(at)
     model = _default_model()
-    load = cold.loading(str(model.path), model.sha256)  # the router's, not a new one
+    load = cold.loading(str(model.path), model.sha256)
+    assert load is cold.load_in_background(str(model.path))  # the router's, not a new one
     assert load.thread.is_alive() and load.done == 0
     release.set()
     at.switch_page("views/explain.py").run()  # waits for that load, then draws the maps
