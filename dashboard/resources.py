@@ -4,8 +4,9 @@ them in the background (the sidebar's default from the server's first page on), 
 that gives back the memory of departed sessions; and the jobs run with them (scoring uploads,
 heatmaps, the quality gate's verdict).
 
-PyTorch and Grad-CAM are imported inside the functions that draw heatmaps, so a page that only
-scores or shows results never loads them (ONNX Runtime waits for the first engine in core).
+PyTorch and Grad-CAM are imported inside the functions that draw heatmaps, by the background
+load or the first page that draws one, never when a page module is imported (ONNX Runtime
+waits for the first engine in core).
 """
 
 from __future__ import annotations
