@@ -29,7 +29,7 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	# the `malaria` command is $(BIN)/malaria
 	$(BIN)/pip install --quiet --no-deps -e .
 	# the shipped model's ONNX and int8 graphs (.cache/onnx, per weights hash), built here
-	# rather than while the dashboard's first page waits: 15-25 s on 2 busy cores
+	# rather than while the dashboard's first page waits: 13-34 s on these 2 shared cores
 	$(BIN)/python -c "from core.inference.engines import load_engine; load_engine()"
 	touch $(STAMP)
 
