@@ -28,6 +28,9 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	# this repository as a package (editable): `core` and `dashboard` import from anywhere, and
 	# the `malaria` command is $(BIN)/malaria
 	$(BIN)/pip install --quiet --no-deps -e .
+	# the shipped model's ONNX and int8 graphs (.cache/onnx, per weights hash), built here
+	# rather than while the dashboard's first page waits: 13-34 s on these 2 shared cores
+	$(BIN)/python -c "from core.inference.engines import load_engine; load_engine()"
 	touch $(STAMP)
 
 $(TESTSTAMP): $(STAMP) requirements-test.lock requirements-cluster.lock

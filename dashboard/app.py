@@ -4,11 +4,13 @@ from pathlib import Path
 
 import streamlit as st
 
+from core.schema.contract import DEFAULT_WEIGHTS
 from dashboard import resources, state, widgets
 
 st.set_page_config(page_title="Malaria cell screening", page_icon="🔬", layout="wide")
 state.init_state()
 resources.memory_reaper()
+resources.load_in_background(str(DEFAULT_WEIGHTS.resolve()))  # the sidebar's default
 # Not "pages/": Streamlit would then run a page URL (a reload of /score) without this router.
 PAGES = Path(__file__).resolve().parent / "views"
 page = st.navigation(

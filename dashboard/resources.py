@@ -1,17 +1,22 @@
 """What the server holds once for every session (``st.cache_resource``): the result store, the
-scoring engines and the explainers, one per weights hash, and the thread that gives back the
-memory of departed sessions; and the jobs run with them (scoring uploads, heatmaps, the quality
-gate's verdict).
+scoring engines and the explainers, one per weights hash, the thread that loads a model's into
+them in the background (the sidebar's default from the server's first page on), and the thread
+that gives back the memory of departed sessions; and the jobs run with them (scoring uploads,
+heatmaps, the quality gate's verdict).
 
-PyTorch and Grad-CAM are imported inside the functions that draw heatmaps, so a page that only
-scores or shows results never loads them (ONNX Runtime waits for the first engine in core).
+PyTorch and Grad-CAM are imported inside the functions that draw heatmaps, by the background
+load or the first page that draws one, never when a page module is imported (ONNX Runtime
+waits for the first engine in core).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -24,7 +29,7 @@ from core.evaluation.report import HEATMAP_TARGET
 from core.inference.engines import load_engine
 from core.inference.pipeline import score_batch, score_uploads
 from core.inference.store import SCORE, ResultStore, StoreError
-from core.schema.contract import ModelFolder
+from core.schema.contract import ModelFolder, WeightsError
 from dashboard import reaper, spool
 from dashboard.images import items_key
 from dashboard.text import plain
@@ -36,6 +41,96 @@ def memory_reaper() -> threading.Thread:
     return reaper.start(
         lambda: Runtime.instance() if Runtime.exists() else None, spool=spool.server_folder()
     )
+
+
+_LOG = logging.getLogger(__name__)
+ENGINE, EXPLAINER = "the scoring engine", "PyTorch and the explainer"  # in the order loaded
+
+
+@dataclass
+class Loading:
+    """One model's engine and explainer loading in the background (``loading``): how many of
+    the steps are ``done``, in order, since when, and the thread doing it."""
+
+    steps: tuple[str, ...] = (ENGINE, EXPLAINER)
+    done: int = 0
+    started: float = field(default_factory=time.monotonic)
+    thread: threading.Thread = field(default_factory=threading.Thread, repr=False)  # unstarted
+
+    def waiting_for(self, steps: int) -> bool:
+        """Whether the first ``steps`` steps are still loading (False once the thread ended,
+        loaded or failed)."""
+        return self.done < steps and self.thread.is_alive()
+
+
+def _load_steps(folder: str, sha256: str) -> tuple[Callable[[], object], ...]:
+    return (lambda: engine(folder, sha256), lambda: _explainer(folder, sha256))
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def loading(folder: str, sha256: str) -> Loading:
+    """Load the model's scoring engine, then its explainer, into their caches in a background
+    thread, once per model and server: a page that needs them waits on it (``wait_for_model``)
+    instead of loading them a second time. One thread, not one per step: two threads
+    importing PyTorch at once can see each other's half-imported modules."""
+    load = Loading()
+
+    def run() -> None:
+        try:
+            for step in _load_steps(folder, sha256):
+                step()
+                load.done += 1
+        except Exception:  # the page that needs the model loads it again and says why
+            _LOG.exception("loading the model %s in the background failed", folder)
+            return
+        _LOG.info("model %s loaded in %.1f s", folder, time.monotonic() - load.started)
+
+    load.thread = threading.Thread(target=run, name="load-model", daemon=True)
+    load.thread.start()
+    return load
+
+
+@st.cache_resource(show_spinner=False)
+def load_in_background(folder: str) -> Loading | None:
+    """Once per server: start loading the model in ``folder`` (see ``loading``); None for
+    weights that cannot be opened (the pages that need them say why)."""
+    try:
+        model = ModelFolder.open(folder)
+    except WeightsError:
+        return None
+    return loading(str(model.path), model.sha256)
+
+
+POLL_S = 0.25  # how often the loading progress is redrawn
+
+
+def wait_for_model(model: ModelFolder, *, explainer: bool = True) -> None:
+    """Return once ``model``'s scoring engine (and, with ``explainer``, its explainer) are
+    loaded, starting the background loading if nothing started it; meanwhile a progress bar
+    says what is loading and for how long. st.error (one line) and stop where it cannot be
+    loaded."""
+    folder, sha = str(model.path), model.sha256
+    load = loading(folder, sha)
+    steps = len(load.steps) if explainer else load.steps.index(ENGINE) + 1
+    if load.waiting_for(steps):
+        bar = st.progress(0.0)
+        while load.waiting_for(steps):
+            done = min(load.done, steps - 1)  # the thread moves on meanwhile
+            bar.progress(
+                done / steps,
+                text=f"Loading the model… {load.steps[done]}, step {done + 1} of {steps} "
+                f"({time.monotonic() - load.started:.0f} s; a model's first start also builds "
+                "its ONNX graphs, once)",
+            )
+            load.thread.join(POLL_S)
+        bar.empty()
+    try:  # loaded: cache hits; after a failure in the background, this page tries again
+        for step in _load_steps(folder, sha)[:steps]:
+            step()
+    except Exception as exc:  # whatever stopped it, one line here; the traceback in the log
+        _LOG.exception("loading the model %s failed", folder)
+        st.error(f"The model cannot be loaded: {plain(exc)}. Pick another one in the sidebar.")
+        st.stop()
 
 
 @st.cache_resource
@@ -82,9 +177,14 @@ def score_one(folder: str, sha256: str, name: str, data: bytes) -> tuple[float, 
 
 @st.cache_resource(show_spinner="Preparing the explainer…", max_entries=2)
 def _explainer(folder: str, sha256: str):
+    import torch  # why: PyTorch only for heatmaps
+
     from core.explain.cams import explainable  # why: PyTorch and Grad-CAM only for heatmaps
     from core.nets.model import load_model  # why: PyTorch only for heatmaps
 
+    # One thread for the maps, as TorchEngine scores: on a 2-core machine busy with another
+    # job, PyTorch's two OpenMP threads waiting on each other stalled a 0.04 s map for 3.6 s.
+    torch.set_num_threads(1)
     loaded = load_model(folder)
     return loaded, explainable(loaded), threading.Lock()
 
@@ -119,6 +219,7 @@ def heatmaps(folder: str, sha256: str) -> Callable[[list[np.ndarray]], list[np.n
 
 
 def _score_now(items: Sequence[Upload], model: ModelFolder, page: str) -> tuple[pd.DataFrame, str]:
+    wait_for_model(model, explainer=False)
     bar = st.progress(0.0, text="Scoring…")
 
     def progress(done: int, total: int) -> None:

@@ -274,6 +274,8 @@ def gallery_ui(shown: pd.DataFrame, decision_of: dict, model: ModelFolder) -> No
             st.caption(
                 text.plain(f"#{row.rank} {row.path.rsplit('/', 1)[-1]}: cannot show ({exc})")
             )
+    if pictures:
+        resources.wait_for_model(model)
     exps = (
         resources.explain(
             str(model.path), model.sha256, pictures, faithfulness=False, target=PARASITIZED.lower()

@@ -296,6 +296,7 @@ def gallery_ui(
             st.caption(text.plain(f"{path.rsplit('/', 1)[-1]}: cannot show ({exc})"))
     if not pictures:
         return
+    resources.wait_for_model(model)
     exps = resources.explain(
         str(model.path), model.sha256, pictures, faithfulness=False, target=pred_cls.lower()
     )

@@ -409,6 +409,7 @@ def explain_page() -> None:
 
     key = hashlib.sha256(item[1]).hexdigest()
     name = text.plain(item[0].rsplit("/", 1)[-1])  # captions render Markdown
+    resources.wait_for_model(model)
     try:
         scored = _scored(key, str(model.path), model.sha256, item)
     except ImageError as exc:

@@ -250,6 +250,7 @@ def cell_ui(
     )
     st.session_state["smear_cell"] = k
     crop = crop_cells(image, [red[k]], size=model.contract.input_size)[0]
+    resources.wait_for_model(model)
     e = resources.explain(
         str(model.path), model.sha256, [crop], method=DEFAULT_METHOD, faithfulness=False
     )[0]
@@ -342,6 +343,7 @@ def smear_page() -> None:
         widgets.reopen_linked_run(open_run)
     items = fields_ui()
     if st.button("Find and score cells", type="primary", disabled=not items):
+        resources.wait_for_model(model, explainer=False)
         try:
             df, results, run_id = _segment_and_score(
                 images.items_key(items), str(model.path), model.sha256, list(items)

@@ -1137,3 +1137,82 @@ def test_a_bad_link_to_explain_or_evaluate_is_one_line(app):
     at = opened("views/evaluate.py", bad_cell, "true=")
     assert at.session_state["cm_cell"] is None  # the matrix cell refused, the data followed
     assert at.radio(key="evaluate_data").value.startswith("Out-of-fold")
+
+
+@pytest.fixture
+def cold(tmp_path, monkeypatch):
+    """dashboard.resources as at a server's first start: no model loaded or loading (and
+    this test's loads forgotten after it)."""
+    import dashboard.resources as resources
+
+    monkeypatch.setenv("MALARIA_STORE", str(tmp_path / "store.sqlite"))
+    caches = (
+        resources.store,
+        resources.load_in_background,
+        resources.loading,
+        resources.engine,
+        resources._explainer,
+    )
+    for cache in caches:
+        cache.clear()
+    yield resources
+    for cache in caches:
+        cache.clear()
+
+
+def _default_model():
+    from core.schema.contract import DEFAULT_WEIGHTS, ModelFolder
+
+    return ModelFolder.open(DEFAULT_WEIGHTS.resolve())  # the sidebar's default
+
+
+def test_the_router_loads_the_default_model_once_in_the_background(cold, monkeypatch):
+    import threading
+
+    release, loads = threading.Event(), []
+    real = cold.load_engine
+
+    def held(folder, *args, **kwargs):  # the engine's load, held until the test lets it go
+        loads.append(str(folder))
+        assert release.wait(120)
+        return real(folder, *args, **kwargs)
+
+    monkeypatch.setattr(cold, "load_engine", held)
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.run()  # Home: needs no model, so it does not wait for one
+    assert not _errors(at), _errors(at)
+    model = _default_model()
+    load = cold.loading(str(model.path), model.sha256)
+    assert load is cold.load_in_background(str(model.path))  # the router's, not a new one
+    assert load.thread.is_alive() and load.done == 0
+    release.set()
+    at.switch_page("views/explain.py").run()  # waits for that load, then draws the maps
+    assert not _errors(at), _errors(at)
+    assert any(m.label == "P(Parasitized)" for m in at.metric)
+    assert loads == [str(model.path)]  # loaded once, by the background thread
+    assert load.done == len(load.steps) and not load.thread.is_alive()
+    import torch
+
+    assert torch.get_num_threads() == 1  # the maps' PyTorch: one thread (see _explainer)
+
+
+def test_a_model_that_cannot_be_loaded_is_one_line_on_the_pages_that_need_it(
+    cold, monkeypatch, cells_dir
+):
+    def broken(folder, *args, **kwargs):
+        raise RuntimeError("the ONNX export failed: no space left on device")
+
+    monkeypatch.setattr(cold, "load_engine", broken)
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.run()
+    assert not at.exception
+    model = _default_model()
+    cold.loading(str(model.path), model.sha256).thread.join(120)  # failed in the background
+    at.session_state["pending_items"] = _fixture_items(cells_dir, 2)
+    for page in ("views/explain.py", "views/score.py"):
+        at.switch_page(page).run()
+        assert not at.exception, page
+        [error] = [_unescape(e.value) for e in at.error]
+        assert error.startswith("The model cannot be loaded: the ONNX export failed: no space")
+        assert "\n" not in error and "Traceback" not in error
+    assert not any(m.label == "P(Parasitized)" for m in at.metric)

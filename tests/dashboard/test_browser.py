@@ -52,6 +52,33 @@ def page(server):
         browser.close()
 
 
+def test_the_first_explain_after_installing_shows_the_model_loading_then_the_maps(
+    tmp_path_factory,
+):
+    """A server with no ONNX cache (as after installing) and Explain as its first request: the
+    page says what is loading while the background thread builds the model's graphs, then
+    draws the maps. Its own server: the module's has loaded the model by then."""
+    env = {
+        "MALARIA_STORE": str(tmp_path_factory.mktemp("store") / "s.sqlite"),
+        "MALARIA_CACHE": str(tmp_path_factory.mktemp("cache")),
+    }
+    log = tmp_path_factory.mktemp("log") / "streamlit.log"
+    with running_app(env, log) as (url, _), playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.goto(f"{url}/explain")
+        progress = pg.get_by_test_id("stProgress").filter(has_text="Loading the model…")
+        progress.wait_for(timeout=120_000)
+        assert re.search(r"scoring engine, step 1 of 2 \(\d+ s", progress.inner_text())
+        SHOTS.mkdir(exist_ok=True)
+        pg.screenshot(path=str(SHOTS / "explain_loading.png"))
+        pg.get_by_text("P(Parasitized)").first.wait_for(timeout=300_000)
+        pg.wait_for_function(IDLE, timeout=300_000)
+        assert pg.get_by_text("explains", exact=False).count() >= 3  # the three default maps
+        assert progress.count() == 0 and pg.get_by_text("Traceback").count() == 0
+        browser.close()
+
+
 def test_a_page_url_opens_directly(server, page):
     """A bookmark or reload of /score as the server's very first request gets the whole app
     (router, sidebar, model card), not the bare page script. Runs first: fresh server."""
