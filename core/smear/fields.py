@@ -636,10 +636,10 @@ def field_summary(
         s = summary_from_counts(counts, screening=screening)
         g = groups.reindex(s["group"])
         share = (g["unknown"] / g["whole"].where(g["whole"] > 0)).fillna(0.0).to_numpy()
-        if not adapted:
+        if level == "field":  # under_review's verdict, one per field
+            review = (~reported).groupby(cells["image"]).any().reindex(s["group"]).to_numpy()
+        elif not adapted:
             review = (g["whole"] > 0).to_numpy()
-        elif level == "field":
-            review = share > UNKNOWN_SHARE
         else:  # under review when each of its fields with red cells is
             known = picked.groupby("folder")["whole"].sum().reindex(s["group"], fill_value=0)
             review = (known == 0).to_numpy() & (g["whole"] > 0).to_numpy()
