@@ -28,12 +28,14 @@ CHROMIUM_ARGS = [
 ]
 # For page.wait_for_function: the state Streamlit's own browser tests read (the running icon
 # only shows after 500 ms, so its absence says nothing about short runs).
-_STATE = "document.querySelector('[data-testid=stApp]')?.getAttribute('data-test-script-state')"
-IDLE = f"() => {_STATE} === 'notRunning'"
-BUSY = f"() => {_STATE} !== 'notRunning'"
+SCRIPT_STATE = (
+    "document.querySelector('[data-testid=stApp]')?.getAttribute('data-test-script-state')"
+)
+IDLE = f"() => {SCRIPT_STATE} === 'notRunning'"
+BUSY = f"() => {SCRIPT_STATE} !== 'notRunning'"
 # Idle, every image loaded and every Plotly chart drawn: what a screenshot should wait for.
 DRAWN = (
-    f"() => {_STATE} === 'notRunning'"
+    f"() => {SCRIPT_STATE} === 'notRunning'"
     " && Array.from(document.images).every(i => i.complete)"
     " && Array.from(document.querySelectorAll('.js-plotly-plot'))"
     ".every(p => p.querySelector('.main-svg'))"

@@ -1,8 +1,9 @@
 """What the server holds once for every session (``st.cache_resource``): the result store, the
 scoring engines and the explainers, one per weights hash, the thread that loads a model's into
-them in the background (the sidebar's default from the server's first page on), and the thread
-that gives back the memory of departed sessions; and the jobs run with them (scoring uploads,
-heatmaps, the quality gate's verdict).
+them in the background (the sidebar's default from the server's first page on: its engine at
+once, its explainer when a page asks for it or once no scoring has run for ``IDLE_S``), and the
+thread that gives back the memory of departed sessions; and the jobs run with them (scoring
+uploads, heatmaps, the quality gate's verdict).
 
 PyTorch and Grad-CAM are imported inside the functions that draw heatmaps, by the background
 load or the first page that draws one, never when a page module is imported (ONNX Runtime
@@ -47,15 +48,54 @@ _LOG = logging.getLogger(__name__)
 ENGINE, EXPLAINER = "the scoring engine", "PyTorch and the explainer"  # in the order loaded
 
 
+class _Scoring:
+    """How many scoring jobs run on this server now, and since when none has: the background
+    load of an explainer waits for a quiet moment rather than take the cores from a scoring
+    (importing PyTorch beside the first scoring after a start made it twice as slow)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._since = time.monotonic()  # the server's start counts as the last activity
+
+    @contextmanager
+    def job(self) -> Iterator[None]:
+        with self._lock:
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= 1
+                self._since = time.monotonic()
+
+    def idle_s(self) -> float:
+        """Seconds since the last scoring job ended; 0 while one runs."""
+        with self._lock:
+            return 0.0 if self._running else time.monotonic() - self._since
+
+
+SCORING = _Scoring()
+POLL_S = 0.25  # how often the loading progress is redrawn and the quiet checked
+IDLE_S = 8.0  # quiet seconds after which an explainer nobody asked for yet is loaded
+
+
 @dataclass
 class Loading:
     """One model's engine and explainer loading in the background (``loading``): how many of
-    the steps are ``done``, in order, since when, and the thread doing it."""
+    the steps are ``done``, in order, since when, the thread doing it, and whether a page
+    ``wanted`` the explainer (it loads at once then, instead of at a quiet moment)."""
 
     steps: tuple[str, ...] = (ENGINE, EXPLAINER)
     done: int = 0
     started: float = field(default_factory=time.monotonic)
     thread: threading.Thread = field(default_factory=threading.Thread, repr=False)  # unstarted
+    wanted: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def wait_for_quiet(self) -> None:
+        """Return once a page wants the explainer or no scoring has run for IDLE_S seconds."""
+        while not self.wanted.wait(POLL_S) and SCORING.idle_s() < IDLE_S:
+            pass
 
     def waiting_for(self, steps: int) -> bool:
         """Whether the first ``steps`` steps are still loading (False once the thread ended,
@@ -69,15 +109,18 @@ def _load_steps(folder: str, sha256: str) -> tuple[Callable[[], object], ...]:
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def loading(folder: str, sha256: str) -> Loading:
-    """Load the model's scoring engine, then its explainer, into their caches in a background
-    thread, once per model and server: a page that needs them waits on it (``wait_for_model``)
-    instead of loading them a second time. One thread, not one per step: two threads
-    importing PyTorch at once can see each other's half-imported modules."""
+    """Load the model's scoring engine, then (at a quiet moment, see ``Loading``) its
+    explainer, into their caches in a background thread, once per model and server: a page
+    that needs them waits on it (``wait_for_model``) instead of loading them a second time.
+    One thread, not one per step: two threads importing PyTorch at once can see each other's
+    half-imported modules."""
     load = Loading()
 
     def run() -> None:
         try:
-            for step in _load_steps(folder, sha256):
+            for i, step in enumerate(_load_steps(folder, sha256)):
+                if load.steps[i] == EXPLAINER:
+                    load.wait_for_quiet()
                 step()
                 load.done += 1
         except Exception:  # the page that needs the model loads it again and says why
@@ -101,9 +144,6 @@ def load_in_background(folder: str) -> Loading | None:
     return loading(str(model.path), model.sha256)
 
 
-POLL_S = 0.25  # how often the loading progress is redrawn
-
-
 def wait_for_model(model: ModelFolder, *, explainer: bool = True) -> None:
     """Return once ``model``'s scoring engine (and, with ``explainer``, its explainer) are
     loaded, starting the background loading if nothing started it; meanwhile a progress bar
@@ -111,6 +151,8 @@ def wait_for_model(model: ModelFolder, *, explainer: bool = True) -> None:
     loaded."""
     folder, sha = str(model.path), model.sha256
     load = loading(folder, sha)
+    if explainer:
+        load.wanted.set()
     steps = len(load.steps) if explainer else load.steps.index(ENGINE) + 1
     if load.waiting_for(steps):
         bar = st.progress(0.0)
@@ -158,7 +200,8 @@ def scoring_engine(folder: str, sha256: str) -> Iterator:
     decoding threads' freed memory go back to the system, however the job ended."""
     scorer = engine(folder, sha256)
     try:
-        yield scorer
+        with SCORING.job():
+            yield scorer
     finally:
         scorer.release_memory()
         reaper.trim_heap()

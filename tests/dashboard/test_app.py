@@ -1202,6 +1202,56 @@ def test_the_router_loads_the_default_model_once_in_the_background(cold, monkeyp
     assert threads == [1]
 
 
+def test_the_explainer_waits_for_a_page_that_wants_it_or_a_quiet_moment(
+    cold, monkeypatch, cells_dir
+):
+    import time
+
+    explainers = []
+    real = cold._explainer
+
+    def counted(folder, sha256):
+        explainers.append(folder)
+        return real(folder, sha256)
+
+    monkeypatch.setattr(cold, "_explainer", counted)
+    monkeypatch.setattr(cold, "IDLE_S", 3600.0)  # never quiet enough by itself
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.run()  # Home
+    model = _default_model()
+    load = cold.loading(str(model.path), model.sha256)
+    deadline = time.monotonic() + 120
+    while load.done < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert load.done == 1  # the engine, at once
+    at.session_state["pending_items"] = _fixture_items(cells_dir, 3)
+    at.switch_page("views/score.py").run()  # a scoring: the explainer keeps out of its way
+    assert not _errors(at), _errors(at)
+    time.sleep(3 * cold.POLL_S)
+    assert explainers == [] and load.done == 1 and load.thread.is_alive()
+    at.switch_page("views/explain.py").run()  # a page that draws maps wants it: it loads now
+    assert not _errors(at), _errors(at)
+    assert any(m.label == "P(Parasitized)" for m in at.metric)
+    assert load.done == 2 and explainers[0] == str(model.path)
+
+
+def test_a_quiet_server_loads_the_explainer_nobody_asked_for(monkeypatch):
+    import threading
+
+    import dashboard.resources as resources
+
+    monkeypatch.setattr(resources, "SCORING", resources._Scoring())
+    monkeypatch.setattr(resources, "IDLE_S", 0.3)
+    with resources.SCORING.job():
+        assert resources.SCORING.idle_s() == 0.0  # busy while a scoring runs
+    load = resources.Loading()
+    waited = threading.Thread(target=load.wait_for_quiet)
+    waited.start()
+    waited.join(10)
+    assert not waited.is_alive()  # quiet for IDLE_S after the job: the load goes on
+    assert resources.SCORING.idle_s() >= 0.3
+
+
 def test_a_model_that_cannot_be_loaded_is_one_line_on_the_pages_that_need_it(
     cold, monkeypatch, cells_dir
 ):
