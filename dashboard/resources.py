@@ -83,12 +83,13 @@ IDLE_S = 8.0  # quiet seconds after which an explainer nobody asked for yet is l
 @dataclass
 class Loading:
     """One model's engine and explainer loading in the background (``loading``): how many of
-    the steps are ``done``, in order, since when, the thread doing it, and whether a page
-    ``wanted`` the explainer (it loads at once then, instead of at a quiet moment)."""
+    the steps are ``done``, in order, since when the step under way ``started``, the thread
+    doing it, and whether a page ``wanted`` the explainer (it loads at once then, instead of
+    at a quiet moment)."""
 
     steps: tuple[str, ...] = (ENGINE, EXPLAINER)
     done: int = 0
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)  # of the step under way
     thread: threading.Thread = field(default_factory=threading.Thread, repr=False)  # unstarted
     wanted: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -121,12 +122,17 @@ def loading(folder: str, sha256: str) -> Loading:
             for i, step in enumerate(_load_steps(folder, sha256)):
                 if load.steps[i] == EXPLAINER:
                     load.wait_for_quiet()
+                load.started = time.monotonic()
                 step()
                 load.done += 1
+                _LOG.info(
+                    "%s of %s loaded in %.1f s",
+                    load.steps[i],
+                    folder,
+                    time.monotonic() - load.started,
+                )
         except Exception:  # the page that needs the model loads it again and says why
             _LOG.exception("loading the model %s in the background failed", folder)
-            return
-        _LOG.info("model %s loaded in %.1f s", folder, time.monotonic() - load.started)
 
     load.thread = threading.Thread(target=run, name="load-model", daemon=True)
     load.thread.start()
@@ -158,11 +164,12 @@ def wait_for_model(model: ModelFolder, *, explainer: bool = True) -> None:
         bar = st.progress(0.0)
         while load.waiting_for(steps):
             done = min(load.done, steps - 1)  # the thread moves on meanwhile
+            first_build = "; a model's first start also builds its ONNX graphs, once"
             bar.progress(
                 done / steps,
                 text=f"Loading the model… {load.steps[done]}, step {done + 1} of {steps} "
-                f"({time.monotonic() - load.started:.0f} s; a model's first start also builds "
-                "its ONNX graphs, once)",
+                f"({time.monotonic() - load.started:.0f} s"
+                f"{first_build if load.steps[done] == ENGINE else ''})",
             )
             load.thread.join(POLL_S)
         bar.empty()
