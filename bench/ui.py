@@ -257,7 +257,9 @@ def main() -> None:
 
 def memory_page(args: argparse.Namespace, chromium: str) -> None:
     """The server's memory around an upload of ``--upload-mb`` MiB of random bytes, on a fresh
-    server, before Score is pressed (nothing can be scored in it)."""
+    server whose model is loaded (Explain opened first: else the explainer, which a quiet
+    server loads by itself, would land in the upload's figures), before Score is pressed
+    (nothing can be scored in it)."""
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as tmp_s:
@@ -266,7 +268,9 @@ def memory_page(args: argparse.Namespace, chromium: str) -> None:
         env = {"MALARIA_STORE": str(tmp / "ui.sqlite")}
         with running_app(env, tmp / "memory.log") as (url, pid), sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-            r = upload_memory(browser.new_page(), url, pid, upload)
+            page = browser.new_page()
+            _explain_step(page, lambda: page.goto(f"{url}/explain"), 300_000)
+            r = upload_memory(page, url, pid, upload)
             browser.close()
     print(
         f"\n## Score page: server RSS around one upload of {r['size_mb']:,.0f} MB (random zip, "
