@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1167,7 +1169,6 @@ def _default_model():
 
 
 def test_the_router_loads_the_default_model_once_in_the_background(cold, monkeypatch):
-    import threading
 
     release, loads = threading.Event(), []
     real = cold.load_engine
@@ -1205,7 +1206,6 @@ def test_the_router_loads_the_default_model_once_in_the_background(cold, monkeyp
 def test_the_explainer_waits_for_a_page_that_wants_it_or_a_quiet_moment(
     cold, monkeypatch, cells_dir
 ):
-    import time
 
     explainers = []
     real = cold._explainer
@@ -1236,7 +1236,6 @@ def test_the_explainer_waits_for_a_page_that_wants_it_or_a_quiet_moment(
 
 
 def test_a_quiet_server_loads_the_explainer_nobody_asked_for(monkeypatch):
-    import threading
 
     import dashboard.resources as resources
 
