@@ -1169,7 +1169,6 @@ def _default_model():
 
 
 def test_the_router_loads_the_default_model_once_in_the_background(cold, monkeypatch):
-
     release, loads = threading.Event(), []
     real = cold.load_engine
 
@@ -1206,7 +1205,6 @@ def test_the_router_loads_the_default_model_once_in_the_background(cold, monkeyp
 def test_the_explainer_waits_for_a_page_that_wants_it_or_a_quiet_moment(
     cold, monkeypatch, cells_dir
 ):
-
     explainers = []
     real = cold._explainer
 
@@ -1236,7 +1234,6 @@ def test_the_explainer_waits_for_a_page_that_wants_it_or_a_quiet_moment(
 
 
 def test_a_quiet_server_loads_the_explainer_nobody_asked_for(monkeypatch):
-
     import dashboard.resources as resources
 
     monkeypatch.setattr(resources, "SCORING", resources._Scoring())
