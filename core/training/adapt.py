@@ -76,7 +76,10 @@ class AdaptConfig:
     colour_jitter: float = 0.2
     blur: float = 0.2
     max_false_share: float = 0.01  # the threshold calls at most this share of the lab's uninfected
-    quantile: float = 0.995  # the gate's limit: this quantile of the known cells' distances
+    # the gate's limit: this quantile of the known cells' distances (leave-one-block-out on the
+    # 80 development fields: 0.995 left 24 of 124 infected cells and 36 of 8,414 uninfected
+    # beyond it, 0.999 15 and 10; a new block's infected cells lie farther than the rest)
+    quantile: float = 0.999
     seed: int = 0
 
 
