@@ -142,9 +142,7 @@ def _run(args: argparse.Namespace) -> int:
                 seconds.append(result.seconds)
                 if args.overlays:
                     image = read_image(src)
-                    overlay = draw_overlay(
-                        image, result.segmentation, result.prob, quality=result.quality
-                    )
+                    overlay = draw_overlay(image, result.segmentation, result.prob)
                     Image.fromarray(overlay).save(args.overlays / overlay_name(src.path))
         except KeyboardInterrupt:
             return interrupted(store.path, run_id)

@@ -112,10 +112,9 @@ def check_field(
     t1 = time.perf_counter()
     result = score_field(image, engine, stain_norm=stain_norm)
     seconds = time.perf_counter() - t1
-    quality = iter(result.quality)
     objects = [
         {"x": o.x, "y": o.y, "w": o.w, "h": o.h, "is_cell": o.is_cell}
-        | ({"counted": next(quality) == OK} if o.is_cell else {})
+        | ({"counted": o.quality == OK} if o.is_cell else {})
         for o in result.segmentation.objects
     ]
     boxes = [{"type": b.kind, "bbox": dict(zip("xywh", b.xywh, strict=True))} for b in field.boxes]

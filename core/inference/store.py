@@ -77,8 +77,9 @@ _ADDED_COLUMNS = {
     # duplicate_of: the path of the file with the same bytes scored first in the run (this row
     # has no probability of its own and is counted once); sha256: of the file's bytes
     "results": {"quality": "TEXT", "duplicate_of": "TEXT", "sha256": "TEXT"},
-    # quality: OK, or why the object is not counted (NULL in smear runs stored before it)
-    "smear_cells": {"quality": "TEXT"},
+    # quality: OK, or why the object is not counted (NULL in smear runs stored before it);
+    # known: the quality gate's verdict on a red cell (NULL before it: quality said it then)
+    "smear_cells": {"quality": "TEXT", "known": "INTEGER"},
 }
 RUN_FIELDS = ("name", "sample", "operator")  # free text an analyst gives a run
 SCORE, EVALUATE, SMEAR = PAGES = ("score", "evaluate", "smear")  # the pages that make runs
@@ -454,7 +455,8 @@ class ResultStore:
             self._db,
             params=(run_id,),
         )
-        return df.assign(edge=df["edge"].map(lambda v: None if pd.isna(v) else bool(v)))
+        flags = {c: df[c].map(lambda v: None if pd.isna(v) else bool(v)) for c in ("edge", "known")}
+        return df.assign(**flags)
 
     @_locked
     def done_paths(self, run_id: str) -> set[str]:

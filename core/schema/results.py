@@ -57,6 +57,9 @@ SMEAR_COLUMNS = (
     "edge",
     "object",
     "quality",  # as in RESULT_COLUMNS: OK, or why the object is not counted
+    # a scored red cell: False where the quality gate finds it unlike the cells the model knows
+    # (it still counts: a field most of whose cells are is not reported, core.smear.fields)
+    "known",
     "prob_parasitized",
     "prediction",
     "error",

@@ -313,9 +313,7 @@ def field_ui(
     choices = [k for k in range(len(red)) if not suspects_only or prob[k] >= threshold]
     picked = st.session_state.get("smear_cell")
     highlight = cell_index[picked] if picked is not None and picked < len(red) else None
-    view = draw_overlay(
-        image, result.segmentation, prob, quality=result.quality, highlight=highlight
-    )
+    view = draw_overlay(image, result.segmentation, prob, highlight=highlight)
     centres = [(o.x + o.w / 2, o.y + o.h / 2) for o in red]
     field_key = f"field_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
     st.plotly_chart(

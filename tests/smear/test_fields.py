@@ -21,7 +21,9 @@ from core.smear.fields import (
     REVIEW_NOT_ADAPTED,
     REVIEW_UNKNOWN,
     FieldError,
+    SegmentConfig,
     SmearTotals,
+    _resplit,
     crop_cells,
     domain_note,
     draw_overlay,
@@ -172,7 +174,7 @@ def test_a_stored_field_is_restored_as_it_was_scored_and_a_changed_one_refused(
         for a, b in zip(again.segmentation.objects, result.segmentation.objects, strict=True)
     )
     np.testing.assert_allclose(again.prob, result.prob, rtol=1e-6)
-    assert again.quality == result.quality
+    np.testing.assert_array_equal(again.unlike, result.unlike)
     with pytest.raises(FieldError, match="not the one the run scored"):
         restored_field(field[:, ::-1].copy(), rows)
 
@@ -235,11 +237,14 @@ def test_only_whole_single_red_cells_inside_the_field_are_counted(composed, tiny
     rows = pd.DataFrame(result.rows("slide/f.png", 0.5))
     assert list(rows.columns) == list(SMEAR_COLUMNS)
     assert (rows.loc[rows["object"] == RED_CELL, "quality"] == OK).sum() == len(seg.cells) - 1
+    assert set(rows.loc[rows["object"] == RED_CELL, "known"]) <= {True, False}
+    assert rows.loc[rows["object"] != RED_CELL, "known"].isna().all()
     f = field_summary(rows, adapted=True).iloc[0]
     assert (f["cells"], f["not_counted"], f["review"]) == (len(seg.cells) - 1, 1, "")
 
 
-def _cells(image: str, qualities: list[str], parasitized: int) -> list[dict]:
+def _cells(image: str, qualities: list[str], parasitized: int, unlike: int = 0) -> list[dict]:
+    """Red-cell rows: the first ``parasitized`` called so, the last ``unlike`` beyond the gate."""
     rows = []
     for i, q in enumerate(qualities):
         call = PARASITIZED if i < parasitized else UNINFECTED
@@ -247,8 +252,21 @@ def _cells(image: str, qualities: list[str], parasitized: int) -> list[dict]:
             dict.fromkeys(SMEAR_COLUMNS)
             | {"image": image, "object": RED_CELL, "quality": q, "prediction": call}
             | {"prob_parasitized": 0.9 if call == PARASITIZED else 0.1}
+            | {"known": i < len(qualities) - unlike}
         )
     return rows
+
+
+def test_cells_unlike_those_the_model_knows_count_and_decide_whether_a_field_is_reported():
+    mostly = _cells("slide/a.png", [OK] * 10, parasitized=1, unlike=7)
+    few = _cells("slide/b.png", [OK] * 10, parasitized=2, unlike=2)
+    s = field_summary(pd.DataFrame(mostly + few), adapted=True).set_index("group")
+    a, b = s.loc["slide/a.png"], s.loc["slide/b.png"]
+    assert a["review"] == REVIEW_UNKNOWN and a["unknown_share"] == pytest.approx(0.7)
+    assert np.isnan(a["parasitemia"])
+    # b's two unlike cells are counted: 2 of its 10 cells called, none left out
+    assert b["review"] == "" and b["unknown_share"] == pytest.approx(0.2)
+    assert (b["cells"], b["not_counted"], b["parasitemia"]) == (10, 0, pytest.approx(0.2))
 
 
 def test_a_field_whose_cells_the_model_does_not_know_gets_no_parasitemia():
@@ -313,3 +331,34 @@ def test_an_annotated_cell_is_the_ellipse_of_its_box_cut_to_the_image():
     cut = ellipse_crop(image, (-10, 10, 20, 20), size=10)
     assert cut[5, 5].tolist() == [200] * 3 and cut[5, 0].tolist() == [200] * 3
     assert cut[0, 0].tolist() == [0] * 3 and cut[9, 9].tolist() == [0] * 3
+
+
+def test_a_clump_the_first_watershed_left_whole_is_split_on_its_shape_and_a_big_cell_is_not():
+    r, a0 = 20.0, math.pi * 20.0**2
+    yy, xx = np.mgrid[:120, :260]
+    labels = np.zeros((120, 260), np.int32)
+    for cx in (60, 94, 128):  # three cells in a row, 1.7 radii apart: one blob
+        labels[(yy - 60) ** 2 + (xx - cx) ** 2 <= r**2] = 1
+    big = (yy - 60) ** 2 + (xx - 210) ** 2 <= 2 * r**2  # an enlarged infected cell, 2 cells' area
+    labels[big] = 2
+    flat = np.full(labels.shape, 200.0, np.float32)  # no ridges: the shape alone splits it
+    out = _resplit(labels.copy(), flat, a0=a0, r=r, config=SegmentConfig(resplit=1.8))
+    assert len(np.unique(out[:, :160])) - 1 == 3  # the blob, one object per cell
+    assert set(np.unique(out[big]).tolist()) == {2}  # the round big cell stays whole
+    assert (out > 0).sum() == (labels > 0).sum()  # no pixel lost or added
+    off = SegmentConfig(resplit=math.inf)
+    assert np.array_equal(_resplit(labels.copy(), flat, a0=a0, r=r, config=off), labels)
+
+
+def test_cells_packed_into_one_round_blob_are_cut_where_their_rims_meet():
+    r, a0 = 20.0, math.pi * 20.0**2
+    yy, xx = np.mgrid[:120, :120]
+    blob = (yy - 60) ** 2 + (xx - 60) ** 2 <= (2.2 * r) ** 2  # about 4.8 cells, one centre
+    labels = blob.astype(np.int32)
+    lightness = np.full(blob.shape, 200.0, np.float32)
+    lightness[58:62, :] = lightness[:, 58:62] = 120.0  # four cells' rims, darker where they meet
+    split = _resplit(labels.copy(), lightness, a0=a0, r=r, config=SegmentConfig())
+    assert len(np.unique(split[blob])) == 4
+    flat = np.full(blob.shape, 200.0, np.float32)
+    whole = _resplit(labels.copy(), flat, a0=a0, r=r, config=SegmentConfig())
+    assert len(np.unique(whole[blob])) == 1
