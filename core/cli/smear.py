@@ -175,8 +175,8 @@ def _run(args: argparse.Namespace) -> int:
     per_field = f"; {1000 * np.mean(seconds):.0f} ms per field" if seconds else ""
     print(
         f"{n_cells} red cells in {cells['image'].nunique()} fields, {n_counted} counted (the "
-        f"others cut by the edge, fragments, clumps or unlike the model's cells: see the "
-        f"quality column), {n_err} error rows"
+        f"others cut by the edge, fragments or clumps: see the quality column), "
+        f"{n_err} error rows"
         + "".join(f"; {n} fields for {why}" for why, n in reviewed.value_counts().items())
         + f"; run {run_id}{per_field}",
         file=sys.stderr,

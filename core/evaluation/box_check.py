@@ -46,10 +46,18 @@ def box_crops(
 Scored = dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]]
 
 
-def score_boxes(fields: Iterable[AnnotatedField], engine: Engine, *, prefix: int = 6) -> Scored:
-    """Per block of shots (``prefix`` characters of a field's name), per field: (called at the
-    engine's threshold, P(Parasitized), infected, unlike the training cells) of its boxes."""
-    size, threshold = engine.contract.input_size, engine.contract.threshold
+def score_boxes(
+    fields: Iterable[AnnotatedField],
+    engine: Engine,
+    *,
+    prefix: int = 6,
+    threshold: float | None = None,
+) -> Scored:
+    """Per block of shots (``prefix`` characters of a field's name), per field: (called at
+    ``threshold``, default the engine's, P(Parasitized), infected, unlike the training cells)
+    of its boxes."""
+    size = engine.contract.input_size
+    threshold = engine.contract.threshold if threshold is None else threshold
     scored: Scored = {}
     for field in fields:
         image = decode_image(field.path.read_bytes(), size=None)

@@ -11,8 +11,9 @@ box that no such cell matches, cut from its box with the inscribed ellipse kept.
 How: the last blocks and the classifier are fine-tuned (the first ``freeze`` blocks and every
 batch-norm statistic stay as the base model has them: re-estimating those on a lab's cells made
 its calls worse), on class-balanced batches with the training augmentation (flips, rotations,
-colour jitter, blur). Then, on the same cells, the threshold (the lowest that calls at most
-``max_false_share`` of their uninfected cells) and the quality gate's feature model (the cells
+colour jitter, blur). Then the threshold (the lowest that calls at most ``max_false_share`` of
+the uninfected cells, on the same cells and, where the check ran, on each block as scored by the
+fit that did not see it: the higher of the two) and the quality gate's feature model (the cells
 the model knows now: these and the base model's own) are set for the lab.
 
 The check is honest: one block of shots is left out at a time (fields named alike were shot in
@@ -215,6 +216,18 @@ def lab_threshold(prob: np.ndarray, y: np.ndarray, *, max_false_share: float) ->
     return float(min(max(t, 0.5), 0.999))
 
 
+def _unseen_threshold(
+    scored: list[tuple[np.ndarray, np.ndarray]], max_false_share: float
+) -> float:
+    """lab_threshold over blocks of (P(Parasitized), class index), each scored by a fit that did
+    not see it: a fit calls more of a new block's uninfected cells than of its own (the five
+    development blocks: 1.6% against at most 1% at 0.5), so the lab's threshold is set there."""
+    if not scored:
+        return 0.5
+    prob, y = (np.concatenate(parts) for parts in zip(*scored, strict=True))
+    return lab_threshold(prob, y, max_false_share=max_false_share)
+
+
 def lab_gate(
     feats: np.ndarray,
     y: np.ndarray,
@@ -269,12 +282,13 @@ def adapt(
         "config": asdict(cfg),
     }
     ratio = 1.0  # without other blocks, nothing says how much farther a new block lies
+    unseen_threshold = 0.5  # nor how many more of its uninfected cells a fit calls
     with tempfile.TemporaryDirectory(prefix="adapt-") as tmp:
         if check and len(blocks) > 1:
             # 1. one fit per left-out block, and how much farther that block's cells lie than
             # the cells it was fitted on (the gate's limit is set on those: too tight for a
             # new block, as for a model trained on every NIH patient)
-            folds, ratios = {}, {}
+            folds, ratios, unseen_prob = {}, {}, {}
             for b in blocks:
                 held = np.isin(
                     cells.field, [f.name for f in fields if block_of(f.name, prefix) == b]
@@ -284,22 +298,30 @@ def adapt(
                 model, gate = _fit_and_write(
                     loaded, cells.where(~held), known, cfg, folder, {}, log
                 )
-                unseen = gate.distance(_score(model, contract, cells.x[held])[1])
-                ratios[b] = float(np.quantile(unseen, cfg.quantile) / gate.limit)
+                prob, feats = _score(model, contract, cells.x[held])
+                ratios[b] = float(np.quantile(gate.distance(feats), cfg.quantile) / gate.limit)
+                unseen_prob[b] = (prob, cells.y[held])
                 folds[b] = (folder, gate)
-            # 2. each left-out block measured with the ratio of the other blocks only
-            rows, boxes = [], {}
+            # 2. each left-out block measured with the gate ratio and the threshold of the other
+            # blocks only (the threshold that calls at most max_false_share of their uninfected
+            # cells, each block scored by the fit that did not see it)
+            rows, boxes, thresholds = [], {}, {}
             for b, (folder, gate) in folds.items():
                 others = float(np.median([r for k, r in ratios.items() if k != b]))
+                thresholds[b] = _unseen_threshold(
+                    [v for k, v in unseen_prob.items() if k != b], cfg.max_false_share
+                )
                 replace(gate, limit=gate.limit * others).save(folder / calibration_file("onnx"))
                 reseal(folder)
                 engine = load_engine(folder, "onnx")
+                threshold = max(engine.contract.threshold, thresholds[b])
                 left_out = [f for f in fields if block_of(f.name, prefix) == b]
                 for f in left_out:
-                    rows.append(check_field(f, engine, threshold=engine.contract.threshold))
-                boxes.update(score_boxes(left_out, engine, prefix=prefix))
+                    rows.append(check_field(f, engine, threshold=threshold))
+                boxes.update(score_boxes(left_out, engine, prefix=prefix, threshold=threshold))
                 shutil.rmtree(folder)
             ratio = float(np.median(list(ratios.values())))
+            unseen_threshold = _unseen_threshold(list(unseen_prob.values()), cfg.max_false_share)
             record["check"] = {
                 "method": "leave one block of shots out: fitted on the other blocks, smear mode "
                 "measured on the left-out block with that fit's threshold and its gate's limit "
@@ -307,11 +329,13 @@ def adapt(
                 "block's cells lie than those fitted)",
                 "block_prefix": prefix,
                 "gate_ratios": ratios,
+                "thresholds": thresholds,
                 "blocks": by_block(rows, prefix=prefix),
                 # the same fits on the left-out block's cells cut from their boxes
                 "boxes": box_figures(boxes),
             }
         record["gate_ratio"] = ratio
+        record["unseen_threshold"] = unseen_threshold
         staging = Path(tmp) / "final"
         _fit_and_write(
             loaded,
@@ -322,6 +346,7 @@ def adapt(
             {"adaptation": record, "training_command": command},
             log,
             limit_ratio=ratio,
+            min_threshold=unseen_threshold,
         )
         card = ModelFolder.open(staging).card
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -355,15 +380,18 @@ def _fit_and_write(
     log: Callable[[str], None],
     *,
     limit_ratio: float = 1.0,
+    min_threshold: float = 0.5,
 ) -> tuple[nn.Module, FeatureModel]:
-    """Fine-tune ``loaded`` on ``cells``, set the lab's threshold and gate (its limit the
-    ``quantile`` of the known cells' distances times ``limit_ratio``), and write the model
-    folder ``folder`` (its card: the base's split and screening, and ``card``). Returns the
-    model and its gate as fitted (before ``limit_ratio``)."""
+    """Fine-tune ``loaded`` on ``cells``, set the lab's threshold (at least ``min_threshold``)
+    and gate (its limit the ``quantile`` of the known cells' distances times ``limit_ratio``),
+    and write the model folder ``folder`` (its card: the base's split and screening, and
+    ``card``). Returns the model and its gate as fitted (before ``limit_ratio``)."""
     contract = loaded.contract
     model = fine_tune(loaded.model, contract, cells, cfg, log=log)
     prob, feats = _score(model, contract, cells.x)
-    threshold = lab_threshold(prob, cells.y, max_false_share=cfg.max_false_share)
+    threshold = max(
+        min_threshold, lab_threshold(prob, cells.y, max_false_share=cfg.max_false_share)
+    )
     known_feats = (
         _score(model, contract, known[0])[1] if len(known[0]) else np.empty((0, feats.shape[1]))
     )
