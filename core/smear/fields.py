@@ -75,7 +75,7 @@ UNKNOWN_SHARE = 0.5
 UNLIKE_MODEL = "unlike the cells this model was trained or adapted on"
 REVIEW_UNKNOWN = f"review: {UNLIKE_MODEL}"
 # A model never adapted to a lab's fields (malaria adapt) gives no field a parasitemia: it
-# learnt from NIH crops, and on another lab's fields it read about three times the boxes'
+# learnt from NIH crops, and on another lab's fields it read about four times the boxes'
 # parasitemia (docs/smear.md); its cell calls are still listed, for review.
 REVIEW_NOT_ADAPTED = "review: the model was not adapted to a lab's fields (malaria adapt)"
 # CIELAB (OpenCV 8-bit scale) mean and std of cell pixels in 3,000 NIH crops of the shipped
@@ -568,7 +568,7 @@ NIH_ONLY = (
 )
 NOT_ADAPTED = (
     "No parasitemia is given: on another lab's fields a model that was not adapted read about "
-    "three times the true parasitemia. Adapt it to your lab with a few annotated fields "
+    "four times the true parasitemia. Adapt it to your lab with a few annotated fields "
     "(the Adapt to your lab page, or malaria adapt); until then its cell calls are listed "
     "for review, not as a count."
 )

@@ -216,9 +216,7 @@ def lab_threshold(prob: np.ndarray, y: np.ndarray, *, max_false_share: float) ->
     return float(min(max(t, 0.5), 0.999))
 
 
-def _unseen_threshold(
-    scored: list[tuple[np.ndarray, np.ndarray]], max_false_share: float
-) -> float:
+def _unseen_threshold(scored: list[tuple[np.ndarray, np.ndarray]], max_false_share: float) -> float:
     """lab_threshold over blocks of (P(Parasitized), class index), each scored by a fit that did
     not see it: a fit calls more of a new block's uninfected cells than of its own (the five
     development blocks: 1.6% against at most 1% at 0.5), so the lab's threshold is set there."""

@@ -138,13 +138,14 @@ def totals_ui(cells: pd.DataFrame, *, adapted: bool) -> None:
     totals = smear_totals(cells, adapted=adapted)
     a, b, c, d = st.columns(4)
     a.metric("Fields", f"{totals.fields:,}")
-    b.metric("Red cells", f"{totals.red_cells:,}", help="counted: whole, single, known cells")
+    b.metric("Red cells", f"{totals.red_cells:,}", help="counted: whole, single cells")
     c.metric("Called parasitized", f"{totals.parasitized:,}")
     d.metric("Parasitemia", "–" if totals.parasitemia is None else f"{totals.parasitemia:.2%}")
     st.caption(
-        "Counted: whole, single red cells inside the field that the model knows; the rest "
-        "(cut by the edge, fragments, clumps, unlike the training cells) are drawn grey and "
-        "listed with their reason in the quality column."
+        "Counted: whole, single red cells inside the field; the rest (cut by the edge, "
+        "fragments, clumps) are drawn grey and listed with their reason in the quality column. "
+        "The known column says which cells the quality gate finds unlike the cells the model "
+        "knows: a field made mostly of those gets no parasitemia."
     )
     errors = cells[cells["error"].notna()]
     if not errors.empty:
