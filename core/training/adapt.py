@@ -322,9 +322,10 @@ def adapt(
             unseen_threshold = _unseen_threshold(list(unseen_prob.values()), cfg.max_false_share)
             record["check"] = {
                 "method": "leave one block of shots out: fitted on the other blocks, smear mode "
-                "measured on the left-out block with that fit's threshold and its gate's limit "
-                "times the median ratio of the other blocks (how much farther a left-out "
-                "block's cells lie than those fitted)",
+                "measured on the left-out block at the threshold the other blocks give (each "
+                "scored by the fit that left it out; never below that fit's own) and with its "
+                "gate's limit times the median ratio of the other blocks (how much farther a "
+                "left-out block's cells lie than those fitted)",
                 "block_prefix": prefix,
                 "gate_ratios": ratios,
                 "thresholds": thresholds,

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from core import cli
 from core.schema.contract import ModelFolder, sha256_file
+from core.schema.labels import UNINFECTED_INDEX
+from core.training.adapt import _unseen_threshold
 
 pytestmark = pytest.mark.slow  # it trains
 
@@ -28,6 +31,9 @@ def test_adapt_writes_a_checked_model_folder_and_leaves_the_base_alone(lab, tiny
     boxes = record["check"]["boxes"]  # the left-out blocks' cells cut from their boxes
     assert set(boxes) == {"AA", "BB", "all"} and boxes["all"]["infected"] == 8
     assert 0.5 <= model.contract.threshold < 1
+    # each block measured at the threshold of the other, the model at least the pooled one's
+    assert set(record["check"]["thresholds"]) == {"AA", "BB"}
+    assert model.contract.threshold >= record["unseen_threshold"] >= 0.5
     assert (out / "quality.npz").is_file()
     assert "malaria adapt" in model.card["training_command"]
     assert (
@@ -44,3 +50,13 @@ def test_bad_annotations_stop_before_training_and_write_nothing(lab, tiny_model,
     argv = ["adapt", str(lab / "images"), "--annotations", str(bad), "--out", str(out)]
     assert cli.main([*argv, "--weights", str(tiny_model)]) == 2
     assert not out.exists()
+
+
+def test_the_unseen_threshold_calls_at_most_the_share_asked_of_the_blocks_pooled():
+    rng = np.random.default_rng(0)
+    neg = [rng.uniform(0, 0.9, 300), rng.uniform(0, 0.6, 700)]  # one block scored higher
+    scored = [(p, np.full(len(p), UNINFECTED_INDEX)) for p in neg]
+    t = _unseen_threshold(scored, 0.01)
+    pooled = np.concatenate(neg)
+    assert (pooled >= t).mean() <= 0.01 < (pooled >= t - 0.02).mean()
+    assert _unseen_threshold([], 0.01) == 0.5  # no block left out: nothing to set it on
