@@ -74,6 +74,7 @@ bench: setup-test browser
 	$(BIN)/python -m bench.ui --data $(DATA)
 	$(BIN)/python -m bench.gate --data $(DATA)
 	$(BIN)/python -m bench.ray --data $(DATA)
+	$(BIN)/python -m bench.smear
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
