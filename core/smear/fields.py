@@ -103,8 +103,9 @@ class SegmentConfig:
     resplit: float = 1.8
     # and those still one object above max_cell (cells packed so tight that their blob has one
     # centre) along the dark lines inside them, where two cells' rims meet: the pixels above
-    # this quantile of the blob's ridge filter are cut before the distance is taken (PA1717:
-    # 35 of its 37 infected cells found whole, 3,137 of its boxes; 0.8 and 0.6: 34-35, 3,120-3,127)
+    # this quantile of the blob's ridge filter are cut before the distance is taken (1: no cut;
+    # PA1717: 35 of its 37 infected cells found whole, 3,137 of its boxes; 0.8 and 0.6: 34-35,
+    # 3,120-3,127)
     ridge: float = 0.7
     nucleus_share: float = 0.3  # white cell: more than this share of pixels nucleus-dark
     nucleus_dark: float = 45.0  # L* below the field's red-cell median by this much
@@ -511,21 +512,23 @@ def is_red_cell(cells: pd.DataFrame) -> pd.Series:
 def counted_cells(cells: pd.DataFrame) -> pd.Series:
     """Rows of red cells that count in parasitemia: scored, whole, single and inside the field
     (``quality`` OK; unknown in runs stored before it)."""
-    quality = cells["quality"] if "quality" in cells else pd.Series(None, cells.index)
-    return is_red_cell(cells) & is_counted(quality)
+    return is_red_cell(cells) & is_counted(_column(cells, "quality"))
+
+
+def _column(cells: pd.DataFrame, name: str) -> pd.Series:
+    """``cells[name]``, or all None for rows of a run stored before that column."""
+    return cells[name] if name in cells else pd.Series(None, cells.index, dtype=object)
 
 
 def _unlike(cells: pd.DataFrame) -> pd.Series:
     """Rows the quality gate finds unlike the cells the model knows: ``known`` False, or, in
     runs stored before it, ``quality`` UNLIKE_TRAINING (the gate took such cells out then)."""
-    known = cells["known"] if "known" in cells else pd.Series(None, cells.index, dtype=object)
-    quality = cells["quality"] if "quality" in cells else pd.Series(None, cells.index)
-    return known.eq(False) | (quality == UNLIKE_TRAINING)
+    return _column(cells, "known").eq(False) | (_column(cells, "quality") == UNLIKE_TRAINING)
 
 
 def _unknown(cells: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     """(whole single red cells, those of them the gate finds unlike the cells it knows)."""
-    quality = cells["quality"] if "quality" in cells else pd.Series(None, cells.index)
+    quality = _column(cells, "quality")
     whole = is_red_cell(cells) & (is_counted(quality) | (quality == UNLIKE_TRAINING))
     return whole, whole & _unlike(cells)
 
