@@ -37,6 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_weights(p, help="the model folder to adapt (not changed)")
     p.add_argument("--epochs", type=int, default=AdaptConfig.epochs)
     p.add_argument(
+        "--stain",
+        type=float,
+        default=AdaptConfig.stain,
+        help="HED stain jitter of the training cells (0: none)",
+    )
+    p.add_argument(
         "--blocks",
         type=int,
         default=6,
@@ -52,12 +58,14 @@ def run(args: argparse.Namespace) -> int:
             raise TrainingError(f"{args.out} exists: give a new folder to --out")
         if args.epochs < 1:
             raise TrainingError(f"--epochs must be at least 1, got {args.epochs}")
+        if not 0 <= args.stain < 1:
+            raise TrainingError(f"--stain must be in [0, 1), got {args.stain}")
         fields = read_annotations(args.fields, args.annotations)
         card = adapt(
             fields,
             base=args.weights,
             out=args.out,
-            cfg=replace(AdaptConfig(), epochs=args.epochs),
+            cfg=replace(AdaptConfig(), epochs=args.epochs, stain=args.stain),
             prefix=args.blocks,
             check=not args.no_check,
             command=invocation("adapt"),

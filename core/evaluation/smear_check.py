@@ -27,26 +27,13 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
-from core.data.annotations import DIFFICULT, INFECTED_STAGES, AnnotatedField, block_of
+from core.data.annotations import DIFFICULT, INFECTED_STAGES, AnnotatedField, block_of, box_iou
 from core.data.images import decode_image
 from core.inference.engines import Engine
 from core.schema.results import OK
 from core.smear.fields import score_field, smear_totals
 
 IOU = 0.5
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box in ``a`` (N, 4) with every box in ``b`` (M, 4), boxes as x, y, w, h:
-    float (N, M)."""
-    a, b = np.asarray(a, float).reshape(-1, 4), np.asarray(b, float).reshape(-1, 4)
-    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x1 = np.minimum(a[:, None, 0] + a[:, None, 2], b[None, :, 0] + b[None, :, 2])
-    y1 = np.minimum(a[:, None, 1] + a[:, None, 3], b[None, :, 1] + b[None, :, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
 
 
 def match(truth: np.ndarray, found: np.ndarray, *, iou: float = IOU) -> dict[int, int]:

@@ -230,9 +230,18 @@ def positive_probability(logits: torch.Tensor, contract: ModelContract) -> torch
     return (logits / contract.temperature).softmax(-1)[..., contract.positive_index]
 
 
+# Images per forward pass when PyTorch scores on the CPU: small batches keep the activations in
+# cache (MobileNetV2 at 128 px on 2 cores, 2026-12-07: ~300 img/s at 16, 190 at 32, 65 at 256).
+SCORE_BATCH = 16
+
+
 @torch.no_grad()
 def predict_proba(
-    model: nn.Module, images: torch.Tensor, contract: ModelContract, *, batch_size: int = 64
+    model: nn.Module,
+    images: torch.Tensor,
+    contract: ModelContract,
+    *,
+    batch_size: int = SCORE_BATCH,
 ) -> torch.Tensor:
     """P(Parasitized) for uint8 images (N, H, W, 3) at the contract size -> float32 (N,)."""
     model.eval()

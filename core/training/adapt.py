@@ -40,15 +40,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.data.annotations import DIFFICULT, AnnotatedField, block_of
+from core.data.annotations import DIFFICULT, AnnotatedField, block_of, box_iou
 from core.data.images import decode_image
 from core.evaluation.box_check import box_figures, score_boxes
 from core.evaluation.gate_check import fit_features
-from core.evaluation.smear_check import box_iou, by_block, check_field, match
+from core.evaluation.smear_check import by_block, check_field, match
 from core.inference.engines import load_engine
 from core.inference.gate import FeatureModel, calibration_file
 from core.inference.quantize import calibration_images, required_calibration
 from core.nets.model import (
+    SCORE_BATCH,
     LoadedModel,
     freeze_features,
     load_model,
@@ -75,6 +76,7 @@ class AdaptConfig:
     positive_share: float = 0.3  # of each batch: infected cells, drawn again as often as needed
     negatives_per_epoch: int = 1500  # uninfected cells drawn (without replacement) per epoch
     colour_jitter: float = 0.2
+    stain: float = 0.0  # HED stain jitter (core.training.recipe.stain_jitter)
     blur: float = 0.2
     max_false_share: float = 0.01  # the threshold calls at most this share of the lab's uninfected
     # the gate's limit: this quantile of the known cells' distances (leave-one-block-out on the
@@ -155,7 +157,11 @@ def _batches(cells: LabCells, cfg: AdaptConfig, gen: torch.Generator):
     for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
         idx = order[i : i + cfg.batch_size]
         x = augment(
-            torch.from_numpy(cells.x[idx]), jitter=cfg.colour_jitter, generator=gen, blur=cfg.blur
+            torch.from_numpy(cells.x[idx]),
+            jitter=cfg.colour_jitter,
+            generator=gen,
+            blur=cfg.blur,
+            stain=cfg.stain,
         )
         yield x, torch.from_numpy(cells.y[idx]).long()
 
@@ -194,7 +200,7 @@ def fine_tune(
 
 
 @torch.no_grad()
-def _score(model: nn.Module, contract, x: np.ndarray, batch: int = 256):
+def _score(model: nn.Module, contract, x: np.ndarray, batch: int = SCORE_BATCH):
     probs, feats = [], []
     for i in range(0, len(x), batch):
         logits, f = logits_and_features(

@@ -48,6 +48,25 @@ def test_reads_fields_sorted_with_their_parasitemia(tmp_path):
     assert block_of("PA171730.JPG", 6) == "PA1717"
 
 
+def test_a_cell_boxed_twice_keeps_one_box_its_infected_stage_first(tmp_path):
+    _field(tmp_path, "A.png")
+    objects = [
+        _box("red blood cell", 10, 10, 40, 40),
+        _box("trophozoite", 12, 14, 38, 38),  # the same cell (IoU 0.8): the stage wins
+        _box("red blood cell", 60, 60, 40, 40),
+        _box("red blood cell", 62, 60, 40, 40),  # a red cell boxed twice: the first kept
+        _box("red blood cell", 90, 60, 40, 40),  # its neighbour (IoU 0.14): kept
+    ]
+    ann = _write(tmp_path / "a.json", [{"image_name": "A.png", "objects": objects}])
+    (field,) = read_annotations(tmp_path, ann)
+    assert [(b.kind, b.x) for b in field.boxes] == [
+        ("trophozoite", 12),
+        ("red blood cell", 60),
+        ("red blood cell", 90),
+    ]
+    assert field.parasitemia == pytest.approx(1 / 3)
+
+
 @pytest.mark.parametrize(
     "entries, message",
     [

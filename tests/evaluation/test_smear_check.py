@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.evaluation.smear_check import box_iou, field_counts, match
+from core.data.annotations import box_iou
+from core.evaluation.smear_check import field_counts, match
 
 
 def test_box_iou_and_matching_by_hand():

@@ -21,11 +21,11 @@ def test_adapt_writes_a_checked_model_folder_and_leaves_the_base_alone(lab, tiny
     out = tmp_path / "mylab"
     argv = ["adapt", str(lab / "images"), "--annotations", str(lab / "annotations.json")]
     argv += ["--out", str(out), "--weights", str(tiny_model), "--epochs", "1", "--blocks", "2"]
-    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--stain", "0.1"]) == 0
     model = ModelFolder.open(out)  # complete and verified
     record = model.card["adaptation"]
     assert record["fields"] == 4 and record["blocks"] == ["AA", "BB"]
-    assert record["infected_cells"] == 8
+    assert record["infected_cells"] == 8 and record["config"]["stain"] == 0.1
     check = record["check"]["blocks"]
     assert set(check) == {"AA", "BB", "all"} and check["all"]["fields"] == 4
     boxes = record["check"]["boxes"]  # the left-out blocks' cells cut from their boxes
@@ -49,6 +49,9 @@ def test_bad_annotations_stop_before_training_and_write_nothing(lab, tiny_model,
     out = tmp_path / "never"
     argv = ["adapt", str(lab / "images"), "--annotations", str(bad), "--out", str(out)]
     assert cli.main([*argv, "--weights", str(tiny_model)]) == 2
+    assert not out.exists()
+    good = ["adapt", str(lab / "images"), "--annotations", str(lab / "annotations.json")]
+    assert cli.main([*good, "--out", str(out), "--stain", "1.5"]) == 2
     assert not out.exists()
 
 
