@@ -36,7 +36,7 @@ def main() -> None:
     paths = sorted(q for q in (args.data / "images").iterdir() if q.is_file())
     fields = [decode_image(q.read_bytes()) for q in paths]
     engine = load_engine(args.weights)
-    baseline = SegmentConfig(pallor_weight=1.0, resplit=math.inf)
+    baseline = SegmentConfig(pallor_weight=1.0, resplit=math.inf, pale_radius=0)
     steps = {
         "segmentation before the second watershed": lambda f: segment(f, config=baseline),
         "segmentation as shipped": segment,

@@ -6,8 +6,9 @@ A field of view (e.g. a 1280x960 camera JPEG of a Giemsa thin smear) is segmente
 classical image processing, at half resolution for speed:
 
 1. foreground: Otsu's threshold on the CIELAB a* (red-green) channel: red cells, white cells
-   and stain are redder than the light, greenish or grey background; holes smaller than a
-   quarter of a cell (the central pallor) are filled;
+   and stain are redder than the light, greenish or grey background (on L*, darker than it,
+   where a* is too pale to hold whole cells); holes smaller than a quarter of a cell (the
+   central pallor) are filled;
 2. the typical cell radius is measured in the field (median height of the distance transform's
    peaks), so nothing depends on the magnification;
 3. touching cells are split by a marker watershed: one marker per peak of the distance to the
@@ -118,6 +119,9 @@ class SegmentConfig:
     # the development fields): one blob over much of the field (a red disc, a half-red field)
     # then measures as "large", not as a field of one giant cell.
     max_radius: float = 0.1
+    # the a* foreground is too pale when its cells measure below this share of the radius that
+    # the lightness foreground gives (then that is segmented; 1 field of the 80 development ones)
+    pale_radius: float = 0.5
     min_side: int = 32  # px of the field's shorter side at the working scale: a few cells
 
 
@@ -166,6 +170,12 @@ def _maxima(height: np.ndarray, *, min_distance: int, keep: np.ndarray) -> np.nd
         return np.empty((0, 2), int)
     centres = ndi.center_of_mass(np.ones_like(height), plateaus, np.arange(1, n + 1))
     return np.round(np.array(centres)).astype(int).reshape(-1, 2)
+
+
+def _foreground(channel: np.ndarray) -> np.ndarray:
+    """Pixels of ``channel`` above its Otsu threshold, specks opened away: bool."""
+    fg = (channel > threshold_otsu(channel)).astype(np.uint8)
+    return cv2.morphologyEx(fg, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)) > 0
 
 
 def _cell_radius(fg: np.ndarray) -> float:
@@ -219,11 +229,17 @@ def segment(image: np.ndarray, *, config: SegmentConfig = SegmentConfig()) -> Se
     red = lab[..., 1]
     if float(red.max() - red.min()) < 4:  # a blank or grey field: nothing to find
         return Segmentation((), 0.0, (H, W))
-    fg = red > threshold_otsu(red)
-    fg = cv2.morphologyEx(fg.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)) > 0
+    fg = _foreground(red)
     if not fg.any() or fg.all():
         return Segmentation((), 0.0, (H, W))
-    r = min(_cell_radius(fg), config.max_radius * min(fg.shape))
+    r = _cell_radius(fg)
+    # a stain too pale in a* leaves only the cells' rims in the foreground, and the radius
+    # measured on them is a fraction of the cells' (PA171695: 10 px where its cells' are 36, no
+    # box found): the darker-than-background foreground is taken instead
+    dark = _foreground(-lab[..., 0])
+    if dark.any() and not dark.all() and r < config.pale_radius * (r_dark := _cell_radius(dark)):
+        fg, r = dark, r_dark
+    r = min(r, config.max_radius * min(fg.shape))
     a0 = math.pi * r * r
     fg = remove_small_holes(fg, max_size=int(config.hole * a0))
     fg = remove_small_objects(fg, max_size=int(0.1 * a0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -362,3 +363,23 @@ def test_cells_packed_into_one_round_blob_are_cut_where_their_rims_meet():
     flat = np.full(blob.shape, 200.0, np.float32)
     whole = _resplit(labels.copy(), flat, a0=a0, r=r, config=SegmentConfig())
     assert len(np.unique(whole[blob])) == 1
+
+
+def test_cells_too_pale_in_a_star_are_found_whole_on_their_lightness():
+    # grey cells barely redder than the background, their rims red in broken arcs only (as in
+    # PA171695): the a* foreground holds the arcs, not the cells
+    lab = np.empty((540, 720, 3), np.uint8)
+    lab[:] = (235, 126, 134)
+    truth = []
+    for i in range(12):
+        cx, cy = 100 + (i % 4) * 170, 100 + (i // 4) * 170
+        cv2.circle(lab, (cx, cy), 36, (175, 128, 130), thickness=-1)
+        for start in (0, 120, 240):
+            cv2.ellipse(lab, (cx, cy), (34, 34), 0, start, start + 60, (165, 150, 128), 4)
+        truth.append((cx - 36, cy - 36, 73, 73))
+    field = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+    for config, whole in ((SegmentConfig(), 12), (SegmentConfig(pale_radius=0), 0)):
+        seg = segment(field, config=config)
+        found = np.array([[c.x, c.y, c.w, c.h] for c in seg.cells]).reshape(-1, 4)
+        assert len(match(np.array(truth), found)) == whole, config
+    assert 30 < segment(field).radius < 40
