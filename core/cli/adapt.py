@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         if not 0 <= args.stain < 1:
             raise TrainingError(f"--stain must be in [0, 1), got {args.stain}")
         fields = read_annotations(args.fields, args.annotations)
+        start = time.perf_counter()
         card = adapt(
             fields,
             base=args.weights,
@@ -79,5 +81,9 @@ def run(args: argparse.Namespace) -> int:
     check = card["adaptation"].get("check")
     if check:
         print_table(check["blocks"], SHOWN, head="left-out block")
-    print(f"adapted model written to {args.out} (threshold {card['contract']['threshold']:.3f})")
+    minutes = (time.perf_counter() - start) / 60
+    print(
+        f"adapted model written to {args.out} (threshold {card['contract']['threshold']:.3f}; "
+        f"{minutes:.1f} min)"
+    )
     return 0

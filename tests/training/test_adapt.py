@@ -11,7 +11,7 @@ import pytest
 from core import cli
 from core.schema.contract import ModelFolder, sha256_file
 from core.schema.labels import UNINFECTED_INDEX
-from core.training.adapt import _unseen_threshold
+from core.training.adapt import _unseen_threshold, lab_threshold
 
 pytestmark = pytest.mark.slow  # it trains
 
@@ -30,10 +30,10 @@ def test_adapt_writes_a_checked_model_folder_and_leaves_the_base_alone(lab, tiny
     assert set(check) == {"AA", "BB", "all"} and check["all"]["fields"] == 4
     boxes = record["check"]["boxes"]  # the left-out blocks' cells cut from their boxes
     assert set(boxes) == {"AA", "BB", "all"} and boxes["all"]["infected"] == 8
-    assert 0.5 <= model.contract.threshold < 1
+    assert 0.1 <= model.contract.threshold < 1
     # each block measured at the threshold of the other, the model at least the pooled one's
     assert set(record["check"]["thresholds"]) == {"AA", "BB"}
-    assert model.contract.threshold >= record["unseen_threshold"] >= 0.5
+    assert model.contract.threshold == record["unseen_threshold"] >= 0.1
     assert (out / "quality.npz").is_file()
     assert "malaria adapt" in model.card["training_command"]
     assert (
@@ -62,4 +62,7 @@ def test_the_unseen_threshold_calls_at_most_the_share_asked_of_the_blocks_pooled
     t = _unseen_threshold(scored, 0.01)
     pooled = np.concatenate(neg)
     assert (pooled >= t).mean() <= 0.01 < (pooled >= t - 0.02).mean()
+    low = [(rng.uniform(0, 0.2, 1000), np.full(1000, UNINFECTED_INDEX))]
+    assert 0.19 < _unseen_threshold(low, 0.01) < 0.21  # below the fitted cells' floor of 0.5
+    assert lab_threshold(*low[0], max_false_share=0.01) == 0.5  # a fit's own cells: not below
     assert _unseen_threshold([], 0.01) == 0.5  # no block left out: nothing to set it on
