@@ -89,7 +89,8 @@ def one_box_per_cell(boxes: tuple[Box, ...]) -> tuple[Box, ...]:
     an infected stage kept before ``difficult`` before ``red blood cell``; in their order."""
     rank = {k: (0 if k in INFECTED_STAGES else 1 if k == DIFFICULT else 2) for k in BOX_TYPES}
     order = sorted(range(len(boxes)), key=lambda i: rank[boxes[i].kind])
-    iou = box_iou([b.xywh for b in boxes], [b.xywh for b in boxes])
+    xywh = np.array([b.xywh for b in boxes], float).reshape(-1, 4)
+    iou = box_iou(xywh, xywh)
     kept: list[int] = []
     for i in order:
         if not any(iou[i, j] >= SAME_CELL for j in kept):

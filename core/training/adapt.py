@@ -229,7 +229,7 @@ def lab_threshold(
     uninfected cells."""
     neg = np.sort(prob[y == UNINFECTED_INDEX])
     if not len(neg):
-        return max(floor, 0.5)
+        return FITTED_FLOOR
     k = int(math.floor(max_false_share * len(neg)))
     t = float(neg[-(k + 1)]) + 1e-6 if k < len(neg) else floor
     return float(min(max(t, floor), 0.999))
