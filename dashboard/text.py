@@ -12,6 +12,7 @@ import string
 from collections.abc import Iterable
 from pathlib import Path
 
+from core.schema.contract import ModelFolder
 from core.schema.files import repo_relative
 
 BRAND = "#8e244d"  # the product's colour: Parasitized, the default, the chosen
@@ -65,6 +66,21 @@ def chart_text(values: Iterable[object]) -> list[str]:
 def model_label(folder: Path | str) -> str:
     """A model folder as the sidebar names it: relative to the repository where it can be."""
     return repo_relative(folder)
+
+
+def trained_on(model: ModelFolder) -> str:
+    """What a model learnt from, in one line ('' where its card does not say)."""
+    if not model.training_data:
+        return ""
+    data = ", ".join(Path(d).name for d in model.training_data)
+    line = f"Trained on {data}; {len(model.split['train'])} training patients"
+    adapted = model.card.get("adaptation")
+    if adapted:
+        line += (
+            f"; then adapted to a lab on {adapted['fields']} fields ({adapted['cells']:,} cells, "
+            f"{adapted['infected_cells']} infected)"
+        )
+    return line
 
 
 def minutes(iso: str) -> str:

@@ -22,7 +22,7 @@ from core.schema.files import REPO_ROOT
 from core.schema.labels import file_name
 from dashboard import resources
 from dashboard.state import MODEL_PARAM, linked_model, open_in_explain
-from dashboard.text import minutes, model_label, plain
+from dashboard.text import minutes, model_label, plain, trained_on
 
 RUNS_COLUMNS = [  # the Past runs table; those a page's runs have (smear runs: no duplicates)
     "run_id",
@@ -143,9 +143,9 @@ def model_sidebar() -> None:
                 f"accuracy **{est['accuracy']:.3f}** · AUC **{est['auc']:.4f}**  \n"
                 f"sensitivity {est['sensitivity']:.3f} · specificity {est['specificity']:.3f}"
             )
-        data = ", ".join(Path(d).name for d in model.training_data)
-        if data:
-            st.caption(f"Trained on {data}; {len(model.split['train'])} training patients")
+        line = trained_on(model)
+        if line:
+            st.caption(line)
         with st.expander("Model card"):
             show_card(model)
 
