@@ -37,8 +37,9 @@ def main() -> None:
     fields = [decode_image(q.read_bytes()) for q in paths]
     engine = load_engine(args.weights)
     baseline = SegmentConfig(pallor_weight=1.0, resplit=math.inf, pale_radius=0)
+    base_name = "segmentation of 2026-12-03 (baseline)"  # one watershed, a* foreground only
     steps = {
-        "segmentation before the second watershed": lambda f: segment(f, config=baseline),
+        base_name: lambda f: segment(f, config=baseline),
         "segmentation as shipped": segment,
         "a field scored (segment, crop, score, gate)": lambda f: score_field(f, engine),
     }
@@ -54,7 +55,7 @@ def main() -> None:
         f"{len(fields)} fields of {args.data}, {args.weights} ({engine.name}), "
         f"best of {args.repeats}"
     )
-    base = seconds["segmentation before the second watershed"].min(0).mean()
+    base = seconds[base_name].min(0).mean()
     slowest = int(np.argmax(seconds["a field scored (segment, crop, score, gate)"].min(0)))
     for name, s in seconds.items():
         best = s.min(0)
